@@ -1,0 +1,29 @@
+# Every target creates .venv and installs the project into it if missing, then runs.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# The CPU wheel of torch that these machines carry; on a GPU box set TORCH_SPEC to the build you want.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install test demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	$(PY) two_stage.py experiment=quick
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) runs data outputs

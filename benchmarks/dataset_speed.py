@@ -1,0 +1,116 @@
+"""Throughput of the stage-1/2 batch samplers on synthetic histories the size of the real dataset.
+
+    .venv/bin/python benchmarks/dataset_speed.py [--n-hist 7300 --n-steps 1000 --batch-size 128 ...]
+
+Prints samples/s for the vectorised path (stage 2 and stage 1, single process), for the loop-based
+collate reference (what the vectorisation buys), and through a DataLoader with workers; writes the
+numbers to benchmarks/out/dataset_speed.json (atomically). Timings, not assertions: not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere without installing
+
+from dataset import HistoryBatches, batch_loader
+from dataset_pretrain import PretrainBatches
+
+
+class SyntheticHistories:
+    """Random uint8 transitions with the attributes the samplers use (Darkroom-like value ranges)."""
+
+    def __init__(self, n_hist: int, n_steps: int, grid_size: int = 9, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.states = rng.integers(0, grid_size, (n_hist, n_steps, 2), dtype=np.uint8)
+        self.next_states = rng.integers(0, grid_size, (n_hist, n_steps, 2), dtype=np.uint8)
+        self.actions = rng.integers(0, 5, (n_hist, n_steps), dtype=np.uint8)
+        self.rewards = rng.integers(0, 2, (n_hist, n_steps), dtype=np.uint8)
+        self._n = n_hist
+
+    def split_indices(self, split: str) -> np.ndarray:
+        return np.arange(self._n, dtype=np.int64)
+
+
+def rate(fn, n_batches: int, batch_size: int, start: int = 0) -> dict:
+    fn(start)                                        # warm-up (page-in, allocator)
+    t0 = time.perf_counter()
+    for k in range(start + 1, start + 1 + n_batches):
+        fn(k)
+    dt = time.perf_counter() - t0
+    return {"batches": n_batches, "seconds": dt, "batches_per_s": n_batches / dt,
+            "samples_per_s": n_batches * batch_size / dt}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-hist", type=int, default=7300)
+    p.add_argument("--n-steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--seg-len", type=int, default=80)
+    p.add_argument("--min-seg-len", type=int, default=20)
+    p.add_argument("--max-depth", type=int, default=3)
+    p.add_argument("--n-batches", type=int, default=200)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "dataset_speed.json"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+
+    hist = SyntheticHistories(a.n_hist, a.n_steps)
+    common = {"split": "train", "batch_size": a.batch_size, "seg_len": a.seg_len,
+              "min_seg_len": a.min_seg_len, "max_depth": a.max_depth, "seed": 0}
+    t0 = time.perf_counter()
+    ds = HistoryBatches(hist, **common)               # default weights 1:2:3:4, full windows
+    build_s = time.perf_counter() - t0
+    pre = PretrainBatches(hist, **common)            # default weights 2:3:4
+
+    results = {
+        "settings": vars(a) | {"depth_weights": ds.depth_weights, "win_len": [ds.win_len_min, ds.win_len_max]},
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "numpy": np.__version__},
+        "construct_seconds": build_s,
+        "stage2_vectorised": rate(ds.__getitem__, a.n_batches, a.batch_size),
+        "stage1_vectorised": rate(pre.__getitem__, a.n_batches, a.batch_size),
+        "stage2_collate_reference": rate(ds.collate_items, max(a.n_batches // 20, 3), a.batch_size),
+    }
+    if a.workers > 0:
+        def through_loader(start: int) -> dict:
+            """Steady state: the clock starts when the first batch arrives (worker start-up excluded)."""
+            loader = iter(batch_loader(ds, start, start + a.n_batches + 1, num_workers=a.workers))
+            t_startup = time.perf_counter()
+            next(loader)
+            t = time.perf_counter()
+            n = sum(1 for _ in loader)
+            dt = time.perf_counter() - t
+            return {"batches": n, "seconds": dt, "batches_per_s": n / dt,
+                    "samples_per_s": n * a.batch_size / dt, "workers": a.workers,
+                    "startup_seconds": t - t_startup}
+        results["stage2_dataloader"] = through_loader(10_000)
+
+    for name, r in results.items():
+        if isinstance(r, dict) and "samples_per_s" in r:
+            print(f"{name:28s} {r['samples_per_s']:>12,.0f} samples/s  ({r['batches_per_s']:.1f} batches/s "
+                  f"of {a.batch_size})")
+    print(f"{'construct (pack arrays)':28s} {build_s:12.2f} s")
+
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,418 @@
+"""Stage-2 training batches for CompressedAD and the AD baseline, cut from learning histories.
+
+One sample = d compressed segments followed by a decoder window, all consecutive transitions of one
+learning history (DESIGN §4 "Schedule"):
+
+    history h:  ... | seg 1 | seg 2 | ... | seg d | window | ...
+                    ^ start (uniform so that everything fits in the T steps)
+
+    d          ~ depth_weights over 0..max_depth        (default weight(d) = d + 1, i.e. 1:2:3:4)
+    len(seg i) ~ U{min_seg_len .. seg_len}             (rollout compresses at exactly seg_len; shorter
+                                                          segments make the encoder robust to it)
+    len(win)   ~ U{win_len_min .. win_len_max}         (default: both = seg_len, see below)
+
+Why full windows are the default: the decoder's loss is cross-entropy at *every* window position
+(DESIGN §4), and the decoder is causal, so a window of length seg_len already carries the labels of
+every shorter prefix window (position t only sees positions <= t). Drawing shorter windows would only
+throw labels away. The AD baseline uses the same sampler with max_depth=0 and
+win_len_min = win_len_max = its context length.
+
+Batch format (SPEC "Batches"): right-padded, zero-filled, lengths carry the masks.
+    seg      long [B, D, S, 6]  D = max depth in the global batch (may be 0), S = seg_len
+    seg_len  long [B, D]        slots RIGHT-ALIGNED: a depth-d sample uses slots D-d .. D-1
+    win      long [B, W, 6]     W = max window length in the global batch
+    win_len  long [B]
+    depth    long [B]
+
+Determinism / distribution: batch k is a pure function of (seed, k): it is drawn from
+np.random.default_rng([seed, k]) for the whole *global* batch and then each rank keeps its rows
+[rank*B/world, (rank+1)*B/world). A 2-process run therefore sees exactly the rows of the 1-process
+run (same D and W padding too, so the per-rank tensors concatenate to the global batch), and resuming
+at step k needs nothing but k. Use it as
+    DataLoader(ds, batch_size=None, sampler=range(start_step, max_steps), num_workers=...)
+(see `batch_loader`).
+
+Sampling is vectorised: all B specs are drawn with numpy at once, and the transitions are gathered
+with one `np.take` into a packed [N*T (+1 zero row), 6] uint8 copy of the histories made at
+construction.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+# Column layout of a packed transition (SPEC: (sx, sy, a, r, nsx, nsy)).
+N_FIELDS = 6
+ACTION_COL = 2
+
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------------------------------
+# Helpers used by the model / loss code
+# --------------------------------------------------------------------------------------------------
+
+def segment_mask(seg_len: torch.Tensor, S: int) -> torch.Tensor:
+    """bool [B, D, S]: True at valid positions of each segment slot (position < seg_len)."""
+    return torch.arange(S, device=seg_len.device) < seg_len.unsqueeze(-1)
+
+
+def window_mask(win_len: torch.Tensor, W: int) -> torch.Tensor:
+    """bool [B, W]: True at valid window positions (position < win_len); the loss uses exactly these."""
+    return torch.arange(W, device=win_len.device) < win_len.unsqueeze(-1)
+
+
+def pack_transitions(histories: Any) -> np.ndarray:
+    """Flat [N*T + 1, 6] uint8 (sx, sy, a, r, nsx, nsy), in RAM; the extra last row is all zeros.
+
+    Done once so that a batch gather is a single `np.take` instead of four (and so that DataLoader
+    workers do not page through four memory-maps): 7,300 x 1,000 histories -> 44 MB. Padding positions
+    index the zero row, so gathered batches come out zero-padded with no masking pass.
+    `flat[:-1].reshape(N, T, 6)` is the per-history view.
+    """
+    states = np.asarray(histories.states)
+    n, t = states.shape[:2]
+    parts = [
+        states,
+        np.asarray(histories.actions)[..., None],
+        np.asarray(histories.rewards)[..., None],
+        np.asarray(histories.next_states),
+    ]
+    flat = np.zeros((n * t + 1, N_FIELDS), dtype=np.uint8)
+    np.concatenate(parts, axis=-1, out=flat[:-1].reshape(n, t, N_FIELDS))
+    return flat
+
+
+# --------------------------------------------------------------------------------------------------
+# Sample specs: what to cut, decided before anything is gathered
+# --------------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleSpecs:
+    """Where each sample of a batch lives in the histories; all arrays have leading dim B.
+
+    Segment slots are laid out right-aligned over `max_depth` slots (unused slots: length 0, start 0);
+    a batch keeps only the last D = max(depth) slots.
+    """
+
+    hist: np.ndarray       # int64 [B]             history index
+    depth: np.ndarray      # int64 [B]             number of compressed segments
+    seg_len: np.ndarray    # int64 [B, max_depth]  right-aligned segment lengths
+    seg_start: np.ndarray  # int64 [B, max_depth]  first time step of each segment
+    win_start: np.ndarray  # int64 [B]             first time step of the window
+    win_len: np.ndarray    # int64 [B]             (0 for stage-1 samples, which have no window)
+
+    def __len__(self) -> int:
+        return len(self.hist)
+
+    def rows(self, sl: slice) -> SampleSpecs:
+        return SampleSpecs(self.hist[sl], self.depth[sl], self.seg_len[sl], self.seg_start[sl],
+                           self.win_start[sl], self.win_len[sl])
+
+
+def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int,
+                 depths: np.ndarray, depth_probs: np.ndarray, max_depth: int,
+                 seg_len: int, min_seg_len: int, win_len_min: int, win_len_max: int) -> SampleSpecs:
+    """Draw n sample specs at once (vectorised). The draw order is fixed: it defines the data stream.
+
+    Segment lengths are drawn for all max_depth slots and the leading (unused) ones are zeroed, so the
+    number of random draws does not depend on the depths drawn.
+    """
+    hist = pool[rng.integers(0, len(pool), size=n)]
+    depth = depths[rng.choice(len(depths), size=n, p=depth_probs)].astype(np.int64)
+    lens = rng.integers(min_seg_len, seg_len + 1, size=(n, max_depth), dtype=np.int64)
+    used = np.arange(max_depth) >= (max_depth - depth)[:, None]          # right-aligned slots
+    lens = np.where(used, lens, 0)
+    win_len = rng.integers(win_len_min, win_len_max + 1, size=n, dtype=np.int64)
+    total = lens.sum(axis=1) + win_len
+    start = rng.integers(0, n_steps - total + 1, dtype=np.int64)          # array bound: per sample
+    # Segments are consecutive: exclusive cumulative sum of the (right-aligned) lengths.
+    offsets = np.cumsum(lens, axis=1) - lens
+    seg_start = np.where(used, start[:, None] + offsets, 0)
+    win_start = start + lens.sum(axis=1)
+    return SampleSpecs(hist, depth, lens, seg_start, win_start, win_len)
+
+
+def _gather(flat: np.ndarray, n_steps: int, hist: np.ndarray, start: np.ndarray, length: np.ndarray,
+            cap: int) -> np.ndarray:
+    """Gather runs of transitions: out[..., p, :] = history[hist, start + p] for p < length, else 0.
+
+    hist/start/length broadcast to a common shape X; returns int64 [*X, cap, 6]. One `np.take` (several
+    times faster than fancy indexing) into the flat array from `pack_transitions`, whose last row is
+    zeros: padded positions point there.
+    """
+    pos = np.arange(cap, dtype=np.int64)
+    idx = np.where(pos < length[..., None], (hist * n_steps + start)[..., None] + pos, len(flat) - 1)
+    return np.take(flat, idx, axis=0).astype(np.int64)
+
+
+def gather_batch(flat: np.ndarray, n_steps: int, specs: SampleSpecs, n_slots: int, S: int,
+                 W: int | None) -> dict[str, torch.Tensor]:
+    """Vectorised batch from specs: keeps the last `n_slots` segment slots, pads segments to S and the
+    window to W (W=None: no window keys, as in stage 1). `flat` comes from `pack_transitions`."""
+    max_depth = specs.seg_len.shape[1]
+    seg_len = specs.seg_len[:, max_depth - n_slots:]
+    seg_start = specs.seg_start[:, max_depth - n_slots:]
+    batch = {
+        "seg": torch.from_numpy(_gather(flat, n_steps, specs.hist[:, None], seg_start, seg_len, S)),
+        "seg_len": torch.from_numpy(np.ascontiguousarray(seg_len)),
+    }
+    if W is not None:
+        batch["win"] = torch.from_numpy(_gather(flat, n_steps, specs.hist, specs.win_start, specs.win_len, W))
+        batch["win_len"] = torch.from_numpy(specs.win_len.copy())
+    batch["depth"] = torch.from_numpy(specs.depth.copy())
+    return batch
+
+
+def spec_items(packed: np.ndarray, specs: SampleSpecs, with_window: bool = True) -> list[dict]:
+    """Per-sample dicts for `collate` (slow, loop-based reference; used by tests and one-off sampling).
+
+    Each item: {'seg': [array [L_i, 6] uint8, oldest first], 'win': array [w, 6] uint8}.
+    """
+    items = []
+    for i in range(len(specs)):
+        h = specs.hist[i]
+        segs = [packed[h, s:s + n] for s, n in zip(specs.seg_start[i], specs.seg_len[i]) if n > 0]
+        item: dict[str, Any] = {"seg": segs}
+        if with_window:
+            item["win"] = packed[h, specs.win_start[i]:specs.win_start[i] + specs.win_len[i]]
+        items.append(item)
+    return items
+
+
+def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: int | None = None,
+            pad_win_len: int | None = None) -> dict[str, torch.Tensor]:
+    """Batch variable-length samples into the padded SPEC format.
+
+    samples: dicts with 'seg' (list of [L_i, 6] int arrays, oldest first; may be empty) and optionally
+    'win' ([w, 6]); if no sample has 'win', the batch has no window keys (stage 1).
+    Padding sizes default to the maxima over `samples` (S: longest segment); pass pad_* to force the
+    sampler's sizes (S = seg_len, D/W = global-batch maxima).
+    """
+    B = len(samples)
+    if B == 0:
+        raise ValueError("collate got an empty list of samples; pass at least one sample")
+    depths = [len(s["seg"]) for s in samples]
+    D = max(depths) if pad_depth is None else pad_depth
+    S = max([len(x) for s in samples for x in s["seg"]], default=0) if pad_seg_len is None else pad_seg_len
+    if max(depths) > D:
+        raise ValueError(f"collate: a sample has depth {max(depths)} > pad_depth={D}; raise pad_depth")
+    seg = torch.zeros(B, D, S, N_FIELDS, dtype=torch.long)
+    seg_len = torch.zeros(B, D, dtype=torch.long)
+    for b, s in enumerate(samples):
+        d = len(s["seg"])
+        for j, x in enumerate(s["seg"]):
+            slot = D - d + j                                          # right-aligned
+            if len(x) > S:
+                raise ValueError(f"collate: segment of length {len(x)} > pad_seg_len={S}; raise pad_seg_len")
+            seg[b, slot, :len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
+            seg_len[b, slot] = len(x)
+    batch = {"seg": seg, "seg_len": seg_len}
+    if any("win" in s for s in samples):
+        lens = [len(s["win"]) for s in samples]
+        W = max(lens) if pad_win_len is None else pad_win_len
+        if max(lens) > W:
+            raise ValueError(f"collate: window of length {max(lens)} > pad_win_len={W}; raise pad_win_len")
+        win = torch.zeros(B, W, N_FIELDS, dtype=torch.long)
+        for b, s in enumerate(samples):
+            win[b, :len(s["win"])] = torch.as_tensor(np.asarray(s["win"]), dtype=torch.long)
+        batch["win"] = win
+        batch["win_len"] = torch.tensor(lens, dtype=torch.long)
+    batch["depth"] = torch.tensor(depths, dtype=torch.long)
+    return batch
+
+
+# --------------------------------------------------------------------------------------------------
+# The sampler
+# --------------------------------------------------------------------------------------------------
+
+def default_depth_weights(depths: Sequence[int]) -> list[float]:
+    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1), as in the seed."""
+    return [float(d + 1) for d in depths]
+
+
+class SegmentBatches(torch.utils.data.Dataset):
+    """Deterministic, resumable stream of batches of [d segments (+ window)] from learning histories.
+
+    Base class shared by stage 2 (`HistoryBatches`, depth 0..max_depth, with window) and stage 1
+    (`dataset_pretrain.PretrainBatches`, depth 1..max_depth, no window). Item k is global batch k's
+    share for this rank; see the module docstring.
+    """
+
+    def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
+                 min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
+                 win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
+                 num_batches: int | None = None, name: str = "dataset"):
+        self.name = name
+        self.split = split
+        self.global_batch_size = int(batch_size)
+        self.seg_len, self.min_seg_len = int(seg_len), int(min_seg_len)
+        self.min_depth, self.max_depth = int(min_depth), int(max_depth)
+        self.win_len_min, self.win_len_max = int(win_len_min), int(win_len_max)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        self.num_batches = sys.maxsize if num_batches is None else int(num_batches)
+        self.with_window = self.win_len_max > 0
+        self.depths = np.arange(self.min_depth, self.max_depth + 1, dtype=np.int64)
+        if depth_weights is None:
+            depth_weights = default_depth_weights(self.depths)
+        self.depth_weights = [float(w) for w in depth_weights]
+        self._validate_settings()
+
+        self.pool = np.asarray(histories.split_indices(split), dtype=np.int64)
+        if self.pool.size == 0:
+            raise ValueError(f"{name}: split {split!r} has no histories; collect data for it or use "
+                             "another split")
+        self.flat = pack_transitions(histories)
+        self.n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
+        self.packed = self.flat[:-1].reshape(self.n_histories, self.n_steps, N_FIELDS)   # a view
+        if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
+            raise ValueError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
+                             "the histories' meta.json is inconsistent with the arrays")
+        need = self.max_depth * self.seg_len + self.win_len_max
+        if need > self.n_steps:
+            raise ValueError(
+                f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
+                f"{self.seg_len} + {self.win_len_max} = {need} steps but histories have only "
+                f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
+                "longer histories")
+        self.depth_probs = np.asarray(self.depth_weights) / sum(self.depth_weights)
+        self.rows = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
+
+    # -- validation ---------------------------------------------------------------------------------
+    def _validate_settings(self) -> None:
+        n = self.name
+        if self.global_batch_size < 1:
+            raise ValueError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise ValueError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
+                             f"world_size={self.world_size}")
+        if self.global_batch_size % self.world_size:
+            raise ValueError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
+                             f"world_size {self.world_size}; pick a batch_size that is a multiple of "
+                             "the number of processes")
+        if self.seed < 0:
+            raise ValueError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
+        if self.seg_len < 1:
+            raise ValueError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
+        if not 1 <= self.min_seg_len <= self.seg_len:
+            raise ValueError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
+                             f"{self.min_seg_len}")
+        if self.max_depth < self.min_depth:
+            raise ValueError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
+                             f"{self.max_depth}")
+        if len(self.depth_weights) != len(self.depths):
+            raise ValueError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
+                             f"{self.min_depth}..{self.max_depth} need {len(self.depths)}; give one "
+                             "weight per depth (or null for the default d+1)")
+        w = np.asarray(self.depth_weights)
+        if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
+                             f"{self.depth_weights}")
+        if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
+            raise ValueError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
+                             f"{self.win_len_min}, win_len_max={self.win_len_max}")
+
+    # -- sizes ----------------------------------------------------------------------------------------
+    @property
+    def local_batch_size(self) -> int:
+        """Rows of each global batch that this rank gets."""
+        return self.global_batch_size // self.world_size
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    # -- sampling -------------------------------------------------------------------------------------
+    def global_specs(self, k: int) -> SampleSpecs:
+        """Specs of global batch k (all ranks), a pure function of (seed, k)."""
+        rng = np.random.default_rng([self.seed, int(k)])
+        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths,
+                            self.depth_probs, self.max_depth, self.seg_len, self.min_seg_len,
+                            self.win_len_min, self.win_len_max)
+
+    def _padding(self, specs: SampleSpecs) -> tuple[int, int | None]:
+        """(D, W) from the GLOBAL batch so that every rank's tensors have the same shapes."""
+        D = int(specs.depth.max())
+        W = int(specs.win_len.max()) if self.with_window else None
+        return D, W
+
+    def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
+        if not 0 <= k < self.num_batches:
+            raise IndexError(f"{self.name}: batch {k} out of range [0, {self.num_batches})")
+        specs = self.global_specs(k)
+        D, W = self._padding(specs)
+        return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
+
+    def items(self, k: int) -> list[dict]:
+        """This rank's samples of batch k as per-sample dicts (loop-based; for tests and inspection)."""
+        return spec_items(self.packed, self.global_specs(k).rows(self.rows), self.with_window)
+
+    def collate_items(self, k: int) -> dict[str, torch.Tensor]:
+        """`collate` of `items(k)` padded like `self[k]`; must equal self[k] (reference path)."""
+        specs = self.global_specs(k)
+        D, W = self._padding(specs)
+        return collate(self.items(k), pad_seg_len=self.seg_len, pad_depth=D, pad_win_len=W)
+
+
+class HistoryBatches(SegmentBatches):
+    """Stage-2 batches (CompressedAD; AD with max_depth=0 and a fixed window): depth 0..max_depth.
+
+    depth_weights: one weight per depth 0..max_depth (None -> d+1, i.e. [1, 2, 3, 4] for max_depth 3).
+    win_len_min / win_len_max: None -> seg_len (full windows; see module docstring).
+    """
+
+    def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
+                 max_depth: int, depth_weights: Sequence[float] | None = None,
+                 win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, num_batches: int | None = None):
+        super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
+                         max_depth=max_depth, depth_weights=depth_weights,
+                         win_len_min=seg_len if win_len_min is None else win_len_min,
+                         win_len_max=seg_len if win_len_max is None else win_len_max,
+                         seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
+                         name="HistoryBatches")
+
+    @classmethod
+    def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
+                 world_size: int = 1, num_batches: int | None = None) -> HistoryBatches:
+        """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, depth_weights, win_len_min,
+        win_len_max} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size (GLOBAL
+        batch), cfg.seed."""
+        m = cfg_get(cfg, "model")
+        return cls(histories, split, batch_size=cfg_get(cfg, "batch_size"),
+                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
+                   max_depth=cfg_get(m, "max_compression_depth"),
+                   depth_weights=cfg_get(m, "depth_weights", None),
+                   win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
+                   seed=cfg_get(cfg, "seed"), rank=rank, world_size=world_size, num_batches=num_batches)
+
+
+def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
+    """cfg[key] for DictConfig / dict / attribute objects; a null value counts as missing when a
+    default is given. Missing required keys raise one clear KeyError."""
+    if hasattr(node, "get") and callable(node.get):
+        value = node.get(key, None)
+    else:
+        value = getattr(node, key, None)
+    if value is None:
+        if default is _MISSING:
+            raise KeyError(f"config key {key!r} is missing or null; set it in the config")
+        return default
+    return value
+
+
+def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None,
+                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """DataLoader yielding batches start, start+1, ..., stop-1 (resume = pass the step as start).
+
+    batch_size=None because each item is already a batch; workers fork-share the packed array.
+    """
+    stop = len(dataset) if stop is None else stop
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
+                                       num_workers=num_workers, pin_memory=pin_memory,
+                                       persistent_workers=num_workers > 0)

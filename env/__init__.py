@@ -1,0 +1,22 @@
+"""Darkroom family: batched torch environment, DICP goal split, optimal return, gymnasium view.
+
+Importing this package registers the gymnasium id 'Darkroom-v0'.
+"""
+
+from env.darkroom import (
+    ACTION_DELTAS,
+    N_ACTIONS,
+    REWARD_MODES,
+    BatchedDarkroom,
+    goal_split,
+    optimal_return,
+    start_state,
+)
+from env.gym_env import ENV_ID, DarkroomGymEnv, register_gym_env
+
+register_gym_env()
+
+__all__ = [
+    "ACTION_DELTAS", "N_ACTIONS", "REWARD_MODES", "BatchedDarkroom", "goal_split", "optimal_return",
+    "start_state", "ENV_ID", "DarkroomGymEnv", "register_gym_env",
+]

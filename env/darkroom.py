@@ -1,0 +1,161 @@
+"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU).
+
+Darkroom (Algorithm Distillation paper; DICP repo) is a G x G grid. The agent starts at the centre
+(G//2, G//2), sees only its own (x, y) cell, and must find an invisible goal cell. Actions:
+
+    0 stay, 1 +x, 2 -x, 3 +y, 4 -y        (moves into a wall are clipped: the agent stays put)
+
+Reward modes:
+  'every_step'  r = 1 on every step whose NEXT state is the goal (so staying on the goal keeps paying);
+                the classic Darkroom.
+  'once'        r = 1 only the first time in an episode that the next state is the goal
+                (darkroom_hard: sparse, one bit of reward per episode).
+
+An episode lasts `horizon` steps. All E environments share one step counter: they are reset together,
+which is what every caller here does (the source algorithm and in-context rollouts run all streams in
+lock-step), and it keeps `step` free of per-env bookkeeping. `done` says the horizon was reached; the
+caller calls `reset()`.
+
+This module is the only implementation of the dynamics: the gymnasium view (env/gym_env.py) and the
+source algorithm (collect.py) both step a BatchedDarkroom.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+N_ACTIONS = 5
+# Row a = (dx, dy) of action a. Order is part of the on-disk format (actions.npy stores these ids).
+ACTION_DELTAS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
+REWARD_MODES = ("every_step", "once")
+
+
+def _check_reward_mode(reward_mode: str) -> None:
+    if reward_mode not in REWARD_MODES:
+        raise ValueError(f"unknown reward_mode {reward_mode!r}: use one of {', '.join(REWARD_MODES)}")
+
+
+def start_state(grid_size: int) -> tuple[int, int]:
+    """The fixed start cell: the centre of the grid."""
+    return (grid_size // 2, grid_size // 2)
+
+
+def optimal_return(goal: Sequence[int], grid_size: int = 9, horizon: int = 20,
+                   reward_mode: str = "every_step") -> float:
+    """Best achievable episode return for `goal` from the centre start.
+
+    'every_step': walk the m = manhattan(goal, start) steps, then stay; the step that lands on the goal
+    and every step after it pays 1, so the return is H - m + 1, capped at H (m = 0: every step pays,
+    the first included) and floored at 0 (goal out of reach within H steps).
+    'once': 1 if the goal is reachable within the horizon, else 0.
+    """
+    _check_reward_mode(reward_mode)
+    sx, sy = start_state(grid_size)
+    m = abs(int(goal[0]) - sx) + abs(int(goal[1]) - sy)
+    if reward_mode == "once":
+        return 1.0 if m <= horizon else 0.0
+    return float(max(0, min(horizon, horizon + 1 - m)))
+
+
+def goal_split(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0
+               ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """DICP-compatible train/test split of all G*G goal cells.
+
+    Goals are listed row-major, shuffled with Python's Mersenne-Twister seeded with `seed` (identical to
+    `random.seed(seed); random.shuffle(goals)`, but without touching the global RNG), and the first
+    round(G*G*train_frac) are train. For G=9, seed 0 the 8 test goals are
+    (4,2) (5,6) (6,8) (7,2) (3,6) (0,5) (5,8) (5,4), so numbers are comparable with DICP's.
+    """
+    if not 0.0 < train_frac <= 1.0:
+        raise ValueError(f"train_frac={train_frac} must be in (0, 1]")
+    goals = [(i, j) for i in range(grid_size) for j in range(grid_size)]
+    random.Random(seed).shuffle(goals)
+    n_train = round(grid_size * grid_size * train_frac)
+    return goals[:n_train], goals[n_train:]
+
+
+class BatchedDarkroom:
+    """E Darkroom environments (any mix of goals) as tensors on one device.
+
+    goals: LongTensor[E, 2] (or anything torch.as_tensor accepts), one goal cell per environment.
+    reset() -> states LongTensor[E, 2]
+    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
+    """
+
+    n_actions = N_ACTIONS
+
+    def __init__(self, goals, grid_size: int = 9, horizon: int = 20, reward_mode: str = "every_step",
+                 device: str | torch.device = "cpu"):
+        _check_reward_mode(reward_mode)
+        if grid_size < 1 or horizon < 1:
+            raise ValueError(f"grid_size={grid_size} and horizon={horizon} must both be >= 1")
+        self.grid_size = int(grid_size)
+        self.horizon = int(horizon)
+        self.reward_mode = reward_mode
+        self.device = torch.device(device)
+        self.deltas = torch.tensor(ACTION_DELTAS, dtype=torch.long, device=self.device)
+        self.start = torch.tensor(start_state(self.grid_size), dtype=torch.long, device=self.device)
+        self._set_goals(goals)
+        self.t = 0
+        self.states: torch.Tensor | None = None  # None until the first reset()
+
+    @classmethod
+    def from_cfg(cls, env_cfg, goals, device: str | torch.device = "cpu") -> BatchedDarkroom:
+        """Build from an `env` config node (config/env/*.yaml): grid_size, horizon, reward_mode."""
+        return cls(goals, grid_size=env_cfg.grid_size, horizon=env_cfg.horizon,
+                   reward_mode=env_cfg.reward_mode, device=device)
+
+    def _set_goals(self, goals) -> None:
+        goals = torch.as_tensor(goals, dtype=torch.long, device=self.device)
+        if goals.ndim != 2 or goals.shape[1] != 2:
+            raise ValueError(f"goals must have shape [E, 2], got {tuple(goals.shape)}")
+        if goals.numel() and (goals.min() < 0 or goals.max() >= self.grid_size):
+            raise ValueError(f"goals must lie in [0, {self.grid_size - 1}]^2, got values outside")
+        self.goals = goals.clone()
+
+    @property
+    def n_envs(self) -> int:
+        return self.goals.shape[0]
+
+    def optimal_returns(self) -> torch.Tensor:
+        """float32[E]: optimal_return of each environment's goal."""
+        vals = [optimal_return(g, self.grid_size, self.horizon, self.reward_mode)
+                for g in self.goals.tolist()]
+        return torch.tensor(vals, dtype=torch.float32, device=self.device)
+
+    def reset(self, goals=None) -> torch.Tensor:
+        """Start a new episode in every environment (optionally with new goals; E may change)."""
+        if goals is not None:
+            self._set_goals(goals)
+        self.t = 0
+        self.states = self.start.expand(self.n_envs, 2).clone()
+        # 'once' mode: whether the goal has already paid out in this episode.
+        self.reached = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
+        return self.states.clone()
+
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
+        if self.states is None:
+            raise RuntimeError("BatchedDarkroom.step() before reset(): call reset() first")
+        if self.t >= self.horizon:
+            raise RuntimeError(f"episode is over (horizon {self.horizon} reached): call reset() first")
+        actions = torch.as_tensor(actions, device=self.device)
+        if actions.shape != (self.n_envs,):
+            raise ValueError(f"actions must have shape [{self.n_envs}], got {tuple(actions.shape)}")
+        if actions.numel() and (actions.min() < 0 or actions.max() >= N_ACTIONS):
+            raise ValueError(f"actions must be integers in [0, {N_ACTIONS - 1}]")
+        # Walls clip: a move off the grid leaves the coordinate unchanged.
+        next_states = (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
+        at_goal = (next_states == self.goals).all(dim=-1)
+        if self.reward_mode == "once":
+            paid = at_goal & ~self.reached
+            self.reached = self.reached | at_goal
+        else:
+            paid = at_goal
+        self.states = next_states
+        self.t += 1
+        done = torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        return next_states.clone(), paid.to(torch.float32), done

@@ -1,0 +1,416 @@
+"""In-context evaluation (DESIGN §7): can a frozen model *learn* a new task from its own history?
+
+Every (goal x seed) environment is batched into one BatchedDarkroom and stepped in lockstep: one
+`model.act` and one `model.observe` per environment step for all of them. Episodes run back to back
+(the env resets at the horizon) while the model's memory is kept, so any improvement of the return
+over episodes is in-context RL; the weights never change. CompressedAD's memory per step is constant
+(its raw window is compressed into latents) and AD's window slides, so rollouts can run for hundreds
+of episodes.
+
+Library (also used by train.py's periodic eval and the comparison runner):
+    incontext_rollout(model, env_cfg, goals, n_episodes, seeds_per_goal, device, seed, ...) -> dict
+    summarize(returns, optimal, last_k=5, horizon=None) -> dict
+    eval_scalars(summary, split) -> {tensorboard tag: value}
+    load_trained_model(run_dir, device) -> (model, config_dict, global_step)
+
+Script:
+    python evaluate.py run_dir=runs/<name> [n_episodes=500] [seeds_per_goal=8] [sample=false]
+writes <run_dir>/eval.json, <run_dir>/eval.png and eval/* scalars into <run_dir>/tb.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from env import BatchedDarkroom, goal_split, optimal_return
+
+FORMAT_VERSION = 1
+
+
+class EvalError(ValueError):
+    """Bad evaluation input (config, checkpoint contents); the message says what is wrong and the fix."""
+
+
+class TrainedModelNotFoundError(FileNotFoundError):
+    """run_dir or its model.pt does not exist."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rollout
+# ---------------------------------------------------------------------------------------------------------
+def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds_per_goal: int, device,
+                      seed: int, sample: bool = True, use_cache: bool = True, progress: bool = False) -> dict:
+    """Roll a frozen model out in context on `goals` x `seeds_per_goal` environments for n_episodes each.
+
+    env_cfg: dict or DictConfig with grid_size, horizon, reward_mode. Environment e = g * seeds_per_goal + s
+    (goal-major), so the returns reshape to [goal, seed, episode]. The seeds of a goal differ only in their
+    action-sampling draws, which come from a private torch.Generator seeded with `seed`: the global RNG is
+    never touched, so calling this in the middle of training keeps resumed runs bit-exact. With
+    sample=False actions are argmax and the seeds of a goal are identical.
+
+    The model's train/eval mode is restored on return (train.py calls this between optimizer steps).
+    Pass an unwrapped model (accelerator.unwrap_model): DDP wrappers do not forward init_rollout/act.
+
+    Returns numpy arrays 'returns' float64 [n_goals, seeds_per_goal, n_episodes] and 'optimal' float64
+    [n_goals] (per-goal optimal episode return), plus 'goals', 'horizon', 'n_env_steps', 'wall_s'.
+    """
+    if n_episodes < 1 or seeds_per_goal < 1:
+        raise EvalError(f"n_episodes={n_episodes} and seeds_per_goal={seeds_per_goal} must both be >= 1")
+    if len(goals) == 0:
+        raise EvalError("incontext_rollout got no goals: pass at least one (x, y) goal cell")
+    grid, horizon, mode = int(env_cfg["grid_size"]), int(env_cfg["horizon"]), env_cfg["reward_mode"]
+    model_grid = getattr(getattr(model, "cfg", None), "grid_size", grid)
+    if model_grid != grid:
+        raise EvalError(f"model was built for grid_size={model_grid} but env.grid_size={grid}: "
+                        "evaluate on the env the model was trained on")
+    device = torch.device(device)
+    goals = [tuple(int(v) for v in g) for g in goals]
+    n_goals = len(goals)
+    n_envs = n_goals * seeds_per_goal
+    env_goals = torch.tensor(goals, dtype=torch.long).repeat_interleave(seeds_per_goal, dim=0)
+    env = BatchedDarkroom(env_goals, grid_size=grid, horizon=horizon, reward_mode=mode, device=device)
+    # A dedicated generator on the rollout device: multinomial needs one on the same device as probs.
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()  # dropout off: the weights are frozen and evaluation deterministic given the seed
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            st = model.init_rollout(n_envs, device, use_cache=use_cache)
+            # Accumulate on the device and copy once at the end: no host sync per step.
+            returns = torch.zeros(n_envs, n_episodes, dtype=torch.float32, device=device)
+            episodes = range(n_episodes)
+            if progress:
+                from tqdm import tqdm
+                episodes = tqdm(episodes, desc=f"in-context rollout ({n_envs} envs)", unit="ep")
+            for ep in episodes:
+                states = env.reset()  # the env resets, the model's memory `st` does not
+                for _ in range(horizon):
+                    logits = model.act(st, states)
+                    if sample:
+                        probs = torch.softmax(logits.float(), dim=-1)
+                        actions = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                    else:
+                        actions = logits.argmax(dim=-1)
+                    next_states, rewards, _ = env.step(actions)
+                    trans = torch.stack([states[:, 0], states[:, 1], actions, rewards.long(),
+                                         next_states[:, 0], next_states[:, 1]], dim=-1)
+                    model.observe(st, trans)
+                    returns[:, ep] += rewards
+                    states = next_states
+                if progress:
+                    episodes.set_postfix(mean_return=f"{returns[:, ep].mean().item():.2f}")
+    finally:
+        if was_training:
+            model.train()
+    opt = [optimal_return(g, grid, horizon, mode) for g in goals]
+    return {
+        "returns": returns.cpu().double().numpy().reshape(n_goals, seeds_per_goal, n_episodes),
+        "optimal": np.asarray(opt, dtype=np.float64),
+        "goals": goals,
+        "horizon": horizon,
+        "n_env_steps": n_envs * n_episodes * horizon,
+        "wall_s": time.perf_counter() - t0,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> dict:
+    """Scalar metrics and curves of a rollout. Plain Python floats/lists (JSON-ready).
+
+    returns [n_goals, n_seeds, n_episodes]; optimal [n_goals]. Means are over goals and seeds; "std" is
+    the (population, ddof=0) std over seeds of the goal-averaged quantity, i.e. the seed-to-seed spread.
+    Normalised values divide by the mean optimal return over the goals (None if that is 0).
+      curve / curve_std         per-episode mean return, and its std over seeds
+      return_first              episode-1 mean return (before any in-context learning)
+      return_last / _std        mean return over the last k = min(last_k, n_episodes) episodes
+      return_mean               mean over all episodes (area under the learning curve)
+      *_normalized              the above divided by optimal_mean
+      reward_per_step           return_mean / horizon; reward_per_step_last = return_last / horizon
+                                (only with horizon)
+    """
+    r = np.asarray(returns, dtype=np.float64)
+    opt = np.asarray(optimal, dtype=np.float64)
+    if r.ndim != 3 or min(r.shape) == 0:
+        raise EvalError(f"returns must be a non-empty [n_goals, n_seeds, n_episodes] array, got {r.shape}")
+    if opt.shape != (r.shape[0],):
+        raise EvalError(f"optimal must have shape [{r.shape[0]}] (one per goal), got {opt.shape}")
+    if last_k < 1:
+        raise EvalError(f"last_k={last_k} must be >= 1")
+    k = min(int(last_k), r.shape[2])
+    per_seed = r.mean(axis=0)  # [S, N]: each seed's goal-averaged learning curve
+    curve = per_seed.mean(axis=0)
+    opt_mean = float(opt.mean())
+    first, last, mean = float(curve[0]), float(curve[-k:].mean()), float(curve.mean())
+
+    def norm(v: float) -> float | None:
+        return v / opt_mean if opt_mean > 0 else None
+
+    out = {
+        "n_goals": int(r.shape[0]), "n_seeds": int(r.shape[1]), "n_episodes": int(r.shape[2]), "last_k": k,
+        "curve": curve.tolist(), "curve_std": per_seed.std(axis=0).tolist(),
+        "optimal_mean": opt_mean,
+        "return_first": first, "return_last": last, "return_mean": mean,
+        "return_last_std": float(per_seed[:, -k:].mean(axis=1).std()),
+        "return_first_normalized": norm(first), "return_last_normalized": norm(last),
+        "return_mean_normalized": norm(mean),
+    }
+    if horizon is not None:
+        out["reward_per_step"] = mean / horizon
+        out["reward_per_step_last"] = last / horizon
+    return out
+
+
+def eval_scalars(summary: dict, split: str) -> dict[str, float]:
+    """TensorBoard tags (all under eval/) for one split ('test' or 'train'), shared with train.py so the
+    periodic eval and evaluate.py plot on the same charts:
+      eval/return_<split>             mean return over all episodes of the rollout
+      eval/return_<split>_first       episode-1 mean return
+      eval/return_<split>_last<k>     mean return of the last k episodes (the headline number)
+      eval/return_<split>_normalized  last-k mean / mean optimal return
+      eval/reward_per_step_<split>    mean reward per env step over the whole rollout
+    """
+    k = summary["last_k"]
+    tags = {
+        f"eval/return_{split}": summary["return_mean"],
+        f"eval/return_{split}_first": summary["return_first"],
+        f"eval/return_{split}_last{k}": summary["return_last"],
+        f"eval/return_{split}_normalized": summary["return_last_normalized"],
+        f"eval/reward_per_step_{split}": summary.get("reward_per_step"),
+    }
+    return {t: float(v) for t, v in tags.items() if v is not None}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_trained_model(run_dir, device="cpu"):
+    """Rebuild a stage-2 model from <run_dir>/model.pt.
+
+    model.pt (train.py) = {'model_state_dict', 'config': plain dict with 'model' and 'env', 'global_step'}.
+    Returns (model on `device` in eval mode, config dict, global_step).
+    """
+    from model import build_model  # lazy: keeps `import evaluate` light for the env-only callers
+
+    run_dir = Path(run_dir).expanduser()
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise TrainedModelNotFoundError(f"no trained model at {path}: train one with `python train.py` "
+                                        "or pass run_dir=<a run directory>")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torn/foreign file: say which file and what to do instead of a pickle trace
+        raise EvalError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
+                        "it is not a model.pt written by train.py; retrain or pass another run_dir") from e
+    cfg = ckpt.get("config") if isinstance(ckpt, dict) else None
+    if not isinstance(cfg, dict) or "model_state_dict" not in ckpt or not {"model", "env"} <= cfg.keys():
+        raise EvalError(f"{path} lacks 'model_state_dict' or a 'config' with 'model' and 'env': "
+                        "it is not a stage-2 model.pt (an encoder-pretrained-*.pt cannot be evaluated)")
+    model = build_model(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["env"]))
+    state = ckpt["model_state_dict"]
+    # A state dict saved from a DDP / torch.compile wrapper carries a prefix on every key; strip it.
+    for prefix in ("module.", "_orig_mod."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise EvalError(f"{path}: weights do not fit the model its config describes "
+                        f"({str(e).splitlines()[0]} ...); the file is inconsistent, retrain") from e
+    model.to(device).eval()
+    return model, cfg, int(ckpt.get("global_step", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+def _atomic_write(path: Path, write) -> None:
+    """write(tmp_path) into a temp file next to `path`, then rename: readers never see a torn file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    _atomic_write(path, write)
+
+
+def plot_curves(path: Path, results: dict, title: str) -> None:
+    """Learning curves: mean return per episode, ±1 std over seeds, dashed line at the mean optimal."""
+    # The object API with the Agg canvas: no pyplot, so no global backend switch in an importing process.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    colors = {"test": "tab:blue", "train": "tab:orange"}
+    for split, res in results.items():
+        s = res["summary"]
+        mean, std = np.asarray(s["curve"]), np.asarray(s["curve_std"])
+        x = np.arange(1, len(mean) + 1)
+        c = colors.get(split)
+        ax.plot(x, mean, color=c, label=f"{split} goals (n={s['n_goals']}, {s['n_seeds']} seeds)")
+        ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.2, linewidth=0)
+        ax.axhline(s["optimal_mean"], color=c, linestyle="--", linewidth=1,
+                   label=f"{split} optimal ({s['optimal_mean']:.2f})")
+    ax.set_xlabel("episode (in context, frozen weights)")
+    ax.set_ylabel("episode return")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:
+    """eval/* scalars at the run's global_step, and each split's curve as eval/curve_<split> indexed by
+    episode (1-based). A new event file per call; train.py's writer may share the directory."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(log_dir))
+    try:
+        for split, res in results.items():
+            for tag, v in eval_scalars(res["summary"], split).items():
+                writer.add_scalar(tag, v, global_step)
+            for ep, v in enumerate(res["summary"]["curve"], start=1):
+                writer.add_scalar(f"eval/curve_{split}", v, ep)
+        writer.flush()
+    finally:
+        writer.close()
+
+
+def print_table(results: dict) -> None:
+    k = next(iter(results.values()))["summary"]["last_k"]
+    head = (f"{'split':<6} {'goals':>5} {'seeds':>5} {'first':>7} {f'last{k}':>7} {'± seed':>7} "
+            f"{'optimal':>7} {'norm':>6} {'rew/step':>8}")
+    print(head)
+    print("-" * len(head))
+    for split, res in results.items():
+        s = res["summary"]
+        norm = s["return_last_normalized"]
+        print(f"{split:<6} {s['n_goals']:>5} {s['n_seeds']:>5} {s['return_first']:>7.2f} {s['return_last']:>7.2f} "
+              f"{s['return_last_std']:>7.2f} {s['optimal_mean']:>7.2f} "
+              f"{'n/a' if norm is None else f'{norm:.3f}':>6} {s['reward_per_step']:>8.3f}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------------------
+def _check_cfg(cfg: DictConfig) -> None:
+    if OmegaConf.is_missing(cfg, "run_dir") or cfg.run_dir in (None, ""):
+        raise EvalError("run_dir is required: python evaluate.py run_dir=runs/<name> "
+                        "(a stage-2 run directory containing model.pt)")
+    for key, lo in (("n_episodes", 1), ("seeds_per_goal", 1), ("n_train_goals", 0), ("last_k", 1)):
+        if int(cfg[key]) < lo:
+            raise EvalError(f"{key}={cfg[key]} must be >= {lo}")
+    if not str(cfg.out_name) or "/" in str(cfg.out_name):
+        raise EvalError(f"out_name={cfg.out_name!r} must be a plain file stem (written inside run_dir)")
+
+
+def main(cfg: DictConfig) -> dict:
+    """Evaluate <run_dir>/model.pt on the test goals and a seeded train-goal sample; write the outputs.
+    Returns the report written to eval.json plus 'json_path' and 'png_path'."""
+    t0 = time.perf_counter()
+    _check_cfg(cfg)
+    run_dir = Path(str(cfg.run_dir)).expanduser()
+    device = resolve_device(str(cfg.device))
+    model, run_cfg, global_step = load_trained_model(run_dir, device)
+
+    if cfg.env_from_run:
+        env_cfg = dict(run_cfg["env"])
+    else:  # e.g. a longer horizon than in training; the grid fixes the model's input scaling and the split
+        env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
+        for key in ("grid_size", "n_actions"):
+            if env_cfg[key] != run_cfg["env"][key]:
+                raise EvalError(f"env.{key}={env_cfg[key]} but the model was trained with "
+                                f"{run_cfg['env'][key]}: use env_from_run=true or a matching env")
+    train_goals, test_goals = goal_split(env_cfg["grid_size"], env_cfg["train_frac"], env_cfg["split_seed"])
+    # A fixed sample of train goals, chosen with its own seeded rng (sorted for readability).
+    rng = np.random.default_rng(int(cfg.seed))
+    n_train = min(int(cfg.n_train_goals), len(train_goals))
+    train_sample = [train_goals[i] for i in sorted(rng.choice(len(train_goals), n_train, replace=False))]
+
+    results = {}
+    for split, goals in (("test", test_goals), ("train", train_sample)):
+        if not goals:
+            continue
+        ro = incontext_rollout(model, env_cfg, goals, int(cfg.n_episodes), int(cfg.seeds_per_goal), device,
+                               seed=int(cfg.seed), sample=bool(cfg.sample), use_cache=bool(cfg.use_cache),
+                               progress=bool(cfg.progress))
+        summary = summarize(ro["returns"], ro["optimal"], int(cfg.last_k), ro["horizon"])
+        per_goal = [{"goal": list(g), "optimal": float(o), "curve": ro["returns"][i].mean(axis=0).tolist(),
+                     "return_last": float(ro["returns"][i, :, -summary["last_k"]:].mean())}
+                    for i, (g, o) in enumerate(zip(ro["goals"], ro["optimal"]))]
+        results[split] = {"goals": [list(g) for g in ro["goals"]], "optimal": ro["optimal"].tolist(),
+                          "summary": summary, "per_goal": per_goal, "returns": ro["returns"].tolist(),
+                          "wall_s": ro["wall_s"], "env_steps_per_s": ro["n_env_steps"] / max(ro["wall_s"], 1e-9)}
+    if not results:
+        raise EvalError("no goals to evaluate: the split has no test goals and n_train_goals=0")
+
+    metrics = {}
+    for split, res in results.items():
+        metrics.update(eval_scalars(res["summary"], split))
+    report = {
+        "format_version": FORMAT_VERSION,
+        "run_dir": str(run_dir),
+        "model_name": run_cfg["model"].get("name"),
+        "global_step": global_step,
+        "device": str(device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+        "env": env_cfg,
+        "metrics": metrics,
+        "splits": results,
+    }
+    json_path, png_path = run_dir / f"{cfg.out_name}.json", run_dir / f"{cfg.out_name}.png"
+    title = f"{report['model_name']} @ step {global_step} ({run_dir.name}): in-context return"
+    plot_curves(png_path, results, title)
+    if cfg.tensorboard:
+        write_tensorboard(run_dir / "tb", results, global_step)
+    report["wall_s"] = time.perf_counter() - t0
+    write_json_atomic(json_path, report)  # last: its presence means every output is complete
+
+    print(f"{report['model_name']} @ step {global_step}, {cfg.n_episodes} episodes, "
+          f"{'sampled' if cfg.sample else 'greedy'} actions, {device}, {report['wall_s']:.1f}s")
+    print_table(results)
+    print(f"wrote {json_path} and {png_path}")
+    return {**report, "json_path": str(json_path), "png_path": str(png_path)}
+
+
+@hydra.main(config_path="config", config_name="evaluate", version_base="1.3")
+def cli(cfg: DictConfig) -> None:
+    main(cfg)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,303 @@
+"""Learning histories on disk: the one loading/saving API every stage uses.
+
+A dataset is a folder (default `data/${env.name}-seed${data_seed}`) of memory-mappable .npy arrays:
+
+    states.npy       uint8 [N, T, 2]   (x, y) before the step
+    actions.npy      uint8 [N, T]      0 stay, 1 +x, 2 -x, 3 +y, 4 -y
+    rewards.npy      uint8 [N, T]      0 / 1
+    next_states.npy  uint8 [N, T, 2]   (x, y) after the step
+    goals.npy        uint8 [N, 2]      the goal of history i
+
+plus meta.json (format_version, env config, goal split, source algorithm + settings, seeds, history
+layout, per-episode return curves, summary). History i is one stream of the source algorithm on one
+goal, T transitions long (T / horizon consecutive episodes). Layout: the train-goal histories come
+first, goal-major in split order (n_stream consecutive histories per goal), then the test-goal
+histories (n_stream_eval per goal, for the held-out loss). meta["histories"] records this as half-open
+ranges {"train": {"start": 0, "stop": n_train}, "test": {"start": n_train, "stop": N}}; use
+`Histories.split_indices(split)` rather than reading it by hand.
+
+load_histories validates everything a training run relies on and fails with ONE line that says what
+is wrong and how to fix it (DatasetError). save_histories writes atomically: a temp folder beside the
+target, fsync'd, then renamed, so an interrupted write never leaves a half dataset under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+N_ACTIONS = 5
+# name -> (trailing shape after N, or after (N, T)); all arrays are uint8.
+ARRAY_SPECS = {
+    "states": ("NT", (2,)),
+    "actions": ("NT", ()),
+    "rewards": ("NT", ()),
+    "next_states": ("NT", (2,)),
+    "goals": ("N", (2,)),
+}
+# Env config keys that must agree between a dataset and the run that reads it.
+ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed")
+
+
+class DatasetError(ValueError):
+    """A dataset is missing, malformed or incompatible. The message is one actionable line."""
+
+
+def _plain(cfg) -> dict:
+    """DictConfig or mapping -> plain dict (so this module does not require omegaconf)."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        if isinstance(cfg, DictConfig):
+            return OmegaConf.to_container(cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency, but keep the module standalone
+        pass
+    return dict(cfg)
+
+
+def _recollect_hint(path: Path, env_name: str, overwrite: bool = True) -> str:
+    return f"`python collect.py env={env_name} data_path={path}" + (" overwrite=true`" if overwrite else "`")
+
+
+@dataclass
+class Histories:
+    """A loaded dataset. Arrays are read-only np.memmap views (no data is read until indexed)."""
+
+    path: Path
+    states: np.ndarray       # uint8 [N, T, 2]
+    actions: np.ndarray      # uint8 [N, T]
+    rewards: np.ndarray      # uint8 [N, T]
+    next_states: np.ndarray  # uint8 [N, T, 2]
+    goals: np.ndarray        # uint8 [N, 2]
+    meta: dict = field(repr=False)
+
+    @property
+    def n_histories(self) -> int:
+        return self.actions.shape[0]
+
+    @property
+    def n_steps(self) -> int:
+        return self.actions.shape[1]
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """int64 indices of the histories whose goal is in `split` ('train' or 'test')."""
+        if split not in ("train", "test"):
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        r = self.meta["histories"][split]
+        return np.arange(r["start"], r["stop"], dtype=np.int64)
+
+    def transitions(self, idx, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Packed transitions uint8 [..., L, 6] = (sx, sy, a, r, nsx, nsy) of histories `idx`, steps
+        [start, stop). `idx` may be an int or an index array (one fancy-index read per array)."""
+        sl = slice(start, stop)
+        return np.concatenate([
+            self.states[idx, sl], self.actions[idx, sl, None], self.rewards[idx, sl, None],
+            self.next_states[idx, sl]], axis=-1)
+
+
+def _check_meta(meta, where: Path, env_name: str) -> None:
+    hint = _recollect_hint(where, env_name)
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{where}/meta.json is not a JSON object: re-collect with {hint}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(
+            f"dataset {where} has format_version {meta.get('format_version')!r} but this code reads "
+            f"format_version {FORMAT_VERSION}: re-collect with {hint}")
+    for key in ("env", "split", "histories", "n_steps"):
+        if key not in meta:
+            raise DatasetError(f"{where}/meta.json lacks the key {key!r}: re-collect with {hint}")
+    split = meta["split"]
+    if not isinstance(meta["env"], dict) or not isinstance(split, dict) or \
+            not all(isinstance(split.get(k), list) for k in ("train_goals", "test_goals")):
+        raise DatasetError(f"{where}/meta.json needs 'env' as an object and 'split' as {{train_goals: "
+                           f"[...], test_goals: [...]}}: re-collect with {hint}")
+
+
+def _check_env(meta_env: dict, env_cfg: dict, where: Path) -> None:
+    diffs = [f"{k}={meta_env.get(k)!r} (dataset) vs {env_cfg.get(k)!r} (run)"
+             for k in ENV_KEYS if meta_env.get(k) != env_cfg.get(k)]
+    if diffs:
+        raise DatasetError(
+            f"dataset {where} was collected with a different env config: {', '.join(diffs)}: run with "
+            f"the dataset's env (env=...), point data_path at a matching dataset, or re-collect with "
+            f"{_recollect_hint(where, env_cfg.get('name'))}")
+
+
+def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
+    """Shapes, dtypes, value ranges and split consistency. Shared by load (memmaps) and save (arrays)."""
+    env = meta["env"]
+    hint = _recollect_hint(where, env.get("name"))
+    G, n_act = int(env["grid_size"]), int(env["n_actions"])
+    for name in ARRAY_SPECS:
+        if name not in arrays:
+            raise DatasetError(f"dataset {where} has no {name}.npy: re-collect with {hint}")
+        if arrays[name].dtype != np.uint8:
+            raise DatasetError(f"{where}/{name}.npy has dtype {arrays[name].dtype}, expected uint8: "
+                               f"re-collect with {hint}")
+    N, T = arrays["actions"].shape[:2] if arrays["actions"].ndim == 2 else (-1, -1)
+    for name, (lead, tail) in ARRAY_SPECS.items():
+        want = ((N, T) if lead == "NT" else (N,)) + tail
+        if arrays[name].shape != want or N < 0:
+            raise DatasetError(f"{where}/{name}.npy has shape {arrays[name].shape}, expected {want} "
+                               f"(from actions.npy [N, T]): re-collect with {hint}")
+    h = meta["histories"]
+    try:
+        tr, te = (int(h["train"]["start"]), int(h["train"]["stop"])), (int(h["test"]["start"]),
+                                                                         int(h["test"]["stop"]))
+    except (KeyError, TypeError, ValueError):
+        raise DatasetError(f"{where}/meta.json 'histories' must be {{train: {{start, stop}}, test: "
+                           f"{{start, stop}}}}: re-collect with {hint}") from None
+    if tr[0] != 0 or tr[1] != te[0] or te[1] != N:
+        raise DatasetError(f"{where}/meta.json histories ranges train={tr} test={te} do not tile the "
+                           f"{N} histories in the arrays: re-collect with {hint}")
+    if T != int(meta["n_steps"]):
+        raise DatasetError(f"{where} arrays hold {T} steps per history but meta.json says n_steps="
+                           f"{meta['n_steps']}: re-collect with {hint}")
+    if N == 0 or T == 0:
+        raise DatasetError(f"dataset {where} is empty (N={N}, T={T}): re-collect with {hint}")
+    # Value ranges. On memmaps this reads each file once (tens of MB for the default dataset).
+    limits = {"states": G, "next_states": G, "goals": G, "actions": n_act, "rewards": 2}
+    for name, limit in limits.items():
+        hi = int(np.max(arrays[name]))
+        if hi >= limit:
+            raise DatasetError(f"{where}/{name}.npy holds value {hi}, must be < {limit} "
+                               f"(grid_size={G}, n_actions={n_act}, rewards in {{0,1}}): "
+                               f"re-collect with {hint}")
+    # Every history's goal must belong to the split its index range claims.
+    goals = np.asarray(arrays["goals"]).astype(np.int64)
+    for split, (a, b) in (("train", tr), ("test", te)):
+        allowed = {tuple(g) for g in meta["split"][f"{split}_goals"]}
+        bad = [tuple(g) for g in goals[a:b].tolist() if tuple(g) not in allowed]
+        if bad:
+            raise DatasetError(f"{where}: {len(bad)} {split} histories have goals outside the "
+                               f"{split} split (e.g. {bad[0]}): re-collect with {hint}")
+
+
+def _load_npy(file: Path, hint: str) -> np.ndarray:
+    if not file.is_file():
+        raise DatasetError(f"dataset {file.parent} has no {file.name}: re-collect with {hint}")
+    try:
+        arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DatasetError(f"{file} is truncated or corrupt ({msg}): re-collect with {hint}") from None
+    if not isinstance(arr, np.memmap):  # np.load returns a plain array for 0-size payloads
+        return arr
+    if arr.offset + arr.nbytes != file.stat().st_size:
+        raise DatasetError(f"{file} has {file.stat().st_size - arr.offset - arr.nbytes} trailing bytes "
+                           f"(corrupt): re-collect with {hint}")
+    return arr
+
+
+def load_histories(path, env_cfg) -> Histories:
+    """Open the dataset at `path` (memory-mapped, read-only) and validate it against `env_cfg`.
+
+    Checks, in order: the folder exists; meta.json parses and has the current format_version; the
+    dataset's env config matches the run's (every differing key named with both values); every .npy
+    opens (truncated/corrupt files caught); dtypes are uint8; shapes agree; states/goals < grid_size,
+    actions < n_actions, rewards in {0, 1}; the split in meta matches goal_split(env) and every
+    history's goal lies in its split. Raises DatasetError (one line: what is wrong + how to fix it).
+    """
+    from env.darkroom import goal_split  # local: keep `import histories` light for tools
+
+    path = Path(path)
+    env_cfg = _plain(env_cfg)
+    name = env_cfg.get("name")
+    hint = _recollect_hint(path, name)
+    if not path.is_dir():
+        raise DatasetError(f"no dataset at {path}: run {_recollect_hint(path, name, overwrite=False)}")
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise DatasetError(f"{path} has no meta.json (not a dataset, or an interrupted write): "
+                           f"re-collect with {hint}")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise DatasetError(f"{meta_file} is not valid JSON ({e}): re-collect with {hint}") from None
+    _check_meta(meta, path, name)
+    _check_env(meta["env"], env_cfg, path)
+    train, test = goal_split(env_cfg["grid_size"], env_cfg["train_frac"], env_cfg["split_seed"])
+    split = meta["split"]
+    if [tuple(g) for g in split["train_goals"]] != train or [tuple(g) for g in split["test_goals"]] != test:
+        raise DatasetError(f"dataset {path} lists a goal split that differs from goal_split(grid_size, "
+                           f"train_frac, split_seed) of the run: re-collect with {hint}")
+    arrays = {k: _load_npy(path / f"{k}.npy", hint) for k in ARRAY_SPECS}
+    _check_arrays(arrays, meta, path)
+    return Histories(path=path, meta=meta, **arrays)
+
+
+def check_can_write(path, overwrite: bool = False) -> None:
+    """Raise DatasetError unless `path` may be (over)written. Call it before doing expensive work.
+
+    Overwriting is refused unless overwrite=True, and always refused for a non-empty folder that is not
+    a dataset (no meta.json), so a typo in data_path can never delete unrelated files.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise DatasetError(f"a dataset already exists at {path}: pass overwrite=true to replace it, or "
+                           f"choose another data_path / data_seed")
+    if not path.is_dir():
+        raise DatasetError(f"{path} exists and is not a folder: remove it or choose another data_path")
+    if any(path.iterdir()) and not (path / "meta.json").is_file():
+        raise DatasetError(f"refusing to overwrite {path}: it is not a dataset (no meta.json); remove it "
+                           f"by hand or choose another data_path")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> Path:
+    """Write a dataset atomically; returns the final path.
+
+    `arrays` maps the five names of ARRAY_SPECS to uint8 arrays; `meta` must hold format_version, env,
+    split, histories and n_steps (validated with the same checks as loading, so a bad dataset is never
+    written). Files go to a temp folder beside `path`, each fsync'd, meta.json last; then the folder is
+    renamed onto `path`. With overwrite=True an existing dataset is first renamed aside and deleted only
+    after the new one is in place: an interruption leaves either the old dataset, or the new one, or
+    (between the two renames) none under the final name; never a mix.
+    """
+    path = Path(path)
+    env_name = (meta.get("env") or {}).get("name") if isinstance(meta, dict) else None
+    check_can_write(path, overwrite)
+    _check_meta(meta, path, env_name)
+    _check_arrays(arrays, meta, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp = path.parent / f".{path.name}.tmp-{tag}"
+    old = path.parent / f".{path.name}.old-{tag}"
+    tmp.mkdir()
+    try:
+        for name in ARRAY_SPECS:
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.save(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+        with open(tmp / "meta.json", "w") as f:
+            json.dump(meta, f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        if path.exists():  # overwrite=True was checked above
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():  # put the previous dataset back
+            os.rename(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return path

@@ -1,0 +1,26 @@
+"""CompressedAD models. Read in this order: embeddings -> transformer -> encoder -> compressor ->
+decoder -> compressed_ad / ad -> reconstruction -> encoder_pretrainer; losses and checkpoint beside them."""
+
+from model.ad import AD
+from model.checkpoint import (
+    EncoderCheckpointError,
+    load_pretrained_encoder,
+    save_encoder_checkpoint,
+)
+from model.compressed_ad import CompressedAD
+from model.config import ConfigError, ModelConfig
+from model.encoder_pretrainer import EncoderPretrainer
+
+__all__ = ["AD", "CompressedAD", "EncoderPretrainer", "ModelConfig", "ConfigError", "EncoderCheckpointError",
+           "load_pretrained_encoder", "save_encoder_checkpoint", "build_model"]
+
+
+def build_model(model_cfg, env_cfg):
+    """The stage-2 network named by model_cfg.name ('ad_compressed' or 'ad')."""
+    cfg = ModelConfig.from_cfg(model_cfg, env_cfg)
+    name = model_cfg["name"]
+    if name == "ad_compressed":
+        return CompressedAD(cfg, aux_recon=float(model_cfg.get("aux_recon_weight", 0.0) or 0.0) > 0)
+    if name == "ad":
+        return AD(cfg)
+    raise ValueError(f"unknown model.name={name!r}: use model=ad_compressed_dr or model=ad_dr")

@@ -1,0 +1,53 @@
+"""AD baseline (Laskin et al. 2022): the same decoder with no latents and a sliding window.
+
+Training windows are `context_len` consecutive transitions (depth-0 batches). In rollout the model sees
+the last context_len steps; the window slides every step, so positions shift and the whole window is
+recomputed (cost per step is constant in the history length, but the history beyond the window is lost).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from model.compressed_ad import RolloutState, _pad_state
+from model.compressor import TransitionEmbedding
+from model.config import ModelConfig
+from model.decoder import ActionDecoder
+from model.transformer import init_weights
+
+
+class AD(TransitionEmbedding):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        self.decoder = ActionDecoder(cfg, n_prefix=0, max_len=cfg.context_len)
+        init_weights(self)
+
+    def forward(self, batch: dict) -> dict:
+        win = batch["win"]
+        ctx = self.embed_transitions(win)
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), win[..., 0:2])
+        return {"logits": self.decoder(tokens)}
+
+    @torch.no_grad()
+    def init_rollout(self, n_envs: int, device, use_cache: bool = False) -> RolloutState:
+        # Holds the last context_len - 1 transitions: with the current state they make a full window.
+        buf = torch.zeros(n_envs, max(self.cfg.context_len - 1, 1), 6, dtype=torch.long, device=device)
+        return RolloutState(buffer=buf, use_cache=False)
+
+    @torch.no_grad()
+    def act(self, st: RolloutState, states: torch.Tensor) -> torch.Tensor:
+        win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
+                                            win[..., 0:2])
+        return self.decoder(tokens)[:, -1]
+
+    @torch.no_grad()
+    def observe(self, st: RolloutState, trans: torch.Tensor) -> None:
+        cap = self.cfg.context_len - 1
+        if cap == 0:
+            return
+        if st.n_win < cap:
+            st.buffer[:, st.n_win] = trans.long()
+            st.n_win += 1
+        else:  # slide: drop the oldest transition
+            st.buffer = torch.cat([st.buffer[:, 1:], trans.long()[:, None]], dim=1)

@@ -1,0 +1,107 @@
+"""CompressedAD: Algorithm Distillation whose unbounded history lives in n_latent compressed tokens.
+
+Training: a batch holds d compressed segments (right-aligned slots) and a decoder window; the segments are
+folded by the encoder with gradients (optionally detached past the newest), and the decoder predicts the
+action at every window position from [latents ; window].
+
+Rollout (identical schedule): the window fills one transition per step; when it holds seg_len transitions,
+latents <- encoder(latents, window) and the window empties. With the KV cache, a step costs one decoder
+token and the latent prefix is encoded once per compression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from model.compressor import Compressor
+from model.config import ModelConfig
+from model.decoder import ActionDecoder
+from model.reconstruction import ReconstructionDecoder
+from model.transformer import init_weights
+
+
+@dataclass
+class RolloutState:
+    """Per-batch-of-envs memory of a rollout. All envs step in lockstep, so one window length for all."""
+
+    buffer: torch.Tensor  # [E, seg_len, 6] transitions of the current raw window
+    n_win: int = 0  # transitions currently in the window
+    latents: torch.Tensor | None = None  # [E, n_latent, d], None before the first compression
+    cache: list | None = None  # per-layer (k, v) of prefix + window tokens so far
+    n_compressions: int = 0
+    use_cache: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+class CompressedAD(Compressor):
+    def __init__(self, cfg: ModelConfig, aux_recon: bool = False):
+        super().__init__(cfg)
+        self.decoder = ActionDecoder(cfg, n_prefix=cfg.n_latent, max_len=cfg.seg_len)
+        # Stage-2 auxiliary reconstruction head (model.aux_recon_weight > 0); absent otherwise.
+        self.recon = ReconstructionDecoder(cfg) if aux_recon else None
+        init_weights(self)
+
+    # ---- training ------------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> dict:
+        win, seg, seg_len = batch["win"], batch["seg"], batch["seg_len"]
+        latents, has = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents)
+        ctx = self.embed_transitions(win)
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), win[..., 0:2])
+        logits = self.decoder(tokens, prefix=latents, has_prefix=has)
+        out = {"logits": logits, "latents": latents, "has_latents": has}
+        if self.recon is not None and latents is not None:
+            # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
+            out["recon_pred"] = self.recon(latents, seg.shape[1], seg.shape[2])
+        return out
+
+    # ---- rollout -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_rollout(self, n_envs: int, device, use_cache: bool = True) -> RolloutState:
+        buf = torch.zeros(n_envs, self.cfg.seg_len, 6, dtype=torch.long, device=device)
+        return RolloutState(buffer=buf, use_cache=use_cache)
+
+    @torch.no_grad()
+    def act(self, st: RolloutState, states: torch.Tensor) -> torch.Tensor:
+        """Logits [E, n_actions] for the current states [E, 2]. Call `observe` with the resulting
+        transition before the next `act`."""
+        e, d = states.shape[0], self.cfg.d_model
+        if st.n_win == 0:
+            prev = self.decoder.begin.expand(e, 1, d)
+        else:
+            prev = self.embed_transitions(st.buffer[:, st.n_win - 1: st.n_win])
+        if st.use_cache:
+            token = self.decoder.window_tokens(prev, states[:, None], start=st.n_win)
+            logits, st.cache = self.decoder.step(token, st.cache)
+            return logits
+        # Recompute path (reference + benchmark): the whole window, and the prefix, every step.
+        win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
+                                            win[..., 0:2])
+        has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=states.device)
+        return self.decoder(tokens, prefix=st.latents, has_prefix=has if st.latents is not None else None)[:, -1]
+
+    @torch.no_grad()
+    def observe(self, st: RolloutState, trans: torch.Tensor) -> None:
+        """Append the transition [E, 6] just taken; compress when the window is full."""
+        st.buffer[:, st.n_win] = trans.long()
+        st.n_win += 1
+        if st.n_win == self.cfg.seg_len:
+            self._compress_window(st)
+
+    def _compress_window(self, st: RolloutState) -> None:
+        e = st.buffer.shape[0]
+        has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=st.buffer.device)
+        mask = torch.ones(e, self.cfg.seg_len, dtype=torch.bool, device=st.buffer.device)
+        st.latents = self.encoder(st.latents, has, self.embed_transitions(st.buffer), mask)
+        st.n_win = 0
+        st.n_compressions += 1
+        st.cache = self.decoder.prefix_cache(st.latents) if st.use_cache else None
+
+
+def _pad_state(states: torch.Tensor) -> torch.Tensor:
+    """States [E, 2] -> a [E, 1, 6] pseudo-transition whose only read field is the state."""
+    out = torch.zeros(states.shape[0], 1, 6, dtype=torch.long, device=states.device)
+    out[:, 0, 0:2] = states.long()
+    return out

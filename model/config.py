@@ -1,0 +1,75 @@
+"""Model configuration: one dataclass shared by every network in model/.
+
+Built from the Hydra `model` and `env` groups by `ModelConfig.from_cfg`. The architecture keys listed in
+`ENCODER_ARCH_KEYS` are the stage-1 -> stage-2 contract: an encoder checkpoint records them and loading
+refuses a checkpoint whose values differ (see model/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+# Keys that fix the shapes of encoder + shared embedding weights. Anything else (dropout, depth weights,
+# learning rates) may differ between the two stages.
+ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len")
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent configuration; the message says which key and how to fix it."""
+
+
+@dataclass
+class ModelConfig:
+    grid_size: int = 9  # G: states are (x, y) in [0, G-1]
+    n_actions: int = 5  # stay, +x, -x, +y, -y
+    d_model: int = 64  # width of every transformer
+    n_head: int = 4  # attention heads (d_model must be divisible)
+    n_layer: int = 4  # decoder blocks (CompressedAD and AD)
+    enc_n_layer: int = 2  # CompressionEncoder blocks
+    n_latent: int = 20  # latent tokens a compression produces
+    seg_len: int = 80  # raw-window capacity; the window is compressed when it holds this many transitions
+    context_len: int = 80  # AD baseline only: sliding-window length in transitions
+    dropout: float = 0.1
+    detach_old_latents: bool = False  # stop gradients through all but the most recent compression
+    recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
+    recon_loss: str = "mse"  # 'mse' on f(tau) (the seed's choice) or 'ce' (per-field cross-entropy)
+    max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
+
+    @property
+    def feat_dim(self) -> int:
+        """Width of the transition features f(tau) = [s/(G-1), onehot(a), r, s'/(G-1)]."""
+        return 2 + self.n_actions + 1 + 2
+
+    @classmethod
+    def from_cfg(cls, model_cfg, env_cfg) -> "ModelConfig":
+        names = {f.name for f in fields(cls)}
+        kw = {k: model_cfg[k] for k in names if k in model_cfg}
+        kw["grid_size"] = int(env_cfg["grid_size"])
+        kw["n_actions"] = int(env_cfg["n_actions"])
+        cfg = cls(**kw)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ConfigError(msg)
+
+        need(self.d_model > 0 and self.d_model % self.n_head == 0,
+             f"model.d_model={self.d_model} must be a positive multiple of model.n_head={self.n_head}")
+        need(self.n_latent > 0, f"model.n_latent={self.n_latent} must be >= 1 (number of latent tokens)")
+        need(self.seg_len > 0, f"model.seg_len={self.seg_len} must be >= 1")
+        need(self.context_len > 0, f"model.context_len={self.context_len} must be >= 1")
+        need(self.n_layer > 0 and self.enc_n_layer > 0 and self.recon_n_layer > 0,
+             "model.n_layer, model.enc_n_layer and model.recon_n_layer must all be >= 1")
+        need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
+        need(self.recon_loss in ("mse", "ce"), f"model.recon_loss={self.recon_loss!r}: use 'mse' or 'ce'")
+        need(self.max_compression_depth >= 0,
+             f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
+        need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")
+
+    def arch_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ENCODER_ARCH_KEYS}
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,123 @@
+"""Stage 1: pretrain the CompressionEncoder (with the shared embed_context / embed_ln) on reconstruction.
+
+    python collect.py                                   # once: learning histories
+    python pretrain_encoder.py experiment=quick         # CPU-sized run
+    python pretrain_encoder.py pretrain_lr=0.0005 n_latent=15 max_compression_depth=2
+    accelerate launch --config_file accelerate_config.yaml pretrain_encoder.py
+
+Each batch holds samples of depth 1..3 (weights 2:3:4): d consecutive segments are folded hierarchically
+by the encoder with the *current* weights, and a ReconstructionDecoder reads every folded transition back
+from the final latents only. The target is the raw transition features f(tau), never anything the
+encoder produced: a constant encoder cannot lower this loss (see DESIGN §5 and the collapse detectors
+logged here: latent effective rank and the latent-ablation gap).
+
+Writes <run_dir>/encoder-pretrained-<step>.pt every model.save_every steps and
+<run_dir>/encoder-pretrained-final.pt at the end (format: model/checkpoint.py), main process only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import loop
+from dataset_pretrain import PretrainBatches
+from dataset import batch_loader
+from histories import load_histories
+from hydra_cli import abspath
+from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
+from model.losses import effective_rank, reconstruction_loss, reconstruction_metrics
+
+
+class ReconstructionTask:
+    """Model + data + loss of stage 1 (see loop.Task)."""
+
+    def __init__(self, cfg, model: EncoderPretrainer, hist):
+        self.cfg, self.model, self.hist = cfg, model, hist
+        self.mcfg: ModelConfig = model.cfg
+        # The checkpoint's config: the model group as composed plus the resolved architecture (grid_size and
+        # n_actions come from env), so stage 2 can check every shape-defining key.
+        self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env)}
+
+    def _dataset(self, split, rank, world, batch, seed):
+        m = self.cfg.model
+        return PretrainBatches(self.hist, split, batch_size=batch * world, seg_len=m.seg_len,
+                               min_seg_len=m.get("min_seg_len", m.seg_len), max_depth=m.max_compression_depth,
+                               depth_weights=m.get("pretrain_depth_weights"), seed=seed, rank=rank,
+                               world_size=world)
+
+    def batches(self, start, rank, world, micro_batch):
+        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
+        # Diagnostics use held-out goals' histories when the dataset has them (generalisation, not recall).
+        split = "test" if len(self.hist.split_indices("test")) else "train"
+        self.diag = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        return batch_loader(ds, start=start, num_workers=self.cfg.num_workers)
+
+    def loss(self, model, batch):
+        out = model(batch)
+        return reconstruction_loss(out["pred"], batch["seg"], batch["seg_len"], self.mcfg), {}
+
+    def n_labels(self, batch):
+        return int(batch["seg_len"].sum())  # transitions reconstructed
+
+    @torch.no_grad()
+    def diagnostics(self, run, model) -> dict:
+        """Reconstruction quality and collapse detectors on fixed held-out batches (all ranks, reduced)."""
+        net = loop.unwrap(run.accelerator, model)
+        net.eval()
+        sums: dict[str, float] = {}
+        counts: dict[str, int] = {}
+        for k in range(self.cfg.diag_batches):
+            b = {key: v.to(run.accelerator.device) for key, v in self.diag[k].items()}
+            out = net(b)
+            loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], self.mcfg)
+            # Ablation: every sample decodes from another sample's latents. Zero gap = latents carry nothing.
+            perm = torch.roll(torch.arange(out["latents"].shape[0], device=loss.device), 1)
+            shuffled = net(b, latents_override=out["latents"][perm])
+            loss_shuf = reconstruction_loss(shuffled["pred"], b["seg"], b["seg_len"], self.mcfg)
+            vals = {"heldout_loss": loss.item(), "ablation_gap": (loss_shuf - loss).item(),
+                    "latent_effective_rank": effective_rank(out["latents"])}
+            vals.update(reconstruction_metrics(out["pred"], b["seg"], b["seg_len"], b["depth"], self.mcfg,
+                                               self.mcfg.max_compression_depth))
+            for key, v in vals.items():
+                sums[key] = sums.get(key, 0.0) + v
+                counts[key] = counts.get(key, 0) + 1
+        net.train()
+        keys = sorted(sums)
+        vec = torch.tensor([sums[k] / counts[k] for k in keys], device=run.accelerator.device)
+        vec = run.accelerator.reduce(vec, "mean")
+        return {f"pretrain/{k}": v.item() for k, v in zip(keys, vec)}
+
+    def on_step(self, run, step):
+        if self.cfg.diag_every and step % self.cfg.diag_every == 0:
+            run.log(self.diagnostics(run, run.model), step)
+        if step % self.cfg.model.save_every == 0 and run.is_main:
+            save_encoder_checkpoint(run.run_dir / f"encoder-pretrained-{step}.pt",
+                                    loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
+
+    def on_end(self, run, step):
+        diag = self.diagnostics(run, run.model)
+        run.log(diag, step)
+        if run.is_main:
+            save_encoder_checkpoint(run.run_dir / "encoder-pretrained-final.pt",
+                                    loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
+        run.accelerator.wait_for_everyone()
+        return {k.replace("pretrain/", ""): v for k, v in diag.items()} | {
+            "encoder_checkpoint": str(run.run_dir / "encoder-pretrained-final.pt")}
+
+
+def main(cfg) -> dict:
+    """Pretrain per `cfg` (a composed config/pretrain.yaml); returns the run summary."""
+    hist = load_histories(abspath(cfg.data_path), cfg.env)
+    mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
+    if mcfg.max_compression_depth < 1:
+        raise ValueError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
+    model = EncoderPretrainer(mcfg)
+    task = ReconstructionTask(cfg, model, hist)
+    settings = loop.settings_from_cfg(cfg, "pretrain")
+    return loop.fit(task, settings, abspath(cfg.run_dir), loop.to_plain(cfg))
+
+
+if __name__ == "__main__":
+    import hydra_cli
+
+    hydra_cli.run("pretrain", main)

@@ -1,0 +1,172 @@
+"""Model behaviour: masks and causality, KV cache == recompute, rollout schedule == training forward."""
+
+import math
+
+import pytest
+import torch
+
+from model import AD, CompressedAD, EncoderPretrainer, ModelConfig
+from model.config import ConfigError
+from model.losses import action_loss
+
+SEG = 6
+
+
+def tiny_cfg(**kw):
+    base = dict(d_model=32, n_head=2, n_layer=2, enc_n_layer=2, n_latent=3, seg_len=SEG, context_len=SEG,
+                dropout=0.0, grid_size=5)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def random_history(t, g=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    tr = torch.randint(0, g, (t, 6), generator=gen)
+    tr[:, 2] = torch.randint(0, 5, (t,), generator=gen)
+    tr[:, 3] = torch.randint(0, 2, (t,), generator=gen)
+    return tr
+
+
+def batch_from_history(hist, depth, seg_len, win_len):
+    """One training sample: `depth` segments of seg_len then a window, all consecutive in hist."""
+    seg = hist[: depth * seg_len].view(1, depth, seg_len, 6) if depth else torch.zeros(1, 0, seg_len, 6).long()
+    win = hist[depth * seg_len: depth * seg_len + win_len][None]
+    return {"seg": seg, "seg_len": torch.full((1, depth), seg_len), "win": win,
+            "win_len": torch.tensor([win_len]), "depth": torch.tensor([depth])}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def test_future_transition_does_not_change_earlier_logits():
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(2 * SEG)
+    b1 = batch_from_history(hist, 1, SEG, SEG)
+    b2 = batch_from_history(hist.clone(), 1, SEG, SEG)
+    # Change what happened at step 3 (action, reward, next state), keeping s_3 which token 3 may see.
+    b2["win"][0, 3, 2:] = (b2["win"][0, 3, 2:] + 1) % 2 + 2
+    l1, l2 = m(b1)["logits"], m(b2)["logits"]
+    # token t embeds tau_{t-1}, so positions 0..3 are unaffected and position 4 changes.
+    assert torch.allclose(l1[0, :4], l2[0, :4], atol=1e-6)
+    assert not torch.allclose(l1[0, 4], l2[0, 4], atol=1e-4)
+
+
+def test_latents_visible_to_every_position():
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(2 * SEG)
+    b1 = batch_from_history(hist, 1, SEG, SEG)
+    b2 = batch_from_history(hist.clone(), 1, SEG, SEG)
+    b2["seg"][0, 0, 0] = torch.tensor([4, 4, 3, 1, 0, 0])  # change a compressed transition
+    l1, l2 = m(b1)["logits"], m(b2)["logits"]
+    assert ((l1 - l2).abs().amax(-1) > 1e-5).all(), "every window position must depend on the latents"
+
+
+def test_padding_is_inert():
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(3 * SEG)
+    short = batch_from_history(hist, 2, SEG, 4)
+    # Same sample, but with a shorter first segment padded with garbage and a padded window.
+    padded = {k: v.clone() for k, v in short.items()}
+    padded["win"] = torch.cat([short["win"], torch.randint(0, 5, (1, 2, 6))], dim=1)
+    padded["seg"][0, 0, 4:] = 3  # garbage beyond the first segment's length
+    padded["seg_len"] = torch.tensor([[4, SEG]])
+    ref = {k: v.clone() for k, v in short.items()}
+    ref["seg_len"] = torch.tensor([[4, SEG]])
+    ref["seg"][0, 0, 4:] = 0
+    a, b = m(ref)["logits"], m(padded)["logits"]
+    assert torch.allclose(a[0, :4], b[0, :4], atol=1e-5)
+    # Labels at padded window positions never count.
+    lp = action_loss(b, padded)
+    la = action_loss(a, ref)
+    assert lp["n_labels"].item() == 4 and torch.allclose(lp["loss"], la["loss"], atol=1e-5)
+
+
+def test_unused_slots_equal_lower_depth():
+    """A depth-1 sample in a depth-2 batch (slot 0 unused) gives the same logits as alone."""
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(3 * SEG)
+    alone = batch_from_history(hist, 1, SEG, SEG)
+    mixed = {"seg": torch.cat([torch.zeros(1, 1, SEG, 6).long(), alone["seg"]], dim=1),
+             "seg_len": torch.tensor([[0, SEG]]), "win": alone["win"], "win_len": alone["win_len"]}
+    assert torch.allclose(m(alone)["logits"], m(mixed)["logits"], atol=1e-5)
+    depth0 = batch_from_history(hist, 0, SEG, SEG)
+    masked = {"seg": torch.zeros(1, 1, SEG, 6).long(), "seg_len": torch.tensor([[0]]), "win": depth0["win"],
+              "win_len": depth0["win_len"]}
+    assert torch.allclose(m(depth0)["logits"], m(masked)["logits"], atol=1e-5)
+
+
+def rollout_logits(model, hist, use_cache):
+    st = model.init_rollout(1, "cpu", use_cache=use_cache)
+    out = []
+    for t in range(hist.shape[0]):
+        out.append(model.act(st, hist[t: t + 1, 0:2]))
+        model.observe(st, hist[t: t + 1])
+    return torch.cat(out), st
+
+
+def test_kv_cache_matches_recompute_across_compressions():
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(4 * SEG + 3)
+    cached, st = rollout_logits(m, hist, True)
+    full, _ = rollout_logits(m, hist, False)
+    assert st.n_compressions == 4
+    assert torch.allclose(cached, full, atol=1e-5)
+
+
+def test_rollout_schedule_equals_training_forward():
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(3 * SEG + 4)
+    rolled, st = rollout_logits(m, hist, True)
+    # The rollout compresses exactly when the window reaches seg_len.
+    assert st.n_compressions == 3 and st.n_win == 4
+    for depth in range(4):
+        w = SEG if depth < 3 else 4
+        logits = m(batch_from_history(hist, depth, SEG, w))["logits"][0]
+        assert torch.allclose(logits, rolled[depth * SEG: depth * SEG + w], atol=1e-5), f"depth {depth}"
+
+
+def test_ad_rollout_equals_training_forward_on_sliding_windows():
+    cfg = tiny_cfg(context_len=5)
+    m = AD(cfg).eval()
+    hist = random_history(12)
+    rolled, _ = rollout_logits(m, hist, False)
+    for t in range(12):
+        lo = max(0, t - 4)
+        win = hist[lo: t + 1][None]
+        logits = m({"win": win, "win_len": torch.tensor([win.shape[1]])})["logits"][0, -1]
+        assert torch.allclose(logits, rolled[t], atol=1e-5)
+
+
+def test_action_loss_falls_far_below_ln5_on_tiny_data():
+    """Learning happens: a deterministic policy hidden in the history is fit quickly."""
+    torch.manual_seed(0)
+    m = CompressedAD(tiny_cfg())
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    hist = random_history(3 * SEG, seed=1)
+    hist[:, 2] = (hist[:, 0] + hist[:, 1]) % 5  # action is a function of the state
+    b = batch_from_history(hist, 2, SEG, SEG)
+    for _ in range(150):
+        loss = action_loss(m(b)["logits"], b)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * math.log(5)
+
+
+def test_config_errors_are_clear():
+    with pytest.raises(ConfigError, match="n_latent"):
+        ModelConfig(n_latent=0).validate()
+    with pytest.raises(ConfigError, match="multiple of model.n_head"):
+        ModelConfig(d_model=30, n_head=4).validate()
+
+
+def test_pretrainer_output_shapes_and_depth_check():
+    cfg = tiny_cfg()
+    p = EncoderPretrainer(cfg)
+    b = batch_from_history(random_history(3 * SEG), 3, SEG, 1)
+    out = p(b)
+    assert out["pred"].shape == (1, 3, SEG, cfg.feat_dim)
+    with pytest.raises(ValueError, match="depth >= 1"):
+        p({"seg": torch.zeros(1, 0, SEG, 6).long(), "seg_len": torch.zeros(1, 0).long()})

@@ -1,0 +1,146 @@
+"""Stage 2: train CompressedAD (encoder + causal decoder) or the AD baseline on action prediction.
+
+    python collect.py                                   # once: learning histories -> data/darkroom-seed0
+    python train.py experiment=quick                    # CPU-sized run (minutes)
+    python train.py model=ad_dr experiment=quick        # AD baseline
+    python train.py model.pretrained_encoder_path=runs/pretrain-encoder-darkroom-seed0/encoder-pretrained-final.pt \
+                    model.freeze_encoder=true            # start from the stage-1 encoder, frozen
+    accelerate launch --config_file accelerate_config.yaml train.py experiment=full
+
+Without a pretrained_encoder_path it trains from scratch exactly as before stage 1 existed. The loop
+(Accelerate, logging, checkpoints, resume) lives in loop.py; this file only says what the model, the
+data and the loss are, plus the held-out loss and in-context evaluation that run periodically.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+import loop
+from dataset import HistoryBatches, batch_loader
+from histories import load_histories
+from hydra_cli import abspath
+from model import build_model, load_pretrained_encoder
+from model.checkpoint import atomic_torch_save
+from model.losses import action_loss, reconstruction_loss
+
+
+class ActionPredictionTask:
+    """Model + data + loss of stage 2 (see loop.Task)."""
+
+    def __init__(self, cfg, model, hist):
+        self.cfg, self.model, self.hist = cfg, model, hist
+        self.aux_w = float(cfg.model.get("aux_recon_weight", 0.0) or 0.0)
+        self.accelerator = None
+
+    def _dataset(self, split, rank, world, batch, seed):
+        m = self.cfg.model
+        return HistoryBatches(self.hist, split, batch_size=batch * world, seg_len=m.seg_len,
+                              min_seg_len=m.get("min_seg_len", m.seg_len), max_depth=m.max_compression_depth,
+                              depth_weights=m.get("depth_weights"), win_len_min=m.get("win_len_min"),
+                              win_len_max=m.get("win_len_max"), seed=seed, rank=rank, world_size=world)
+
+    def batches(self, start, rank, world, micro_batch):
+        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
+        # Held-out loss on the test goals' histories (collect.py writes n_stream_eval of them per goal).
+        self.heldout = None
+        if len(self.hist.split_indices("test")):
+            self.heldout = self._dataset("test", rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        return batch_loader(ds, start=start, num_workers=self.cfg.num_workers)
+
+    def loss(self, model, batch):
+        out = model(batch)
+        a = action_loss(out["logits"], batch)
+        metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
+        loss = a["loss"]
+        if self.aux_w > 0 and "recon_pred" in out:
+            rec = reconstruction_loss(out["recon_pred"], batch["seg"], batch["seg_len"], loop.unwrap(
+                self.accelerator, model).cfg)
+            metrics["loss_recon"] = rec.detach()
+            loss = loss + self.aux_w * rec
+        return loss, metrics
+
+    def n_labels(self, batch):
+        return int(batch["win_len"].sum())
+
+    @torch.no_grad()
+    def heldout_loss(self, run, model) -> dict:
+        """Action loss/accuracy on histories of the held-out (test) goals, averaged over all ranks."""
+        model.eval()
+        tot = torch.zeros(2, device=run.accelerator.device)
+        for k in range(self.cfg.heldout_batches):
+            b = {key: v.to(run.accelerator.device) for key, v in self.heldout[k].items()}
+            a = action_loss(model(b)["logits"], b)
+            tot += torch.stack([a["loss"], a["acc"]])
+        model.train()
+        tot = run.accelerator.reduce(tot / self.cfg.heldout_batches, "mean")
+        return {"heldout/loss_action": tot[0].item(), "heldout/acc_action": tot[1].item()}
+
+    def incontext_eval(self, run, step) -> dict:
+        """Rollouts with frozen weights on the held-out goals (main process; others wait)."""
+        from env import goal_split
+        from evaluate import incontext_rollout, summarize
+
+        out = {}
+        if run.is_main:
+            net = loop.unwrap(run.accelerator, self.model_ref)
+            net.eval()
+            e = self.cfg.eval
+            train_goals, test_goals = goal_split(self.cfg.env.grid_size, self.cfg.env.train_frac,
+                                                 self.cfg.env.split_seed)
+            rng = np.random.default_rng(self.cfg.seed)
+            pick = [train_goals[i] for i in sorted(rng.choice(len(train_goals), e.n_train_goals, replace=False))]
+            for name, goals in (("test", test_goals), ("train", pick)):
+                r = incontext_rollout(net, self.cfg.env, goals, e.n_episodes, e.seeds_per_goal,
+                                      run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
+                sm = summarize(r["returns"], r["optimal"])
+                out.update({f"eval/return_{name}": sm["last_k_mean"],
+                            f"eval/return_{name}_first": sm["first_episode"],
+                            f"eval/return_{name}_normalized": sm["last_k_normalized"],
+                            f"eval/reward_per_step_{name}": sm["reward_per_step"]})
+            net.train()
+            run.log(out, step)
+        run.accelerator.wait_for_everyone()
+        return out
+
+    def on_step(self, run, step):
+        self.model_ref = run.model
+        if self.heldout is not None and self.cfg.heldout_every and step % self.cfg.heldout_every == 0:
+            run.log(self.heldout_loss(run, self.model_ref), step)
+        if self.cfg.eval_every and step % self.cfg.eval_every == 0:
+            self.incontext_eval(run, step)
+
+    def on_end(self, run, step):
+        self.model_ref = run.model
+        summary = self.heldout_loss(run, self.model_ref) if self.heldout is not None else {}
+        if run.is_main:
+            net = loop.unwrap(run.accelerator, self.model_ref)
+            atomic_torch_save({"model_state_dict": net.state_dict(), "config": run.config, "global_step": step},
+                              run.run_dir / "model.pt")
+        return summary
+
+
+def main(cfg) -> dict:
+    """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
+    plain = loop.to_plain(cfg)
+    hist = load_histories(abspath(cfg.data_path), cfg.env)
+    model = build_model(cfg.model, cfg.env)
+    path = cfg.model.get("pretrained_encoder_path")
+    if path:
+        if cfg.model.name != "ad_compressed":
+            raise ValueError("model.pretrained_encoder_path needs model=ad_compressed_dr (AD has no encoder)")
+        load_pretrained_encoder(model, abspath(path), freeze_encoder=bool(cfg.model.freeze_encoder),
+                                freeze_embeddings=cfg.model.get("freeze_embeddings"))
+    elif cfg.model.get("freeze_encoder"):
+        raise ValueError("model.freeze_encoder=true without model.pretrained_encoder_path would freeze a random "
+                         "encoder; set the path to an encoder-pretrained-*.pt")
+    task = ActionPredictionTask(cfg, model, hist)
+    settings = loop.settings_from_cfg(cfg, "train")
+    return loop.fit(task, settings, abspath(cfg.run_dir), plain)
+
+
+if __name__ == "__main__":
+    import hydra_cli
+
+    hydra_cli.run("train", main)
