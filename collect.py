@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import time
 
-import hydra
 import numpy as np
 import torch
 from hydra.utils import to_absolute_path
@@ -36,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from env import N_ACTIONS, BatchedDarkroom, goal_split, optimal_return
-from histories import FORMAT_VERSION, DatasetError, check_can_write, save_histories
+from histories import FORMAT_VERSION, check_can_write, save_histories
 
 
 class ConfigError(ValueError):
@@ -65,15 +64,19 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
     N, S = goals.shape[0], G * G
     gen = torch.Generator(device=device).manual_seed(int(seed))
     env = BatchedDarkroom.from_cfg(env_cfg, goals, device)
-    # One flat table: row n*S + s holds Q(s, .) of learner n, so a step is one gather over N rows.
+    # One table, rows n*S + s hold Q(s, .) of learner n: a step gathers N rows with index_select
+    # (several times faster than advanced indexing on CPU) and writes N entries with index_copy_.
     Q = torch.full((N * S, A), float(src.q_init), dtype=torch.float32, device=device)
+    Qf = Q.view(-1)  # flat view, entry (row, a) at row * A + a
     row0 = torch.arange(N, device=device) * S
     lr, gamma = float(src.lr), float(src.gamma)
 
-    def td_update(rows, a, r, next_rows):
-        target = r + gamma * Q[next_rows].amax(dim=1)  # bootstrap always: horizon is a time limit
-        cur = Q[rows, a]
-        Q[rows, a] = cur + lr * (target - cur)
+    def td_update(rows, a, r, next_rows, cur=None):
+        idx = rows * A + a
+        if cur is None:
+            cur = Qf.index_select(0, idx)
+        target = r + gamma * Q.index_select(0, next_rows).amax(dim=1)  # always bootstrap: the horizon
+        Qf.index_copy_(0, idx, cur + lr * (target - cur))              # is a time limit, not terminal
 
     # Time-major buffers: writing step t is one contiguous row; transposed to [N, T] once at the end.
     buf_s = torch.empty((n_steps, N, 2), dtype=torch.uint8, device=device)
@@ -87,15 +90,17 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
     bar = tqdm(range(n_steps), desc="collect", unit="step", disable=not progress, mininterval=0.5)
     for t in bar:
         rows = row0 + s[:, 0] * G + s[:, 1]
-        q = Q[rows]
-        # Greedy with uniformly random tie-breaking: random score on the maximal entries only.
-        u = torch.rand((N, A), generator=gen, device=device)
-        greedy = torch.where(q == q.amax(dim=1, keepdim=True), u, -1.0).argmax(dim=1)
-        explore = torch.rand(N, generator=gen, device=device) < epsilon_at(t, src)
-        a = torch.where(explore, torch.randint(0, A, (N,), generator=gen, device=device), greedy)
+        q = Q.index_select(0, rows)  # [N, A]
+        # One uniform draw per stream and slot: [:, :A] random tie-break scores (greedy = argmax over
+        # the maximal entries, else argmax would always pick 'stay' on fresh states), [:, A] the
+        # epsilon test, [:, A+1] the random action.
+        u = torch.rand((N, A + 2), generator=gen, device=device)
+        greedy = torch.where(q == q.amax(dim=1, keepdim=True), u[:, :A], -1.0).argmax(dim=1)
+        rand_a = (u[:, A + 1] * A).long().clamp_(max=A - 1)
+        a = torch.where(u[:, A] < epsilon_at(t, src), rand_a, greedy)
         ns, r, _ = env.step(a)
         next_rows = row0 + ns[:, 0] * G + ns[:, 1]
-        td_update(rows, a, r, next_rows)
+        td_update(rows, a, r, next_rows, cur=q.gather(1, a[:, None]).squeeze(1))
         buf_s[t], buf_ns[t], buf_a[t], buf_r[t] = s, ns, a, r
         episode.append((rows, a, r, next_rows))
         s = ns
@@ -106,8 +111,8 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
             episode.clear()
             s = env.reset()
             if progress:
-                bar.set_postfix(ret=f"{buf_r[t + 1 - H:t + 1, :n_show].sum(0).float().mean().item():.2f}",
-                                refresh=False)
+                ret = buf_r[t + 1 - H:t + 1, :n_show].sum(0).float().mean().item()
+                bar.set_postfix(ret=f"{ret:.2f}", refresh=False)
     bar.close()
 
     def out(buf):  # [T, N, ...] -> contiguous uint8 numpy [N, T, ...]
@@ -186,9 +191,15 @@ def main(cfg: DictConfig) -> dict:
         goals = torch.cat([goals, torch.tensor(test_goals).repeat_interleave(src.n_stream_eval, 0)])
     N, T = goals.shape[0], int(src.n_steps)
 
+    prev_threads = torch.get_num_threads()
+    if cfg.num_threads:  # restored afterwards: tests call main() inside a longer-lived process
+        torch.set_num_threads(int(cfg.num_threads))
     t0 = time.perf_counter()
-    arrays = SOURCES[src.name](goals, env_cfg, src, T, int(cfg.seed), str(cfg.device),
-                               bool(cfg.progress), n_train=n_train)
+    try:
+        arrays = SOURCES[src.name](goals, env_cfg, src, T, int(cfg.seed), str(cfg.device),
+                                   bool(cfg.progress), n_train=n_train)
+    finally:
+        torch.set_num_threads(prev_threads)
     wall = time.perf_counter() - t0
     arrays["goals"] = goals.numpy().astype(np.uint8)
 
@@ -234,12 +245,12 @@ def print_summary(s: dict) -> None:
                   f"{r['optimal']:>9.2f}{r['last5_frac_optimal']:>11.3f}")
 
 
-@hydra.main(config_path="config", config_name="collect", version_base="1.3")
-def cli(cfg: DictConfig) -> None:
-    try:
-        main(cfg)
-    except (DatasetError, ConfigError) as e:  # config/dataset problems: one line, no traceback
-        raise SystemExit(f"error: {e}") from None
+def cli() -> None:
+    """python collect.py key=value ...: the project's thin @hydra.main wrapper (hydra_cli.run), which
+    turns known user errors (DatasetError, ConfigError, bad keys) into one `error: ...` line, exit 2."""
+    import hydra_cli
+
+    hydra_cli.run("collect", main)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import InterpolationResolutionError
 
 from env import BatchedDarkroom, goal_split, optimal_return
 
 FORMAT_VERSION = 1
+_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
+os.umask(_UMASK)  # ... and put it back at once
 
 
 class EvalError(ValueError):
@@ -135,12 +137,12 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
     the (population, ddof=0) std over seeds of the goal-averaged quantity, i.e. the seed-to-seed spread.
     Normalised values divide by the mean optimal return over the goals (None if that is 0).
       curve / curve_std         per-episode mean return, and its std over seeds
-      return_first              episode-1 mean return (before any in-context learning)
-      return_last / _std        mean return over the last k = min(last_k, n_episodes) episodes
-      return_mean               mean over all episodes (area under the learning curve)
+      first_episode             episode-1 mean return (before any in-context learning)
+      last_k_mean / last_k_std  mean return over the last k = min(last_k, n_episodes) episodes (the headline)
+      mean_return               mean over all episodes (area under the learning curve)
       *_normalized              the above divided by optimal_mean
-      reward_per_step           return_mean / horizon; reward_per_step_last = return_last / horizon
-                                (only with horizon)
+      reward_per_step           mean_return / horizon: the reward rate of the whole rollout, learning included;
+      reward_per_step_last_k    last_k_mean / horizon. Both only when horizon is given.
     """
     r = np.asarray(returns, dtype=np.float64)
     opt = np.asarray(optimal, dtype=np.float64)
@@ -163,32 +165,32 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
         "n_goals": int(r.shape[0]), "n_seeds": int(r.shape[1]), "n_episodes": int(r.shape[2]), "last_k": k,
         "curve": curve.tolist(), "curve_std": per_seed.std(axis=0).tolist(),
         "optimal_mean": opt_mean,
-        "return_first": first, "return_last": last, "return_mean": mean,
-        "return_last_std": float(per_seed[:, -k:].mean(axis=1).std()),
-        "return_first_normalized": norm(first), "return_last_normalized": norm(last),
-        "return_mean_normalized": norm(mean),
+        "first_episode": first, "last_k_mean": last, "mean_return": mean,
+        "last_k_std": float(per_seed[:, -k:].mean(axis=1).std()),
+        "first_episode_normalized": norm(first), "last_k_normalized": norm(last),
+        "mean_return_normalized": norm(mean),
     }
     if horizon is not None:
         out["reward_per_step"] = mean / horizon
-        out["reward_per_step_last"] = last / horizon
+        out["reward_per_step_last_k"] = last / horizon
     return out
 
 
 def eval_scalars(summary: dict, split: str) -> dict[str, float]:
-    """TensorBoard tags (all under eval/) for one split ('test' or 'train'), shared with train.py so the
-    periodic eval and evaluate.py plot on the same charts:
-      eval/return_<split>             mean return over all episodes of the rollout
-      eval/return_<split>_first       episode-1 mean return
-      eval/return_<split>_last<k>     mean return of the last k episodes (the headline number)
+    """TensorBoard tags (all under eval/) for one split ('test' or 'train'). train.py's periodic eval should
+    log these too, so both writers put the same quantity on the same chart:
+      eval/return_<split>             mean return of the last k episodes (the headline number)
+      eval/return_<split>_last<k>     the same value, with k in the name (k is clipped to n_episodes)
+      eval/return_<split>_first       episode-1 mean return (before in-context learning)
       eval/return_<split>_normalized  last-k mean / mean optimal return
-      eval/reward_per_step_<split>    mean reward per env step over the whole rollout
+      eval/reward_per_step_<split>    mean reward per env step over the whole rollout (needs horizon)
     """
     k = summary["last_k"]
     tags = {
-        f"eval/return_{split}": summary["return_mean"],
-        f"eval/return_{split}_first": summary["return_first"],
-        f"eval/return_{split}_last{k}": summary["return_last"],
-        f"eval/return_{split}_normalized": summary["return_last_normalized"],
+        f"eval/return_{split}": summary["last_k_mean"],
+        f"eval/return_{split}_last{k}": summary["last_k_mean"],
+        f"eval/return_{split}_first": summary["first_episode"],
+        f"eval/return_{split}_normalized": summary["last_k_normalized"],
         f"eval/reward_per_step_{split}": summary.get("reward_per_step"),
     }
     return {t: float(v) for t, v in tags.items() if v is not None}
@@ -249,6 +251,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -288,7 +291,7 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     ax.set_ylabel("episode return")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
     _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
 
@@ -318,9 +321,9 @@ def print_table(results: dict) -> None:
     print("-" * len(head))
     for split, res in results.items():
         s = res["summary"]
-        norm = s["return_last_normalized"]
-        print(f"{split:<6} {s['n_goals']:>5} {s['n_seeds']:>5} {s['return_first']:>7.2f} {s['return_last']:>7.2f} "
-              f"{s['return_last_std']:>7.2f} {s['optimal_mean']:>7.2f} "
+        norm = s["last_k_normalized"]
+        print(f"{split:<6} {s['n_goals']:>5} {s['n_seeds']:>5} {s['first_episode']:>7.2f} {s['last_k_mean']:>7.2f} "
+              f"{s['last_k_std']:>7.2f} {s['optimal_mean']:>7.2f} "
               f"{'n/a' if norm is None else f'{norm:.3f}':>6} {s['reward_per_step']:>8.3f}")
 
 
@@ -328,7 +331,7 @@ def print_table(results: dict) -> None:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
 def _check_cfg(cfg: DictConfig) -> None:
-    if OmegaConf.is_missing(cfg, "run_dir") or cfg.run_dir in (None, ""):
+    if cfg.run_dir in (None, ""):
         raise EvalError("run_dir is required: python evaluate.py run_dir=runs/<name> "
                         "(a stage-2 run directory containing model.pt)")
     for key, lo in (("n_episodes", 1), ("seeds_per_goal", 1), ("n_train_goals", 0), ("last_k", 1)):
@@ -336,6 +339,15 @@ def _check_cfg(cfg: DictConfig) -> None:
             raise EvalError(f"{key}={cfg[key]} must be >= {lo}")
     if not str(cfg.out_name) or "/" in str(cfg.out_name):
         raise EvalError(f"out_name={cfg.out_name!r} must be a plain file stem (written inside run_dir)")
+
+
+def _plain_config(cfg: DictConfig) -> dict:
+    # Experiment presets are shared by every script and may interpolate keys only other scripts have
+    # (e.g. data_path: ...${data_seed}); keep such values unresolved rather than fail.
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError:
+        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def main(cfg: DictConfig) -> dict:
@@ -370,7 +382,7 @@ def main(cfg: DictConfig) -> dict:
                                progress=bool(cfg.progress))
         summary = summarize(ro["returns"], ro["optimal"], int(cfg.last_k), ro["horizon"])
         per_goal = [{"goal": list(g), "optimal": float(o), "curve": ro["returns"][i].mean(axis=0).tolist(),
-                     "return_last": float(ro["returns"][i, :, -summary["last_k"]:].mean())}
+                     "last_k_mean": float(ro["returns"][i, :, -summary["last_k"]:].mean())}
                     for i, (g, o) in enumerate(zip(ro["goals"], ro["optimal"]))]
         results[split] = {"goals": [list(g) for g in ro["goals"]], "optimal": ro["optimal"].tolist(),
                           "summary": summary, "per_goal": per_goal, "returns": ro["returns"].tolist(),
@@ -387,7 +399,7 @@ def main(cfg: DictConfig) -> dict:
         "model_name": run_cfg["model"].get("name"),
         "global_step": global_step,
         "device": str(device),
-        "config": OmegaConf.to_container(cfg, resolve=True),
+        "config": _plain_config(cfg),
         "env": env_cfg,
         "metrics": metrics,
         "splits": results,
@@ -407,9 +419,12 @@ def main(cfg: DictConfig) -> dict:
     return {**report, "json_path": str(json_path), "png_path": str(png_path)}
 
 
-@hydra.main(config_path="config", config_name="evaluate", version_base="1.3")
-def cli(cfg: DictConfig) -> None:
-    main(cfg)
+def cli() -> None:
+    """python evaluate.py key=value ...: the project's thin @hydra.main wrapper (hydra_cli.run), which
+    turns known user errors into one `error: ...` line and exit status 2."""
+    import hydra_cli
+
+    hydra_cli.run("evaluate", main)
 
 
 if __name__ == "__main__":

@@ -4,23 +4,38 @@ Two things on top of plain Hydra:
 1. Short keys. Users know the original notes' names (`pretrain_lr=0.0005`, `n_latent=15`,
    `freeze_encoder=true`, ...). A bare `key=value` that is not a top-level key but is a `model.` key is
    rewritten to `model.key=value`; a key that exists nowhere fails with one line naming the known keys.
-2. Known user errors (missing dataset, bad checkpoint, impossible config, ...) print one line
-   `error: ...` and exit with status 2 instead of a traceback (CAD_DEBUG=1 shows it).
+2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override
+   syntax, unknown group option, ...) print one line `error: ...` on stderr and exit with status 2
+   instead of a traceback (CAD_DEBUG=1 shows it). Under `accelerate launch` only rank 0 prints it (the
+   checks are identical on every rank); every rank exits 2.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 GROUPS = ("env", "model", "experiment")
 
 
 class UnknownKeyError(ValueError):
-    pass
+    """A command-line key that exists in no config group (typo), or an override Hydra cannot apply."""
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line (our errors are one line already; library ones may not be)."""
+    msg = " ".join(str(e).split()) or type(e).__name__
+    return msg
+
+
+def report(e: BaseException) -> None:
+    """Print `error: <message>` once per launch (rank 0), then exit 2."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -37,21 +52,32 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
     """Map bare model keys to `model.<key>` and reject unknown keys, using the composed config."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    def composed(overrides: list[str], what: str):
+        GlobalHydra.instance().clear()
+        try:
+            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+                c = compose(config_name, overrides=overrides)
+                OmegaConf.to_container(c, resolve=True)  # interpolation errors surface here, not mid-run
+                return c
+        except (HydraException, OmegaConfBaseException) as e:
+            raise UnknownKeyError(f"{what}: {one_line(e)}") from None
+        finally:
+            GlobalHydra.instance().clear()
 
     plain = [a for a in args if not a.startswith("-") and "=" in a]
     group_choices = [a for a in plain if a.split("=", 1)[0].lstrip("+~") in GROUPS]
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name, overrides=group_choices)
-    GlobalHydra.instance().clear()
+    cfg = composed(group_choices, "bad config group choice (see config/<group>/*.yaml)")
     out = []
     for a in args:
         if a.startswith("-") or "=" not in a:
             out.append(a)
             continue
         key = a.split("=", 1)[0]
-        if key.startswith(("+", "~", "hydra.", "hydra/")) or key in GROUPS or key.startswith("override"):
+        if key.startswith(("+", "~", "hydra.", "hydra/", "override")) or key in GROUPS:
             out.append(a)
             continue
         if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
@@ -59,10 +85,14 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
         elif "." not in key and "model" in cfg and key in cfg.model:
             out.append(f"model.{a}")
         else:
-            top = ", ".join(sorted(k for k in cfg.keys() if k not in GROUPS))
+            top = ", ".join(sorted(k for k in cfg if k not in GROUPS))
             raise UnknownKeyError(
                 f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model keys are "
                 f"model.<name> (see config/model/); add new keys with +{key}=...")
+    # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
+    # syntax or a value that breaks an interpolation fails here, in one line, before any work.
+    composed([a for a in out if "=" in a and not a.startswith("-")
+              and not a.split("=", 1)[0].lstrip("+~").startswith("hydra")], "bad override")
     return out
 
 
@@ -70,12 +100,11 @@ def run(config_name: str, main: Callable) -> None:
     """Entry point: python <script>.py key=value ..."""
     import hydra
 
-    errors = user_errors()
-    try:
+    try:  # before importing torch (user_errors does): a typo fails in about a second
         sys.argv = [sys.argv[0]] + rewrite_overrides(config_name, sys.argv[1:])
-    except errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    except UnknownKeyError as e:
+        report(e)
+    errors = user_errors()
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg):
@@ -84,8 +113,7 @@ def run(config_name: str, main: Callable) -> None:
         except errors as e:
             if os.environ.get("CAD_DEBUG"):  # developers: CAD_DEBUG=1 shows the full traceback
                 raise
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            report(e)
 
     _entry()
 

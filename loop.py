@@ -7,7 +7,22 @@ Multi-process rules (DESIGN §8):
 - only the main process writes logs, configs, final weights and encoder checkpoints;
 - every rank calls `save_state` (each writes its own RNG state);
 - the data for global (micro-)batch k is a pure function of (seed, k), and each rank takes its slice of
-  it, so N processes see exactly the batches one process would, and resuming needs only the step.
+  it, so N processes see exactly the batches one process would, and resuming needs only the step;
+- each micro-batch's loss is weighted by its share of the step's labels (summed over ranks and
+  accumulation micro-batches), so N processes x grad_accum give the gradient of one big batch.
+
+Resume (DESIGN §6): `resume=true` continues from the newest complete checkpoint of run_dir,
+`resume_from=<run dir | checkpoints/step-N>` from a given one. A checkpoint is Accelerate's `save_state`
+(model, optimizer, scheduler, GradScaler, per-rank RNG states) plus our step counter; the data position
+is the step. A run SIGKILLed at any moment and resumed ends with the same weights, bit for bit on CPU
+(tests/test_resume.py), because nothing between a checkpoint and the next step draws from the global
+RNGs differently in a resumed process (the DataLoader's seed draw is isolated; in-context evaluation
+uses its own torch.Generator) and TensorBoard drops the killed run's events past the checkpoint.
+
+Atomicity: checkpoints are written into checkpoints/.tmp-step-N, fsync'd, then renamed to step-N;
+readers only ever see step-N folders. Pruning (keep_last) runs after the rename, so the newest
+complete checkpoint is never deleted before its successor exists. config.json / done.json go through
+atomic_write_text (temp file + os.replace).
 """
 
 from __future__ import annotations
@@ -17,19 +32,24 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
-import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from model.config import ConfigError
 
 
 class RunDirError(RuntimeError):
-    """The output run directory cannot be used as asked (holds another run, or nothing to resume)."""
+    """The output run directory cannot be used as asked (holds another run, or nothing to resume), or a
+    checkpoint cannot be resumed from."""
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,8 +57,14 @@ class NonFiniteLossError(RuntimeError):
 
 
 # Keys that may change between a run and its resumption without making it "a different run".
-_VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "progress", "log_every",
-                  "eval_every", "heldout_every", "checkpoint_every", "keep_last"}
+# (Logging/eval cadence and performance knobs; not the data, model, optimisation or seed.)
+_VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "cpu_threads", "progress",
+                  "log_every", "eval_every", "eval", "heldout_every", "heldout_batches", "diag_every",
+                  "diag_batches", "checkpoint_every", "keep_last"}
+CHECKPOINT_RE = re.compile(r"step-(\d+)")
+# Test-only fault injection (tests/test_resume.py): CAD_TEST_KILL_AT=<step>[:<where>] makes the process
+# SIGKILL itself at that point, exactly like an OOM killer or a pre-empted node would.
+KILL_ENV = "CAD_TEST_KILL_AT"
 
 
 @dataclass
@@ -50,7 +76,7 @@ class LoopSettings:
     weight_decay: float = 0.01
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0
+    grad_clip: float = 1.0  # 0 disables clipping (the gradient norm is still computed, logged and checked)
     log_every: int = 50
     checkpoint_every: int = 1000
     keep_last: int = 2
@@ -67,6 +93,43 @@ class LoopSettings:
     def micro_batch(self) -> int:
         return self.batch_size // self.grad_accum
 
+    def validate(self) -> LoopSettings:
+        """Coerce types and reject impossible values with one actionable line (ConfigError)."""
+        def coerce(name, typ, ok, rule):
+            v = getattr(self, name)
+            try:
+                if typ is bool and not isinstance(v, bool):
+                    raise TypeError
+                cv = typ(v)
+                if typ is int and cv != v:
+                    raise TypeError
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}={v!r} must be {'true/false' if typ is bool else typ.__name__}") from None
+            if not ok(cv):
+                raise ConfigError(f"{name}={v!r} {rule}")
+            setattr(self, name, cv)
+
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_last"):
+            coerce(name, int, lambda v: v >= 1, "must be >= 1")
+        coerce("warmup_steps", int, lambda v: v >= 0, "must be >= 0")
+        coerce("seed", int, lambda v: v >= 0, "must be >= 0")
+        coerce("lr", float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
+        coerce("weight_decay", float, lambda v: math.isfinite(v) and v >= 0, "must be finite and >= 0")
+        coerce("min_lr_ratio", float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
+        coerce("grad_clip", float, lambda v: v >= 0, "must be >= 0 (0 disables clipping)")
+        for name in ("cpu", "resume", "overwrite", "progress"):
+            coerce(name, bool, lambda v: True, "")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
+        if self.resume and self.resume_from:
+            raise ConfigError("pass either resume=true (latest checkpoint of run_dir) or resume_from=<dir>, "
+                              "not both")
+        if self.overwrite and (self.resume or self.resume_from):
+            raise ConfigError("overwrite=true discards run_dir, resume continues it: pass only one of them")
+        return self
+
 
 class Task(Protocol):
     """What a training script supplies. See train.py / pretrain_encoder.py."""
@@ -74,18 +137,21 @@ class Task(Protocol):
     model: nn.Module
 
     def batches(self, start: int, rank: int, world: int, micro_batch: int) -> Iterable[dict]:
-        """Infinite iterator over this rank's slices of global micro-batches start, start+1, ..."""
+        """Infinite iterable over this rank's slices of global micro-batches start, start+1, ...
+        Build (and validate) everything here: fit calls it before it writes anything to disk."""
 
     def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(scalar loss to minimise, {metric name: scalar tensor} to average over a logging window)."""
+        """(scalar loss = MEAN over the batch's labels, {metric name: scalar tensor})."""
 
     def n_labels(self, batch: dict) -> int:
-        """Supervised targets in this batch, for the labels/s throughput figure."""
+        """The count the loss is a mean over (valid labels / reconstructed transitions). The loop weights
+        micro-batches by it (exact N-process and grad_accum equivalence) and reports labels/s."""
 
-    def on_step(self, run: "Run", step: int) -> None:
-        """Periodic extras after optimizer step `step` (held-out loss, eval, encoder checkpoints)."""
+    def on_step(self, run: Run, step: int) -> None:
+        """Periodic extras after optimizer step `step` (held-out loss, eval, encoder checkpoints). Must not
+        draw from the global RNGs (use a private generator), or resumed runs would diverge."""
 
-    def on_end(self, run: "Run", step: int) -> dict:
+    def on_end(self, run: Run, step: int) -> dict:
         """Final extras; returns metrics merged into the run summary."""
 
 
@@ -93,68 +159,181 @@ def to_plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs; call before building a model so its init depends on the seed only."""
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
 
 
-def _identity(cfg: dict) -> dict:
-    return {k: v for k, v in cfg.items() if k not in _VOLATILE_KEYS}
+def _identity(cfg: dict, ignore: Iterable[str] = ()) -> dict:
+    skip = _VOLATILE_KEYS | set(ignore)
+    return {k: v for k, v in cfg.items() if k not in skip}
+
+
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    """Dotted paths where two configs differ (volatile top-level keys ignored)."""
+    out = []
+
+    def walk(x, y, prefix):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y), key=str):
+                if not prefix and k in _VOLATILE_KEYS:
+                    continue
+                walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix[:-1]} ({x!r} -> {y!r})")
+
+    walk(a, b, "")
+    return out
 
 
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, dir), oldest first. Half-written ones live under .tmp-* names."""
-    d = run_dir / "checkpoints"
+    d = Path(run_dir) / "checkpoints"
     out = []
     if d.is_dir():
         for p in d.iterdir():
-            m = re.fullmatch(r"step-(\d+)", p.name)
-            if m and p.is_dir():
+            m = CHECKPOINT_RE.fullmatch(p.name)
+            if m and p.is_dir() and (p / "loop_state.json").is_file():
                 out.append((int(m.group(1)), p))
     return sorted(out)
 
 
-def prepare_run_dir(run_dir: Path, cfg: dict, s: LoopSettings, is_main: bool) -> Path | None:
-    """Decide, identically on every rank, whether to start fresh or resume; returns the checkpoint dir to
-    resume from (or None). Refuses to clobber a different run. Only the main process writes."""
-    saved_cfg_path = run_dir / "config.json"
-    if s.resume_from:
-        ck = Path(s.resume_from)
-        if not (ck / "loop_state.json").is_file() and checkpoints(ck):
-            ck = checkpoints(ck)[-1][1]  # a run directory was given: take its latest checkpoint
-        if not (ck / "loop_state.json").is_file():
-            raise RunDirError(f"resume_from={s.resume_from} is not a checkpoint (no loop_state.json): pass a "
-                              f"run directory or one of its checkpoints/step-* folders")
-        return ck
-    existing = checkpoints(run_dir)
-    if s.overwrite and run_dir.exists():
-        if is_main:
-            for name in ("checkpoints", "tb", "config.json", "done.json", "model.pt"):
-                p = run_dir / name
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        return None
-    if saved_cfg_path.is_file():
-        saved = json.loads(saved_cfg_path.read_text())
-        if _identity(saved) != _identity(cfg):
-            diff = sorted(k for k in set(saved) | set(cfg) if k not in _VOLATILE_KEYS and saved.get(k) != cfg.get(k))
+def _read_json(path: Path, what: str, fix: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            raise TypeError("not a JSON object")
+        return data
+    except (OSError, ValueError, TypeError) as e:
+        raise RunDirError(f"{path} ({what}) is unreadable ({type(e).__name__}): {fix}") from None
+
+
+def checkpoint_step(ck: Path) -> int:
+    st = _read_json(ck / "loop_state.json", "checkpoint state", "resume from another checkpoint "
+                    "(resume_from=<run_dir>/checkpoints/step-N) or start over with overwrite=true")
+    try:
+        return int(st["step"])
+    except (KeyError, TypeError, ValueError):
+        raise RunDirError(f"{ck}/loop_state.json has no integer 'step': resume from another checkpoint") from None
+
+
+@dataclass
+class RunPlan:
+    """What fit will do with the run directory, decided identically on every rank before any write."""
+
+    run_dir: Path
+    resume_ckpt: Path | None = None  # checkpoint to load
+    start_step: int = 0
+    wipe: bool = False  # overwrite=true on an existing run: delete its contents first
+    restart: bool = False  # same run, killed before its first checkpoint: clear its partial outputs
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve_resume_from(arg: str) -> Path:
+    ck = Path(arg).expanduser().resolve()
+    if not (ck / "loop_state.json").is_file() and checkpoints(ck):
+        ck = checkpoints(ck)[-1][1]  # a run directory was given: take its latest checkpoint
+    if not (ck / "loop_state.json").is_file():
+        raise RunDirError(f"resume_from={arg} is not a checkpoint (no {ck}/loop_state.json): pass a run "
+                          f"directory that has checkpoints/step-* folders, or one of those folders")
+    return ck
+
+
+def plan_run_dir(run_dir: Path, cfg: dict, s: LoopSettings) -> RunPlan:
+    """Decide whether to start fresh, start over or resume; refuse to clobber anything that is not this run.
+    Pure (reads only), so every rank reaches the same decision before the main process writes."""
+    run_dir = Path(run_dir)
+    plan = RunPlan(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"run_dir {run_dir} exists and is not a folder: choose another run_dir=...")
+    saved = None
+    if (run_dir / "config.json").is_file():
+        saved = _read_json(run_dir / "config.json", "the run's config",
+                           "remove that run directory by hand or choose another run_dir=...")
+    elif run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise RunDirError(f"run_dir {run_dir} is not empty and holds no run (no config.json); refusing to "
+                          f"write into it: choose a new or empty run_dir=...")
+    if s.overwrite:
+        plan.wipe = saved is not None
+        return plan
+
+    def same_run_or_raise():
+        if saved is not None and _identity(saved) != _identity(cfg):
+            diff = _differing_keys(saved, cfg)
             raise RunDirError(
-                f"run_dir {run_dir} already holds a different run (config differs in: {', '.join(diff)}); "
+                f"run_dir {run_dir} already holds a different run (config differs in: {'; '.join(diff)}); "
                 f"choose another run_dir=..., or pass overwrite=true to replace it")
+
+    if s.resume_from:
+        same_run_or_raise()
+        plan.resume_ckpt = _resolve_resume_from(s.resume_from)
+        plan.start_step = checkpoint_step(plan.resume_ckpt)
+        return plan
+    existing = checkpoints(run_dir)
+    if saved is not None:
+        same_run_or_raise()
         if s.resume:
             if not existing:
-                raise RunDirError(f"resume=true but {run_dir} has no complete checkpoint yet; start it without resume")
-            return existing[-1][1]
+                raise RunDirError(f"resume=true but {run_dir} has no complete checkpoint yet (it was stopped "
+                                  f"before checkpoint_every={s.checkpoint_every} steps): run it without resume")
+            plan.resume_ckpt = existing[-1][1]
+            plan.start_step = checkpoint_step(plan.resume_ckpt)
+            return plan
         if existing or (run_dir / "done.json").exists():
-            raise RunDirError(f"run_dir {run_dir} already holds this run (checkpoint step {existing[-1][0] if existing else 'final'}); "
-                              f"pass resume=true to continue it or overwrite=true to start over")
-    elif s.resume:
-        raise RunDirError(f"resume=true but there is no run in {run_dir}; start it without resume or fix run_dir")
-    return None
+            where = f"checkpoint step {existing[-1][0]}" if existing else "finished"
+            raise RunDirError(f"run_dir {run_dir} already holds this run ({where}); pass resume=true to "
+                              f"continue it, or overwrite=true to start over")
+        plan.restart = True
+        return plan
+    if s.resume:
+        raise RunDirError(f"resume=true but there is no run in {run_dir}: start it without resume, or fix "
+                          f"run_dir=... (or pass resume_from=<checkpoint>)")
+    return plan
+
+
+def apply_run_dir(plan: RunPlan, cfg: dict) -> None:
+    """Main process only: carry out the plan, then write config.json."""
+    d = plan.run_dir
+    if plan.wipe:
+        for p in d.iterdir():
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    if plan.restart:  # partial outputs of the same run; nothing to continue from
+        for name in ("tb", "checkpoints", "done.json", "model.pt"):
+            p = d / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
+    ck_root = d / "checkpoints"
+    if ck_root.is_dir():  # leftovers of a save that was killed: never complete, never read
+        for p in ck_root.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                shutil.rmtree(p, ignore_errors=True)
+    atomic_write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
 
 
 class _LoopState:
@@ -210,7 +389,7 @@ def make_optimizer(model: nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
     biases, norms and embeddings-like vectors."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the model has no trainable parameters (everything frozen?)")
+        raise ConfigError("the model has no trainable parameters (everything frozen?): unfreeze something")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
@@ -223,75 +402,124 @@ def make_accelerator(s: LoopSettings):
 
     # Depth-0 batches leave the encoder out of the graph; DDP must tolerate unused parameters.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=True)
-    return Accelerator(mixed_precision=s.mixed_precision, cpu=s.cpu, kwargs_handlers=[ddp])
+    # step_scheduler_with_optimizer=False: Accelerate would otherwise step the scheduler num_processes
+    # times per optimizer step (it assumes a per-process batch); ours is a schedule over global steps.
+    return Accelerator(mixed_precision=s.mixed_precision, cpu=s.cpu, kwargs_handlers=[ddp],
+                       step_scheduler_with_optimizer=False)
+
+
+def _kill_point(step: int, where: str) -> None:
+    """Fault injection for the kill/resume tests (CAD_TEST_KILL_AT=<step>[:step|save]); no-op otherwise."""
+    spec = os.environ.get(KILL_ENV)
+    if spec:
+        at, _, w = spec.partition(":")
+        if int(at) == step and (w or "step") == where:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_checkpoint(acc, ck: Path) -> None:
+    """accelerate load_state with one-line errors. Accelerate silently skips a missing RNG file, so say it."""
+    rng = ck / f"random_states_{acc.process_index}.pkl"
+    if not rng.is_file():
+        print(f"warning: {ck} has no RNG state for process {acc.process_index} (saved with fewer processes?); "
+              f"continuing, but the run will not be bit-identical to an uninterrupted one", flush=True)
+    try:
+        acc.load_state(str(ck))
+    except Exception as e:  # noqa: BLE001 -- size mismatch, torn file, foreign folder: name it instead of a traceback
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise RunDirError(f"cannot resume from {ck}: {type(e).__name__}: {first[:300]} -- the checkpoint "
+                          f"is damaged or from another model config; resume_from=<an older "
+                          f"checkpoints/step-N>, or start over with overwrite=true") from None
 
 
 def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=None) -> dict:
     """Train task.model for s.max_steps optimizer steps; returns a summary dict (same on every rank)."""
-    from accelerate.utils import set_seed
     from torch.utils.tensorboard import SummaryWriter
 
+    s.validate()
     acc = accelerator or make_accelerator(s)
     world, rank = acc.num_processes, acc.process_index
     if s.batch_size % (world * s.grad_accum):
-        raise ValueError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum "
-                         f"= {world} x {s.grad_accum}")
+        raise ConfigError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum = "
+                          f"{world} x {s.grad_accum}: change batch_size or --num_processes")
     run_dir = Path(run_dir).resolve()
-    resume_ckpt = prepare_run_dir(run_dir, config, s, acc.is_main_process)
-    acc.wait_for_everyone()
-    set_seed(s.seed)  # same init weights on every rank (DDP also broadcasts them)
+    plan = plan_run_dir(run_dir, config, s)
+    task.accelerator = acc
+    # Build the data pipeline before anything is written: a bad size fails with the disk untouched. The
+    # DataLoader iterator draws its base seed from the global torch RNG; fork it so a resumed process
+    # (which creates the iterator after restoring the RNG) continues the exact random stream.
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(task.batches(plan.start_step * s.grad_accum, rank, world, s.micro_batch // world))
 
+    from accelerate.utils import set_seed
+
+    set_seed(s.seed, device_specific=True)  # dropout streams: seed + rank (rank 0 = a 1-process run)
     model = task.model
     opt = make_optimizer(model, s)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
-    model, opt, sched = acc.prepare(model, opt, sched)
+    model, opt, sched = acc.prepare(model, opt, sched)  # the scheduler must be prepared to be saved
     state = _LoopState()
     acc.register_for_checkpointing(state)
-    if resume_ckpt is not None:
-        acc.load_state(str(resume_ckpt))
-        acc.print(f"Resumed from {resume_ckpt} at step {state.step}")
+    if plan.resume_ckpt is not None:
+        load_checkpoint(acc, plan.resume_ckpt)
+        if state.step != plan.start_step:
+            raise RunDirError(f"{plan.resume_ckpt}: loop_state.json says step {plan.start_step} but the "
+                              f"saved state says {state.step}; resume from another checkpoint")
+        acc.print(f"Resumed from {plan.resume_ckpt} at step {state.step}")
+    start_step = state.step
+    # Only now, with the config, the data and the checkpoint all known to be usable, touch the run dir.
+    acc.wait_for_everyone()  # every rank has read the run dir before the main process changes it
+    if acc.is_main_process:
+        apply_run_dir(plan, config)
+    acc.wait_for_everyone()
 
     writer = None
     if acc.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_dir / "config.json", json.dumps(config, indent=2, sort_keys=True))
-        # purge_step drops events a killed run wrote after its last checkpoint, so curves stay continuous.
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step if state.step else None)
+        # Events at steps <= the checkpoint's step were flushed before it was written; purge_step hides
+        # whatever a killed process logged after it, so the curves continue without duplicates.
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1)
     run = Run(acc, run_dir, writer, s, config, model)
-    task.accelerator = acc
 
-    mb = s.micro_batch // world
-    batches = iter(task.batches(state.step * s.grad_accum, rank, world, mb))
     ns = s.namespace
     sums: dict[str, torch.Tensor] = {}
-    n_acc, labels, t0 = 0, 0, time.perf_counter()
+    w_sum, t0 = 0.0, time.perf_counter()
     pbar = None
     if s.progress and acc.is_main_process:
         from tqdm import tqdm
 
         pbar = tqdm(total=s.max_steps, initial=state.step, desc=ns, dynamic_ncols=True)
+    max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")  # inf: norm computed, grads untouched
     model.train()
     while state.step < s.max_steps:
-        for micro in range(s.grad_accum):
-            batch = next(batches)
+        micros = [next(batches) for _ in range(s.grad_accum)]
+        n_local = [float(task.n_labels(b)) for b in micros]
+        n_total = sum(n_local)
+        if world > 1:
+            n_total = acc.reduce(torch.tensor(n_total, device=acc.device), "sum").item()
+        n_total = max(n_total, 1.0)
+        bad = torch.zeros((), device=acc.device)  # a non-finite loss value seen in this step (0 = none)
+        for i, batch in enumerate(micros):
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            sync = micro == s.grad_accum - 1
+            sync = i == s.grad_accum - 1
             ctx = acc.no_sync(model) if (not sync and world > 1) else _null()
             with ctx:
                 with acc.autocast():
                     loss, metrics = task.loss(model, batch)
-                if not torch.isfinite(loss.detach()):
-                    raise NonFiniteLossError(f"{ns} loss is {loss.item()} at step {state.step}: lower lr "
-                                             f"(now {s.lr}), enable grad_clip, or check the data")
-                acc.backward(loss / s.grad_accum)
-            for k, v in {"loss": loss.detach(), **metrics}.items():
-                sums[k] = sums.get(k, 0) + v.detach().float()
-            n_acc += 1
-            labels += task.n_labels(batch)
-        gnorm = acc.clip_grad_norm_(model.parameters(), s.grad_clip) if s.grad_clip > 0 else None
-        if gnorm is not None and not torch.isfinite(torch.as_tensor(gnorm)):
-            raise NonFiniteLossError(f"gradient norm is {float(gnorm)} at step {state.step}: lower lr (now {s.lr}) "
-                                     f"or check the data")
+                lv = loss.detach().float()
+                bad = torch.where(torch.isfinite(lv), bad, lv)
+                # this micro-batch's share of the step's labels (x world: DDP averages over ranks)
+                acc.backward(loss * (n_local[i] * world / n_total))
+            for k, v in {"loss": lv, **metrics}.items():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=acc.device).detach().float() * n_local[i]
+            w_sum += n_local[i]
+        # Checked before the optimizer step, on every rank together (one rank's NaN stops them all).
+        flag = (bad != 0).float() if world == 1 else acc.reduce((bad != 0).float(), "sum")
+        if flag.item():
+            raise NonFiniteLossError(_nonfinite_msg(ns, "loss", bad.item() if bad != 0 else float("nan"),
+                                                    state.step + 1, s))
+        gnorm = float(acc.clip_grad_norm_(model.parameters(), max_norm))
+        if not math.isfinite(gnorm):  # identical on every rank (computed from the all-reduced gradients)
+            raise NonFiniteLossError(_nonfinite_msg(ns, "gradient norm", gnorm, state.step + 1, s))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -301,28 +529,35 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
 
         if state.step % s.log_every == 0 or state.step == s.max_steps:
             keys = sorted(sums)
-            vec = torch.stack([sums[k] / n_acc for k in keys]).to(acc.device)
-            vec = acc.reduce(vec, "mean")
-            tot = acc.reduce(torch.tensor(float(labels), device=acc.device), "sum")
+            vec = torch.stack([sums[k].double() for k in keys]
+                              + [torch.tensor(w_sum, dtype=torch.float64, device=acc.device)])
+            if world > 1:
+                vec = acc.reduce(vec, "sum")
             dt = time.perf_counter() - t0
-            scalars = {f"{ns}/{k}": v.item() for k, v in zip(keys, vec)}
+            scalars = {f"{ns}/{k}": (vec[i] / vec[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
             scalars[f"{ns}/lr"] = sched.get_last_lr()[0]
-            scalars[f"{ns}/labels_per_s"] = tot.item() / dt
-            if gnorm is not None:
-                scalars[f"{ns}/grad_norm"] = float(gnorm)
+            scalars[f"{ns}/labels_per_s"] = vec[-1].item() / dt
+            scalars[f"{ns}/grad_norm"] = gnorm
             run.log(scalars, state.step)
             if pbar:
                 pbar.set_postfix(loss=f"{scalars[f'{ns}/loss']:.4f}")
-            sums, n_acc, labels, t0 = {}, 0, 0, time.perf_counter()
+            sums, w_sum, t0 = {}, 0.0, time.perf_counter()
 
         task.on_step(run, state.step)
+        _kill_point(state.step, "step")
         if state.step % s.checkpoint_every == 0 and state.step < s.max_steps:
-            save_checkpoint(acc, run_dir, state.step, s.keep_last)
+            if writer is not None:
+                writer.flush()  # events up to this step must survive a kill that the checkpoint survives
+            save_checkpoint(acc, run_dir, state.step, s.keep_last, config)
 
     if pbar:
         pbar.close()
-    save_checkpoint(acc, run_dir, state.step, s.keep_last)
-    summary = {"global_step": state.step, "run_dir": str(run_dir)}
+    if writer is not None:
+        writer.flush()
+    if not (state.step == start_step and any(st == state.step for st, _ in checkpoints(run_dir))):
+        save_checkpoint(acc, run_dir, state.step, s.keep_last, config)
+    summary = {"global_step": state.step, "run_dir": str(run_dir), "world_size": world,
+               "batch_size": s.batch_size, "grad_accum": s.grad_accum, "resumed_from_step": start_step}
     summary.update(task.on_end(run, state.step) or {})
     if acc.is_main_process:
         atomic_write_text(run_dir / "done.json", json.dumps(summary, indent=2, default=float))
@@ -330,6 +565,12 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
         writer.close()
     acc.wait_for_everyone()
     return summary
+
+
+def _nonfinite_msg(ns: str, what: str, value: float, step: int, s: LoopSettings) -> str:
+    return (f"{ns} {what} is {value} at step {step}; stopped (checkpoints before it are intact): lower lr "
+            f"(now {s.lr:g}), keep grad_clip > 0 (now {s.grad_clip:g}), or check the data; continue with "
+            f"resume=true after fixing")
 
 
 class _null:
@@ -340,26 +581,68 @@ class _null:
         return False
 
 
-def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int) -> Path:
-    """save_state on every rank into a temp folder; the main process renames it into place, then prunes
-    older checkpoints — the newest complete checkpoint is never deleted before its successor exists."""
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict | None = None) -> Path:
+    """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it and renames it to
+    step-N, then prunes: checkpoints newer than N (an abandoned timeline after resume_from an older one)
+    and all but the keep_last newest. The newest complete checkpoint is never deleted before its
+    successor exists. Assumes a filesystem shared by all ranks (multi-node: a shared run_dir)."""
     ck_root = run_dir / "checkpoints"
     final = ck_root / f"step-{step:08d}"
-    if final.exists():
-        return final
     tmp = ck_root / f".tmp-step-{step:08d}"
-    if acc.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
+    old = ck_root / f".old-step-{step:08d}"
+    if acc.is_main_process:
+        for p in (tmp, old):
+            if p.exists():
+                shutil.rmtree(p)
+        ck_root.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
     acc.wait_for_everyone()
     if acc.is_main_process:
-        (tmp / "loop_state.json").write_text(json.dumps({"step": step}))
-        os.replace(tmp, final)
-        for _, old in checkpoints(run_dir)[:-max(1, keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+        (tmp / "loop_state.json").write_text(json.dumps(
+            {"step": step, "world_size": acc.num_processes, "config": config}, indent=1, default=str))
+        _fsync_tree(tmp)
+        _kill_point(step, "save")
+        if final.exists():  # same step saved again (resume_from an older checkpoint): swap, then delete
+            os.rename(final, old)
+        os.rename(tmp, final)
+        _fsync_dir(ck_root)
+        shutil.rmtree(old, ignore_errors=True)
+        complete = checkpoints(run_dir)
+        newer = [p for st, p in complete if st > step]
+        kept = [p for st, p in complete if st <= step]
+        for p in newer + kept[:-max(1, keep_last)]:
+            shutil.rmtree(p, ignore_errors=True)
     acc.wait_for_everyone()
     return final
+
+
+def reduce_means(acc, sums: dict, counts: dict) -> dict:
+    """{key: sum over ranks of sums[key] / sum over ranks of counts[key]} for metrics that some ranks may
+    lack (e.g. per-depth metrics of a depth absent from one rank's batch). Collective: every rank calls it
+    (a per-rank key set would otherwise give the all-reduce mismatched sizes)."""
+    keys = set(sums)
+    if acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        keys = keys.union(*gather_object([sorted(keys)]))
+    keys = sorted(keys)
+    vec = torch.tensor([[float(sums.get(k, 0.0)), float(counts.get(k, 0))] for k in keys] or [[0.0, 0.0]],
+                       dtype=torch.float64, device=acc.device)
+    if acc.num_processes > 1:
+        vec = acc.reduce(vec, "sum")
+    return {k: (vec[i, 0] / vec[i, 1]).item() for i, k in enumerate(keys) if vec[i, 1] > 0}
 
 
 def unwrap(acc, model: nn.Module) -> nn.Module:

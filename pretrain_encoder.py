@@ -82,10 +82,8 @@ class ReconstructionTask:
                 sums[key] = sums.get(key, 0.0) + v
                 counts[key] = counts.get(key, 0) + 1
         net.train()
-        keys = sorted(sums)
-        vec = torch.tensor([sums[k] / counts[k] for k in keys], device=run.accelerator.device)
-        vec = run.accelerator.reduce(vec, "mean")
-        return {f"pretrain/{k}": v.item() for k, v in zip(keys, vec)}
+        # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
+        return {f"pretrain/{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
 
     def on_step(self, run, step):
         if self.cfg.diag_every and step % self.cfg.diag_every == 0:
@@ -107,13 +105,18 @@ class ReconstructionTask:
 
 def main(cfg) -> dict:
     """Pretrain per `cfg` (a composed config/pretrain.yaml); returns the run summary."""
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
     mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
     if mcfg.max_compression_depth < 1:
         raise ValueError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
+    loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
     task = ReconstructionTask(cfg, model, hist)
-    settings = loop.settings_from_cfg(cfg, "pretrain")
+    m = cfg.model
+    settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(m.pretrain_steps),
+                                      batch_size=int(m.pretrain_batch_size), lr=float(m.pretrain_lr))
     return loop.fit(task, settings, abspath(cfg.run_dir), loop.to_plain(cfg))
 
 

@@ -80,7 +80,7 @@ class ActionPredictionTask:
     def incontext_eval(self, run, step) -> dict:
         """Rollouts with frozen weights on the held-out goals (main process; others wait)."""
         from env import goal_split
-        from evaluate import incontext_rollout, summarize
+        from evaluate import eval_scalars, incontext_rollout, summarize
 
         out = {}
         if run.is_main:
@@ -94,11 +94,7 @@ class ActionPredictionTask:
             for name, goals in (("test", test_goals), ("train", pick)):
                 r = incontext_rollout(net, self.cfg.env, goals, e.n_episodes, e.seeds_per_goal,
                                       run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
-                sm = summarize(r["returns"], r["optimal"])
-                out.update({f"eval/return_{name}": sm["last_k_mean"],
-                            f"eval/return_{name}_first": sm["first_episode"],
-                            f"eval/return_{name}_normalized": sm["last_k_normalized"],
-                            f"eval/reward_per_step_{name}": sm["reward_per_step"]})
+                out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"]), name))
             net.train()
             run.log(out, step)
         run.accelerator.wait_for_everyone()
@@ -124,7 +120,10 @@ class ActionPredictionTask:
 def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
     plain = loop.to_plain(cfg)
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
+    loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     path = cfg.model.get("pretrained_encoder_path")
     if path:

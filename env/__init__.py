@@ -17,6 +17,14 @@ from env.gym_env import ENV_ID, DarkroomGymEnv, register_gym_env
 register_gym_env()
 
 __all__ = [
-    "ACTION_DELTAS", "N_ACTIONS", "REWARD_MODES", "BatchedDarkroom", "goal_split", "optimal_return",
-    "start_state", "ENV_ID", "DarkroomGymEnv", "register_gym_env",
+    "ACTION_DELTAS",
+    "ENV_ID",
+    "N_ACTIONS",
+    "REWARD_MODES",
+    "BatchedDarkroom",
+    "DarkroomGymEnv",
+    "goal_split",
+    "optimal_return",
+    "register_gym_env",
+    "start_state",
 ]

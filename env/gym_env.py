@@ -15,6 +15,8 @@ the horizon. Goal: the `goal` constructor argument, overridden per episode by `r
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import gymnasium
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ ENV_ID = "Darkroom-v0"
 
 
 class DarkroomGymEnv(gymnasium.Env):
-    metadata = {"render_modes": ["ansi"]}
+    metadata: ClassVar[dict] = {"render_modes": ["ansi"], "render_fps": 4}
 
     def __init__(self, goal=None, grid_size: int = 9, horizon: int = 20,
                  reward_mode: str = "every_step", render_mode: str | None = None):

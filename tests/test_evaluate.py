@@ -22,6 +22,15 @@ TINY = {"name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 1, "enc_
 TEST_GOALS = goal_split(9)[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Rollouts are thousands of tiny ops; on a busy 2-core box intra-op threads make each one ~100x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def tiny_model(name="ad_compressed"):
     torch.manual_seed(0)
     return build_model(OmegaConf.create({**TINY, "name": name}), OmegaConf.create(ENV))
@@ -85,7 +94,7 @@ def test_oracle_reaches_optimal_return(sample):
     np.testing.assert_array_equal(out["optimal"], expect)
     np.testing.assert_array_equal(out["returns"], np.broadcast_to(expect[:, None, None], (len(goals), 2, 3)))
     s = evaluate.summarize(out["returns"], out["optimal"], horizon=20)
-    assert s["return_last_normalized"] == pytest.approx(1.0)
+    assert s["last_k_normalized"] == pytest.approx(1.0)
 
 
 def test_oracle_sparse_reward_env():
@@ -134,14 +143,15 @@ def test_summarize_math():
                   [[2, 2, 2], [4, 4, 4]]], dtype=float)
     s = evaluate.summarize(r, [8.0, 12.0], last_k=2, horizon=10)
     assert s["curve"] == [2.0, 3.0, 4.0] and s["curve_std"] == [1.0, 1.0, 1.0]
-    assert s["return_first"] == 2.0 and s["return_last"] == 3.5 and s["return_mean"] == 3.0
-    assert s["return_last_std"] == 1.0  # seed last-2 means 2.5 and 4.5
-    assert s["optimal_mean"] == 10.0 and s["return_last_normalized"] == pytest.approx(0.35)
-    assert s["return_first_normalized"] == pytest.approx(0.2)
-    assert s["reward_per_step"] == pytest.approx(0.3) and s["reward_per_step_last"] == pytest.approx(0.35)
+    assert s["first_episode"] == 2.0 and s["last_k_mean"] == 3.5 and s["mean_return"] == 3.0
+    assert s["last_k_std"] == 1.0  # seed last-2 means 2.5 and 4.5
+    assert s["optimal_mean"] == 10.0 and s["last_k_normalized"] == pytest.approx(0.35)
+    assert s["first_episode_normalized"] == pytest.approx(0.2)
+    assert s["reward_per_step"] == pytest.approx(0.3) and s["reward_per_step_last_k"] == pytest.approx(0.35)
     assert evaluate.summarize(r, [8.0, 12.0], last_k=50)["last_k"] == 3  # clipped to n_episodes
     tags = evaluate.eval_scalars(s, "test")
-    assert tags["eval/return_test_last2"] == 3.5 and tags["eval/reward_per_step_test"] == pytest.approx(0.3)
+    assert tags["eval/return_test"] == tags["eval/return_test_last2"] == 3.5
+    assert tags["eval/reward_per_step_test"] == pytest.approx(0.3)
     with pytest.raises(evaluate.EvalError, match="optimal"):
         evaluate.summarize(r, [1.0], last_k=2)
 
@@ -168,7 +178,7 @@ def test_main_end_to_end(tmp_path):
     assert len(test["per_goal"]) == 8 and len(test["per_goal"][0]["curve"]) == 3
     assert np.asarray(test["returns"]).shape == (8, 2, 3)
     assert len(data["splits"]["train"]["goals"]) == 2
-    assert {"return_last_normalized", "reward_per_step", "curve", "return_last_std"} <= test["summary"].keys()
+    assert {"last_k_normalized", "reward_per_step", "curve", "last_k_std"} <= test["summary"].keys()
     assert (tmp_path / "eval.png").stat().st_size > 1000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

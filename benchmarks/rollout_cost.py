@@ -1,0 +1,188 @@
+"""In-context rollout cost: ms per environment step (E envs batched) of the model's act + observe, at
+history lengths 100 / 1k / 10k steps.
+
+    .venv/bin/python benchmarks/rollout_cost.py                  # CPU defaults (E=32, a few minutes)
+    .venv/bin/python benchmarks/rollout_cost.py --quick          # smoke run: lengths 100/1k, E=8
+    .venv/bin/python benchmarks/rollout_cost.py --device cuda --n-envs 256
+
+Methods, stepped in lockstep on the same transitions (rotating order every step, so machine noise hits
+all alike):
+  cad_cached     CompressedAD, KV cache (init_rollout(use_cache=True)): one decoder token per step, the
+                 latent prefix encoded once per compression
+  cad_recompute  CompressedAD, use_cache=False: [latents ; whole window] recomputed every step
+  ad             AD baseline: its context_len sliding window recomputed every step
+Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; the env
+and the action choice are not timed, only model.act(...) + model.observe(...) under torch.inference_mode.
+
+Each history length h is timed over the window of steps [h - W/2, h + W/2) (shifted to start at 0 if
+needed) with W = --cycles * seg_len, i.e. whole compression cycles: each seg_len consecutive steps
+contain exactly one compression (inside observe), so its cost is amortised fairly. The per-step cost of
+one (method, h) is the median over the cycles of all --repeats rollouts of the cycle's mean ms/step;
+ratios are taken per cycle (methods ran interleaved) and then the median.
+Reported: the three costs at each h; flatness cad_cached(h_max) / cad_cached(h_min); cad_cached / ad
+(goal <= 1.3); cad_recompute / cad_cached (what the cache buys). Writes benchmarks/out/rollout_cost.json.
+Outside the timed windows the rollout fast-forwards with observe() only (act is pure for AD and
+use_cache=False); cad_cached runs with use_cache=False there and switches the cache on at the
+compression just before each window (from then on it acts every step, as its cache holds the window's
+tokens), so its state in the window is exactly that of a fully cached rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from common import (add_arch_args, arch_overrides, machine_info, median, model_cfgs, pick_device, plain,
+                    print_table, sync, write_json)
+from env.darkroom import BatchedDarkroom, goal_split
+from model import build_model
+
+METHODS = ("cad_cached", "cad_recompute", "ad")
+
+
+def windows(lengths, span: int) -> dict[int, tuple[int, int]]:
+    """h -> [start, stop) of `span` steps centred on h, shifted right to start at >= 0."""
+    out = {}
+    for h in lengths:
+        start = max(0, h - span // 2)
+        out[h] = (start, start + span)
+    return out
+
+
+def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
+    """One lockstep rollout of all methods; returns {method: {h: per-step seconds [span]}}."""
+    g = int(env_cfg.grid_size)
+    gen = torch.Generator().manual_seed(seed)
+    goals_all = goal_split(g, float(env_cfg.train_frac), int(env_cfg.split_seed))
+    goals_all = goals_all[0] + goals_all[1]
+    goals = torch.tensor([goals_all[i] for i in torch.randint(0, len(goals_all), (a.n_envs,), generator=gen)])
+    env = BatchedDarkroom(goals, grid_size=g, horizon=int(env_cfg.horizon), reward_mode=env_cfg.reward_mode,
+                          device=dev)
+    model_of = {"cad_cached": models["cad"], "cad_recompute": models["cad"], "ad": models["ad"]}
+    st = {"cad_cached": models["cad"].init_rollout(a.n_envs, dev, use_cache=True),
+          "cad_recompute": models["cad"].init_rollout(a.n_envs, dev, use_cache=False),
+          "ad": models["ad"].init_rollout(a.n_envs, dev)}
+    times = {m: {h: np.zeros(w[1] - w[0]) for h, w in wins.items()} for m in METHODS}
+    t_end = max(w[1] for w in wins.values())
+    # cad_cached must act on every step from the compression boundary before a window on (its cache
+    # holds the window's tokens); before that boundary it fast-forwards like the others.
+    seg = models["cad"].cfg.seg_len
+    cached_from = [((w[0] // seg) * seg, w[1]) for w in wins.values()]
+    cached = st["cad_cached"]
+    cached.use_cache = any(b == 0 for b, _ in cached_from)
+    states = env.reset()
+    for t in range(t_end):
+        timed = [(h, t - w[0]) for h, w in wins.items() if w[0] <= t < w[1]]
+        needs_cache = any(b <= t < e for b, e in cached_from)
+        acts = torch.randint(0, int(env_cfg.n_actions), (a.n_envs,), generator=gen).to(dev)
+        next_states, rewards, done = env.step(acts)
+        trans = torch.cat([states, acts[:, None], rewards.long()[:, None], next_states], dim=1)
+        order = METHODS[t % 3:] + METHODS[:t % 3]
+        # The observe of step t compresses when the window is one short of full: switch the cache on
+        # for that compression if step t+1 must act; off otherwise. (Set after this step's act.)
+        switch = cached.n_win == seg - 1
+        cache_next = any(b <= t + 1 < e for b, e in cached_from)
+        for m in order:
+            model, s = model_of[m], st[m]
+            if not timed:
+                if m == "cad_cached" and needs_cache:
+                    model.act(s, states)  # untimed: fills the cache up to the window's first step
+                if m == "cad_cached" and switch:
+                    s.use_cache = cache_next
+                model.observe(s, trans)  # fast-forward: act is pure (no state) when nothing is cached
+                continue
+            assert m != "cad_cached" or s.use_cache, "cad_cached reached a timed step without its cache"
+            sync(dev)
+            t0 = time.perf_counter()
+            logits = model.act(s, states)
+            if m == "cad_cached" and switch:
+                s.use_cache = cache_next
+            model.observe(s, trans)
+            sync(dev)
+            dt = time.perf_counter() - t0
+            assert logits.shape == (a.n_envs, int(env_cfg.n_actions))
+            for h, i in timed:
+                times[m][h][i] = dt
+        states = env.reset() if bool(done[0]) else next_states
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--n-envs", type=int, default=None, help="E envs stepped as a batch (default 32; quick 8)")
+    p.add_argument("--lengths", type=int, nargs="+", default=None,
+                   help="history lengths h (default 100 1000 10000; quick 100 1000)")
+    p.add_argument("--cycles", type=int, default=2, help="whole seg_len cycles per timed window")
+    p.add_argument("--repeats", type=int, default=None, help="independent rollouts (default 2; quick 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default 1 on cpu: extra threads spin against other jobs on a "
+                        "shared CPU; torch's default on cuda)")
+    p.add_argument("--quick", action="store_true", help="smoke run: lengths 100 1000, E=8, 1 repeat")
+    add_arch_args(p)
+    a = p.parse_args()
+    dev = pick_device(a.device)
+    if a.threads or dev.type == "cpu":
+        torch.set_num_threads(a.threads or 1)
+    a.n_envs = a.n_envs or (8 if a.quick else 32)
+    a.lengths = a.lengths or ([100, 1000] if a.quick else [100, 1000, 10_000])
+    a.repeats = a.repeats or (1 if a.quick else 2)
+    torch.manual_seed(0)
+
+    cad_m, env_cfg = model_cfgs("ad_compressed_dr", arch_overrides(a))
+    ad_m, _ = model_cfgs("ad_dr", arch_overrides(a))
+    models = {"cad": build_model(cad_m, env_cfg).to(dev).eval(), "ad": build_model(ad_m, env_cfg).to(dev).eval()}
+    seg = int(cad_m.seg_len)
+    span = a.cycles * seg
+    wins = windows(sorted(a.lengths), span)
+
+    runs = []
+    t_start = time.perf_counter()
+    with torch.inference_mode():
+        for r in range(a.repeats):
+            runs.append(rollout(models, env_cfg, a, dev, wins, seed=r))
+    wall = time.perf_counter() - t_start
+
+    # Per-cycle mean ms/step (each cycle = seg_len consecutive steps = exactly one compression).
+    def cycles(m, h):
+        return np.concatenate([run[m][h].reshape(-1, seg).mean(1) * 1e3 for run in runs])
+
+    res = {}
+    for h in wins:
+        c = {m: cycles(m, h) for m in METHODS}
+        res[h] = {"window": list(wins[h]), **{f"{m}_ms": median(c[m]) for m in METHODS},
+                  "cad_cached_over_ad": median(c["cad_cached"] / c["ad"]),
+                  "recompute_over_cached": median(c["cad_recompute"] / c["cad_cached"]),
+                  "cycles_ms": {m: c[m].tolist() for m in METHODS}}
+    h_lo, h_hi = min(wins), max(wins)
+    flat = [cycles("cad_cached", h_hi) / cycles("cad_cached", h_lo)]
+    summary = {"flatness_cad_cached": median(flat[0]), "flatness_lengths": [h_lo, h_hi],
+               "flatness_cad_recompute": median(cycles("cad_recompute", h_hi) / cycles("cad_recompute", h_lo)),
+               "flatness_ad": median(cycles("ad", h_hi) / cycles("ad", h_lo)),
+               "cad_cached_over_ad_at_max_h": res[h_hi]["cad_cached_over_ad"],
+               "cad_cached_over_ad_worst": max(r["cad_cached_over_ad"] for r in res.values()),
+               "goal_cad_cached_over_ad": "<= 1.3"}
+
+    print(f"rollout_cost: device={dev} threads={torch.get_num_threads()} E={a.n_envs} repeats={a.repeats} "
+          f"window={span} steps ({a.cycles} x seg_len {seg}) per length; d_model={cad_m.d_model} "
+          f"n_layer={cad_m.n_layer} enc_n_layer={cad_m.enc_n_layer} n_latent={cad_m.n_latent} "
+          f"AD context_len={ad_m.context_len}; wall {wall:.0f} s")
+    print_table(["history h", "steps timed", "cad_cached ms", "cad_recompute ms", "ad ms", "cached/ad",
+                 "recompute/cached"],
+                [[f"{h:,}", f"[{r['window'][0]}, {r['window'][1]})", r["cad_cached_ms"], r["cad_recompute_ms"],
+                  r["ad_ms"], r["cad_cached_over_ad"], r["recompute_over_cached"]] for h, r in res.items()])
+    worst = summary["cad_cached_over_ad_worst"]
+    print(f"flatness cad_cached {h_hi:,}/{h_lo:,} = {summary['flatness_cad_cached']:.2f}x  "
+          f"(cad_recompute {summary['flatness_cad_recompute']:.2f}x, ad {summary['flatness_ad']:.2f}x)")
+    print(f"cad_cached / ad (worst length) = {worst:.2f}x  (goal <= 1.3x: {'met' if worst <= 1.3 else 'MISSED'})")
+    out = write_json("rollout_cost", {
+        "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)}, "machine": machine_info(dev),
+        "per_length": {str(h): r for h, r in res.items()}, "summary": summary, "wall_seconds": wall})
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,814 @@
+"""Does pretraining help? The original notes' "Main Training Comparison" table, measured.
+
+    python experiments/compare_pretraining.py                          # experiment=quick, 5 arms x seeds 0 1 2
+    python experiments/compare_pretraining.py --jobs 2                 # 2 single-thread processes at a time
+    python experiments/compare_pretraining.py --arms scratch pretrained_ft --seeds 0 1 train:lr=1e-4
+    python experiments/compare_pretraining.py --experiment full --accelerate   # GPU, DICP scale
+    python experiments/compare_pretraining.py --dry-run                # print the plan, run nothing
+
+Arms (same dataset, same training budget, same seeds; only the encoder's start / extra loss differ):
+    ad                 AD baseline (model=ad_dr): the same decoder, a sliding window, no compression
+    scratch            CompressedAD from random init
+    aux_recon          scratch + the stage-1 reconstruction loss as an auxiliary term (--aux-recon-weight)
+    pretrained_ft      CompressedAD from the stage-1 encoder, fine-tuned
+    pretrained_frozen  CompressedAD from the stage-1 encoder, frozen
+Stage 1 runs once per seed (<out>/runs/pretrain-seed<s>) and feeds both pretrained arms of that seed.
+
+Every run is its own process (train.py / pretrain_encoder.py / evaluate.py, optionally under
+`accelerate launch`), up to --jobs at a time, each logging to <out>/logs/<job>.log. A run whose run dir
+has done.json (and the same config) is reused; one with checkpoints but no done.json is resumed
+(resume=true); an evaluation whose json matches the finished model and the wanted settings is reused. So
+an interrupted comparison picks up where it stopped: run the same command again.
+
+Each trained run is evaluated twice with frozen weights on the held-out goals: `eval` (the preset's
+n_episodes) and `eval_long` (--long-episodes, default 500: far past AD's window and past the length
+of the source's learning histories). The outputs in --out (default results/compare-<experiment>):
+    table.md     the comparison table (mean ± std over seeds), the scale, date and command
+    table.json   the same plus per-seed raw numbers, run dirs, the dataset and the routed overrides
+    curves.png   held-out in-context learning curves of every arm (mean ± std over seeds), and the long ones
+
+Free overrides `key=value` go to every stage whose config has that key (as in two_stage.py):
+`model.d_model=32` reaches pretrain and train, `n_episodes=...` only evaluate. Prefix one with a stage
+to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`, `evaluate:seeds_per_goal=2`,
+`collect:source.n_stream=10`. The runner itself sets seed, run_dir, data_path (and resume/overwrite).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python experiments/compare_pretraining.py` puts experiments/ first, not the repo
+    sys.path.insert(0, str(ROOT))
+
+STAGES = ("collect", "pretrain", "train", "evaluate")
+ARMS = {
+    "ad": "AD (sliding window)",
+    "scratch": "CompressedAD, random init",
+    "aux_recon": "CompressedAD + recon. loss",
+    "pretrained_ft": "CompressedAD + pretrained enc. (fine-tuned)",
+    "pretrained_frozen": "CompressedAD + pretrained enc. (frozen)",
+}
+PRETRAINED_ARMS = ("pretrained_ft", "pretrained_frozen")
+# Keys the runner sets per run; a free override of them would silently be overridden, so refuse it.
+RESERVED = {"seed", "run_dir", "run_name", "resume", "resume_from", "overwrite", "out_name",
+            "model.pretrained_encoder_path", "model.freeze_encoder", "pretrained_encoder_path", "freeze_encoder"}
+# The evaluate.py settings an eval json must have been produced with to be reused.
+EVAL_KEYS = ("n_episodes", "seeds_per_goal", "n_train_goals", "last_k", "sample", "seed", "env_from_run",
+             "use_cache")
+TRAIN_FRACS = (0.25, 0.5, 1.0)  # train/loss_action is read at these fractions of max_steps
+SCALES = {"quick": "small scale", "full": "DICP scale"}
+
+# metric key -> (label in table.md, "lower" | "higher" is better, format)
+METRICS = {
+    **{f"train_loss_action_{int(f * 100)}": (f"train action loss @ {int(f * 100)}% of steps", "lower", ".3f")
+       for f in TRAIN_FRACS},
+    "heldout_loss_action": ("held-out action loss (final)", "lower", ".3f"),
+    "heldout_acc_action": ("held-out action accuracy (final)", "higher", ".3f"),
+    "return_first": ("held-out return, episode 1", "higher", ".2f"),
+    "return_last5": ("held-out return, last 5 episodes", "higher", ".2f"),
+    "return_last5_normalized": ("last-5 return / optimal", "higher", ".3f"),
+    "reward_per_step": ("mean reward per step (whole rollout)", "higher", ".3f"),
+    "long_return_last5": ("long rollout: return, last 5 episodes", "higher", ".2f"),
+    "long_return_tail": ("long rollout: mean return, last 20% of episodes", "higher", ".2f"),
+    "long_return_tail_normalized": ("long rollout: last-20% return / optimal", "higher", ".3f"),
+    "long_reward_per_step": ("long rollout: mean reward per step", "higher", ".3f"),
+}
+
+
+class CompareError(RuntimeError):
+    """Bad command line or a run directory that cannot be reused as asked; one line, with the fix."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line and configs
+# ---------------------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experiment", default="quick", help="Hydra preset config/experiment/<name>.yaml (default quick)")
+    p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
+                   help=f"arms to run (default all): {' '.join(ARMS)}")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="processes run at once (default 1; on 2 cores, 2 single-thread processes is best)")
+    p.add_argument("--out", default=None, help="results folder (default results/compare-<experiment>)")
+    p.add_argument("--aux-recon-weight", type=float, default=1.0, help="model.aux_recon_weight of aux_recon")
+    p.add_argument("--long-episodes", type=int, default=500, help="episodes of the long-horizon eval (default 500)")
+    p.add_argument("--long-seeds-per-goal", type=int, default=None,
+                   help="seeds_per_goal of the long eval (default: the preset's seeds_per_goal)")
+    p.add_argument("--accelerate", action="store_true", help="run pretrain/train under accelerate launch")
+    p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
+                   help="accelerate config file (default: accelerate_config.yaml)")
+    p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
+    p.add_argument("--force", action="store_true", help="redo every run (overwrite=true) instead of reusing")
+    p.add_argument("--report-only", action="store_true", help="run nothing; write the table from what exists")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, optionally stage:key=value")
+    a = p.parse_args(argv)
+    if a.jobs < 1:
+        p.error("--jobs must be >= 1")
+    if a.long_episodes < 1:
+        p.error("--long-episodes must be >= 1")
+    if len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0:
+        p.error("--seeds must be distinct non-negative integers")
+    a.arms = [arm for arm in ARMS if arm in a.arms]  # canonical order, no duplicates
+    a.out = Path(a.out or ROOT / "results" / f"compare-{a.experiment}").expanduser().resolve()
+    return a
+
+
+def _key(o: str) -> str:
+    return o.split("=", 1)[0]
+
+
+def compose(config_name: str, overrides: list[str]):
+    """Hydra compose of config/<config_name>.yaml (nothing written, nothing validated beyond Hydra's own)."""
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra_cli import CONFIG_DIR
+
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return hcompose(config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise CompareError(f"{config_name} config: {' '.join(str(e).split())}") from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def route_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """Same routing as two_stage.split_overrides (stage:key=value -> that stage; group choices -> all;
+    key=value -> every stage whose config, without the experiment preset, has the key; a bare model key ->
+    model.key), but with one compose per stage instead of two per (override, stage): on a loaded 2-core
+    machine that is seconds instead of a minute for a long override list. Each script still validates its
+    own overrides (hydra_cli.rewrite_overrides) before doing any work."""
+    from omegaconf import OmegaConf
+
+    from hydra_cli import GROUPS
+
+    routed: dict[str, list[str]] = {s: [] for s in STAGES}
+    shared = []
+    for o in overrides:
+        if "=" not in o:
+            raise CompareError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
+        if ":" in _key(o):
+            stage, kv = o.split(":", 1)
+            if stage not in STAGES:
+                raise CompareError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
+            routed[stage].append(kv)
+        else:
+            shared.append(o)
+    for o in [kv for kvs in routed.values() for kv in kvs] + shared:
+        if _key(o).lstrip("+~") in RESERVED:
+            raise CompareError(f"{o!r}: the runner sets {_key(o)} itself (use --seeds / --out / --force)")
+    groups = [o for o in shared if _key(o).lstrip("+~") in GROUPS]
+    base_groups = [g for g in groups if _key(g).lstrip("+~") != "experiment"]
+    plain = [o for o in shared if o not in groups]
+    if not plain:
+        return {s: routed[s] + groups for s in STAGES}
+    cfgs = {s: compose(s, base_groups) for s in STAGES}
+    absent = object()
+    for s in STAGES:
+        routed[s] += groups
+    for o in plain:
+        k = _key(o)
+        if k.startswith(("+", "~", "hydra")):
+            for s in STAGES:
+                routed[s].append(o)
+            continue
+        took = False
+        for s, cfg in cfgs.items():
+            if OmegaConf.select(cfg, k, default=absent) is not absent:
+                routed[s].append(o)
+                took = True
+            elif "." not in k and "model" in cfg and k in cfg.model:
+                routed[s].append(f"model.{o}")
+                took = True
+        if not took:
+            raise CompareError(f"override {o!r} matches no stage's config ({', '.join(STAGES)}); "
+                               f"new keys need +{k}=...")
+    return routed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The plan: jobs with dependencies
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    name: str  # e.g. train:scratch-seed0
+    stage: str
+    overrides: list[str]
+    deps: list[str] = field(default_factory=list)
+    run_dir: Path | None = None
+    out_file: Path | None = None  # what must exist after a successful run
+    note: str = ""  # "resume" / "fresh" / "overwrite"
+
+
+@dataclass
+class Plan:
+    data_path: Path
+    collect: Job | None
+    jobs: list[Job]
+    reused: list[str]
+    runs: dict  # (arm, seed) -> run dir
+    pretrain_runs: dict  # seed -> run dir
+    train_cfgs: dict  # (arm, seed) -> composed train config (plain dict)
+    eval_cfgs: dict  # out_name -> composed evaluate config (plain dict)
+
+
+def _plain(cfg) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError:  # evaluate + a preset: data_path: ...${data_seed} has no data_seed
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool) -> str:
+    """'reuse' (finished, same config), 'resume' (checkpoints, no done.json), 'fresh' or 'overwrite'."""
+    import loop
+
+    if force:
+        return "overwrite" if (run_dir / "config.json").exists() else "fresh"
+    saved = _read_json(run_dir / "config.json")
+    if saved is not None and loop._identity(saved) != loop._identity(want):
+        diff = "; ".join(loop._differing_keys(saved, want)[:6])
+        raise CompareError(f"{run_dir} holds a {what} run with another config ({diff}); pass --force to redo "
+                           f"it or choose another --out")
+    done = _read_json(run_dir / "done.json")
+    if done is not None:
+        if int(done.get("global_step", -1)) != want_steps:
+            raise CompareError(f"{run_dir} finished at step {done.get('global_step')} but this comparison "
+                               f"trains {want_steps} steps; pass --force to redo it or choose another --out")
+        return "reuse"
+    if loop.checkpoints(run_dir):
+        return "resume"
+    return "fresh"
+
+
+def _eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
+    ev, done = _read_json(run_dir / f"{out_name}.json"), _read_json(run_dir / "done.json")
+    model = run_dir / "model.pt"
+    if ev is None or done is None or not model.is_file():
+        return False
+    if ev.get("global_step") != done.get("global_step"):
+        return False
+    if (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime:
+        return False
+    got = ev.get("config", {})
+    return all(got.get(k) == want.get(k) for k in EVAL_KEYS)
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def evaluate_overrides(routed_eval: list[str]) -> list[str]:
+    """evaluate.py's overrides with the experiment preset spelled out as the evaluate keys it sets
+    (n_episodes=40 seeds_per_goal=4 for quick) instead of `experiment=<name>`. Why: a preset is
+    @package _global_ and also carries keys evaluate.yaml lacks (quick's data_path interpolates
+    ${data_seed}), and hydra_cli's up-front resolve check rejects `evaluate.py experiment=quick` for that.
+    The user's own evaluate overrides come after, so they still win."""
+    is_exp = [_key(o).lstrip("+~") == "experiment" for o in routed_eval]
+    if not any(is_exp):
+        return list(routed_eval)
+    others = [o for o, e in zip(routed_eval, is_exp) if not e]
+    base = _flatten(_plain(compose("evaluate", others + ["run_dir=x"])))
+    preset = _flatten(_plain(compose("evaluate", routed_eval + ["run_dir=x"])))
+    spelled = [f"{k}={json.dumps(v)}" for k, v in preset.items() if k in base and base[k] != v and k != "run_dir"]
+    return spelled + others
+
+
+def arm_overrides(arm: str, seed: int, a, pretrain_dir: Path | None) -> list[str]:
+    if arm == "ad":
+        return ["model=ad_dr"]
+    if arm == "scratch":
+        return []
+    if arm == "aux_recon":
+        return [f"model.aux_recon_weight={a.aux_recon_weight}"]
+    ckpt = pretrain_dir / "encoder-pretrained-final.pt"
+    out = [f"model.pretrained_encoder_path={ckpt}"]
+    if arm == "pretrained_frozen":
+        out.append("model.freeze_encoder=true")
+    return out
+
+
+def make_plan(a, routed: dict) -> Plan:
+    runs_dir = a.out / "runs"
+    # 1. data (collect.py resolves a relative data_path against the launch directory, as we do)
+    ccfg = compose("collect", routed["collect"])
+    data_path = Path(str(ccfg.data_path)).expanduser().resolve()
+    collect = None
+    if not (data_path / "meta.json").is_file():
+        collect = Job("collect", "collect", routed["collect"] + [f"data_path={data_path}"], out_file=data_path / "meta.json")
+    common = [f"data_path={data_path}"]
+    jobs: list[Job] = []
+    reused: list[str] = []
+
+    def add(job: Job, state: str):
+        job.note = state
+        if state == "reuse":
+            reused.append(job.name)
+        else:
+            if state == "resume":
+                job.overrides.append("resume=true")
+            elif state == "overwrite":
+                job.overrides.append("overwrite=true")
+            jobs.append(job)
+
+    # 2. stage 1, once per seed, when a pretrained arm wants it
+    pretrain_runs = {}
+    if any(arm in PRETRAINED_ARMS for arm in a.arms):
+        for s in a.seeds:
+            rd = runs_dir / f"pretrain-seed{s}"
+            ov = routed["pretrain"] + common + [f"seed={s}", f"run_dir={rd}"]
+            cfg = _plain(compose("pretrain", ov))
+            state = _run_state(rd, cfg, int(cfg["model"]["pretrain_steps"]), "stage-1", a.force)
+            if state == "reuse" and not (rd / "encoder-pretrained-final.pt").is_file():
+                raise CompareError(f"{rd} is finished but has no encoder-pretrained-final.pt; pass --force")
+            add(Job(f"pretrain:seed{s}", "pretrain", ov, run_dir=rd, out_file=rd / "done.json"), state)
+            pretrain_runs[s] = rd
+
+    # 3. evaluation settings (the same for every run)
+    eval_base = evaluate_overrides(routed["evaluate"])
+    eval_cfgs = {}
+    long_extra = [f"n_episodes={a.long_episodes}", "n_train_goals=0", "tensorboard=false"]
+    ecfg = _plain(compose("evaluate", eval_base + ["run_dir=x"]))
+    if a.long_seeds_per_goal:
+        long_extra.append(f"seeds_per_goal={a.long_seeds_per_goal}")
+    eval_cfgs["eval"] = ecfg
+    eval_cfgs["eval_long"] = _plain(compose("evaluate", eval_base + ["run_dir=x"] + long_extra))
+
+    # 4. stage 2 + evaluations; list order = scheduling priority (a finished run's evals jump ahead of
+    # later trainings, so partial results appear early)
+    runs, train_cfgs = {}, {}
+    for s in a.seeds:
+        for arm in a.arms:
+            rd = runs_dir / f"{arm}-seed{s}"
+            ov = (routed["train"] + arm_overrides(arm, s, a, pretrain_runs.get(s)) + common
+                  + [f"seed={s}", f"run_dir={rd}"])
+            cfg = _plain(compose("train", ov))
+            state = _run_state(rd, cfg, int(cfg["max_steps"]), "stage-2", a.force)
+            deps = [f"pretrain:seed{s}"] if arm in PRETRAINED_ARMS and f"pretrain:seed{s}" not in reused else []
+            tname = f"train:{arm}-seed{s}"
+            add(Job(tname, "train", ov, deps, run_dir=rd, out_file=rd / "done.json"), state)
+            for out_name, extra in (("eval", []), ("eval_long", long_extra)):
+                ename = f"{out_name}:{arm}-seed{s}"
+                eov = eval_base + [f"run_dir={rd}", f"out_name={out_name}"] + extra
+                ok = state == "reuse" and _eval_reusable(rd, out_name, eval_cfgs[out_name])
+                add(Job(ename, "evaluate", eov, [] if state == "reuse" else [tname], run_dir=rd,
+                        out_file=rd / f"{out_name}.json"), "reuse" if ok else "fresh")
+            runs[(arm, s)] = rd
+            train_cfgs[(arm, s)] = cfg
+    return Plan(data_path, collect, jobs, reused, runs, pretrain_runs, train_cfgs, eval_cfgs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running: a small dependency-aware process pool
+# ---------------------------------------------------------------------------------------------------------
+def command(job: Job, a) -> list[str]:
+    import two_stage
+
+    return two_stage.command(job.stage, job.overrides, a)
+
+
+def child_env(a) -> dict:
+    env = dict(os.environ)
+    # N processes on few cores: torch's intra-op threads would fight each other (10x slower, measured
+    # on the 2-core box). The user's own OMP_NUM_THREADS wins.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // a.jobs)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _tail(path: Path, n: int = 15) -> str:
+    try:
+        lines = path.read_text(errors="replace").replace("\r", "\n").splitlines()
+    except OSError:
+        return ""
+    return "\n".join("    " + ln for ln in [ln for ln in lines if ln.strip()][-n:])
+
+
+def run_jobs(jobs: list[Job], a, logs: Path, timings: dict) -> list[str]:
+    """Run jobs (list order = priority), at most a.jobs at once, each after its deps succeeded. A failure
+    skips its dependants but not the other runs. Returns the names of failed/skipped jobs."""
+    logs.mkdir(parents=True, exist_ok=True)
+    env = child_env(a)
+    pending = list(jobs)
+    running: dict[str, tuple] = {}
+    ok: set[str] = set()
+    bad: list[str] = []
+    names = {j.name for j in jobs}
+    n_total, n_done = len(jobs), 0
+    t_start = time.perf_counter()
+    try:
+        while pending or running:
+            started = False
+            for job in list(pending):
+                if any(d in bad for d in job.deps):
+                    pending.remove(job)
+                    bad.append(job.name)
+                    n_done += 1
+                    print(f"[skip]  {job.name}: a run it needs failed", flush=True)
+                    continue
+                if len(running) >= a.jobs or any(d in names and d not in ok for d in job.deps):
+                    continue
+                pending.remove(job)
+                log = logs / f"{job.name.replace(':', '-')}.log"
+                cmd = command(job, a)
+                with open(log, "w") as f:
+                    f.write(f"$ {shlex.join(cmd)}\n\n")
+                    f.flush()
+                    proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
+                running[job.name] = (proc, job, time.perf_counter(), log)
+                started = True
+                print(f"[start] {job.name} ({job.note})  log: {log}", flush=True)
+            if not running:
+                if pending and not started:  # cannot happen with the plan's ordering; never spin forever
+                    raise CompareError(f"jobs wait on runs that never come: {[j.name for j in pending]}")
+                continue
+            time.sleep(0.5)
+            for name, (proc, job, t0, log) in list(running.items()):
+                rc = proc.poll()
+                if rc is None:
+                    continue
+                del running[name]
+                n_done += 1
+                dt = time.perf_counter() - t0
+                timings[name] = round(dt, 1)
+                if rc == 0 and (job.out_file is None or job.out_file.exists()):
+                    ok.add(name)
+                    print(f"[done]  {name} in {dt:.0f}s  ({n_done}/{n_total}, "
+                          f"{time.perf_counter() - t_start:.0f}s elapsed)", flush=True)
+                else:
+                    bad.append(name)
+                    why = f"exit code {rc}" if rc else f"no {job.out_file.name} written"
+                    print(f"[FAIL]  {name}: {why}; last lines of {log}:\n{_tail(log)}", file=sys.stderr, flush=True)
+    finally:
+        for name, (proc, *_rest) in running.items():  # interrupted: stop our own children, nothing else
+            proc.terminate()
+        for name, (proc, *_rest) in running.items():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collecting the numbers
+# ---------------------------------------------------------------------------------------------------------
+def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar tag across the run's event files (purged steps dropped)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not tb_dir.is_dir():
+        return []
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return []
+    last = {}
+    for e in acc.Scalars(tag):  # a resumed run may log a step twice: keep the newest
+        last[int(e.step)] = float(e.value)
+    return sorted(last.items())
+
+
+def _nearest(series: list[tuple[int, float]], step: float) -> tuple[int, float] | tuple[None, None]:
+    if not series:
+        return None, None
+    return min(series, key=lambda sv: (abs(sv[0] - step), sv[0]))
+
+
+def run_metrics(run_dir: Path, max_steps: int) -> dict:
+    """Per-run numbers; absent ones (run or eval missing) are None."""
+    m: dict = {k: None for k in METRICS}
+    info: dict = {"run_dir": str(run_dir), "complete": False}
+    loss = read_scalars(run_dir / "tb", "train/loss_action")
+    steps = {}
+    for f in TRAIN_FRACS:
+        st, v = _nearest(loss, f * max_steps)
+        m[f"train_loss_action_{int(f * 100)}"] = v
+        steps[f"{int(f * 100)}%"] = st
+    info["train_loss_steps"] = steps
+    done = _read_json(run_dir / "done.json") or {}
+    m["heldout_loss_action"] = done.get("heldout/loss_action")
+    m["heldout_acc_action"] = done.get("heldout/acc_action")
+    info["global_step"] = done.get("global_step")
+    ev = _read_json(run_dir / "eval.json")
+    if ev and "test" in ev.get("splits", {}):
+        s = ev["splits"]["test"]["summary"]
+        m.update(return_first=s["first_episode"], return_last5=s["last_k_mean"],
+                 return_last5_normalized=s["last_k_normalized"], reward_per_step=s.get("reward_per_step"))
+        info["curve"] = s["curve"]
+        info["optimal_mean"] = s["optimal_mean"]
+        info["eval_last_k"] = s["last_k"]
+        info["n_test_goals"] = s["n_goals"]
+        info["eval_device"] = ev.get("device")
+    lev = _read_json(run_dir / "eval_long.json")
+    if lev and "test" in lev.get("splits", {}):
+        s = lev["splits"]["test"]["summary"]
+        c = s["curve"]
+        lo = len(c) - max(1, len(c) // 5)  # the last 20% of the episodes (400..499 of 500)
+        tail = sum(c[lo:]) / len(c[lo:])
+        m.update(long_return_last5=s["last_k_mean"], long_return_tail=tail,
+                 long_return_tail_normalized=tail / s["optimal_mean"] if s["optimal_mean"] > 0 else None,
+                 long_reward_per_step=s.get("reward_per_step"))
+        info["long_curve"] = c
+        info["long_tail_episodes"] = [lo + 1, len(c)]
+        info["long_n_seeds_per_goal"] = s["n_seeds"]
+    info["complete"] = all(v is not None for v in m.values())
+    return {"metrics": m, **info}
+
+
+def _mean_std(vals: list) -> tuple:
+    v = [x for x in vals if x is not None and math.isfinite(x)]
+    if not v:
+        return None, None, 0
+    mean = sum(v) / len(v)
+    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
+    return mean, std, len(v)
+
+
+def collect_results(a, plan: Plan) -> dict:
+    results = {}
+    for arm in a.arms:
+        per_seed = {}
+        for s in a.seeds:
+            max_steps = int(plan.train_cfgs[(arm, s)]["max_steps"])
+            per_seed[str(s)] = run_metrics(plan.runs[(arm, s)], max_steps)
+        mean, std, n = {}, {}, {}
+        for k in METRICS:
+            mean[k], std[k], n[k] = _mean_std([r["metrics"][k] for r in per_seed.values()])
+        mc = plan.train_cfgs[(arm, a.seeds[0])]["model"]
+        memory = (f"window {mc['context_len']} steps" if mc["name"] == "ad" else
+                  f"window {mc['seg_len']} steps + {mc['n_latent']} latents")
+        results[arm] = {"label": ARMS[arm], "memory": memory, "mean": mean, "std": std, "n": n,
+                        "per_seed": per_seed}
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _write_text(path: Path, text: str) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def device_description(results: dict) -> str:
+    devs = {r.get("eval_device") for res in results.values() for r in res["per_seed"].values()} - {None}
+    if any(str(d).startswith("cuda") for d in devs):
+        try:
+            import torch
+
+            return f"GPU ({torch.cuda.get_device_name(0)})"
+        except Exception:  # noqa: BLE001 -- only a label
+            return "GPU"
+    return f"a {os.cpu_count()}-core CPU"
+
+
+def _fmt(v, fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def render_markdown(rep: dict) -> str:
+    arms = rep["arms"]
+    res = rep["results"]
+    lines = [f"# Does pretraining help? CompressedAD comparison ({rep['experiment']})", "",
+             f"- **Scale:** {rep['scale']}",
+             f"- **Date:** {rep['date']}",
+             f"- **Command:** `{rep['command']}`",
+             f"- **Dataset:** `{rep['dataset']['path']}` ({rep['dataset'].get('summary', '')})",
+             f"- **Budget:** {rep['budget']}",
+             f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over training seeds; "
+             f"n per cell < {len(rep['seeds'])} means runs are missing)",
+             f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}",
+             "", "| metric | " + " | ".join(f"`{arm}`" for arm in arms) + " |",
+             "|---|" + "---|" * len(arms)]
+    lines.append("| memory | " + " | ".join(res[arm]["memory"] for arm in arms) + " |")
+    for k, (label, better, fmt) in METRICS.items():
+        means = {arm: res[arm]["mean"][k] for arm in arms}
+        valid = [v for v in means.values() if v is not None]
+        best = (min(valid) if better == "lower" else max(valid)) if len(valid) > 1 else None
+        cells = []
+        for arm in arms:
+            mu, sd, n = means[arm], res[arm]["std"][k], res[arm]["n"][k]
+            c = _fmt(mu, fmt) + ("" if sd is None else f" ± {_fmt(sd, fmt)}")
+            if mu is not None and n < len(rep["seeds"]):
+                c += f" (n={n})"
+            cells.append(f"**{c}**" if best is not None and mu == best else c)
+        lines.append(f"| {label} ({better} is better) | " + " | ".join(cells) + " |")
+    lt = rep["long_eval"]
+    lines += ["", "Arms: " + "; ".join(f"`{arm}` = {ARMS[arm]}" for arm in arms) + ".", "",
+              "How the numbers are made:",
+              f"- Train action loss: `train/loss_action` from each run's TensorBoard at the logged step nearest "
+              f"to 25/50/100% of max_steps (per-seed steps in table.json). Held-out loss/accuracy: action "
+              f"prediction on the test goals' source histories at the end of training (done.json).",
+              f"- Returns: in-context rollouts with frozen weights on the {rep['eval']['n_test_goals']} held-out "
+              f"goals, {rep['eval']['seeds_per_goal']} rollouts per goal, sampled actions, "
+              f"{rep['eval']['n_episodes']} episodes (evaluate.py, `eval.json` in each run dir). Mean optimal "
+              f"return of the held-out goals: {_fmt(rep['eval'].get('optimal_mean'), '.2f')}.",
+              f"- Long rollout: {lt['n_episodes']} episodes, {lt['seeds_per_goal']} rollouts per held-out goal "
+              f"(`eval_long.json`); 'last 20%' = episodes {lt['tail_episodes']}. The source's learning histories "
+              f"are {rep['dataset'].get('episodes_per_history', '?')} episodes long and AD sees only its window.",
+              "- Bold: best mean of the row. Per-seed raw numbers, run dirs and routed overrides: table.json. "
+              "Curves: curves.png.", ""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, rep: dict) -> None:
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(13, 4.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    colors = dict(zip(ARMS, ("tab:gray", "tab:blue", "tab:orange", "tab:green", "tab:red")))
+    opt = rep["eval"].get("optimal_mean")
+    for ax, key, title in ((axes[0], "curve", f"held-out goals, {rep['eval']['n_episodes']} episodes"),
+                           (axes[1], "long_curve", f"long rollout, {rep['long_eval']['n_episodes']} episodes")):
+        smooth = 1
+        for arm in rep["arms"]:
+            curves = [r[key] for r in rep["results"][arm]["per_seed"].values() if r.get(key)]
+            if not curves:
+                continue
+            n = min(map(len, curves))
+            c = np.asarray([cv[:n] for cv in curves])
+            mean = c.mean(0)
+            std = c.std(0, ddof=1) if len(c) > 1 else np.zeros(n)
+            if key == "long_curve" and n >= 100:  # 500 noisy points: a 10-episode moving average reads better
+                smooth = 10
+                k = np.ones(smooth) / smooth
+                mean, std = np.convolve(mean, k, "valid"), np.convolve(std, k, "valid")
+            x = np.arange(1, len(mean) + 1) + (smooth - 1)
+            ax.plot(x, mean, color=colors[arm], label=f"{arm} ({len(c)} seeds)")
+            ax.fill_between(x, mean - std, mean + std, color=colors[arm], alpha=0.15, linewidth=0)
+        if opt:
+            ax.axhline(opt, color="k", linestyle="--", linewidth=1, label=f"optimal ({opt:.2f})")
+        ep_hist = rep["dataset"].get("episodes_per_history")
+        if key == "long_curve" and ep_hist:
+            ax.axvline(ep_hist, color="k", linestyle=":", linewidth=1, label=f"source history length ({ep_hist} ep.)")
+        ax.set_title(title + (f" ({smooth}-episode moving average)" if smooth > 1 else ""), fontsize=10)
+        ax.set_xlabel("episode (in context, frozen weights)")
+        ax.set_ylabel("mean return (± std over training seeds)")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Does pretraining help? {rep['scale']}, {rep['date']}", fontsize=11)
+    fig.tight_layout()
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+
+
+def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, failed: list[str]) -> dict:
+    results = collect_results(a, plan)
+    missing = [f"{arm}-seed{s}" for arm in a.arms for s in a.seeds
+               if not results[arm]["per_seed"][str(s)]["complete"]]
+    meta = _read_json(plan.data_path / "meta.json") or {}
+    env = meta.get("env", {})
+    ep_hist = meta["n_steps"] // env["horizon"] if meta.get("n_steps") and env.get("horizon") else None
+    n_train = len(meta.get("split", {}).get("train_goals", []))
+    tc = plan.train_cfgs[(a.arms[0], a.seeds[0])]
+    budget = f"{tc['max_steps']} optimizer steps x batch {tc['batch_size']}, lr {tc['lr']} (every arm)"
+    if plan.pretrain_runs:
+        pc = _plain(compose("pretrain", routed["pretrain"] + [f"data_path={plan.data_path}"]))["model"]
+        budget += f"; stage 1: {pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}"
+    opts = [r.get("optimal_mean") for res in results.values() for r in res["per_seed"].values()]
+    n_goals = [r.get("n_test_goals") for res in results.values() for r in res["per_seed"].values()]
+    e, le = plan.eval_cfgs["eval"], plan.eval_cfgs["eval_long"]
+    long_tails = [r.get("long_tail_episodes") for res in results.values() for r in res["per_seed"].values()]
+    tail = next((t for t in long_tails if t), None)
+    rep = {
+        "format_version": 1,
+        "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
+        "command": command_line,
+        "cwd": str(Path.cwd()),
+        "experiment": a.experiment,
+        "scale": f"{SCALES.get(a.experiment, 'custom scale')}: experiment={a.experiment} on "
+                 f"{device_description(results)}",
+        "arms": a.arms,
+        "seeds": a.seeds,
+        "budget": budget,
+        "dataset": {"path": str(plan.data_path), "n_stream": meta.get("n_stream"), "n_steps": meta.get("n_steps"),
+                    "episodes_per_history": ep_hist, "env": env.get("name"),
+                    "summary": f"{env.get('name')}, {n_train} train goals x {meta.get('n_stream')} streams x "
+                               f"{meta.get('n_steps')} steps"},
+        "eval": {"n_episodes": e["n_episodes"], "seeds_per_goal": e["seeds_per_goal"],
+                 "n_test_goals": next((g for g in n_goals if g), None), "optimal_mean": next((o for o in opts if o), None)},
+        "long_eval": {"n_episodes": le["n_episodes"], "seeds_per_goal": le["seeds_per_goal"],
+                      "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
+        "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in METRICS.items()},
+        "complete": not missing,
+        "missing": missing,
+        "failed_jobs": failed,
+        "results": results,
+        "runs": {f"{arm}-seed{s}": str(p) for (arm, s), p in plan.runs.items()},
+        "pretrain_runs": {str(s): str(p) for s, p in plan.pretrain_runs.items()},
+        "overrides": routed,
+        "timings_s": timings,
+    }
+    a.out.mkdir(parents=True, exist_ok=True)
+    _write_text(a.out / "table.json", json.dumps(rep, indent=1, default=str))
+    _write_text(a.out / "table.md", render_markdown(rep))
+    plot(a.out / "curves.png", rep)
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    command_line = shlex.join(["python", "experiments/compare_pretraining.py", *argv])
+    routed = route_overrides([f"experiment={a.experiment}", *a.overrides])
+    print(f"comparison: arms {' '.join(a.arms)} | seeds {' '.join(map(str, a.seeds))} | experiment={a.experiment} "
+          f"| out {a.out}", flush=True)
+    plan = make_plan(a, routed)
+    for name in plan.reused:
+        print(f"[reuse] {name}: already complete; reusing it", flush=True)
+    todo = ([plan.collect] if plan.collect else []) + plan.jobs
+    if a.dry_run or a.report_only:
+        if plan.collect is None:
+            print(f"[collect] dataset exists at {plan.data_path}; reusing it")
+        for job in todo:
+            deps = f"  (after {', '.join(job.deps)})" if job.deps else ""
+            print(f"[{'plan' if a.dry_run else 'not run'}]  {job.name} ({job.note}){deps}\n    $ {shlex.join(command(job, a))}")
+        if a.dry_run:
+            return {"plan": plan}
+    timings_path = a.out / "timings.json"
+    timings = _read_json(timings_path) or {}
+    failed: list[str] = []
+    if not a.report_only:
+        a.out.mkdir(parents=True, exist_ok=True)
+        if plan.collect is None:
+            print(f"[collect] dataset exists at {plan.data_path}; reusing it", flush=True)
+        else:
+            failed = run_jobs([plan.collect], a, a.out / "logs", timings)
+            if failed:
+                raise SystemExit(1)
+        if plan.jobs:
+            print(f"{len(plan.jobs)} process(es) to run, {a.jobs} at a time; logs in {a.out / 'logs'}", flush=True)
+        failed = run_jobs(plan.jobs, a, a.out / "logs", timings)
+        _write_text(timings_path, json.dumps(timings, indent=1, sort_keys=True))
+    rep = write_report(a, plan, routed, command_line, timings, failed)
+    print(f"\nwrote {a.out / 'table.md'}, table.json, curves.png"
+          + ("" if rep["complete"] else f"  (INCOMPLETE: {', '.join(rep['missing'])})"), flush=True)
+    print(render_markdown(rep).split("\n\nArms:")[0], flush=True)
+    if failed:
+        print(f"{len(failed)} job(s) failed or were skipped: {', '.join(failed)}; fix and rerun the same command "
+              f"(finished runs are reused)", file=sys.stderr)
+        raise SystemExit(1)
+    return rep
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except CompareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,133 @@
+"""Shared fixtures for tests that run the real entry points on a tiny problem.
+
+`tiny` (session-scoped) collects ONE tiny Darkroom dataset per test session (4 streams x 200 steps per
+train goal, 1 stream per test goal: 300 histories, well under a second) into a temp dir, and knows the
+overrides that make a model and a loop tiny (d_model 32, 1-layer encoder/decoder, 4 latents,
+seg_len 20, batch 8, a handful of steps). Use it instead of collecting your own data:
+
+    def test_something(tiny, tmp_path, one_thread):
+        cfg = tiny.compose("train", run_dir=tmp_path / "run", max_steps=4)   # a composed DictConfig
+        summary = train.main(cfg)
+
+        cfg = tiny.compose("pretrain", "model.save_every=2", run_dir=tmp_path / "p")
+
+        r = tiny.cli("train.py", *tiny.args("train", run_dir=tmp_path / "run"))   # a subprocess
+        assert r.returncode == 0, r.stderr
+
+- `tiny.compose(config_name, *overrides, **key_values)`: config_name is "train", "pretrain",
+  "evaluate" or "collect"; the tiny overrides come first, then `overrides` ("key=value" strings), then
+  `key_values` (keyword form, for top-level keys: paths become strings, None -> null, bools -> true/false).
+  Nothing is written to disk. data_path points at the tiny dataset (override it to test bad data).
+- `tiny.args(config_name, *overrides, **key_values)`: the same, as a CLI argument list.
+- `tiny.cli(script, *args, env=None, timeout=300)`: runs `python <repo>/<script> args...` in a temp cwd
+  with OMP_NUM_THREADS=1 and returns the CompletedProcess (text stdout/stderr). `tiny.start(...)`: the
+  same without waiting (a Popen; `.communicate()` it), to overlap independent runs on the 2 cores.
+- `tiny.data_path`: the dataset folder (read-only by convention: copy it before corrupting it).
+- `one_thread`: torch.set_num_threads(1) for the test (restored after). The machine has 2 shared
+  cores; multi-threaded torch under contention is several times slower on these tiny models.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(REPO / "config")
+PYTHON = sys.executable
+
+# Architecture shared by both stages (so a tiny stage-1 checkpoint fits a tiny stage-2 model).
+TINY_MODEL = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1",
+              "model.recon_n_layer=1", "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10"]
+TINY = {
+    "train": TINY_MODEL + [
+        "batch_size=8", "max_steps=6", "warmup_steps=2", "log_every=2", "checkpoint_every=1000",
+        "heldout_every=0", "heldout_batches=1", "eval_every=0", "eval.n_episodes=2", "eval.seeds_per_goal=1",
+        "eval.n_train_goals=1", "progress=false"],
+    "pretrain": TINY_MODEL + [
+        "model.pretrain_steps=6", "model.pretrain_batch_size=8", "model.save_every=1000", "warmup_steps=2",
+        "log_every=2", "checkpoint_every=1000", "diag_every=0", "diag_batches=1", "progress=false"],
+    "evaluate": ["n_episodes=2", "seeds_per_goal=1", "n_train_goals=1", "progress=false"],
+    "collect": [],
+}
+
+
+def _kv(key_values: dict) -> list[str]:
+    def fmt(v):
+        if v is None:
+            return "null"
+        if isinstance(v, bool):
+            return str(v).lower()
+        return str(v)
+
+    return [f"{k}={fmt(v)}" for k, v in key_values.items()]
+
+
+@dataclass
+class Tiny:
+    data_path: Path
+    root: Path
+
+    def args(self, config_name: str, *overrides: str, **key_values) -> list[str]:
+        data = [] if config_name in ("evaluate", "collect") else [f"data_path={self.data_path}"]
+        return TINY[config_name] + data + list(overrides) + _kv(key_values)
+
+    def compose(self, config_name: str, *overrides: str, **key_values):
+        return compose(config_name, self.args(config_name, *overrides, **key_values))
+
+    def _env(self, env: dict | None) -> dict:
+        full_env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        for k in ("CAD_DEBUG", "HYDRA_FULL_ERROR", "CAD_TEST_KILL_AT"):
+            full_env.pop(k, None)
+        full_env.update(env or {})
+        return full_env
+
+    def cli(self, script: str, *args: str, env: dict | None = None, timeout: float = 300,
+            cwd: Path | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run([PYTHON, str(REPO / script), *map(str, args)], check=False, cwd=cwd or self.root,
+                              env=self._env(env), capture_output=True, text=True, timeout=timeout)
+
+    def start(self, script: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+        return subprocess.Popen([PYTHON, str(REPO / script), *map(str, args)], cwd=cwd or self.root,
+                                env=self._env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def compose(config_name: str, overrides: list[str]):
+    """Hydra's compose API on the repo's config dir (no run dir, nothing written)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return hydra_compose(config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Tiny:
+    import collect
+
+    root = tmp_path_factory.mktemp("tiny")
+    data_path = root / "data"
+    cfg = compose("collect", ["source.n_stream=4", "source.n_steps=200", "source.n_stream_eval=1",
+                              f"data_path={data_path}", "progress=false"])
+    collect.main(cfg)
+    return Tiny(data_path=data_path, root=root)
+
+
+@pytest.fixture
+def one_thread():
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

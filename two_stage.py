@@ -1,0 +1,217 @@
+"""The two-stage pipeline in one command: collect (if the dataset is missing) -> stage 1 -> stage 2 -> eval.
+
+    python two_stage.py experiment=quick                       # everything, CPU-sized (what `make demo` runs)
+    python two_stage.py --pretrain-only experiment=quick
+    python two_stage.py --train-only --pretrained-path runs/pretrain-encoder-darkroom-seed0/encoder-pretrained-final.pt
+    python two_stage.py --freeze-encoder --accelerate --num-processes 4 experiment=full
+
+train_two_stage.ps1 / train_two_stage.sh are thin wrappers over this file. Every stage is a separate
+process (`python <script>.py` or `accelerate launch ... <script>.py`); each command is printed before it
+runs; the first failing stage stops the pipeline with its exit code. No config file is ever edited: the
+stage-1 checkpoint reaches stage 2 as `model.pretrained_encoder_path=...`.
+
+Free overrides (`key=value`) go to every stage whose config has that key (so `experiment=quick` or
+`env=darkroom_hard` reach all of them, `pretrain_lr=...` only stage 1, `max_steps=...` only stage 2). Prefix
+one with a stage name to target it alone: `train:lr=1e-4`, `pretrain:seed=3`, `collect:source.n_stream=20`,
+`evaluate:n_episodes=200`. A stage that already finished (its run dir has done.json) is reused; pass
+--force to redo it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+STAGES = {"collect": "collect", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate"}
+SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": "train.py",
+           "evaluate": "evaluate.py"}
+
+
+class PipelineError(RuntimeError):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--pretrain-only", action="store_true", help="collect if needed, then stage 1 only")
+    mode.add_argument("--train-only", action="store_true",
+                      help="stage 2 (+ eval) only; with --pretrained-path, start from that encoder")
+    p.add_argument("--pretrained-path", default=None, help="encoder-pretrained-*.pt for stage 2 (skips stage 1)")
+    p.add_argument("--freeze-encoder", action="store_true", help="stage 2 keeps the pretrained encoder frozen")
+    p.add_argument("--no-eval", action="store_true", help="skip the final in-context evaluation")
+    p.add_argument("--accelerate", action="store_true", help="run the training stages under accelerate launch")
+    p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
+                   help="accelerate config file (default: accelerate_config.yaml)")
+    p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
+    p.add_argument("--force", action="store_true", help="redo stages that already finished (overwrite=true)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, optionally stage:key=value")
+    a = p.parse_args(argv)
+    if a.train_only and a.pretrain_only:
+        p.error("--train-only and --pretrain-only exclude each other")
+    return a
+
+
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """Route each override to the stages whose config knows its key (stage:key=value -> that stage)."""
+    from hydra_cli import GROUPS, UnknownKeyError, rewrite_overrides
+
+    routed: dict[str, list[str]] = {s: [] for s in STAGES}
+    targeted = [o for o in overrides if ":" in o.split("=", 1)[0]]
+    shared = [o for o in overrides if o not in targeted]
+    for o in targeted:
+        stage, kv = o.split(":", 1)
+        if stage not in STAGES:
+            raise PipelineError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
+        routed[stage].append(kv)
+    groups = [o for o in shared if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    # Route by the stages' own configs, without the experiment preset: a preset is @package _global_ and
+    # adds its keys to every script's config, which would send every key everywhere.
+    base_groups = [g for g in groups if g.split("=", 1)[0].lstrip("+~") != "experiment"]
+    for o in shared:
+        if o in groups:
+            for s in STAGES:
+                routed[s].append(o)
+            continue
+        took = False
+        for s, cfg_name in STAGES.items():
+            try:
+                routed[s].append(rewrite_overrides(cfg_name, base_groups + [o])[-1])
+                took = True
+            except UnknownKeyError:
+                pass
+        if not took:
+            raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
+    return routed
+
+
+def compose(stage: str, overrides: list[str]):
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from hydra_cli import CONFIG_DIR, rewrite_overrides
+
+    args = rewrite_overrides(STAGES[stage], overrides)
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = hcompose(STAGES[stage], overrides=args)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+def command(stage: str, overrides: list[str], a) -> list[str]:
+    script = str(ROOT / SCRIPTS[stage])
+    if a.accelerate and stage in ("pretrain", "train"):
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config]
+        if a.num_processes:
+            launch += ["--num_processes", str(a.num_processes)]
+        return launch + [script] + overrides
+    return [sys.executable, script] + overrides
+
+
+def run_stage(stage: str, overrides: list[str], a) -> None:
+    cmd = command(stage, overrides, a)
+    print(f"\n[{stage}] $ {shlex.join(cmd)}", flush=True)
+    if a.dry_run:
+        return
+    rc = subprocess.call(cmd, cwd=Path.cwd())
+    if rc != 0:
+        print(f"[{stage}] failed with exit code {rc}; stopping the pipeline", file=sys.stderr, flush=True)
+        raise SystemExit(rc)
+
+
+def _abs(p: str) -> Path:
+    return Path(p).expanduser().resolve()
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    routed = split_overrides(a.overrides)
+    out: dict = {}
+    if a.pretrained_path and a.pretrain_only:
+        raise PipelineError("--pretrained-path is for stage 2; it makes no sense with --pretrain-only")
+
+    # 1. data
+    data_path = _abs(compose("collect", routed["collect"]).data_path)
+    if (data_path / "meta.json").is_file():
+        print(f"[collect] dataset exists at {data_path}; reusing it")
+    else:
+        run_stage("collect", routed["collect"], a)
+    out["data_path"] = str(data_path)
+
+    # 2. stage 1
+    ckpt = a.pretrained_path
+    if not a.train_only and not ckpt:
+        pcfg = compose("pretrain", routed["pretrain"])
+        prun = _abs(pcfg.run_dir)
+        if (prun / "done.json").is_file() and not a.force:
+            print(f"[pretrain] already complete in {prun}; reusing it (--force to redo)")
+        else:
+            run_stage("pretrain", routed["pretrain"] + (["overwrite=true"] if a.force else []), a)
+        ckpt = str(prun / "encoder-pretrained-final.pt")
+        out["pretrain_run_dir"] = str(prun)
+        if (prun / "done.json").is_file():
+            out["pretrain"] = json.loads((prun / "done.json").read_text())
+    out["encoder_checkpoint"] = ckpt
+    if a.pretrain_only:
+        return out
+
+    # 3. stage 2
+    tr = list(routed["train"])
+    if ckpt:
+        tag = "pretrained-frozen" if a.freeze_encoder else "pretrained"
+        tr += [f"model.pretrained_encoder_path={_abs(ckpt)}", f"run_name=${{model.name}}-{tag}-${{env.name}}-seed${{seed}}"]
+        if a.freeze_encoder:
+            tr.append("model.freeze_encoder=true")
+    elif a.freeze_encoder:
+        raise PipelineError("--freeze-encoder needs a pretrained encoder (run stage 1 or pass --pretrained-path)")
+    trun = _abs(compose("train", tr).run_dir)
+    if (trun / "done.json").is_file() and not a.force:
+        print(f"[train] already complete in {trun}; reusing it (--force to redo)")
+    else:
+        run_stage("train", tr + (["overwrite=true"] if a.force else []), a)
+    out["train_run_dir"] = str(trun)
+
+    # 4. evaluation
+    if not a.no_eval:
+        run_stage("evaluate", routed["evaluate"] + [f"run_dir={trun}"], a)
+        ev = trun / "eval.json"
+        if ev.is_file() and not a.dry_run:
+            out["eval"] = json.loads(ev.read_text())
+    if not a.dry_run:
+        print_report(out)
+    return out
+
+
+def print_report(out: dict) -> None:
+    print("\n=== CompressedAD two-stage pipeline ===")
+    ev = out.get("eval", {})
+    fin = ev.get("final", {}) if isinstance(ev, dict) else {}
+    test = fin.get("test", {}) if isinstance(fin, dict) else {}
+    rows = []
+    if test:
+        rows += [("held-out return, first episode", test.get("first_episode")),
+                 ("held-out return, last 5 episodes", test.get("last_k_mean")),
+                 ("held-out optimal return", test.get("optimal_mean"))]
+    if "pretrain" in out:
+        rows.append(("stage-1 correlation (held-out goals)", out["pretrain"].get("correlation")))
+    for name, v in rows:
+        print(f"  {name:<40} {v:8.3f}" if isinstance(v, (int, float)) else f"  {name:<40} {v}")
+    if "train_run_dir" in out:
+        print(f"  TensorBoard:  tensorboard --logdir {Path(out['train_run_dir']).parent}")
+        print(f"  plot:         {Path(out['train_run_dir']) / 'eval.png'}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
