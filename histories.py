@@ -299,5 +299,8 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
         if old.exists() and not path.exists():  # put the previous dataset back
             os.rename(old, path)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_symlink():  # data_path was a symlink to a dataset: drop the link, not its target
+        old.unlink()
+    else:
+        shutil.rmtree(old, ignore_errors=True)
     return path

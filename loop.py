@@ -144,8 +144,9 @@ class Task(Protocol):
         """(scalar loss = MEAN over the batch's labels, {metric name: scalar tensor})."""
 
     def n_labels(self, batch: dict) -> int:
-        """The count the loss is a mean over (valid labels / reconstructed transitions). The loop weights
-        micro-batches by it (exact N-process and grad_accum equivalence) and reports labels/s."""
+        """The count the loss is a mean over (valid labels / reconstructed transitions); called right after
+        loss() on the same batch. The loop weights micro-batches by it, so the gradient is the mean over
+        all labels of the global batch whatever the number of processes and grad_accum; also labels/s."""
 
     def on_step(self, run: Run, step: int) -> None:
         """Periodic extras after optimizer step `step` (held-out loss, eval, encoder checkpoints). Must not
@@ -491,32 +492,41 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
     max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")  # inf: norm computed, grads untouched
     model.train()
     while state.step < s.max_steps:
-        micros = [next(batches) for _ in range(s.grad_accum)]
-        n_local = [float(task.n_labels(b)) for b in micros]
-        n_total = sum(n_local)
-        if world > 1:
-            n_total = acc.reduce(torch.tensor(n_total, device=acc.device), "sum").item()
-        n_total = max(n_total, 1.0)
+        rows = s.micro_batch // world  # rows per rank and micro-batch (a constant, same on every rank)
+        n_here = 0.0  # labels in this rank's micro-batches of this step
         bad = torch.zeros((), device=acc.device)  # a non-finite loss value seen in this step (0 = none)
-        for i, batch in enumerate(micros):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
+        for i in range(s.grad_accum):
+            batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
             sync = i == s.grad_accum - 1
             ctx = acc.no_sync(model) if (not sync and world > 1) else _null()
             with ctx:
                 with acc.autocast():
                     loss, metrics = task.loss(model, batch)
+                n_i = float(task.n_labels(batch))  # after loss(): a task may count labels in the forward
                 lv = loss.detach().float()
                 bad = torch.where(torch.isfinite(lv), bad, lv)
-                # this micro-batch's share of the step's labels (x world: DDP averages over ranks)
-                acc.backward(loss * (n_local[i] * world / n_total))
+                # Backward the label SUM (scaled by 1/rows to keep magnitudes ~ a mean); the gradient is
+                # divided by the step's global label count below, once all ranks' counts are known.
+                acc.backward(loss * (n_i / rows))
             for k, v in {"loss": lv, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=acc.device).detach().float() * n_local[i]
-            w_sum += n_local[i]
-        # Checked before the optimizer step, on every rank together (one rank's NaN stops them all).
-        flag = (bad != 0).float() if world == 1 else acc.reduce((bad != 0).float(), "sum")
-        if flag.item():
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=acc.device).detach().float() * n_i
+            n_here += n_i
+            w_sum += n_i
+        # One small all-reduce per step: the global label count and whether any rank saw a NaN/inf loss
+        # (checked before the optimizer step, on every rank together: one rank's NaN stops them all).
+        red = torch.stack([torch.tensor(n_here, device=acc.device), (bad != 0).float()])
+        if world > 1:
+            red = acc.reduce(red, "sum")
+        n_total, nbad = red.tolist()
+        if nbad:
             raise NonFiniteLossError(_nonfinite_msg(ns, "loss", bad.item() if bad != 0 else float("nan"),
                                                     state.step + 1, s))
+        # DDP averaged the rank gradients (1/world); x world*rows/N turns the summed, 1/rows-scaled label
+        # losses into the gradient of the mean over all N labels of the global batch: N processes x
+        # grad_accum micro-batches give exactly one big batch's gradient.
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, world * rows / max(n_total, 1.0))
         gnorm = float(acc.clip_grad_norm_(model.parameters(), max_norm))
         if not math.isfinite(gnorm):  # identical on every rank (computed from the all-reduced gradients)
             raise NonFiniteLossError(_nonfinite_msg(ns, "gradient norm", gnorm, state.step + 1, s))
@@ -568,9 +578,9 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
 
 
 def _nonfinite_msg(ns: str, what: str, value: float, step: int, s: LoopSettings) -> str:
-    return (f"{ns} {what} is {value} at step {step}; stopped (checkpoints before it are intact): lower lr "
-            f"(now {s.lr:g}), keep grad_clip > 0 (now {s.grad_clip:g}), or check the data; continue with "
-            f"resume=true after fixing")
+    return (f"{ns} {what} is {value} at step {step}; stopped, earlier checkpoints are intact: lower lr "
+            f"(now {s.lr:g}), keep grad_clip > 0 (now {s.grad_clip:g}) or check the data, then start over "
+            f"(overwrite=true) or continue the last checkpoint in a new run_dir (resume_from=<this run_dir>)")
 
 
 class _null:

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 import loop
-from dataset_pretrain import PretrainBatches
 from dataset import batch_loader
+from dataset_pretrain import PretrainBatches
 from histories import load_histories
 from hydra_cli import abspath
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint

@@ -46,7 +46,7 @@ def run_checks(overrides: list[str], config_dir: str = str(ROOT / "config")) -> 
                     results.append((name, False, "not run: an earlier check it needs failed"))
                 else:
                     results.append((name, False, f"KeyError: {e}"))
-            except Exception as e:  # report and continue: the user wants the full list
+            except Exception as e:  # noqa: BLE001 — report and continue: the user wants the full list
                 last = traceback.extract_tb(e.__traceback__)[-1]
                 results.append((name, False, f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})"))
             return fn
@@ -54,7 +54,7 @@ def run_checks(overrides: list[str], config_dir: str = str(ROOT / "config")) -> 
 
     @check("imports (torch, accelerate, hydra, tensorboard, project modules)")
     def _():
-        import accelerate  # noqa: F401
+        import accelerate
         import hydra  # noqa: F401
         import torch
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -90,7 +90,7 @@ def run_checks(overrides: list[str], config_dir: str = str(ROOT / "config")) -> 
         state["pretrainer"] = EncoderPretrainer(ModelConfig.from_cfg(pre.model, pre.env)).eval()
         net = build_model(tr.model, tr.env)
         if not isinstance(net, CompressedAD):
-            raise AssertionError(f"train config builds {type(net).__name__}, expected CompressedAD")
+            raise TypeError(f"train config builds {type(net).__name__}, expected CompressedAD")
         state["cad"] = net.eval()
         n1 = sum(p.numel() for p in state["pretrainer"].parameters())
         n2 = sum(p.numel() for p in net.parameters())

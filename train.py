@@ -51,7 +51,8 @@ class ActionPredictionTask:
 
     def loss(self, model, batch):
         out = model(batch)
-        a = action_loss(out["logits"], batch)
+        a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"))
+        self._labels = int(a["n_labels"])
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:
@@ -62,7 +63,7 @@ class ActionPredictionTask:
         return loss, metrics
 
     def n_labels(self, batch):
-        return int(batch["win_len"].sum())
+        return self._labels  # window positions (+ segment positions with model.label_segments)
 
     @torch.no_grad()
     def heldout_loss(self, run, model) -> dict:
@@ -71,7 +72,7 @@ class ActionPredictionTask:
         tot = torch.zeros(2, device=run.accelerator.device)
         for k in range(self.cfg.heldout_batches):
             b = {key: v.to(run.accelerator.device) for key, v in self.heldout[k].items()}
-            a = action_loss(model(b)["logits"], b)
+            a = action_loss(model(b)["logits"], b)  # held-out figure: decoder-window positions only
             tot += torch.stack([a["loss"], a["acc"]])
         model.train()
         tot = run.accelerator.reduce(tot / self.cfg.heldout_batches, "mean")

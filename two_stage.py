@@ -63,32 +63,63 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     from hydra_cli import GROUPS, UnknownKeyError, rewrite_overrides
 
     routed: dict[str, list[str]] = {s: [] for s in STAGES}
+    only: dict[str, list[str]] = {s: [] for s in STAGES}  # stage:key=value, appended last so they win
     targeted = [o for o in overrides if ":" in o.split("=", 1)[0]]
     shared = [o for o in overrides if o not in targeted]
     for o in targeted:
         stage, kv = o.split(":", 1)
         if stage not in STAGES:
             raise PipelineError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
-        routed[stage].append(kv)
+        only[stage].append(kv)
     groups = [o for o in shared if o.split("=", 1)[0].lstrip("+~") in GROUPS]
     # Route by the stages' own configs, without the experiment preset: a preset is @package _global_ and
     # adds its keys to every script's config, which would send every key everywhere.
     base_groups = [g for g in groups if g.split("=", 1)[0].lstrip("+~") != "experiment"]
+    # One composition per stage, then a lookup per key (composing per key and stage took ~15 CPU-s for a
+    # typical command line). _route makes hydra_cli.rewrite_overrides' decision; the full lists are
+    # validated by rewrite_overrides itself below.
+    try:
+        bases = {s: compose(s, base_groups) for s in STAGES}
+    except UnknownKeyError as e:
+        raise PipelineError(str(e)) from None
     for o in shared:
         if o in groups:
             for s in STAGES:
                 routed[s].append(o)
             continue
         took = False
-        for s, cfg_name in STAGES.items():
-            try:
-                routed[s].append(rewrite_overrides(cfg_name, base_groups + [o])[-1])
+        for s, cfg in bases.items():
+            r = _route(cfg, o, GROUPS)
+            if r is not None:
+                routed[s].append(r)
                 took = True
-            except UnknownKeyError:
-                pass
         if not took:
             raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
+    for s in STAGES:
+        routed[s] += only[s]  # Hydra applies overrides in order: `train:lr=1e-4` beats a shared `lr=1e-3`
+    for s, cfg_name in STAGES.items():  # bad values / syntax fail here, before any stage runs
+        try:
+            rewrite_overrides(cfg_name, routed[s])
+        except UnknownKeyError as e:
+            raise PipelineError(f"[{s}] {e}") from None
     return routed
+
+
+def _route(cfg, o: str, groups) -> str | None:
+    """How hydra_cli.rewrite_overrides would pass override `o` to a script whose config is `cfg`
+    (None: that config has no such key)."""
+    from omegaconf import OmegaConf
+
+    if o.startswith("-") or "=" not in o:
+        return o
+    key = o.split("=", 1)[0]
+    if key.startswith(("+", "~", "hydra.", "hydra/", "override")) or key in groups:
+        return o
+    if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
+        return o
+    if "." not in key and "model" in cfg and key in cfg.model:
+        return f"model.{o}"
+    return None
 
 
 def compose(stage: str, overrides: list[str]):
@@ -127,6 +158,16 @@ def run_stage(stage: str, overrides: list[str], a) -> None:
         raise SystemExit(rc)
 
 
+def _continue_flags(run_dir: Path, force: bool) -> list[str]:
+    """An interrupted stage (checkpoints, no done.json) resumes; --force starts it over."""
+    if force:
+        return ["overwrite=true"]
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*")):
+        print(f"[resume] {run_dir} has checkpoints but no done.json: resuming it")
+        return ["resume=true"]
+    return []
+
+
 def _abs(p: str) -> Path:
     return Path(p).expanduser().resolve()
 
@@ -154,7 +195,7 @@ def main(argv=None) -> dict:
         if (prun / "done.json").is_file() and not a.force:
             print(f"[pretrain] already complete in {prun}; reusing it (--force to redo)")
         else:
-            run_stage("pretrain", routed["pretrain"] + (["overwrite=true"] if a.force else []), a)
+            run_stage("pretrain", routed["pretrain"] + _continue_flags(prun, a.force), a)
         ckpt = str(prun / "encoder-pretrained-final.pt")
         out["pretrain_run_dir"] = str(prun)
         if (prun / "done.json").is_file():
@@ -176,7 +217,7 @@ def main(argv=None) -> dict:
     if (trun / "done.json").is_file() and not a.force:
         print(f"[train] already complete in {trun}; reusing it (--force to redo)")
     else:
-        run_stage("train", tr + (["overwrite=true"] if a.force else []), a)
+        run_stage("train", tr + _continue_flags(trun, a.force), a)
     out["train_run_dir"] = str(trun)
 
     # 4. evaluation
@@ -192,21 +233,23 @@ def main(argv=None) -> dict:
 
 def print_report(out: dict) -> None:
     print("\n=== CompressedAD two-stage pipeline ===")
-    ev = out.get("eval", {})
-    fin = ev.get("final", {}) if isinstance(ev, dict) else {}
-    test = fin.get("test", {}) if isinstance(fin, dict) else {}
+    ev = out.get("eval") or {}
+    test = ((ev.get("splits") or {}).get("test") or {}).get("summary") or {}
     rows = []
     if test:
         rows += [("held-out return, first episode", test.get("first_episode")),
-                 ("held-out return, last 5 episodes", test.get("last_k_mean")),
-                 ("held-out optimal return", test.get("optimal_mean"))]
+                 (f"held-out return, last {test.get('last_k', 5)} episodes", test.get("last_k_mean")),
+                 ("held-out optimal return", test.get("optimal_mean")),
+                 ("held-out last episodes / optimal", test.get("last_k_normalized"))]
     if "pretrain" in out:
         rows.append(("stage-1 correlation (held-out goals)", out["pretrain"].get("correlation")))
     for name, v in rows:
         print(f"  {name:<40} {v:8.3f}" if isinstance(v, (int, float)) else f"  {name:<40} {v}")
     if "train_run_dir" in out:
         print(f"  TensorBoard:  tensorboard --logdir {Path(out['train_run_dir']).parent}")
-        print(f"  plot:         {Path(out['train_run_dir']) / 'eval.png'}")
+        png = Path(out["train_run_dir"]) / "eval.png"
+        if png.is_file():
+            print(f"  plot:         {png}")
 
 
 if __name__ == "__main__":

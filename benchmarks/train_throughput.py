@@ -29,9 +29,20 @@ import time
 
 import numpy as np
 import torch
+from common import (
+    add_arch_args,
+    arch_overrides,
+    machine_info,
+    median,
+    model_cfgs,
+    pick_device,
+    plain,
+    print_table,
+    sync,
+    synthetic_histories,
+    write_json,
+)
 
-from common import (add_arch_args, arch_overrides, machine_info, median, model_cfgs, pick_device,
-                    plain, print_table, sync, synthetic_histories, write_json)
 from dataset import HistoryBatches
 from model import build_model
 from model.losses import action_loss
@@ -108,7 +119,8 @@ def main() -> None:
                 latents.float().sum().backward()
             sync(dev)
             return time.perf_counter() - t0, 0
-        out = action_loss(model(batch)["logits"], batch, last_only=last_only)
+        fwd = model(batch)  # CompressedAD also labels its compressed segments (model.label_segments)
+        out = action_loss(fwd["logits"], batch, last_only=last_only, seg_logits=fwd.get("seg_logits"))
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

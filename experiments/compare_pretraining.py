@@ -105,8 +105,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="results folder (default results/compare-<experiment>)")
     p.add_argument("--aux-recon-weight", type=float, default=1.0, help="model.aux_recon_weight of aux_recon")
     p.add_argument("--long-episodes", type=int, default=500, help="episodes of the long-horizon eval (default 500)")
-    p.add_argument("--long-seeds-per-goal", type=int, default=None,
-                   help="seeds_per_goal of the long eval (default: the preset's seeds_per_goal)")
+    p.add_argument("--long-seeds-per-goal", type=int, default=2,
+                   help="rollouts per held-out goal in the long eval (default 2: it is ~10x longer than the "
+                        "standard one, and AD recomputes its window every step; 0 = the preset's seeds_per_goal)")
     p.add_argument("--accelerate", action="store_true", help="run pretrain/train under accelerate launch")
     p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
                    help="accelerate config file (default: accelerate_config.yaml)")
@@ -118,8 +119,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.jobs < 1:
         p.error("--jobs must be >= 1")
-    if a.long_episodes < 1:
-        p.error("--long-episodes must be >= 1")
+    if a.long_episodes < 1 or a.long_seeds_per_goal < 0:
+        p.error("--long-episodes must be >= 1 and --long-seeds-per-goal >= 0")
     if len(set(a.seeds)) != len(a.seeds) or min(a.seeds) < 0:
         p.error("--seeds must be distinct non-negative integers")
     a.arms = [arm for arm in ARMS if arm in a.arms]  # canonical order, no duplicates
@@ -136,11 +137,10 @@ def compose(config_name: str, overrides: list[str]):
     from hydra import compose as hcompose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-
-    from hydra_cli import CONFIG_DIR
-
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
+
+    from hydra_cli import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     try:
@@ -250,7 +250,8 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool) -> str:
+def _run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool,
+               report_only: bool = False) -> str:
     """'reuse' (finished, same config), 'resume' (checkpoints, no done.json), 'fresh' or 'overwrite'."""
     import loop
 
@@ -259,11 +260,14 @@ def _run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: boo
     saved = _read_json(run_dir / "config.json")
     if saved is not None and loop._identity(saved) != loop._identity(want):
         diff = "; ".join(loop._differing_keys(saved, want)[:6])
+        if report_only:  # report what is on disk, but say that it is not what this command would train
+            print(f"warning: {run_dir} was trained with another config ({diff})", file=sys.stderr)
+            return "reuse" if (run_dir / "done.json").is_file() else "fresh"
         raise CompareError(f"{run_dir} holds a {what} run with another config ({diff}); pass --force to redo "
                            f"it or choose another --out")
     done = _read_json(run_dir / "done.json")
     if done is not None:
-        if int(done.get("global_step", -1)) != want_steps:
+        if int(done.get("global_step", -1)) != want_steps and not report_only:
             raise CompareError(f"{run_dir} finished at step {done.get('global_step')} but this comparison "
                                f"trains {want_steps} steps; pass --force to redo it or choose another --out")
         return "reuse"
@@ -325,14 +329,37 @@ def arm_overrides(arm: str, seed: int, a, pretrain_dir: Path | None) -> list[str
     return out
 
 
+def check_dataset(data_path: Path, want: dict, warn_only: bool = False) -> None:
+    """An existing dataset is reused only if it is the one collect.py would make now: same env, same source
+    settings, same seed (a preset's source settings may have changed since it was collected)."""
+    meta = _read_json(data_path / "meta.json") or {}
+    diff = [f"env.{k} ({meta['env'][k]!r} -> {v!r})" for k, v in want["env"].items()
+            if k in meta.get("env", {}) and meta["env"][k] != v]
+    diff += [f"source.{k} ({meta['source'][k]!r} -> {v!r})" for k, v in want["source"].items()
+             if k in meta.get("source", {}) and meta["source"][k] != v]
+    if "seed" in meta and meta["seed"] != want["seed"]:
+        diff.append(f"seed ({meta['seed']!r} -> {want['seed']!r})")
+    if diff and warn_only:
+        print(f"note: dataset {data_path} (given by data_path=...) differs from the collect config: "
+              f"{'; '.join(diff)}; using it as given", file=sys.stderr)
+    elif diff:
+        raise CompareError(f"dataset {data_path} was collected with other settings ({'; '.join(diff)}): "
+                           f"recollect it (python collect.py ... overwrite=true) or pass another data_path=...")
+
+
 def make_plan(a, routed: dict) -> Plan:
     runs_dir = a.out / "runs"
     # 1. data (collect.py resolves a relative data_path against the launch directory, as we do)
     ccfg = compose("collect", routed["collect"])
     data_path = Path(str(ccfg.data_path)).expanduser().resolve()
     collect = None
-    if not (data_path / "meta.json").is_file():
-        collect = Job("collect", "collect", routed["collect"] + [f"data_path={data_path}"], out_file=data_path / "meta.json")
+    if (data_path / "meta.json").is_file():
+        # the preset's own dataset must match the preset; a data_path=... given by hand is the user's call
+        explicit = any(_key(o) == "data_path" for o in routed["collect"])
+        check_dataset(data_path, _plain(ccfg), warn_only=explicit)
+    else:
+        collect = Job("collect", "collect", routed["collect"] + [f"data_path={data_path}"],
+                      out_file=data_path / "meta.json", note="no dataset yet")
     common = [f"data_path={data_path}"]
     jobs: list[Job] = []
     reused: list[str] = []
@@ -355,7 +382,7 @@ def make_plan(a, routed: dict) -> Plan:
             rd = runs_dir / f"pretrain-seed{s}"
             ov = routed["pretrain"] + common + [f"seed={s}", f"run_dir={rd}"]
             cfg = _plain(compose("pretrain", ov))
-            state = _run_state(rd, cfg, int(cfg["model"]["pretrain_steps"]), "stage-1", a.force)
+            state = _run_state(rd, cfg, int(cfg["model"]["pretrain_steps"]), "stage-1", a.force, a.report_only)
             if state == "reuse" and not (rd / "encoder-pretrained-final.pt").is_file():
                 raise CompareError(f"{rd} is finished but has no encoder-pretrained-final.pt; pass --force")
             add(Job(f"pretrain:seed{s}", "pretrain", ov, run_dir=rd, out_file=rd / "done.json"), state)
@@ -371,37 +398,56 @@ def make_plan(a, routed: dict) -> Plan:
     eval_cfgs["eval"] = ecfg
     eval_cfgs["eval_long"] = _plain(compose("evaluate", eval_base + ["run_dir=x"] + long_extra))
 
-    # 4. stage 2 + evaluations; list order = scheduling priority (a finished run's evals jump ahead of
-    # later trainings, so partial results appear early)
+    # 4. stage 2 + evaluations. List order = scheduling priority: stage 1 (each unblocks two trainings),
+    # then the trainings, then the evaluations, which fill the slots no training is ready for. Longest
+    # and most-depended-on first keeps --jobs N busy; an evaluation never holds up a training.
     runs, train_cfgs = {}, {}
+    evals: list[Job] = []
     for s in a.seeds:
         for arm in a.arms:
             rd = runs_dir / f"{arm}-seed{s}"
             ov = (routed["train"] + arm_overrides(arm, s, a, pretrain_runs.get(s)) + common
                   + [f"seed={s}", f"run_dir={rd}"])
             cfg = _plain(compose("train", ov))
-            state = _run_state(rd, cfg, int(cfg["max_steps"]), "stage-2", a.force)
+            state = _run_state(rd, cfg, int(cfg["max_steps"]), "stage-2", a.force, a.report_only)
             deps = [f"pretrain:seed{s}"] if arm in PRETRAINED_ARMS and f"pretrain:seed{s}" not in reused else []
+            if deps and state == "reuse" and not a.dry_run:
+                raise CompareError(f"{rd} is finished, but the stage-1 run it started from ({pretrain_runs[s]}) "
+                                   f"is not: it would be trained anew under a finished run; pass --force")
             tname = f"train:{arm}-seed{s}"
             add(Job(tname, "train", ov, deps, run_dir=rd, out_file=rd / "done.json"), state)
             for out_name, extra in (("eval", []), ("eval_long", long_extra)):
                 ename = f"{out_name}:{arm}-seed{s}"
-                eov = eval_base + [f"run_dir={rd}", f"out_name={out_name}"] + extra
+                keys = {_key(o) for o in extra}  # the long eval's own settings replace the preset's
+                eov = [o for o in eval_base if _key(o) not in keys] + [f"run_dir={rd}", f"out_name={out_name}"] + extra
                 ok = state == "reuse" and _eval_reusable(rd, out_name, eval_cfgs[out_name])
-                add(Job(ename, "evaluate", eov, [] if state == "reuse" else [tname], run_dir=rd,
-                        out_file=rd / f"{out_name}.json"), "reuse" if ok else "fresh")
+                job = Job(ename, "evaluate", eov, [] if state == "reuse" else [tname], run_dir=rd,
+                          out_file=rd / f"{out_name}.json", note="reuse" if ok else "fresh")
+                if ok:
+                    reused.append(ename)
+                else:
+                    evals.append(job)
             runs[(arm, s)] = rd
             train_cfgs[(arm, s)] = cfg
+    jobs += evals
     return Plan(data_path, collect, jobs, reused, runs, pretrain_runs, train_cfgs, eval_cfgs)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Running: a small dependency-aware process pool
 # ---------------------------------------------------------------------------------------------------------
-def command(job: Job, a) -> list[str]:
+_PORTS = iter(range(10**9))
+
+
+def command(job: Job, a, launching: bool = False) -> list[str]:
     import two_stage
 
-    return two_stage.command(job.stage, job.overrides, a)
+    cmd = two_stage.command(job.stage, job.overrides, a)
+    if launching and a.jobs > 1 and "accelerate.commands.launch" in cmd:
+        # concurrent launches must not share accelerate's rendezvous port (29500 in accelerate_config.yaml)
+        i = cmd.index("accelerate.commands.launch") + 1
+        cmd[i:i] = ["--main_process_port", str(29600 + next(_PORTS) % 300)]
+    return cmd
 
 
 def child_env(a) -> dict:
@@ -421,7 +467,7 @@ def _tail(path: Path, n: int = 15) -> str:
     return "\n".join("    " + ln for ln in [ln for ln in lines if ln.strip()][-n:])
 
 
-def run_jobs(jobs: list[Job], a, logs: Path, timings: dict) -> list[str]:
+def run_jobs(jobs: list[Job], a, logs: Path, timings: dict, timings_path: Path) -> list[str]:
     """Run jobs (list order = priority), at most a.jobs at once, each after its deps succeeded. A failure
     skips its dependants but not the other runs. Returns the names of failed/skipped jobs."""
     logs.mkdir(parents=True, exist_ok=True)
@@ -447,9 +493,9 @@ def run_jobs(jobs: list[Job], a, logs: Path, timings: dict) -> list[str]:
                     continue
                 pending.remove(job)
                 log = logs / f"{job.name.replace(':', '-')}.log"
-                cmd = command(job, a)
-                with open(log, "w") as f:
-                    f.write(f"$ {shlex.join(cmd)}\n\n")
+                cmd = command(job, a, launching=True)
+                with open(log, "a") as f:  # appended: a resumed run's log keeps the interrupted attempt
+                    f.write(f"=== {_dt.datetime.now():%Y-%m-%d %H:%M:%S} ({job.note})\n$ {shlex.join(cmd)}\n\n")
                     f.flush()
                     proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=Path.cwd())
                 running[job.name] = (proc, job, time.perf_counter(), log)
@@ -468,13 +514,15 @@ def run_jobs(jobs: list[Job], a, logs: Path, timings: dict) -> list[str]:
                 n_done += 1
                 dt = time.perf_counter() - t0
                 timings[name] = round(dt, 1)
+                _write_text(timings_path, json.dumps(timings, indent=1, sort_keys=True))
                 if rc == 0 and (job.out_file is None or job.out_file.exists()):
                     ok.add(name)
                     print(f"[done]  {name} in {dt:.0f}s  ({n_done}/{n_total}, "
                           f"{time.perf_counter() - t_start:.0f}s elapsed)", flush=True)
                 else:
                     bad.append(name)
-                    why = f"exit code {rc}" if rc else f"no {job.out_file.name} written"
+                    why = (f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}" if rc
+                           else f"no {job.out_file.name} written")
                     print(f"[FAIL]  {name}: {why}; last lines of {log}:\n{_tail(log)}", file=sys.stderr, flush=True)
     finally:
         for name, (proc, *_rest) in running.items():  # interrupted: stop our own children, nothing else
@@ -548,6 +596,7 @@ def run_metrics(run_dir: Path, max_steps: int) -> dict:
                  long_reward_per_step=s.get("reward_per_step"))
         info["long_curve"] = c
         info["long_tail_episodes"] = [lo + 1, len(c)]
+        info["long_last_k"] = s["last_k"]
         info["long_n_seeds_per_goal"] = s["n_seeds"]
     info["complete"] = all(v is not None for v in m.values())
     return {"metrics": m, **info}
@@ -567,7 +616,8 @@ def collect_results(a, plan: Plan) -> dict:
     for arm in a.arms:
         per_seed = {}
         for s in a.seeds:
-            max_steps = int(plan.train_cfgs[(arm, s)]["max_steps"])
+            saved = _read_json(plan.runs[(arm, s)] / "config.json") or plan.train_cfgs[(arm, s)]
+            max_steps = int(saved["max_steps"])  # the run's own (--report-only may read older runs)
             per_seed[str(s)] = run_metrics(plan.runs[(arm, s)], max_steps)
         mean, std, n = {}, {}, {}
         for k in METRICS:
@@ -626,13 +676,16 @@ def render_markdown(rep: dict) -> str:
              f"- **Command:** `{rep['command']}`",
              f"- **Dataset:** `{rep['dataset']['path']}` ({rep['dataset'].get('summary', '')})",
              f"- **Budget:** {rep['budget']}",
-             f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over training seeds; "
-             f"n per cell < {len(rep['seeds'])} means runs are missing)",
+             (f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample std over training seeds; "
+              "a cell marked (n=k) averages only the k seeds whose runs finished)"),
              f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}",
              "", "| metric | " + " | ".join(f"`{arm}`" for arm in arms) + " |",
              "|---|" + "---|" * len(arms)]
     lines.append("| memory | " + " | ".join(res[arm]["memory"] for arm in arms) + " |")
     for k, (label, better, fmt) in METRICS.items():
+        kk = rep["long_eval" if k.startswith("long_") else "eval"].get("last_k")
+        if kk:  # evaluate.py clips last_k to n_episodes
+            label = label.replace("last 5", f"last {kk}").replace("last-5", f"last-{kk}")
         means = {arm: res[arm]["mean"][k] for arm in arms}
         valid = [v for v in means.values() if v is not None]
         best = (min(valid) if better == "lower" else max(valid)) if len(valid) > 1 else None
@@ -647,18 +700,18 @@ def render_markdown(rep: dict) -> str:
     lt = rep["long_eval"]
     lines += ["", "Arms: " + "; ".join(f"`{arm}` = {ARMS[arm]}" for arm in arms) + ".", "",
               "How the numbers are made:",
-              f"- Train action loss: `train/loss_action` from each run's TensorBoard at the logged step nearest "
-              f"to 25/50/100% of max_steps (per-seed steps in table.json). Held-out loss/accuracy: action "
-              f"prediction on the test goals' source histories at the end of training (done.json).",
-              f"- Returns: in-context rollouts with frozen weights on the {rep['eval']['n_test_goals']} held-out "
-              f"goals, {rep['eval']['seeds_per_goal']} rollouts per goal, sampled actions, "
-              f"{rep['eval']['n_episodes']} episodes (evaluate.py, `eval.json` in each run dir). Mean optimal "
-              f"return of the held-out goals: {_fmt(rep['eval'].get('optimal_mean'), '.2f')}.",
-              f"- Long rollout: {lt['n_episodes']} episodes, {lt['seeds_per_goal']} rollouts per held-out goal "
-              f"(`eval_long.json`); 'last 20%' = episodes {lt['tail_episodes']}. The source's learning histories "
-              f"are {rep['dataset'].get('episodes_per_history', '?')} episodes long and AD sees only its window.",
-              "- Bold: best mean of the row. Per-seed raw numbers, run dirs and routed overrides: table.json. "
-              "Curves: curves.png.", ""]
+              ("- Train action loss: `train/loss_action` from each run's TensorBoard at the logged step nearest "
+               "to 25/50/100% of max_steps (per-seed steps in table.json). Held-out loss/accuracy: action "
+               "prediction on the test goals' source histories at the end of training (done.json)."),
+              (f"- Returns: in-context rollouts with frozen weights on the {rep['eval']['n_test_goals']} held-out "
+               f"goals, {rep['eval']['seeds_per_goal']} rollouts per goal, sampled actions, "
+               f"{rep['eval']['n_episodes']} episodes (evaluate.py, `eval.json` in each run dir). Mean optimal "
+               f"return of the held-out goals: {_fmt(rep['eval'].get('optimal_mean'), '.2f')}."),
+              (f"- Long rollout: {lt['n_episodes']} episodes, {lt['seeds_per_goal']} rollouts per held-out goal "
+               f"(`eval_long.json`); 'last 20%' = episodes {lt['tail_episodes']}. The source's learning histories "
+               f"are {rep['dataset'].get('episodes_per_history', '?')} episodes long and AD sees only its window."),
+              ("- Bold: best mean of the row. Per-seed raw numbers, run dirs and routed overrides: table.json. "
+               "Curves: curves.png."), ""]
     return "\n".join(lines)
 
 
@@ -693,14 +746,14 @@ def plot(path: Path, rep: dict) -> None:
         if opt:
             ax.axhline(opt, color="k", linestyle="--", linewidth=1, label=f"optimal ({opt:.2f})")
         ep_hist = rep["dataset"].get("episodes_per_history")
-        if key == "long_curve" and ep_hist:
+        if key == "long_curve" and ep_hist and ep_hist <= rep["long_eval"]["n_episodes"]:
             ax.axvline(ep_hist, color="k", linestyle=":", linewidth=1, label=f"source history length ({ep_hist} ep.)")
         ax.set_title(title + (f" ({smooth}-episode moving average)" if smooth > 1 else ""), fontsize=10)
         ax.set_xlabel("episode (in context, frozen weights)")
         ax.set_ylabel("mean return (± std over training seeds)")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"Does pretraining help? {rep['scale']}, {rep['date']}", fontsize=11)
     fig.tight_layout()
     _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
@@ -719,11 +772,12 @@ def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, 
     if plan.pretrain_runs:
         pc = _plain(compose("pretrain", routed["pretrain"] + [f"data_path={plan.data_path}"]))["model"]
         budget += f"; stage 1: {pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}"
-    opts = [r.get("optimal_mean") for res in results.values() for r in res["per_seed"].values()]
-    n_goals = [r.get("n_test_goals") for res in results.values() for r in res["per_seed"].values()]
     e, le = plan.eval_cfgs["eval"], plan.eval_cfgs["eval_long"]
-    long_tails = [r.get("long_tail_episodes") for res in results.values() for r in res["per_seed"].values()]
-    tail = next((t for t in long_tails if t), None)
+
+    def first(key):  # a per-run fact that is the same for every run (None if no run got that far)
+        return next((r[key] for res in results.values() for r in res["per_seed"].values() if r.get(key)), None)
+
+    tail = first("long_tail_episodes")
     rep = {
         "format_version": 1,
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
@@ -739,9 +793,10 @@ def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, 
                     "episodes_per_history": ep_hist, "env": env.get("name"),
                     "summary": f"{env.get('name')}, {n_train} train goals x {meta.get('n_stream')} streams x "
                                f"{meta.get('n_steps')} steps"},
-        "eval": {"n_episodes": e["n_episodes"], "seeds_per_goal": e["seeds_per_goal"],
-                 "n_test_goals": next((g for g in n_goals if g), None), "optimal_mean": next((o for o in opts if o), None)},
+        "eval": {"n_episodes": e["n_episodes"], "seeds_per_goal": e["seeds_per_goal"], "last_k": first("eval_last_k"),
+                 "n_test_goals": first("n_test_goals"), "optimal_mean": first("optimal_mean")},
         "long_eval": {"n_episodes": le["n_episodes"], "seeds_per_goal": le["seeds_per_goal"],
+                      "last_k": first("long_last_k"),
                       "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
         "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in METRICS.items()},
         "complete": not missing,
@@ -769,12 +824,12 @@ def main(argv=None) -> dict:
     print(f"comparison: arms {' '.join(a.arms)} | seeds {' '.join(map(str, a.seeds))} | experiment={a.experiment} "
           f"| out {a.out}", flush=True)
     plan = make_plan(a, routed)
+    if plan.collect is None:
+        print(f"[collect] dataset exists at {plan.data_path}; reusing it", flush=True)
     for name in plan.reused:
         print(f"[reuse] {name}: already complete; reusing it", flush=True)
     todo = ([plan.collect] if plan.collect else []) + plan.jobs
     if a.dry_run or a.report_only:
-        if plan.collect is None:
-            print(f"[collect] dataset exists at {plan.data_path}; reusing it")
         for job in todo:
             deps = f"  (after {', '.join(job.deps)})" if job.deps else ""
             print(f"[{'plan' if a.dry_run else 'not run'}]  {job.name} ({job.note}){deps}\n    $ {shlex.join(command(job, a))}")
@@ -785,16 +840,13 @@ def main(argv=None) -> dict:
     failed: list[str] = []
     if not a.report_only:
         a.out.mkdir(parents=True, exist_ok=True)
-        if plan.collect is None:
-            print(f"[collect] dataset exists at {plan.data_path}; reusing it", flush=True)
-        else:
-            failed = run_jobs([plan.collect], a, a.out / "logs", timings)
+        if plan.collect is not None:
+            failed = run_jobs([plan.collect], a, a.out / "logs", timings, timings_path)
             if failed:
                 raise SystemExit(1)
         if plan.jobs:
             print(f"{len(plan.jobs)} process(es) to run, {a.jobs} at a time; logs in {a.out / 'logs'}", flush=True)
-        failed = run_jobs(plan.jobs, a, a.out / "logs", timings)
-        _write_text(timings_path, json.dumps(timings, indent=1, sort_keys=True))
+        failed = run_jobs(plan.jobs, a, a.out / "logs", timings, timings_path)
     rep = write_report(a, plan, routed, command_line, timings, failed)
     print(f"\nwrote {a.out / 'table.md'}, table.json, curves.png"
           + ("" if rep["complete"] else f"  (INCOMPLETE: {', '.join(rep['missing'])})"), flush=True)
@@ -812,3 +864,6 @@ if __name__ == "__main__":
     except CompareError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # run_jobs has stopped its children; checkpoints written so far are kept
+        print("\ninterrupted: run the same command again to resume (finished runs are reused)", file=sys.stderr)
+        sys.exit(130)

@@ -11,8 +11,17 @@ from model.compressed_ad import CompressedAD
 from model.config import ConfigError, ModelConfig
 from model.encoder_pretrainer import EncoderPretrainer
 
-__all__ = ["AD", "CompressedAD", "EncoderPretrainer", "ModelConfig", "ConfigError", "EncoderCheckpointError",
-           "load_pretrained_encoder", "save_encoder_checkpoint", "build_model"]
+__all__ = [
+    "AD",
+    "CompressedAD",
+    "ConfigError",
+    "EncoderCheckpointError",
+    "EncoderPretrainer",
+    "ModelConfig",
+    "build_model",
+    "load_pretrained_encoder",
+    "save_encoder_checkpoint",
+]
 
 
 def build_model(model_cfg, env_cfg):

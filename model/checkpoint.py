@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.config import ENCODER_ARCH_KEYS, ModelConfig
 
@@ -63,7 +63,7 @@ def read_encoder_checkpoint(path) -> dict:
             f"or fix model.pretrained_encoder_path")
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated file, wrong format, pickle of something else
+    except Exception as e:  # noqa: BLE001 — truncated file, wrong format, pickle of something else: all mean "not usable"
         raise EncoderCheckpointError(
             f"{p} is not a readable torch checkpoint ({type(e).__name__}); re-run stage 1 or point "
             f"model.pretrained_encoder_path at an encoder-pretrained-*.pt file") from None

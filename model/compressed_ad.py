@@ -46,11 +46,35 @@ class CompressedAD(Compressor):
     # ---- training ------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         win, seg, seg_len = batch["win"], batch["seg"], batch["seg_len"]
-        latents, has = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents)
-        ctx = self.embed_transitions(win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), win[..., 0:2])
-        logits = self.decoder(tokens, prefix=latents, has_prefix=has)
-        out = {"logits": logits, "latents": latents, "has_latents": has}
+        label_segments = self.cfg.label_segments and seg.shape[1] > 0
+        latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
+                                               return_prefixes=True)
+        b, w = win.shape[:2]
+        # The decoder window, plus (label_segments) every used compressed segment decoded as the window it
+        # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
+        wins, prefix, has_p = [win], [latents], [has]
+        rows = None
+        if label_segments:
+            s = seg.shape[2]
+            used = seg_len > 0  # [B, D]
+            rows = used.nonzero(as_tuple=False)  # (sample, slot) pairs, sample-major
+            pad = max(w, s)
+            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
+                    torch.nn.functional.pad(seg[rows[:, 0], rows[:, 1]], (0, 0, 0, pad - s))]
+            pre_lat = torch.stack([p[0] for p in prefixes], dim=1)  # [B, D, n, d]
+            pre_has = torch.stack([p[1] for p in prefixes], dim=1)  # [B, D]
+            prefix = [latents, pre_lat[rows[:, 0], rows[:, 1]]]
+            has_p = [has, pre_has[rows[:, 0], rows[:, 1]]]
+        all_win = torch.cat(wins, dim=0)
+        ctx = self.embed_transitions(all_win)
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), all_win[..., 0:2])
+        all_prefix = None if latents is None else torch.cat(prefix, dim=0)
+        logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
+        out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
+        if label_segments:
+            seg_logits = logits.new_zeros(*seg.shape[:3], logits.shape[-1])
+            seg_logits = seg_logits.index_put((rows[:, 0], rows[:, 1]), logits[b:, : seg.shape[2]])
+            out["seg_logits"] = seg_logits  # [B, D, S, A]; unused slots are zeros (masked by seg_len)
         if self.recon is not None and latents is not None:
             # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
             out["recon_pred"] = self.recon(latents, seg.shape[1], seg.shape[2])

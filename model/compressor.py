@@ -9,7 +9,7 @@ across training steps).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.config import ModelConfig
 from model.embeddings import featurize
@@ -34,26 +34,33 @@ class Compressor(TransitionEmbedding):
         super().__init__(cfg)
         self.encoder = CompressionEncoder(cfg)
 
-    def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False):
+    def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False,
+                 return_prefixes: bool = False):
         """seg [B, D, S, 6], seg_len [B, D] (right-aligned slots; 0 = unused) ->
         (latents [B, n, d] or None when D == 0, has_latents bool [B]).
 
-        Slot k of a sample is folded into that sample's running latents only if it is used; rows whose slot
-        is unused keep their previous latents (torch.where), so samples of different depths share a batch.
+        Slot k of a sample is folded into that sample's running latents only if it is used; the encoder
+        runs only on those rows (samples of different depths share a batch without paying for padding).
+        With return_prefixes=True also returns, per slot k, the (latents, has_latents) the sample had
+        *before* folding slot k — the memory a rollout decodes segment k's window with.
         """
         b, n_slots, s = seg.shape[:3]
         has = torch.zeros(b, dtype=torch.bool, device=seg.device)
+        prefixes = []
         if n_slots == 0:
-            return None, has
+            return (None, has, prefixes) if return_prefixes else (None, has)
         emb = self.embed_transitions(seg)  # [B, D, S, d], all slots at once
         pos = torch.arange(s, device=seg.device)
-        latents = None
+        latents = emb.new_zeros(b, self.cfg.n_latent, emb.shape[-1])
         for k in range(n_slots):
-            used = seg_len[:, k] > 0
-            prev = latents
-            if prev is not None and detach_old:
+            prefixes.append((latents, has))
+            rows = (seg_len[:, k] > 0).nonzero(as_tuple=True)[0]
+            if rows.numel() == 0:
+                continue
+            prev = latents[rows]
+            if detach_old:
                 prev = prev.detach()  # gradients reach only the newest compression
-            new = self.encoder(prev, has, emb[:, k], pos[None, :] < seg_len[:, k, None])
-            latents = new if latents is None else torch.where(used[:, None, None], new, latents)
-            has = has | used
-        return latents, has
+            new = self.encoder(prev, has[rows], emb[rows, k], pos[None, :] < seg_len[rows, k, None])
+            latents = latents.index_copy(0, rows, new)
+            has = has.index_fill(0, rows, True)
+        return (latents, has, prefixes) if return_prefixes else (latents, has)

@@ -31,6 +31,7 @@ class ModelConfig:
     context_len: int = 80  # AD baseline only: sliding-window length in transitions
     dropout: float = 0.1
     detach_old_latents: bool = False  # stop gradients through all but the most recent compression
+    label_segments: bool = True  # also predict the actions inside compressed segments (see CompressedAD)
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
     recon_loss: str = "mse"  # 'mse' on f(tau) (the seed's choice) or 'ce' (per-field cross-entropy)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
@@ -41,7 +42,7 @@ class ModelConfig:
         return 2 + self.n_actions + 1 + 2
 
     @classmethod
-    def from_cfg(cls, model_cfg, env_cfg) -> "ModelConfig":
+    def from_cfg(cls, model_cfg, env_cfg) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: model_cfg[k] for k in names if k in model_cfg}
         kw["grid_size"] = int(env_cfg["grid_size"])

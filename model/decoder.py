@@ -12,10 +12,10 @@ them once per compression and then pays one token per environment step.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import Block
+from model.transformer import EMB_STD, Block
 
 
 def prefix_lm_mask(has_prefix: torch.Tensor, n_prefix: int, n_window: int) -> torch.Tensor:
@@ -40,10 +40,13 @@ class ActionDecoder(nn.Module):
         self.n_prefix = n_prefix
         self.max_len = max_len
         self.grid_scale = float(cfg.grid_size - 1)
-        self.begin = nn.Parameter(torch.randn(d) * 0.02)  # stands in for tau_{t-1} at the window's first step
-        self.embed_state = nn.Linear(2, d)
-        self.pos = nn.Parameter(torch.randn(max_len, d) * 0.02)
-        self.prefix_pos = nn.Parameter(torch.randn(n_prefix, d) * 0.02) if n_prefix else None
+        self.begin = nn.Parameter(torch.randn(d) * EMB_STD)  # stands in for tau_{t-1} at the window's first step
+        self.embed_state = nn.Linear(2, d)  # the current cell: as loud as the transition embedding it joins
+        nn.init.normal_(self.embed_state.weight, std=EMB_STD)
+        nn.init.zeros_(self.embed_state.bias)
+        self.embed_state._keep_init = True
+        self.pos = nn.Parameter(torch.randn(max_len, d) * EMB_STD)
+        self.prefix_pos = nn.Parameter(torch.randn(n_prefix, d) * EMB_STD) if n_prefix else None
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(d)
@@ -65,7 +68,7 @@ class ActionDecoder(nn.Module):
     def forward(self, tokens, prefix=None, has_prefix=None):
         """Full (training / recompute) pass. tokens [B, W, d]; prefix [B, P, d] latents or None.
         Returns logits [B, W, n_actions]."""
-        b, w, _ = tokens.shape
+        w = tokens.shape[1]
         if prefix is None:
             x = self.drop(tokens)
             mask = torch.ones(w, w, dtype=torch.bool, device=tokens.device).tril()

@@ -8,8 +8,8 @@ the stage-1 reconstruction, so it lives here, in one place.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def featurize(trans: torch.Tensor, grid_size: int, n_actions: int = 5) -> torch.Tensor:

@@ -11,10 +11,10 @@ builds the hierarchical memory: latents_k = E(latents_{k-1}, segment_k).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import Block
+from model.transformer import EMB_STD, Block
 
 
 class CompressionEncoder(nn.Module):
@@ -23,9 +23,9 @@ class CompressionEncoder(nn.Module):
         d = cfg.d_model
         self.n_latent = cfg.n_latent
         self.seg_len = cfg.seg_len
-        self.latent_pos = nn.Parameter(torch.randn(cfg.n_latent, d) * 0.02)  # marks "previous latent slot i"
-        self.seg_pos = nn.Parameter(torch.randn(cfg.seg_len, d) * 0.02)  # position inside the segment
-        self.queries = nn.Parameter(torch.randn(cfg.n_latent, d) * 0.02)  # one per output latent
+        self.latent_pos = nn.Parameter(torch.randn(cfg.n_latent, d) * EMB_STD)  # marks "previous latent slot i"
+        self.seg_pos = nn.Parameter(torch.randn(cfg.seg_len, d) * EMB_STD)  # position inside the segment
+        self.queries = nn.Parameter(torch.randn(cfg.n_latent, d) * 0.02)  # small: outputs start from content  # one per output latent
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.enc_n_layer))
         self.ln_f = nn.LayerNorm(d)

@@ -21,20 +21,31 @@ def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 
 
 # ---- stage 2 --------------------------------------------------------------------------------------------
-def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False) -> dict:
-    """Mean cross-entropy of a_t over valid window positions (or only each window's last position)."""
+def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
+                seg_logits: torch.Tensor | None = None) -> dict:
+    """Mean cross-entropy of a_t over every valid window position (or only each window's last position),
+    plus, when `seg_logits` [B, D, S, A] is given, every valid position of the compressed segments."""
     win, win_len = batch["win"], batch["win_len"]
     target = win[..., 2].long()
     mask = lengths_mask(win_len, win.shape[1])
     if last_only:
         mask = torch.zeros_like(mask)
         mask[torch.arange(mask.shape[0]), win_len - 1] = True
-    ce = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view_as(target)
-    n = mask.sum().clamp(min=1)
-    loss = (ce * mask).sum() / n
-    with torch.no_grad():
-        acc = ((logits.argmax(-1) == target) & mask).sum().float() / n
-    return {"loss": loss, "acc": acc, "n_labels": mask.sum()}
+    terms = [(logits, target, mask)]
+    if seg_logits is not None and not last_only:
+        seg = batch["seg"]
+        terms.append((seg_logits, seg[..., 2].long(), lengths_mask(batch["seg_len"], seg.shape[2])))
+    total = logits.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), device=logits.device)
+    count = torch.zeros((), device=logits.device, dtype=torch.long)
+    for lg, tg, mk in terms:
+        ce = F.cross_entropy(lg.float().reshape(-1, lg.shape[-1]), tg.reshape(-1), reduction="none")
+        total = total + (ce * mk.reshape(-1)).sum()
+        with torch.no_grad():
+            correct = correct + ((lg.argmax(-1) == tg) & mk).sum()
+        count = count + mk.sum()
+    n = count.clamp(min=1)
+    return {"loss": total / n, "acc": correct.float() / n, "n_labels": count}
 
 
 # ---- stage 1 --------------------------------------------------------------------------------------------
@@ -87,10 +98,11 @@ def effective_rank(latents: torch.Tensor) -> float:
     """exp(entropy of normalised singular values) of the batch's flattened, centred latents.
     ~0 for a constant encoder (all samples identical); up to min(B, n*d) when samples differ."""
     z = latents.float().flatten(1)
-    z = z - z.mean(0, keepdim=True)
-    s = torch.linalg.svdvals(z)
-    if s.sum() <= 1e-8 * max(1.0, float(z.abs().max())):
+    zc = z - z.mean(0, keepdim=True)
+    # Identical rows leave only float32 rounding of the mean (~1e-7 relative): that is a collapse, not rank 1.
+    if zc.norm() <= 1e-5 * z.norm():
         return 0.0
+    s = torch.linalg.svdvals(zc)
     p = s / s.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))

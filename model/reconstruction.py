@@ -10,10 +10,10 @@ constant encoder cannot drive this loss down (DESIGN §5).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import Block
+from model.transformer import EMB_STD, Block
 
 
 def recon_out_dim(cfg: ModelConfig) -> int:
@@ -29,7 +29,7 @@ class ReconstructionDecoder(nn.Module):
         d = cfg.d_model
         self.max_segments = max(1, cfg.max_compression_depth)
         self.seg_age = nn.Embedding(self.max_segments, d)  # 0 = most recently folded segment
-        self.pos = nn.Parameter(torch.randn(cfg.seg_len, d) * 0.02)
+        self.pos = nn.Parameter(torch.randn(cfg.seg_len, d) * EMB_STD)
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.recon_n_layer))
         self.ln_f = nn.LayerNorm(d)
         self.head = nn.Linear(d, recon_out_dim(cfg))

@@ -8,8 +8,8 @@ test can check exactly what each position sees.
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class Attention(nn.Module):
@@ -66,9 +66,17 @@ class Block(nn.Module):
         return x, kv
 
 
+# Learned position / type / query vectors are added to LayerNorm'd transition embeddings (per-element std
+# ~1). At GPT-2's 0.02 they would be ~1/50 of the content and positions would be nearly invisible at the
+# start (measured: stage-1 reconstruction plateaued); they start at the content's scale instead.
+EMB_STD = 1.0
+
+
 def init_weights(module: nn.Module) -> None:
     """GPT-2 style init: small normal weights, zero biases."""
     for m in module.modules():
+        if getattr(m, "_keep_init", False):  # embeddings initialised at the content's scale on purpose
+            continue
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.02)
             if m.bias is not None:

@@ -19,30 +19,31 @@ RUNNER = REPO / "experiments" / "compare_pretraining.py"
 # n_episodes / seeds_per_goal / n_train_goals -> evaluate, log_every -> pretrain + train.
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1", "model.recon_n_layer=1",
         "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10",
-        "batch_size=8", "max_steps=6", "warmup_steps=2", "log_every=2", "heldout_batches=1",
+        "batch_size=8", "max_steps=8", "warmup_steps=2", "log_every=2", "heldout_batches=1",
         "model.pretrain_steps=6", "model.pretrain_batch_size=8", "diag_batches=1",
-        "source.n_stream=4", "source.n_steps=200", "source.n_stream_eval=1",
         "n_episodes=3", "seeds_per_goal=1", "n_train_goals=1", "progress=false"]
 
 
-def run_runner(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+def run_runner(tmp_path: Path, data_path: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, str(RUNNER), "--arms", "scratch", "pretrained_ft", "--seeds", "0", "--jobs", "2",
-            "--long-episodes", "4", "--out", str(tmp_path / "out"), *TINY,
-            f"data_path={tmp_path / 'data'}", *extra]
-    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+            "--long-episodes", "4", "--out", str(tmp_path / "out"), *TINY, f"data_path={data_path}", *extra]
+    return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+                          check=False)
 
 
-def test_compare_end_to_end_and_reuse(tmp_path):
-    r = run_runner(tmp_path)
+def test_compare_end_to_end_and_reuse(tmp_path, tiny):
+    # The session's tiny dataset (tests/conftest.py) saves a collect process; that a missing dataset is
+    # collected first is checked by the planning test below.
+    r = run_runner(tmp_path, tiny.data_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = tmp_path / "out"
-    assert (tmp_path / "data" / "meta.json").is_file()  # the dataset was collected first
+    assert "[collect] dataset exists" in r.stdout
 
     rep = json.loads((out / "table.json").read_text())
     assert rep["arms"] == ["scratch", "pretrained_ft"] and rep["seeds"] == [0]
     assert rep["experiment"] == "quick" and rep["complete"] and not rep["missing"]
-    assert rep["dataset"]["path"] == str(tmp_path / "data")
+    assert rep["dataset"]["path"] == str(tiny.data_path)
     assert "compare_pretraining.py" in rep["command"] and rep["date"]
     assert rep["long_eval"]["n_episodes"] == 4 and rep["eval"]["n_episodes"] == 3
     for arm in ("scratch", "pretrained_ft"):
@@ -53,7 +54,7 @@ def test_compare_end_to_end_and_reuse(tmp_path):
         assert all(isinstance(v, float) for v in seed0["metrics"].values()), seed0["metrics"]
         assert res["mean"] == seed0["metrics"]  # one seed: the mean is that seed's number
         assert len(seed0["curve"]) == 3 and len(seed0["long_curve"]) == 4
-        assert seed0["train_loss_steps"] == {"25%": 2, "50%": 4, "100%": 6}  # log_every=2, max_steps=6
+        assert seed0["train_loss_steps"] == {"25%": 2, "50%": 4, "100%": 8}  # log_every=2, max_steps=8
         assert 0 <= seed0["metrics"]["return_last5_normalized"] <= 1.0 + 1e-9
     # stage 1 ran once and its encoder fed the pretrained arm
     pre = out / "runs" / "pretrain-seed0"
@@ -69,7 +70,7 @@ def test_compare_end_to_end_and_reuse(tmp_path):
 
     md = (out / "table.md").read_text()
     for s in ("`scratch`", "`pretrained_ft`", "experiment=quick", "compare_pretraining.py", "Date",
-              str(tmp_path / "data"), "held-out return, last 5 episodes"):
+              str(tiny.data_path), "held-out return, last 3 episodes", "long rollout: return, last 4"):
         assert s in md, s
     png = out / "curves.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -79,7 +80,7 @@ def test_compare_end_to_end_and_reuse(tmp_path):
     watched = [pre / "done.json"] + [out / "runs" / f"{arm}-seed0" / f for arm in ("scratch", "pretrained_ft")
                                      for f in ("done.json", "model.pt", "eval.json", "eval_long.json")]
     before = {p: p.stat().st_mtime_ns for p in watched}
-    r2 = run_runner(tmp_path)
+    r2 = run_runner(tmp_path, tiny.data_path)
     assert r2.returncode == 0, r2.stdout[-3000:] + r2.stderr[-3000:]
     assert "reusing" in r2.stdout and "[start]" not in r2.stdout, r2.stdout
     for name in ("pretrain:seed0", "train:scratch-seed0", "eval_long:pretrained_ft-seed0"):
@@ -96,7 +97,7 @@ def test_interrupted_run_is_resumed_and_bad_input_fails_fast(tmp_path):
     from experiments import compare_pretraining as cp
 
     out = tmp_path / "out"
-    base = ["--arms", "scratch", "--seeds", "0", "--out", str(out), "--dry-run", *TINY,
+    base = ["--arms", "scratch", "--seeds", "0", "--out", str(out), "--dry-run", *TINY, "source.n_stream=4",
             f"data_path={tmp_path / 'data'}"]
     a = cp.parse_args(base)
     routed = cp.route_overrides([f"experiment={a.experiment}", *a.overrides])

@@ -40,7 +40,9 @@ def _wait(p) -> str:
 
 
 def _files(run_dir: Path) -> list[str]:
-    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    """Relative paths; TensorBoard files (named after time and pid) count as 'tb/events'."""
+    rel = (str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    return sorted("tb/events" if r.startswith("tb/events.out.tfevents") else r for r in rel)
 
 
 def _max_diff(a: dict, b: dict) -> float:

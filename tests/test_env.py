@@ -143,18 +143,15 @@ def test_from_cfg_reads_the_env_configs():
 # -- optimal return ----------------------------------------------------------------------------------------
 
 def dp_optimal_every_step(goal, G, H):
-    """Max return over all action sequences by backward dynamic programming over (t, cell)."""
+    """Max return over all action sequences by backward dynamic programming over (t, cell):
+    V_t(c) = max_a [1(next(c, a) = goal) + V_{t+1}(next(c, a))], with next() the reference rule."""
+    nxt = np.array([[[ref_move(x, y, a, G) for a in range(5)] for y in range(G)] for x in range(G)])
+    nx, ny = nxt[..., 0], nxt[..., 1]                       # [G, G, 5] successor cells
+    pay = ((nx == goal[0]) & (ny == goal[1])).astype(float)
     V = np.zeros((G, G))
     for _ in range(H):
-        newV = np.full((G, G), -1.0)
-        for x in range(G):
-            for y in range(G):
-                for a in range(5):
-                    nx, ny = ref_move(x, y, a, G)
-                    newV[x, y] = max(newV[x, y], float((nx, ny) == goal) + V[nx, ny])
-        V = newV
-    c = G // 2
-    return V[c, c]
+        V = (pay + V[nx, ny]).max(axis=-1)
+    return V[G // 2, G // 2]
 
 
 @pytest.mark.parametrize("G,H", [(9, 20), (5, 3), (4, 6)])

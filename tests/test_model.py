@@ -13,8 +13,8 @@ SEG = 6
 
 
 def tiny_cfg(**kw):
-    base = dict(d_model=32, n_head=2, n_layer=2, enc_n_layer=2, n_latent=3, seg_len=SEG, context_len=SEG,
-                dropout=0.0, grid_size=5)
+    base = {"d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 2, "n_latent": 3, "seg_len": SEG, "context_len": SEG,
+                "dropout": 0.0, "grid_size": 5}
     base.update(kw)
     return ModelConfig(**base)
 
@@ -55,12 +55,17 @@ def test_future_transition_does_not_change_earlier_logits():
 
 def test_latents_visible_to_every_position():
     m = CompressedAD(tiny_cfg()).eval()
-    hist = random_history(2 * SEG)
-    b1 = batch_from_history(hist, 1, SEG, SEG)
-    b2 = batch_from_history(hist.clone(), 1, SEG, SEG)
-    b2["seg"][0, 0, 0] = torch.tensor([4, 4, 3, 1, 0, 0])  # change a compressed transition
-    l1, l2 = m(b1)["logits"], m(b2)["logits"]
-    assert ((l1 - l2).abs().amax(-1) > 1e-5).all(), "every window position must depend on the latents"
+    win = random_history(SEG)[None]
+    tokens = m.decoder.window_tokens(m.decoder.prev_embeddings(m.embed_transitions(win)), win[..., 0:2])
+    has = torch.ones(1, dtype=torch.bool)
+    l1 = m.decoder(tokens, prefix=torch.randn(1, 3, 32), has_prefix=has)
+    l2 = m.decoder(tokens, prefix=torch.randn(1, 3, 32), has_prefix=has)
+    assert ((l1 - l2).abs().amax(-1) > 1e-4).all(), "every window position must depend on the latents"
+    # ... and a sample without latents ignores whatever sits in the prefix slots.
+    no = torch.zeros(1, dtype=torch.bool)
+    l3 = m.decoder(tokens, prefix=torch.randn(1, 3, 32), has_prefix=no)
+    l4 = m.decoder(tokens, prefix=torch.randn(1, 3, 32), has_prefix=no)
+    assert torch.allclose(l3, l4, atol=1e-6)
 
 
 def test_padding_is_inert():
@@ -123,8 +128,11 @@ def test_rollout_schedule_equals_training_forward():
     assert st.n_compressions == 3 and st.n_win == 4
     for depth in range(4):
         w = SEG if depth < 3 else 4
-        logits = m(batch_from_history(hist, depth, SEG, w))["logits"][0]
-        assert torch.allclose(logits, rolled[depth * SEG: depth * SEG + w], atol=1e-5), f"depth {depth}"
+        out = m(batch_from_history(hist, depth, SEG, w))
+        assert torch.allclose(out["logits"][0], rolled[depth * SEG: depth * SEG + w], atol=1e-5), f"depth {depth}"
+        if depth:  # compressed segments decoded from the latents before them == the rollout's windows
+            seg_logits = out["seg_logits"][0].reshape(depth * SEG, -1)
+            assert torch.allclose(seg_logits, rolled[: depth * SEG], atol=1e-5), f"segments, depth {depth}"
 
 
 def test_ad_rollout_equals_training_forward_on_sliding_windows():
@@ -137,6 +145,17 @@ def test_ad_rollout_equals_training_forward_on_sliding_windows():
         win = hist[lo: t + 1][None]
         logits = m({"win": win, "win_len": torch.tensor([win.shape[1]])})["logits"][0, -1]
         assert torch.allclose(logits, rolled[t], atol=1e-5)
+
+
+def test_segment_labels_count_every_transition_once():
+    m = CompressedAD(tiny_cfg()).eval()
+    hist = random_history(3 * SEG)
+    b = batch_from_history(hist, 2, SEG, 5)
+    b["seg_len"] = torch.tensor([[3, SEG]])
+    out = m(b)
+    a = action_loss(out["logits"], b, seg_logits=out["seg_logits"])
+    assert a["n_labels"].item() == 3 + SEG + 5
+    assert action_loss(out["logits"], b)["n_labels"].item() == 5
 
 
 def test_action_loss_falls_far_below_ln5_on_tiny_data():

@@ -1,0 +1,169 @@
+"""collect.py on a tiny problem (73 train goals x 3 streams + 8 test goals x 2, 200 steps: < 1 s).
+
+Composed with Hydra's compose API from config/, run through main(cfg), read back with
+histories.load_histories. Checks the arrays against the env's dynamics, that the source learns, the
+meta.json contents, determinism, overwrite refusal (before any work), and the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import collect
+from env import goal_split, optimal_return
+from histories import DatasetError, load_histories
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["source.n_stream=3", "source.n_steps=200", "source.n_stream_eval=2",
+        "source.eps_decay_steps=100", "progress=false"]
+N_TRAIN, N_TEST, T = 73 * 3, 8 * 2, 200
+MOVES = np.array([(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)])
+
+
+def cfg_for(data_path, *overrides):
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
+        return compose("collect", overrides=[*TINY, f"data_path={data_path}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def collected(tmp_path_factory):
+    path = tmp_path_factory.mktemp("collect") / "ds"
+    cfg = cfg_for(path)
+    summary = collect.main(cfg)
+    return path, cfg, summary, load_histories(path, cfg.env)
+
+
+def test_default_config():
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
+        cfg = compose("collect")
+    assert cfg.data_path == "data/darkroom-seed0" and cfg.seed == cfg.data_seed == 0
+    assert (cfg.source.n_stream, cfg.source.n_steps, cfg.source.n_stream_eval) == (100, 1000, 10)
+    assert cfg.overwrite is False and cfg.device == "cpu" and cfg.env.name == "darkroom"
+
+
+def test_arrays_shapes_dtypes_and_layout(collected):
+    h = collected[3]
+    assert (h.n_histories, h.n_steps) == (N_TRAIN + N_TEST, T)
+    for k, shape in [("states", (N_TRAIN + N_TEST, T, 2)), ("actions", (N_TRAIN + N_TEST, T)),
+                     ("rewards", (N_TRAIN + N_TEST, T)), ("next_states", (N_TRAIN + N_TEST, T, 2)),
+                     ("goals", (N_TRAIN + N_TEST, 2))]:
+        arr = getattr(h, k)
+        assert arr.shape == shape and arr.dtype == np.uint8, k
+    train, test = goal_split(9)
+    assert h.goals[:N_TRAIN].tolist() == [list(g) for g in train for _ in range(3)]   # goal-major
+    assert h.goals[N_TRAIN:].tolist() == [list(g) for g in test for _ in range(2)]
+    assert h.split_indices("train").tolist() == list(range(N_TRAIN))
+    assert h.split_indices("test").tolist() == list(range(N_TRAIN, N_TRAIN + N_TEST))
+    assert set(np.unique(h.actions)) == set(range(5)) and set(np.unique(h.rewards)) == {0, 1}
+
+
+def test_histories_follow_the_env_dynamics(collected):
+    """Every stored transition is a legal Darkroom step; episodes chain and restart at the centre."""
+    _, _, _, h = collected
+    s, a, r, ns, g = (np.asarray(x).astype(np.int64) for x in (h.states, h.actions, h.rewards,
+                                                                h.next_states, h.goals))
+    assert np.array_equal(ns, np.clip(s + MOVES[a], 0, 8))
+    assert np.array_equal(r, (ns == g[:, None, :]).all(-1))
+    starts = np.arange(0, T, 20)
+    assert (s[:, starts] == 4).all()                                    # every episode starts at (4, 4)
+    within = np.setdiff1d(np.arange(1, T), starts)
+    assert np.array_equal(s[:, within], ns[:, within - 1])              # and continues where it was
+
+
+def test_source_learns_from_random_toward_optimal(collected):
+    _, _, summary, h = collected
+    for split in ("train", "test"):
+        sm = summary[split]
+        assert abs(sm["first_episode"] - sm["random"]) < 0.3      # first episode ~ random policy
+        assert sm["last5"] > 10 * sm["first_episode"]             # ... and it clearly improves
+        assert sm["last5"] > 0.25 * sm["optimal"]                 # (tiny run: only 10 episodes)
+    assert summary["train"]["optimal"] == pytest.approx(np.mean([optimal_return(g) for g in goal_split(9)[0]]))
+    assert summary["test"]["optimal"] == 17.25
+    curve = np.array(h.meta["return_curve"])
+    assert len(curve) == T // 20 and curve[-3:].mean() > curve[:3].mean() + 2
+    # the curve is the per-episode mean of the stored rewards (train histories)
+    ret = np.asarray(h.rewards[:N_TRAIN]).reshape(N_TRAIN, -1, 20).sum(-1).mean(0)
+    assert np.allclose(curve, ret)
+    assert summary["n_transitions"] == (N_TRAIN + N_TEST) * T and summary["wall_s"] > 0
+
+
+def test_meta_json_round_trip(collected):
+    path, cfg, summary, h = collected
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta == h.meta and meta["format_version"] == 1
+    assert meta["env"] == {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5,
+                           "reward_mode": "every_step", "train_frac": 0.9, "split_seed": 0}
+    train, test = goal_split(9)
+    assert meta["split"] == {"train_goals": [list(g) for g in train], "test_goals": [list(g) for g in test]}
+    assert meta["source"]["name"] == "qlearning" and meta["source"]["n_stream"] == 3
+    for k in ("lr", "gamma", "q_init", "eps_start", "eps_end", "eps_decay_steps", "replay_passes"):
+        assert meta["source"][k] == cfg.source[k]
+    assert (meta["seed"], meta["data_seed"], meta["n_steps"], meta["n_stream_eval"]) == (0, 0, T, 2)
+    assert len(meta["return_curve_test"]) == T // 20
+    assert meta["summary"]["train"] == summary["train"] and meta["summary"]["test"] == summary["test"]
+
+
+def test_same_seed_same_data_other_seed_other_data(collected, tmp_path):
+    h = collected[3]
+    again = collect.main(cfg_for(tmp_path / "again"))
+    h2 = load_histories(again["data_path"], h.meta["env"])
+    assert np.array_equal(h.actions, h2.actions) and np.array_equal(h.states, h2.states)
+    other = collect.main(cfg_for(tmp_path / "other", "data_seed=1"))
+    h3 = load_histories(other["data_path"], h.meta["env"])
+    assert not np.array_equal(h.actions, h3.actions) and h3.meta["seed"] == 1
+
+
+def test_refuses_to_overwrite_before_doing_any_work(tmp_path, monkeypatch):
+    target = tmp_path / "ds"
+    collect.main(cfg_for(target))
+    before = (target / "actions.npy").read_bytes()
+
+    def must_not_run(*a, **kw):
+        raise AssertionError("collection started although the dataset exists")
+
+    monkeypatch.setitem(collect.SOURCES, "qlearning", must_not_run)
+    with pytest.raises(DatasetError, match=r"already exists at .*overwrite=true") as ei:
+        collect.main(cfg_for(target, "data_seed=1"))
+    assert "\n" not in str(ei.value)
+    monkeypatch.undo()
+    assert (target / "actions.npy").read_bytes() == before
+    collect.main(cfg_for(target, "data_seed=1", "overwrite=true"))    # explicit overwrite replaces it
+    assert (target / "actions.npy").read_bytes() != before
+    assert json.loads((target / "meta.json").read_text())["data_seed"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]        # no temp folders left behind
+
+
+@pytest.mark.parametrize("override,match", [
+    ("source.n_steps=210", r"source.n_steps=210 must be a positive multiple of env.horizon=20"),
+    ("source.name=ppo", r"unknown source.name='ppo'"),
+    ("source.n_stream=0", r"source.n_stream=0 must be >= 1")])
+def test_bad_config_is_one_line_error(tmp_path, override, match):
+    with pytest.raises(collect.ConfigError, match=match) as ei:
+        collect.main(cfg_for(tmp_path / "ds", override))
+    assert "\n" not in str(ei.value) and not (tmp_path / "ds").exists()
+
+
+def test_cli_resolves_relative_paths_and_refuses_existing_dataset(collected, tmp_path):
+    """`python collect.py data_path=<relative>` under Hydra: relative to the launch directory; an
+    existing dataset -> exit 2 with one `error:` line (no traceback), the dataset untouched."""
+    path, _, _, _ = collected
+    (tmp_path / "data").mkdir()
+    os.symlink(path, tmp_path / "data" / "ds")  # an existing dataset at the relative path data/ds
+    before = (path / "actions.npy").read_bytes()
+    r = subprocess.run([sys.executable, str(REPO / "collect.py"), *TINY, "data_path=data/ds",
+                        f"hydra.run.dir={tmp_path / 'hydra'}"], check=False, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0] == (f"error: a dataset already exists at {tmp_path / 'data' / 'ds'}: pass overwrite=true "
+                        f"to replace it, or choose another data_path / data_seed")
+    assert (path / "actions.npy").read_bytes() == before

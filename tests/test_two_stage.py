@@ -1,0 +1,354 @@
+"""two_stage.py (the pipeline driver) and its wrappers, on a tiny problem.
+
+two_stage.main(argv) runs in-process (cwd = a temp dir, so the default runs/ and data/ land there); every
+stage it starts is a real subprocess (`python <script>.py ...`), exactly as on the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO, TINY_MODEL
+
+import loop
+import two_stage
+from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
+
+# Shared overrides; two_stage routes each one to the stages whose config has the key.
+PIPE = TINY_MODEL + [
+    "warmup_steps=2",
+    "log_every=2",
+    "checkpoint_every=1000",
+    "progress=false",  # pretrain + train (+ others)
+    "model.pretrain_steps=4",
+    "model.pretrain_batch_size=8",
+    "model.save_every=1000",
+    "diag_every=0",
+    "diag_batches=1",  # stage 1 only
+    "batch_size=8",
+    "max_steps=4",
+    "heldout_every=0",
+    "heldout_batches=1",
+    "eval_every=0",  # stage 2 only
+    "n_episodes=2",
+    "seeds_per_goal=1",
+    "n_train_goals=1",  # evaluate only
+]
+COLLECT = ["source.n_stream=4", "source.n_steps=200", "source.n_stream_eval=1"]  # collect only
+PRETRAIN_RUN = "runs/pretrain-encoder-darkroom-seed0"
+
+
+@pytest.fixture
+def ws(tmp_path, monkeypatch):
+    """A clean working directory; stage subprocesses get one torch thread and no debug switches."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "0")
+    monkeypatch.delenv("CAD_DEBUG", raising=False)
+    return tmp_path.resolve()
+
+
+def commands(out: str) -> dict[str, str]:
+    """{stage: the printed command line} from two_stage's output."""
+    return dict(re.findall(r"^\[(\w+)\] \$ (.*)$", out, flags=re.MULTILINE))
+
+
+def test_pretrain_only_then_full_pipeline_then_reuse(ws, tiny, capfd):
+    args = PIPE + [f"data_path={tiny.data_path}"]
+    ckpt = ws / PRETRAIN_RUN / "encoder-pretrained-final.pt"
+    trun = ws / "runs/ad_compressed-pretrained-darkroom-seed0"
+
+    # --pretrain-only: stage 1 and nothing after it (the dataset exists, so no collect either).
+    out = two_stage.main(["--pretrain-only", *args])
+    stdout = capfd.readouterr().out
+    assert list(commands(stdout)) == ["pretrain"]
+    assert f"[collect] dataset exists at {tiny.data_path}; reusing it" in stdout
+    assert ckpt.is_file() and out["encoder_checkpoint"] == str(ckpt) and "train_run_dir" not in out
+    assert [p.name for p in (ws / "runs").iterdir()] == ["pretrain-encoder-darkroom-seed0"]  # no stage-2 run
+
+    # Full pipeline: the finished stage 1 is reused; stage 2 starts from the checkpoint it wrote; eval runs.
+    out = two_stage.main(args)
+    stdout = capfd.readouterr().out
+    cmds = commands(stdout)
+    assert list(cmds) == ["train", "evaluate"]
+    assert f"[pretrain] already complete in {ws / PRETRAIN_RUN}; reusing it" in stdout
+    assert out["train_run_dir"] == str(trun) and out["encoder_checkpoint"] == str(ckpt)
+    assert json.loads((trun / "config.json").read_text())["model"]["pretrained_encoder_path"] == str(ckpt)
+    assert f"model.pretrained_encoder_path={ckpt}" in cmds["train"]
+    assert (trun / "model.pt").is_file() and (trun / "eval.json").is_file() and "eval" in out
+    assert cmds["evaluate"].endswith(f"run_dir={trun}")
+    # Each command is printed before its stage runs (the stage's own output follows it).
+    t, e = stdout.index("[train] $ "), stdout.index("[evaluate] $ ")
+    assert t < stdout.index(f"Loading pretrained encoder from {ckpt}") < e < stdout.index("wrote ")
+    assert "=== CompressedAD two-stage pipeline ===" in stdout
+    # Overrides went only where their key exists.
+    assert "max_steps=4" in cmds["train"] and "pretrain_steps" not in cmds["train"]
+    assert "n_episodes=2" in cmds["evaluate"] and "model." not in cmds["evaluate"]
+
+    # Re-run: nothing is redone.
+    stamps = {p: p.stat().st_mtime_ns for p in (ws / PRETRAIN_RUN / "done.json", trun / "done.json", ckpt)}
+    two_stage.main(args + ["--no-eval"])
+    stdout = capfd.readouterr().out
+    assert commands(stdout) == {}
+    assert f"[pretrain] already complete in {ws / PRETRAIN_RUN}" in stdout
+    assert f"[train] already complete in {trun}" in stdout
+    assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+
+def test_train_only_from_given_checkpoint_frozen(ws, tiny, capfd):
+    cfg = tiny.compose("pretrain")
+    mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
+    torch.manual_seed(0)
+    pre = EncoderPretrainer(mcfg)
+    ckpt = ws / "given" / "encoder-pretrained-final.pt"
+    save_encoder_checkpoint(ckpt, pre, 3, {"model": mcfg.to_dict(), "env": loop.to_plain(cfg.env)})
+
+    out = two_stage.main(
+        [
+            "--train-only",
+            "--pretrained-path",
+            "given/encoder-pretrained-final.pt",  # relative
+            "--freeze-encoder",
+            "--no-eval",
+            *PIPE,
+            f"data_path={tiny.data_path}",
+        ]
+    )
+    stdout = capfd.readouterr().out
+    assert list(commands(stdout)) == ["train"]  # no stage 1, no collect, no eval
+    trun = ws / "runs/ad_compressed-pretrained-frozen-darkroom-seed0"
+    assert out["train_run_dir"] == str(trun) and not (ws / PRETRAIN_RUN).exists()
+    model_cfg = json.loads((trun / "config.json").read_text())["model"]
+    assert model_cfg["pretrained_encoder_path"] == str(ckpt) and model_cfg["freeze_encoder"] is True
+    assert f"Loading pretrained encoder from {ckpt}" in stdout
+    sd = torch.load(trun / "model.pt", weights_only=True)["model_state_dict"]
+    for k, v in pre.encoder.state_dict().items():
+        assert torch.equal(sd[f"encoder.{k}"], v), k  # frozen through training
+
+
+def test_modes_dry_run(ws, capfd):
+    base = PIPE + COLLECT + ["data_path=data/x"]
+    two_stage.main(
+        ["--dry-run", "--freeze-encoder", *base, "train:lr=0.0001", "pretrain_lr=0.01", "n_latent=3"]
+    )
+    cmds = commands(capfd.readouterr().out)
+    assert list(cmds) == ["collect", "pretrain", "train", "evaluate"]  # data/x is missing: collect first
+    assert "source.n_stream=4" in cmds["collect"] and "source." not in cmds["pretrain"] + cmds["train"]
+    assert "model." not in cmds["collect"] + cmds["evaluate"]
+    frozen = ws / "runs/ad_compressed-pretrained-frozen-darkroom-seed0"
+    assert "model.freeze_encoder=true" in cmds["train"]
+    assert (
+        f"model.pretrained_encoder_path={ws / PRETRAIN_RUN / 'encoder-pretrained-final.pt'}" in cmds["train"]
+    )
+    assert cmds["evaluate"].endswith(f"run_dir={frozen}")
+    assert " lr=0.0001" in cmds["train"] and "lr=0.0001" not in cmds["pretrain"]
+    assert "model.pretrain_lr=0.01" in cmds["pretrain"] and "pretrain_lr" not in cmds["train"]
+    assert "model.n_latent=3" in cmds["pretrain"] and "model.n_latent=3" in cmds["train"]
+    assert not (ws / "runs").exists() and not (ws / "data").exists()  # a dry run writes nothing
+
+    two_stage.main(["--dry-run", "--train-only", *base])
+    cmds = commands(capfd.readouterr().out)
+    assert list(cmds) == ["collect", "train", "evaluate"] and "pretrained_encoder_path" not in cmds["train"]
+    assert cmds["evaluate"].endswith(f"run_dir={ws / 'runs/ad_compressed-darkroom-seed0'}")
+
+    two_stage.main(["--dry-run", "--accelerate", "--num-processes", "2", "--no-eval", "--force", *base])
+    cmds = commands(capfd.readouterr().out)
+    launch = (
+        f"-m accelerate.commands.launch --config_file {REPO / 'accelerate_config.yaml'} --num_processes 2 "
+    )
+    assert launch + str(REPO / "pretrain_encoder.py") in cmds["pretrain"]
+    assert launch + str(REPO / "train.py") in cmds["train"]
+    assert "accelerate" not in cmds["collect"] and "evaluate" not in cmds
+    assert cmds["pretrain"].endswith("overwrite=true") and cmds["train"].endswith("overwrite=true")
+
+
+def test_stage_prefix_beats_shared_override():
+    routed = two_stage.split_overrides(
+        ["warmup_steps=2", "pretrain:warmup_steps=7", "model.n_latent=4", "train:model.n_latent=6", "seed=1"]
+    )
+    pre, tr = two_stage.compose("pretrain", routed["pretrain"]), two_stage.compose("train", routed["train"])
+    assert (pre.warmup_steps, pre.model.n_latent) == (7, 4)
+    assert (tr.warmup_steps, tr.model.n_latent) == (2, 6)
+    assert all("seed=1" in routed[s] for s in ("pretrain", "train", "evaluate"))
+
+
+def test_pipeline_errors(ws):
+    with pytest.raises(two_stage.PipelineError, match="--pretrained-path is for stage 2"):
+        two_stage.main(["--dry-run", "--pretrain-only", "--pretrained-path", "x.pt"])
+    with pytest.raises(two_stage.PipelineError, match="--freeze-encoder needs a pretrained encoder"):
+        two_stage.main(["--dry-run", "--train-only", "--freeze-encoder"])
+    with pytest.raises(two_stage.PipelineError, match="'bogus=1' matches no stage"):
+        two_stage.main(["--dry-run", "bogus=1"])
+    with pytest.raises(two_stage.PipelineError, match="unknown stage prefix"):
+        two_stage.main(["--dry-run", "stage3:lr=1"])
+    with pytest.raises(two_stage.PipelineError, match=r"\[train\] unknown config key 'lrr'"):
+        two_stage.main(["--dry-run", "train:lrr=1"])
+    with pytest.raises(SystemExit) as ei:
+        two_stage.main(["--pretrain-only", "--train-only"])
+    assert ei.value.code == 2
+    assert not (ws / "runs").exists()
+
+
+def _wrapper_env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHON", None)
+    env.pop("CAD_DEBUG", None)
+    return env
+
+
+def test_shell_wrapper_passes_options_through(tmp_path):
+    args = [
+        "--dry-run",
+        "--train-only",
+        "--pretrained-path",
+        "some/enc.pt",
+        "--freeze-encoder",
+        "--accelerate",
+        "--num-processes",
+        "3",
+        "--accelerate-config",
+        "my_acc.yaml",
+        "--no-eval",
+        "--force",
+        "data_path=data/x",
+        "train:lr=0.0001",
+        "n_latent=3",
+    ]
+    r = subprocess.run(
+        ["bash", str(REPO / "train_two_stage.sh"), *args],
+        cwd=tmp_path,
+        env=_wrapper_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    cmds = commands(r.stdout)
+    assert list(cmds) == ["collect", "train"]
+    venv = REPO / ".venv" / "bin" / "python"
+    if venv.exists():  # the wrapper prefers the repo's virtual environment
+        assert cmds["train"].startswith(f"{venv} -m accelerate.commands.launch")
+    t = cmds["train"]
+    assert "--config_file my_acc.yaml --num_processes 3" in t
+    for piece in (
+        f"model.pretrained_encoder_path={(tmp_path / 'some/enc.pt').resolve()}",
+        "model.freeze_encoder=true",
+        " lr=0.0001",
+        "model.n_latent=3",
+        "overwrite=true",
+        "data_path=data/x",
+    ):
+        assert piece in t, piece
+
+
+def test_failing_stage_stops_the_pipeline_with_its_exit_code(tmp_path):
+    """Through the shell wrapper, stdout and stderr in one stream: the dataset is missing so collect runs,
+    stage 1 fails on a bad stage-targeted override, stage 2 and eval never start, and the stage's exit
+    code (1: CAD_DEBUG=1 makes the script raise instead of exiting 2) comes out of the wrapper."""
+    data = tmp_path / "data" / "fresh"
+    r = subprocess.run(
+        [
+            "bash",
+            str(REPO / "train_two_stage.sh"),
+            *PIPE,
+            *COLLECT,
+            f"data_path={data}",
+            "pretrain:model.n_latent=0",
+        ],
+        cwd=tmp_path,
+        env={**_wrapper_env(), "CAD_DEBUG": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    out = r.stdout
+    assert r.returncode == 1, out
+    assert list(commands(out)) == ["collect", "pretrain"]
+    assert (data / "meta.json").is_file()  # collect ran because the dataset was missing
+    assert "source.n_stream=4" in commands(out)["collect"]
+    assert (
+        out.index("[pretrain] $ ")
+        < out.index("model.n_latent=0 must be >= 1")
+        < out.index("[pretrain] failed with exit code 1; stopping the pipeline")
+    )
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["collect"]  # collect's Hydra log only
+
+
+# ---- train_two_stage.ps1 ----------------------------------------------------------------------------------
+PS1_SWITCHES = {
+    "PretrainOnly": "--pretrain-only",
+    "TrainOnly": "--train-only",
+    "FreezeEncoder": "--freeze-encoder",
+    "PretrainedPath": "--pretrained-path",
+    "Accelerate": "--accelerate",
+    "AccelerateConfig": "--accelerate-config",
+    "NumProcesses": "--num-processes",
+    "NoEval": "--no-eval",
+    "Force": "--force",
+    "DryRun": "--dry-run",
+}
+
+
+def test_ps1_maps_every_switch_to_two_stage_flags():
+    text = (REPO / "train_two_stage.ps1").read_text()
+    mapped = dict(re.findall(r'if \(\$(\w+)(?: -gt 0)?\) \{ \$argsList \+= (?:@\()?"(--[\w-]+)"', text))
+    assert mapped == PS1_SWITCHES
+    params = re.search(r"param\((.*?)\n\)", text, flags=re.DOTALL).group(1)
+    for name in PS1_SWITCHES:
+        assert re.search(rf"\]\${name}\b", params), f"-{name} is not a parameter"
+    # Every two_stage.py option has a switch, and each flag exists there.
+    flags = set(re.findall(r'add_argument\("(--[\w-]+)"', (REPO / "two_stage.py").read_text()))
+    assert flags == set(PS1_SWITCHES.values())
+    for switch in ("PretrainedPath", "AccelerateConfig", "NumProcesses"):  # value-taking: the value follows
+        assert re.search(rf'@\("{PS1_SWITCHES[switch]}", "?\${switch}"?\)', text), switch
+    assert "ValueFromRemainingArguments" in text and "$argsList += $Overrides" in text
+    assert 'Join-Path $here "two_stage.py"' in text and "exit $LASTEXITCODE" in text
+
+
+@pytest.mark.skipif(shutil.which("pwsh") is None, reason="PowerShell (pwsh) is not installed")
+def test_ps1_wrapper_passes_options_through(tmp_path):
+    r = subprocess.run(
+        [
+            "pwsh",
+            "-NoProfile",
+            "-File",
+            str(REPO / "train_two_stage.ps1"),
+            "-DryRun",
+            "-TrainOnly",
+            "-PretrainedPath",
+            "some/enc.pt",
+            "-FreezeEncoder",
+            "-Accelerate",
+            "-NumProcesses",
+            "3",
+            "-NoEval",
+            "data_path=data/x",
+            "train:lr=0.0001",
+        ],
+        cwd=tmp_path,
+        env=_wrapper_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    t = commands(r.stdout)["train"]
+    for piece in (
+        "--num_processes 3",
+        "model.freeze_encoder=true",
+        " lr=0.0001",
+        "model.pretrained_encoder_path=",
+    ):
+        assert piece in t, piece
+    assert sys.executable  # same interpreter family; the wrapper picks .venv when present
