@@ -5,6 +5,7 @@
     python experiments/compare_pretraining.py --arms scratch pretrained_ft --seeds 0 1 train:lr=1e-4
     python experiments/compare_pretraining.py --experiment full --accelerate   # GPU, DICP scale
     python experiments/compare_pretraining.py --dry-run                # print the plan, run nothing
+    python experiments/compare_pretraining.py --report-only            # rewrite the table from what exists
 
 Arms (same dataset, same training budget, same seeds; only the encoder's start / extra loss differ):
     ad                 AD baseline (model=ad_dr): the same decoder, a sliding window, no compression
@@ -21,8 +22,8 @@ has done.json (and the same config) is reused; one with checkpoints but no done.
 an interrupted comparison picks up where it stopped: run the same command again.
 
 Each trained run is evaluated twice with frozen weights on the held-out goals: `eval` (the preset's
-n_episodes) and `eval_long` (--long-episodes, default 500: far past AD's window and past the length
-of the source's learning histories). The outputs in --out (default results/compare-<experiment>):
+n_episodes) and `eval_long` (--long-episodes, default 500, --long-seeds-per-goal 2 rollouts per held-out
+goal: far past AD's window and past the length of the source's learning histories). The outputs in --out (default results/compare-<experiment>):
     table.md     the comparison table (mean ± std over seeds), the scale, date and command
     table.json   the same plus per-seed raw numbers, run dirs, the dataset and the routed overrides
     curves.png   held-out in-context learning curves of every arm (mean ± std over seeds), and the long ones
@@ -31,6 +32,7 @@ Free overrides `key=value` go to every stage whose config has that key (as in tw
 `model.d_model=32` reaches pretrain and train, `n_episodes=...` only evaluate. Prefix one with a stage
 to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`, `evaluate:seeds_per_goal=2`,
 `collect:source.n_stream=10`. The runner itself sets seed, run_dir, data_path (and resume/overwrite).
+A run dir or dataset made with other settings than the command asks for is refused (--force redoes runs).
 """
 
 from __future__ import annotations
@@ -743,6 +745,11 @@ def plot(path: Path, rep: dict) -> None:
             x = np.arange(1, len(mean) + 1) + (smooth - 1)
             ax.plot(x, mean, color=colors[arm], label=f"{arm} ({len(c)} seeds)")
             ax.fill_between(x, mean - std, mean + std, color=colors[arm], alpha=0.15, linewidth=0)
+        src = rep["dataset"].get("source_curve_test")
+        if src:  # what AD distils: the source algorithm learning the same held-out goals from scratch
+            n_src = min(len(src), rep["eval" if key == "curve" else "long_eval"]["n_episodes"])
+            ax.plot(np.arange(1, n_src + 1), src[:n_src], color="k", linewidth=1, alpha=0.6, linestyle="-.",
+                    label="source algorithm (its histories)")
         if opt:
             ax.axhline(opt, color="k", linestyle="--", linewidth=1, label=f"optimal ({opt:.2f})")
         ep_hist = rep["dataset"].get("episodes_per_history")
@@ -791,6 +798,7 @@ def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, 
         "budget": budget,
         "dataset": {"path": str(plan.data_path), "n_stream": meta.get("n_stream"), "n_steps": meta.get("n_steps"),
                     "episodes_per_history": ep_hist, "env": env.get("name"),
+                    "source_curve_test": meta.get("return_curve_test"),
                     "summary": f"{env.get('name')}, {n_train} train goals x {meta.get('n_stream')} streams x "
                                f"{meta.get('n_steps')} steps"},
         "eval": {"n_episodes": e["n_episodes"], "seeds_per_goal": e["seeds_per_goal"], "last_k": first("eval_last_k"),
