@@ -20,9 +20,6 @@ writes <run_dir>/eval.json, <run_dir>/eval.png and eval/* scalars into <run_dir>
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,11 +28,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+from atomic_io import atomic_write, atomic_write_json
 from env import BatchedDarkroom, goal_split, optimal_return
 
 FORMAT_VERSION = 1
-_UMASK = os.umask(0o022)  # read the process umask (the only way is to set it) ...
-os.umask(_UMASK)  # ... and put it back at once
 
 
 class EvalError(ValueError):
@@ -245,27 +241,8 @@ def load_trained_model(run_dir, device="cpu"):
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write) -> None:
-    """write(tmp_path) into a temp file next to `path`, then rename: readers never see a torn file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json_atomic(path: Path, obj) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-    _atomic_write(path, write)
+    atomic_write_json(path, obj, indent=1)
 
 
 def plot_curves(path: Path, results: dict, title: str) -> None:
@@ -293,7 +270,7 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
 
 
 def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from atomic_io import fsync_dir
+
 FORMAT_VERSION = 1
 N_ACTIONS = 5
 # name -> (trailing shape after N, or after (N, T)); all arrays are uint8.
@@ -251,14 +253,6 @@ def check_can_write(path, overwrite: bool = False) -> None:
                            f"by hand or choose another data_path")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> Path:
     """Write a dataset atomically; returns the final path.
 
@@ -289,11 +283,11 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
             json.dump(meta, f, indent=2)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if path.exists():  # overwrite=True was checked above
             os.rename(path, old)
         os.rename(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # put the previous dataset back

@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import signal
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from atomic_io import atomic_write_text, fsync_dir
 from model.config import ConfigError
 
 
@@ -165,30 +165,6 @@ def seed_everything(seed: int) -> None:
     from accelerate.utils import set_seed
 
     set_seed(int(seed))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _identity(cfg: dict, ignore: Iterable[str] = ()) -> dict:
@@ -599,7 +575,7 @@ def _fsync_tree(root: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict | None = None) -> Path:
@@ -627,7 +603,7 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
         if final.exists():  # same step saved again (resume_from an older checkpoint): swap, then delete
             os.rename(final, old)
         os.rename(tmp, final)
-        _fsync_dir(ck_root)
+        fsync_dir(ck_root)
         shutil.rmtree(old, ignore_errors=True)
         complete = checkpoints(run_dir)
         newer = [p for st, p in complete if st > step]

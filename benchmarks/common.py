@@ -10,11 +10,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere without installing
+from atomic_io import atomic_write_json
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
@@ -126,11 +126,7 @@ def pick_device(name: str) -> torch.device:
 def write_json(name: str, data: dict, out_dir: Path | str | None = None) -> Path:
     """Atomically write benchmarks/out/<name>.json (temp file in the same folder, then os.replace)."""
     out = Path(out_dir or OUT_DIR) / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, data)
     return out
 
 

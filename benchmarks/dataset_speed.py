@@ -10,11 +10,9 @@ numbers to benchmarks/out/dataset_speed.json (atomically). Timings, not assertio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere without installing
 
+from atomic_io import atomic_write_json
 from dataset import HistoryBatches, batch_loader
 from dataset_pretrain import PretrainBatches
 
@@ -104,11 +103,7 @@ def main() -> None:
     print(f"{'construct (pack arrays)':28s} {build_s:12.2f} s")
 
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-    os.replace(tmp, out)
+    atomic_write_json(out, results)
     print(f"wrote {out}")
 
 

@@ -45,7 +45,6 @@ import os
 import shlex
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python experiments/compare_pretraining.py` puts experiments/ first, not the repo
     sys.path.insert(0, str(ROOT))
+
+from atomic_io import atomic_write, atomic_write_text
 
 STAGES = ("collect", "pretrain", "train", "evaluate")
 ARMS = {
@@ -635,22 +636,8 @@ def collect_results(a, plan: Plan) -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write_text(path, text)
 
 
 def device_description(results: dict) -> str:
@@ -763,7 +750,7 @@ def plot(path: Path, rep: dict) -> None:
             ax.legend(fontsize=8, loc="best")
     fig.suptitle(f"Does pretraining help? {rep['scale']}, {rep['date']}", fontsize=11)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110), binary=True)
 
 
 def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, failed: list[str]) -> dict:

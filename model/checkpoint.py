@@ -8,13 +8,12 @@ Written atomically (temp file + os.replace) so a crash never leaves a torn file 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from atomic_io import atomic_torch_save
 from model.config import ENCODER_ARCH_KEYS, ModelConfig
 
 REQUIRED_KEYS = ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict", "global_step", "config")
@@ -22,22 +21,6 @@ REQUIRED_KEYS = ("encoder_state_dict", "embed_context_state_dict", "embed_ln_sta
 
 class EncoderCheckpointError(ValueError):
     """A pretrained-encoder checkpoint that cannot be used; the message names the file and the fix."""
-
-
-def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def encoder_checkpoint(model: nn.Module, global_step: int, config: dict) -> dict:

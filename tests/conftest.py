@@ -38,6 +38,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tiny models on 2 shared cores: one OpenMP thread per process is fastest, and subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 CONFIG_DIR = str(REPO / "config")
 PYTHON = sys.executable
 
