@@ -266,7 +266,7 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
                    label=f"{split} optimal ({s['optimal_mean']:.2f})")
     ax.set_xlabel("episode (in context, frozen weights)")
     ax.set_ylabel("episode return")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
@@ -382,7 +382,7 @@ def main(cfg: DictConfig) -> dict:
         "splits": results,
     }
     json_path, png_path = run_dir / f"{cfg.out_name}.json", run_dir / f"{cfg.out_name}.png"
-    title = f"{report['model_name']} @ step {global_step} ({run_dir.name}): in-context return"
+    title = f"{report['model_name']} @ step {global_step}: in-context return ({run_dir.name})"
     plot_curves(png_path, results, title)
     if cfg.tensorboard:
         write_tensorboard(run_dir / "tb", results, global_step)
