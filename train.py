@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 import loop
+from atomic_io import atomic_torch_save
 from dataset import HistoryBatches, batch_loader
 from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
-from model.checkpoint import atomic_torch_save
 from model.losses import action_loss, reconstruction_loss
 
 

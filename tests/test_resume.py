@@ -189,7 +189,7 @@ def test_atomic_write_text_keeps_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_atomic_torch_save_keeps_old_file_when_serialisation_fails(tmp_path):
-    from model.checkpoint import atomic_torch_save
+    from atomic_io import atomic_torch_save
 
     p = tmp_path / "model.pt"
     atomic_torch_save({"w": torch.ones(3)}, p)
