@@ -91,7 +91,7 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
             episodes = range(n_episodes)
             if progress:
                 from tqdm import tqdm
-                episodes = tqdm(episodes, desc=f"in-context rollout ({n_envs} envs)", unit="ep")
+                episodes = tqdm(episodes, desc=f"in-context rollout ({n_envs} envs)", unit="ep", mininterval=1.0)
             for ep in episodes:
                 states = env.reset()  # the env resets, the model's memory `st` does not
                 for _ in range(horizon):

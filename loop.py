@@ -464,7 +464,7 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
     if s.progress and acc.is_main_process:
         from tqdm import tqdm
 
-        pbar = tqdm(total=s.max_steps, initial=state.step, desc=ns, dynamic_ncols=True)
+        pbar = tqdm(total=s.max_steps, initial=state.step, desc=ns, dynamic_ncols=True, mininterval=1.0)
     max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")  # inf: norm computed, grads untouched
     model.train()
     while state.step < s.max_steps:
