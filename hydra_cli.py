@@ -48,47 +48,67 @@ def user_errors() -> tuple[type[BaseException], ...]:
             UnknownKeyError, FileNotFoundError, ValueError)
 
 
-def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
-    """Map bare model keys to `model.<key>` and reject unknown keys, using the composed config."""
+def compose_config(config_name: str, overrides: list[str], config_dir: str = CONFIG_DIR):
+    """Hydra compose of <config_dir>/<config_name>.yaml, leaving no global Hydra state behind (so it can be
+    called repeatedly and before @hydra.main). Hydra/OmegaConf errors propagate."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            return compose(config_name, overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def route_override(cfg, override: str) -> str | None:
+    """How `override` applies to a script whose composed config is `cfg`: unchanged, rewritten to
+    `model.<key>=...` (a bare model key), or None when that config has no such key."""
+    from omegaconf import OmegaConf
+
+    if override.startswith("-") or "=" not in override:
+        return override
+    key = override.split("=", 1)[0]
+    if key.startswith(("+", "~", "hydra.", "hydra/", "override")) or key in GROUPS:
+        return override
+    if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
+        return override
+    if "." not in key and "model" in cfg and key in cfg.model:
+        return f"model.{override}"
+    return None
+
+
+def group_choices(args: list[str]) -> list[str]:
+    """The config-group choices among `args` (env=..., model=..., experiment=...)."""
+    return [a for a in args if "=" in a and not a.startswith("-") and a.split("=", 1)[0].lstrip("+~") in GROUPS]
+
+
+def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
+    """Map bare model keys to `model.<key>` and reject unknown keys, using the composed config."""
     from hydra.errors import HydraException
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     def composed(overrides: list[str], what: str):
-        GlobalHydra.instance().clear()
         try:
-            with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-                c = compose(config_name, overrides=overrides)
-                OmegaConf.to_container(c, resolve=True)  # interpolation errors surface here, not mid-run
-                return c
+            c = compose_config(config_name, overrides)
+            OmegaConf.to_container(c, resolve=True)  # interpolation errors surface here, not mid-run
+            return c
         except (HydraException, OmegaConfBaseException) as e:
             raise UnknownKeyError(f"{what}: {one_line(e)}") from None
-        finally:
-            GlobalHydra.instance().clear()
 
-    plain = [a for a in args if not a.startswith("-") and "=" in a]
-    group_choices = [a for a in plain if a.split("=", 1)[0].lstrip("+~") in GROUPS]
-    cfg = composed(group_choices, "bad config group choice (see config/<group>/*.yaml)")
+    cfg = composed(group_choices(args), "bad config group choice (see config/<group>/*.yaml)")
     out = []
     for a in args:
-        if a.startswith("-") or "=" not in a:
-            out.append(a)
-            continue
-        key = a.split("=", 1)[0]
-        if key.startswith(("+", "~", "hydra.", "hydra/", "override")) or key in GROUPS:
-            out.append(a)
-            continue
-        if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
-            out.append(a)
-        elif "." not in key and "model" in cfg and key in cfg.model:
-            out.append(f"model.{a}")
-        else:
+        routed = route_override(cfg, a)
+        if routed is None:
+            key = a.split("=", 1)[0]
             top = ", ".join(sorted(k for k in cfg if k not in GROUPS))
             raise UnknownKeyError(
                 f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model keys are "
                 f"model.<name> (see config/model/); add new keys with +{key}=...")
+        out.append(routed)
     # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
     # syntax or a value that breaks an interpolation fails here, in one line, before any work.
     composed([a for a in out if "=" in a and not a.startswith("-")

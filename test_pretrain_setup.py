@@ -22,14 +22,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _compose(name: str, overrides: list[str], config_dir: str):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    from hydra_cli import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-        cfg = compose(name, overrides=overrides)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(name, overrides, config_dir)
 
 
 def run_checks(overrides: list[str], config_dir: str = str(ROOT / "config")) -> list[tuple[str, bool, str]]:

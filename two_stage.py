@@ -45,10 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--pretrained-path", default=None, help="encoder-pretrained-*.pt for stage 2 (skips stage 1)")
     p.add_argument("--freeze-encoder", action="store_true", help="stage 2 keeps the pretrained encoder frozen")
     p.add_argument("--no-eval", action="store_true", help="skip the final in-context evaluation")
-    p.add_argument("--accelerate", action="store_true", help="run the training stages under accelerate launch")
-    p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
-                   help="accelerate config file (default: accelerate_config.yaml)")
-    p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
+    add_launch_args(p)
     p.add_argument("--force", action="store_true", help="redo stages that already finished (overwrite=true)")
     p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
     p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, optionally stage:key=value")
@@ -58,9 +55,17 @@ def parse_args(argv=None):
     return a
 
 
+def add_launch_args(p: argparse.ArgumentParser) -> None:
+    """The flags `command` reads: how pretrain/train are launched (also used by experiments/)."""
+    p.add_argument("--accelerate", action="store_true", help="run the training stages under accelerate launch")
+    p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
+                   help="accelerate config file (default: accelerate_config.yaml)")
+    p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
+
+
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """Route each override to the stages whose config knows its key (stage:key=value -> that stage)."""
-    from hydra_cli import GROUPS, UnknownKeyError, rewrite_overrides
+    from hydra_cli import UnknownKeyError, group_choices, rewrite_overrides, route_override
 
     routed: dict[str, list[str]] = {s: [] for s in STAGES}
     only: dict[str, list[str]] = {s: [] for s in STAGES}  # stage:key=value, appended last so they win
@@ -71,13 +76,13 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
         if stage not in STAGES:
             raise PipelineError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
         only[stage].append(kv)
-    groups = [o for o in shared if o.split("=", 1)[0].lstrip("+~") in GROUPS]
+    groups = group_choices(shared)
     # Route by the stages' own configs, without the experiment preset: a preset is @package _global_ and
     # adds its keys to every script's config, which would send every key everywhere.
     base_groups = [g for g in groups if g.split("=", 1)[0].lstrip("+~") != "experiment"]
     # One composition per stage, then a lookup per key (composing per key and stage took ~15 CPU-s for a
-    # typical command line). _route makes hydra_cli.rewrite_overrides' decision; the full lists are
-    # validated by rewrite_overrides itself below.
+    # typical command line). route_override is the decision hydra_cli.rewrite_overrides makes; the full
+    # lists are validated by rewrite_overrides itself below.
     try:
         bases = {s: compose(s, base_groups) for s in STAGES}
     except UnknownKeyError as e:
@@ -89,7 +94,7 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
             continue
         took = False
         for s, cfg in bases.items():
-            r = _route(cfg, o, GROUPS)
+            r = route_override(cfg, o)
             if r is not None:
                 routed[s].append(r)
                 took = True
@@ -105,36 +110,11 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     return routed
 
 
-def _route(cfg, o: str, groups) -> str | None:
-    """How hydra_cli.rewrite_overrides would pass override `o` to a script whose config is `cfg`
-    (None: that config has no such key)."""
-    from omegaconf import OmegaConf
-
-    if o.startswith("-") or "=" not in o:
-        return o
-    key = o.split("=", 1)[0]
-    if key.startswith(("+", "~", "hydra.", "hydra/", "override")) or key in groups:
-        return o
-    if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
-        return o
-    if "." not in key and "model" in cfg and key in cfg.model:
-        return f"model.{o}"
-    return None
-
-
 def compose(stage: str, overrides: list[str]):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """The composed config a stage's script would see for these overrides (short keys rewritten)."""
+    from hydra_cli import compose_config, rewrite_overrides
 
-    from hydra_cli import CONFIG_DIR, rewrite_overrides
-
-    args = rewrite_overrides(STAGES[stage], overrides)
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = hcompose(STAGES[stage], overrides=args)
-    GlobalHydra.instance().clear()
-    return cfg
+    return compose_config(STAGES[stage], rewrite_overrides(STAGES[stage], overrides))
 
 
 def command(stage: str, overrides: list[str], a) -> list[str]:

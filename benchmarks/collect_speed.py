@@ -19,19 +19,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import ROOT, machine_info, median, print_table, write_json
+from common import machine_info, median, print_table, write_json
 
 
 def run_once(overrides: list[str], data_path: Path) -> tuple[dict, float]:
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     import collect
+    from hydra_cli import compose_config
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose("collect", overrides=[*overrides, f"data_path={data_path}", "progress=false"])
-    GlobalHydra.instance().clear()
+    cfg = compose_config("collect", [*overrides, f"data_path={data_path}", "progress=false"])
     t0 = time.perf_counter()
     summary = collect.main(cfg)
     return summary, time.perf_counter() - t0

@@ -28,14 +28,11 @@ OUT_DIR = Path(__file__).resolve().parent / "out"
 def model_cfgs(model: str, overrides: list[str] | None = None):
     """(model_cfg, env_cfg) of config/train.yaml composed with model=<model> (+ Hydra overrides such
     as 'model.d_model=128'), resolved to plain OmegaConf nodes."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "config"), version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}"] + list(overrides or []))
-    GlobalHydra.instance().clear()
+    from hydra_cli import compose_config
+
+    cfg = compose_config("train", [f"model={model}"] + list(overrides or []))
     OmegaConf.resolve(cfg)
     return cfg.model, cfg.env
 

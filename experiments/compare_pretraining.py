@@ -98,6 +98,8 @@ class CompareError(RuntimeError):
 # Command line and configs
 # ---------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
+    import two_stage
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experiment", default="quick", help="Hydra preset config/experiment/<name>.yaml (default quick)")
     p.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS), metavar="ARM",
@@ -111,10 +113,7 @@ def parse_args(argv=None):
     p.add_argument("--long-seeds-per-goal", type=int, default=2,
                    help="rollouts per held-out goal in the long eval (default 2: it is ~10x longer than the "
                         "standard one, and AD recomputes its window every step; 0 = the preset's seeds_per_goal)")
-    p.add_argument("--accelerate", action="store_true", help="run pretrain/train under accelerate launch")
-    p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
-                   help="accelerate config file (default: accelerate_config.yaml)")
-    p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
+    two_stage.add_launch_args(p)
     p.add_argument("--force", action="store_true", help="redo every run (overwrite=true) instead of reusing")
     p.add_argument("--report-only", action="store_true", help="run nothing; write the table from what exists")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the commands, run nothing")
@@ -137,76 +136,33 @@ def _key(o: str) -> str:
 
 def compose(config_name: str, overrides: list[str]):
     """Hydra compose of config/<config_name>.yaml (nothing written, nothing validated beyond Hydra's own)."""
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from hydra_cli import CONFIG_DIR
+    from hydra_cli import compose_config
 
-    GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return hcompose(config_name, overrides=list(overrides))
+        return compose_config(config_name, overrides)
     except (HydraException, OmegaConfBaseException) as e:
         raise CompareError(f"{config_name} config: {' '.join(str(e).split())}") from None
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def route_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """Same routing as two_stage.split_overrides (stage:key=value -> that stage; group choices -> all;
-    key=value -> every stage whose config, without the experiment preset, has the key; a bare model key ->
-    model.key), but with one compose per stage instead of two per (override, stage): on a loaded 2-core
-    machine that is seconds instead of a minute for a long override list. Each script still validates its
-    own overrides (hydra_cli.rewrite_overrides) before doing any work."""
-    from omegaconf import OmegaConf
+    """two_stage.split_overrides (stage:key=value -> that stage, appended last so it wins; group choices ->
+    all; key=value -> every stage whose config, without the experiment preset, has the key; a bare model
+    key -> model.key), after refusing the keys this runner sets itself."""
+    import two_stage
 
-    from hydra_cli import GROUPS
-
-    routed: dict[str, list[str]] = {s: [] for s in STAGES}
-    shared = []
     for o in overrides:
         if "=" not in o:
             raise CompareError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
-        if ":" in _key(o):
-            stage, kv = o.split(":", 1)
-            if stage not in STAGES:
-                raise CompareError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
-            routed[stage].append(kv)
-        else:
-            shared.append(o)
-    for o in [kv for kvs in routed.values() for kv in kvs] + shared:
-        if _key(o).lstrip("+~") in RESERVED:
-            raise CompareError(f"{o!r}: the runner sets {_key(o)} itself (use --seeds / --out / --force)")
-    groups = [o for o in shared if _key(o).lstrip("+~") in GROUPS]
-    base_groups = [g for g in groups if _key(g).lstrip("+~") != "experiment"]
-    plain = [o for o in shared if o not in groups]
-    if not plain:
-        return {s: routed[s] + groups for s in STAGES}
-    cfgs = {s: compose(s, base_groups) for s in STAGES}
-    absent = object()
-    for s in STAGES:
-        routed[s] += groups
-    for o in plain:
-        k = _key(o)
-        if k.startswith(("+", "~", "hydra")):
-            for s in STAGES:
-                routed[s].append(o)
-            continue
-        took = False
-        for s, cfg in cfgs.items():
-            if OmegaConf.select(cfg, k, default=absent) is not absent:
-                routed[s].append(o)
-                took = True
-            elif "." not in k and "model" in cfg and k in cfg.model:
-                routed[s].append(f"model.{o}")
-                took = True
-        if not took:
-            raise CompareError(f"override {o!r} matches no stage's config ({', '.join(STAGES)}); "
-                               f"new keys need +{k}=...")
-    return routed
+        k = _key(o).split(":", 1)[-1].lstrip("+~")
+        if k in RESERVED:
+            raise CompareError(f"{o!r}: the runner sets {k} itself (use --seeds / --out / --force)")
+    try:
+        return two_stage.split_overrides(overrides)
+    except two_stage.PipelineError as e:
+        raise CompareError(str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------------------------
