@@ -379,17 +379,23 @@ class HistoryBatches(SegmentBatches):
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
-                 world_size: int = 1, num_batches: int | None = None) -> HistoryBatches:
+                 world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
+                 seed: int | None = None) -> HistoryBatches:
         """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, depth_weights, win_len_min,
         win_len_max} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size (GLOBAL
-        batch), cfg.seed."""
+        batch), cfg.seed;
+        `batch_size` / `seed` given here take their place."""
         m = cfg_get(cfg, "model")
-        return cls(histories, split, batch_size=cfg_get(cfg, "batch_size"),
+        if batch_size is None:
+            batch_size = cfg_get(cfg, "batch_size")
+        if seed is None:
+            seed = cfg_get(cfg, "seed")
+        return cls(histories, split, batch_size=batch_size,
                    seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
                    depth_weights=cfg_get(m, "depth_weights", None),
                    win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
-                   seed=cfg_get(cfg, "seed"), rank=rank, world_size=world_size, num_batches=num_batches)
+                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches)
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:

@@ -39,12 +39,18 @@ class PretrainBatches(SegmentBatches):
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
-                 world_size: int = 1, num_batches: int | None = None) -> PretrainBatches:
+                 world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
+                 seed: int | None = None) -> PretrainBatches:
         """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, pretrain_depth_weights}
-        (null weights -> d+1 = [2, 3, 4]), cfg.batch_size (GLOBAL batch), cfg.seed."""
+        (null weights -> d+1 = [2, 3, 4]), cfg.batch_size (GLOBAL batch), cfg.seed;
+        `batch_size` / `seed` given here take their place."""
         m = cfg_get(cfg, "model")
-        return cls(histories, split, batch_size=cfg_get(cfg, "batch_size"),
+        if batch_size is None:
+            batch_size = cfg_get(cfg, "batch_size")
+        if seed is None:
+            seed = cfg_get(cfg, "seed")
+        return cls(histories, split, batch_size=batch_size,
                    seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
                    depth_weights=cfg_get(m, "pretrain_depth_weights", None),
-                   seed=cfg_get(cfg, "seed"), rank=rank, world_size=world_size, num_batches=num_batches)
+                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches)

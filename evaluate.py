@@ -126,6 +126,15 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------
+def eval_goals(env_cfg, n_train_goals: int, seed: int) -> tuple[list, list]:
+    """(the held-out test goals, a fixed sample of n_train_goals train goals): the sample is drawn with its
+    own seeded rng (never the global one) and sorted for readability."""
+    train_goals, test_goals = goal_split(env_cfg["grid_size"], env_cfg["train_frac"], env_cfg["split_seed"])
+    rng = np.random.default_rng(seed)
+    n = min(n_train_goals, len(train_goals))
+    return test_goals, [train_goals[i] for i in sorted(rng.choice(len(train_goals), n, replace=False))]
+
+
 def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> dict:
     """Scalar metrics and curves of a rollout. Plain Python floats/lists (JSON-ready).
 
@@ -344,11 +353,7 @@ def main(cfg: DictConfig) -> dict:
             if env_cfg[key] != run_cfg["env"][key]:
                 raise EvalError(f"env.{key}={env_cfg[key]} but the model was trained with "
                                 f"{run_cfg['env'][key]}: use env_from_run=true or a matching env")
-    train_goals, test_goals = goal_split(env_cfg["grid_size"], env_cfg["train_frac"], env_cfg["split_seed"])
-    # A fixed sample of train goals, chosen with its own seeded rng (sorted for readability).
-    rng = np.random.default_rng(int(cfg.seed))
-    n_train = min(int(cfg.n_train_goals), len(train_goals))
-    train_sample = [train_goals[i] for i in sorted(rng.choice(len(train_goals), n_train, replace=False))]
+    test_goals, train_sample = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed))
 
     results = {}
     for split, goals in (("test", test_goals), ("train", train_sample)):

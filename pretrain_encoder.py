@@ -39,11 +39,7 @@ class ReconstructionTask:
         self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env)}
 
     def _dataset(self, split, rank, world, batch, seed):
-        m = self.cfg.model
-        return PretrainBatches(self.hist, split, batch_size=batch * world, seg_len=m.seg_len,
-                               min_seg_len=m.get("min_seg_len", m.seg_len), max_depth=m.max_compression_depth,
-                               depth_weights=m.get("pretrain_depth_weights"), seed=seed, rank=rank,
-                               world_size=world)
+        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed)
 
     def batches(self, start, rank, world, micro_batch):
         ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
@@ -86,7 +82,8 @@ class ReconstructionTask:
         return {f"pretrain/{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
 
     def on_step(self, run, step):
-        if self.cfg.diag_every and step % self.cfg.diag_every == 0:
+        final = step == run.settings.max_steps  # on_end runs and logs the final diagnostics once
+        if self.cfg.diag_every and step % self.cfg.diag_every == 0 and not final:
             run.log(self.diagnostics(run, run.model), step)
         if step % self.cfg.model.save_every == 0 and run.is_main:
             save_encoder_checkpoint(run.run_dir / f"encoder-pretrained-{step}.pt",

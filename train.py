@@ -14,7 +14,6 @@ data and the loss are, plus the held-out loss and in-context evaluation that run
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 import loop
@@ -35,11 +34,7 @@ class ActionPredictionTask:
         self.accelerator = None
 
     def _dataset(self, split, rank, world, batch, seed):
-        m = self.cfg.model
-        return HistoryBatches(self.hist, split, batch_size=batch * world, seg_len=m.seg_len,
-                              min_seg_len=m.get("min_seg_len", m.seg_len), max_depth=m.max_compression_depth,
-                              depth_weights=m.get("depth_weights"), win_len_min=m.get("win_len_min"),
-                              win_len_max=m.get("win_len_max"), seed=seed, rank=rank, world_size=world)
+        return HistoryBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed)
 
     def batches(self, start, rank, world, micro_batch):
         ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
@@ -80,18 +75,14 @@ class ActionPredictionTask:
 
     def incontext_eval(self, run, step) -> dict:
         """Rollouts with frozen weights on the held-out goals (main process; others wait)."""
-        from env import goal_split
-        from evaluate import eval_scalars, incontext_rollout, summarize
+        from evaluate import eval_goals, eval_scalars, incontext_rollout, summarize
 
         out = {}
         if run.is_main:
-            net = loop.unwrap(run.accelerator, self.model_ref)
+            net = loop.unwrap(run.accelerator, run.model)
             net.eval()
             e = self.cfg.eval
-            train_goals, test_goals = goal_split(self.cfg.env.grid_size, self.cfg.env.train_frac,
-                                                 self.cfg.env.split_seed)
-            rng = np.random.default_rng(self.cfg.seed)
-            pick = [train_goals[i] for i in sorted(rng.choice(len(train_goals), e.n_train_goals, replace=False))]
+            test_goals, pick = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed)
             for name, goals in (("test", test_goals), ("train", pick)):
                 r = incontext_rollout(net, self.cfg.env, goals, e.n_episodes, e.seeds_per_goal,
                                       run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
@@ -102,17 +93,17 @@ class ActionPredictionTask:
         return out
 
     def on_step(self, run, step):
-        self.model_ref = run.model
-        if self.heldout is not None and self.cfg.heldout_every and step % self.cfg.heldout_every == 0:
-            run.log(self.heldout_loss(run, self.model_ref), step)
+        final = step == run.settings.max_steps  # on_end computes and logs the final held-out loss once
+        if self.heldout is not None and self.cfg.heldout_every and step % self.cfg.heldout_every == 0 and not final:
+            run.log(self.heldout_loss(run, run.model), step)
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             self.incontext_eval(run, step)
 
     def on_end(self, run, step):
-        self.model_ref = run.model
-        summary = self.heldout_loss(run, self.model_ref) if self.heldout is not None else {}
+        summary = self.heldout_loss(run, run.model) if self.heldout is not None else {}
+        run.log(summary, step)
         if run.is_main:
-            net = loop.unwrap(run.accelerator, self.model_ref)
+            net = loop.unwrap(run.accelerator, run.model)
             atomic_torch_save({"model_state_dict": net.state_dict(), "config": run.config, "global_step": step},
                               run.run_dir / "model.pt")
         return summary
