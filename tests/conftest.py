@@ -23,6 +23,7 @@ seg_len 20, batch 8, a handful of steps). Use it instead of collecting your own 
   with OMP_NUM_THREADS=1 and returns the CompletedProcess (text stdout/stderr). `tiny.start(...)`: the
   same without waiting (a Popen; `.communicate()` it), to overlap independent runs on the 2 cores.
 - `tiny.data_path`: the dataset folder (read-only by convention: copy it before corrupting it).
+- `tb_scalars`: a function run_dir -> {tag: [(step, value), ...]} reading the run's TensorBoard events.
 - `one_thread`: torch.set_num_threads(1) for the test (restored after). The machine has 2 shared
   cores; multi-threaded torch under contention is several times slower on these tiny models.
 """
@@ -133,3 +134,17 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tb_scalars():
+    """read(run_dir) -> {tag: [(step, value), ...]}: every scalar a run logged under <run_dir>/tb, as
+    TensorBoard shows it (events purged by a resume are gone)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def read(run_dir) -> dict[str, list[tuple[int, float]]]:
+        ea = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0})
+        ea.Reload()
+        return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
+
+    return read

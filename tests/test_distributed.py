@@ -64,15 +64,7 @@ def _check_layout(two: Path, one: Path, final_step: int) -> None:
     assert not list(two.rglob(".*"))  # no temp files or folders left
 
 
-def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir / "tb"))
-    ea.Reload()
-    return [(e.step, e.value) for e in ea.Scalars(tag)]
-
-
-def test_train_two_processes_match_one(tiny, tmp_path):
+def test_train_two_processes_match_one(tiny, tmp_path, tb_scalars):
     args = tiny.args("train", "model.dropout=0", "max_steps=6", "checkpoint_every=3", "heldout_every=3",
                      "eval_every=6")
     two = _launch(tiny, "train.py", [*args, f"run_dir={tmp_path / 'two'}"], nproc=2)
@@ -84,13 +76,13 @@ def test_train_two_processes_match_one(tiny, tmp_path):
     b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model_state_dict"]
     assert _max_diff(a, b) < 1e-4
     for tag in ("train/loss", "heldout/loss_action"):
-        la, lb = _scalars(tmp_path / "one", tag), _scalars(tmp_path / "two", tag)
+        la, lb = tb_scalars(tmp_path / "one")[tag], tb_scalars(tmp_path / "two")[tag]
         assert [s for s, _ in la] == [s for s, _ in lb]
         assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < 1e-4, tag
-    assert _scalars(tmp_path / "two", "eval/return_test")  # main-only eval ran while rank 1 waited
+    assert tb_scalars(tmp_path / "two")["eval/return_test"]  # main-only eval ran while rank 1 waited
 
 
-def test_pretrain_two_processes_match_one(tiny, tmp_path):
+def test_pretrain_two_processes_match_one(tiny, tmp_path, tb_scalars):
     """Stage 1 has variable-length segments and depths, so per-rank label counts differ: the loop's
     label-weighted loss is what makes 2 processes equal 1 (per-rank means would not)."""
     args = tiny.args("pretrain", "model.dropout=0", "model.pretrain_steps=6", "checkpoint_every=3",
@@ -105,5 +97,5 @@ def test_pretrain_two_processes_match_one(tiny, tmp_path):
         b = torch.load(tmp_path / "two" / name, weights_only=True)
         for part in ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict"):
             assert _max_diff(a[part], b[part]) < 1e-4, (name, part)
-    la, lb = _scalars(tmp_path / "one", "pretrain/loss"), _scalars(tmp_path / "two", "pretrain/loss")
+    la, lb = tb_scalars(tmp_path / "one")["pretrain/loss"], tb_scalars(tmp_path / "two")["pretrain/loss"]
     assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < 1e-4

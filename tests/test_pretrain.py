@@ -38,14 +38,6 @@ def _one_thread(one_thread):
     """2 shared cores: multi-threaded torch on these tiny ops thrashes (10-100x slower)."""
 
 
-def tb_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
-
-
 def tiny_mcfg(tiny, **kw) -> tuple[ModelConfig, object]:
     """(ModelConfig, composed pretrain cfg) of the tiny architecture both stages share."""
     cfg = tiny.compose("pretrain", *(f"model.{k}={v}" for k, v in kw.items()))
@@ -89,7 +81,7 @@ LEARN = [
 ]
 
 
-def test_collapsed_encoder_has_zero_gap_and_real_pretraining_learns(tiny, tmp_path, monkeypatch):
+def test_collapsed_encoder_has_zero_gap_and_real_pretraining_learns(tiny, tmp_path, monkeypatch, tb_scalars):
     # Collapsed: identical run (data, steps, decoder, lr, diagnostics), but the encoder is a constant.
     real_cls = pretrain_encoder.EncoderPretrainer
 
@@ -290,7 +282,7 @@ def test_missing_and_foreign_files(tiny, tmp_path, monkeypatch):
 
 
 # ---- pretrain_encoder.main: TensorBoard + checkpoint files ------------------------------------------------
-def test_pretrain_main_writes_tags_and_checkpoints(tiny, tmp_path):
+def test_pretrain_main_writes_tags_and_checkpoints(tiny, tmp_path, tb_scalars):
     run = tmp_path / "pre"
     summary = pretrain_encoder.main(
         tiny.compose("pretrain", "model.save_every=2", "diag_every=3", "diag_batches=2", run_dir=run)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -29,15 +28,6 @@ def _tensors_equal(a: dict, b: dict) -> None:
         assert torch.equal(x, b[k]), f"{k} differs (max abs diff {(x - b[k]).abs().max().item()})"
 
 
-def _scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """A TensorBoard scalar series as TensorBoard shows it (purged events removed)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir / "tb"))
-    ea.Reload()
-    return [(e.step, e.value) for e in ea.Scalars(tag)]
-
-
 def _ok(r) -> str:
     assert r.returncode == 0, f"exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}"
     return r.stdout
@@ -50,7 +40,7 @@ def _communicate(p) -> None:
 
 # -- kill -9 and resume: bit-identical ---------------------------------------------------------------------
 
-def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path):
+def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars):
     """Stage 2: SIGKILLed while saving checkpoint 8 (checkpoint 4 complete, steps 5-8 already logged),
     then resumed to the end: model.pt, the checkpoints kept and the TensorBoard curves match a run that
     was never interrupted. Held-out loss and in-context eval run during training (they must not move the
@@ -81,11 +71,11 @@ def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path):
     assert done["heldout/loss_action"] == json.loads((ref_dir / "done.json").read_text())["heldout/loss_action"]
     # TensorBoard continues at the right step: same steps, same values, no duplicates from the killed runs.
     for tag in ("train/loss", "heldout/loss_action", "eval/return_test"):
-        assert _scalars(run_dir, tag) == _scalars(ref_dir, tag), tag
-    assert [s for s, _ in _scalars(run_dir, "train/loss")] == [2, 4, 6, 8, 10, 12]
+        assert tb_scalars(run_dir)[tag] == tb_scalars(ref_dir)[tag], tag
+    assert [s for s, _ in tb_scalars(run_dir)["train/loss"]] == [2, 4, 6, 8, 10, 12]
 
 
-def test_pretrain_killed_resumes_bit_identical(tiny, tmp_path):
+def test_pretrain_killed_resumes_bit_identical(tiny, tmp_path, tb_scalars):
     """Stage 1: killed after step 5 (checkpoint 3 exists) and resumed: encoder-pretrained-final.pt (and the
     periodic encoder file written after the resume) match an uninterrupted run exactly."""
     args = tiny.args("pretrain", "model.pretrain_steps=9", "checkpoint_every=3", "model.save_every=6",
@@ -106,11 +96,11 @@ def test_pretrain_killed_resumes_bit_identical(tiny, tmp_path):
         assert a["global_step"] == b["global_step"]
         for part in ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict"):
             _tensors_equal(a[part], b[part])
-    assert _scalars(run_dir, "pretrain/loss") == _scalars(ref_dir, "pretrain/loss")
-    assert [s for s, _ in _scalars(run_dir, "pretrain/loss")] == list(range(1, 10))
+    assert tb_scalars(run_dir)["pretrain/loss"] == tb_scalars(ref_dir)["pretrain/loss"]
+    assert [s for s, _ in tb_scalars(run_dir)["pretrain/loss"]] == list(range(1, 10))
 
 
-def test_periodic_eval_does_not_perturb_training_rng(tiny, tmp_path, one_thread):
+def test_periodic_eval_does_not_perturb_training_rng(tiny, tmp_path, one_thread, tb_scalars):
     """Held-out loss and in-context rollouts between steps leave the training trajectory untouched (they
     use model.eval(), inference mode and private generators), so runs with and without them agree."""
     import train
@@ -123,7 +113,7 @@ def test_periodic_eval_does_not_perturb_training_rng(tiny, tmp_path, one_thread)
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model_state_dict"]
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model_state_dict"]
     _tensors_equal(a, b)
-    assert _scalars(tmp_path / "a", "eval/return_test")  # the eval really ran
+    assert tb_scalars(tmp_path / "a")["eval/return_test"]  # the eval really ran
 
 
 # -- checkpoint folder mechanics (no training) ---------------------------------------------------------------

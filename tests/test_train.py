@@ -21,14 +21,6 @@ def _one_thread(one_thread):
     """2 shared cores: multi-threaded torch on these tiny ops thrashes (10-100x slower)."""
 
 
-def tb_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    ea = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
-    ea.Reload()
-    return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
-
-
 @pytest.fixture(scope="module")
 def greedy_data(tmp_path_factory):
     """Histories whose actions can be learned in a few hundred steps. The shared tiny dataset is 200 steps of
@@ -74,7 +66,7 @@ TRAIN_TAGS = (
 )
 
 
-def test_compressed_ad_end_to_end_and_learns(tiny, greedy_data, tmp_path):
+def test_compressed_ad_end_to_end_and_learns(tiny, greedy_data, tmp_path, tb_scalars):
     run = tmp_path / "cad"
     steps = 200
     # Depth <= 1 (weights 1:2 over depths 0, 1): deeper samples cost 2-3 encoder passes, which on this CPU
@@ -115,7 +107,7 @@ def test_compressed_ad_end_to_end_and_learns(tiny, greedy_data, tmp_path):
     assert tags["train/acc_action"][-1][1] > 0.45
 
 
-def test_ad_baseline_end_to_end(tiny, tmp_path):
+def test_ad_baseline_end_to_end(tiny, tmp_path, tb_scalars):
     run = tmp_path / "ad"
     cfg = tiny.compose(
         "train", "model=ad_dr", "model.context_len=20", "heldout_every=3", "eval_every=6", run_dir=run
@@ -129,7 +121,7 @@ def test_ad_baseline_end_to_end(tiny, tmp_path):
     assert [s for s, _ in tags["eval/return_test"]] == [6]
 
 
-def test_stage2_from_pretrained_encoder_with_aux_recon(tiny, tmp_path, capsys):
+def test_stage2_from_pretrained_encoder_with_aux_recon(tiny, tmp_path, capsys, tb_scalars):
     cfg = tiny.compose("pretrain")
     mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
     ckpt = tmp_path / "stage1" / "encoder-pretrained-final.pt"
