@@ -139,6 +139,30 @@ def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: in
     return SampleSpecs(hist, depth, lens, seg_start, win_start, win_len)
 
 
+def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int, seg_len: int,
+                  max_windows: int | None = None) -> SampleSpecs:
+    """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream).
+
+    A rollout starts its window empty at step 0 of the history and folds it into the latents every seg_len
+    steps, so its m-th window covers steps [m*S, (m+1)*S) and is decoded from the latents of segments
+    0 .. m-1, each exactly S = seg_len long, at fixed phases. A sample here is exactly that: window index m
+    drawn uniformly from the M = min(T // S, max_windows) windows of the history (so every history step is
+    equally likely to be labelled), preceded by all m segments from step 0. Slots are right-aligned over
+    M-1 slots; the model decides how many of the newest folds get gradients (model.bptt_segments).
+    """
+    n_win = n_steps // seg_len if max_windows is None else min(int(max_windows), n_steps // seg_len)
+    slots = max(n_win - 1, 0)
+    hist = pool[rng.integers(0, len(pool), size=n)]
+    depth = rng.integers(0, n_win, size=n, dtype=np.int64)               # window index m = folds before it
+    first = slots - depth                                                  # first used slot of each row
+    j = np.arange(slots, dtype=np.int64)[None, :] - first[:, None]        # segment index held by each slot
+    used = j >= 0
+    seg_len_arr = np.where(used, seg_len, 0).astype(np.int64)
+    seg_start = np.where(used, j * seg_len, 0).astype(np.int64)
+    win_len = np.full(n, seg_len, dtype=np.int64)
+    return SampleSpecs(hist, depth, seg_len_arr, seg_start, depth * seg_len, win_len)
+
+
 def _gather(flat: np.ndarray, n_steps: int, hist: np.ndarray, start: np.ndarray, length: np.ndarray,
             cap: int) -> np.ndarray:
     """Gather runs of transitions: out[..., p, :] = history[hist, start + p] for p < length, else 0.
@@ -248,8 +272,11 @@ class SegmentBatches(torch.utils.data.Dataset):
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
                  win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_batches: int | None = None, name: str = "dataset"):
+                 num_batches: int | None = None, name: str = "dataset", schedule: str = "random",
+                 max_windows: int | None = None):
         self.name = name
+        self.schedule = schedule
+        self.max_windows = None if max_windows is None else int(max_windows)
         self.split = split
         self.global_batch_size = int(batch_size)
         self.seg_len, self.min_seg_len = int(seg_len), int(min_seg_len)
@@ -275,6 +302,8 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise ValueError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
                              "the histories' meta.json is inconsistent with the arrays")
         need = self.max_depth * self.seg_len + self.win_len_max
+        if self.schedule == "rollout":
+            need = self.seg_len  # at least one full window; deeper samples use what the history holds
         if need > self.n_steps:
             raise ValueError(
                 f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
@@ -314,6 +343,11 @@ class SegmentBatches(torch.utils.data.Dataset):
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
             raise ValueError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
                              f"{self.depth_weights}")
+        if self.schedule not in ("random", "rollout"):
+            raise ValueError(f"{n}: model.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
+                             "seg_len at the rollout's phases) or 'random' (random lengths and phases)")
+        if self.max_windows is not None and self.max_windows < 1:
+            raise ValueError(f"{n}: model.max_windows={self.max_windows} must be >= 1 (or null: all)")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
             raise ValueError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
@@ -331,6 +365,9 @@ class SegmentBatches(torch.utils.data.Dataset):
     def global_specs(self, k: int) -> SampleSpecs:
         """Specs of global batch k (all ranks), a pure function of (seed, k)."""
         rng = np.random.default_rng([self.seed, int(k)])
+        if self.schedule == "rollout":
+            return rollout_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.seg_len,
+                                 self.max_windows)
         return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths,
                             self.depth_probs, self.max_depth, self.seg_len, self.min_seg_len,
                             self.win_len_min, self.win_len_max)
@@ -369,13 +406,14 @@ class HistoryBatches(SegmentBatches):
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  max_depth: int, depth_weights: Sequence[float] | None = None,
                  win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_batches: int | None = None):
+                 rank: int = 0, world_size: int = 1, num_batches: int | None = None,
+                 schedule: str = "random", max_windows: int | None = None):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
                          max_depth=max_depth, depth_weights=depth_weights,
                          win_len_min=seg_len if win_len_min is None else win_len_min,
                          win_len_max=seg_len if win_len_max is None else win_len_max,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                         name="HistoryBatches")
+                         name="HistoryBatches", schedule=schedule, max_windows=max_windows)
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
@@ -395,7 +433,8 @@ class HistoryBatches(SegmentBatches):
                    max_depth=cfg_get(m, "max_compression_depth"),
                    depth_weights=cfg_get(m, "depth_weights", None),
                    win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
-                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches)
+                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
+                   schedule=cfg_get(m, "schedule", "random"), max_windows=cfg_get(m, "max_windows", None))
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:

@@ -47,8 +47,12 @@ class CompressedAD(Compressor):
     def forward(self, batch: dict) -> dict:
         win, seg, seg_len = batch["win"], batch["seg"], batch["seg_len"]
         label_segments = self.cfg.label_segments and seg.shape[1] > 0
+        # Truncated backpropagation through the folds: only the newest bptt_segments slots get gradients
+        # (and, with label_segments, labels); older ones are folded from the real history without a graph.
+        k_bptt = self.cfg.bptt_segments
+        n_old = max(0, seg.shape[1] - k_bptt) if k_bptt is not None else 0
         latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
-                                               return_prefixes=True)
+                                               return_prefixes=True, no_grad_slots=n_old)
         b, w = win.shape[:2]
         # The decoder window, plus (label_segments) every used compressed segment decoded as the window it
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
@@ -57,6 +61,7 @@ class CompressedAD(Compressor):
         if label_segments:
             s = seg.shape[2]
             used = seg_len > 0  # [B, D]
+            used[:, :n_old] = False  # folded without gradients: not labelled either
             rows = used.nonzero(as_tuple=False)  # (sample, slot) pairs, sample-major
             pad = max(w, s)
             wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
@@ -74,7 +79,9 @@ class CompressedAD(Compressor):
         if label_segments:
             seg_logits = logits.new_zeros(*seg.shape[:3], logits.shape[-1])
             seg_logits = seg_logits.index_put((rows[:, 0], rows[:, 1]), logits[b:, : seg.shape[2]])
-            out["seg_logits"] = seg_logits  # [B, D, S, A]; unused slots are zeros (masked by seg_len)
+            # [B, D - n_old, S, A]: the newest slots (the labelled ones); unused slots are zeros, masked by
+            # seg_len in the loss (which aligns these with the batch's LAST slots)
+            out["seg_logits"] = seg_logits[:, n_old:]
         if self.recon is not None and latents is not None:
             # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
             out["recon_pred"] = self.recon(latents, seg.shape[1], seg.shape[2])

@@ -35,7 +35,7 @@ class Compressor(TransitionEmbedding):
         self.encoder = CompressionEncoder(cfg)
 
     def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False,
-                 return_prefixes: bool = False):
+                 return_prefixes: bool = False, no_grad_slots: int = 0):
         """seg [B, D, S, 6], seg_len [B, D] (right-aligned slots; 0 = unused) ->
         (latents [B, n, d] or None when D == 0, has_latents bool [B]).
 
@@ -43,13 +43,19 @@ class Compressor(TransitionEmbedding):
         runs only on those rows (samples of different depths share a batch without paying for padding).
         With return_prefixes=True also returns, per slot k, the (latents, has_latents) the sample had
         *before* folding slot k — the memory a rollout decodes segment k's window with.
+        no_grad_slots=j folds the first j slots without building a graph (truncated backpropagation through
+        the folds: the memory is built from the real preceding history, gradients reach only the newest
+        D - j folds); the values are the same as with gradients.
         """
         b, n_slots, s = seg.shape[:3]
         has = torch.zeros(b, dtype=torch.bool, device=seg.device)
         prefixes = []
         if n_slots == 0:
             return (None, has, prefixes) if return_prefixes else (None, has)
-        emb = self.embed_transitions(seg)  # [B, D, S, d], all slots at once
+        n_old = max(0, min(int(no_grad_slots), n_slots))
+        with torch.no_grad():
+            emb_old = self.embed_transitions(seg[:, :n_old])  # [B, j, S, d], no graph
+        emb = self.embed_transitions(seg[:, n_old:])  # [B, D - j, S, d], all newer slots at once
         pos = torch.arange(s, device=seg.device)
         latents = emb.new_zeros(b, self.cfg.n_latent, emb.shape[-1])
         for k in range(n_slots):
@@ -60,7 +66,9 @@ class Compressor(TransitionEmbedding):
             prev = latents[rows]
             if detach_old:
                 prev = prev.detach()  # gradients reach only the newest compression
-            new = self.encoder(prev, has[rows], emb[rows, k], pos[None, :] < seg_len[rows, k, None])
-            latents = latents.index_copy(0, rows, new)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
+                e = emb_old[rows, k] if k < n_old else emb[rows, k - n_old]
+                new = self.encoder(prev, has[rows], e, pos[None, :] < seg_len[rows, k, None])
+                latents = latents.index_copy(0, rows, new)
             has = has.index_fill(0, rows, True)
         return (latents, has, prefixes) if return_prefixes else (latents, has)

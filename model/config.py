@@ -35,6 +35,7 @@ class ModelConfig:
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
     recon_loss: str = "mse"  # 'mse' on f(tau) (the seed's choice) or 'ce' (per-field cross-entropy)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
+    bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
 
     @property
     def feat_dim(self) -> int:
@@ -68,6 +69,8 @@ class ModelConfig:
         need(self.max_compression_depth >= 0,
              f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")
+        need(self.bptt_segments is None or self.bptt_segments >= 0,
+             f"model.bptt_segments={self.bptt_segments} must be >= 0 (or null: all folds get gradients)")
 
     def arch_dict(self) -> dict:
         return {k: getattr(self, k) for k in ENCODER_ARCH_KEYS}

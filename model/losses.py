@@ -24,7 +24,8 @@ def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
                 seg_logits: torch.Tensor | None = None) -> dict:
     """Mean cross-entropy of a_t over every valid window position (or only each window's last position),
-    plus, when `seg_logits` [B, D, S, A] is given, every valid position of the compressed segments."""
+    plus, when `seg_logits` [B, D', S, A] is given, every valid position of the batch's LAST D' compressed
+    segment slots (D' < D when older folds ran without gradients, model.bptt_segments)."""
     win, win_len = batch["win"], batch["win_len"]
     target = win[..., 2].long()
     mask = lengths_mask(win_len, win.shape[1])
@@ -32,9 +33,10 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
         mask = torch.zeros_like(mask)
         mask[torch.arange(mask.shape[0]), win_len - 1] = True
     terms = [(logits, target, mask)]
-    if seg_logits is not None and not last_only:
-        seg = batch["seg"]
-        terms.append((seg_logits, seg[..., 2].long(), lengths_mask(batch["seg_len"], seg.shape[2])))
+    if seg_logits is not None and not last_only and seg_logits.shape[1] > 0:
+        d = seg_logits.shape[1]
+        seg, seg_len = batch["seg"][:, -d:], batch["seg_len"][:, -d:]
+        terms.append((seg_logits, seg[..., 2].long(), lengths_mask(seg_len, seg.shape[2])))
     total = logits.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), device=logits.device)
     count = torch.zeros((), device=logits.device, dtype=torch.long)

@@ -1,0 +1,111 @@
+"""model.schedule=rollout: training samples are cut exactly where a rollout cuts its history, so the memory a
+training window is decoded with is built exactly as a rollout builds it — at any depth, here >= 10 folds.
+
+The chain of equalities: training forward (this file) == rollout_logits (teacher_forced replay, this file)
+== the KV-cached act/observe of a real evaluate.py rollout (tests/test_teacher_forced.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import train
+from dataset import HistoryBatches
+from histories import load_histories
+from model import build_model
+
+S = 8  # seg_len: the tiny dataset's 200-step histories hold 25 windows, so depths 0..24 occur
+
+
+@pytest.fixture(scope="module")
+def hist(tiny):
+    cfg = tiny.compose("train")
+    return load_histories(tiny.data_path, cfg.env)
+
+
+def rollout_batches(hist, **kw):
+    return HistoryBatches(hist, "train", batch_size=32, seg_len=S, min_seg_len=S, max_depth=3, seed=0,
+                          schedule="rollout", **kw)
+
+
+def test_rollout_schedule_cuts_windows_at_the_rollouts_phases(hist):
+    ds = rollout_batches(hist)
+    specs, b = ds.global_specs(0), ds[0]
+    n_win = hist.n_steps // S
+    assert b["seg"].shape[1] == int(specs.depth.max()) and specs.depth.max() >= 10
+    assert set(specs.depth.tolist()) <= set(range(n_win)) and (b["win_len"] == S).all()
+    assert np.array_equal(specs.win_start, specs.depth * S)  # window m starts at step m * seg_len
+    D = b["seg"].shape[1]
+    for i in range(32):
+        h, m = specs.hist[i], int(specs.depth[i])
+        assert np.array_equal(b["win"][i].numpy(), hist.transitions(h, m * S, (m + 1) * S))
+        # the m segments before it: every one exactly seg_len long, consecutive from step 0, right-aligned
+        assert b["seg_len"][i].tolist() == [0] * (D - m) + [S] * m
+        got = b["seg"][i, D - m:].reshape(-1, 6).numpy()
+        assert np.array_equal(got, hist.transitions(h, 0, m * S).reshape(-1, 6))
+    # deterministic per (seed, k), like the random schedule
+    assert all(torch.equal(x, y) for x, y in zip(ds[3].values(), rollout_batches(hist)[3].values()))
+    short = rollout_batches(hist, max_windows=4).global_specs(0)
+    assert short.depth.max() <= 3 and short.seg_len.shape[1] == 3
+
+
+@pytest.mark.parametrize("bptt", [None, 3])
+def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt):
+    torch.manual_seed(0)
+    model = build_model(OmegaConf.create({
+        "name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3,
+        "seg_len": S, "context_len": S, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 3,
+        "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt}),
+        OmegaConf.create({"grid_size": 9, "n_actions": 5})).eval()
+    ds = rollout_batches(hist)
+    specs, b = ds.global_specs(0), ds[0]
+    with torch.no_grad():
+        out = model(b)
+        ref = model.rollout_logits(torch.from_numpy(hist.transitions(specs.hist)).long())  # [32, T, A]
+    deep = [i for i in range(32) if specs.depth[i] >= 10]
+    assert len(deep) >= 5
+    n_lab = out["seg_logits"].shape[1]
+    assert n_lab == (b["seg"].shape[1] if bptt is None else bptt)
+    for i in deep:
+        m = int(specs.depth[i])
+        assert torch.allclose(out["logits"][i], ref[i, m * S:(m + 1) * S], atol=1e-5), (i, m)
+        # the labelled compressed segments are decoded from the memory the rollout had before each of them
+        for j in range(1, min(n_lab, m) + 1):
+            w = m - j
+            assert torch.allclose(out["seg_logits"][i, n_lab - j], ref[i, w * S:(w + 1) * S], atol=1e-5)
+
+
+def test_truncated_bptt_reaches_only_the_newest_folds(hist):
+    """bptt_segments=0: the memory is built from the history but without a graph, so the encoder gets no
+    gradient at all; bptt_segments=2: it does. The loss skips the unlabelled (no-gradient) segments."""
+    from model.losses import action_loss
+
+    grads = {}
+    for k in (0, 2):
+        torch.manual_seed(0)
+        model = build_model(OmegaConf.create({
+            "name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 1, "enc_n_layer": 1, "n_latent": 3,
+            "seg_len": S, "dropout": 0.0, "aux_recon_weight": 0.0, "bptt_segments": k}),
+            OmegaConf.create({"grid_size": 9, "n_actions": 5}))
+        b = rollout_batches(hist)[0]
+        out = model(b)
+        a = action_loss(out["logits"], b, seg_logits=out["seg_logits"])
+        # labels: the 32 windows + the used slots among the newest k of each sample
+        used = (b["seg_len"][:, b["seg"].shape[1] - k:] > 0).sum() if k else 0
+        assert int(a["n_labels"]) == 32 * S + int(used) * S
+        a["loss"].backward()
+        grads[k] = [p.grad for p in model.encoder.parameters()]
+    assert all(g is None for g in grads[0])
+    assert any(g is not None and g.abs().sum() > 0 for g in grads[2])
+
+
+def test_train_main_with_the_rollout_schedule(tiny, tmp_path):
+    summary = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8",
+                                      "model.bptt_segments=2",
+                                      run_dir=tmp_path / "r"))
+    assert summary["global_step"] == 6 and np.isfinite(summary["tf_loss_test"])
+    with pytest.raises(ValueError, match="model.schedule='sideways'"):
+        train.main(tiny.compose("train", "model.schedule=sideways", run_dir=tmp_path / "bad"))
