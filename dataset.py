@@ -24,6 +24,10 @@ Batch format (SPEC "Batches"): right-padded, zero-filled, lengths carry the mask
     win_len  long [B]
     depth    long [B]
 
+Static shapes (`static_shapes=True`, config key model.static_shapes): D = max_compression_depth and
+W = win_len_max for every batch (unused slots / positions are padding, masked by the lengths), so a
+compiled training step sees one input shape and never recompiles. Same samples, more padding.
+
 Determinism / distribution: batch k is a pure function of (seed, k): it is drawn from
 np.random.default_rng([seed, k]) for the whole *global* batch and then each rank keeps its rows
 [rank*B/world, (rank+1)*B/world). A 2-process run therefore sees exactly the rows of the 1-process
@@ -34,7 +38,9 @@ at step k needs nothing but k. Use it as
 
 Sampling is vectorised: all B specs are drawn with numpy at once, and the transitions are gathered
 with one `np.take` into a packed [N*T (+1 zero row), 6] uint8 copy of the histories made at
-construction.
+construction. On an accelerator the packed copy can live in device memory (`SegmentBatches.to_device`,
+config key data_on_device): then only the small spec arrays cross the bus each step and the gather runs
+on the device (`gather_batch_torch`), giving exactly the same batches.
 """
 
 from __future__ import annotations
@@ -170,6 +176,43 @@ def gather_batch(flat: np.ndarray, n_steps: int, specs: SampleSpecs, n_slots: in
     return batch
 
 
+def _spec_matrix(specs: SampleSpecs, n_slots: int) -> np.ndarray:
+    """The specs of a batch as one int64 [B, 4 + 2*n_slots] array (hist, win_start, win_len, depth,
+    seg_start..., seg_len...): one small host->device copy per batch instead of six."""
+    max_depth = specs.seg_len.shape[1]
+    return np.concatenate([specs.hist[:, None], specs.win_start[:, None], specs.win_len[:, None],
+                           specs.depth[:, None], specs.seg_start[:, max_depth - n_slots:], specs.seg_len[:, max_depth - n_slots:]],
+                          axis=1).astype(np.int64, copy=False)
+
+
+def _gather_torch(flat: torch.Tensor, n_steps: int, hist: torch.Tensor, start: torch.Tensor,
+                  length: torch.Tensor, cap: int) -> torch.Tensor:
+    """`_gather` on torch tensors (any device): same indices, same zero row for padding."""
+    pos = torch.arange(cap, dtype=torch.int64, device=flat.device)
+    idx = torch.where(pos < length[..., None], (hist * n_steps + start)[..., None] + pos, flat.shape[0] - 1)
+    return flat[idx].long()
+
+
+def gather_batch_torch(flat: torch.Tensor, n_steps: int, specs: SampleSpecs, n_slots: int, S: int,
+                       W: int | None) -> dict[str, torch.Tensor]:
+    """`gather_batch` with the packed transitions `flat` already on a device (uint8 [N*T + 1, 6]).
+
+    The spec matrix goes over in one non-blocking copy from pinned memory (on CUDA), so sampling never
+    waits for the device to finish the previous step; the batch is built where the model runs."""
+    m = torch.from_numpy(_spec_matrix(specs, n_slots))
+    if flat.device.type == "cuda":
+        m = m.pin_memory()
+    m = m.to(flat.device, non_blocking=True)
+    hist, win_start, win_len, depth = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
+    seg_start, seg_len = m[:, 4:4 + n_slots], m[:, 4 + n_slots:]
+    batch = {"seg": _gather_torch(flat, n_steps, hist[:, None], seg_start, seg_len, S), "seg_len": seg_len}
+    if W is not None:
+        batch["win"] = _gather_torch(flat, n_steps, hist, win_start, win_len, W)
+        batch["win_len"] = win_len
+    batch["depth"] = depth
+    return batch
+
+
 def spec_items(packed: np.ndarray, specs: SampleSpecs, with_window: bool = True) -> list[dict]:
     """Per-sample dicts for `collate` (slow, loop-based reference; used by tests and one-off sampling).
 
@@ -248,8 +291,10 @@ class SegmentBatches(torch.utils.data.Dataset):
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
                  win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_batches: int | None = None, name: str = "dataset"):
+                 num_batches: int | None = None, name: str = "dataset", static_shapes: bool = False):
         self.name = name
+        self.static_shapes = bool(static_shapes)
+        self.flat_device: torch.Tensor | None = None  # set by to_device
         self.split = split
         self.global_batch_size = int(batch_size)
         self.seg_len, self.min_seg_len = int(seg_len), int(min_seg_len)
@@ -336,16 +381,27 @@ class SegmentBatches(torch.utils.data.Dataset):
                             self.win_len_min, self.win_len_max)
 
     def _padding(self, specs: SampleSpecs) -> tuple[int, int | None]:
-        """(D, W) from the GLOBAL batch so that every rank's tensors have the same shapes."""
+        """(D, W) from the GLOBAL batch so that every rank's tensors have the same shapes; with
+        static_shapes the fixed maxima, so that every batch has the same shapes."""
+        if self.static_shapes:
+            return self.max_depth, (self.win_len_max if self.with_window else None)
         D = int(specs.depth.max())
         W = int(specs.win_len.max()) if self.with_window else None
         return D, W
+
+    def to_device(self, device) -> SegmentBatches:
+        """Keep a copy of the packed transitions on `device` and gather batches there from now on
+        (identical batches; see gather_batch_torch). Not for DataLoader workers: iterate in-process."""
+        self.flat_device = torch.from_numpy(self.flat).to(device)
+        return self
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         if not 0 <= k < self.num_batches:
             raise IndexError(f"{self.name}: batch {k} out of range [0, {self.num_batches})")
         specs = self.global_specs(k)
         D, W = self._padding(specs)
+        if self.flat_device is not None:
+            return gather_batch_torch(self.flat_device, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
         return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
 
     def items(self, k: int) -> list[dict]:
@@ -369,21 +425,22 @@ class HistoryBatches(SegmentBatches):
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  max_depth: int, depth_weights: Sequence[float] | None = None,
                  win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_batches: int | None = None):
+                 rank: int = 0, world_size: int = 1, num_batches: int | None = None,
+                 static_shapes: bool = False):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
                          max_depth=max_depth, depth_weights=depth_weights,
                          win_len_min=seg_len if win_len_min is None else win_len_min,
                          win_len_max=seg_len if win_len_max is None else win_len_max,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                         name="HistoryBatches")
+                         name="HistoryBatches", static_shapes=static_shapes)
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
                  world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
                  seed: int | None = None) -> HistoryBatches:
         """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, depth_weights, win_len_min,
-        win_len_max} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size (GLOBAL
-        batch), cfg.seed;
+        win_len_max, static_shapes} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size
+        (GLOBAL batch), cfg.seed;
         `batch_size` / `seed` given here take their place."""
         m = cfg_get(cfg, "model")
         if batch_size is None:
@@ -395,7 +452,8 @@ class HistoryBatches(SegmentBatches):
                    max_depth=cfg_get(m, "max_compression_depth"),
                    depth_weights=cfg_get(m, "depth_weights", None),
                    win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
-                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches)
+                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
+                   static_shapes=bool(cfg_get(m, "static_shapes", False)))
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
@@ -412,13 +470,32 @@ def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None,
-                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader yielding batches start, start+1, ..., stop-1 (resume = pass the step as start).
+def data_device(setting: Any, device: torch.device | str, dataset: SegmentBatches) -> torch.device | None:
+    """Where batches are gathered: `device` if the packed transitions should live there, else None (host).
 
-    batch_size=None because each item is already a batch; workers fork-share the packed array.
+    setting (config key data_on_device): true / false, or null = on for CUDA when the packed array takes
+    at most a quarter of the free device memory (the default dataset: 7.4 M transitions x 6 B = 44 MB)."""
+    device = torch.device(device)
+    if setting is None:
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if dataset.flat.nbytes <= free // 4 else None
+    return device if bool(setting) else None
+
+
+def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, device: torch.device | str | None = None):
+    """Batches start, start+1, ..., stop-1 (resume = pass the step as start).
+
+    device=None: a DataLoader (batch_size=None because each item is already a batch; workers fork-share
+    the packed array). device given: the packed array moves there (`to_device`) and batches are gathered
+    on it in this process (workers would have to share device memory), as a plain iterator.
     """
     stop = len(dataset) if stop is None else stop
+    if device is not None:
+        dataset.to_device(device)
+        return (dataset[k] for k in range(start, stop))
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
                                        num_workers=num_workers, pin_memory=pin_memory,
                                        persistent_workers=num_workers > 0)

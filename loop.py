@@ -65,6 +65,11 @@ CHECKPOINT_RE = re.compile(r"step-(\d+)")
 # Test-only fault injection (tests/test_resume.py): CAD_TEST_KILL_AT=<step>[:<where>] makes the process
 # SIGKILL itself at that point, exactly like an OOM killer or a pre-empted node would.
 KILL_ENV = "CAD_TEST_KILL_AT"
+# torch.compile modes the `compile` key accepts ("reduce-overhead" adds CUDA graphs on CUDA), and the
+# debug backend that traces the same graphs but runs them without code generation (seconds, not minutes,
+# to compile on a CPU: what the tests use).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("aot_eager",)
 
 
 @dataclass
@@ -88,6 +93,17 @@ class LoopSettings:
     overwrite: bool = False
     namespace: str = "train"  # TensorBoard tag prefix: train/... or pretrain/...
     progress: bool = True
+    compile: bool | str = False  # torch.compile the model: false | true (= "default") | a torch.compile mode
+
+    def compile_mode(self) -> str | None:
+        """None (eager) or the torch.compile mode (or debug backend, see COMPILE_BACKENDS)."""
+        if self.compile is False or self.compile is None:
+            return None
+        return "default" if self.compile is True else str(self.compile)
+
+    def compile_kwargs(self) -> dict:
+        mode = self.compile_mode()
+        return {"backend": mode} if mode in COMPILE_BACKENDS else {"mode": mode}
 
     @property
     def micro_batch(self) -> int:
@@ -119,6 +135,9 @@ class LoopSettings:
         coerce("grad_clip", float, lambda v: v >= 0, "must be >= 0 (0 disables clipping)")
         for name in ("cpu", "resume", "overwrite", "progress"):
             coerce(name, bool, lambda v: True, "")
+        if self.compile not in (False, None, True, *COMPILE_MODES, *COMPILE_BACKENDS):
+            raise ConfigError(f"compile={self.compile!r}: use false, true or one of "
+                              f"{', '.join(COMPILE_MODES + COMPILE_BACKENDS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
         if self.batch_size % self.grad_accum:
@@ -361,16 +380,18 @@ def _lr_lambda(s: LoopSettings):
     return f
 
 
-def make_optimizer(model: nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, s: LoopSettings, device: torch.device | None = None) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only (frozen ones are not in the optimizer); no decay on
-    biases, norms and embeddings-like vectors."""
+    biases, norms and embeddings-like vectors. On CUDA the fused kernel: one launch for all parameters
+    instead of a few per tensor, and it can skip a step on a device-side flag (fit's non-finite guard)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters (everything frozen?): unfreeze something")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
+    fused = {"fused": True} if device is not None and torch.device(device).type == "cuda" else {}
     return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95))
+                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95), **fused)
 
 
 def make_accelerator(s: LoopSettings):
@@ -409,12 +430,30 @@ def load_checkpoint(acc, ck: Path) -> None:
                           f"checkpoints/step-N>, or start over with overwrite=true") from None
 
 
-def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=None) -> dict:
-    """Train task.model for s.max_steps optimizer steps; returns a summary dict (same on every rank)."""
-    from torch.utils.tensorboard import SummaryWriter
+def shutdown(acc) -> None:
+    """End of an accelerate-launched run: destroy the process group (no "destroy_process_group() was not
+    called" warning at exit). A no-op in a single process without one."""
+    import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
+        acc.end_training()
+
+
+def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=None) -> dict:
+    """Train task.model for s.max_steps optimizer steps; returns a summary dict (same on every rank).
+    An accelerator made here is shut down on the way out, error or not; a caller's is left to the caller."""
     s.validate()
     acc = accelerator or make_accelerator(s)
+    try:
+        return _fit(task, s, run_dir, config, acc)
+    finally:
+        if accelerator is None:
+            shutdown(acc)
+
+
+def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
     world, rank = acc.num_processes, acc.process_index
     if s.batch_size % (world * s.grad_accum):
         raise ConfigError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum = "
@@ -432,7 +471,11 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
 
     set_seed(s.seed, device_specific=True)  # dropout streams: seed + rank (rank 0 = a 1-process run)
     model = task.model
-    opt = make_optimizer(model, s)
+    opt = make_optimizer(model, s, acc.device)
+    if s.compile_mode():
+        # In place (nn.Module.compile): parameter names, state_dict and checkpoints stay those of the eager
+        # module, and DDP wraps it as usual. The model picks its static (mask) path while compiling.
+        model.compile(**s.compile_kwargs())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(s))
     model, opt, sched = acc.prepare(model, opt, sched)  # the scheduler must be prepared to be saved
     state = _LoopState()
@@ -458,43 +501,63 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
     run = Run(acc, run_dir, writer, s, config, model)
 
     ns = s.namespace
+    dev = acc.device
     sums: dict[str, torch.Tensor] = {}
-    w_sum, t0 = 0.0, time.perf_counter()
+    w_sum, t0 = torch.zeros((), device=dev), time.perf_counter()
     pbar = None
     if s.progress and acc.is_main_process:
         from tqdm import tqdm
 
         pbar = tqdm(total=s.max_steps, initial=state.step, desc=ns, dynamic_ncols=True, mininterval=1.0)
     max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")  # inf: norm computed, grads untouched
+    # Non-finite guard. A NaN/inf loss (any rank) or gradient norm must never reach a checkpoint or the
+    # final weights, and the error must name the step and the quantity. With the fused optimizer (CUDA)
+    # the step stays free of host syncs: the optimizer skips the update on a device-side flag (found_inf,
+    # as for AMP grad scaling), the first bad step is recorded on the device, and the record is read at
+    # the next log / checkpoint / end, before anything is written. Elsewhere a host read costs nothing
+    # (CPU) or is needed anyway, and the step stops at once.
+    inner_opt = getattr(opt, "optimizer", opt)
+    deferred = bool(inner_opt.defaults.get("fused")) and acc.scaler is None  # fused: CUDA (make_optimizer)
+    nf_step = torch.zeros((), dtype=torch.int64, device=dev)  # first non-finite step (0 = none yet)
+    nf_grad = torch.zeros((), dtype=torch.bool, device=dev)  # ... was it the gradient norm (else the loss)
+    nf_value = torch.zeros((), device=dev)  # ... and its value
+
+    def check_finite() -> None:
+        if deferred and nf_step.item():
+            what = "gradient norm" if nf_grad.item() else "loss"
+            raise NonFiniteLossError(_nonfinite_msg(ns, what, nf_value.item(), int(nf_step.item()), s))
+
     model.train()
     while state.step < s.max_steps:
         rows = s.micro_batch // world  # rows per rank and micro-batch (a constant, same on every rank)
-        n_here = 0.0  # labels in this rank's micro-batches of this step
-        bad = torch.zeros((), device=acc.device)  # a non-finite loss value seen in this step (0 = none)
+        n_here = torch.zeros((), device=dev)  # labels in this rank's micro-batches of this step
+        bad = torch.zeros((), device=dev)  # a non-finite loss value seen in this step (0 = none)
         for i in range(s.grad_accum):
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
             sync = i == s.grad_accum - 1
             ctx = acc.no_sync(model) if (not sync and world > 1) else _null()
             with ctx:
                 with acc.autocast():
                     loss, metrics = task.loss(model, batch)
-                n_i = float(task.n_labels(batch))  # after loss(): a task may count labels in the forward
+                # After loss(): a task may count labels in the forward. A device tensor keeps the step
+                # free of host syncs; a Python number works too.
+                n_i = torch.as_tensor(task.n_labels(batch), device=dev).float()
                 lv = loss.detach().float()
                 bad = torch.where(torch.isfinite(lv), bad, lv)
                 # Backward the label SUM (scaled by 1/rows to keep magnitudes ~ a mean); the gradient is
                 # divided by the step's global label count below, once all ranks' counts are known.
                 acc.backward(loss * (n_i / rows))
             for k, v in {"loss": lv, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=acc.device).detach().float() * n_i
-            n_here += n_i
-            w_sum += n_i
+                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=dev).detach().float() * n_i
+            n_here = n_here + n_i
+        w_sum = w_sum + n_here
         # One small all-reduce per step: the global label count and whether any rank saw a NaN/inf loss
-        # (checked before the optimizer step, on every rank together: one rank's NaN stops them all).
-        red = torch.stack([torch.tensor(n_here, device=acc.device), (bad != 0).float()])
+        # (acted on by every rank together: one rank's NaN stops them all).
+        red = torch.stack([n_here, (bad != 0).float()])
         if world > 1:
             red = acc.reduce(red, "sum")
-        n_total, nbad = red.tolist()
-        if nbad:
+        n_total, nbad = red[0], red[1]
+        if not deferred and nbad.item():
             raise NonFiniteLossError(_nonfinite_msg(ns, "loss", bad.item() if bad != 0 else float("nan"),
                                                     state.step + 1, s))
         # DDP averaged the rank gradients (1/world); x world*rows/N turns the summed, 1/rows-scaled label
@@ -502,10 +565,19 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
         # grad_accum micro-batches give exactly one big batch's gradient.
         grads = [p.grad for p in model.parameters() if p.grad is not None]
         if grads:
-            torch._foreach_mul_(grads, world * rows / max(n_total, 1.0))
-        gnorm = float(acc.clip_grad_norm_(model.parameters(), max_norm))
-        if not math.isfinite(gnorm):  # identical on every rank (computed from the all-reduced gradients)
-            raise NonFiniteLossError(_nonfinite_msg(ns, "gradient norm", gnorm, state.step + 1, s))
+            torch._foreach_mul_(grads, (world * rows) / n_total.clamp(min=1.0))
+        gnorm = acc.clip_grad_norm_(model.parameters(), max_norm)  # a device tensor; read at log time
+        gnorm = torch.as_tensor(gnorm, device=dev).float()
+        if deferred:
+            # Identical on every rank (all-reduced counts and gradients). found_inf=1 -> fused AdamW skips.
+            skip = (nbad > 0) | ~torch.isfinite(gnorm)
+            first = skip & (nf_step == 0)
+            nf_grad = torch.where(first, nbad == 0, nf_grad)
+            nf_value = torch.where(first, torch.where(nbad > 0, bad, gnorm), nf_value)
+            nf_step = torch.where(first, state.step + 1, nf_step)
+            inner_opt.found_inf = skip.float()
+        elif not math.isfinite(gnorm.item()):  # identical on every rank (from the all-reduced gradients)
+            raise NonFiniteLossError(_nonfinite_msg(ns, "gradient norm", gnorm.item(), state.step + 1, s))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -514,28 +586,31 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
             pbar.update(1)
 
         if state.step % s.log_every == 0 or state.step == s.max_steps:
+            check_finite()
             keys = sorted(sums)
-            vec = torch.stack([sums[k].double() for k in keys]
-                              + [torch.tensor(w_sum, dtype=torch.float64, device=acc.device)])
+            vec = torch.stack([sums[k].double() for k in keys] + [w_sum.double()])
             if world > 1:
                 vec = acc.reduce(vec, "sum")
+            vals = vec.tolist()  # the one host sync of a log step
             dt = time.perf_counter() - t0
-            scalars = {f"{ns}/{k}": (vec[i] / vec[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+            scalars = {f"{ns}/{k}": vals[i] / max(vals[-1], 1.0) for i, k in enumerate(keys)}
             scalars[f"{ns}/lr"] = sched.get_last_lr()[0]
-            scalars[f"{ns}/labels_per_s"] = vec[-1].item() / dt
-            scalars[f"{ns}/grad_norm"] = gnorm
+            scalars[f"{ns}/labels_per_s"] = vals[-1] / dt
+            scalars[f"{ns}/grad_norm"] = gnorm.item()
             run.log(scalars, state.step)
             if pbar:
                 pbar.set_postfix(loss=f"{scalars[f'{ns}/loss']:.4f}")
-            sums, w_sum, t0 = {}, 0.0, time.perf_counter()
+            sums, w_sum, t0 = {}, torch.zeros((), device=dev), time.perf_counter()
 
         task.on_step(run, state.step)
         _kill_point(state.step, "step")
         if state.step % s.checkpoint_every == 0 and state.step < s.max_steps:
+            check_finite()
             if writer is not None:
                 writer.flush()  # events up to this step must survive a kill that the checkpoint survives
             save_checkpoint(acc, run_dir, state.step, s.keep_last, config)
 
+    check_finite()
     if pbar:
         pbar.close()
     if writer is not None:

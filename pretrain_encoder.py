@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 import loop
-from dataset import batch_loader
+from dataset import batch_loader, data_device
 from dataset_pretrain import PretrainBatches
 from histories import load_histories
 from hydra_cli import abspath
@@ -46,14 +46,15 @@ class ReconstructionTask:
         # Diagnostics use held-out goals' histories when the dataset has them (generalisation, not recall).
         split = "test" if len(self.hist.split_indices("test")) else "train"
         self.diag = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
-        return batch_loader(ds, start=start, num_workers=self.cfg.num_workers)
+        device = data_device(self.cfg.get("data_on_device"), self.accelerator.device, ds)
+        return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):
         out = model(batch)
         return reconstruction_loss(out["pred"], batch["seg"], batch["seg_len"], self.mcfg), {}
 
     def n_labels(self, batch):
-        return int(batch["seg_len"].sum())  # transitions reconstructed
+        return batch["seg_len"].sum()  # transitions reconstructed (a device tensor: no host sync)
 
     @torch.no_grad()
     def diagnostics(self, run, model) -> dict:

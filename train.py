@@ -18,7 +18,7 @@ import torch
 
 import loop
 from atomic_io import atomic_torch_save
-from dataset import HistoryBatches, batch_loader
+from dataset import HistoryBatches, batch_loader, data_device
 from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
@@ -42,12 +42,13 @@ class ActionPredictionTask:
         self.heldout = None
         if len(self.hist.split_indices("test")):
             self.heldout = self._dataset("test", rank, world, micro_batch, self.cfg.seed + 1_000_003)
-        return batch_loader(ds, start=start, num_workers=self.cfg.num_workers)
+        device = data_device(self.cfg.get("data_on_device"), self.accelerator.device, ds)
+        return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):
         out = model(batch)
         a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"))
-        self._labels = int(a["n_labels"])
+        self._labels = a["n_labels"]  # a device tensor: no host sync in the step
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:

@@ -54,7 +54,16 @@ class CompressedAD(Compressor):
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
         wins, prefix, has_p = [win], [latents], [has]
         rows = None
-        if label_segments:
+        static = self.static_path()
+        if label_segments and static:
+            # Every slot decoded (unused ones are padding the loss masks by seg_len): fixed shapes.
+            s = seg.shape[2]
+            pad = max(w, s)
+            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
+                    torch.nn.functional.pad(seg.flatten(0, 1), (0, 0, 0, pad - s))]
+            prefix = [latents, torch.stack([p[0] for p in prefixes], dim=1).flatten(0, 1)]
+            has_p = [has, torch.stack([p[1] for p in prefixes], dim=1).flatten(0, 1)]
+        elif label_segments:
             s = seg.shape[2]
             used = seg_len > 0  # [B, D]
             rows = used.nonzero(as_tuple=False)  # (sample, slot) pairs, sample-major
@@ -71,7 +80,10 @@ class CompressedAD(Compressor):
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
-        if label_segments:
+        if label_segments and static:
+            # [B, D, S, A]; unused slots hold the logits of padding (masked by seg_len in the loss)
+            out["seg_logits"] = logits[b:, :seg.shape[2]].reshape(*seg.shape[:3], logits.shape[-1])
+        elif label_segments:
             seg_logits = logits.new_zeros(*seg.shape[:3], logits.shape[-1])
             seg_logits = seg_logits.index_put((rows[:, 0], rows[:, 1]), logits[b:, : seg.shape[2]])
             out["seg_logits"] = seg_logits  # [B, D, S, A]; unused slots are zeros (masked by seg_len)

@@ -34,8 +34,13 @@ class Compressor(TransitionEmbedding):
         super().__init__(cfg)
         self.encoder = CompressionEncoder(cfg)
 
+    def static_path(self) -> bool:
+        """Masks instead of data-dependent shapes: asked for (cfg.static_shapes) or inside torch.compile,
+        where .nonzero() would break the graph."""
+        return bool(self.cfg.static_shapes) or torch.compiler.is_compiling()
+
     def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False,
-                 return_prefixes: bool = False):
+                 return_prefixes: bool = False, static: bool | None = None):
         """seg [B, D, S, 6], seg_len [B, D] (right-aligned slots; 0 = unused) ->
         (latents [B, n, d] or None when D == 0, has_latents bool [B]).
 
@@ -43,7 +48,10 @@ class Compressor(TransitionEmbedding):
         runs only on those rows (samples of different depths share a batch without paying for padding).
         With return_prefixes=True also returns, per slot k, the (latents, has_latents) the sample had
         *before* folding slot k — the memory a rollout decodes segment k's window with.
+        static (None: `static_path()`): run the encoder on every row of every slot and keep its output
+        only where the slot is used (torch.where): fixed shapes, no host sync, same latents.
         """
+        static = self.static_path() if static is None else static
         b, n_slots, s = seg.shape[:3]
         has = torch.zeros(b, dtype=torch.bool, device=seg.device)
         prefixes = []
@@ -54,6 +62,13 @@ class Compressor(TransitionEmbedding):
         latents = emb.new_zeros(b, self.cfg.n_latent, emb.shape[-1])
         for k in range(n_slots):
             prefixes.append((latents, has))
+            if static:
+                used = seg_len[:, k] > 0
+                prev = latents.detach() if detach_old else latents
+                new = self.encoder(prev, has, emb[:, k], pos[None, :] < seg_len[:, k, None])
+                latents = torch.where(used[:, None, None], new, latents)
+                has = has | used
+                continue
             rows = (seg_len[:, k] > 0).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue

@@ -35,6 +35,9 @@ class ModelConfig:
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
     recon_loss: str = "mse"  # 'mse' on f(tau) (the seed's choice) or 'ce' (per-field cross-entropy)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
+    # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
+    # for torch.compile). Same result, more arithmetic on unused slots. Also set inside torch.compile.
+    static_shapes: bool = False
 
     @property
     def feat_dim(self) -> int:
