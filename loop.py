@@ -380,16 +380,17 @@ def _lr_lambda(s: LoopSettings):
     return f
 
 
-def make_optimizer(model: nn.Module, s: LoopSettings, device: torch.device | None = None) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
     """AdamW over trainable parameters only (frozen ones are not in the optimizer); no decay on
-    biases, norms and embeddings-like vectors. On CUDA the fused kernel: one launch for all parameters
-    instead of a few per tensor, and it can skip a step on a device-side flag (fit's non-finite guard)."""
+    biases, norms and embeddings-like vectors. With the parameters on CUDA, the fused kernel: one launch
+    for all parameters instead of a few per tensor, and it can skip a step on a device-side flag (fit's
+    non-finite guard)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("the model has no trainable parameters (everything frozen?): unfreeze something")
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    fused = {"fused": True} if device is not None and torch.device(device).type == "cuda" else {}
+    fused = {"fused": True} if all(p.is_cuda for p in params) else {}
     return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95), **fused)
 
@@ -470,8 +471,8 @@ def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
     from accelerate.utils import set_seed
 
     set_seed(s.seed, device_specific=True)  # dropout streams: seed + rank (rank 0 = a 1-process run)
-    model = task.model
-    opt = make_optimizer(model, s, acc.device)
+    model = task.model.to(acc.device)  # (prepare would move it too) so make_optimizer sees the device
+    opt = make_optimizer(model, s)
     if s.compile_mode():
         # In place (nn.Module.compile): parameter names, state_dict and checkpoints stay those of the eager
         # module, and DDP wraps it as usual. The model picks its static (mask) path while compiling.

@@ -120,7 +120,7 @@ def test_static_pretrainer_equals_dynamic():
 def test_fused_adamw_only_on_cuda():
     m = torch.nn.Linear(3, 3)
     s = loop.LoopSettings(max_steps=1, batch_size=1, lr=1e-3).validate()
-    assert not loop.make_optimizer(m, s, torch.device("cpu")).defaults.get("fused")
+    assert not loop.make_optimizer(m, s).defaults.get("fused")
 
 
 def test_compile_setting_is_validated():
@@ -139,8 +139,8 @@ def _fused_on_cpu(monkeypatch):
     non-finite flag, skipped update, deferred check) runs on the CPU (fused AdamW exists there too)."""
     real = loop.make_optimizer
 
-    def fused(model, s, device=None):
-        opt = real(model, s, device)
+    def fused(model, s):
+        opt = real(model, s)
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
         return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), fused=True)
 
