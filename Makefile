@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel of torch that these machines carry; on a GPU box set TORCH_SPEC to the build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test demo lint clean
+.PHONY: install test demo gpu-check lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: install
 
 demo: install
 	$(PY) two_stage.py experiment=quick
+
+# One GPU: benchmarks on CUDA + a short experiment=full pipeline through accelerate launch, one table
+# (<= 8 min on an H100). `bash benchmarks/gpu_check.sh --device cpu --quick` is its dry path on any machine.
+gpu-check: install
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
 lint: install
 	$(VENV)/bin/ruff check .

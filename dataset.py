@@ -470,11 +470,14 @@ def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def data_device(setting: Any, device: torch.device | str, dataset: SegmentBatches) -> torch.device | None:
-    """Where batches are gathered: `device` if the packed transitions should live there, else None (host).
+def data_device(setting: Any, device: torch.device | str | None, dataset: SegmentBatches) -> torch.device | None:
+    """Where batches are gathered: `device` if the packed transitions should live there, else None (host;
+    also when there is no device yet, e.g. a task used outside the training loop).
 
     setting (config key data_on_device): true / false, or null = on for CUDA when the packed array takes
     at most a quarter of the free device memory (the default dataset: 7.4 M transitions x 6 B = 44 MB)."""
+    if device is None:
+        return None
     device = torch.device(device)
     if setting is None:
         if device.type != "cuda":

@@ -37,6 +37,7 @@ class ReconstructionTask:
         # The checkpoint's config: the model group as composed plus the resolved architecture (grid_size and
         # n_actions come from env), so stage 2 can check every shape-defining key.
         self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env)}
+        self.accelerator = None  # set by loop.fit
 
     def _dataset(self, split, rank, world, batch, seed):
         return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed)
@@ -46,7 +47,7 @@ class ReconstructionTask:
         # Diagnostics use held-out goals' histories when the dataset has them (generalisation, not recall).
         split = "test" if len(self.hist.split_indices("test")) else "train"
         self.diag = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
-        device = data_device(self.cfg.get("data_on_device"), self.accelerator.device, ds)
+        device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):

@@ -42,7 +42,7 @@ class ActionPredictionTask:
         self.heldout = None
         if len(self.hist.split_indices("test")):
             self.heldout = self._dataset("test", rank, world, micro_batch, self.cfg.seed + 1_000_003)
-        device = data_device(self.cfg.get("data_on_device"), self.accelerator.device, ds)
+        device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):

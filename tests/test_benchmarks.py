@@ -75,3 +75,31 @@ def test_bad_benchmark_flags_fail_clearly(tmp_path, flag):
     p = _start(["train_throughput.py", "--quick", *flag.split()], tmp_path)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 2 and "invalid choice" in err
+
+
+def test_gpu_check_dry_path(tmp_path):
+    """`make gpu-check`'s script end to end on the CPU (--device cpu --quick): every part runs (benchmarks,
+    accelerate-launched two-stage pipeline, evaluation) and lands in the one table and gpu_check.json."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--device", "cpu", "--quick", "--out",
+                        str(tmp_path / "gc")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    assert res["failed"] == [] and set(res["parts"]) == {"train eager fp32", "train compiled", "rollout", "pipeline"}
+    table = r.stdout[r.stdout.index("=== gpu_check"):]
+    for figure in ("cad_all ms/step | labels/s", "ms/env step at h=300", "stage 1: steps | correlation",
+                   "held-out return: first ep. | last 5 | optimal"):
+        assert figure in table, table
+    pipe = res["parts"]["pipeline"]
+    assert pipe["pretrain"]["global_step"] == 20 and pipe["train"]["global_step"] == 30
+    assert pipe["eval"]["splits"]["test"]["summary"]["optimal_mean"] > 0
+
+
+def test_gpu_check_without_cuda_says_what_to_do(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: this checks the message on a machine without one")
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "gc")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: no CUDA device") and "--device cpu --quick" in r.stderr
