@@ -133,10 +133,13 @@ def rows_of(name: str, res: dict) -> list[tuple[str, str, str]]:
         return rows
     p, t, ev = res["pretrain"], res["train"], res["eval"]
     test = ev["splits"]["test"]["summary"]
-    fmt = lambda x: f"{x:.3f}" if isinstance(x, (int, float)) else str(x)  # noqa: E731
+
+    def fmt(x) -> str:
+        return f"{x:.3f}" if isinstance(x, (int, float)) else str(x)
+
     return [
-        (name, "stage 1: steps | correlation | ablation gap", f"{p['global_step']} | {fmt(p.get('correlation'))} | "
-                                                              f"{fmt(p.get('ablation_gap'))}"),
+        (name, "stage 1: steps | correlation | ablation gap",
+         f"{p['global_step']} | {fmt(p.get('correlation'))} | {fmt(p.get('ablation_gap'))}"),
         (name, "stage 1: action acc. depth 1 | latent eff. rank",
          f"{fmt(p.get('acc_action_depth1'))} | {fmt(p.get('latent_effective_rank'))}"),
         (name, "stage 2: steps | labels/s | held-out loss",

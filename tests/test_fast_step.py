@@ -277,7 +277,7 @@ def test_fit_destroys_the_process_group(tiny, tmp_path):
     for extra in ([], ["batch_size=9"]):  # a clean run, and one that fails inside fit (9 rows for 2 ranks)
         r = subprocess.run([acc, "launch", "--config_file", str(repo / "accelerate_config.yaml"), "--num_processes",
                             "2", str(script), *tiny.args("train", *extra, max_steps=2, run_dir=tmp_path / "r")],
-                           cwd=tiny.root, env=env, capture_output=True, text=True, timeout=300)
+                           check=False, cwd=tiny.root, env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
         for rank in (0, 1):
             said = (tmp_path / f"rank{rank}").read_text()
