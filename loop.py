@@ -574,7 +574,9 @@ def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
             skip = (nbad > 0) | ~torch.isfinite(gnorm)
             first = skip & (nf_step == 0)
             nf_grad = torch.where(first, nbad == 0, nf_grad)
-            nf_value = torch.where(first, torch.where(nbad > 0, bad, gnorm), nf_value)
+            # The loss value as this rank saw it (nan if another rank's loss was the bad one, as before).
+            loss_value = torch.where(bad != 0, bad, torch.full_like(bad, float("nan")))
+            nf_value = torch.where(first, torch.where(nbad > 0, loss_value, gnorm), nf_value)
             nf_step = torch.where(first, state.step + 1, nf_step)
             inner_opt.found_inf = skip.float()
         elif not math.isfinite(gnorm.item()):  # identical on every rank (from the all-reduced gradients)
