@@ -21,6 +21,27 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 GROUPS = ("env", "model", "experiment")
 
 
+def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
+    """config/train.yaml's run_name suffix: '' from scratch, '-pretrained' from a stage-1 encoder,
+    '-pretrained-frozen' from a frozen one. So `python train.py model.pretrained_encoder_path=...` never
+    shares a run directory with the scratch run (docs/design.md §6), and two_stage.py needs no name of its own."""
+    if not pretrained_encoder_path:
+        return ""
+    return "-pretrained-frozen" if freeze_encoder else "-pretrained"
+
+
+def register_resolvers() -> None:
+    """The `${encoder_tag:...}` interpolation; runs on import, so every composition through this module (or
+    a script that imports it) resolves train.yaml."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("encoder_tag"):
+        OmegaConf.register_new_resolver("encoder_tag", encoder_tag)
+
+
+register_resolvers()
+
+
 class UnknownKeyError(ValueError):
     """A command-line key that exists in no config group (typo), or an override Hydra cannot apply."""
 

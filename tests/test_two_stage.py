@@ -179,6 +179,30 @@ def test_stage_prefix_beats_shared_override():
     assert all("seed=1" in routed[s] for s in ("pretrain", "train", "evaluate"))
 
 
+def test_stage2_run_dirs_never_collide(ws, capfd):
+    """train.yaml's run_name tags a stage-2 run by where its encoder came from, so the README's stage-by-stage
+    quick start (`train.py model.pretrained_encoder_path=...`) and the scratch run `train.py` get different run
+    dirs, and two_stage.py picks the same dir as that quick-start command (no run_name of its own)."""
+    ckpt = ws / PRETRAIN_RUN / "encoder-pretrained-final.pt"
+    quick = ["experiment=quick"]
+    scratch = two_stage.compose("train", quick).run_dir
+    pretrained = two_stage.compose("train", [*quick, f"model.pretrained_encoder_path={ckpt}"]).run_dir
+    frozen = two_stage.compose("train", [*quick, f"model.pretrained_encoder_path={ckpt}",
+                                         "model.freeze_encoder=true"]).run_dir
+    assert scratch == "runs/ad_compressed-darkroom-seed0"  # unchanged: existing scratch runs keep their dir
+    assert pretrained == "runs/ad_compressed-pretrained-darkroom-seed0"
+    assert frozen == "runs/ad_compressed-pretrained-frozen-darkroom-seed0"
+    assert two_stage.compose("train", [*quick, "model=ad_dr"]).run_dir == "runs/ad-darkroom-seed0"
+    # An explicit run_name still wins (compare_pretraining.py and users name their own runs).
+    assert two_stage.compose("train", [f"model.pretrained_encoder_path={ckpt}", "run_name=mine"]).run_dir == "runs/mine"
+
+    for flags, want in (([], pretrained), (["--freeze-encoder"], frozen)):
+        two_stage.main(["--dry-run", "--train-only", "--pretrained-path", str(ckpt), *flags, *quick])
+        cmds = commands(capfd.readouterr().out)
+        assert "run_name" not in cmds["train"]
+        assert cmds["evaluate"].endswith(f"run_dir={ws / want}")
+
+
 def test_pipeline_errors(ws):
     with pytest.raises(two_stage.PipelineError, match="--pretrained-path is for stage 2"):
         two_stage.main(["--dry-run", "--pretrain-only", "--pretrained-path", "x.pt"])
