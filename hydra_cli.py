@@ -1,7 +1,7 @@
 """The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
 
 Two things on top of plain Hydra:
-1. Short keys. Users know the original notes' names (`pretrain_lr=0.0005`, `n_latent=15`,
+1. Short keys. The model keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
    `freeze_encoder=true`, ...). A bare `key=value` that is not a top-level key but is a `model.` key is
    rewritten to `model.key=value`; a key that exists nowhere fails with one line naming the known keys.
 2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override

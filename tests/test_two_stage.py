@@ -203,6 +203,38 @@ def test_stage2_run_dirs_never_collide(ws, capfd):
         assert cmds["evaluate"].endswith(f"run_dir={ws / want}")
 
 
+def _quick_start_commands() -> list[list[str]]:
+    """The README's stage-by-stage quick start, one argv per command (continuation lines joined)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Quick start, stage by stage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds, cur = [], ""
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        cur += " " + line.rstrip("\\")
+        if line and not line.endswith("\\"):
+            cmds.append(cur.split())
+            cur = ""
+    return [c for c in cmds if c and c[0] == "python"]
+
+
+def test_readme_quick_start_agrees_with_the_pipeline(ws):
+    """The README's stage-by-stage commands evaluate the run its pretrained train.py command writes, which is
+    two_stage.py's run dir, not the scratch run's."""
+    cmds = _quick_start_commands()
+    scripts = [c[1] for c in cmds]
+    assert scripts[:4] == ["collect.py", "pretrain_encoder.py", "train.py", "evaluate.py"], scripts
+    pre_args, tr_args, ev_args = cmds[1][2:], cmds[2][2:], cmds[3][2:]
+    tr_args = [a.replace("$PWD", str(ws)) for a in tr_args]
+    pre = two_stage.compose("pretrain", two_stage.split_overrides(pre_args)["pretrain"])
+    ckpt = ws / pre.run_dir / "encoder-pretrained-final.pt"
+    assert f"model.pretrained_encoder_path={ckpt}" in tr_args  # exactly what two_stage.py passes
+    trun = two_stage.compose("train", two_stage.split_overrides(tr_args)["train"]).run_dir
+    assert f"run_dir={trun}" in ev_args
+    assert trun != two_stage.compose("train", ["experiment=quick"]).run_dir  # not the scratch run
+    out = two_stage.main(["--dry-run", "experiment=quick"])  # what `make demo` runs
+    assert out["train_run_dir"] == str(ws / trun) and out["encoder_checkpoint"] == str(ckpt)
+
+
 def test_pipeline_errors(ws):
     with pytest.raises(two_stage.PipelineError, match="--pretrained-path is for stage 2"):
         two_stage.main(["--dry-run", "--pretrain-only", "--pretrained-path", "x.pt"])
