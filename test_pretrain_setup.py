@@ -112,21 +112,30 @@ def check_transitions(s: Setup) -> str:
     return f"{s['hist'].n_histories} histories x {s['hist'].n_steps} steps"
 
 
+def _first_batch(sampler, cfg, s: Setup) -> dict:
+    """Batch 0 (4 samples) of a stage's sampler, built from that stage's composed config."""
+    return sampler.from_cfg(s["hist"], cfg, batch_size=4, seed=0)[0]
+
+
+def _finite(value, what: str):
+    import torch
+
+    if not torch.isfinite(value):
+        raise AssertionError(f"{what} is {value}")
+    return value
+
+
 def check_stage1_forward(s: Setup) -> str:
     import torch
 
     from dataset_pretrain import PretrainBatches
     from model.losses import reconstruction_loss
 
-    m = s["pre"].model
-    b = PretrainBatches(s["hist"], "train", 4, m.seg_len, m.min_seg_len, m.max_compression_depth,
-                        m.get("pretrain_depth_weights"), seed=0)[0]
+    b = s["pre_batch"] = _first_batch(PretrainBatches, s["pre"], s)
     with torch.no_grad():
         out = s["pretrainer"](b)
-    loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg)
-    if not torch.isfinite(loss):
-        raise AssertionError(f"reconstruction loss is {loss}")
-    s["pre_batch"] = b
+    loss = _finite(reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg),
+                   "reconstruction loss")
     return f"depths {sorted(set(b['depth'].tolist()))}, latents {tuple(out['latents'].shape)}, loss {loss:.3f}"
 
 
@@ -136,15 +145,12 @@ def check_stage2_forward(s: Setup) -> str:
     from dataset import HistoryBatches
     from model.losses import action_loss
 
-    m = s["train"].model
-    b = HistoryBatches(s["hist"], "train", 4, m.seg_len, m.min_seg_len, m.max_compression_depth,
-                       m.get("depth_weights"), seed=0)[0]
+    b = _first_batch(HistoryBatches, s["train"], s)
     with torch.no_grad():
-        out = s["cad"](b)
-    a = action_loss(out["logits"], b)
-    if not torch.isfinite(a["loss"]):
-        raise AssertionError(f"action loss is {a['loss']}")
-    return f"logits {tuple(out['logits'].shape)}, {int(a['n_labels'])} labels, loss {a['loss']:.3f}"
+        logits = s["cad"](b)["logits"]
+    a = action_loss(logits, b)
+    _finite(a["loss"], "action loss")
+    return f"logits {tuple(logits.shape)}, {int(a['n_labels'])} labels, loss {a['loss']:.3f}"
 
 
 def check_encoder_checkpoint(s: Setup) -> str:
