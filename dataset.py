@@ -1,7 +1,7 @@
 """Stage-2 training batches for CompressedAD and the AD baseline, cut from learning histories.
 
 One sample = d compressed segments followed by a decoder window, all consecutive transitions of one
-learning history (DESIGN §4 "Schedule"):
+learning history (docs/design.md §4.4):
 
     history h:  ... | seg 1 | seg 2 | ... | seg d | window | ...
                     ^ start (uniform so that everything fits in the T steps)
@@ -12,12 +12,12 @@ learning history (DESIGN §4 "Schedule"):
     len(win)   ~ U{win_len_min .. win_len_max}         (default: both = seg_len, see below)
 
 Why full windows are the default: the decoder's loss is cross-entropy at *every* window position
-(DESIGN §4), and the decoder is causal, so a window of length seg_len already carries the labels of
+(docs/design.md §4.2), and the decoder is causal, so a window of length seg_len already carries the labels of
 every shorter prefix window (position t only sees positions <= t). Drawing shorter windows would only
 throw labels away. The AD baseline uses the same sampler with max_depth=0 and
 win_len_min = win_len_max = its context length.
 
-Batch format (SPEC "Batches"): right-padded, zero-filled, lengths carry the masks.
+Batch format (docs/design.md §4.4): right-padded, zero-filled, lengths carry the masks.
     seg      long [B, D, S, 6]  D = max depth in the global batch (may be 0), S = seg_len
     seg_len  long [B, D]        slots RIGHT-ALIGNED: a depth-d sample uses slots D-d .. D-1
     win      long [B, W, 6]     W = max window length in the global batch
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-# Column layout of a packed transition (SPEC: (sx, sy, a, r, nsx, nsy)).
+# Column layout of a packed transition (docs/design.md §4.1: (sx, sy, a, r, nsx, nsy)).
 N_FIELDS = 6
 ACTION_COL = 2
 
@@ -188,7 +188,7 @@ def spec_items(packed: np.ndarray, specs: SampleSpecs, with_window: bool = True)
 
 def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: int | None = None,
             pad_win_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Batch variable-length samples into the padded SPEC format.
+    """Batch variable-length samples into the padded batch format (module docstring).
 
     samples: dicts with 'seg' (list of [L_i, 6] int arrays, oldest first; may be empty) and optionally
     'win' ([w, 6]); if no sample has 'win', the batch has no window keys (stage 1).
@@ -233,7 +233,7 @@ def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: 
 # --------------------------------------------------------------------------------------------------
 
 def default_depth_weights(depths: Sequence[int]) -> list[float]:
-    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1), as in the seed."""
+    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1); docs/design.md §4.4."""
     return [float(d + 1) for d in depths]
 
 

@@ -1,4 +1,4 @@
-"""In-context evaluation (DESIGN §7): can a frozen model *learn* a new task from its own history?
+"""In-context evaluation (docs/design.md §7): can a frozen model *learn* a new task from its own history?
 
 Every (goal x seed) environment is batched into one BatchedDarkroom and stepped in lockstep: one
 `model.act` and one `model.observe` per environment step for all of them. Episodes run back to back

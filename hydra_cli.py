@@ -1,7 +1,7 @@
 """The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
 
 Two things on top of plain Hydra:
-1. Short keys. Users know the original notes' names (`pretrain_lr=0.0005`, `n_latent=15`,
+1. Short keys. The model keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
    `freeze_encoder=true`, ...). A bare `key=value` that is not a top-level key but is a `model.` key is
    rewritten to `model.key=value`; a key that exists nowhere fails with one line naming the known keys.
 2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override
@@ -19,6 +19,27 @@ from pathlib import Path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 GROUPS = ("env", "model", "experiment")
+
+
+def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
+    """config/train.yaml's run_name suffix: '' from scratch, '-pretrained' from a stage-1 encoder,
+    '-pretrained-frozen' from a frozen one. So `python train.py model.pretrained_encoder_path=...` never
+    shares a run directory with the scratch run (docs/design.md §6), and two_stage.py needs no name of its own."""
+    if not pretrained_encoder_path:
+        return ""
+    return "-pretrained-frozen" if freeze_encoder else "-pretrained"
+
+
+def register_resolvers() -> None:
+    """The `${encoder_tag:...}` interpolation; runs on import, so every composition through this module (or
+    a script that imports it) resolves train.yaml."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("encoder_tag"):
+        OmegaConf.register_new_resolver("encoder_tag", encoder_tag)
+
+
+register_resolvers()
 
 
 class UnknownKeyError(ValueError):

@@ -2,7 +2,7 @@
 checkpoint/resume. pretrain_encoder.py and train.py differ only in the `Task` they hand to `fit`
 (model, data, loss, periodic extras).
 
-Multi-process rules (DESIGN §8):
+Multi-process rules (docs/design.md §8):
 - every rank computes the same run directory (it comes from the config, never from a clock);
 - only the main process writes logs, configs, final weights and encoder checkpoints;
 - every rank calls `save_state` (each writes its own RNG state);
@@ -11,7 +11,7 @@ Multi-process rules (DESIGN §8):
 - each micro-batch's loss is weighted by its share of the step's labels (summed over ranks and
   accumulation micro-batches), so N processes x grad_accum give the gradient of one big batch.
 
-Resume (DESIGN §6): `resume=true` continues from the newest complete checkpoint of run_dir,
+Resume (docs/design.md §6): `resume=true` continues from the newest complete checkpoint of run_dir,
 `resume_from=<run dir | checkpoints/step-N>` from a given one. A checkpoint is Accelerate's `save_state`
 (model, optimizer, scheduler, GradScaler, per-rank RNG states) plus our step counter; the data position
 is the step. A run SIGKILLed at any moment and resumed ends with the same weights, bit for bit on CPU

@@ -8,7 +8,7 @@
 Each batch holds samples of depth 1..3 (weights 2:3:4): d consecutive segments are folded hierarchically
 by the encoder with the *current* weights, and a ReconstructionDecoder reads every folded transition back
 from the final latents only. The target is the raw transition features f(tau), never anything the
-encoder produced: a constant encoder cannot lower this loss (see DESIGN §5 and the collapse detectors
+encoder produced: a constant encoder cannot lower this loss (see docs/design.md §5 and the collapse detectors
 logged here: latent effective rank and the latent-ablation gap).
 
 Writes <run_dir>/encoder-pretrained-<step>.pt every model.save_every steps and

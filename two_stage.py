@@ -187,8 +187,9 @@ def main(argv=None) -> dict:
     # 3. stage 2
     tr = list(routed["train"])
     if ckpt:
-        tag = "pretrained-frozen" if a.freeze_encoder else "pretrained"
-        tr += [f"model.pretrained_encoder_path={_abs(ckpt)}", f"run_name=${{model.name}}-{tag}-${{env.name}}-seed${{seed}}"]
+        # train.yaml's run_name then ends in -pretrained / -pretrained-frozen (hydra_cli.encoder_tag): the
+        # same run_dir as the stage-by-stage quick start, never the scratch run's.
+        tr.append(f"model.pretrained_encoder_path={_abs(ckpt)}")
         if a.freeze_encoder:
             tr.append("model.freeze_encoder=true")
     elif a.freeze_encoder:

@@ -1,4 +1,4 @@
-"""Encoder checkpoint I/O — the stage-1 -> stage-2 contract (DESIGN §6).
+"""Encoder checkpoint I/O — the stage-1 -> stage-2 contract (docs/design.md §6).
 
 Format (torch.save dict):
     {'encoder_state_dict', 'embed_context_state_dict', 'embed_ln_state_dict',

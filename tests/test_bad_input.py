@@ -84,6 +84,7 @@ def cli_results(tiny, finished_run, files, tmp_path_factory):
     return results, before, snapshot(finished_run), tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_cli_one_line_error(cli_results, name):
     results, before, after, _ = cli_results
@@ -96,6 +97,7 @@ def test_cli_one_line_error(cli_results, name):
     assert after == before  # the existing run was not touched by any of the failing commands
 
 
+@pytest.mark.slow
 def test_cli_errors_wrote_no_run_dirs(cli_results):
     """Errors found before training leave no run directory behind (non-finite loss stops mid-run)."""
     _, _, _, tmp = cli_results

@@ -40,6 +40,7 @@ def _communicate(p) -> None:
 
 # -- kill -9 and resume: bit-identical ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars):
     """Stage 2: SIGKILLed while saving checkpoint 8 (checkpoint 4 complete, steps 5-8 already logged),
     then resumed to the end: model.pt, the checkpoints kept and the TensorBoard curves match a run that
@@ -75,6 +76,7 @@ def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars)
     assert [s for s, _ in tb_scalars(run_dir)["train/loss"]] == [2, 4, 6, 8, 10, 12]
 
 
+@pytest.mark.slow
 def test_pretrain_killed_resumes_bit_identical(tiny, tmp_path, tb_scalars):
     """Stage 1: killed after step 5 (checkpoint 3 exists) and resumed: encoder-pretrained-final.pt (and the
     periodic encoder file written after the resume) match an uninterrupted run exactly."""
