@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch
 
 import loop
-from atomic_io import atomic_torch_save
 import teacher_forced
+from atomic_io import atomic_torch_save
 from dataset import HistoryBatches, batch_loader
 from histories import load_histories
 from hydra_cli import abspath
