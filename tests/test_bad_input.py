@@ -56,7 +56,7 @@ CLI_CASES = {
                              "collected with a different env config: name='darkroom' (dataset)"),
     "unknown_key": ("train.py", lambda t, r, f, tmp: ["n_latnet=4"], "unknown config key 'n_latnet'"),
     "n_latent_zero": ("train.py", lambda t, r, f, tmp: ["n_latent=0", f"run_dir={tmp}/c"],
-                      "model.n_latent=0 must be >= 1"),
+                      "model.n_latent=0 must be an integer in [1, 1024]"),
     "not_a_checkpoint": ("train.py", lambda t, r, f, tmp: [f"model.pretrained_encoder_path={f}/notes.txt",
                                                            f"run_dir={tmp}/d"],
                          "is not a readable torch checkpoint"),
@@ -162,8 +162,8 @@ def test_checkpoint_that_is_not_ours(tiny, tmp_path, files):
     ("model.seg_len=100", r"histories have only 200"),  # 3 segments of 100 + a window > 200 steps
     ("model.min_seg_len=30", r"min_seg_len must be in \[1, seg_len=20\]"),
     ("grad_accum=3", r"batch_size=8 must be divisible by grad_accum=3"),
-    ("checkpoint_every=0", r"checkpoint_every=0 must be >= 1"),
-    ("max_steps=abc", r"max_steps='abc' must be int"),
+    ("checkpoint_every=0", r"checkpoint_every=0 must be an integer >= 1"),
+    ("max_steps=abc", r"max_steps='abc' must be an integer >= 1"),
     ("lr=-1", r"lr=-1 must be a finite number > 0"),
     ("model.freeze_encoder=true", r"freeze_encoder=true without model.pretrained_encoder_path"),
 ])
