@@ -472,4 +472,8 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    # Run the imported module's cli, not this __main__ copy's: hydra_cli.user_errors() names
+    # evaluate.EvalError, and __main__.EvalError would be a different class (a traceback instead of one line).
+    import evaluate
+
+    evaluate.cli()

@@ -498,16 +498,18 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
     Around the training itself (_fit): settings checks, the run-dir lock (held until return), and the
     translation of Ctrl-C and of a full / read-only disk into one-line errors."""
     s.validate()
+    # Checked before the accelerator exists (its state is process-wide and cannot be re-made): on a CPU,
+    # Accelerate would quietly run float32 while config.json says fp16.
+    device = getattr(accelerator, "device", None)
+    on_cpu = device.type == "cpu" if device is not None else (s.cpu or not torch.cuda.is_available())
+    if s.mixed_precision == "fp16" and on_cpu and (accelerator is None or device is not None):
+        raise ConfigError("mixed_precision=fp16 needs a CUDA GPU but this run is on the CPU (it would run in "
+                          "float32): use mixed_precision=no, or bf16 (CPU autocast)")
     acc = accelerator or make_accelerator(s)
     world = acc.num_processes
     if s.batch_size % (world * s.grad_accum):
         raise ConfigError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum = "
                           f"{world} x {s.grad_accum}: change batch_size or --num_processes")
-    device = getattr(acc, "device", None)
-    if s.mixed_precision == "fp16" and device is not None and device.type == "cpu":
-        # Accelerate would quietly run float32 while config.json says fp16.
-        raise ConfigError("mixed_precision=fp16 needs a CUDA GPU but this run is on the CPU (it would run in "
-                          "float32): use mixed_precision=no, or bf16 (CPU autocast)")
     steps_key = "model.pretrain_steps" if s.namespace == "pretrain" else "max_steps"
     if s.warmup_steps > s.max_steps and acc.is_main_process:
         print(f"warning: warmup_steps={s.warmup_steps} > {steps_key}={s.max_steps}: the learning rate is still "
