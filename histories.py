@@ -241,6 +241,8 @@ def _load_npy(file: Path, hint: str) -> np.ndarray:
         raise DatasetError(f"dataset {file.parent} has no {file.name}: re-collect with {hint}")
     try:
         arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except PermissionError:
+        raise DatasetError(f"cannot read {file} (permission denied): fix its permissions") from None
     except (ValueError, OSError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError(f"{file} is truncated or corrupt ({msg}): re-collect with {hint}") from None

@@ -523,8 +523,8 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
     except OSError as e:
         if e.errno not in _DISK_ERRNOS:
             raise
-        what = f"{e.filename}" if e.filename else f"in {run_dir}"
-        raise RunDirError(f"cannot write {what} ({os_error_reason(e)}); nothing complete was lost (the "
+        what = f"{e.filename}" if e.filename else f"a file in {run_dir}"
+        raise RunDirError(f"cannot access {what} ({os_error_reason(e)}); nothing complete was lost (the "
                           f"checkpoints in {run_dir / 'checkpoints'} are intact): free space or fix the "
                           f"permissions, then continue with resume=true, or choose another run_dir=...") from None
     finally:
