@@ -343,7 +343,7 @@ def one_line_msg(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
 
 
-# Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_config_keys.py).
+# Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_reliability.py).
 KEY_RULES = {
     **cc.ENV_RULES,
     "data_seed": cc.integer(0, note="unused here"),

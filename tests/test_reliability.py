@@ -95,7 +95,7 @@ def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, 
         assert r.returncode == 2 and len(lines) == 1, r.stderr
         assert f"is in use by another training (pid {first.pid} on" in lines[0], lines[0]
         first.send_signal(signal.SIGINT)
-        out, err = first.communicate(timeout=120)
+        _, err = first.communicate(timeout=120)
     finally:
         if first.poll() is None:
             first.kill()
@@ -119,7 +119,7 @@ def test_two_process_launch_on_a_locked_run_dir_fails_on_every_rank(tiny, tmp_pa
     assert held.acquire() is None
     try:
         p = _launch(tiny, "train.py", tiny.args("train", run_dir=tmp_path / "r"), nproc=2)
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
     finally:
         held.release()
     assert p.returncode != 0
@@ -302,7 +302,7 @@ def test_evaluate_refuses_a_nan_model(finished, tmp_path, sample):
     run = tmp_path / "nan"
     shutil.copytree(finished / "runs" / "done", run)
     ck = torch.load(run / "model.pt", weights_only=True)
-    key = sorted(ck["model_state_dict"])[0]
+    key = min(ck["model_state_dict"])
     ck["model_state_dict"][key].fill_(float("nan"))
     torch.save(ck, run / "model.pt")
     _raises(evaluate.EvalError, rf"'model_state_dict.{key}' holds NaN or infinite values", evaluate.main,
