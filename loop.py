@@ -773,6 +773,8 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
         kept = [p for st, p in complete if st <= step]
         for p in newer + kept[:-max(1, keep_last)]:
             gone = p.with_name(f".old-{p.name}")  # one rename: a kill mid-delete leaves no half step-N
+            if gone.exists():
+                shutil.rmtree(gone, ignore_errors=True)
             os.rename(p, gone)
             shutil.rmtree(gone, ignore_errors=True)
     acc.wait_for_everyone()
