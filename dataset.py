@@ -47,6 +47,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from histories import DatasetError
+from model.config import ConfigError
+
 # Column layout of a packed transition (docs/design.md §4.1: (sx, sy, a, r, nsx, nsy)).
 N_FIELDS = 6
 ACTION_COL = 2
@@ -266,17 +269,17 @@ class SegmentBatches(torch.utils.data.Dataset):
 
         self.pool = np.asarray(histories.split_indices(split), dtype=np.int64)
         if self.pool.size == 0:
-            raise ValueError(f"{name}: split {split!r} has no histories; collect data for it or use "
+            raise DatasetError(f"{name}: split {split!r} has no histories; collect data for it or use "
                              "another split")
         self.flat = pack_transitions(histories)
         self.n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
         self.packed = self.flat[:-1].reshape(self.n_histories, self.n_steps, N_FIELDS)   # a view
         if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
-            raise ValueError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
+            raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
                              "the histories' meta.json is inconsistent with the arrays")
         need = self.max_depth * self.seg_len + self.win_len_max
         if need > self.n_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
                 f"{self.seg_len} + {self.win_len_max} = {need} steps but histories have only "
                 f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
@@ -288,34 +291,34 @@ class SegmentBatches(torch.utils.data.Dataset):
     def _validate_settings(self) -> None:
         n = self.name
         if self.global_batch_size < 1:
-            raise ValueError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
+            raise ConfigError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
+            raise ConfigError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
                              f"world_size={self.world_size}")
         if self.global_batch_size % self.world_size:
-            raise ValueError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
+            raise ConfigError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
                              f"world_size {self.world_size}; pick a batch_size that is a multiple of "
                              "the number of processes")
         if self.seed < 0:
-            raise ValueError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
+            raise ConfigError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
         if self.seg_len < 1:
-            raise ValueError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
+            raise ConfigError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
         if not 1 <= self.min_seg_len <= self.seg_len:
-            raise ValueError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
+            raise ConfigError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
                              f"{self.min_seg_len}")
         if self.max_depth < self.min_depth:
-            raise ValueError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
+            raise ConfigError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
                              f"{self.max_depth}")
         if len(self.depth_weights) != len(self.depths):
-            raise ValueError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
+            raise ConfigError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
                              f"{self.min_depth}..{self.max_depth} need {len(self.depths)}; give one "
                              "weight per depth (or null for the default d+1)")
         w = np.asarray(self.depth_weights)
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
+            raise ConfigError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
                              f"{self.depth_weights}")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
-            raise ValueError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
+            raise ConfigError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
 
     # -- sizes ----------------------------------------------------------------------------------------

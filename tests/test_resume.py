@@ -151,8 +151,9 @@ def test_pruning_keeps_newest_and_stale_tmp_is_ignored(acc_state, tmp_path):
     assert [s for s, _ in loop.checkpoints(run_dir)] == [4, 5]
     plan = loop.plan_run_dir(run_dir, cfg, loop.LoopSettings(10, 1, 1e-3, resume=True))
     assert plan.resume_ckpt.name == "step-00000005" and plan.start_step == 5
-    loop.apply_run_dir(plan, cfg)  # the main process clears the stale temp folder
+    loop.apply_run_dir(plan, cfg)  # the main process clears the stale temp folder and the incomplete step-7
     assert not (run_dir / "checkpoints" / ".tmp-step-00000006").exists()
+    assert not (run_dir / "checkpoints" / "step-00000007").exists()
 
     # Resuming from an older checkpoint (resume_from) abandons the newer ones once the next one is saved.
     with torch.no_grad():
@@ -165,7 +166,7 @@ def test_pruning_keeps_newest_and_stale_tmp_is_ignored(acc_state, tmp_path):
     state.step = 3
     loop.save_checkpoint(acc, run_dir, 3, keep_last=3, config=cfg)
     assert [s for s, _ in loop.checkpoints(run_dir)] == [3]
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003", "step-00000007"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003"]
 
 
 # -- atomic file writes ------------------------------------------------------------------------------------

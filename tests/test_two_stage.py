@@ -347,7 +347,7 @@ def test_failing_stage_stops_the_pipeline_with_its_exit_code(tmp_path):
     assert "source.n_stream=4" in commands(out)["collect"]
     assert (
         out.index("[pretrain] $ ")
-        < out.index("model.n_latent=0 must be >= 1")
+        < out.index("model.n_latent=0 must be an integer in [1, 1024]")
         < out.index("[pretrain] failed with exit code 1; stopping the pipeline")
     )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["collect"]  # collect's Hydra log only
