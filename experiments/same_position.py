@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
+import os
 import sys
 from pathlib import Path
 
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     device = resolve_device(a.device)
     rows = score_runs(a.run_dirs, a.split, a.data, device)
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     cmd = "python experiments/same_position.py " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = ["# Same-position held-out action loss", "", f"Command: `{cmd}`  ", f"Date: {when}; device: {dev}", ""]
     for split in a.split:

@@ -115,3 +115,16 @@ def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["runs"][0]["reports"]["val"]["n_histories"] == 5
     with pytest.raises(ValueError, match="same histories"):
         tf.paired_difference(a, summary["runs"][1]["reports"]["val"])
+
+
+def test_memory_verdict_needs_a_clear_and_relevant_gain():
+    base = torch.linspace(0.5, 1.5, 40, dtype=torch.float64)[:, None].expand(40, 10).clone()
+    noise = torch.linspace(-1e-4, 1e-4, 40, dtype=torch.float64)[:, None]
+
+    def verdict(gain):  # 'all' is lower than k1 by `gain` nats at every step (+ a little per-history noise)
+        return tf.report({"nll": base - gain + noise, "nll_k0": base + 0.1, "nll_k1": base})["memory_probe"]
+
+    assert verdict(0.02)["verdict"].startswith("the whole compressed history predicts better")
+    assert "negligible" in verdict(0.001)["verdict"]          # 10 standard errors, but only 0.001 nats
+    assert verdict(0.0)["verdict"].startswith("the compressed memory carries nothing measurable")
+    assert verdict(0.02)["all_minus_k1"] == pytest.approx(-0.02)
