@@ -35,12 +35,11 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from env import N_ACTIONS, BatchedDarkroom, goal_split, optimal_return
-from histories import FORMAT_VERSION, check_can_write, save_histories
-
-
-class ConfigError(ValueError):
-    """An invalid collect config; the message is one line saying what to change."""
+import config_check as cc
+from atomic_io import PathLock, os_error_reason
+from env import N_ACTIONS, SPLITS, BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from histories import FORMAT_VERSION, DatasetError, check_can_write, recover_leftovers, save_histories, split_layout
+from model.config import ConfigError  # the project's one config error class (one line, exit 2)
 
 
 def epsilon_at(t: int, src) -> float:
@@ -127,6 +126,32 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
 # progress, n_train) -> uint8 arrays; add new ones here.
 SOURCES = {"qlearning": qlearning_histories}
 
+# Every key of config/collect.yaml (config_check; tests/test_reliability.py keeps this table complete).
+KEY_RULES = {
+    **cc.ENV_RULES,
+    "seed": cc.integer(0),
+    "data_seed": cc.integer(0),
+    "data_path": cc.text(),
+    "overwrite": cc.flag(),
+    "device": cc.text(note="cpu, cuda or cuda:N"),
+    "progress": cc.flag(),
+    "num_threads": cc.integer(0, 1024, note="torch CPU threads; 0 = torch's default"),
+    "source.name": cc.one_of(*SOURCES),
+    "source.n_stream": cc.integer(1, 100_000, note="histories per train goal"),
+    "source.n_steps": cc.integer(1, note="a multiple of env.horizon"),
+    "source.n_stream_eval": cc.integer(0, 100_000, note="histories per test goal"),
+    "source.lr": cc.number(0, 1, lo_open=True, note="Q-learning step size"),
+    "source.gamma": cc.number(0, 1, hi_open=True, note="discount"),
+    "source.q_init": cc.number(note="initial Q value"),
+    "source.eps_start": cc.number(0, 1),
+    "source.eps_end": cc.number(0, 1),
+    "source.eps_decay_steps": cc.integer(0),
+    "source.replay_passes": cc.integer(0, 100),
+}
+# A source whose last-5-episode return is below random + this fraction of (optimal - random) learnt
+# (almost) nothing: its histories cannot teach in-context learning.
+NOT_LEARNING_FRAC = 0.1
+
 
 def episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
     """rewards uint8 [N, T] -> float64 [N, T // horizon] return of each episode."""
@@ -167,14 +192,10 @@ def _check_cfg(cfg: DictConfig) -> None:
     src, env = cfg.source, cfg.env
     if src.name not in SOURCES:
         raise ConfigError(f"unknown source.name={src.name!r}: use one of {sorted(SOURCES)}")
+    cc.check(cfg, KEY_RULES)
     if src.n_steps <= 0 or src.n_steps % env.horizon:
         raise ConfigError(f"source.n_steps={src.n_steps} must be a positive multiple of env.horizon="
                           f"{env.horizon} (histories hold whole episodes)")
-    if src.n_stream < 1 or src.n_stream_eval < 0:
-        raise ConfigError(f"source.n_stream={src.n_stream} must be >= 1 and source.n_stream_eval="
-                          f"{src.n_stream_eval} >= 0")
-    if not 1 <= env.grid_size <= 256:
-        raise ConfigError(f"env.grid_size={env.grid_size} must be in [1, 256] (states are stored as uint8)")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but CUDA is not available: use device=cpu")
 
@@ -183,13 +204,33 @@ def main(cfg: DictConfig) -> dict:
     """Collect and save one dataset; returns (and prints) the summary. Tests call this directly."""
     _check_cfg(cfg)
     path = to_absolute_path(str(cfg.data_path))  # relative -> original cwd (hydra) or cwd
+    lock = PathLock(path)  # one collect per dataset: a second one would replace it under the first one's feet
+    try:
+        holder = lock.acquire()
+    except OSError as e:
+        raise DatasetError(f"cannot create the lock file {lock.file} ({os_error_reason(e)}): choose another "
+                           f"data_path or fix the folder's permissions") from None
+    if holder:
+        raise DatasetError(f"data_path {path} is being written by another collect ({holder}, lock file "
+                           f"{lock.file}): wait for it to finish, or choose another data_path / data_seed")
+    try:
+        for note in recover_leftovers(path):
+            print(f"note: {note}", flush=True)
+        return _collect(cfg, path)
+    finally:
+        lock.release()
+
+
+def _collect(cfg: DictConfig, path: str) -> dict:
     check_can_write(path, bool(cfg.overwrite))   # fail before any work, not after it
     env_cfg, src = cfg.env, cfg.source
-    train_goals, test_goals = goal_split(env_cfg.grid_size, env_cfg.train_frac, env_cfg.split_seed)
-    n_train = len(train_goals) * src.n_stream
-    goals = torch.tensor(train_goals).repeat_interleave(src.n_stream, 0)
-    if src.n_stream_eval and test_goals:
-        goals = torch.cat([goals, torch.tensor(test_goals).repeat_interleave(src.n_stream_eval, 0)])
+    splits = goal_splits_from_cfg(env_cfg)
+    # Train goals get n_stream histories each (the training data); validation and test goals get
+    # n_stream_eval each: they are only scored (held-out loss, stage-1 diagnostics), never trained on.
+    per_goal = {"train": int(src.n_stream), "val": int(src.n_stream_eval), "test": int(src.n_stream_eval)}
+    goal_arr, split_meta, ranges = split_layout(splits, per_goal)
+    goals = torch.from_numpy(goal_arr)
+    n_train = ranges["train"]["stop"]
     N, T = goals.shape[0], int(src.n_steps)
 
     prev_threads = torch.get_num_threads()
@@ -206,39 +247,45 @@ def main(cfg: DictConfig) -> dict:
 
     ret = episode_returns(arrays["rewards"], env_cfg.horizon)
     summary = {
-        "n_histories": N, "n_train_histories": n_train, "n_test_histories": N - n_train,
+        "n_histories": N, **{f"n_{k}_histories": r["stop"] - r["start"] for k, r in ranges.items()},
         "n_steps": T, "n_episodes": T // env_cfg.horizon, "n_transitions": N * T,
         "wall_s": wall, "transitions_per_s": N * T / wall,
-        "train": _split_summary(ret[:n_train], train_goals, env_cfg, int(cfg.seed) + 1),
-        "test": _split_summary(ret[n_train:], test_goals, env_cfg, int(cfg.seed) + 2),
+        **{k: _split_summary(ret[r["start"]:r["stop"]], splits[k], env_cfg, int(cfg.seed) + off)
+           for k, r in ranges.items() for off in [{"train": 1, "test": 2, "val": 3}[k]]},
     }
     meta = {
         "format_version": FORMAT_VERSION,
         "env": OmegaConf.to_container(env_cfg, resolve=True),
-        "split": {"train_goals": [list(g) for g in train_goals], "test_goals": [list(g) for g in test_goals]},
+        "split": split_meta,
         "source": OmegaConf.to_container(src, resolve=True),
         "seed": int(cfg.seed), "data_seed": int(cfg.data_seed),
         "n_stream": int(src.n_stream), "n_stream_eval": int(src.n_stream_eval), "n_steps": T,
-        "histories": {"train": {"start": 0, "stop": n_train}, "test": {"start": n_train, "stop": N}},
-        "layout": "train histories first, goal-major in split order (n_stream per goal), then test "
-                  "histories (n_stream_eval per goal); goals.npy holds each history's goal",
+        "histories": ranges,
+        "layout": "train histories first, goal-major in split order (n_stream per goal), then validation, "
+                  "then test histories (n_stream_eval per goal each); goals.npy holds each history's goal",
         "return_curve": ret[:n_train].mean(0).tolist(),
-        "return_curve_test": ret[n_train:].mean(0).tolist() if N > n_train else [],
+        **{f"return_curve_{k}": ret[r["start"]:r["stop"]].mean(0).tolist() if r["stop"] > r["start"] else []
+           for k, r in ranges.items() if k != "train"},
         "summary": summary,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     save_histories(path, arrays, meta, overwrite=bool(cfg.overwrite))
     summary["data_path"] = path
     print_summary(summary)
+    tr = summary["train"]
+    if tr and tr["last5"] < tr["random"] + NOT_LEARNING_FRAC * (tr["optimal"] - tr["random"]):
+        print(f"warning: the source did not learn: its last-5-episode return {tr['last5']:.2f} is close to a "
+              f"random policy's {tr['random']:.2f} (optimal {tr['optimal']:.2f}); these histories show no "
+              f"learning for AD to distil: check source.lr / gamma / eps_* / n_steps", flush=True)
     return summary
 
 
 def print_summary(s: dict) -> None:
-    print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_test_histories']:,} "
-          f"test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
+    print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_val_histories']:,} "
+          f"val, {s['n_test_histories']:,} test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
           f"({s['transitions_per_s'] / 1e6:.2f} M/s) -> {s['data_path']}")
     print(f"{'mean return':<12}{'random':>9}{'first ep':>10}{'last 5 ep':>11}{'optimal':>9}{'last5/opt':>11}")
-    for split in ("train", "test"):
+    for split in SPLITS:
         r = s[split]
         if r:
             print(f"{split + ' goals':<12}{r['random']:>9.2f}{r['first_episode']:>10.2f}{r['last5']:>11.2f}"

@@ -19,7 +19,7 @@ RUNNER = REPO / "experiments" / "compare_pretraining.py"
 # n_episodes / seeds_per_goal / n_train_goals -> evaluate, log_every -> pretrain + train.
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1", "model.recon_n_layer=1",
         "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10",
-        "batch_size=8", "max_steps=8", "warmup_steps=2", "log_every=2", "heldout_batches=1",
+        "batch_size=8", "max_steps=8", "warmup_steps=2", "log_every=2",
         "model.pretrain_steps=6", "model.pretrain_batch_size=8", "diag_batches=1",
         "n_episodes=3", "seeds_per_goal=1", "n_train_goals=1", "progress=false"]
 
@@ -32,6 +32,7 @@ def run_runner(tmp_path: Path, data_path: Path, *extra: str) -> subprocess.Compl
                           check=False)
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_and_reuse(tmp_path, tiny):
     # The session's tiny dataset (tests/conftest.py) saves a collect process; that a missing dataset is
     # collected first is checked by the planning test below.
@@ -90,6 +91,7 @@ def test_compare_end_to_end_and_reuse(tmp_path, tiny):
     assert rep2["results"] == rep["results"]  # the same numbers, read back from the same runs
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_resumed_and_bad_input_fails_fast(tmp_path):
     """A run dir with checkpoints but no done.json is resumed with resume=true; changing a training key
     under the same --out is refused instead of silently reusing the old run. Plans only (--dry-run)."""
@@ -113,6 +115,8 @@ def test_interrupted_run_is_resumed_and_bad_input_fails_fast(tmp_path):
     rd = out / "runs" / "scratch-seed0"
     (rd / "checkpoints" / "step-00000003").mkdir(parents=True)
     (rd / "checkpoints" / "step-00000003" / "loop_state.json").write_text('{"step": 3}')
+    for name in ("model.safetensors", "optimizer.bin"):  # what loop.checkpoints() needs to call it complete
+        (rd / "checkpoints" / "step-00000003" / name).write_bytes(b"")
     (rd / "config.json").write_text(json.dumps(plan.train_cfgs[("scratch", 0)]))
     plan = cp.make_plan(cp.parse_args(base), routed)
     train = next(j for j in plan.jobs if j.name == "train:scratch-seed0")
