@@ -41,6 +41,7 @@ def test_every_benchmark_has_a_test():
     assert scripts == {args[0] for args in RUNS.values()}, "add the new benchmark to RUNS"
 
 
+@pytest.mark.slow
 def test_benchmarks_quick_mode(tmp_path):
     procs = {}
     for name, args in RUNS.items():
@@ -61,6 +62,7 @@ def test_benchmarks_quick_mode(tmp_path):
     assert set(rc["per_length"]) == {"100", "300"}
 
 
+@pytest.mark.slow
 def test_train_throughput_fast_path_options(tmp_path):
     """The GPU options of train_throughput.py (compile, bf16 autocast, static shapes) on a small model."""
     out = _finish(_start(["train_throughput.py", "--quick", "--compile", "aot_eager", "--dtype", "bf16",
@@ -77,6 +79,7 @@ def test_bad_benchmark_flags_fail_clearly(tmp_path, flag):
     assert p.returncode == 2 and "invalid choice" in err
 
 
+@pytest.mark.slow
 def test_gpu_check_dry_path(tmp_path):
     """`make gpu-check`'s script end to end on the CPU (--device cpu --quick): every part runs (benchmarks,
     accelerate-launched two-stage pipeline, evaluation) and lands in the one table and gpu_check.json."""

@@ -162,6 +162,7 @@ class _SyncCounter(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.slow
 def test_step_has_no_host_sync_between_logs(tiny, tmp_path, one_thread, monkeypatch):
     """With static shapes, device-side data and the fused optimizer (the CUDA path), host reads happen at
     log/checkpoint/end time only: 3 steps and 9 steps between logs do the same number of them."""
@@ -226,6 +227,7 @@ def test_deferred_non_finite_check_names_step_and_keeps_checkpoints_finite(tiny,
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(tiny, tmp_path, one_thread):
     """compile on the CPU: a few steps train through torch.compile (dynamo + AOTAutograd; the aot_eager
     backend skips only code generation, which takes minutes on this CPU), with no graph break in the
@@ -251,6 +253,7 @@ def test_compiled_training_matches_eager(tiny, tmp_path, one_thread):
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 def test_fit_destroys_the_process_group(tiny, tmp_path):
     """accelerate-launched runs end with the process group destroyed (NCCL otherwise warns "destroy_process_group()
     was not called" at exit; gloo is silent, so ask the ranks directly), after a failed run too."""
