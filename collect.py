@@ -38,7 +38,14 @@ from tqdm import tqdm
 import config_check as cc
 from atomic_io import PathLock, os_error_reason
 from env import N_ACTIONS, SPLITS, BatchedDarkroom, goal_splits_from_cfg, optimal_return
-from histories import FORMAT_VERSION, DatasetError, check_can_write, recover_leftovers, save_histories, split_layout
+from histories import (
+    FORMAT_VERSION,
+    DatasetError,
+    check_can_write,
+    recover_leftovers,
+    save_histories,
+    split_layout,
+)
 from model.config import ConfigError  # the project's one config error class (one line, exit 2)
 
 
