@@ -1,7 +1,7 @@
 """Stage-2 training batches for CompressedAD and the AD baseline, cut from learning histories.
 
 One sample = d compressed segments followed by a decoder window, all consecutive transitions of one
-learning history (DESIGN §4 "Schedule"):
+learning history (docs/design.md §4.4):
 
     history h:  ... | seg 1 | seg 2 | ... | seg d | window | ...
                     ^ start (uniform so that everything fits in the T steps)
@@ -12,17 +12,21 @@ learning history (DESIGN §4 "Schedule"):
     len(win)   ~ U{win_len_min .. win_len_max}         (default: both = seg_len, see below)
 
 Why full windows are the default: the decoder's loss is cross-entropy at *every* window position
-(DESIGN §4), and the decoder is causal, so a window of length seg_len already carries the labels of
+(docs/design.md §4.2), and the decoder is causal, so a window of length seg_len already carries the labels of
 every shorter prefix window (position t only sees positions <= t). Drawing shorter windows would only
 throw labels away. The AD baseline uses the same sampler with max_depth=0 and
 win_len_min = win_len_max = its context length.
 
-Batch format (SPEC "Batches"): right-padded, zero-filled, lengths carry the masks.
+Batch format (docs/design.md §4.4): right-padded, zero-filled, lengths carry the masks.
     seg      long [B, D, S, 6]  D = max depth in the global batch (may be 0), S = seg_len
     seg_len  long [B, D]        slots RIGHT-ALIGNED: a depth-d sample uses slots D-d .. D-1
     win      long [B, W, 6]     W = max window length in the global batch
     win_len  long [B]
     depth    long [B]
+
+Static shapes (`static_shapes=True`, config key model.static_shapes): D = max_compression_depth and
+W = win_len_max for every batch (unused slots / positions are padding, masked by the lengths), so a
+compiled training step sees one input shape and never recompiles. Same samples, more padding.
 
 Determinism / distribution: batch k is a pure function of (seed, k): it is drawn from
 np.random.default_rng([seed, k]) for the whole *global* batch and then each rank keeps its rows
@@ -34,7 +38,9 @@ at step k needs nothing but k. Use it as
 
 Sampling is vectorised: all B specs are drawn with numpy at once, and the transitions are gathered
 with one `np.take` into a packed [N*T (+1 zero row), 6] uint8 copy of the histories made at
-construction.
+construction. On an accelerator the packed copy can live in device memory (`SegmentBatches.to_device`,
+config key data_on_device): then only the small spec arrays cross the bus each step and the gather runs
+on the device (`gather_batch_torch`), giving exactly the same batches.
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# Column layout of a packed transition (SPEC: (sx, sy, a, r, nsx, nsy)).
+from histories import DatasetError
+from model.config import ConfigError
+
+# Column layout of a packed transition (docs/design.md §4.1: (sx, sy, a, r, nsx, nsy)).
 N_FIELDS = 6
 ACTION_COL = 2
 
@@ -194,6 +203,43 @@ def gather_batch(flat: np.ndarray, n_steps: int, specs: SampleSpecs, n_slots: in
     return batch
 
 
+def _spec_matrix(specs: SampleSpecs, n_slots: int) -> np.ndarray:
+    """The specs of a batch as one int64 [B, 4 + 2*n_slots] array (hist, win_start, win_len, depth,
+    seg_start..., seg_len...): one small host->device copy per batch instead of six."""
+    max_depth = specs.seg_len.shape[1]
+    return np.concatenate([specs.hist[:, None], specs.win_start[:, None], specs.win_len[:, None],
+                           specs.depth[:, None], specs.seg_start[:, max_depth - n_slots:], specs.seg_len[:, max_depth - n_slots:]],
+                          axis=1).astype(np.int64, copy=False)
+
+
+def _gather_torch(flat: torch.Tensor, n_steps: int, hist: torch.Tensor, start: torch.Tensor,
+                  length: torch.Tensor, cap: int) -> torch.Tensor:
+    """`_gather` on torch tensors (any device): same indices, same zero row for padding."""
+    pos = torch.arange(cap, dtype=torch.int64, device=flat.device)
+    idx = torch.where(pos < length[..., None], (hist * n_steps + start)[..., None] + pos, flat.shape[0] - 1)
+    return flat[idx].long()
+
+
+def gather_batch_torch(flat: torch.Tensor, n_steps: int, specs: SampleSpecs, n_slots: int, S: int,
+                       W: int | None) -> dict[str, torch.Tensor]:
+    """`gather_batch` with the packed transitions `flat` already on a device (uint8 [N*T + 1, 6]).
+
+    The spec matrix goes over in one non-blocking copy from pinned memory (on CUDA), so sampling never
+    waits for the device to finish the previous step; the batch is built where the model runs."""
+    m = torch.from_numpy(_spec_matrix(specs, n_slots))
+    if flat.device.type == "cuda":
+        m = m.pin_memory()
+    m = m.to(flat.device, non_blocking=True)
+    hist, win_start, win_len, depth = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
+    seg_start, seg_len = m[:, 4:4 + n_slots], m[:, 4 + n_slots:]
+    batch = {"seg": _gather_torch(flat, n_steps, hist[:, None], seg_start, seg_len, S), "seg_len": seg_len}
+    if W is not None:
+        batch["win"] = _gather_torch(flat, n_steps, hist, win_start, win_len, W)
+        batch["win_len"] = win_len
+    batch["depth"] = depth
+    return batch
+
+
 def spec_items(packed: np.ndarray, specs: SampleSpecs, with_window: bool = True) -> list[dict]:
     """Per-sample dicts for `collate` (slow, loop-based reference; used by tests and one-off sampling).
 
@@ -212,7 +258,7 @@ def spec_items(packed: np.ndarray, specs: SampleSpecs, with_window: bool = True)
 
 def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: int | None = None,
             pad_win_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Batch variable-length samples into the padded SPEC format.
+    """Batch variable-length samples into the padded batch format (module docstring).
 
     samples: dicts with 'seg' (list of [L_i, 6] int arrays, oldest first; may be empty) and optionally
     'win' ([w, 6]); if no sample has 'win', the batch has no window keys (stage 1).
@@ -257,7 +303,7 @@ def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: 
 # --------------------------------------------------------------------------------------------------
 
 def default_depth_weights(depths: Sequence[int]) -> list[float]:
-    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1), as in the seed."""
+    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1); docs/design.md §4.4."""
     return [float(d + 1) for d in depths]
 
 
@@ -272,9 +318,11 @@ class SegmentBatches(torch.utils.data.Dataset):
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
                  win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
-                 num_batches: int | None = None, name: str = "dataset", schedule: str = "random",
-                 max_windows: int | None = None):
+                 num_batches: int | None = None, name: str = "dataset", static_shapes: bool = False,
+                 schedule: str = "random", max_windows: int | None = None):
         self.name = name
+        self.static_shapes = bool(static_shapes)
+        self.flat_device: torch.Tensor | None = None  # set by to_device
         self.schedule = schedule
         self.max_windows = None if max_windows is None else int(max_windows)
         self.split = split
@@ -293,19 +341,19 @@ class SegmentBatches(torch.utils.data.Dataset):
 
         self.pool = np.asarray(histories.split_indices(split), dtype=np.int64)
         if self.pool.size == 0:
-            raise ValueError(f"{name}: split {split!r} has no histories; collect data for it or use "
+            raise DatasetError(f"{name}: split {split!r} has no histories; collect data for it or use "
                              "another split")
         self.flat = pack_transitions(histories)
         self.n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
         self.packed = self.flat[:-1].reshape(self.n_histories, self.n_steps, N_FIELDS)   # a view
         if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
-            raise ValueError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
+            raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
                              "the histories' meta.json is inconsistent with the arrays")
         need = self.max_depth * self.seg_len + self.win_len_max
         if self.schedule == "rollout":
             need = self.seg_len  # at least one full window; deeper samples use what the history holds
         if need > self.n_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
                 f"{self.seg_len} + {self.win_len_max} = {need} steps but histories have only "
                 f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
@@ -317,31 +365,31 @@ class SegmentBatches(torch.utils.data.Dataset):
     def _validate_settings(self) -> None:
         n = self.name
         if self.global_batch_size < 1:
-            raise ValueError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
+            raise ConfigError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
+            raise ConfigError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
                              f"world_size={self.world_size}")
         if self.global_batch_size % self.world_size:
-            raise ValueError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
+            raise ConfigError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
                              f"world_size {self.world_size}; pick a batch_size that is a multiple of "
                              "the number of processes")
         if self.seed < 0:
-            raise ValueError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
+            raise ConfigError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
         if self.seg_len < 1:
-            raise ValueError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
+            raise ConfigError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
         if not 1 <= self.min_seg_len <= self.seg_len:
-            raise ValueError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
+            raise ConfigError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
                              f"{self.min_seg_len}")
         if self.max_depth < self.min_depth:
-            raise ValueError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
+            raise ConfigError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
                              f"{self.max_depth}")
         if len(self.depth_weights) != len(self.depths):
-            raise ValueError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
+            raise ConfigError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
                              f"{self.min_depth}..{self.max_depth} need {len(self.depths)}; give one "
                              "weight per depth (or null for the default d+1)")
         w = np.asarray(self.depth_weights)
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
+            raise ConfigError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
                              f"{self.depth_weights}")
         if self.schedule not in ("random", "rollout"):
             raise ValueError(f"{n}: model.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
@@ -349,7 +397,7 @@ class SegmentBatches(torch.utils.data.Dataset):
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"{n}: model.max_windows={self.max_windows} must be >= 1 (or null: all)")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
-            raise ValueError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
+            raise ConfigError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
 
     # -- sizes ----------------------------------------------------------------------------------------
@@ -373,16 +421,27 @@ class SegmentBatches(torch.utils.data.Dataset):
                             self.win_len_min, self.win_len_max)
 
     def _padding(self, specs: SampleSpecs) -> tuple[int, int | None]:
-        """(D, W) from the GLOBAL batch so that every rank's tensors have the same shapes."""
+        """(D, W) from the GLOBAL batch so that every rank's tensors have the same shapes; with
+        static_shapes the fixed maxima, so that every batch has the same shapes."""
+        if self.static_shapes:  # every slot the schedule has (max_depth, or all windows but one: rollout)
+            return specs.seg_len.shape[1], (self.win_len_max if self.with_window else None)
         D = int(specs.depth.max())
         W = int(specs.win_len.max()) if self.with_window else None
         return D, W
+
+    def to_device(self, device) -> SegmentBatches:
+        """Keep a copy of the packed transitions on `device` and gather batches there from now on
+        (identical batches; see gather_batch_torch). Not for DataLoader workers: iterate in-process."""
+        self.flat_device = torch.from_numpy(self.flat).to(device)
+        return self
 
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         if not 0 <= k < self.num_batches:
             raise IndexError(f"{self.name}: batch {k} out of range [0, {self.num_batches})")
         specs = self.global_specs(k)
         D, W = self._padding(specs)
+        if self.flat_device is not None:
+            return gather_batch_torch(self.flat_device, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
         return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
 
     def items(self, k: int) -> list[dict]:
@@ -407,21 +466,22 @@ class HistoryBatches(SegmentBatches):
                  max_depth: int, depth_weights: Sequence[float] | None = None,
                  win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 schedule: str = "random", max_windows: int | None = None):
+                 static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
                          max_depth=max_depth, depth_weights=depth_weights,
                          win_len_min=seg_len if win_len_min is None else win_len_min,
                          win_len_max=seg_len if win_len_max is None else win_len_max,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                         name="HistoryBatches", schedule=schedule, max_windows=max_windows)
+                         name="HistoryBatches", static_shapes=static_shapes, schedule=schedule,
+                         max_windows=max_windows)
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
                  world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
                  seed: int | None = None) -> HistoryBatches:
         """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, depth_weights, win_len_min,
-        win_len_max} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size (GLOBAL
-        batch), cfg.seed;
+        win_len_max, static_shapes} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size
+        (GLOBAL batch), cfg.seed;
         `batch_size` / `seed` given here take their place."""
         m = cfg_get(cfg, "model")
         if batch_size is None:
@@ -434,6 +494,7 @@ class HistoryBatches(SegmentBatches):
                    depth_weights=cfg_get(m, "depth_weights", None),
                    win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
                    seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
+                   static_shapes=bool(cfg_get(m, "static_shapes", False)),
                    schedule=cfg_get(m, "schedule", "random"), max_windows=cfg_get(m, "max_windows", None))
 
 
@@ -451,13 +512,35 @@ def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
     return value
 
 
-def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None,
-                 num_workers: int = 0, pin_memory: bool = False) -> torch.utils.data.DataLoader:
-    """DataLoader yielding batches start, start+1, ..., stop-1 (resume = pass the step as start).
+def data_device(setting: Any, device: torch.device | str | None, dataset: SegmentBatches) -> torch.device | None:
+    """Where batches are gathered: `device` if the packed transitions should live there, else None (host;
+    also when there is no device yet, e.g. a task used outside the training loop).
 
-    batch_size=None because each item is already a batch; workers fork-share the packed array.
+    setting (config key data_on_device): true / false, or null = on for CUDA when the packed array takes
+    at most a quarter of the free device memory (the default dataset: 7.4 M transitions x 6 B = 44 MB)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if setting is None:
+        if device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if dataset.flat.nbytes <= free // 4 else None
+    return device if bool(setting) else None
+
+
+def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None,
+                 num_workers: int = 0, pin_memory: bool = False, device: torch.device | str | None = None):
+    """Batches start, start+1, ..., stop-1 (resume = pass the step as start).
+
+    device=None: a DataLoader (batch_size=None because each item is already a batch; workers fork-share
+    the packed array). device given: the packed array moves there (`to_device`) and batches are gathered
+    on it in this process (workers would have to share device memory), as a plain iterator.
     """
     stop = len(dataset) if stop is None else stop
+    if device is not None:
+        dataset.to_device(device)
+        return (dataset[k] for k in range(start, stop))
     return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
                                        num_workers=num_workers, pin_memory=pin_memory,
                                        persistent_workers=num_workers > 0)

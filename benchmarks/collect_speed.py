@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/collect_speed.py                 # default: 73 goals x 100 streams x 1000 steps
     .venv/bin/python benchmarks/collect_speed.py --threads 1 2   # compare torch thread counts
     .venv/bin/python benchmarks/collect_speed.py --repeats 3 --overrides source.n_stream=20
+    .venv/bin/python benchmarks/collect_speed.py --quick         # smoke run: 2 streams x 200 steps (seconds)
 
 Runs collect.main on the composed default config into a temp dir (deleted afterwards), --repeats times
 per thread setting, and reports: the collection's wall time (source loop only: `wall_s` of the summary)
@@ -19,7 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import machine_info, median, print_table, write_json
+from common import add_common_args, machine_info, median, print_table, run_info, write_json
+
+QUICK = ["source.n_stream=2", "source.n_steps=200", "source.n_stream_eval=1"]
 
 
 def run_once(overrides: list[str], data_path: Path) -> tuple[dict, float]:
@@ -36,9 +39,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="torch CPU threads (num_threads=)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--device", default="cpu")
+    add_common_args(p)
     p.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides of config/collect.yaml")
     args = p.parse_args()
+    if args.quick:
+        args.overrides = QUICK + list(args.overrides)
 
     import torch
 
@@ -63,8 +68,8 @@ def main() -> None:
                  "test first/last5/opt"], rows)
     by_threads = {t: median([r["wall_s"] for r in results if r["threads"] == t]) for t in args.threads}
     out = write_json("collect_speed", {
-        "machine": machine_info(args.device), "torch_threads_default": torch.get_num_threads(),
-        "budget_s": 120, "median_wall_s_by_threads": by_threads, "runs": results})
+        "run": run_info(args.device, "uint8", None, None), "quick": args.quick, "machine": machine_info(args.device), "torch_threads_default": torch.get_num_threads(),
+        "budget_s": 120, "median_wall_s_by_threads": by_threads, "runs": results}, args.out_dir)
     print(f"\nmedian collection wall time by threads: {by_threads} (budget 120 s); wrote {out}")
 
 

@@ -5,7 +5,9 @@
 - `synthetic_histories`: valid Darkroom learning histories (uniform random walks of BatchedDarkroom),
   written with `histories.save_histories` and read back with `load_histories`, i.e. through the same
   validation a real dataset goes through. Only shapes and the depth mixture matter for timing.
-- timing / output helpers: `sync`, `machine_info`, `write_json` (atomic), `print_table`.
+- timing / output helpers: `sync`, `machine_info`, `run_info`, `write_json` (atomic), `print_table`.
+- `add_common_args`: --device, --quick, --out-dir, shared by every benchmark (tests/test_benchmarks.py
+  runs each one with --quick --out-dir <tmp>, so a config change that breaks a benchmark fails the suite).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ def arch_overrides(args) -> list[str]:
     out = [f"model.{k}={getattr(args, k)}" for k in keys if getattr(args, k, None) is not None]
     if getattr(args, "seg_len", None) is not None:  # AD's window follows CompressedAD's raw window
         out.append(f"model.context_len={args.seg_len}")
+        out.append(f"model.min_seg_len={max(1, args.seg_len // 2)}")  # the yaml's ratio (40 of 80)
     return out
 
 
@@ -52,7 +55,7 @@ def add_arch_args(p) -> None:
     p.add_argument("--n-layer", type=int, default=None)
     p.add_argument("--enc-n-layer", type=int, default=None)
     p.add_argument("--n-latent", type=int, default=None)
-    p.add_argument("--seg-len", type=int, default=None, help="also sets AD's context_len")
+    p.add_argument("--seg-len", type=int, default=None, help="also sets AD's context_len, and min_seg_len to half")
 
 
 def synthetic_histories(env_cfg, n_hist: int, n_steps: int, tmp_dir: str, seed: int = 0,
@@ -103,6 +106,21 @@ def synthetic_histories(env_cfg, n_hist: int, n_steps: int, tmp_dir: str, seed: 
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def add_common_args(p, devices=("cpu", "cuda")) -> None:
+    p.add_argument("--device", default="cpu", choices=list(devices))
+    p.add_argument("--quick", action="store_true", help="smoke run (seconds on a CPU; what the tests run)")
+    p.add_argument("--out-dir", default=None, help=f"where <name>.json goes (default {OUT_DIR})")
+
+
+def run_info(device, dtype: str = "fp32", batch: int | None = None, compile_mode: str | None = None) -> dict:
+    """What a result depends on, recorded in every results JSON: device name, torch version, dtype, batch,
+    compile mode (None = eager)."""
+    dev = torch.device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+    return {"device": str(dev), "device_name": name, "torch": torch.__version__, "dtype": dtype, "batch": batch,
+            "compile": compile_mode, "cuda": torch.version.cuda, "threads": torch.get_num_threads()}
 
 
 def machine_info(device) -> dict:

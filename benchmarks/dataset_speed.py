@@ -1,27 +1,24 @@
 """Throughput of the stage-1/2 batch samplers on synthetic histories the size of the real dataset.
 
     .venv/bin/python benchmarks/dataset_speed.py [--n-hist 7300 --n-steps 1000 --batch-size 128 ...]
+    .venv/bin/python benchmarks/dataset_speed.py --quick            # smoke run (seconds)
+    .venv/bin/python benchmarks/dataset_speed.py --device cuda      # + gathering on the GPU (data_on_device)
 
 Prints samples/s for the vectorised path (stage 2 and stage 1, single process), for the loop-based
-collate reference (what the vectorisation buys), and through a DataLoader with workers; writes the
-numbers to benchmarks/out/dataset_speed.json (atomically). Timings, not assertions: not a test.
+collate reference (what the vectorisation buys), through a DataLoader with workers, and gathered on the
+device from a device-resident copy (train.py's data_on_device; `--device cuda`, or the CPU itself);
+writes the numbers to benchmarks/out/dataset_speed.json (atomically). Timings, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from common import add_common_args, machine_info, pick_device, run_info, sync, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # run from anywhere without installing
-
-from atomic_io import atomic_write_json
 from dataset import HistoryBatches, batch_loader
 from dataset_pretrain import PretrainBatches
 
@@ -53,17 +50,21 @@ def rate(fn, n_batches: int, batch_size: int, start: int = 0) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-hist", type=int, default=7300)
+    add_common_args(p)
+    p.add_argument("--n-hist", type=int, default=None, help="default 7300 (the default dataset); quick 200")
     p.add_argument("--n-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seg-len", type=int, default=80)
     p.add_argument("--min-seg-len", type=int, default=20)
     p.add_argument("--max-depth", type=int, default=3)
-    p.add_argument("--n-batches", type=int, default=200)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "out" / "dataset_speed.json"))
+    p.add_argument("--n-batches", type=int, default=None, help="default 200; quick 5")
+    p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 2; quick 0 = skip)")
     a = p.parse_args()
+    dev = pick_device(a.device)
     torch.set_num_threads(1)
+    a.n_hist = a.n_hist or (200 if a.quick else 7300)
+    a.n_batches = a.n_batches or (5 if a.quick else 200)
+    a.workers = a.workers if a.workers is not None else (0 if a.quick else 2)
 
     hist = SyntheticHistories(a.n_hist, a.n_steps)
     common = {"split": "train", "batch_size": a.batch_size, "seg_len": a.seg_len,
@@ -74,9 +75,9 @@ def main() -> None:
     pre = PretrainBatches(hist, **common)            # default weights 2:3:4
 
     results = {
+        "run": run_info(dev, "uint8->int64", a.batch_size, None),
         "settings": vars(a) | {"depth_weights": ds.depth_weights, "win_len": [ds.win_len_min, ds.win_len_max]},
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "numpy": np.__version__},
+        "machine": machine_info(dev) | {"numpy": np.__version__},
         "construct_seconds": build_s,
         "stage2_vectorised": rate(ds.__getitem__, a.n_batches, a.batch_size),
         "stage1_vectorised": rate(pre.__getitem__, a.n_batches, a.batch_size),
@@ -96,14 +97,19 @@ def main() -> None:
                     "startup_seconds": t - t_startup}
         results["stage2_dataloader"] = through_loader(10_000)
 
+    # Device-resident gather (data_on_device): same batches, built where the model runs. Synchronised per
+    # batch so the figure includes the device work.
+    dds = HistoryBatches(hist, **common).to_device(dev)
+    results["stage2_on_device"] = rate(lambda k: (dds[k], sync(dev)), a.n_batches, a.batch_size)
+    results["stage2_on_device"]["device"] = str(dev)
+
     for name, r in results.items():
         if isinstance(r, dict) and "samples_per_s" in r:
             print(f"{name:28s} {r['samples_per_s']:>12,.0f} samples/s  ({r['batches_per_s']:.1f} batches/s "
                   f"of {a.batch_size})")
     print(f"{'construct (pack arrays)':28s} {build_s:12.2f} s")
 
-    out = Path(a.out)
-    atomic_write_json(out, results)
+    out = write_json("dataset_speed", results, a.out_dir)
     print(f"wrote {out}")
 
 

@@ -2,7 +2,7 @@
 history lengths 100 / 1k / 10k steps.
 
     .venv/bin/python benchmarks/rollout_cost.py                  # CPU defaults (E=32, a few minutes)
-    .venv/bin/python benchmarks/rollout_cost.py --quick          # smoke run: lengths 100/1k, E=8
+    .venv/bin/python benchmarks/rollout_cost.py --quick          # smoke run: lengths 100/300, E=8
     .venv/bin/python benchmarks/rollout_cost.py --device cuda --n-envs 256
 
 Methods, stepped in lockstep on the same transitions (rotating order every step, so machine noise hits
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from common import (
     add_arch_args,
+    add_common_args,
     arch_overrides,
     machine_info,
     median,
@@ -44,6 +45,7 @@ from common import (
     pick_device,
     plain,
     print_table,
+    run_info,
     sync,
     write_json,
 )
@@ -123,23 +125,24 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_common_args(p)  # --quick: lengths 100 300, 1 cycle, E=8, 1 repeat
     p.add_argument("--n-envs", type=int, default=None, help="E envs stepped as a batch (default 32; quick 8)")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
-                   help="history lengths h (default 100 1000 10000; quick 100 1000)")
-    p.add_argument("--cycles", type=int, default=2, help="whole seg_len cycles per timed window")
+                   help="history lengths h (default 100 1000 10000; quick 100 300)")
+    p.add_argument("--cycles", type=int, default=None, help="whole seg_len cycles per timed window (default 2; "
+                                                           "quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="independent rollouts (default 2; quick 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on cpu: extra threads spin against other jobs on a "
                         "shared CPU; torch's default on cuda)")
-    p.add_argument("--quick", action="store_true", help="smoke run: lengths 100 1000, E=8, 1 repeat")
     add_arch_args(p)
     a = p.parse_args()
     dev = pick_device(a.device)
     if a.threads or dev.type == "cpu":
         torch.set_num_threads(a.threads or 1)
     a.n_envs = a.n_envs or (8 if a.quick else 32)
-    a.lengths = a.lengths or ([100, 1000] if a.quick else [100, 1000, 10_000])
+    a.lengths = a.lengths or ([100, 300] if a.quick else [100, 1000, 10_000])
+    a.cycles = a.cycles or (1 if a.quick else 2)
     a.repeats = a.repeats or (1 if a.quick else 2)
     torch.manual_seed(0)
 
@@ -193,8 +196,8 @@ def main() -> None:
           f"relative to AD (load drift cancelled): {summary['flatness_cad_cached_vs_ad']:.2f}x")
     print(f"cad_cached / ad (worst length) = {worst:.2f}x  (goal <= 1.3x: {'met' if worst <= 1.3 else 'MISSED'})")
     out = write_json("rollout_cost", {
-        "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)}, "machine": machine_info(dev),
-        "per_length": {str(h): r for h, r in res.items()}, "summary": summary, "wall_seconds": wall})
+        "run": run_info(dev, "fp32", a.n_envs, None), "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)}, "machine": machine_info(dev),
+        "per_length": {str(h): r for h, r in res.items()}, "summary": summary, "wall_seconds": wall}, a.out_dir)
     print(f"wrote {out}")
 
 

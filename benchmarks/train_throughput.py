@@ -4,21 +4,27 @@
     .venv/bin/python benchmarks/train_throughput.py                 # CPU defaults (a few minutes)
     .venv/bin/python benchmarks/train_throughput.py --quick         # smoke run (seconds)
     .venv/bin/python benchmarks/train_throughput.py --device cuda   # GPU, batch 128
+    .venv/bin/python benchmarks/train_throughput.py --device cuda --dtype bf16 --compile reduce-overhead
 
 Three variants, stepped round-robin (rotating order every round) so machine noise hits all alike:
-  cad_all   CompressedAD, cross-entropy at every window position (the DESIGN loss)
+  cad_all   CompressedAD, cross-entropy at every window position (the training loss, docs/design.md §4.2)
   cad_last  CompressedAD, same model and the SAME batches, loss on each window's last position only
             (model.losses.action_loss(last_only=True)): same compute, 1 label per sample
   ad_all    AD baseline (context_len window, depth-0 batches), every-position loss
 Model config: config/model/ad_compressed_dr.yaml / ad_dr.yaml (arch flags override both). The batch
 includes the real depth mixture (depth_weights, min_seg_len..seg_len segments), so the encoder cost of
-the hierarchical compressions is in the CompressedAD numbers.
+the hierarchical compressions is in the CompressedAD numbers. The step is train.py's: the same optimizer
+(loop.make_optimizer: fused AdamW on CUDA), autocast for --dtype bf16, torch.compile for --compile
+(in place, as loop.fit does), static shapes (model.static_shapes) with --static-shapes (default: on with
+--compile), and no host sync inside the step; each variant runs --inner steps back to back per round,
+timed between two device synchronisations, so on a GPU the figure is throughput, not launch latency.
 
 Reported (medians over rounds; ratios are per-round ratios of interleaved steps, then the median):
   ms/step, samples/s, labels/s per variant;
   labels/s cad_all / cad_last   (goal >= 20x: what the every-position loss buys per step)
   cost per label cad_all / ad_all (goal <= 1.5x: what the compressor costs over AD in training)
-Writes benchmarks/out/train_throughput.json. Timings, not assertions.
+Writes benchmarks/out/train_throughput.json (device name, torch version, dtype, batch, compile mode in
+"run"). Timings, not assertions.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 from common import (
     add_arch_args,
+    add_common_args,
     arch_overrides,
     machine_info,
     median,
@@ -38,40 +45,49 @@ from common import (
     pick_device,
     plain,
     print_table,
+    run_info,
     sync,
     synthetic_histories,
     write_json,
 )
 
+import loop
 from dataset import HistoryBatches
 from model import build_model
 from model.losses import action_loss
 
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
 
 def make_dataset(hist, m, batch_size: int, seed: int) -> HistoryBatches:
-    """HistoryBatches exactly as train.py builds them from a model config node."""
-    return HistoryBatches(hist, "train", batch_size=batch_size, seg_len=m.seg_len,
-                          min_seg_len=m.get("min_seg_len", m.seg_len), max_depth=m.max_compression_depth,
-                          depth_weights=m.get("depth_weights"), win_len_min=m.get("win_len_min"),
-                          win_len_max=m.get("win_len_max"), seed=seed)
+    """HistoryBatches exactly as train.py builds them (HistoryBatches.from_cfg on the model config node:
+    null depth_weights / window bounds resolved the same way, model.static_shapes honoured)."""
+    return HistoryBatches.from_cfg(hist, {"model": m, "batch_size": batch_size, "seed": seed})
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    add_common_args(p)
     p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 64 cpu, 128 cuda)")
-    p.add_argument("--steps", type=int, default=None, help="timed rounds (each steps every variant once); "
-                                                          "default 12 cpu, 50 cuda")
-    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    p.add_argument("--steps", type=int, default=None, help="timed rounds (each steps every variant --inner "
+                                                          "times); default 10 cpu, 30 cuda")
+    p.add_argument("--inner", type=int, default=None, help="steps per variant per round, timed together "
+                                                          "(default 1 cpu, 10 cuda)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; 3 with --compile)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (train.py's "
+                                                                         "mixed_precision=bf16)")
+    p.add_argument("--compile", default=None, choices=list(loop.COMPILE_MODES + loop.COMPILE_BACKENDS),
+                   help="torch.compile both models with this mode (train.py's compile=...)")
+    p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
+                   help="model.static_shapes (default: on with --compile, else the yaml's value)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on cpu: on a shared, oversubscribed CPU extra threads "
                         "spin against other jobs and make every op ~10x slower; torch's default on cuda)")
     p.add_argument("--no-breakdown", action="store_true",
                    help="skip the extra cad_compress variant (encoder share of the CompressedAD step)")
-    p.add_argument("--n-hist", type=int, default=64, help="synthetic histories")
+    p.add_argument("--n-hist", type=int, default=None, help="synthetic histories (default 64; quick 16)")
     p.add_argument("--n-steps", type=int, default=1000, help="transitions per synthetic history")
     p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--quick", action="store_true", help="smoke run: batch 8, 2 timed rounds")
     add_arch_args(p)
     a = p.parse_args()
     dev = pick_device(a.device)
@@ -79,14 +95,20 @@ def main() -> None:
         torch.set_num_threads(a.threads or 1)
     cuda = dev.type == "cuda"
     a.batch_size = a.batch_size or (8 if a.quick else 128 if cuda else 64)
-    a.steps = a.steps or (2 if a.quick else 50 if cuda else 10)
-    if a.quick:
-        a.warmup = min(a.warmup, 1)
+    a.steps = a.steps or (2 if a.quick else 30 if cuda else 10)
+    a.inner = a.inner or (1 if a.quick or not cuda else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3 if a.compile else 2)
+    a.n_hist = a.n_hist or (16 if a.quick else 64)
+    if a.static_shapes is None and a.compile:
+        a.static_shapes = True
     torch.manual_seed(0)
 
-    cad_m, env = model_cfgs("ad_compressed_dr", arch_overrides(a))
-    ad_m, _ = model_cfgs("ad_dr", arch_overrides(a))
-    n_batches = a.warmup + a.steps
+    overrides = arch_overrides(a) + ([f"model.static_shapes={str(a.static_shapes).lower()}"]
+                                     if a.static_shapes is not None else [])
+    cad_m, env = model_cfgs("ad_compressed_dr", overrides)
+    ad_m, _ = model_cfgs("ad_dr", overrides)
+    n_rounds = a.warmup + a.steps
+    n_batches = min(n_rounds * a.inner, 32)  # a pool of distinct batches, cycled through
     with tempfile.TemporaryDirectory() as tmp:
         hist = synthetic_histories(env, a.n_hist, a.n_steps, tmp)
         cad_ds = make_dataset(hist, cad_m, a.batch_size, seed=0)
@@ -96,7 +118,12 @@ def main() -> None:
         ad_batches = [{k: v.to(dev) for k, v in ad_ds[k].items()} for k in range(n_batches)]
 
     models = {"cad": build_model(cad_m, env).to(dev), "ad": build_model(ad_m, env).to(dev)}
-    opts = {k: torch.optim.AdamW(m.parameters(), lr=a.lr, weight_decay=0.01) for k, m in models.items()}
+    settings = loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=a.lr, compile=a.compile or False).validate()
+    opts = {k: loop.make_optimizer(m, settings) for k, m in models.items()}  # fused AdamW on CUDA
+    if settings.compile_mode():
+        for m in models.values():
+            m.compile(**settings.compile_kwargs())
+    autocast = torch.autocast(dev.type, dtype=DTYPES[a.dtype], enabled=DTYPES[a.dtype] is not None)
     variants = {  # name -> (model key, batches, last_only)
         "cad_all": ("cad", cad_batches, False),
         "cad_last": ("cad", cad_batches, True),
@@ -104,39 +131,48 @@ def main() -> None:
     }
     if not a.no_breakdown:
         # Diagnostic, not a training step: model.compress alone (forward + backward of sum(latents), no
-        # optimizer) on the cad batches -> the encoder's share of a cad_all step.
+        # optimizer, eager even with --compile) on the cad batches -> the encoder's share of a cad_all step.
         variants["cad_compress"] = ("cad", cad_batches, None)
 
-    def train_step(name: str, k: int) -> tuple[float, int]:
-        key, batches, last_only = variants[name]
-        model, opt, batch = models[key], opts[key], batches[k]
-        sync(dev)
-        t0 = time.perf_counter()
+    def one_step(key: str, batch: dict, last_only) -> torch.Tensor:
+        """One optimizer step as loop.fit takes it; returns the label count as a device tensor (no sync)."""
+        model, opt = models[key], opts[key]
         opt.zero_grad(set_to_none=True)
         if last_only is None:  # cad_compress diagnostic
-            latents, _ = model.compress(batch["seg"], batch["seg_len"], detach_old=model.cfg.detach_old_latents)
+            with autocast:
+                latents, _ = model.compress(batch["seg"], batch["seg_len"], detach_old=model.cfg.detach_old_latents)
             if latents is not None:
                 latents.float().sum().backward()
-            sync(dev)
-            return time.perf_counter() - t0, 0
-        fwd = model(batch)  # CompressedAD also labels its compressed segments (model.label_segments)
-        out = action_loss(fwd["logits"], batch, last_only=last_only, seg_logits=fwd.get("seg_logits"))
+            return torch.zeros((), device=dev)
+        with autocast:
+            fwd = model(batch)  # CompressedAD also labels its compressed segments (model.label_segments)
+            out = action_loss(fwd["logits"], batch, last_only=last_only, seg_logits=fwd.get("seg_logits"))
         out["loss"].backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        n_labels = int(out["n_labels"])  # .item() syncs, like train.py's logging would
+        return out["n_labels"]
+
+    def train_round(name: str, k: int) -> tuple[float, float]:
+        """--inner steps of one variant back to back; (seconds per step, labels per step)."""
+        key, batches, last_only = variants[name]
         sync(dev)
-        return time.perf_counter() - t0, n_labels
+        t0 = time.perf_counter()
+        n = torch.zeros((), device=dev)
+        for j in range(a.inner):
+            n = n + one_step(key, batches[(k * a.inner + j) % len(batches)], last_only)
+        sync(dev)
+        dt = time.perf_counter() - t0
+        return dt / a.inner, float(n) / a.inner
 
     names = list(variants)
     times = {n: [] for n in names}
     labels = {n: [] for n in names}
     for m in models.values():
         m.train()
-    for k in range(n_batches):
+    for k in range(n_rounds):
         order = names[k % len(names):] + names[:k % len(names)]  # rotate: no variant always goes first
         for n in order:
-            dt, nl = train_step(n, k)
+            dt, nl = train_round(n, k)
             if k >= a.warmup:
                 times[n].append(dt)
                 labels[n].append(nl)
@@ -157,8 +193,8 @@ def main() -> None:
     lps = {n: lab[n] / t[n] for n in names if n != "cad_compress"}
     ratio_loss = lps["cad_all"] / lps["cad_last"]
     ratio_cost = lps["ad_all"] / lps["cad_all"]  # cost per label = 1 / labels_per_s
-    depth = np.concatenate([b["depth"].cpu().numpy() for b in cad_batches[a.warmup:]])
-    slots = [tuple(b["seg_len"].shape) for b in cad_batches[a.warmup:]]
+    depth = np.concatenate([b["depth"].cpu().numpy() for b in cad_batches])
+    slots = [tuple(b["seg_len"].shape) for b in cad_batches]
     mix = {"mean_depth": float(depth.mean()),
            "depth_hist": np.bincount(depth, minlength=int(cad_m.max_compression_depth) + 1).tolist(),
            "mean_padded_slots_D": float(np.mean([s[1] for s in slots])),
@@ -172,11 +208,14 @@ def main() -> None:
     if "cad_compress" in t:
         summary["compress_share_of_cad_step"] = median(t["cad_compress"] / t["cad_all"])
 
-    print(f"train_throughput: device={dev} threads={torch.get_num_threads()} batch={a.batch_size} "
-          f"timed rounds={a.steps} (+{a.warmup} warm-up)  d_model={cad_m.d_model} n_layer={cad_m.n_layer} "
+    run = run_info(dev, a.dtype, a.batch_size, a.compile)
+    run["static_shapes"] = bool(cad_m.get("static_shapes", False))
+    print(f"train_throughput: device={dev} ({run['device_name']}) torch {torch.__version__} dtype={a.dtype} "
+          f"compile={a.compile} static_shapes={run['static_shapes']} threads={torch.get_num_threads()} "
+          f"batch={a.batch_size} timed rounds={a.steps} x {a.inner} steps (+{a.warmup} warm-up)  d_model={cad_m.d_model} n_layer={cad_m.n_layer} "
           f"enc_n_layer={cad_m.enc_n_layer} n_latent={cad_m.n_latent} seg_len={cad_m.seg_len} "
           f"AD context_len={ad_m.context_len}")
-    print(f"depth mixture: weights {list(cad_m.depth_weights)}, mean depth {mix['mean_depth']:.2f}, "
+    print(f"depth mixture: weights {cad_ds.depth_weights}, mean depth {mix['mean_depth']:.2f}, "
           f"padded slots D {mix['mean_padded_slots_D']:.2f}, encoder rows used "
           f"{mix['encoder_rows_used_fraction']:.0%}")
     print_table(["variant", "ms/step", "samples/s", "labels/step", "labels/s", "ms/1k labels"],
@@ -189,8 +228,8 @@ def main() -> None:
     print(f"cost/label cad_all / ad_all     = {summary['cost_per_label_ratio_cad_vs_ad']:.2f}x  "
           f"(goal <= 1.5x: {'met' if ok2 else 'MISSED'})")
     out = write_json("train_throughput", {
-        "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)}, "machine": machine_info(dev),
-        "variants": res, "summary": summary, "depth_mixture": mix})
+        "run": run, "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)},
+        "machine": machine_info(dev), "variants": res, "summary": summary, "depth_mixture": mix}, a.out_dir)
     if "compress_share_of_cad_step" in summary:
         print(f"breakdown: model.compress fwd+bwd alone = {res['cad_compress']['ms_per_step']:,.0f} ms = "
               f"{summary['compress_share_of_cad_step']:.0%} of a cad_all step (encoder on B x D slots)")

@@ -51,6 +51,7 @@ class CompressedAD(Compressor):
         # (and, with label_segments, labels); older ones are folded from the real history without a graph.
         k_bptt = self.cfg.bptt_segments
         n_old = max(0, seg.shape[1] - k_bptt) if k_bptt is not None else 0
+        label_segments = label_segments and seg.shape[1] > n_old
         latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
                                                return_prefixes=True, no_grad_slots=n_old)
         b, w = win.shape[:2]
@@ -58,7 +59,16 @@ class CompressedAD(Compressor):
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
         wins, prefix, has_p = [win], [latents], [has]
         rows = None
-        if label_segments:
+        static = self.static_path()
+        if label_segments and static:
+            # Every labelled slot decoded (unused ones are padding the loss masks by seg_len): fixed shapes.
+            s = seg.shape[2]
+            pad = max(w, s)
+            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
+                    torch.nn.functional.pad(seg[:, n_old:].flatten(0, 1), (0, 0, 0, pad - s))]
+            prefix = [latents, torch.stack([p[0] for p in prefixes[n_old:]], dim=1).flatten(0, 1)]
+            has_p = [has, torch.stack([p[1] for p in prefixes[n_old:]], dim=1).flatten(0, 1)]
+        elif label_segments:
             s = seg.shape[2]
             used = seg_len > 0  # [B, D]
             used[:, :n_old] = False  # folded without gradients: not labelled either
@@ -76,7 +86,10 @@ class CompressedAD(Compressor):
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
-        if label_segments:
+        if label_segments and static:
+            # [B, D, S, A]; unused slots hold the logits of padding (masked by seg_len in the loss)
+            out["seg_logits"] = logits[b:, :seg.shape[2]].reshape(b, seg.shape[1] - n_old, seg.shape[2], -1)
+        elif label_segments:
             seg_logits = logits.new_zeros(*seg.shape[:3], logits.shape[-1])
             seg_logits = seg_logits.index_put((rows[:, 0], rows[:, 1]), logits[b:, : seg.shape[2]])
             # [B, D - n_old, S, A]: the newest slots (the labelled ones); unused slots are zeros, masked by

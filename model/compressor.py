@@ -1,9 +1,9 @@
 """The part of the model that stage 1 trains and stage 2 inherits: shared embeddings + encoder.
 
 `Compressor` owns `embed_context`, `embed_ln` (shared with the decoder) and `encoder`, under exactly the
-attribute names the encoder checkpoint stores (DESIGN §6). `compress` runs the hierarchical schedule on a
-batch of right-aligned segment slots, with the current weights, every call (latents are never cached
-across training steps).
+attribute names the encoder checkpoint stores (docs/design.md §6). `compress` runs the hierarchical
+schedule on a batch of right-aligned segment slots, with the current weights, every call (latents are
+never cached across training steps).
 """
 
 from __future__ import annotations
@@ -34,8 +34,13 @@ class Compressor(TransitionEmbedding):
         super().__init__(cfg)
         self.encoder = CompressionEncoder(cfg)
 
+    def static_path(self) -> bool:
+        """Masks instead of data-dependent shapes: asked for (cfg.static_shapes) or inside torch.compile,
+        where .nonzero() would break the graph."""
+        return bool(self.cfg.static_shapes) or torch.compiler.is_compiling()
+
     def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False,
-                 return_prefixes: bool = False, no_grad_slots: int = 0):
+                 return_prefixes: bool = False, no_grad_slots: int = 0, static: bool | None = None):
         """seg [B, D, S, 6], seg_len [B, D] (right-aligned slots; 0 = unused) ->
         (latents [B, n, d] or None when D == 0, has_latents bool [B]).
 
@@ -46,7 +51,10 @@ class Compressor(TransitionEmbedding):
         no_grad_slots=j folds the first j slots without building a graph (truncated backpropagation through
         the folds: the memory is built from the real preceding history, gradients reach only the newest
         D - j folds); the values are the same as with gradients.
+        static (None: `static_path()`): run the encoder on every row of every slot and keep its output
+        only where the slot is used (torch.where): fixed shapes, no host sync, same latents.
         """
+        static = self.static_path() if static is None else static
         b, n_slots, s = seg.shape[:3]
         has = torch.zeros(b, dtype=torch.bool, device=seg.device)
         prefixes = []
@@ -60,6 +68,15 @@ class Compressor(TransitionEmbedding):
         latents = emb.new_zeros(b, self.cfg.n_latent, emb.shape[-1])
         for k in range(n_slots):
             prefixes.append((latents, has))
+            e_k = emb_old[:, k] if k < n_old else emb[:, k - n_old]
+            if static:
+                used = seg_len[:, k] > 0
+                prev = latents.detach() if detach_old else latents
+                with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
+                    new = self.encoder(prev, has, e_k, pos[None, :] < seg_len[:, k, None])
+                    latents = torch.where(used[:, None, None], new, latents)
+                has = has | used
+                continue
             rows = (seg_len[:, k] > 0).nonzero(as_tuple=True)[0]
             if rows.numel() == 0:
                 continue
@@ -67,8 +84,7 @@ class Compressor(TransitionEmbedding):
             if detach_old:
                 prev = prev.detach()  # gradients reach only the newest compression
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
-                e = emb_old[rows, k] if k < n_old else emb[rows, k - n_old]
-                new = self.encoder(prev, has[rows], e, pos[None, :] < seg_len[rows, k, None])
+                new = self.encoder(prev, has[rows], e_k[rows], pos[None, :] < seg_len[rows, k, None])
                 latents = latents.index_copy(0, rows, new)
             has = has.index_fill(0, rows, True)
         return (latents, has, prefixes) if return_prefixes else (latents, has)

@@ -33,9 +33,12 @@ class ModelConfig:
     detach_old_latents: bool = False  # stop gradients through all but the most recent compression
     label_segments: bool = True  # also predict the actions inside compressed segments (see CompressedAD)
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
-    recon_loss: str = "mse"  # 'mse' on f(tau) (the seed's choice) or 'ce' (per-field cross-entropy)
+    recon_loss: str = "mse"  # 'mse' on f(tau) (default, docs/design.md §5) or 'ce' (per-field cross-entropy)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
+    # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
+    # for torch.compile). Same result, more arithmetic on unused slots. Also set inside torch.compile.
+    static_shapes: bool = False
 
     @property
     def feat_dim(self) -> int:

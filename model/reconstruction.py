@@ -4,7 +4,7 @@ One query per folded transition, built only from (segment age, position in segme
 only path from a sample's transitions to the prediction runs through its final latents. Queries
 cross-attend to the latents only (no self-attention), and a head predicts f(tau) ('mse') or per-field
 logits ('ce'). The target is always the raw transition, never something the encoder produced: a
-constant encoder cannot drive this loss down (DESIGN §5).
+constant encoder cannot drive this loss down (docs/design.md §5).
 """
 
 from __future__ import annotations

@@ -81,6 +81,7 @@ LEARN = [
 ]
 
 
+@pytest.mark.slow
 def test_collapsed_encoder_has_zero_gap_and_real_pretraining_learns(tiny, tmp_path, monkeypatch, tb_scalars):
     # Collapsed: identical run (data, steps, decoder, lr, diagnostics), but the encoder is a constant.
     real_cls = pretrain_encoder.EncoderPretrainer

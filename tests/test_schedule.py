@@ -52,15 +52,15 @@ def test_rollout_schedule_cuts_windows_at_the_rollouts_phases(hist):
     assert short.depth.max() <= 3 and short.seg_len.shape[1] == 3
 
 
-@pytest.mark.parametrize("bptt", [None, 3])
-def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt):
+@pytest.mark.parametrize("bptt, static", [(None, False), (3, False), (3, True)])
+def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static):
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({
         "name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3,
         "seg_len": S, "context_len": S, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 3,
-        "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt}),
+        "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt, "static_shapes": static}),
         OmegaConf.create({"grid_size": 9, "n_actions": 5})).eval()
-    ds = rollout_batches(hist)
+    ds = rollout_batches(hist, static_shapes=static)
     specs, b = ds.global_specs(0), ds[0]
     with torch.no_grad():
         out = model(b)
@@ -92,7 +92,7 @@ def test_truncated_bptt_reaches_only_the_newest_folds(hist):
             OmegaConf.create({"grid_size": 9, "n_actions": 5}))
         b = rollout_batches(hist)[0]
         out = model(b)
-        a = action_loss(out["logits"], b, seg_logits=out["seg_logits"])
+        a = action_loss(out["logits"], b, seg_logits=out.get("seg_logits"))
         # labels: the 32 windows + the used slots among the newest k of each sample
         used = (b["seg_len"][:, b["seg"].shape[1] - k:] > 0).sum() if k else 0
         assert int(a["n_labels"]) == 32 * S + int(used) * S

@@ -1,0 +1,109 @@
+"""Benchmarks that cannot rot: every script in benchmarks/ runs in its --quick mode on the current configs
+(a config change that breaks one fails here), exits 0, and writes its results JSON with what the figures
+depend on (device name, torch version, dtype, batch, compile mode). Timings are not asserted."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+SMALL_ARCH = ["--d-model", "32", "--n-head", "2", "--n-layer", "1", "--enc-n-layer", "1", "--n-latent", "4",
+              "--seg-len", "20"]
+RUNS = {  # results name -> command line after `python benchmarks/<script>`
+    "train_throughput": ["train_throughput.py", "--quick"],
+    "rollout_cost": ["rollout_cost.py", "--quick"],
+    "dataset_speed": ["dataset_speed.py", "--quick"],
+    "collect_speed": ["collect_speed.py", "--quick"],
+}
+
+
+def _start(args: list[str], out_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, str(BENCH / args[0]), *args[1:], "--out-dir", str(out_dir)],
+                            cwd=out_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(p: subprocess.Popen) -> str:
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, f"exit {p.returncode}\n{out[-2000:]}\n{err[-4000:]}"
+    return out
+
+
+def test_every_benchmark_has_a_test():
+    scripts = {p.name for p in BENCH.glob("*.py")} - {"common.py", "gpu_check.py"}
+    assert scripts == {args[0] for args in RUNS.values()}, "add the new benchmark to RUNS"
+
+
+@pytest.mark.slow
+def test_benchmarks_quick_mode(tmp_path):
+    procs = {}
+    for name, args in RUNS.items():
+        d = tmp_path / name
+        d.mkdir()
+        procs[name] = (_start(args, d), d)
+    for name, (p, d) in procs.items():
+        out = _finish(p)
+        assert f"wrote {d / (name + '.json')}" in out, out[-2000:]
+        res = json.loads((d / f"{name}.json").read_text())
+        run = res["run"]
+        assert {"device", "device_name", "torch", "dtype", "batch", "compile"} <= run.keys(), name
+        assert run["device"] == "cpu" and run["torch"]
+    tt = json.loads((tmp_path / "train_throughput" / "train_throughput.json").read_text())
+    assert tt["variants"]["cad_all"]["labels_per_s"] > 0 and tt["run"]["batch"] == 8
+    assert len(tt["depth_mixture"]["depth_hist"]) == 4  # depths 0..3 of the default model config
+    rc = json.loads((tmp_path / "rollout_cost" / "rollout_cost.json").read_text())
+    assert set(rc["per_length"]) == {"100", "300"}
+
+
+@pytest.mark.slow
+def test_train_throughput_fast_path_options(tmp_path):
+    """The GPU options of train_throughput.py (compile, bf16 autocast, static shapes) on a small model."""
+    out = _finish(_start(["train_throughput.py", "--quick", "--compile", "aot_eager", "--dtype", "bf16",
+                          "--no-breakdown", *SMALL_ARCH], tmp_path))
+    assert "compile=aot_eager static_shapes=True" in out
+    run = json.loads((tmp_path / "train_throughput.json").read_text())["run"]
+    assert run["compile"] == "aot_eager" and run["dtype"] == "bf16" and run["static_shapes"] is True
+
+
+@pytest.mark.parametrize("flag", ["--compile fastest", "--dtype fp8"])
+def test_bad_benchmark_flags_fail_clearly(tmp_path, flag):
+    p = _start(["train_throughput.py", "--quick", *flag.split()], tmp_path)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 2 and "invalid choice" in err
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_path(tmp_path):
+    """`make gpu-check`'s script end to end on the CPU (--device cpu --quick): every part runs (benchmarks,
+    accelerate-launched two-stage pipeline, evaluation) and lands in the one table and gpu_check.json."""
+    env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "--device", "cpu", "--quick", "--out",
+                        str(tmp_path / "gc")], check=False, cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((tmp_path / "gc" / "gpu_check.json").read_text())
+    assert res["failed"] == [] and set(res["parts"]) == {"train eager fp32", "train compiled", "rollout", "pipeline"}
+    table = r.stdout[r.stdout.index("=== gpu_check"):]
+    for figure in ("cad_all ms/step | labels/s", "ms/env step at h=300", "stage 1: steps | correlation",
+                   "held-out return: first ep. | last 5 | optimal"):
+        assert figure in table, table
+    pipe = res["parts"]["pipeline"]
+    assert pipe["pretrain"]["global_step"] == 20 and pipe["train"]["global_step"] == 30
+    assert pipe["eval"]["splits"]["test"]["summary"]["optimal_mean"] > 0
+
+
+def test_gpu_check_without_cuda_says_what_to_do(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible: this checks the message on a machine without one")
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py"), "--out", str(tmp_path / "gc")],
+                       check=False, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: no CUDA device") and "--device cpu --quick" in r.stderr
