@@ -73,7 +73,7 @@ class ReconstructionTask:
             vals = {"heldout_loss": loss.item(), "ablation_gap": (loss_shuf - loss).item(),
                     "latent_effective_rank": effective_rank(out["latents"])}
             vals.update(reconstruction_metrics(out["pred"], b["seg"], b["seg_len"], b["depth"], self.mcfg,
-                                               self.mcfg.max_compression_depth))
+                                               self.mcfg.max_compression_depth, ablated_pred=shuffled["pred"]))
             for key, v in vals.items():
                 sums[key] = sums.get(key, 0.0) + v
                 counts[key] = counts.get(key, 0) + 1
