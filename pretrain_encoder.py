@@ -38,11 +38,12 @@ class ReconstructionTask:
         # n_actions come from env), so stage 2 can check every shape-defining key.
         self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env)}
 
-    def _dataset(self, split, rank, world, batch, seed):
-        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed)
+    def _dataset(self, split, rank, world, batch, seed, curriculum=False):
+        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed,
+                                        curriculum=curriculum)
 
     def batches(self, start, rank, world, micro_batch):
-        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
+        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed, curriculum=True)
         # Diagnostics use held-out goals' histories when the dataset has them (generalisation, not recall).
         split = "test" if len(self.hist.split_indices("test")) else "train"
         self.diag = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
@@ -110,6 +111,10 @@ def main(cfg) -> dict:
         raise ValueError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
+    qstd = cfg.model.get("pretrain_query_std")
+    if qstd is not None:
+        with torch.no_grad():
+            model.encoder.queries.normal_(0.0, float(qstd))
     task = ReconstructionTask(cfg, model, hist)
     m = cfg.model
     settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(m.pretrain_steps),

@@ -483,3 +483,22 @@ def test_causal_recon_decoder_sees_only_earlier_transitions(tiny):
     assert not torch.allclose(out[i, after[0]], base[i, after[0]])  # but j is seen by j+1
     others = [r for r in range(seg.shape[0]) if r != i]
     assert torch.equal(out[others], base[others])
+
+
+def test_depth_curriculum_opens_depths_at_their_steps(tiny):
+    _, cfg = tiny_mcfg(tiny)
+    hist = load_histories(tiny.data_path, cfg.env)
+    ds = PretrainBatches(hist, "train", 16, 20, 10, 3, None, seed=0, depth_starts=[4, 8])
+    plain = PretrainBatches(hist, "train", 16, 20, 10, 3, None, seed=0)
+    depths = [set(ds.global_specs(k).depth.tolist()) for k in range(14)]
+    assert all(d == {1} for d in depths[:4])
+    assert all(d <= {1, 2} for d in depths[4:8]) and 2 in set().union(*depths[4:8])
+    assert set().union(*depths[8:]) == {1, 2, 3}
+    assert [ds[k]["depth"].tolist() for k in range(10)] == [ds[k]["depth"].tolist() for k in range(10)]  # pure in k
+    assert 3 in set().union(*(set(plain.global_specs(k).depth.tolist()) for k in range(4)))  # no curriculum
+    # From the config: fractions of pretrain_steps; the diagnostics stream never has a curriculum.
+    cfg = tiny.compose("pretrain", "model.pretrain_steps=10", "model.pretrain_depth_curriculum=[0.5,0.8]")
+    assert PretrainBatches.from_cfg(hist, cfg, batch_size=8, curriculum=True).depth_starts == [5, 8]
+    assert PretrainBatches.from_cfg(hist, cfg, batch_size=8).depth_starts is None
+    with pytest.raises(ValueError, match="one start"):
+        PretrainBatches(hist, "train", 16, 20, 10, 3, None, depth_starts=[4])
