@@ -35,8 +35,8 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from env import N_ACTIONS, BatchedDarkroom, goal_split, optimal_return
-from histories import FORMAT_VERSION, check_can_write, save_histories
+from env import N_ACTIONS, SPLITS, BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from histories import FORMAT_VERSION, check_can_write, save_histories, split_layout
 
 
 class ConfigError(ValueError):
@@ -185,11 +185,13 @@ def main(cfg: DictConfig) -> dict:
     path = to_absolute_path(str(cfg.data_path))  # relative -> original cwd (hydra) or cwd
     check_can_write(path, bool(cfg.overwrite))   # fail before any work, not after it
     env_cfg, src = cfg.env, cfg.source
-    train_goals, test_goals = goal_split(env_cfg.grid_size, env_cfg.train_frac, env_cfg.split_seed)
-    n_train = len(train_goals) * src.n_stream
-    goals = torch.tensor(train_goals).repeat_interleave(src.n_stream, 0)
-    if src.n_stream_eval and test_goals:
-        goals = torch.cat([goals, torch.tensor(test_goals).repeat_interleave(src.n_stream_eval, 0)])
+    splits = goal_splits_from_cfg(env_cfg)
+    # Train goals get n_stream histories each (the training data); validation and test goals get
+    # n_stream_eval each: they are only scored (held-out loss, stage-1 diagnostics), never trained on.
+    per_goal = {"train": int(src.n_stream), "val": int(src.n_stream_eval), "test": int(src.n_stream_eval)}
+    goal_arr, split_meta, ranges = split_layout(splits, per_goal)
+    goals = torch.from_numpy(goal_arr)
+    n_train = ranges["train"]["stop"]
     N, T = goals.shape[0], int(src.n_steps)
 
     prev_threads = torch.get_num_threads()
@@ -206,24 +208,25 @@ def main(cfg: DictConfig) -> dict:
 
     ret = episode_returns(arrays["rewards"], env_cfg.horizon)
     summary = {
-        "n_histories": N, "n_train_histories": n_train, "n_test_histories": N - n_train,
+        "n_histories": N, **{f"n_{k}_histories": r["stop"] - r["start"] for k, r in ranges.items()},
         "n_steps": T, "n_episodes": T // env_cfg.horizon, "n_transitions": N * T,
         "wall_s": wall, "transitions_per_s": N * T / wall,
-        "train": _split_summary(ret[:n_train], train_goals, env_cfg, int(cfg.seed) + 1),
-        "test": _split_summary(ret[n_train:], test_goals, env_cfg, int(cfg.seed) + 2),
+        **{k: _split_summary(ret[r["start"]:r["stop"]], splits[k], env_cfg, int(cfg.seed) + off)
+           for k, r in ranges.items() for off in [{"train": 1, "test": 2, "val": 3}[k]]},
     }
     meta = {
         "format_version": FORMAT_VERSION,
         "env": OmegaConf.to_container(env_cfg, resolve=True),
-        "split": {"train_goals": [list(g) for g in train_goals], "test_goals": [list(g) for g in test_goals]},
+        "split": split_meta,
         "source": OmegaConf.to_container(src, resolve=True),
         "seed": int(cfg.seed), "data_seed": int(cfg.data_seed),
         "n_stream": int(src.n_stream), "n_stream_eval": int(src.n_stream_eval), "n_steps": T,
-        "histories": {"train": {"start": 0, "stop": n_train}, "test": {"start": n_train, "stop": N}},
-        "layout": "train histories first, goal-major in split order (n_stream per goal), then test "
-                  "histories (n_stream_eval per goal); goals.npy holds each history's goal",
+        "histories": ranges,
+        "layout": "train histories first, goal-major in split order (n_stream per goal), then validation, "
+                  "then test histories (n_stream_eval per goal each); goals.npy holds each history's goal",
         "return_curve": ret[:n_train].mean(0).tolist(),
-        "return_curve_test": ret[n_train:].mean(0).tolist() if N > n_train else [],
+        **{f"return_curve_{k}": ret[r["start"]:r["stop"]].mean(0).tolist() if r["stop"] > r["start"] else []
+           for k, r in ranges.items() if k != "train"},
         "summary": summary,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -234,11 +237,11 @@ def main(cfg: DictConfig) -> dict:
 
 
 def print_summary(s: dict) -> None:
-    print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_test_histories']:,} "
-          f"test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
+    print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_val_histories']:,} "
+          f"val, {s['n_test_histories']:,} test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
           f"({s['transitions_per_s'] / 1e6:.2f} M/s) -> {s['data_path']}")
     print(f"{'mean return':<12}{'random':>9}{'first ep':>10}{'last 5 ep':>11}{'optimal':>9}{'last5/opt':>11}")
-    for split in ("train", "test"):
+    for split in SPLITS:
         r = s[split]
         if r:
             print(f"{split + ' goals':<12}{r['random']:>9.2f}{r['first_episode']:>10.2f}{r['last5']:>11.2f}"

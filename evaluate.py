@@ -28,8 +28,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
-from env import BatchedDarkroom, goal_split, optimal_return
+from env import BatchedDarkroom, goal_splits_from_cfg, optimal_return
 
 FORMAT_VERSION = 1
 
@@ -46,7 +47,8 @@ class TrainedModelNotFoundError(FileNotFoundError):
 # Rollout
 # ---------------------------------------------------------------------------------------------------------
 def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds_per_goal: int, device,
-                      seed: int, sample: bool = True, use_cache: bool = True, progress: bool = False) -> dict:
+                      seed: int, sample: bool = True, use_cache: bool = True, progress: bool = False,
+                      record: bool = False) -> dict:
     """Roll a frozen model out in context on `goals` x `seeds_per_goal` environments for n_episodes each.
 
     env_cfg: dict or DictConfig with grid_size, horizon, reward_mode. Environment e = g * seeds_per_goal + s
@@ -60,6 +62,9 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
 
     Returns numpy arrays 'returns' float64 [n_goals, seeds_per_goal, n_episodes] and 'optimal' float64
     [n_goals] (per-goal optimal episode return), plus 'goals', 'horizon', 'n_env_steps', 'wall_s'.
+    record=True also returns the rollout as data: 'trans' long [n_envs, T, 6] (the transitions taken, in
+    the histories' packed layout) and 'action_logp' float [n_envs, T] (log-probability the model gave the
+    action it took) — what teacher_forced.py must reproduce from 'trans' alone.
     """
     if n_episodes < 1 or seeds_per_goal < 1:
         raise EvalError(f"n_episodes={n_episodes} and seeds_per_goal={seeds_per_goal} must both be >= 1")
@@ -88,6 +93,7 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
             st = model.init_rollout(n_envs, device, use_cache=use_cache)
             # Accumulate on the device and copy once at the end: no host sync per step.
             returns = torch.zeros(n_envs, n_episodes, dtype=torch.float32, device=device)
+            rec_trans, rec_logp = [], []
             episodes = range(n_episodes)
             if progress:
                 from tqdm import tqdm
@@ -105,6 +111,9 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
                     trans = torch.stack([states[:, 0], states[:, 1], actions, rewards.long(),
                                          next_states[:, 0], next_states[:, 1]], dim=-1)
                     model.observe(st, trans)
+                    if record:
+                        rec_trans.append(trans)
+                        rec_logp.append(torch.log_softmax(logits.float(), -1).gather(1, actions[:, None])[:, 0])
                     returns[:, ep] += rewards
                     states = next_states
                 if progress:
@@ -113,7 +122,8 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
         if was_training:
             model.train()
     opt = [optimal_return(g, grid, horizon, mode) for g in goals]
-    return {
+    extra = {"trans": torch.stack(rec_trans, 1).cpu(), "action_logp": torch.stack(rec_logp, 1).cpu()} if record else {}
+    return {**extra,
         "returns": returns.cpu().double().numpy().reshape(n_goals, seeds_per_goal, n_episodes),
         "optimal": np.asarray(opt, dtype=np.float64),
         "goals": goals,
@@ -126,13 +136,41 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
 # ---------------------------------------------------------------------------------------------------------
 # Metrics
 # ---------------------------------------------------------------------------------------------------------
-def eval_goals(env_cfg, n_train_goals: int, seed: int) -> tuple[list, list]:
-    """(the held-out test goals, a fixed sample of n_train_goals train goals): the sample is drawn with its
-    own seeded rng (never the global one) and sorted for readability."""
-    train_goals, test_goals = goal_split(env_cfg["grid_size"], env_cfg["train_frac"], env_cfg["split_seed"])
+def eval_goals(env_cfg, n_train_goals: int, seed: int) -> dict[str, list]:
+    """{'test': the held-out test goals, 'val': the validation goals, 'train': a fixed sample of n_train_goals
+    train goals} (env.goal_splits_from_cfg). The train sample is drawn with its own seeded rng (never the
+    global one) and sorted for readability. Empty splits are left out."""
+    splits = goal_splits_from_cfg(env_cfg)
+    train = splits["train"]
     rng = np.random.default_rng(seed)
-    n = min(n_train_goals, len(train_goals))
-    return test_goals, [train_goals[i] for i in sorted(rng.choice(len(train_goals), n, replace=False))]
+    n = min(n_train_goals, len(train))
+    pick = [train[i] for i in sorted(rng.choice(len(train), n, replace=False))]
+    return {k: v for k, v in (("test", splits["test"]), ("val", splits["val"]), ("train", pick)) if v}
+
+
+LEARNING_SPEED_FRACS = (0.5, 0.8, 0.9)
+MOVING_WINDOW = 5
+
+
+def episodes_to(curve, target: float, window: int = MOVING_WINDOW) -> int | None:
+    """First episode e (1-based) at which the mean return of episodes e-window+1 .. e reaches `target`;
+    only full windows count (e >= window, or the whole curve if it is shorter). None if never."""
+    c = np.asarray(curve, dtype=np.float64)
+    w = min(window, len(c))
+    if w == 0:
+        return None
+    mov = np.convolve(c, np.ones(w) / w, mode="valid")  # mov[i] = mean of c[i .. i+w-1]
+    hit = np.nonzero(mov >= target - 1e-9)[0]
+    return int(hit[0] + w) if len(hit) else None
+
+
+def learning_speed(curve, optimal_mean: float) -> dict:
+    """episodes_to_<f>: first episode whose 5-episode moving mean reaches f x optimal (None if never), for
+    f in 0.5 / 0.8 / 0.9; auc_normalized: the area under the normalised return curve, i.e. the mean over
+    episodes of return / optimal (1.0 = optimal from the first episode on)."""
+    out = {f"episodes_to_{f}": episodes_to(curve, f * optimal_mean) for f in LEARNING_SPEED_FRACS}
+    out["auc_normalized"] = float(np.mean(curve)) / optimal_mean if optimal_mean > 0 else None
+    return out
 
 
 def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> dict:
@@ -144,8 +182,13 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
       curve / curve_std         per-episode mean return, and its std over seeds
       first_episode             episode-1 mean return (before any in-context learning)
       last_k_mean / last_k_std  mean return over the last k = min(last_k, n_episodes) episodes (the headline)
-      mean_return               mean over all episodes (area under the learning curve)
+      mean_return               mean over all episodes
       *_normalized              the above divided by optimal_mean
+      episodes_to_0.5/0.8/0.9   learning speed: first episode whose 5-episode moving mean return reaches that
+                                fraction of optimal_mean (null if never; see `episodes_to`)
+      auc_normalized            area under the normalised curve = mean_return_normalized
+      per_goal_last             last-k mean return of each goal (goal order), so a goal the model never
+                                learns is visible; per_goal_last_normalized divides by each goal's optimal
       reward_per_step           mean_return / horizon: the reward rate of the whole rollout, learning included;
       reward_per_step_last_k    last_k_mean / horizon. Both only when horizon is given.
     """
@@ -166,6 +209,7 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
     def norm(v: float) -> float | None:
         return v / opt_mean if opt_mean > 0 else None
 
+    per_goal = r[:, :, -k:].mean(axis=(1, 2))
     out = {
         "n_goals": int(r.shape[0]), "n_seeds": int(r.shape[1]), "n_episodes": int(r.shape[2]), "last_k": k,
         "curve": curve.tolist(), "curve_std": per_seed.std(axis=0).tolist(),
@@ -174,6 +218,9 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
         "last_k_std": float(per_seed[:, -k:].mean(axis=1).std()),
         "first_episode_normalized": norm(first), "last_k_normalized": norm(last),
         "mean_return_normalized": norm(mean),
+        **learning_speed(curve, opt_mean),
+        "per_goal_last": per_goal.tolist(),
+        "per_goal_last_normalized": [float(v / o) if o > 0 else None for v, o in zip(per_goal, opt)],
     }
     if horizon is not None:
         out["reward_per_step"] = mean / horizon
@@ -182,13 +229,16 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
 
 
 def eval_scalars(summary: dict, split: str) -> dict[str, float]:
-    """TensorBoard tags (all under eval/) for one split ('test' or 'train'). train.py's periodic eval should
-    log these too, so both writers put the same quantity on the same chart:
+    """TensorBoard tags (all under eval/) for one split ('test', 'val' or 'train'). train.py's periodic eval
+    logs these too, so both writers put the same quantity on the same chart:
       eval/return_<split>             mean return of the last k episodes (the headline number)
       eval/return_<split>_last<k>     the same value, with k in the name (k is clipped to n_episodes)
       eval/return_<split>_first       episode-1 mean return (before in-context learning)
       eval/return_<split>_normalized  last-k mean / mean optimal return
       eval/reward_per_step_<split>    mean reward per env step over the whole rollout (needs horizon)
+      eval/auc_<split>_normalized     area under the normalised return curve (learning speed)
+      eval/episodes_to_0.8_<split>    first episode whose 5-episode mean reaches 0.8 x optimal (absent if
+                                      never reached: an absent point, not a fake number)
     """
     k = summary["last_k"]
     tags = {
@@ -197,6 +247,8 @@ def eval_scalars(summary: dict, split: str) -> dict[str, float]:
         f"eval/return_{split}_first": summary["first_episode"],
         f"eval/return_{split}_normalized": summary["last_k_normalized"],
         f"eval/reward_per_step_{split}": summary.get("reward_per_step"),
+        f"eval/auc_{split}_normalized": summary.get("auc_normalized"),
+        f"eval/episodes_to_0.8_{split}": summary.get("episodes_to_0.8"),
     }
     return {t: float(v) for t, v in tags.items() if v is not None}
 
@@ -247,6 +299,29 @@ def load_trained_model(run_dir, device="cpu"):
     return model, cfg, int(ckpt.get("global_step", 0))
 
 
+def _run_histories(cfg: DictConfig, run_cfg: dict, env_cfg: dict):
+    """The dataset the run was trained on (data_path=null) or cfg.data_path: its held-out histories give the
+    same-position loss, its meta.json the source algorithm's own learning curve. Validated against env."""
+    from histories import load_histories
+    from hydra_cli import abspath
+
+    path = cfg.data_path if cfg.data_path else run_cfg.get("data_path")
+    if not path:
+        raise EvalError("the run's config names no data_path: pass data_path=<its dataset>, or "
+                        "teacher_forced=false source_curve=false")
+    return load_histories(abspath(path), env_cfg)
+
+
+def source_reference(meta: dict, split: str, optimal_mean: float) -> dict | None:
+    """The source algorithm's own learning curve on the split's goals (mean over its histories, from the
+    dataset's meta.json) with the same learning-speed metrics, as the yardstick of in-context learning.
+    None if the dataset has no histories for that split (the train sample uses the train-goal curve)."""
+    curve = meta.get("return_curve" if split == "train" else f"return_curve_{split}")
+    if not curve:
+        return None
+    return {"curve": list(curve), **learning_speed(curve, optimal_mean)}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Outputs
 # ---------------------------------------------------------------------------------------------------------
@@ -255,7 +330,8 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def plot_curves(path: Path, results: dict, title: str) -> None:
-    """Learning curves: mean return per episode, ±1 std over seeds, dashed line at the mean optimal."""
+    """Learning curves: mean return per episode, ±1 std over seeds, dashed line at the mean optimal, dotted
+    line at the source algorithm's own learning curve on those goals (when the dataset gives it)."""
     # The object API with the Agg canvas: no pyplot, so no global backend switch in an importing process.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -263,7 +339,7 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     fig = Figure(figsize=(7, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    colors = {"test": "tab:blue", "train": "tab:orange"}
+    colors = {"test": "tab:blue", "val": "tab:green", "train": "tab:orange"}
     for split, res in results.items():
         s = res["summary"]
         mean, std = np.asarray(s["curve"]), np.asarray(s["curve_std"])
@@ -273,6 +349,10 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
         ax.fill_between(x, mean - std, mean + std, color=c, alpha=0.2, linewidth=0)
         ax.axhline(s["optimal_mean"], color=c, linestyle="--", linewidth=1,
                    label=f"{split} optimal ({s['optimal_mean']:.2f})")
+        if res.get("source"):  # the source algorithm's own learning on these goals: the yardstick
+            src = np.asarray(res["source"]["curve"])
+            ax.plot(np.arange(1, len(src) + 1), src, color=c, linestyle=":", linewidth=1.5,
+                    label=f"{split}: source algorithm (its own learning)")
     ax.set_xlabel("episode (in context, frozen weights)")
     ax.set_ylabel("episode return")
     ax.set_title(title, fontsize=9, wrap=True)
@@ -300,17 +380,28 @@ def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:
 
 
 def print_table(results: dict) -> None:
+    """One row per split: returns, normalised last-k, learning speed (episodes to 0.8 of optimal, '-' if
+    never) and AUC; a 'source' row under a split gives the source algorithm's own figures on those goals."""
     k = next(iter(results.values()))["summary"]["last_k"]
-    head = (f"{'split':<6} {'goals':>5} {'seeds':>5} {'first':>7} {f'last{k}':>7} {'± seed':>7} "
-            f"{'optimal':>7} {'norm':>6} {'rew/step':>8}")
+    head = (f"{'split':<9} {'goals':>5} {'seeds':>5} {'first':>7} {f'last{k}':>7} {'± seed':>7} "
+            f"{'optimal':>7} {'norm':>6} {'ep->0.8':>7} {'auc':>6}")
     print(head)
     print("-" * len(head))
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
     for split, res in results.items():
         s = res["summary"]
-        norm = s["last_k_normalized"]
-        print(f"{split:<6} {s['n_goals']:>5} {s['n_seeds']:>5} {s['first_episode']:>7.2f} {s['last_k_mean']:>7.2f} "
-              f"{s['last_k_std']:>7.2f} {s['optimal_mean']:>7.2f} "
-              f"{'n/a' if norm is None else f'{norm:.3f}':>6} {s['reward_per_step']:>8.3f}")
+        print(f"{split:<9} {s['n_goals']:>5} {s['n_seeds']:>5} {s['first_episode']:>7.2f} {s['last_k_mean']:>7.2f} "
+              f"{s['last_k_std']:>7.2f} {s['optimal_mean']:>7.2f} {fmt(s['last_k_normalized'], '.3f'):>6} "
+              f"{fmt(s['episodes_to_0.8'], 'd'):>7} {fmt(s['auc_normalized'], '.3f'):>6}")
+        src = res.get("source")
+        if src:
+            c = src["curve"]
+            print(f"{'  source':<9} {'':>5} {'':>5} {c[0]:>7.2f} {np.mean(c[-k:]):>7.2f} {'':>7} {'':>7} "
+                  f"{np.mean(c[-k:]) / s['optimal_mean']:>6.3f} {fmt(src['episodes_to_0.8'], 'd'):>7} "
+                  f"{fmt(src['auc_normalized'], '.3f'):>6}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -323,6 +414,10 @@ def _check_cfg(cfg: DictConfig) -> None:
     for key, lo in (("n_episodes", 1), ("seeds_per_goal", 1), ("n_train_goals", 0), ("last_k", 1)):
         if int(cfg[key]) < lo:
             raise EvalError(f"{key}={cfg[key]} must be >= {lo}")
+    bad = [s for s in cfg.splits if s not in ("test", "val", "train")] if cfg.splits is not None else ["null"]
+    if bad or not cfg.splits:
+        raise EvalError(f"splits={list(cfg.splits) if cfg.splits is not None else None}: give a non-empty list "
+                        f"of test, val and train (e.g. splits=[test])")
     if not str(cfg.out_name) or "/" in str(cfg.out_name):
         raise EvalError(f"out_name={cfg.out_name!r} must be a plain file stem (written inside run_dir)")
 
@@ -353,13 +448,15 @@ def main(cfg: DictConfig) -> dict:
             if env_cfg[key] != run_cfg["env"][key]:
                 raise EvalError(f"env.{key}={env_cfg[key]} but the model was trained with "
                                 f"{run_cfg['env'][key]}: use env_from_run=true or a matching env")
-    test_goals, train_sample = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed))
+    goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed))
+    hist = _run_histories(cfg, run_cfg, env_cfg) if (cfg.teacher_forced or cfg.source_curve) else None
+    source = (hist.meta if hist is not None else {}) if cfg.source_curve else {}
 
     results = {}
-    for split, goals in (("test", test_goals), ("train", train_sample)):
-        if not goals:
+    for split, split_goals in goals.items():
+        if split not in cfg.splits:
             continue
-        ro = incontext_rollout(model, env_cfg, goals, int(cfg.n_episodes), int(cfg.seeds_per_goal), device,
+        ro = incontext_rollout(model, env_cfg, split_goals, int(cfg.n_episodes), int(cfg.seeds_per_goal), device,
                                seed=int(cfg.seed), sample=bool(cfg.sample), use_cache=bool(cfg.use_cache),
                                progress=bool(cfg.progress))
         summary = summarize(ro["returns"], ro["optimal"], int(cfg.last_k), ro["horizon"])
@@ -369,12 +466,25 @@ def main(cfg: DictConfig) -> dict:
         results[split] = {"goals": [list(g) for g in ro["goals"]], "optimal": ro["optimal"].tolist(),
                           "summary": summary, "per_goal": per_goal, "returns": ro["returns"].tolist(),
                           "wall_s": ro["wall_s"], "env_steps_per_s": ro["n_env_steps"] / max(ro["wall_s"], 1e-9)}
+        src = source_reference(source, split, summary["optimal_mean"])
+        if src is not None:
+            results[split]["source"] = src
     if not results:
-        raise EvalError("no goals to evaluate: the split has no test goals and n_train_goals=0")
+        raise EvalError(f"no goals to evaluate in splits={list(cfg.splits)} (n_train_goals="
+                        f"{cfg.n_train_goals}, env.n_val_goals={env_cfg.get('n_val_goals', 0)})")
 
+    same_position = {}
+    if cfg.teacher_forced:
+        for split in ("val", "test"):
+            rep = teacher_forced.heldout_report(model, hist, split, device, probe=True)
+            if rep is not None:
+                same_position[split] = rep
     metrics = {}
     for split, res in results.items():
         metrics.update(eval_scalars(res["summary"], split))
+    if same_position:
+        for split, rep in same_position.items():
+            metrics.update(teacher_forced.scalars(rep, split))
     report = {
         "format_version": FORMAT_VERSION,
         "run_dir": str(run_dir),
@@ -385,6 +495,7 @@ def main(cfg: DictConfig) -> dict:
         "env": env_cfg,
         "metrics": metrics,
         "splits": results,
+        "same_position": same_position,
     }
     json_path, png_path = run_dir / f"{cfg.out_name}.json", run_dir / f"{cfg.out_name}.png"
     title = f"{report['model_name']} @ step {global_step}: in-context return ({run_dir.name})"
@@ -397,6 +508,8 @@ def main(cfg: DictConfig) -> dict:
     print(f"{report['model_name']} @ step {global_step}, {cfg.n_episodes} episodes, "
           f"{'sampled' if cfg.sample else 'greedy'} actions, {device}, {report['wall_s']:.1f}s")
     print_table(results)
+    if same_position:
+        teacher_forced.print_report(same_position)
     print(f"wrote {json_path} and {png_path}")
     return {**report, "json_path": str(json_path), "png_path": str(png_path)}
 

@@ -8,13 +8,15 @@ A dataset is a folder (default `data/${env.name}-seed${data_seed}`) of memory-ma
     next_states.npy  uint8 [N, T, 2]   (x, y) after the step
     goals.npy        uint8 [N, 2]      the goal of history i
 
-plus meta.json (format_version, env config, goal split, source algorithm + settings, seeds, history
+plus meta.json (format_version, env config, goal splits, source algorithm + settings, seeds, history
 layout, per-episode return curves, summary). History i is one stream of the source algorithm on one
 goal, T transitions long (T / horizon consecutive episodes). Layout: the train-goal histories come
-first, goal-major in split order (n_stream consecutive histories per goal), then the test-goal
-histories (n_stream_eval per goal, for the held-out loss). meta["histories"] records this as half-open
-ranges {"train": {"start": 0, "stop": n_train}, "test": {"start": n_train, "stop": N}}; use
-`Histories.split_indices(split)` rather than reading it by hand.
+first, goal-major in split order (n_stream consecutive histories per goal), then the validation-goal
+histories, then the test-goal histories (n_stream_eval per goal each: they are only scored, never
+trained on). meta["histories"] records this as half-open ranges {"train": {"start": 0, "stop": a},
+"val": {"start": a, "stop": b}, "test": {"start": b, "stop": N}}; use `Histories.split_indices(split)`
+rather than reading it by hand. Format 2 added the validation split (env.n_val_goals); a format-1
+dataset has none and must be re-collected.
 
 load_histories validates everything a training run relies on and fails with ONE line that says what
 is wrong and how to fix it (DatasetError). save_histories writes atomically: a temp folder beside the
@@ -34,7 +36,8 @@ import numpy as np
 
 from atomic_io import fsync_dir
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
+SPLITS = ("train", "val", "test")
 N_ACTIONS = 5
 # name -> (trailing shape after N, or after (N, T)); all arrays are uint8.
 ARRAY_SPECS = {
@@ -45,7 +48,7 @@ ARRAY_SPECS = {
     "goals": ("N", (2,)),
 }
 # Env config keys that must agree between a dataset and the run that reads it.
-ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed")
+ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed", "n_val_goals")
 
 
 class DatasetError(ValueError):
@@ -88,9 +91,9 @@ class Histories:
         return self.actions.shape[1]
 
     def split_indices(self, split: str) -> np.ndarray:
-        """int64 indices of the histories whose goal is in `split` ('train' or 'test')."""
-        if split not in ("train", "test"):
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        """int64 indices of the histories whose goal is in `split` ('train', 'val' or 'test')."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         r = self.meta["histories"][split]
         return np.arange(r["start"], r["stop"], dtype=np.int64)
 
@@ -103,22 +106,38 @@ class Histories:
             self.next_states[idx, sl]], axis=-1)
 
 
+def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
+    """The on-disk layout of a dataset: (goals int64 [N, 2] of every history, in order; meta["split"];
+    meta["histories"]). splits = {'train': [...], 'val': [...], 'test': [...]} goal lists (e.g.
+    env.goal_splits_from_cfg); per_goal = histories per goal of each split. Splits come in SPLITS order,
+    goal-major, so each split's histories are one contiguous range."""
+    goals, ranges, start = [], {}, 0
+    for split in SPLITS:
+        g = [tuple(int(v) for v in x) for x in splits.get(split, [])]
+        goals += [x for x in g for _ in range(int(per_goal.get(split, 0)))]
+        ranges[split] = {"start": start, "stop": len(goals)}
+        start = len(goals)
+    split_meta = {f"{k}_goals": [list(x) for x in splits.get(k, [])] for k in SPLITS}
+    return np.asarray(goals, dtype=np.int64).reshape(-1, 2), split_meta, ranges
+
+
 def _check_meta(meta, where: Path, env_name: str) -> None:
     hint = _recollect_hint(where, env_name)
     if not isinstance(meta, dict):
         raise DatasetError(f"{where}/meta.json is not a JSON object: re-collect with {hint}")
     if meta.get("format_version") != FORMAT_VERSION:
+        why = " (format 1 has no validation goal split)" if meta.get("format_version") == 1 else ""
         raise DatasetError(
-            f"dataset {where} has format_version {meta.get('format_version')!r} but this code reads "
+            f"dataset {where} has format_version {meta.get('format_version')!r}{why} but this code reads "
             f"format_version {FORMAT_VERSION}: re-collect with {hint}")
     for key in ("env", "split", "histories", "n_steps"):
         if key not in meta:
             raise DatasetError(f"{where}/meta.json lacks the key {key!r}: re-collect with {hint}")
     split = meta["split"]
     if not isinstance(meta["env"], dict) or not isinstance(split, dict) or \
-            not all(isinstance(split.get(k), list) for k in ("train_goals", "test_goals")):
+            not all(isinstance(split.get(f"{k}_goals"), list) for k in SPLITS):
         raise DatasetError(f"{where}/meta.json needs 'env' as an object and 'split' as {{train_goals: "
-                           f"[...], test_goals: [...]}}: re-collect with {hint}")
+                           f"[...], val_goals: [...], test_goals: [...]}}: re-collect with {hint}")
 
 
 def _check_env(meta_env: dict, env_cfg: dict, where: Path) -> None:
@@ -150,14 +169,14 @@ def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
                                f"(from actions.npy [N, T]): re-collect with {hint}")
     h = meta["histories"]
     try:
-        tr, te = (int(h["train"]["start"]), int(h["train"]["stop"])), (int(h["test"]["start"]),
-                                                                         int(h["test"]["stop"]))
+        ranges = {k: (int(h[k]["start"]), int(h[k]["stop"])) for k in SPLITS}
     except (KeyError, TypeError, ValueError):
-        raise DatasetError(f"{where}/meta.json 'histories' must be {{train: {{start, stop}}, test: "
-                           f"{{start, stop}}}}: re-collect with {hint}") from None
-    if tr[0] != 0 or tr[1] != te[0] or te[1] != N:
-        raise DatasetError(f"{where}/meta.json histories ranges train={tr} test={te} do not tile the "
-                           f"{N} histories in the arrays: re-collect with {hint}")
+        raise DatasetError(f"{where}/meta.json 'histories' must be {{train: {{start, stop}}, val: {{start, "
+                           f"stop}}, test: {{start, stop}}}}: re-collect with {hint}") from None
+    (tr, va, te) = (ranges[k] for k in SPLITS)
+    if tr[0] != 0 or tr[1] != va[0] or va[1] != te[0] or te[1] != N or any(a > b for a, b in ranges.values()):
+        raise DatasetError(f"{where}/meta.json histories ranges train={tr} val={va} test={te} do not tile "
+                           f"the {N} histories in the arrays: re-collect with {hint}")
     if T != int(meta["n_steps"]):
         raise DatasetError(f"{where} arrays hold {T} steps per history but meta.json says n_steps="
                            f"{meta['n_steps']}: re-collect with {hint}")
@@ -173,7 +192,7 @@ def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
                                f"re-collect with {hint}")
     # Every history's goal must belong to the split its index range claims.
     goals = np.asarray(arrays["goals"]).astype(np.int64)
-    for split, (a, b) in (("train", tr), ("test", te)):
+    for split, (a, b) in ranges.items():
         allowed = {tuple(g) for g in meta["split"][f"{split}_goals"]}
         bad = [tuple(g) for g in goals[a:b].tolist() if tuple(g) not in allowed]
         if bad:
@@ -203,10 +222,10 @@ def load_histories(path, env_cfg) -> Histories:
     Checks, in order: the folder exists; meta.json parses and has the current format_version; the
     dataset's env config matches the run's (every differing key named with both values); every .npy
     opens (truncated/corrupt files caught); dtypes are uint8; shapes agree; states/goals < grid_size,
-    actions < n_actions, rewards in {0, 1}; the split in meta matches goal_split(env) and every
+    actions < n_actions, rewards in {0, 1}; the splits in meta match goal_splits(env) and every
     history's goal lies in its split. Raises DatasetError (one line: what is wrong + how to fix it).
     """
-    from env.darkroom import goal_split  # local: keep `import histories` light for tools
+    from env.darkroom import goal_splits_from_cfg  # local: keep `import histories` light for tools
 
     path = Path(path)
     env_cfg = _plain(env_cfg)
@@ -224,11 +243,11 @@ def load_histories(path, env_cfg) -> Histories:
         raise DatasetError(f"{meta_file} is not valid JSON ({e}): re-collect with {hint}") from None
     _check_meta(meta, path, name)
     _check_env(meta["env"], env_cfg, path)
-    train, test = goal_split(env_cfg["grid_size"], env_cfg["train_frac"], env_cfg["split_seed"])
+    want = goal_splits_from_cfg(env_cfg)
     split = meta["split"]
-    if [tuple(g) for g in split["train_goals"]] != train or [tuple(g) for g in split["test_goals"]] != test:
-        raise DatasetError(f"dataset {path} lists a goal split that differs from goal_split(grid_size, "
-                           f"train_frac, split_seed) of the run: re-collect with {hint}")
+    if any([tuple(g) for g in split[f"{k}_goals"]] != want[k] for k in SPLITS):
+        raise DatasetError(f"dataset {path} lists goal splits that differ from goal_splits(grid_size, "
+                           f"train_frac, split_seed, n_val_goals) of the run: re-collect with {hint}")
     arrays = {k: _load_npy(path / f"{k}.npy", hint) for k in ARRAY_SPECS}
     _check_arrays(arrays, meta, path)
     return Histories(path=path, meta=meta, **arrays)

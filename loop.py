@@ -59,7 +59,7 @@ class NonFiniteLossError(RuntimeError):
 # Keys that may change between a run and its resumption without making it "a different run".
 # (Logging/eval cadence and performance knobs; not the data, model, optimisation or seed.)
 _VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "cpu_threads", "progress",
-                  "log_every", "eval_every", "eval", "heldout_every", "heldout_batches", "diag_every",
+                  "log_every", "eval_every", "eval", "heldout_every", "diag_every",
                   "diag_batches", "checkpoint_every", "keep_last"}
 CHECKPOINT_RE = re.compile(r"step-(\d+)")
 # Test-only fault injection (tests/test_resume.py): CAD_TEST_KILL_AT=<step>[:<where>] makes the process

@@ -9,7 +9,9 @@
 
 Without a pretrained_encoder_path it trains from scratch exactly as before stage 1 existed. The loop
 (Accelerate, logging, checkpoints, resume) lives in loop.py; this file only says what the model, the
-data and the loss are, plus the held-out loss and in-context evaluation that run periodically.
+data and the loss are, plus the held-out evaluations that run periodically: the same-position action loss
+on the validation goals' histories (teacher_forced.py; the test goals only at the end) and in-context
+rollouts on the validation goals (evaluate.py; final test-goal numbers come from `python evaluate.py`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 import loop
 from atomic_io import atomic_torch_save
+import teacher_forced
 from dataset import HistoryBatches, batch_loader
 from histories import load_histories
 from hydra_cli import abspath
@@ -33,15 +36,9 @@ class ActionPredictionTask:
         self.aux_w = float(cfg.model.get("aux_recon_weight", 0.0) or 0.0)
         self.accelerator = None
 
-    def _dataset(self, split, rank, world, batch, seed):
-        return HistoryBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed)
-
     def batches(self, start, rank, world, micro_batch):
-        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
-        # Held-out loss on the test goals' histories (collect.py writes n_stream_eval of them per goal).
-        self.heldout = None
-        if len(self.hist.split_indices("test")):
-            self.heldout = self._dataset("test", rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        ds = HistoryBatches.from_cfg(self.hist, self.cfg, "train", rank, world, batch_size=micro_batch * world,
+                                     seed=self.cfg.seed)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers)
 
     def loss(self, model, batch):
@@ -60,21 +57,36 @@ class ActionPredictionTask:
     def n_labels(self, batch):
         return self._labels  # window positions (+ segment positions with model.label_segments)
 
-    @torch.no_grad()
-    def heldout_loss(self, run, model) -> dict:
-        """Action loss/accuracy on histories of the held-out (test) goals, averaged over all ranks."""
-        model.eval()
-        tot = torch.zeros(2, device=run.accelerator.device)
-        for k in range(self.cfg.heldout_batches):
-            b = {key: v.to(run.accelerator.device) for key, v in self.heldout[k].items()}
-            a = action_loss(model(b)["logits"], b)  # held-out figure: decoder-window positions only
-            tot += torch.stack([a["loss"], a["acc"]])
-        model.train()
-        tot = run.accelerator.reduce(tot / self.cfg.heldout_batches, "mean")
-        return {"heldout/loss_action": tot[0].item(), "heldout/acc_action": tot[1].item()}
+    def same_position(self, run, split: str, probe: bool = False) -> dict | None:
+        """Teacher-forced action NLL over every step of the split's held-out histories, with the model's
+        rollout schedule (teacher_forced.py). Each rank scores every world-th history; the per-step
+        scores are gathered back into history order, so every rank gets the same report whatever the
+        number of processes. None if the split has no histories."""
+        idx = self.hist.split_indices(split)
+        if len(idx) == 0:
+            return None
+        acc = run.accelerator
+        rank, world = acc.process_index, acc.num_processes
+        net = loop.unwrap(acc, run.model)
+        mine = idx[rank::world]
+        scores = teacher_forced.score(net, self.hist.transitions(mine), acc.device, probe=probe) if len(mine) \
+            else None
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([scores])
+            scores = {k: torch.empty(len(idx), *v.shape[1:], dtype=v.dtype) for k, v in parts[0].items()}
+            for r, part in enumerate(parts):
+                if part is not None:
+                    for k, v in part.items():
+                        scores[k][r::world] = v
+        rep = teacher_forced.report(scores)
+        rep["split"] = split
+        return rep
 
     def incontext_eval(self, run, step) -> dict:
-        """Rollouts with frozen weights on the held-out goals (main process; others wait)."""
+        """Rollouts with frozen weights on the validation goals and a train-goal sample (main process; the
+        others wait). The test goals are left to evaluate.py: training-time figures may steer choices."""
         from evaluate import eval_goals, eval_scalars, incontext_rollout, summarize
 
         out = {}
@@ -82,9 +94,11 @@ class ActionPredictionTask:
             net = loop.unwrap(run.accelerator, run.model)
             net.eval()
             e = self.cfg.eval
-            test_goals, pick = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed)
-            for name, goals in (("test", test_goals), ("train", pick)):
-                r = incontext_rollout(net, self.cfg.env, goals, e.n_episodes, e.seeds_per_goal,
+            goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed)
+            for name in ("val", "train"):
+                if name not in goals:
+                    continue
+                r = incontext_rollout(net, self.cfg.env, goals[name], e.n_episodes, e.seeds_per_goal,
                                       run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
                 out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"]), name))
             net.train()
@@ -93,15 +107,28 @@ class ActionPredictionTask:
         return out
 
     def on_step(self, run, step):
-        final = step == run.settings.max_steps  # on_end computes and logs the final held-out loss once
-        if self.heldout is not None and self.cfg.heldout_every and step % self.cfg.heldout_every == 0 and not final:
-            run.log(self.heldout_loss(run, run.model), step)
+        final = step == run.settings.max_steps  # on_end computes and logs the final held-out losses once
+        if self.cfg.heldout_every and step % self.cfg.heldout_every == 0 and not final:
+            # Periodically only the validation goals: they are what model selection may look at.
+            rep = self.same_position(run, "val")
+            if rep is not None:
+                run.log(teacher_forced.scalars(rep, "val"), step)
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             self.incontext_eval(run, step)
 
     def on_end(self, run, step):
-        summary = self.heldout_loss(run, run.model) if self.heldout is not None else {}
-        run.log(summary, step)
+        # Final same-position losses: validation (selection) and test (reported) goals, with the memory
+        # probe for CompressedAD. done.json keeps the full reports and the two headline figures.
+        summary = {}
+        for split in ("val", "test"):
+            rep = self.same_position(run, split, probe=True)
+            if rep is None:
+                continue
+            run.log(teacher_forced.scalars(rep, split), step)
+            summary[f"tf_loss_{split}"] = rep["loss"]
+            summary[f"heldout_{split}"] = rep
+            if run.is_main:
+                teacher_forced.print_report({split: rep})
         if run.is_main:
             net = loop.unwrap(run.accelerator, run.model)
             atomic_torch_save({"model_state_dict": net.state_dict(), "config": run.config, "global_step": step},

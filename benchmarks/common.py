@@ -59,11 +59,12 @@ def synthetic_histories(env_cfg, n_hist: int, n_steps: int, tmp_dir: str, seed: 
                         test_frac: float = 0.1):
     """n_hist valid Darkroom histories of n_steps uniform-random-action transitions, goals drawn from
     the train/test goal split; saved to and loaded (memory-mapped, validated) from tmp_dir/hist."""
-    from env.darkroom import BatchedDarkroom, goal_split
-    from histories import load_histories, save_histories
+    from env.darkroom import BatchedDarkroom, goal_splits_from_cfg
+    from histories import FORMAT_VERSION, load_histories, save_histories
 
     g, h = int(env_cfg.grid_size), int(env_cfg.horizon)
-    train, test = goal_split(g, float(env_cfg.train_frac), int(env_cfg.split_seed))
+    splits = goal_splits_from_cfg(env_cfg)
+    train, test = splits["train"], splits["test"]
     n_test = max(1, round(n_hist * test_frac))
     n_train = n_hist - n_test
     rng = np.random.default_rng(seed)
@@ -88,10 +89,12 @@ def synthetic_histories(env_cfg, n_hist: int, n_steps: int, tmp_dir: str, seed: 
         "goals": goals.astype(np.uint8),
     }
     env_plain = {k: env_cfg[k] for k in env_cfg}
-    meta = {"format_version": 1, "env": env_plain,
-            "split": {"train_goals": [list(x) for x in train], "test_goals": [list(x) for x in test]},
+    meta = {"format_version": FORMAT_VERSION, "env": env_plain,
+            "split": {"train_goals": [list(x) for x in train], "val_goals": [list(x) for x in splits["val"]],
+                      "test_goals": [list(x) for x in test]},
             "source": {"name": "benchmark-random-walk"}, "seed": seed, "n_stream": 1, "n_steps": n_steps,
-            "histories": {"train": {"start": 0, "stop": n_train}, "test": {"start": n_train, "stop": n_hist}}}
+            "histories": {"train": {"start": 0, "stop": n_train}, "val": {"start": n_train, "stop": n_train},
+                          "test": {"start": n_train, "stop": n_hist}}}
     path = Path(tmp_dir) / "hist"
     save_histories(path, arrays, meta)
     return load_histories(path, env_plain)

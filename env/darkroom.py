@@ -77,6 +77,35 @@ def goal_split(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0
     return goals[:n_train], goals[n_train:]
 
 
+SPLITS = ("train", "val", "test")
+
+
+def goal_splits(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0, n_val_goals: int = 0
+                ) -> dict[str, list[tuple[int, int]]]:
+    """The three goal splits every stage uses: {'train', 'val', 'test'}.
+
+    'test' is exactly goal_split's held-out list (DICP's 8 goals for G=9, seed 0), touched only for final
+    reported numbers. 'val' is carved out of DICP's train goals: the LAST n_val_goals of the shuffled train
+    list (already a seeded random order, so no second RNG is needed); every model-selection decision
+    (early stopping, presets, ablations) is made on it. 'train' is the rest. n_val_goals=0 gives DICP's
+    split unchanged with an empty 'val'.
+    """
+    train, test = goal_split(grid_size, train_frac, seed)
+    n_val = int(n_val_goals)
+    if not 0 <= n_val < len(train):
+        raise ValueError(f"env.n_val_goals={n_val_goals} must be in [0, {len(train) - 1}] (there are "
+                         f"{len(train)} train goals to carve the validation goals from)")
+    return {"train": train[:len(train) - n_val], "val": train[len(train) - n_val:], "test": test}
+
+
+def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
+    """goal_splits from an env config (dict or DictConfig). A config without n_val_goals (a run trained
+    before the validation split existed) has no validation goals."""
+    n_val = env_cfg.get("n_val_goals", 0) or 0
+    return goal_splits(int(env_cfg["grid_size"]), float(env_cfg["train_frac"]), int(env_cfg["split_seed"]),
+                       int(n_val))
+
+
 class BatchedDarkroom:
     """E Darkroom environments (any mix of goals) as tensors on one device.
 

@@ -68,7 +68,7 @@ PRETRAINED_ARMS = ("pretrained_ft", "pretrained_frozen")
 RESERVED = {"seed", "run_dir", "run_name", "resume", "resume_from", "overwrite", "out_name",
             "model.pretrained_encoder_path", "model.freeze_encoder", "pretrained_encoder_path", "freeze_encoder"}
 # The evaluate.py settings an eval json must have been produced with to be reused.
-EVAL_KEYS = ("n_episodes", "seeds_per_goal", "n_train_goals", "last_k", "sample", "seed", "env_from_run",
+EVAL_KEYS = ("n_episodes", "seeds_per_goal", "n_train_goals", "splits", "last_k", "sample", "seed", "env_from_run",
              "use_cache")
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # train/loss_action is read at these fractions of max_steps
 SCALES = {"quick": "small scale", "full": "DICP scale"}
@@ -77,8 +77,8 @@ SCALES = {"quick": "small scale", "full": "DICP scale"}
 METRICS = {
     **{f"train_loss_action_{int(f * 100)}": (f"train action loss @ {int(f * 100)}% of steps", "lower", ".3f")
        for f in TRAIN_FRACS},
-    "heldout_loss_action": ("held-out action loss (final)", "lower", ".3f"),
-    "heldout_acc_action": ("held-out action accuracy (final)", "higher", ".3f"),
+    "heldout_loss_same_position": ("held-out action loss, same positions (test histories, final)", "lower", ".3f"),
+    "heldout_acc_same_position": ("held-out action accuracy, same positions", "higher", ".3f"),
     "return_first": ("held-out return, episode 1", "higher", ".2f"),
     "return_last5": ("held-out return, last 5 episodes", "higher", ".2f"),
     "return_last5_normalized": ("last-5 return / optimal", "higher", ".3f"),
@@ -356,7 +356,7 @@ def make_plan(a, routed: dict, tag: str = "", pretrain_dir: Path | None = None,
     # 3. evaluation settings (the same for every run)
     eval_base = evaluate_overrides(routed["evaluate"])
     eval_cfgs = {}
-    long_extra = [f"n_episodes={a.long_episodes}", "n_train_goals=0", "tensorboard=false"]
+    long_extra = [f"n_episodes={a.long_episodes}", "splits=[test]", "teacher_forced=false", "tensorboard=false"]
     ecfg = _plain(compose("evaluate", eval_base + ["run_dir=x"]))
     if a.long_seeds_per_goal:
         long_extra.append(f"seeds_per_goal={a.long_seeds_per_goal}")
@@ -537,8 +537,9 @@ def run_metrics(run_dir: Path, max_steps: int) -> dict:
         steps[f"{int(f * 100)}%"] = st
     info["train_loss_steps"] = steps
     done = _read_json(run_dir / "done.json") or {}
-    m["heldout_loss_action"] = done.get("heldout/loss_action")
-    m["heldout_acc_action"] = done.get("heldout/acc_action")
+    # teacher_forced.py: every step of every test-goal history, each model with its rollout schedule
+    m["heldout_loss_same_position"] = done.get("tf_loss_test")
+    m["heldout_acc_same_position"] = (done.get("heldout_test") or {}).get("acc")
     info["global_step"] = done.get("global_step")
     ev = _read_json(run_dir / "eval.json")
     if ev and "test" in ev.get("splits", {}):

@@ -29,6 +29,31 @@ class AD(TransitionEmbedding):
         return {"logits": self.decoder(tokens)}
 
     @torch.no_grad()
+    def rollout_logits(self, trans: torch.Tensor, memory_segments: int | None = None,
+                       chunk: int = 4096) -> torch.Tensor:
+        """Logits [N, T, n_actions] of the action at every step of recorded histories trans [N, T, 6], each
+        computed as `act` computes it in a rollout: from the window of the last context_len steps (fewer at
+        the start), read at its LAST position. Steps t < context_len are the prefixes of the first window
+        (one causal pass); every later step is the last position of its own window trans[t-L+1 .. t],
+        evaluated `chunk` windows at a time. AD has no compressed memory: memory_segments must be None."""
+        if memory_segments is not None:
+            raise ValueError("AD has no compressed memory to probe (memory_segments applies to CompressedAD)")
+        n, t_len = trans.shape[:2]
+        L = self.cfg.context_len
+        trans = trans.long()
+        first = self.forward({"win": trans[:, :min(L, t_len)]})["logits"]  # steps 0 .. min(L, T)-1
+        if t_len <= L:
+            return first
+        out = [first]
+        per = max(1, chunk // n)  # windows per history in one pass
+        for a in range(1, t_len - L + 1, per):  # window start a gives the action at step a + L - 1
+            b = min(a + per, t_len - L + 1)
+            wins = trans[:, a:b + L - 1].unfold(1, L, 1).permute(0, 1, 3, 2)  # [N, b-a, L, 6]
+            lg = self.forward({"win": wins.reshape(-1, L, 6)})["logits"][:, -1]
+            out.append(lg.view(n, b - a, -1))
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
     def init_rollout(self, n_envs: int, device, use_cache: bool = False) -> RolloutState:
         # Holds the last context_len - 1 transitions: with the current state they make a full window.
         buf = torch.zeros(n_envs, max(self.cfg.context_len - 1, 1), 6, dtype=torch.long, device=device)

@@ -80,6 +80,54 @@ class CompressedAD(Compressor):
             out["recon_pred"] = self.recon(latents, seg, seg_len)
         return out
 
+    # ---- teacher-forced replay of the rollout schedule ---------------------------------------------------
+    @torch.no_grad()
+    def rollout_logits(self, trans: torch.Tensor, memory_segments: int | None = None) -> torch.Tensor:
+        """Logits [N, T, n_actions] of the action at every step of recorded histories trans [N, T, 6],
+        each computed exactly as a rollout (`act` / `observe`) would have computed it had it taken the
+        recorded actions: the window fills from empty, is folded into the latents when it holds seg_len
+        transitions, and the decoder sees [latents ; window so far]. Window m (steps m*S .. m*S+S-1) is
+        decoded in one causal pass from the latents of segments 0..m-1, which is what the KV-cached
+        rollout computes one token at a time (tests/test_teacher_forced.py checks the equality).
+
+        memory_segments=k rebuilds the latents of window m from only its last k segments (m-k .. m-1,
+        folded from no memory); k=0 decodes every window without latents. None = the whole history.
+        """
+        n, t_len = trans.shape[:2]
+        s = self.cfg.seg_len
+        n_win = -(-t_len // s)
+        pad = n_win * s - t_len  # the last, partial window is causal: its padding affects nothing before it
+        segs = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad)).view(n, n_win, s, 6)
+        emb = self.embed_transitions(segs)  # [N, n_win, S, d]
+        full = torch.ones(n, s, dtype=torch.bool, device=trans.device)
+
+        def fold(first: int, stop: int):
+            """Latents after folding segments first .. stop-1 from no memory (None if the range is empty)."""
+            lat = None
+            for j in range(first, stop):
+                has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
+                lat = self.encoder(lat, has, emb[:, j], full)
+            return lat
+
+        prefixes = []
+        if memory_segments is None:
+            lat = None
+            for m in range(n_win):
+                prefixes.append(lat)
+                if m < n_win - 1:
+                    has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
+                    lat = self.encoder(lat, has, emb[:, m], full)
+        else:
+            k = int(memory_segments)
+            prefixes = [fold(max(0, m - k), m) if k > 0 else None for m in range(n_win)]
+        zeros = emb.new_zeros(n, self.cfg.n_latent, emb.shape[-1])
+        prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
+        has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(emb.flatten(0, 1)),
+                                            segs.flatten(0, 1)[..., 0:2])
+        logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
+        return logits.view(n, n_win * s, -1)[:, :t_len]
+
     # ---- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_rollout(self, n_envs: int, device, use_cache: bool = True) -> RolloutState:

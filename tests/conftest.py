@@ -50,7 +50,7 @@ TINY_MODEL = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.en
 TINY = {
     "train": TINY_MODEL + [
         "batch_size=8", "max_steps=6", "warmup_steps=2", "log_every=2", "checkpoint_every=1000",
-        "heldout_every=0", "heldout_batches=1", "eval_every=0", "eval.n_episodes=2", "eval.seeds_per_goal=1",
+        "heldout_every=0", "eval_every=0", "eval.n_episodes=2", "eval.seeds_per_goal=1",
         "eval.n_train_goals=1", "progress=false"],
     "pretrain": TINY_MODEL + [
         "model.pretrain_steps=6", "model.pretrain_batch_size=8", "model.save_every=1000", "warmup_steps=2",

@@ -1,4 +1,4 @@
-"""collect.py on a tiny problem (73 train goals x 3 streams + 8 test goals x 2, 200 steps: < 1 s).
+"""collect.py on a tiny problem (68 train goals x 3 streams + 5 val and 8 test goals x 2, 200 steps: < 1 s).
 
 Composed with Hydra's compose API from config/, run through main(cfg), read back with
 histories.load_histories. Checks the arrays against the env's dynamics, that the source learns, the
@@ -24,7 +24,8 @@ from histories import DatasetError, load_histories
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["source.n_stream=3", "source.n_steps=200", "source.n_stream_eval=2",
         "source.eps_decay_steps=100", "progress=false"]
-N_TRAIN, N_TEST, T = 73 * 3, 8 * 2, 200
+N_TRAIN, N_VAL, N_TEST, T = 68 * 3, 5 * 2, 8 * 2, 200
+N_ALL = N_TRAIN + N_VAL + N_TEST
 MOVES = np.array([(0, 0), (1, 0), (-1, 0), (0, 1), (0, -1)])
 
 
@@ -51,17 +52,19 @@ def test_default_config():
 
 def test_arrays_shapes_dtypes_and_layout(collected):
     h = collected[3]
-    assert (h.n_histories, h.n_steps) == (N_TRAIN + N_TEST, T)
-    for k, shape in [("states", (N_TRAIN + N_TEST, T, 2)), ("actions", (N_TRAIN + N_TEST, T)),
-                     ("rewards", (N_TRAIN + N_TEST, T)), ("next_states", (N_TRAIN + N_TEST, T, 2)),
-                     ("goals", (N_TRAIN + N_TEST, 2))]:
+    assert (h.n_histories, h.n_steps) == (N_ALL, T)
+    for k, shape in [("states", (N_ALL, T, 2)), ("actions", (N_ALL, T)),
+                     ("rewards", (N_ALL, T)), ("next_states", (N_ALL, T, 2)),
+                     ("goals", (N_ALL, 2))]:
         arr = getattr(h, k)
         assert arr.shape == shape and arr.dtype == np.uint8, k
     train, test = goal_split(9)
-    assert h.goals[:N_TRAIN].tolist() == [list(g) for g in train for _ in range(3)]   # goal-major
-    assert h.goals[N_TRAIN:].tolist() == [list(g) for g in test for _ in range(2)]
+    assert h.goals[:N_TRAIN].tolist() == [list(g) for g in train[:-5] for _ in range(3)]   # goal-major
+    assert h.goals[N_TRAIN:N_TRAIN + N_VAL].tolist() == [list(g) for g in train[-5:] for _ in range(2)]
+    assert h.goals[N_TRAIN + N_VAL:].tolist() == [list(g) for g in test for _ in range(2)]
     assert h.split_indices("train").tolist() == list(range(N_TRAIN))
-    assert h.split_indices("test").tolist() == list(range(N_TRAIN, N_TRAIN + N_TEST))
+    assert h.split_indices("val").tolist() == list(range(N_TRAIN, N_TRAIN + N_VAL))
+    assert h.split_indices("test").tolist() == list(range(N_TRAIN + N_VAL, N_ALL))
     assert set(np.unique(h.actions)) == set(range(5)) and set(np.unique(h.rewards)) == {0, 1}
 
 
@@ -80,29 +83,34 @@ def test_histories_follow_the_env_dynamics(collected):
 
 def test_source_learns_from_random_toward_optimal(collected):
     _, _, summary, h = collected
+    # (the 5 validation goals x 2 streams are too few for these bounds; they only have to improve)
+    assert summary["val"]["last5"] > summary["val"]["first_episode"] + 1
     for split in ("train", "test"):
         sm = summary[split]
         assert abs(sm["first_episode"] - sm["random"]) < 0.3      # first episode ~ random policy
         assert sm["last5"] > 10 * sm["first_episode"]             # ... and it clearly improves
         assert sm["last5"] > 0.25 * sm["optimal"]                 # (tiny run: only 10 episodes)
-    assert summary["train"]["optimal"] == pytest.approx(np.mean([optimal_return(g) for g in goal_split(9)[0]]))
+    assert summary["train"]["optimal"] == pytest.approx(np.mean([optimal_return(g) for g in goal_split(9)[0][:-5]]))
     assert summary["test"]["optimal"] == 17.25
     curve = np.array(h.meta["return_curve"])
     assert len(curve) == T // 20 and curve[-3:].mean() > curve[:3].mean() + 2
     # the curve is the per-episode mean of the stored rewards (train histories)
     ret = np.asarray(h.rewards[:N_TRAIN]).reshape(N_TRAIN, -1, 20).sum(-1).mean(0)
     assert np.allclose(curve, ret)
-    assert summary["n_transitions"] == (N_TRAIN + N_TEST) * T and summary["wall_s"] > 0
+    assert summary["n_transitions"] == N_ALL * T and summary["wall_s"] > 0
 
 
 def test_meta_json_round_trip(collected):
     path, cfg, summary, h = collected
     meta = json.loads((path / "meta.json").read_text())
-    assert meta == h.meta and meta["format_version"] == 1
+    assert meta == h.meta and meta["format_version"] == 2
     assert meta["env"] == {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5,
-                           "reward_mode": "every_step", "train_frac": 0.9, "split_seed": 0}
+                           "reward_mode": "every_step", "train_frac": 0.9, "split_seed": 0, "n_val_goals": 5}
     train, test = goal_split(9)
-    assert meta["split"] == {"train_goals": [list(g) for g in train], "test_goals": [list(g) for g in test]}
+    # validation goals are the last 5 of DICP's train goals; the test goals are DICP's, untouched
+    assert meta["split"] == {"train_goals": [list(g) for g in train[:-5]],
+                             "val_goals": [list(g) for g in train[-5:]],
+                             "test_goals": [list(g) for g in test]}
     assert meta["source"]["name"] == "qlearning" and meta["source"]["n_stream"] == 3
     for k in ("lr", "gamma", "q_init", "eps_start", "eps_end", "eps_decay_steps", "replay_passes"):
         assert meta["source"][k] == cfg.source[k]

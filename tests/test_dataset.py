@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from dataset import HistoryBatches, batch_loader, collate, segment_mask, spec_items, window_mask
 from dataset_pretrain import PretrainBatches
-from histories import Histories, load_histories, save_histories
+from histories import FORMAT_VERSION, Histories, load_histories, save_histories
 
 N_HIST, T = 24, 600          # 24 histories: 0..17 'train', 18..23 'test'
 N_TEST = 6
@@ -31,7 +31,8 @@ def make_histories(n=N_HIST, t_len=T, n_test=N_TEST):
     next_states = np.stack([(t + 1) % 256, (t + 1) // 256], -1)[None].repeat(n, 0).astype(np.uint8)
     actions = np.broadcast_to(i, (n, t_len)).astype(np.uint8)
     rewards = ((t[None] + i) % 256).astype(np.uint8)
-    meta = {"histories": {"train": {"start": 0, "stop": n - n_test}, "test": {"start": n - n_test, "stop": n}}}
+    meta = {"histories": {"train": {"start": 0, "stop": n - n_test}, "val": {"start": n - n_test, "stop": n - n_test},
+                          "test": {"start": n - n_test, "stop": n}}}
     return Histories(path=Path("synthetic"), states=states, actions=actions, rewards=rewards,
                      next_states=next_states, goals=np.zeros((n, 2), np.uint8), meta=meta)
 
@@ -270,8 +271,10 @@ def test_memory_mapped_dataset_on_disk(tmp_path):
               "actions": rng.integers(0, 5, (n, t_len), dtype=np.uint8),
               "rewards": rng.integers(0, 2, (n, t_len), dtype=np.uint8),
               "next_states": rng.integers(0, 9, (n, t_len, 2), dtype=np.uint8), "goals": goals}
-    meta = {"format_version": 1, "env": env, "split": {"train_goals": train, "test_goals": test},
+    meta = {"format_version": FORMAT_VERSION, "env": env,
+            "split": {"train_goals": train, "val_goals": [], "test_goals": test},
             "n_steps": t_len, "histories": {"train": {"start": 0, "stop": len(train)},
+                                            "val": {"start": len(train), "stop": len(train)},
                                             "test": {"start": len(train), "stop": n}}}
     h = load_histories(save_histories(tmp_path / "ds", arrays, meta), env)
     assert isinstance(h.states, np.memmap)

@@ -75,11 +75,11 @@ def test_train_two_processes_match_one(tiny, tmp_path, tb_scalars):
     a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model_state_dict"]
     b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model_state_dict"]
     assert _max_diff(a, b) < 1e-4
-    for tag in ("train/loss", "heldout/loss_action"):
+    for tag in ("train/loss", "heldout/loss_val", "heldout/loss_test", "memory/loss_k1_test"):
         la, lb = tb_scalars(tmp_path / "one")[tag], tb_scalars(tmp_path / "two")[tag]
         assert [s for s, _ in la] == [s for s, _ in lb]
         assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < 1e-4, tag
-    assert tb_scalars(tmp_path / "two")["eval/return_test"]  # main-only eval ran while rank 1 waited
+    assert tb_scalars(tmp_path / "two")["eval/return_val"]  # main-only eval ran while rank 1 waited
 
 
 def test_pretrain_two_processes_match_one(tiny, tmp_path, tb_scalars):

@@ -262,3 +262,19 @@ def test_gym_view_wraps_the_batched_env_not_a_copy_of_its_logic():
     e.reset()
     text = e.render()
     assert text.count("A") == 1 and text.count("G") == 1 and len(text.splitlines()) == 9
+
+
+def test_validation_goals_are_carved_from_the_train_goals():
+    from env import goal_splits, goal_splits_from_cfg
+
+    train, test = goal_split(9, 0.9, 0)
+    s = goal_splits(9, 0.9, 0, n_val_goals=5)
+    assert s["test"] == test                                   # DICP's test goals are untouched
+    assert s["train"] + s["val"] == train and len(s["val"]) == 5
+    assert not set(s["val"]) & set(s["train"]) and not set(s["val"]) & set(test)
+    assert goal_splits(9, 0.9, 0, 0) == {"train": train, "val": [], "test": test}
+    assert goal_splits(9, 0.9, 1, 5)["val"] != s["val"]        # the split seed moves the validation goals too
+    # a run config from before the validation split (no n_val_goals) has none
+    assert goal_splits_from_cfg({"grid_size": 9, "train_frac": 0.9, "split_seed": 0})["val"] == []
+    with pytest.raises(ValueError, match="n_val_goals=73 must be in"):
+        goal_splits(9, 0.9, 0, 73)

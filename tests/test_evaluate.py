@@ -161,24 +161,40 @@ def _compose(overrides):
         return compose("evaluate", overrides=overrides)
 
 
-def test_main_end_to_end(tmp_path):
+def test_main_end_to_end(tmp_path, tiny):
+    """A model.pt whose config names the tiny dataset: rollouts on test, validation and train-sample goals,
+    learning-speed metrics, the source's own curve, and the same-position loss + memory probe."""
+    env = {**ENV, "n_val_goals": 5}  # the tiny dataset is collected with the default env (5 validation goals)
     model = tiny_model()
-    torch.save({"model_state_dict": model.state_dict(), "config": {"model": TINY, "env": ENV},
-                "global_step": 42}, tmp_path / "model.pt")
-    cfg = _compose([f"run_dir={tmp_path}", "n_episodes=3", "seeds_per_goal=2", "n_train_goals=2",
+    torch.save({"model_state_dict": model.state_dict(), "global_step": 42,
+                "config": {"model": TINY, "env": env, "data_path": str(tiny.data_path)}}, tmp_path / "model.pt")
+    cfg = _compose([f"run_dir={tmp_path}", "n_episodes=6", "seeds_per_goal=2", "n_train_goals=2",
                     "last_k=2", "device=cpu", "progress=false"])
     rep = evaluate.main(cfg)
 
     import json
     data = json.loads((tmp_path / "eval.json").read_text())
-    assert {"config", "splits", "metrics", "wall_s", "global_step", "env"} <= data.keys()
+    assert {"config", "splits", "metrics", "wall_s", "global_step", "env", "same_position"} <= data.keys()
     assert data["global_step"] == 42 and rep["metrics"] == data["metrics"]
     test = data["splits"]["test"]
     assert [tuple(g) for g in test["goals"]] == TEST_GOALS
-    assert len(test["per_goal"]) == 8 and len(test["per_goal"][0]["curve"]) == 3
-    assert np.asarray(test["returns"]).shape == (8, 2, 3)
-    assert len(data["splits"]["train"]["goals"]) == 2
-    assert {"last_k_normalized", "reward_per_step", "curve", "last_k_std"} <= test["summary"].keys()
+    assert len(test["per_goal"]) == 8 and len(test["per_goal"][0]["curve"]) == 6
+    assert np.asarray(test["returns"]).shape == (8, 2, 6)
+    assert len(data["splits"]["train"]["goals"]) == 2 and len(data["splits"]["val"]["goals"]) == 5
+    s = test["summary"]
+    assert {"last_k_normalized", "reward_per_step", "curve", "last_k_std", "episodes_to_0.5", "episodes_to_0.8",
+            "episodes_to_0.9", "auc_normalized", "per_goal_last"} <= s.keys()
+    assert len(s["per_goal_last"]) == 8 and s["auc_normalized"] == pytest.approx(s["mean_return_normalized"])
+    # the source algorithm's own learning on the same goals, from the dataset's meta.json
+    meta = json.loads((tiny.data_path / "meta.json").read_text())
+    assert test["source"]["curve"] == meta["return_curve_test"]
+    assert data["splits"]["val"]["source"]["curve"] == meta["return_curve_val"]
+    # the same-position loss covers every step of every held-out history, with the memory probe
+    for split in ("val", "test"):
+        sp = data["same_position"][split]
+        assert sp["n_steps"] == 200 and sp["n_histories"] == len(meta["split"][f"{split}_goals"])
+        assert {"k0", "k1", "all", "verdict"} <= sp["memory_probe"].keys()
+        assert data["metrics"][f"heldout/loss_{split}"] == sp["loss"] > 0
     assert (tmp_path / "eval.png").stat().st_size > 1000
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -187,11 +203,33 @@ def test_main_end_to_end(tmp_path):
     acc.Reload()
     tags = acc.Tags()["scalars"]
     for t in ("eval/return_test", "eval/return_test_last2", "eval/return_test_normalized",
-              "eval/reward_per_step_test", "eval/return_train", "eval/reward_per_step_train"):
+              "eval/reward_per_step_test", "eval/return_train", "eval/reward_per_step_train", "eval/return_val",
+              "eval/auc_test_normalized"):
         assert t in tags
     ev = acc.Scalars("eval/return_test_normalized")[0]
     assert ev.step == 42 and ev.value == pytest.approx(data["metrics"]["eval/return_test_normalized"])
-    assert [e.step for e in acc.Scalars("eval/curve_test")] == [1, 2, 3]
+    assert [e.step for e in acc.Scalars("eval/curve_test")] == list(range(1, 7))
+
+    # Without a dataset: the rollouts alone, if asked; otherwise a one-line error that says what to pass.
+    torch.save({"model_state_dict": model.state_dict(), "global_step": 1, "config": {"model": TINY, "env": env}},
+               tmp_path / "model.pt")
+    with pytest.raises(evaluate.EvalError, match="names no data_path.*teacher_forced=false source_curve=false"):
+        evaluate.main(cfg)
+    out = evaluate.main(_compose([f"run_dir={tmp_path}", "n_episodes=2", "seeds_per_goal=1", "n_train_goals=0",
+                                  "device=cpu", "progress=false", "teacher_forced=false", "source_curve=false"]))
+    assert out["same_position"] == {} and set(out["splits"]) == {"test", "val"}
+
+
+def test_learning_speed_metrics():
+    curve = [0, 0, 2, 4, 6, 8, 8, 10, 10, 10]
+    # 5-episode means ending at episodes 5..10: 2.4, 4.0, 5.6, 7.2, 8.4, 9.2
+    assert evaluate.episodes_to(curve, 5.0) == 7
+    assert evaluate.episodes_to(curve, 4.0) == 6
+    assert evaluate.episodes_to(curve, 9.7) is None
+    assert evaluate.episodes_to([10, 10], 5.0) == 2  # shorter than the window: the whole curve counts
+    sp = evaluate.learning_speed(curve, 10.0)
+    assert sp["episodes_to_0.5"] == 7 and sp["episodes_to_0.8"] == 9 and sp["episodes_to_0.9"] == 10
+    assert sp["auc_normalized"] == pytest.approx(0.58)
 
 
 def test_main_missing_model_and_run_dir(tmp_path):

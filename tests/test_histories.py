@@ -17,11 +17,11 @@ from hydra import compose, initialize_config_dir
 
 import histories
 from env import goal_split
-from histories import ARRAY_SPECS, DatasetError, Histories, check_can_write, load_histories, save_histories
+from histories import ARRAY_SPECS, FORMAT_VERSION, DatasetError, Histories, check_can_write, load_histories, save_histories
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "config")
 ENV = {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5, "reward_mode": "every_step",
-       "train_frac": 0.9, "split_seed": 0}
+       "train_frac": 0.9, "split_seed": 0, "n_val_goals": 0}
 T = 40
 
 
@@ -37,10 +37,12 @@ def make_dataset(n_per_goal=2, t_len=T, seed=0):
               "next_states": rng.integers(0, 9, (n, t_len, 2), dtype=np.uint8),
               "goals": goals}
     n_train = len(train) * n_per_goal
-    meta = {"format_version": 1, "env": dict(ENV),
-            "split": {"train_goals": [list(g) for g in train], "test_goals": [list(g) for g in test]},
+    meta = {"format_version": FORMAT_VERSION, "env": dict(ENV),
+            "split": {"train_goals": [list(g) for g in train], "val_goals": [],
+                      "test_goals": [list(g) for g in test]},
             "source": {"name": "synthetic"}, "seed": seed, "n_steps": t_len,
-            "histories": {"train": {"start": 0, "stop": n_train}, "test": {"start": n_train, "stop": n}}}
+            "histories": {"train": {"start": 0, "stop": n_train}, "val": {"start": n_train, "stop": n_train},
+                          "test": {"start": n_train, "stop": n}}}
     return arrays, meta
 
 
@@ -74,8 +76,9 @@ def test_round_trip_memory_mapped(saved):
     assert h.split_indices("train").tolist() == list(range(146))
     assert h.split_indices("test").tolist() == list(range(146, 154))
     assert h.split_indices("test").dtype == np.int64
+    assert h.split_indices("val").tolist() == []   # this env config has no validation goals
     with pytest.raises(ValueError, match="split"):
-        h.split_indices("val")
+        h.split_indices("validation")
 
 
 def test_transitions_pack_six_ints(saved):
@@ -93,7 +96,7 @@ def test_transitions_pack_six_ints(saved):
 def test_load_accepts_the_composed_env_config(saved):
     path, _, _ = saved
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        env = compose("collect").env
+        env = compose("collect", overrides=["env.n_val_goals=0"]).env
     assert load_histories(str(path), env).n_histories == 154
 
 
@@ -185,12 +188,12 @@ def test_missing_or_corrupt_meta(saved):
     one_line_error(r"has no meta.json.*re-collect", path)
 
 
-@pytest.mark.parametrize("version", [2, 0, None, "1"])
+@pytest.mark.parametrize("version", [1, 3, 0, None, "2"])
 def test_bad_format_version(saved, version):
     path, _, meta = saved
     meta = dict(meta, format_version=version)
     (path / "meta.json").write_text(json.dumps(meta))
-    one_line_error(rf"format_version {version!r} but this code reads format_version 1.*re-collect", path)
+    one_line_error(rf"format_version {version!r}.* but this code reads format_version {FORMAT_VERSION}.*re-collect", path)
 
 
 def test_meta_missing_keys(saved):
@@ -215,7 +218,7 @@ def test_split_in_meta_must_match_the_runs_split(saved):
     path, _, meta = saved
     meta["split"]["test_goals"] = meta["split"]["test_goals"][::-1]
     (path / "meta.json").write_text(json.dumps(meta))
-    one_line_error("goal split that differs", path)
+    one_line_error("goal splits that differ", path)
 
 
 @pytest.mark.parametrize("name", list(ARRAY_SPECS))
@@ -272,13 +275,13 @@ def test_n_steps_and_history_ranges_must_agree_with_arrays(saved):
     path, _, meta = saved
     (path / "meta.json").write_text(json.dumps(dict(meta, n_steps=50)))
     one_line_error(r"40 steps per history but meta.json says n_steps=50", path)
-    bad = dict(meta, histories={"train": {"start": 0, "stop": 100}, "test": {"start": 100, "stop": 154}})
+    bad = dict(meta, histories={"train": {"start": 0, "stop": 100}, "val": {"start": 100, "stop": 100}, "test": {"start": 100, "stop": 154}})
     (path / "meta.json").write_text(json.dumps(bad))
     one_line_error(r"46 test histories have goals outside the test split", path)
-    bad = dict(meta, histories={"train": {"start": 0, "stop": 147}, "test": {"start": 147, "stop": 154}})
+    bad = dict(meta, histories={"train": {"start": 0, "stop": 147}, "val": {"start": 147, "stop": 147}, "test": {"start": 147, "stop": 154}})
     (path / "meta.json").write_text(json.dumps(bad))
     one_line_error(r"1 train histories have goals outside the train split \(e.g. \(4, 2\)\)", path)
-    bad = dict(meta, histories={"train": {"start": 0, "stop": 146}, "test": {"start": 146, "stop": 150}})
+    bad = dict(meta, histories={"train": {"start": 0, "stop": 146}, "val": {"start": 146, "stop": 146}, "test": {"start": 146, "stop": 150}})
     (path / "meta.json").write_text(json.dumps(bad))
     one_line_error(r"do not tile the 154 histories", path)
 

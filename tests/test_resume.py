@@ -68,9 +68,9 @@ def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
     done = json.loads((run_dir / "done.json").read_text())
     assert done["resumed_from_step"] == 4 and done["global_step"] == 12
-    assert done["heldout/loss_action"] == json.loads((ref_dir / "done.json").read_text())["heldout/loss_action"]
+    assert done["tf_loss_test"] == json.loads((ref_dir / "done.json").read_text())["tf_loss_test"]
     # TensorBoard continues at the right step: same steps, same values, no duplicates from the killed runs.
-    for tag in ("train/loss", "heldout/loss_action", "eval/return_test"):
+    for tag in ("train/loss", "heldout/loss_val", "heldout/loss_test", "eval/return_val"):
         assert tb_scalars(run_dir)[tag] == tb_scalars(ref_dir)[tag], tag
     assert [s for s, _ in tb_scalars(run_dir)["train/loss"]] == [2, 4, 6, 8, 10, 12]
 
@@ -113,7 +113,7 @@ def test_periodic_eval_does_not_perturb_training_rng(tiny, tmp_path, one_thread,
     a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)["model_state_dict"]
     b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)["model_state_dict"]
     _tensors_equal(a, b)
-    assert tb_scalars(tmp_path / "a")["eval/return_test"]  # the eval really ran
+    assert tb_scalars(tmp_path / "a")["eval/return_val"]  # the eval really ran
 
 
 # -- checkpoint folder mechanics (no training) ---------------------------------------------------------------

@@ -35,7 +35,6 @@ PIPE = TINY_MODEL + [
     "batch_size=8",
     "max_steps=4",
     "heldout_every=0",
-    "heldout_batches=1",
     "eval_every=0",  # stage 2 only
     "n_episodes=2",
     "seeds_per_goal=1",

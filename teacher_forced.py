@@ -1,0 +1,174 @@
+"""Same-position held-out evaluation: score every step of every held-out learning history, each model
+with exactly its rollout schedule (docs/design.md §7).
+
+Why this and not a loss on sampled training windows: a CompressedAD training window starts only after
+its compressed segments, so its labels sit later in the history than AD's, where the source's epsilon is
+small and actions are easy. Two models are compared only here, on identical steps:
+
+    for every held-out history (all goals of the split x all their streams x all T steps)
+        AD           : the action at step t from the window of the last context_len steps, read at its
+                       last position (what `AD.act` does)
+        CompressedAD : the window fills from empty and is folded into the latents every seg_len steps;
+                       the action at step t from [latents ; window so far] (what `CompressedAD.act` does)
+    score -log p(recorded action) at every step.
+
+It is a rollout without an environment (the actions are the source's), so it is batched over histories
+and costs one decoder pass per window. The per-step losses are reported as the mean over all steps and by
+history-step bucket (early steps are the source's random exploration, late ones its converged policy).
+
+The memory probe (CompressedAD only) rebuilds the latents from only the last k compressed segments
+(k = 0, 1, 2, 3) and compares with the whole history on the same steps: if 'all' is not better than
+k = 1, the compressed memory carries nothing beyond the last segment, and the report says so.
+
+Library:
+    history_nll(model, trans, device, memory_segments) -> ([N, T] per-step action NLL, [N, T] correct)
+    score(model, trans, device, probe)                 -> {"nll", "correct", "nll_k0".."nll_k3"}: per step
+    report(scores, buckets)                            -> {"loss", "acc", "buckets", "memory_probe"?, ...}
+    heldout_report(model, hist, split, device, probe)  -> report of one split of a dataset
+    scalars(report, split)                             -> TensorBoard tags (heldout/..., memory/...)
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# History-step buckets [lo, hi) of the per-step loss. The last bucket is open-ended (hi=None: to the end).
+DEFAULT_BUCKETS = ((0, 200), (200, 500), (500, None))
+PROBE_DEPTHS = (0, 1, 2, 3)
+
+
+def bucket_name(lo: int, hi: int | None) -> str:
+    return f"{lo}-{'end' if hi is None else hi}"
+
+
+@torch.no_grad()
+def history_nll(model, trans, device, memory_segments: int | None = None, histories_per_pass: int = 64
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-step action NLL and correctness of recorded histories under the model's rollout schedule.
+
+    trans: packed transitions [N, T, 6] (numpy or tensor). Returns (nll float64 [N, T], correct bool [N, T])
+    on the CPU. The model must provide `rollout_logits(trans, memory_segments)` (model/ad.py,
+    model/compressed_ad.py); its train/eval mode is restored on return."""
+    trans = torch.as_tensor(np.asarray(trans) if not torch.is_tensor(trans) else trans)
+    was_training = model.training
+    model.eval()
+    nll, ok = [], []
+    try:
+        for a in range(0, trans.shape[0], histories_per_pass):
+            x = trans[a:a + histories_per_pass].to(device).long()
+            logits = model.rollout_logits(x, memory_segments=memory_segments).float()
+            target = x[..., 2]
+            nll.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
+                       .view(target.shape).double().cpu())
+            ok.append((logits.argmax(-1) == target).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(nll), torch.cat(ok)
+
+
+def nll_summary(nll: torch.Tensor, correct: torch.Tensor | None = None, buckets=DEFAULT_BUCKETS) -> dict:
+    """Mean NLL over every step and per history-step bucket; plus the spread over histories (the standard
+    error of the mean of per-history losses), so two figures can be told apart from noise."""
+    per_hist = nll.mean(dim=1)
+    n, t_len = nll.shape
+    out = {"loss": float(nll.mean()), "loss_se": float(per_hist.std() / math.sqrt(n)) if n > 1 else 0.0,
+           "n_histories": int(n), "n_steps": int(t_len), "buckets": {}}
+    if correct is not None:
+        out["acc"] = float(correct.double().mean())
+    for lo, hi in buckets:
+        if lo < t_len:
+            out["buckets"][bucket_name(lo, hi)] = float(nll[:, lo:hi].mean())
+    return out
+
+
+def score(model, trans, device, probe: bool = False, depths=PROBE_DEPTHS) -> dict[str, torch.Tensor]:
+    """Every per-step figure of histories trans [N, T, 6]: {'nll', 'correct'} under the full rollout
+    schedule and, with probe=True (models with compressed memory only), 'nll_k<k>' with the latents
+    rebuilt from only the last k segments. All [N, T] on the CPU, row i = history i, so shards computed by
+    different processes concatenate (see train.py)."""
+    nll, ok = history_nll(model, trans, device)
+    out = {"nll": nll, "correct": ok}
+    if probe and has_memory(model):
+        for k in depths:
+            out[f"nll_k{k}"] = history_nll(model, trans, device, memory_segments=k)[0]
+    return out
+
+
+def report(scores: dict[str, torch.Tensor], buckets=DEFAULT_BUCKETS) -> dict:
+    """Summary of `score`'s output: nll_summary of the full schedule plus, if probed, "memory_probe" =
+    {"k0": loss, ..., "all": loss, "buckets": {...}, "all_minus_k1", "all_minus_k1_se", "verdict"}.
+    The difference all - k1 is paired per history, so its standard error is that of the per-history
+    differences; 'all' counts as better only if it is lower by more than two of them."""
+    rep = nll_summary(scores["nll"], scores.get("correct"), buckets)
+    per_k = {name[4:]: v for name, v in scores.items() if name.startswith("nll_k")}
+    if not per_k:
+        return rep
+    per_k["all"] = scores["nll"]
+    probe = {name: float(v.mean()) for name, v in per_k.items()}
+    probe["buckets"] = {name: nll_summary(v, buckets=buckets)["buckets"] for name, v in per_k.items()}
+    if "k1" in per_k:
+        diff = (per_k["all"] - per_k["k1"]).mean(dim=1)  # per history
+        d = float(diff.mean())
+        se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+        probe["all_minus_k1"], probe["all_minus_k1_se"] = d, se
+        if d < -2 * se:
+            probe["verdict"] = (f"the whole compressed history predicts better than the last segment alone "
+                                f"(all - k1 = {d:+.4f} +- {se:.4f} nats)")
+        else:
+            probe["verdict"] = (f"the compressed memory carries nothing measurable beyond its last segment "
+                                f"(all - k1 = {d:+.4f} +- {se:.4f} nats)")
+    rep["memory_probe"] = probe
+    return rep
+
+
+def heldout_report(model, hist, split: str, device, probe: bool = False, buckets=DEFAULT_BUCKETS) -> dict | None:
+    """Same-position evaluation of one split of a dataset (histories.Histories), in this process. None if
+    the split has no histories. probe=True adds the memory probe (models with compressed memory only)."""
+    idx = hist.split_indices(split)
+    if len(idx) == 0:
+        return None
+    rep = report(score(model, hist.transitions(idx), device, probe=probe), buckets)
+    rep["split"] = split
+    return rep
+
+
+def has_memory(model) -> bool:
+    return hasattr(model, "encoder")
+
+
+def scalars(report: dict, split: str) -> dict[str, float]:
+    """TensorBoard tags of one split's report:
+      heldout/loss_<split>                 mean action NLL over every step of every history
+      heldout/acc_<split>                  argmax accuracy over the same steps
+      heldout/loss_<split>_steps_<lo>-<hi> the same over a history-step bucket
+      memory/loss_<k>_<split>              memory probe: latents rebuilt from the last k segments only
+                                           (k0 .. k3) or from the whole history (all), same steps
+    """
+    out = {f"heldout/loss_{split}": report["loss"]}
+    if "acc" in report:
+        out[f"heldout/acc_{split}"] = report["acc"]
+    for name, v in report["buckets"].items():
+        out[f"heldout/loss_{split}_steps_{name}"] = v
+    probe = report.get("memory_probe")
+    if probe:
+        for name in [k for k in probe if k.startswith("k") or k == "all"]:
+            out[f"memory/loss_{name}_{split}"] = probe[name]
+    return out
+
+
+def print_report(reports: dict) -> None:
+    """One line per split, then the memory probe if present."""
+    for split, rep in reports.items():
+        if rep is None:
+            continue
+        b = "  ".join(f"{k}: {v:.4f}" for k, v in rep["buckets"].items())
+        print(f"same-position action NLL, {split} histories ({rep['n_histories']} x {rep['n_steps']} steps): "
+              f"{rep['loss']:.4f} +- {rep['loss_se']:.4f}  [{b}]")
+        probe = rep.get("memory_probe")
+        if probe:
+            ks = "  ".join(f"{k}: {probe[k]:.4f}" for k in probe if k.startswith("k") or k == "all")
+            print(f"  memory probe ({split}): {ks}\n  -> {probe['verdict']}")

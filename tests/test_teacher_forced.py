@@ -1,0 +1,87 @@
+"""teacher_forced.py: the same-position held-out evaluation replays each model's ROLLOUT schedule exactly.
+
+The reference is a real evaluate.incontext_rollout (sampled actions, KV cache on) with record=True: scoring
+its recorded transitions through `rollout_logits` must give the log-probabilities the rollout itself gave
+the actions it took, at every step, across many compressions (CompressedAD) and a sliding window (AD).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import teacher_forced as tf
+from env import goal_split
+from evaluate import incontext_rollout
+from model import build_model
+
+ENV = {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5, "reward_mode": "every_step",
+       "train_frac": 0.9, "split_seed": 0}
+TINY = {"d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3, "seg_len": 7,
+        "context_len": 9, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 2, "aux_recon_weight": 0.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(name, seed=0):
+    torch.manual_seed(seed)
+    return build_model(OmegaConf.create({**TINY, "name": name}), OmegaConf.create(ENV)).eval()
+
+
+@pytest.mark.parametrize("name", ["ad_compressed", "ad"])
+def test_same_position_loss_equals_the_rollouts_own_log_probs(name):
+    """4 goals x 2 seeds x 6 episodes = 120 steps: CompressedAD compresses 17 times (depth >= 10 reached),
+    AD's 9-step window slides 111 times. Every step's loss must equal -log p(action) of the rollout."""
+    model = tiny(name)
+    ro = incontext_rollout(model, ENV, goal_split(9)[1][:4], n_episodes=6, seeds_per_goal=2, device="cpu",
+                           seed=3, sample=True, use_cache=True, record=True)
+    assert ro["trans"].shape == (8, 120, 6)
+    nll, ok = tf.history_nll(model, ro["trans"], "cpu", histories_per_pass=3)  # several passes, too
+    assert nll.shape == (8, 120) and ok.dtype == torch.bool
+    assert torch.allclose(nll, -ro["action_logp"].double(), atol=1e-5), (nll + ro["action_logp"]).abs().max()
+    # the recorded histories are real Darkroom transitions in the packed layout
+    t = ro["trans"]
+    assert torch.equal(t[:, :-1, 4:6][:, [i for i in range(119) if (i + 1) % 20]],
+                       t[:, 1:, 0:2][:, [i for i in range(119) if (i + 1) % 20]])
+
+
+def test_memory_probe_all_equals_the_full_history_and_k_changes_the_memory():
+    model = tiny("ad_compressed", seed=1)
+    trans = incontext_rollout(model, ENV, goal_split(9)[1][:3], n_episodes=3, seeds_per_goal=1, device="cpu",
+                              seed=0, record=True)["trans"]
+    full, _ = tf.history_nll(model, trans, "cpu")
+    # k >= the number of compressed segments rebuilds exactly the whole-history latents
+    deep, _ = tf.history_nll(model, trans, "cpu", memory_segments=60 // 7 + 1)
+    assert torch.allclose(deep, full, atol=1e-6)
+    rep = tf.report(tf.score(model, trans, "cpu", probe=True))
+    probe = rep["memory_probe"]
+    assert probe["all"] == pytest.approx(float(full.mean())) == pytest.approx(rep["loss"])
+    assert set(probe) >= {"k0", "k1", "k2", "k3", "all", "buckets", "all_minus_k1", "verdict"}
+    assert "memory_probe" not in tf.report(tf.score(tiny("ad"), trans, "cpu", probe=True))  # AD: nothing to probe
+    # every k agrees on the first window (no memory yet) and k0 differs later (it never has latents)
+    k0, _ = tf.history_nll(model, trans, "cpu", memory_segments=0)
+    k1, _ = tf.history_nll(model, trans, "cpu", memory_segments=1)
+    assert torch.allclose(k0[:, :7], full[:, :7]) and torch.allclose(k1[:, :14], full[:, :14], atol=1e-6)
+    assert not torch.allclose(k0[:, 7:], full[:, 7:])
+    assert not torch.allclose(k1[:, 14:], full[:, 14:])  # from the 3rd window on, k1 forgets segment 1
+    with pytest.raises(ValueError, match="AD has no compressed memory"):
+        tf.history_nll(tiny("ad"), trans, "cpu", memory_segments=1)
+
+
+def test_summary_buckets_and_verdict():
+    nll = torch.arange(12, dtype=torch.float64).view(2, 6)  # two histories of 6 steps
+    s = tf.nll_summary(nll, torch.ones(2, 6, dtype=torch.bool), buckets=((0, 2), (2, 4), (4, None)))
+    assert s["loss"] == pytest.approx(5.5) and s["acc"] == 1.0 and (s["n_histories"], s["n_steps"]) == (2, 6)
+    assert s["buckets"] == {"0-2": pytest.approx(3.5), "2-4": pytest.approx(5.5), "4-end": pytest.approx(7.5)}
+    assert s["loss_se"] == pytest.approx(np.std([2.5, 8.5], ddof=1) / np.sqrt(2))
+    tags = tf.scalars({**s, "memory_probe": {"k0": 1.0, "k1": 0.5, "all": 0.4}}, "val")
+    assert tags["heldout/loss_val"] == pytest.approx(5.5) and tags["heldout/loss_val_steps_4-end"] == 7.5
+    assert tags["memory/loss_k1_val"] == 0.5 and tags["memory/loss_all_val"] == 0.4
