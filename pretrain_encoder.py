@@ -44,9 +44,15 @@ class ReconstructionTask:
 
     def batches(self, start, rank, world, micro_batch):
         ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed, curriculum=True)
-        # Diagnostics use held-out goals' histories when the dataset has them (generalisation, not recall).
-        split = "test" if len(self.hist.split_indices("test")) else "train"
-        self.diag = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        # Diagnostics on goals never trained on (generalisation, not recall): the validation goals during
+        # training (what choices may be made on); the test goals once at the end, for reported figures.
+        self.diag = {}
+        for split in ("val", "test"):
+            if len(self.hist.split_indices(split)):
+                self.diag[split] = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        if not self.diag:  # a dataset with no held-out goals at all: train goals, rather than nothing
+            self.diag["train"] = self._dataset("train", rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        self.diag_split = next(iter(self.diag))
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers)
 
     def loss(self, model, batch):
@@ -57,14 +63,16 @@ class ReconstructionTask:
         return int(batch["seg_len"].sum())  # transitions reconstructed
 
     @torch.no_grad()
-    def diagnostics(self, run, model) -> dict:
-        """Reconstruction quality and collapse detectors on fixed held-out batches (all ranks, reduced)."""
+    def diagnostics(self, run, model, split: str | None = None, prefix: str = "pretrain/") -> dict:
+        """Reconstruction quality and collapse detectors on fixed batches of `split`'s goals (default: the
+        validation goals), all ranks, reduced."""
+        diag = self.diag[split or self.diag_split]
         net = loop.unwrap(run.accelerator, model)
         net.eval()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for k in range(self.cfg.diag_batches):
-            b = {key: v.to(run.accelerator.device) for key, v in self.diag[k].items()}
+            b = {key: v.to(run.accelerator.device) for key, v in diag[k].items()}
             out = net(b)
             loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], self.mcfg)
             # Ablation: every sample decodes from another sample's latents. Zero gap = latents carry nothing.
@@ -80,7 +88,7 @@ class ReconstructionTask:
                 counts[key] = counts.get(key, 0) + 1
         net.train()
         # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
-        return {f"pretrain/{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
+        return {f"{prefix}{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
 
     def on_step(self, run, step):
         final = step == run.settings.max_steps  # on_end runs and logs the final diagnostics once
@@ -93,11 +101,18 @@ class ReconstructionTask:
     def on_end(self, run, step):
         diag = self.diagnostics(run, run.model)
         run.log(diag, step)
+        test = {}
+        if "test" in self.diag and self.diag_split != "test":  # the reported figures, logged once
+            test = self.diagnostics(run, run.model, "test", prefix="pretrain_test/")
+            run.log(test, step)
         if run.is_main:
             save_encoder_checkpoint(run.run_dir / "encoder-pretrained-final.pt",
                                     loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
         run.accelerator.wait_for_everyone()
+        # done.json: the validation-goal diagnostics as top-level keys, the test-goal ones under "test".
         return {k.replace("pretrain/", ""): v for k, v in diag.items()} | {
+            "diagnostics_split": self.diag_split,
+            "test": {k.replace("pretrain_test/", ""): v for k, v in test.items()},
             "encoder_checkpoint": str(run.run_dir / "encoder-pretrained-final.pt")}
 
 

@@ -50,9 +50,10 @@ from experiments import compare_pretraining as cp
 ARMS = ("scratch", "pretrained_ft", "pretrained_frozen")
 COLORS = {"scratch": "tab:blue", "pretrained_ft": "tab:green", "pretrained_frozen": "tab:red"}
 # Stage-2 defaults the budget curve needs and a preset's cadence would waste CPU on: the periodic
-# in-training rollouts (the final evaluate.py rollout is the measurement) and the train-goal rollouts of
-# evaluate.py. Given before the user's overrides, so those still win.
-DEFAULT_OVERRIDES = ["train:eval_every=0", "evaluate:n_train_goals=0"]
+# in-training rollouts and same-position losses (the final ones are the measurement: train.py scores the
+# val and test histories at the end whatever heldout_every) and the train-goal rollouts of evaluate.py.
+# Given before the user's overrides, so those still win.
+DEFAULT_OVERRIDES = ["train:eval_every=0", "train:heldout_every=0", "evaluate:n_train_goals=0"]
 # metric key -> (label, lower/higher is better, format)
 METRICS = {
     "heldout_loss_same_position": ("held-out action NLL, same positions (tf_loss_test)", "lower", ".3f"),

@@ -320,6 +320,9 @@ def test_pretrain_main_writes_tags_and_checkpoints(tiny, tmp_path, tb_scalars):
     for key in ("r2", "r2_action", "baseline_r2", "acc_state", "baseline_acc_state", "acc_exact",
                 "baseline_acc_exact", "ablation_r2", "ablation_gap"):
         assert math.isfinite(done[key]), key
+        assert math.isfinite(done["test"][key]), key  # the test goals' figures, computed once at the end
+    assert done["diagnostics_split"] == "val" and done["test"]["r2"] != done["r2"]
+    assert "pretrain_test/r2" in tags and [s for s, _ in tags["pretrain_test/r2"]] == [6]
 
     for name, step in (("encoder-pretrained-2.pt", 2), ("encoder-pretrained-final.pt", 6)):
         ck = torch.load(run / name, weights_only=True)  # plain tensors/dicts/ints only

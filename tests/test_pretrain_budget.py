@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "experiments" / "pretrain_budget.py"
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1", "model.recon_n_layer=1",
         "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10",
-        "batch_size=8", "warmup_steps=2", "log_every=2", "heldout_batches=1",
+        "batch_size=8", "warmup_steps=2", "log_every=2",
         "model.pretrain_steps=6", "model.pretrain_batch_size=8", "diag_batches=1",
         "n_episodes=3", "seeds_per_goal=1", "progress=false"]
 
