@@ -126,10 +126,6 @@ def main(cfg) -> dict:
         raise ValueError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
-    qstd = cfg.model.get("pretrain_query_std")
-    if qstd is not None:
-        with torch.no_grad():
-            model.encoder.queries.normal_(0.0, float(qstd))
     task = ReconstructionTask(cfg, model, hist)
     m = cfg.model
     settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(m.pretrain_steps),

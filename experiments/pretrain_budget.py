@@ -109,9 +109,16 @@ def make_plans(a, routed: dict) -> tuple[list, list]:
             if job.name not in seen:
                 seen.add(job.name)
                 jobs.append(job)
-    # Stage 1 first (every pretrained run waits on it), then trainings, then evaluations.
-    order = {"pretrain": 0, "train": 1, "evaluate": 2}
-    jobs.sort(key=lambda j: order.get(j.stage, 3))
+    # Stage 1 first (every pretrained run waits on it), then budget by budget, smallest first, its
+    # trainings then its evaluations: an interrupted curve has every seed of the small budgets complete
+    # (the ones where a pretraining benefit would show) rather than trainings without evaluations.
+    def rank(job):
+        if job.stage == "pretrain":
+            return (0, 0, 0)
+        budget = int(job.name.split(":", 1)[1].split("-", 1)[0][1:])  # train:b300-scratch-seed0 -> 300
+        return (1, budget, 0 if job.stage == "train" else 1)
+
+    jobs.sort(key=rank)
     return plans, jobs
 
 
