@@ -3,12 +3,18 @@
 A write goes to a temp file in the destination folder, is flushed and fsync'd, made readable per the umask
 (mkstemp creates 0600), then os.replace'd onto the final name: a reader — or a run resumed after a kill —
 sees either the old file or the complete new one, never a torn one.
+
+Also here: `PathLock`, the exclusive lock a run directory or a dataset folder is held under while a process
+writes it, and `os_error_reason`, the short reason ("no space left on device", ...) user errors quote.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -58,3 +64,64 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     import torch
 
     return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+
+
+def os_error_reason(e: OSError) -> str:
+    """A short, user-facing reason for a failed read/write ("no space left on device", ...)."""
+    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+               errno.EPERM: "operation not permitted", errno.ENOENT: "no such file or folder"}
+    return reasons.get(e.errno, e.strerror or type(e).__name__)
+
+
+class PathLock:
+    """Exclusive lock on a run directory or dataset folder `path`, held by one process at a time.
+
+    fcntl.flock on the hidden file <parent>/.<name>.lock beside `path` (beside, not inside: the folder may
+    not exist yet, and overwrite=true empties it). The kernel drops the lock when the holder exits in any
+    way (crash, SIGKILL), so a stale lock file never blocks anyone; a clean release also deletes the file.
+    The holder writes "<pid> <host>" into it, so the refusal can name who holds it. A path spelled
+    differently (./runs/x, an absolute path, a symlink) resolves to the same lock. flock is node-local on
+    some network file systems: two launches on different machines are not protected there.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        p = Path(path).expanduser().resolve()
+        self.path = p
+        self.file = p.parent / f".{p.name}.lock"
+        self.fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; None on success, else a description of the holder ("pid 123 on host")."""
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.file, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                info = os.pread(fd, 200, 0).decode(errors="replace").split()
+                os.close(fd)
+                return f"pid {info[0]} on {info[1]}" if len(info) >= 2 else "another process (pid not yet written)"
+            # A releasing holder unlinks the file after we opened it: then we hold a lock nobody else can see;
+            # retry on the file that is now there.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.file).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+        return None
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:  # unlink while still holding the lock: a waiter that opened the old file re-checks its inode
+            os.unlink(self.file)
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = None

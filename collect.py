@@ -35,12 +35,11 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+import config_check as cc
+from atomic_io import PathLock, os_error_reason
 from env import N_ACTIONS, SPLITS, BatchedDarkroom, goal_splits_from_cfg, optimal_return
-from histories import FORMAT_VERSION, check_can_write, save_histories, split_layout
-
-
-class ConfigError(ValueError):
-    """An invalid collect config; the message is one line saying what to change."""
+from histories import FORMAT_VERSION, DatasetError, check_can_write, recover_leftovers, save_histories, split_layout
+from model.config import ConfigError  # the project's one config error class (one line, exit 2)
 
 
 def epsilon_at(t: int, src) -> float:
@@ -127,6 +126,32 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
 # progress, n_train) -> uint8 arrays; add new ones here.
 SOURCES = {"qlearning": qlearning_histories}
 
+# Every key of config/collect.yaml (config_check; tests/test_reliability.py keeps this table complete).
+KEY_RULES = {
+    **cc.ENV_RULES,
+    "seed": cc.integer(0),
+    "data_seed": cc.integer(0),
+    "data_path": cc.text(),
+    "overwrite": cc.flag(),
+    "device": cc.text(note="cpu, cuda or cuda:N"),
+    "progress": cc.flag(),
+    "num_threads": cc.integer(0, 1024, note="torch CPU threads; 0 = torch's default"),
+    "source.name": cc.one_of(*SOURCES),
+    "source.n_stream": cc.integer(1, 100_000, note="histories per train goal"),
+    "source.n_steps": cc.integer(1, note="a multiple of env.horizon"),
+    "source.n_stream_eval": cc.integer(0, 100_000, note="histories per test goal"),
+    "source.lr": cc.number(0, 1, lo_open=True, note="Q-learning step size"),
+    "source.gamma": cc.number(0, 1, hi_open=True, note="discount"),
+    "source.q_init": cc.number(note="initial Q value"),
+    "source.eps_start": cc.number(0, 1),
+    "source.eps_end": cc.number(0, 1),
+    "source.eps_decay_steps": cc.integer(0),
+    "source.replay_passes": cc.integer(0, 100),
+}
+# A source whose last-5-episode return is below random + this fraction of (optimal - random) learnt
+# (almost) nothing: its histories cannot teach in-context learning.
+NOT_LEARNING_FRAC = 0.1
+
 
 def episode_returns(rewards: np.ndarray, horizon: int) -> np.ndarray:
     """rewards uint8 [N, T] -> float64 [N, T // horizon] return of each episode."""
@@ -167,14 +192,10 @@ def _check_cfg(cfg: DictConfig) -> None:
     src, env = cfg.source, cfg.env
     if src.name not in SOURCES:
         raise ConfigError(f"unknown source.name={src.name!r}: use one of {sorted(SOURCES)}")
+    cc.check(cfg, KEY_RULES)
     if src.n_steps <= 0 or src.n_steps % env.horizon:
         raise ConfigError(f"source.n_steps={src.n_steps} must be a positive multiple of env.horizon="
                           f"{env.horizon} (histories hold whole episodes)")
-    if src.n_stream < 1 or src.n_stream_eval < 0:
-        raise ConfigError(f"source.n_stream={src.n_stream} must be >= 1 and source.n_stream_eval="
-                          f"{src.n_stream_eval} >= 0")
-    if not 1 <= env.grid_size <= 256:
-        raise ConfigError(f"env.grid_size={env.grid_size} must be in [1, 256] (states are stored as uint8)")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={cfg.device} but CUDA is not available: use device=cpu")
 
@@ -183,6 +204,24 @@ def main(cfg: DictConfig) -> dict:
     """Collect and save one dataset; returns (and prints) the summary. Tests call this directly."""
     _check_cfg(cfg)
     path = to_absolute_path(str(cfg.data_path))  # relative -> original cwd (hydra) or cwd
+    lock = PathLock(path)  # one collect per dataset: a second one would replace it under the first one's feet
+    try:
+        holder = lock.acquire()
+    except OSError as e:
+        raise DatasetError(f"cannot create the lock file {lock.file} ({os_error_reason(e)}): choose another "
+                           f"data_path or fix the folder's permissions") from None
+    if holder:
+        raise DatasetError(f"data_path {path} is being written by another collect ({holder}, lock file "
+                           f"{lock.file}): wait for it to finish, or choose another data_path / data_seed")
+    try:
+        for note in recover_leftovers(path):
+            print(f"note: {note}", flush=True)
+        return _collect(cfg, path)
+    finally:
+        lock.release()
+
+
+def _collect(cfg: DictConfig, path: str) -> dict:
     check_can_write(path, bool(cfg.overwrite))   # fail before any work, not after it
     env_cfg, src = cfg.env, cfg.source
     splits = goal_splits_from_cfg(env_cfg)
@@ -233,6 +272,11 @@ def main(cfg: DictConfig) -> dict:
     save_histories(path, arrays, meta, overwrite=bool(cfg.overwrite))
     summary["data_path"] = path
     print_summary(summary)
+    tr = summary["train"]
+    if tr and tr["last5"] < tr["random"] + NOT_LEARNING_FRAC * (tr["optimal"] - tr["random"]):
+        print(f"warning: the source did not learn: its last-5-episode return {tr['last5']:.2f} is close to a "
+              f"random policy's {tr['random']:.2f} (optimal {tr['optimal']:.2f}); these histories show no "
+              f"learning for AD to distil: check source.lr / gamma / eps_* / n_steps", flush=True)
     return summary
 
 

@@ -1,7 +1,7 @@
 """Stage-2 training batches for CompressedAD and the AD baseline, cut from learning histories.
 
 One sample = d compressed segments followed by a decoder window, all consecutive transitions of one
-learning history (DESIGN §4 "Schedule"):
+learning history (docs/design.md §4.4):
 
     history h:  ... | seg 1 | seg 2 | ... | seg d | window | ...
                     ^ start (uniform so that everything fits in the T steps)
@@ -12,12 +12,12 @@ learning history (DESIGN §4 "Schedule"):
     len(win)   ~ U{win_len_min .. win_len_max}         (default: both = seg_len, see below)
 
 Why full windows are the default: the decoder's loss is cross-entropy at *every* window position
-(DESIGN §4), and the decoder is causal, so a window of length seg_len already carries the labels of
+(docs/design.md §4.2), and the decoder is causal, so a window of length seg_len already carries the labels of
 every shorter prefix window (position t only sees positions <= t). Drawing shorter windows would only
 throw labels away. The AD baseline uses the same sampler with max_depth=0 and
 win_len_min = win_len_max = its context length.
 
-Batch format (SPEC "Batches"): right-padded, zero-filled, lengths carry the masks.
+Batch format (docs/design.md §4.4): right-padded, zero-filled, lengths carry the masks.
     seg      long [B, D, S, 6]  D = max depth in the global batch (may be 0), S = seg_len
     seg_len  long [B, D]        slots RIGHT-ALIGNED: a depth-d sample uses slots D-d .. D-1
     win      long [B, W, 6]     W = max window length in the global batch
@@ -47,7 +47,10 @@ from typing import Any
 import numpy as np
 import torch
 
-# Column layout of a packed transition (SPEC: (sx, sy, a, r, nsx, nsy)).
+from histories import DatasetError
+from model.config import ConfigError
+
+# Column layout of a packed transition (docs/design.md §4.1: (sx, sy, a, r, nsx, nsy)).
 N_FIELDS = 6
 ACTION_COL = 2
 
@@ -188,7 +191,7 @@ def spec_items(packed: np.ndarray, specs: SampleSpecs, with_window: bool = True)
 
 def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: int | None = None,
             pad_win_len: int | None = None) -> dict[str, torch.Tensor]:
-    """Batch variable-length samples into the padded SPEC format.
+    """Batch variable-length samples into the padded batch format (module docstring).
 
     samples: dicts with 'seg' (list of [L_i, 6] int arrays, oldest first; may be empty) and optionally
     'win' ([w, 6]); if no sample has 'win', the batch has no window keys (stage 1).
@@ -233,7 +236,7 @@ def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: 
 # --------------------------------------------------------------------------------------------------
 
 def default_depth_weights(depths: Sequence[int]) -> list[float]:
-    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1), as in the seed."""
+    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1); docs/design.md §4.4."""
     return [float(d + 1) for d in depths]
 
 
@@ -266,17 +269,17 @@ class SegmentBatches(torch.utils.data.Dataset):
 
         self.pool = np.asarray(histories.split_indices(split), dtype=np.int64)
         if self.pool.size == 0:
-            raise ValueError(f"{name}: split {split!r} has no histories; collect data for it or use "
+            raise DatasetError(f"{name}: split {split!r} has no histories; collect data for it or use "
                              "another split")
         self.flat = pack_transitions(histories)
         self.n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
         self.packed = self.flat[:-1].reshape(self.n_histories, self.n_steps, N_FIELDS)   # a view
         if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
-            raise ValueError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
+            raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
                              "the histories' meta.json is inconsistent with the arrays")
         need = self.max_depth * self.seg_len + self.win_len_max
         if need > self.n_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
                 f"{self.seg_len} + {self.win_len_max} = {need} steps but histories have only "
                 f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
@@ -288,34 +291,34 @@ class SegmentBatches(torch.utils.data.Dataset):
     def _validate_settings(self) -> None:
         n = self.name
         if self.global_batch_size < 1:
-            raise ValueError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
+            raise ConfigError(f"{n}: batch_size must be >= 1, got {self.global_batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
-            raise ValueError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
+            raise ConfigError(f"{n}: need 0 <= rank < world_size, got rank={self.rank}, "
                              f"world_size={self.world_size}")
         if self.global_batch_size % self.world_size:
-            raise ValueError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
+            raise ConfigError(f"{n}: global batch_size {self.global_batch_size} is not divisible by "
                              f"world_size {self.world_size}; pick a batch_size that is a multiple of "
                              "the number of processes")
         if self.seed < 0:
-            raise ValueError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
+            raise ConfigError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
         if self.seg_len < 1:
-            raise ValueError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
+            raise ConfigError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
         if not 1 <= self.min_seg_len <= self.seg_len:
-            raise ValueError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
+            raise ConfigError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
                              f"{self.min_seg_len}")
         if self.max_depth < self.min_depth:
-            raise ValueError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
+            raise ConfigError(f"{n}: max_compression_depth must be >= {self.min_depth}, got "
                              f"{self.max_depth}")
         if len(self.depth_weights) != len(self.depths):
-            raise ValueError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
+            raise ConfigError(f"{n}: depth_weights has {len(self.depth_weights)} entries but depths "
                              f"{self.min_depth}..{self.max_depth} need {len(self.depths)}; give one "
                              "weight per depth (or null for the default d+1)")
         w = np.asarray(self.depth_weights)
         if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-            raise ValueError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
+            raise ConfigError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
                              f"{self.depth_weights}")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
-            raise ValueError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
+            raise ConfigError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
 
     # -- sizes ----------------------------------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Stage-1 compression samples: d consecutive segments of one learning history, d in 1..max_depth.
 
-The encoder pretraining (DESIGN §5) folds segment 1, then [latents; segment 2], ... into latents and
+The encoder pretraining (docs/design.md §5) folds segment 1, then [latents; segment 2], ... into latents and
 reconstructs every raw transition of every segment from the final latents. So a sample is just the
 segments -- no decoder window. Depth 0 is excluded (it teaches the encoder nothing); depths are drawn
-with weights, default 2:3:4 over 1..3 (the seed's 1:2:3:4 with depth 0 removed), segment lengths
+with weights, default 2:3:4 over 1..3 (stage 2's 1:2:3:4 with depth 0 removed), segment lengths
 uniform in [min_seg_len, seg_len] exactly as in stage 2.
 
 This is the stage-2 sampler (`dataset.SegmentBatches`) with min_depth=1 and no window, so both stages

@@ -1,4 +1,4 @@
-"""In-context evaluation (DESIGN §7): can a frozen model *learn* a new task from its own history?
+"""In-context evaluation (docs/design.md §7): can a frozen model *learn* a new task from its own history?
 
 Every (goal x seed) environment is batched into one BatchedDarkroom and stepped in lockstep: one
 `model.act` and one `model.observe` per environment step for all of them. Episodes run back to back
@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError
 
+import config_check as cc
 import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
 from env import BatchedDarkroom, goal_splits_from_cfg, optimal_return
@@ -39,7 +40,7 @@ class EvalError(ValueError):
     """Bad evaluation input (config, checkpoint contents); the message says what is wrong and the fix."""
 
 
-class TrainedModelNotFoundError(FileNotFoundError):
+class TrainedModelNotFoundError(EvalError, FileNotFoundError):
     """run_dir or its model.pt does not exist."""
 
 
@@ -259,7 +260,16 @@ def eval_scalars(summary: dict, split: str) -> dict[str, float]:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise EvalError(f"device={name!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0 or (dev.index or 0) >= n:
+            raise EvalError(f"device={name} but this machine has {n} CUDA GPU(s): use device=cpu or device=auto "
+                            f"(the model itself is fine)")
+    return dev
 
 
 def load_trained_model(run_dir, device="cpu"):
@@ -276,7 +286,7 @@ def load_trained_model(run_dir, device="cpu"):
         raise TrainedModelNotFoundError(f"no trained model at {path}: train one with `python train.py` "
                                         "or pass run_dir=<a run directory>")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # to `device` once checked
     except Exception as e:  # torn/foreign file: say which file and what to do instead of a pickle trace
         raise EvalError(f"cannot read {path} ({type(e).__name__}: {str(e).splitlines()[0]}): "
                         "it is not a model.pt written by train.py; retrain or pass another run_dir") from e
@@ -284,12 +294,25 @@ def load_trained_model(run_dir, device="cpu"):
     if not isinstance(cfg, dict) or "model_state_dict" not in ckpt or not {"model", "env"} <= cfg.keys():
         raise EvalError(f"{path} lacks 'model_state_dict' or a 'config' with 'model' and 'env': "
                         "it is not a stage-2 model.pt (an encoder-pretrained-*.pt cannot be evaluated)")
-    model = build_model(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["env"]))
+    from model.checkpoint import weights_problem
+    from model.config import ConfigError
+
+    if not isinstance(cfg["model"], dict) or not isinstance(cfg["env"], dict):
+        raise EvalError(f"{path}: config['model'] and config['env'] must be dicts of settings: the file is "
+                        f"damaged or foreign; retrain or pass another run_dir")
+    try:
+        model = build_model(OmegaConf.create(cfg["model"]), OmegaConf.create(cfg["env"]))
+    except (ConfigError, KeyError, TypeError) as e:
+        raise EvalError(f"{path}: its config does not describe a buildable model ({one_line_msg(e)}): the "
+                        f"file is damaged or foreign; retrain or pass another run_dir") from None
     state = ckpt["model_state_dict"]
     # A state dict saved from a DDP / torch.compile wrapper carries a prefix on every key; strip it.
     for prefix in ("module.", "_orig_mod."):
-        if state and all(k.startswith(prefix) for k in state):
+        if isinstance(state, dict) and state and all(str(k).startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    bad = weights_problem(state, model.state_dict(), "model_state_dict")
+    if bad:  # e.g. NaN weights: sampling would fail and argmax would give an all-zero eval.json
+        raise EvalError(f"{path}: {bad}; the model cannot be evaluated: retrain it, or evaluate another run")
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -407,19 +430,58 @@ def print_table(results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
+def one_line_msg(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+# Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_reliability.py).
+KEY_RULES = {
+    **cc.ENV_RULES,
+    "data_seed": cc.integer(0, note="unused here"),
+    "run_dir": cc.text(note="a stage-2 run directory holding model.pt"),
+    "env_from_run": cc.flag(),
+    "n_episodes": cc.integer(1),
+    "seeds_per_goal": cc.integer(1),
+    "n_train_goals": cc.integer(0),
+    "last_k": cc.integer(1),
+    "sample": cc.flag(),
+    "use_cache": cc.flag(),
+    "seed": cc.integer(0),
+    "device": cc.text(note="auto, cpu, cuda or cuda:N"),
+    "out_name": cc.text(),
+    "tensorboard": cc.flag(),
+    "progress": cc.flag(),
+    "splits": cc.subset("test", "val", "train", note="the goal sets rolled out"),
+    "teacher_forced": cc.flag(note="also the same-position loss of the run's held-out histories"),
+    "source_curve": cc.flag(note="also the source algorithm's own learning curve"),
+    "data_path": cc.text(null=True, note="the dataset; null = the run's own"),
+}
+
+
 def _check_cfg(cfg: DictConfig) -> None:
+    from model.config import ConfigError
+
     if cfg.run_dir in (None, ""):
         raise EvalError("run_dir is required: python evaluate.py run_dir=runs/<name> "
                         "(a stage-2 run directory containing model.pt)")
-    for key, lo in (("n_episodes", 1), ("seeds_per_goal", 1), ("n_train_goals", 0), ("last_k", 1)):
-        if int(cfg[key]) < lo:
-            raise EvalError(f"{key}={cfg[key]} must be >= {lo}")
-    bad = [s for s in cfg.splits if s not in ("test", "val", "train")] if cfg.splits is not None else ["null"]
-    if bad or not cfg.splits:
-        raise EvalError(f"splits={list(cfg.splits) if cfg.splits is not None else None}: give a non-empty list "
-                        f"of test, val and train (e.g. splits=[test])")
+    try:
+        cc.check(cfg, KEY_RULES)
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
     if not str(cfg.out_name) or "/" in str(cfg.out_name):
         raise EvalError(f"out_name={cfg.out_name!r} must be a plain file stem (written inside run_dir)")
+    run_dir = Path(str(cfg.run_dir)).expanduser()
+    if run_dir.is_dir():  # evaluate writes its outputs there: find out now, not after the rollouts
+        import tempfile
+
+        from atomic_io import os_error_reason
+        try:
+            with tempfile.TemporaryFile(dir=run_dir):
+                pass
+        except OSError as e:
+            raise EvalError(f"cannot write into run_dir {run_dir} ({os_error_reason(e)}): evaluate writes "
+                            f"{cfg.out_name}.json/.png there; fix its permissions, or copy the run somewhere "
+                            f"writable and evaluate the copy") from None
 
 
 def _plain_config(cfg: DictConfig) -> dict:
@@ -523,4 +585,8 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    # Run the imported module's cli, not this __main__ copy's: hydra_cli.user_errors() names
+    # evaluate.EvalError, and __main__.EvalError would be a different class (a traceback instead of one line).
+    import evaluate
+
+    evaluate.cli()

@@ -20,11 +20,19 @@ dataset has none and must be re-collected.
 
 load_histories validates everything a training run relies on and fails with ONE line that says what
 is wrong and how to fix it (DatasetError). save_histories writes atomically: a temp folder beside the
-target, fsync'd, then renamed, so an interrupted write never leaves a half dataset under the final name.
+target, fsync'd, then renamed, so an interrupted write never leaves a half dataset under the final name;
+`recover_leftovers` (run by collect.py before it writes) deletes the temp folders a killed write leaves and
+puts back a previous dataset that a kill between the two renames of an overwrite left hidden.
+
+`fingerprint(meta, arrays)` (also `Histories.fingerprint`) identifies a dataset's contents by what made it
+(env, split, source settings, seeds, sizes): runs record it, and resuming or loading an encoder trained on
+a dataset with another fingerprint is refused (loop.check_same_data, model/checkpoint.py).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
@@ -34,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atomic_io import fsync_dir
+from atomic_io import fsync_dir, os_error_reason
 
 FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
 SPLITS = ("train", "val", "test")
@@ -97,6 +105,10 @@ class Histories:
         r = self.meta["histories"][split]
         return np.arange(r["start"], r["stop"], dtype=np.int64)
 
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.meta, {k: getattr(self, k) for k in ARRAY_SPECS})
+
     def transitions(self, idx, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Packed transitions uint8 [..., L, 6] = (sx, sy, a, r, nsx, nsy) of histories `idx`, steps
         [start, stop). `idx` may be an int or an index array (one fancy-index read per array)."""
@@ -119,6 +131,49 @@ def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
         start = len(goals)
     split_meta = {f"{k}_goals": [list(x) for x in splits.get(k, [])] for k in SPLITS}
     return np.asarray(goals, dtype=np.int64).reshape(-1, 2), split_meta, ranges
+
+
+# The meta.json keys that say what a dataset holds (not when or how fast it was made).
+_FINGERPRINT_META = ("format_version", "env", "split", "source", "seed", "data_seed", "n_stream", "n_stream_eval",
+                     "n_steps", "histories")
+
+
+def fingerprint(meta: dict, arrays: dict | None = None) -> str:
+    """16 hex digits identifying a dataset: a hash of meta.json's identity (env, goal split, source
+    algorithm and settings, seeds, layout) and the arrays' shapes. Collection is deterministic given
+    these, so re-collecting with the same settings gives the same fingerprint and other settings another
+    one. (Arrays edited by hand with the same shapes are not detected: that would mean hashing the data.)"""
+    ident = {k: meta.get(k) for k in _FINGERPRINT_META}
+    ident["shapes"] = {k: list(v.shape) for k, v in sorted((arrays or {}).items())}
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _hidden_copies(path: Path, kind: str) -> list[Path]:
+    """The .<name>.<kind>-* entries save_histories makes beside `path`, oldest first."""
+    return sorted(path.parent.glob(f".{path.name}.{kind}-*"), key=lambda p: p.lstat().st_mtime)
+
+
+def recover_leftovers(path) -> list[str]:
+    """Clean up after a killed save_histories at `path` (call it holding the dataset lock): delete its temp
+    folders; if the kill came between an overwrite's two renames (no dataset at `path`, the previous one
+    hidden as .<name>.old-*), rename the previous dataset back. Returns what was done, one line each."""
+    path = Path(path)
+    notes = []
+    if not path.parent.is_dir():
+        return notes
+    olds = _hidden_copies(path, "old")
+    if not path.exists() and not path.is_symlink():
+        good = [p for p in olds if (p / "meta.json").is_file()]
+        if good:
+            os.rename(good[-1], path)
+            olds.remove(good[-1])
+            notes.append(f"restored the previous dataset at {path} from {good[-1].name} (a collect was "
+                         f"interrupted while replacing it)")
+    for p in olds + _hidden_copies(path, "tmp"):
+        p.unlink() if p.is_symlink() or not p.is_dir() else shutil.rmtree(p)
+        notes.append(f"removed {p.name} beside {path} (left by an interrupted collect)")
+    return notes
 
 
 def _check_meta(meta, where: Path, env_name: str) -> None:
@@ -205,6 +260,8 @@ def _load_npy(file: Path, hint: str) -> np.ndarray:
         raise DatasetError(f"dataset {file.parent} has no {file.name}: re-collect with {hint}")
     try:
         arr = np.load(file, mmap_mode="r", allow_pickle=False)
+    except PermissionError:
+        raise DatasetError(f"cannot read {file} (permission denied): fix its permissions") from None
     except (ValueError, OSError, EOFError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise DatasetError(f"{file} is truncated or corrupt ({msg}): re-collect with {hint}") from None
@@ -232,6 +289,12 @@ def load_histories(path, env_cfg) -> Histories:
     name = env_cfg.get("name")
     hint = _recollect_hint(path, name)
     if not path.is_dir():
+        hidden = [p for p in _hidden_copies(path, "old") if (p / "meta.json").is_file()] \
+            if path.parent.is_dir() else []
+        if hidden:
+            raise DatasetError(f"no dataset at {path}, but an interrupted collect left the previous one in "
+                               f"{hidden[-1]}: run {_recollect_hint(path, name, overwrite=False)} to restore it "
+                               f"(or rename it back by hand)")
         raise DatasetError(f"no dataset at {path}: run {_recollect_hint(path, name, overwrite=False)}")
     meta_file = path / "meta.json"
     if not meta_file.is_file():
@@ -287,11 +350,15 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
     check_can_write(path, overwrite)
     _check_meta(meta, path, env_name)
     _check_arrays(arrays, meta, path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
     tmp = path.parent / f".{path.name}.tmp-{tag}"
     old = path.parent / f".{path.name}.old-{tag}"
-    tmp.mkdir()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        raise DatasetError(f"cannot write a dataset beside {path} ({os_error_reason(e)}): choose another "
+                           f"data_path or fix the folder's permissions") from None
     try:
         for name in ARRAY_SPECS:
             with open(tmp / f"{name}.npy", "wb") as f:
@@ -307,10 +374,15 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
             os.rename(path, old)
         os.rename(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # put the previous dataset back
             os.rename(old, path)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
+                                                  errno.EPERM):
+            raise DatasetError(f"cannot write the dataset {path} ({os_error_reason(e)}); nothing was replaced "
+                               f"(a previous dataset there is intact): free space or fix the permissions, "
+                               f"then collect again") from None
         raise
     if old.is_symlink():  # data_path was a symlink to a dataset: drop the link, not its target
         old.unlink()

@@ -1,13 +1,16 @@
 """The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
 
 Two things on top of plain Hydra:
-1. Short keys. Users know the original notes' names (`pretrain_lr=0.0005`, `n_latent=15`,
+1. Short keys. The model keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
    `freeze_encoder=true`, ...). A bare `key=value` that is not a top-level key but is a `model.` key is
    rewritten to `model.key=value`; a key that exists nowhere fails with one line naming the known keys.
 2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override
    syntax, unknown group option, ...) print one line `error: ...` on stderr and exit with status 2
    instead of a traceback (CAD_DEBUG=1 shows it). Under `accelerate launch` only rank 0 prints it (the
-   checks are identical on every rank); every rank exits 2.
+   checks are identical on every rank); every rank exits 2. Only the project's own error classes
+   (user_errors) count as user errors: any other exception, a ValueError from inside torch included, is
+   a bug and keeps its traceback. Ctrl-C exits 130 with one line (training says where its last
+   checkpoint is).
 """
 
 from __future__ import annotations
@@ -21,6 +24,27 @@ CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 GROUPS = ("env", "model", "experiment")
 
 
+def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
+    """config/train.yaml's run_name suffix: '' from scratch, '-pretrained' from a stage-1 encoder,
+    '-pretrained-frozen' from a frozen one. So `python train.py model.pretrained_encoder_path=...` never
+    shares a run directory with the scratch run (docs/design.md §6), and two_stage.py needs no name of its own."""
+    if not pretrained_encoder_path:
+        return ""
+    return "-pretrained-frozen" if freeze_encoder else "-pretrained"
+
+
+def register_resolvers() -> None:
+    """The `${encoder_tag:...}` interpolation; runs on import, so every composition through this module (or
+    a script that imports it) resolves train.yaml."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("encoder_tag"):
+        OmegaConf.register_new_resolver("encoder_tag", encoder_tag)
+
+
+register_resolvers()
+
+
 class UnknownKeyError(ValueError):
     """A command-line key that exists in no config group (typo), or an override Hydra cannot apply."""
 
@@ -32,20 +56,23 @@ def one_line(e: BaseException) -> str:
 
 
 def report(e: BaseException) -> None:
-    """Print `error: <message>` once per launch (rank 0), then exit 2."""
+    """Print `error: <message>` once per launch (rank 0), then exit 2 (or the error's exit_code)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(getattr(e, "exit_code", 2))
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
+    """The project's user-facing error classes: their messages are one actionable line. Deliberately not
+    ValueError / OSError in general: those come from bugs and from libraries too, and keep a traceback."""
+    from evaluate import EvalError
     from histories import DatasetError
     from loop import NonFiniteLossError, RunDirError
     from model.checkpoint import EncoderCheckpointError
     from model.config import ConfigError
 
     return (DatasetError, EncoderCheckpointError, ConfigError, RunDirError, NonFiniteLossError,
-            UnknownKeyError, FileNotFoundError, ValueError)
+            UnknownKeyError, EvalError)
 
 
 def compose_config(config_name: str, overrides: list[str], config_dir: str = CONFIG_DIR):
@@ -134,6 +161,13 @@ def run(config_name: str, main: Callable) -> None:
             if os.environ.get("CAD_DEBUG"):  # developers: CAD_DEBUG=1 shows the full traceback
                 raise
             report(e)
+        except KeyboardInterrupt:  # outside a training loop (which raises loop.Interrupted instead)
+            if os.environ.get("CAD_DEBUG"):
+                raise
+            from loop import Interrupted
+
+            report(Interrupted("interrupted; outputs are written atomically, so nothing partial is left under "
+                               "a final name: run the same command again"))
 
     _entry()
 

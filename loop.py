@@ -2,7 +2,7 @@
 checkpoint/resume. pretrain_encoder.py and train.py differ only in the `Task` they hand to `fit`
 (model, data, loss, periodic extras).
 
-Multi-process rules (DESIGN §8):
+Multi-process rules (docs/design.md §8):
 - every rank computes the same run directory (it comes from the config, never from a clock);
 - only the main process writes logs, configs, final weights and encoder checkpoints;
 - every rank calls `save_state` (each writes its own RNG state);
@@ -11,7 +11,7 @@ Multi-process rules (DESIGN §8):
 - each micro-batch's loss is weighted by its share of the step's labels (summed over ranks and
   accumulation micro-batches), so N processes x grad_accum give the gradient of one big batch.
 
-Resume (DESIGN §6): `resume=true` continues from the newest complete checkpoint of run_dir,
+Resume (docs/design.md §6): `resume=true` continues from the newest complete checkpoint of run_dir,
 `resume_from=<run dir | checkpoints/step-N>` from a given one. A checkpoint is Accelerate's `save_state`
 (model, optimizer, scheduler, GradScaler, per-rank RNG states) plus our step counter; the data position
 is the step. A run SIGKILLed at any moment and resumed ends with the same weights, bit for bit on CPU
@@ -21,12 +21,24 @@ uses its own torch.Generator) and TensorBoard drops the killed run's events past
 
 Atomicity: checkpoints are written into checkpoints/.tmp-step-N, fsync'd, then renamed to step-N;
 readers only ever see step-N folders. Pruning (keep_last) runs after the rename, so the newest
-complete checkpoint is never deleted before its successor exists. config.json / done.json go through
-atomic_write_text (temp file + os.replace).
+complete checkpoint is never deleted before its successor exists; a pruned checkpoint is first renamed
+to .old-step-N, so an interrupted prune never leaves a half-deleted step-N. config.json / done.json go
+through atomic_write_text (temp file + os.replace). Leftovers of a killed process (.tmp-/.old- folders,
+.<file>.*.tmp files, incomplete step-N folders) are removed, and reported, by the next start.
+
+Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths
+(run_dir, data_path, the encoder path: a moved or differently spelled folder is the same run). What the
+data path points at is checked by content instead: `data_fingerprint` (histories.fingerprint) is recorded
+in config.json, and resuming on data with another fingerprint is refused unless allow_data_change=true.
+
+One process per run directory: the main process holds an exclusive lock (atomic_io.PathLock) on run_dir
+for the whole of fit; a second launch on the same run_dir fails at once with a line naming the holder's
+pid. The other ranks of the same launch rely on the main process's lock.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -43,7 +55,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from atomic_io import atomic_write_text, fsync_dir
+from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason
+from config_check import check_value, flag, integer, number, one_of, text
 from model.config import ConfigError
 
 
@@ -56,11 +69,54 @@ class NonFiniteLossError(RuntimeError):
     """Training produced a NaN/inf loss or gradient; the run stops instead of writing garbage."""
 
 
+class Interrupted(RunDirError):
+    """Ctrl-C (KeyboardInterrupt) during fit; the message says where the last checkpoint is."""
+
+    exit_code = 130  # the shell's convention for SIGINT
+
+
 # Keys that may change between a run and its resumption without making it "a different run".
-# (Logging/eval cadence and performance knobs; not the data, model, optimisation or seed.)
+# (Logging/eval cadence and performance knobs; not the data, model, optimisation or seed.) Dotted keys
+# name nested ones.
 _VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "cpu_threads", "progress",
                   "log_every", "eval_every", "eval", "heldout_every", "diag_every",
-                  "diag_batches", "checkpoint_every", "keep_last"}
+                  "diag_batches", "checkpoint_every", "keep_last", "allow_data_change", "model.save_every"}
+# Paths say where things are, not what the run is: a run dir moved or spelled differently (./runs/x, an
+# absolute path) is the same run. Different data behind the same or another data_path is caught by
+# data_fingerprint instead; on resume the encoder weights come from the checkpoint, not from its path.
+_PATH_KEYS = {"run_dir", "run_name", "data_path", "model.pretrained_encoder_path"}
+FINGERPRINT_KEY = "data_fingerprint"  # histories.fingerprint of the training data, set by the scripts
+_NOT_IDENTITY = _VOLATILE_KEYS | _PATH_KEYS | {FINGERPRINT_KEY}
+
+# The config keys LoopSettings reads (top level of train.yaml / pretrain.yaml), plus the other keys every
+# training script shares. Scripts merge this into their config_check table.
+LOOP_RULES = {
+    "max_steps": integer(1, note="optimizer steps"),
+    "batch_size": integer(1, note="global batch per optimizer step"),
+    "grad_accum": integer(1),
+    "lr": number(0, lo_open=True),
+    "weight_decay": number(0),
+    "warmup_steps": integer(0),
+    "min_lr_ratio": number(0, 1),
+    "grad_clip": number(0, note="0 disables clipping"),
+    "log_every": integer(1),
+    "checkpoint_every": integer(1),
+    "keep_last": integer(1),
+    "mixed_precision": one_of("no", "fp16", "bf16", note="fp16 needs a CUDA GPU"),
+    "cpu": flag(),
+    "seed": integer(0),
+    "resume": flag(),
+    "resume_from": text(null=True, note="a run dir or one of its checkpoints/step-N folders"),
+    "overwrite": flag(),
+    "progress": flag(),
+    "cpu_threads": integer(1, 1024, null=True, note="torch CPU threads; null = torch's default"),
+    "num_workers": integer(0, 256, note="DataLoader worker processes; 0 = sample in the main process"),
+    "allow_data_change": flag(note="true: resume / load an encoder even though the data's fingerprint differs"),
+    "data_seed": integer(0),
+    "data_path": text(),
+    "run_name": text(),
+    "run_dir": text(),
+}
 CHECKPOINT_RE = re.compile(r"step-(\d+)")
 # Test-only fault injection (tests/test_resume.py): CAD_TEST_KILL_AT=<step>[:<where>] makes the process
 # SIGKILL itself at that point, exactly like an OOM killer or a pre-empted node would.
@@ -94,33 +150,13 @@ class LoopSettings:
         return self.batch_size // self.grad_accum
 
     def validate(self) -> LoopSettings:
-        """Coerce types and reject impossible values with one actionable line (ConfigError)."""
-        def coerce(name, typ, ok, rule):
-            v = getattr(self, name)
-            try:
-                if typ is bool and not isinstance(v, bool):
-                    raise TypeError
-                cv = typ(v)
-                if typ is int and cv != v:
-                    raise TypeError
-            except (TypeError, ValueError):
-                raise ConfigError(f"{name}={v!r} must be {'true/false' if typ is bool else typ.__name__}") from None
-            if not ok(cv):
-                raise ConfigError(f"{name}={v!r} {rule}")
-            setattr(self, name, cv)
-
-        for name in ("max_steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_last"):
-            coerce(name, int, lambda v: v >= 1, "must be >= 1")
-        coerce("warmup_steps", int, lambda v: v >= 0, "must be >= 0")
-        coerce("seed", int, lambda v: v >= 0, "must be >= 0")
-        coerce("lr", float, lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0")
-        coerce("weight_decay", float, lambda v: math.isfinite(v) and v >= 0, "must be finite and >= 0")
-        coerce("min_lr_ratio", float, lambda v: 0 <= v <= 1, "must be in [0, 1]")
-        coerce("grad_clip", float, lambda v: v >= 0, "must be >= 0 (0 disables clipping)")
-        for name in ("cpu", "resume", "overwrite", "progress"):
-            coerce(name, bool, lambda v: True, "")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16")
+        """Reject impossible values with one line naming the key and its allowed values (ConfigError), per
+        LOOP_RULES; the scripts check the same table on their config first (with their own key names)."""
+        for name in self.__dataclass_fields__:
+            if name in LOOP_RULES:
+                check_value(name, getattr(self, name), LOOP_RULES[name])
+        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
+            setattr(self, name, float(getattr(self, name)))
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.resume and self.resume_from:
@@ -168,18 +204,24 @@ def seed_everything(seed: int) -> None:
 
 
 def _identity(cfg: dict, ignore: Iterable[str] = ()) -> dict:
-    skip = _VOLATILE_KEYS | set(ignore)
-    return {k: v for k, v in cfg.items() if k not in skip}
+    """The config minus volatile keys, paths and the data fingerprint (dotted names reach nested keys)."""
+    skip = _NOT_IDENTITY | set(ignore)
+
+    def strip(d: dict, prefix: str) -> dict:
+        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v
+                for k, v in d.items() if f"{prefix}{k}" not in skip}
+
+    return strip(cfg, "")
 
 
 def _differing_keys(a: dict, b: dict) -> list[str]:
-    """Dotted paths where two configs differ (volatile top-level keys ignored)."""
+    """Dotted paths where two configs differ (keys that are not part of a run's identity ignored)."""
     out = []
 
     def walk(x, y, prefix):
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y), key=str):
-                if not prefix and k in _VOLATILE_KEYS:
+                if f"{prefix}{k}" in _NOT_IDENTITY:
                     continue
                 walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{prefix}{k}.")
         elif x != y:
@@ -189,6 +231,13 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
     return out
 
 
+def _is_complete(ck: Path) -> bool:
+    """A checkpoint folder holds our step counter, the optimizer and the model weights. loop_state.json
+    alone is what an interrupted prune or copy can leave; it must not count."""
+    return ((ck / "loop_state.json").is_file() and any(ck.glob("optimizer*.bin"))
+            and (any(ck.glob("model*.safetensors")) or any(ck.glob("pytorch_model*.bin"))))
+
+
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, dir), oldest first. Half-written ones live under .tmp-* names."""
     d = Path(run_dir) / "checkpoints"
@@ -196,7 +245,7 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     if d.is_dir():
         for p in d.iterdir():
             m = CHECKPOINT_RE.fullmatch(p.name)
-            if m and p.is_dir() and (p / "loop_state.json").is_file():
+            if m and p.is_dir() and _is_complete(p):
                 out.append((int(m.group(1)), p))
     return sorted(out)
 
@@ -271,6 +320,9 @@ def plan_run_dir(run_dir: Path, cfg: dict, s: LoopSettings) -> RunPlan:
         same_run_or_raise()
         plan.resume_ckpt = _resolve_resume_from(s.resume_from)
         plan.start_step = checkpoint_step(plan.resume_ckpt)
+        ck_cfg = _read_json(plan.resume_ckpt / "loop_state.json", "checkpoint state", "resume from another "
+                            "checkpoint").get("config")
+        check_same_data(ck_cfg if isinstance(ck_cfg, dict) else saved, cfg, f"checkpoint {plan.resume_ckpt}")
         return plan
     existing = checkpoints(run_dir)
     if saved is not None:
@@ -281,6 +333,7 @@ def plan_run_dir(run_dir: Path, cfg: dict, s: LoopSettings) -> RunPlan:
                                   f"before checkpoint_every={s.checkpoint_every} steps): run it without resume")
             plan.resume_ckpt = existing[-1][1]
             plan.start_step = checkpoint_step(plan.resume_ckpt)
+            check_same_data(saved, cfg, f"run_dir {run_dir}")
             return plan
         if existing or (run_dir / "done.json").exists():
             where = f"checkpoint step {existing[-1][0]}" if existing else "finished"
@@ -294,22 +347,52 @@ def plan_run_dir(run_dir: Path, cfg: dict, s: LoopSettings) -> RunPlan:
     return plan
 
 
+def check_same_data(saved: dict | None, cfg: dict, where: str) -> None:
+    """Refuse to continue training on data other than the data `saved` (a run's config) was trained on,
+    unless cfg says allow_data_change=true. Configs from before fingerprints existed are not checked."""
+    was = (saved or {}).get(FINGERPRINT_KEY)
+    now = cfg.get(FINGERPRINT_KEY)
+    if was and now and was != now and not cfg.get("allow_data_change"):
+        raise RunDirError(
+            f"{where} was trained on other data: it records data fingerprint {was} but data_path="
+            f"{cfg.get('data_path')} holds data with fingerprint {now} (re-collected with other settings?): "
+            f"point data_path at the data it was trained on, or pass allow_data_change=true to continue on "
+            f"the new data")
+
+
+def _remove(p: Path) -> None:
+    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+
+
+def leftovers(run_dir: Path) -> list[Path]:
+    """What killed processes leave in a run dir: atomic_write temp files (.<name>.*.tmp), checkpoint
+    saves or prunes that were cut short (checkpoints/.tmp-*, .old-*) and step-N folders that are not
+    complete checkpoints. None of them is ever read."""
+    d = Path(run_dir)
+    out = sorted(p for p in d.glob(".*.tmp") if p.is_file()) if d.is_dir() else []
+    ck_root = d / "checkpoints"
+    if ck_root.is_dir():
+        out += sorted(p for p in ck_root.iterdir() if p.name.startswith((".tmp-", ".old-"))
+                      or (CHECKPOINT_RE.fullmatch(p.name) and p.is_dir() and not _is_complete(p)))
+    return out
+
+
 def apply_run_dir(plan: RunPlan, cfg: dict) -> None:
-    """Main process only: carry out the plan, then write config.json."""
+    """Main process only: carry out the plan (saying what it removes), then write config.json."""
     d = plan.run_dir
     if plan.wipe:
         for p in d.iterdir():
-            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            _remove(p)
     if plan.restart:  # partial outputs of the same run; nothing to continue from
         for name in ("tb", "checkpoints", "done.json", "model.pt"):
-            p = d / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+            _remove(d / name)
     d.mkdir(parents=True, exist_ok=True)
-    ck_root = d / "checkpoints"
-    if ck_root.is_dir():  # leftovers of a save that was killed: never complete, never read
-        for p in ck_root.iterdir():
-            if p.name.startswith((".tmp-", ".old-")):
-                shutil.rmtree(p, ignore_errors=True)
+    junk = leftovers(d)
+    for p in junk:
+        _remove(p)
+    if junk:
+        print(f"note: removed {len(junk)} leftover(s) of an interrupted run in {d}: "
+              f"{', '.join(str(p.relative_to(d)) for p in junk)}", flush=True)
     atomic_write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
 
 
@@ -410,16 +493,87 @@ def load_checkpoint(acc, ck: Path) -> None:
 
 
 def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=None) -> dict:
-    """Train task.model for s.max_steps optimizer steps; returns a summary dict (same on every rank)."""
-    from torch.utils.tensorboard import SummaryWriter
+    """Train task.model for s.max_steps optimizer steps; returns a summary dict (same on every rank).
 
+    Around the training itself (_fit): settings checks, the run-dir lock (held until return), and the
+    translation of Ctrl-C and of a full / read-only disk into one-line errors."""
     s.validate()
+    # Checked before the accelerator exists (its state is process-wide and cannot be re-made): on a CPU,
+    # Accelerate would quietly run float32 while config.json says fp16.
+    device = getattr(accelerator, "device", None)
+    on_cpu = device.type == "cpu" if device is not None else (s.cpu or not torch.cuda.is_available())
+    if s.mixed_precision == "fp16" and on_cpu and (accelerator is None or device is not None):
+        raise ConfigError("mixed_precision=fp16 needs a CUDA GPU but this run is on the CPU (it would run in "
+                          "float32): use mixed_precision=no, or bf16 (CPU autocast)")
     acc = accelerator or make_accelerator(s)
-    world, rank = acc.num_processes, acc.process_index
+    world = acc.num_processes
     if s.batch_size % (world * s.grad_accum):
         raise ConfigError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum = "
                           f"{world} x {s.grad_accum}: change batch_size or --num_processes")
+    steps_key = "model.pretrain_steps" if s.namespace == "pretrain" else "max_steps"
+    if s.warmup_steps > s.max_steps and acc.is_main_process:
+        print(f"warning: warmup_steps={s.warmup_steps} > {steps_key}={s.max_steps}: the learning rate is still "
+              f"warming up when training ends and never reaches lr={s.lr:g}; lower warmup_steps", flush=True)
     run_dir = Path(run_dir).resolve()
+    lock = _lock_run_dir(acc, run_dir)
+    try:
+        return _fit(task, s, run_dir, config, acc)
+    except KeyboardInterrupt:
+        raise Interrupted(_interrupted_msg(run_dir, s)) from None
+    except OSError as e:
+        if e.errno not in _DISK_ERRNOS:
+            raise
+        what = f"{e.filename}" if e.filename else f"a file in {run_dir}"
+        raise RunDirError(f"cannot access {what} ({os_error_reason(e)}); nothing complete was lost (the "
+                          f"checkpoints in {run_dir / 'checkpoints'} are intact): free space or fix the "
+                          f"permissions, then continue with resume=true, or choose another run_dir=...") from None
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# Write failures that are the machine's state, not a bug: reported in one line.
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _lock_run_dir(acc, run_dir: Path) -> PathLock | None:
+    """The main process locks run_dir; every rank learns whether that worked (and fails together)."""
+    lock, err = None, None
+    if acc.is_main_process:
+        lock = PathLock(run_dir)
+        try:
+            holder = lock.acquire()
+        except OSError as e:
+            holder, err = None, (f"cannot create the lock file {lock.file} ({os_error_reason(e)}): make "
+                                 f"{run_dir.parent} writable or choose another run_dir=...")
+        if holder:
+            err = (f"run_dir {run_dir} is in use by another training ({holder}, lock file {lock.file}): wait "
+                   f"for it to finish or stop it, or choose another run_dir=...")
+        if err:
+            lock = None
+    if acc.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        err = broadcast_object_list([err])[0]
+    if err:
+        raise RunDirError(err)
+    return lock
+
+
+def _interrupted_msg(run_dir: Path, s: LoopSettings) -> str:
+    done = checkpoints(run_dir)
+    if done:
+        step, ck = done[-1]
+        return (f"interrupted; the last checkpoint is {ck} (step {step}): continue with the same command plus "
+                f"resume=true")
+    return (f"interrupted before the first checkpoint (checkpoint_every={s.checkpoint_every}), nothing to "
+            f"resume: run the same command again to start over")
+
+
+def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
+    from torch.utils.tensorboard import SummaryWriter
+
+    world, rank = acc.num_processes, acc.process_index
     plan = plan_run_dir(run_dir, config, s)
     task.accelerator = acc
     # Build the data pipeline before anything is written: a bad size fails with the disk untouched. The
@@ -554,9 +708,12 @@ def fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, accelerator=No
 
 
 def _nonfinite_msg(ns: str, what: str, value: float, step: int, s: LoopSettings) -> str:
+    # Only suggest continuing a checkpoint when there is one (a NaN at step 1 has nothing to resume).
+    again = (" or continue the last checkpoint in a new run_dir (resume_from=<this run_dir>)"
+             if step > s.checkpoint_every else "")
     return (f"{ns} {what} is {value} at step {step}; stopped, earlier checkpoints are intact: lower lr "
             f"(now {s.lr:g}), keep grad_clip > 0 (now {s.grad_clip:g}) or check the data, then start over "
-            f"(overwrite=true) or continue the last checkpoint in a new run_dir (resume_from=<this run_dir>)")
+            f"(overwrite=true){again}")
 
 
 class _null:
@@ -593,7 +750,13 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
                 shutil.rmtree(p)
         ck_root.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    try:
+        acc.save_state(str(tmp))
+    except OSError as e:  # disk full / read-only: drop the partial save, keep every complete checkpoint
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise RunDirError(f"cannot write checkpoint {final} ({os_error_reason(e)}); the earlier checkpoints "
+                          f"are intact: free space or fix the permissions, then continue with resume=true") from None
     acc.wait_for_everyone()
     if acc.is_main_process:
         (tmp / "loop_state.json").write_text(json.dumps(
@@ -609,7 +772,11 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
         newer = [p for st, p in complete if st > step]
         kept = [p for st, p in complete if st <= step]
         for p in newer + kept[:-max(1, keep_last)]:
-            shutil.rmtree(p, ignore_errors=True)
+            gone = p.with_name(f".old-{p.name}")  # one rename: a kill mid-delete leaves no half step-N
+            if gone.exists():
+                shutil.rmtree(gone, ignore_errors=True)
+            os.rename(p, gone)
+            shutil.rmtree(gone, ignore_errors=True)
     acc.wait_for_everyone()
     return final
 

@@ -8,7 +8,7 @@
 Each batch holds samples of depth 1..3 (weights 2:3:4): d consecutive segments are folded hierarchically
 by the encoder with the *current* weights, and a ReconstructionDecoder reads every folded transition back
 from the final latents only. The target is the raw transition features f(tau), never anything the
-encoder produced: a constant encoder cannot lower this loss (see DESIGN §5 and the collapse detectors
+encoder produced: a constant encoder cannot lower this loss (see docs/design.md §5 and the collapse detectors
 logged here: latent effective rank and the latent-ablation gap).
 
 Writes <run_dir>/encoder-pretrained-<step>.pt every model.save_every steps and
@@ -19,13 +19,22 @@ from __future__ import annotations
 
 import torch
 
+import config_check as cc
 import loop
 from dataset import batch_loader
 from dataset_pretrain import PretrainBatches
 from histories import load_histories
 from hydra_cli import abspath
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
+from model.config import ConfigError
 from model.losses import effective_rank, reconstruction_loss, reconstruction_metrics
+
+# Every key of config/pretrain.yaml and its allowed values, checked first thing in main (config_check).
+KEY_RULES = {
+    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES,
+    "diag_every": cc.integer(0, note="0: diagnostics only at the end"),
+    "diag_batches": cc.integer(1),
+}
 
 
 class ReconstructionTask:
@@ -36,7 +45,9 @@ class ReconstructionTask:
         self.mcfg: ModelConfig = model.cfg
         # The checkpoint's config: the model group as composed plus the resolved architecture (grid_size and
         # n_actions come from env), so stage 2 can check every shape-defining key.
-        self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env)}
+        # data_fingerprint: stage 2 refuses this encoder for other data unless allow_data_change=true.
+        self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env),
+                            "data_fingerprint": hist.fingerprint}
 
     def _dataset(self, split, rank, world, batch, seed, curriculum=False):
         return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed,
@@ -118,19 +129,22 @@ class ReconstructionTask:
 
 def main(cfg) -> dict:
     """Pretrain per `cfg` (a composed config/pretrain.yaml); returns the run summary."""
+    cc.check(cfg, KEY_RULES)
+    cc.check_model(cfg.model)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
     mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
     if mcfg.max_compression_depth < 1:
-        raise ValueError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
+        raise ConfigError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
     task = ReconstructionTask(cfg, model, hist)
     m = cfg.model
     settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(m.pretrain_steps),
                                       batch_size=int(m.pretrain_batch_size), lr=float(m.pretrain_lr))
-    return loop.fit(task, settings, abspath(cfg.run_dir), loop.to_plain(cfg))
+    return loop.fit(task, settings, abspath(cfg.run_dir),
+                    loop.to_plain(cfg) | {loop.FINGERPRINT_KEY: hist.fingerprint})
 
 
 if __name__ == "__main__":

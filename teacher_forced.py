@@ -72,11 +72,13 @@ def history_nll(model, trans, device, memory_segments: int | None = None, histor
 
 def nll_summary(nll: torch.Tensor, correct: torch.Tensor | None = None, buckets=DEFAULT_BUCKETS) -> dict:
     """Mean NLL over every step and per history-step bucket; plus the spread over histories (the standard
-    error of the mean of per-history losses), so two figures can be told apart from noise."""
+    error of the mean of per-history losses) and each history's mean, so two models scored on the same
+    histories can be compared pairwise (`paired_difference`)."""
     per_hist = nll.mean(dim=1)
     n, t_len = nll.shape
     out = {"loss": float(nll.mean()), "loss_se": float(per_hist.std() / math.sqrt(n)) if n > 1 else 0.0,
-           "n_histories": int(n), "n_steps": int(t_len), "buckets": {}}
+           "n_histories": int(n), "n_steps": int(t_len), "buckets": {},
+           "per_history": per_hist.tolist()}  # for paired comparisons of models on the same histories
     if correct is not None:
         out["acc"] = float(correct.double().mean())
     for lo, hi in buckets:
@@ -134,6 +136,18 @@ def heldout_report(model, hist, split: str, device, probe: bool = False, buckets
     rep = report(score(model, hist.transitions(idx), device, probe=probe), buckets)
     rep["split"] = split
     return rep
+
+
+def paired_difference(a: dict, b: dict) -> dict:
+    """b - a for two reports on the SAME histories (same split of the same dataset): the mean of the
+    per-history differences and its standard error. Different histories are refused, not compared."""
+    pa, pb = a.get("per_history"), b.get("per_history")
+    if not pa or not pb or len(pa) != len(pb) or a.get("n_steps") != b.get("n_steps"):
+        raise ValueError("paired_difference needs two reports of the same histories (same split, dataset "
+                         "and length), each with per_history")
+    d = torch.tensor(pb, dtype=torch.float64) - torch.tensor(pa, dtype=torch.float64)
+    se = float(d.std() / math.sqrt(len(d))) if len(d) > 1 else 0.0
+    return {"diff": float(d.mean()), "se": se, "n_histories": len(d)}
 
 
 def has_memory(model) -> bool:

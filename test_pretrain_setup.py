@@ -3,185 +3,209 @@
     python test_pretrain_setup.py                  # checks the real configs in config/
     python test_pretrain_setup.py model.n_latent=15 # ... with overrides, as you would train
 
-Checks, one line each: imports; both models built from the real Hydra configs; a forward pass of stage 1
-(reconstruction) and stage 2 (actions) on real Darkroom transitions; a stage-1 encoder checkpoint written in
-the documented format and loaded into stage 2 with identical encoder outputs. Prints
-`All tests passed! ✓` and exits 0, or names each failing check and exits 1. Nothing is written outside
-a temporary folder.
+Checks, one line each (the list `CHECKS` at the bottom, in order): imports; both models built from the real
+Hydra configs; a forward pass of stage 1 (reconstruction) and stage 2 (actions) on real Darkroom transitions;
+a stage-1 encoder checkpoint written in the documented format and loaded into stage 2 with identical encoder
+outputs. Prints `All tests passed! ✓` and exits 0, or names each failing check and exits 1. Nothing is
+written outside a temporary folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import shutil
 import sys
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 
-def _compose(name: str, overrides: list[str], config_dir: str):
-    from hydra_cli import compose_config
+class NotRun(Exception):
+    """A check needs something an earlier check was meant to produce, and that check failed."""
 
-    return compose_config(name, overrides, config_dir)
+
+class Setup(dict):
+    """What the checks hand to each other (composed configs, models, histories, a temp folder).
+
+    A missing entry raises NotRun, so a check whose prerequisite failed reports "not run" instead of a
+    KeyError of its own."""
+
+    def __init__(self, overrides: list[str], config_dir: str):
+        super().__init__()
+        self.overrides, self.config_dir = overrides, config_dir
+
+    def __missing__(self, key):
+        raise NotRun(key)
+
+    def compose(self, name: str, overrides: list[str]):
+        from hydra_cli import compose_config
+
+        return compose_config(name, overrides, self.config_dir)
+
+
+# ---- the checks, in the order they run; each returns a one-line detail or raises --------------------------
+def check_imports(s: Setup) -> str:
+    import accelerate
+    import hydra  # noqa: F401
+    import torch
+    from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+
+    import dataset  # noqa: F401
+    import dataset_pretrain  # noqa: F401
+    import evaluate  # noqa: F401
+    import pretrain_encoder  # noqa: F401
+    import train  # noqa: F401
+
+    return f"torch {torch.__version__}, accelerate {accelerate.__version__}, cuda={torch.cuda.is_available()}"
+
+
+def check_configs(s: Setup) -> str:
+    from hydra_cli import rewrite_overrides
+    from model.config import ENCODER_ARCH_KEYS
+
+    pre = s.compose("pretrain", rewrite_overrides("pretrain", s.overrides))
+    tr = s.compose("train", rewrite_overrides("train", s.overrides))
+    diff = [k for k in ENCODER_ARCH_KEYS if k in tr.model and pre.model.get(k) != tr.model.get(k)]
+    if diff:
+        raise AssertionError(f"stage-1 and stage-2 encoder architecture differ in {diff}")
+    s["pre"], s["train"] = pre, tr
+    m = pre.model
+    return f"n_latent={m.n_latent} seg_len={m.seg_len} d_model={m.d_model} enc_n_layer={m.enc_n_layer}"
+
+
+def check_models(s: Setup) -> str:
+    from model import CompressedAD, EncoderPretrainer, ModelConfig, build_model
+
+    pre, tr = s["pre"], s["train"]
+    s["pretrainer"] = EncoderPretrainer(ModelConfig.from_cfg(pre.model, pre.env)).eval()
+    net = build_model(tr.model, tr.env)
+    if not isinstance(net, CompressedAD):
+        raise TypeError(f"train config builds {type(net).__name__}, expected CompressedAD")
+    s["cad"] = net.eval()
+    n1 = sum(p.numel() for p in s["pretrainer"].parameters())
+    n2 = sum(p.numel() for p in net.parameters())
+    return f"{n1:,} / {n2:,} parameters"
+
+
+def check_transitions(s: Setup) -> str:
+    """Collect just enough histories (one stream per goal) to cut a deepest-depth sample from."""
+    from omegaconf import OmegaConf
+
+    import collect
+    from histories import load_histories
+
+    m, env = s["pre"].model, s["pre"].env
+    s["tmp"] = tmp = tempfile.mkdtemp(prefix="cad-setup-")
+    steps = (m.max_compression_depth + 1) * m.seg_len
+    steps = -(-steps // env.horizon) * env.horizon  # whole episodes
+    cfg = s.compose("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
+                                "source.n_stream_eval=1", "progress=false"])
+    OmegaConf.set_struct(cfg, False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        collect.main(cfg)
+    s["hist"] = load_histories(f"{tmp}/data", env)
+    return f"{s['hist'].n_histories} histories x {s['hist'].n_steps} steps"
+
+
+def _first_batch(sampler, cfg, s: Setup) -> dict:
+    """Batch 0 (4 samples) of a stage's sampler, built from that stage's composed config."""
+    return sampler.from_cfg(s["hist"], cfg, batch_size=4, seed=0)[0]
+
+
+def _finite(value, what: str):
+    import torch
+
+    if not torch.isfinite(value):
+        raise AssertionError(f"{what} is {value}")
+    return value
+
+
+def check_stage1_forward(s: Setup) -> str:
+    import torch
+
+    from dataset_pretrain import PretrainBatches
+    from model.losses import reconstruction_loss
+
+    b = s["pre_batch"] = _first_batch(PretrainBatches, s["pre"], s)
+    with torch.no_grad():
+        out = s["pretrainer"](b)
+    loss = _finite(reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg),
+                   "reconstruction loss")
+    return f"depths {sorted(set(b['depth'].tolist()))}, latents {tuple(out['latents'].shape)}, loss {loss:.3f}"
+
+
+def check_stage2_forward(s: Setup) -> str:
+    import torch
+
+    from dataset import HistoryBatches
+    from model.losses import action_loss
+
+    b = _first_batch(HistoryBatches, s["train"], s)
+    with torch.no_grad():
+        logits = s["cad"](b)["logits"]
+    a = action_loss(logits, b)
+    _finite(a["loss"], "action loss")
+    return f"logits {tuple(logits.shape)}, {int(a['n_labels'])} labels, loss {a['loss']:.3f}"
+
+
+def check_encoder_checkpoint(s: Setup) -> str:
+    import torch
+
+    from model import load_pretrained_encoder, save_encoder_checkpoint
+    from model.checkpoint import REQUIRED_KEYS
+
+    pre, net, b = s["pretrainer"], s["cad"], s["pre_batch"]
+    path = Path(s["tmp"]) / "encoder-pretrained-final.pt"
+    save_encoder_checkpoint(path, pre, 0, {"model": dict(pre.cfg.to_dict()), "env": {}})
+    ck = torch.load(path, weights_only=True)
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        raise AssertionError(f"checkpoint lacks {missing}")
+    load_pretrained_encoder(net, path, log=lambda *_: None)
+    with torch.no_grad():
+        a, _ = pre.compress(b["seg"], b["seg_len"])
+        c, _ = net.compress(b["seg"], b["seg_len"])
+    if not torch.equal(a, c):
+        raise AssertionError(f"encoder outputs differ after loading (max diff {(a - c).abs().max():.2e})")
+    return f"{path.name}: keys {sorted(ck)}"
+
+
+CHECKS: list[tuple[str, Callable[[Setup], str]]] = [
+    ("imports (torch, accelerate, hydra, tensorboard, project modules)", check_imports),
+    ("configs compose (pretrain.yaml inherits the encoder architecture of ad_compressed_dr.yaml)", check_configs),
+    ("models build (EncoderPretrainer, CompressedAD)", check_models),
+    ("real Darkroom transitions (batched env, short Q-learning collection)", check_transitions),
+    ("stage-1 forward pass (compress depth 1..3, reconstruct raw transitions)", check_stage1_forward),
+    ("stage-2 forward pass (latent prefix + causal window, loss on every position)", check_stage2_forward),
+    ("encoder checkpoint: documented format, loads into CompressedAD, identical encoder outputs",
+     check_encoder_checkpoint),
+]
+
+
+def run_one(fn: Callable[[Setup], str], s: Setup) -> tuple[bool, str]:
+    """(passed, detail). Every failure is reported and the next check still runs: the user wants the
+    full list, not the first error."""
+    try:
+        return True, fn(s) or ""
+    except NotRun:
+        return False, "not run: an earlier check it needs failed"
+    except Exception as e:  # noqa: BLE001 — report and continue
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        return False, f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})"
 
 
 def run_checks(overrides: list[str], config_dir: str = str(ROOT / "config")) -> list[tuple[str, bool, str]]:
-    results: list[tuple[str, bool, str]] = []
-    state: dict = {}
-
-    def check(name):
-        def deco(fn):
-            try:
-                detail = fn() or ""
-                results.append((name, True, detail))
-            except KeyError as e:
-                if e.args and e.args[0] in ("pre", "train", "pretrainer", "cad", "hist", "tmp", "pre_batch"):
-                    results.append((name, False, "not run: an earlier check it needs failed"))
-                else:
-                    results.append((name, False, f"KeyError: {e}"))
-            except Exception as e:  # noqa: BLE001 — report and continue: the user wants the full list
-                last = traceback.extract_tb(e.__traceback__)[-1]
-                results.append((name, False, f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})"))
-            return fn
-        return deco
-
-    @check("imports (torch, accelerate, hydra, tensorboard, project modules)")
-    def _():
-        import accelerate
-        import hydra  # noqa: F401
-        import torch
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-
-        import dataset  # noqa: F401
-        import dataset_pretrain  # noqa: F401
-        import evaluate  # noqa: F401
-        import pretrain_encoder  # noqa: F401
-        import train  # noqa: F401
-
-        return f"torch {torch.__version__}, accelerate {accelerate.__version__}, cuda={torch.cuda.is_available()}"
-
-    @check("configs compose (pretrain.yaml inherits the encoder architecture of ad_compressed_dr.yaml)")
-    def _():
-        from hydra_cli import rewrite_overrides
-
-        pre = _compose("pretrain", rewrite_overrides("pretrain", overrides), config_dir)
-        tr = _compose("train", rewrite_overrides("train", overrides), config_dir)
-        from model.config import ENCODER_ARCH_KEYS
-
-        diff = [k for k in ENCODER_ARCH_KEYS if k in tr.model and pre.model.get(k) != tr.model.get(k)]
-        if diff:
-            raise AssertionError(f"stage-1 and stage-2 encoder architecture differ in {diff}")
-        state["pre"], state["train"] = pre, tr
-        m = pre.model
-        return f"n_latent={m.n_latent} seg_len={m.seg_len} d_model={m.d_model} enc_n_layer={m.enc_n_layer}"
-
-    @check("models build (EncoderPretrainer, CompressedAD)")
-    def _():
-        from model import CompressedAD, EncoderPretrainer, ModelConfig, build_model
-
-        pre, tr = state["pre"], state["train"]
-        state["pretrainer"] = EncoderPretrainer(ModelConfig.from_cfg(pre.model, pre.env)).eval()
-        net = build_model(tr.model, tr.env)
-        if not isinstance(net, CompressedAD):
-            raise TypeError(f"train config builds {type(net).__name__}, expected CompressedAD")
-        state["cad"] = net.eval()
-        n1 = sum(p.numel() for p in state["pretrainer"].parameters())
-        n2 = sum(p.numel() for p in net.parameters())
-        return f"{n1:,} / {n2:,} parameters"
-
-    @check("real Darkroom transitions (batched env, short Q-learning collection)")
-    def _():
-        from omegaconf import OmegaConf
-
-        import collect
-
-        tmp = tempfile.mkdtemp(prefix="cad-setup-")
-        state["tmp"] = tmp
-        m = state["pre"].model
-        steps = (m.max_compression_depth + 1) * m.seg_len
-        h = state["pre"].env.horizon
-        steps = ((steps + h - 1) // h) * h
-        cfg = _compose("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
-                                   "source.n_stream_eval=1", "progress=false"], config_dir)
-        OmegaConf.set_struct(cfg, False)
-        import contextlib
-        import io
-
-        with contextlib.redirect_stdout(io.StringIO()):
-            collect.main(cfg)
-        from histories import load_histories
-
-        state["hist"] = load_histories(f"{tmp}/data", state["pre"].env)
-        return f"{state['hist'].n_histories} histories x {state['hist'].n_steps} steps"
-
-    @check("stage-1 forward pass (compress depth 1..3, reconstruct raw transitions)")
-    def _():
-        import torch
-
-        from dataset_pretrain import PretrainBatches
-        from model.losses import reconstruction_loss
-
-        m = state["pre"].model
-        ds = PretrainBatches(state["hist"], "train", 4, m.seg_len, m.min_seg_len, m.max_compression_depth,
-                             m.get("pretrain_depth_weights"), seed=0)
-        b = ds[0]
-        with torch.no_grad():
-            out = state["pretrainer"](b)
-        loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], state["pretrainer"].cfg)
-        if not torch.isfinite(loss):
-            raise AssertionError(f"reconstruction loss is {loss}")
-        state["pre_batch"] = b
-        return f"depths {sorted(set(b['depth'].tolist()))}, latents {tuple(out['latents'].shape)}, loss {loss:.3f}"
-
-    @check("stage-2 forward pass (latent prefix + causal window, loss on every position)")
-    def _():
-        import torch
-
-        from dataset import HistoryBatches
-        from model.losses import action_loss
-
-        m = state["train"].model
-        ds = HistoryBatches(state["hist"], "train", 4, m.seg_len, m.min_seg_len, m.max_compression_depth,
-                            m.get("depth_weights"), seed=0)
-        b = ds[0]
-        with torch.no_grad():
-            out = state["cad"](b)
-        a = action_loss(out["logits"], b)
-        if not torch.isfinite(a["loss"]):
-            raise AssertionError(f"action loss is {a['loss']}")
-        return f"logits {tuple(out['logits'].shape)}, {int(a['n_labels'])} labels, loss {a['loss']:.3f}"
-
-    @check("encoder checkpoint: documented format, loads into CompressedAD, identical encoder outputs")
-    def _():
-        import torch
-
-        from model import load_pretrained_encoder, save_encoder_checkpoint
-        from model.checkpoint import REQUIRED_KEYS
-
-        pre = state["pretrainer"]
-        path = Path(state["tmp"]) / "encoder-pretrained-final.pt"
-        save_encoder_checkpoint(path, pre, 0, {"model": dict(pre.cfg.to_dict()), "env": {}})
-        ck = torch.load(path, weights_only=True)
-        missing = [k for k in REQUIRED_KEYS if k not in ck]
-        if missing:
-            raise AssertionError(f"checkpoint lacks {missing}")
-        net = state["cad"]
-        load_pretrained_encoder(net, path, log=lambda *_: None)
-        b = state["pre_batch"]
-        with torch.no_grad():
-            a, _ = pre.compress(b["seg"], b["seg_len"])
-            c, _ = net.compress(b["seg"], b["seg_len"])
-        if not torch.equal(a, c):
-            raise AssertionError(f"encoder outputs differ after loading (max diff {(a - c).abs().max():.2e})")
-        return f"{path.name}: keys {sorted(ck)}"
-
-    if "tmp" in state:
-        import shutil
-
-        shutil.rmtree(state["tmp"], ignore_errors=True)
-    return results
+    s = Setup(overrides, config_dir)
+    try:
+        return [(name, *run_one(fn, s)) for name, fn in CHECKS]
+    finally:
+        if "tmp" in s:
+            shutil.rmtree(s.get("tmp"), ignore_errors=True)
 
 
 def main(argv=None) -> int:

@@ -18,14 +18,29 @@ from __future__ import annotations
 
 import torch
 
+import config_check as cc
 import loop
-from atomic_io import atomic_torch_save
 import teacher_forced
+from atomic_io import atomic_torch_save
 from dataset import HistoryBatches, batch_loader
 from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
+from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
+
+# Every key of config/train.yaml and its allowed values, checked first thing in main (config_check).
+# tests/test_reliability.py fails when a key of the composed config has no rule here.
+KEY_RULES = {
+    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES,
+    "heldout_every": cc.integer(0, note="same-position loss of the validation histories every this many steps; "
+                                        "0 = only at the end"),
+    "eval_every": cc.integer(0, note="0 disables in-context evaluation during training"),
+    "eval.n_episodes": cc.integer(1),
+    "eval.seeds_per_goal": cc.integer(1),
+    "eval.n_train_goals": cc.integer(0),
+    "eval.sample": cc.flag(),
+}
 
 
 class ActionPredictionTask:
@@ -138,20 +153,25 @@ class ActionPredictionTask:
 
 def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
+    cc.check(cfg, KEY_RULES)
+    cc.check_model(cfg.model)
     plain = loop.to_plain(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
+    plain[loop.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (loop.check_same_data)
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     path = cfg.model.get("pretrained_encoder_path")
     if path:
         if cfg.model.name != "ad_compressed":
-            raise ValueError("model.pretrained_encoder_path needs model=ad_compressed_dr (AD has no encoder)")
+            raise ConfigError("model.pretrained_encoder_path needs model=ad_compressed_dr (AD has no encoder)")
         load_pretrained_encoder(model, abspath(path), freeze_encoder=bool(cfg.model.freeze_encoder),
-                                freeze_embeddings=cfg.model.get("freeze_embeddings"))
+                                freeze_embeddings=cfg.model.get("freeze_embeddings"),
+                                data_fingerprint=hist.fingerprint,
+                                allow_data_change=bool(cfg.get("allow_data_change")))
     elif cfg.model.get("freeze_encoder"):
-        raise ValueError("model.freeze_encoder=true without model.pretrained_encoder_path would freeze a random "
+        raise ConfigError("model.freeze_encoder=true without model.pretrained_encoder_path would freeze a random "
                          "encoder; set the path to an encoder-pretrained-*.pt")
     task = ActionPredictionTask(cfg, model, hist)
     settings = loop.settings_from_cfg(cfg, "train")

@@ -52,7 +52,16 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     if a.train_only and a.pretrain_only:
         p.error("--train-only and --pretrain-only exclude each other")
+    check_launch_args(a)
     return a
+
+
+def check_launch_args(a) -> None:
+    """--num-processes must be a usable process count (0 used to be dropped silently, -1 reached
+    accelerate launch and failed there with a traceback)."""
+    if a.num_processes is not None and a.num_processes < 1:
+        raise PipelineError(f"--num-processes {a.num_processes} must be an integer >= 1 (processes per "
+                            f"training stage under accelerate launch)")
 
 
 def add_launch_args(p: argparse.ArgumentParser) -> None:
@@ -121,7 +130,7 @@ def command(stage: str, overrides: list[str], a) -> list[str]:
     script = str(ROOT / SCRIPTS[stage])
     if a.accelerate and stage in ("pretrain", "train"):
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config]
-        if a.num_processes:
+        if a.num_processes is not None:
             launch += ["--num_processes", str(a.num_processes)]
         return launch + [script] + overrides
     return [sys.executable, script] + overrides
@@ -152,6 +161,32 @@ def _abs(p: str) -> Path:
     return Path(p).expanduser().resolve()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path} is unreadable ({type(e).__name__}): delete it (or pass --force) and run "
+                            f"again") from None
+    if not isinstance(data, dict):
+        raise PipelineError(f"{path} is not a JSON object: delete it (or pass --force) and run again")
+    return data
+
+
+def dataset_mismatch(meta: dict, ccfg) -> list[str]:
+    """What differs between an existing dataset's meta.json and the collect config this pipeline would
+    use: env, source settings and seeds ("key: dataset -> asked")."""
+    from omegaconf import OmegaConf
+
+    want = OmegaConf.to_container(ccfg, resolve=True)
+    out = []
+    for group in ("env", "source"):
+        have, ask = meta.get(group) or {}, want.get(group) or {}
+        out += [f"{group}.{k}: {have.get(k)!r} -> {ask.get(k)!r}" for k in sorted(set(have) | set(ask), key=str)
+                if have.get(k) != ask.get(k)]
+    out += [f"{k}: {meta.get(k)!r} -> {want.get(k)!r}" for k in ("seed", "data_seed") if meta.get(k) != want.get(k)]
+    return out
+
+
 def main(argv=None) -> dict:
     a = parse_args(argv)
     routed = split_overrides(a.overrides)
@@ -160,8 +195,22 @@ def main(argv=None) -> dict:
         raise PipelineError("--pretrained-path is for stage 2; it makes no sense with --pretrain-only")
 
     # 1. data
-    data_path = _abs(compose("collect", routed["collect"]).data_path)
-    if (data_path / "meta.json").is_file():
+    ccfg = compose("collect", routed["collect"])
+    data_path = _abs(ccfg.data_path)
+    if (data_path / "meta.json").is_file() and not ccfg.overwrite:
+        diff = dataset_mismatch(_read_json(data_path / "meta.json"), ccfg)
+        # Settings given on this command line that the dataset does not have: refuse. Differences from the
+        # config defaults only (a dataset collected earlier with its own settings): reuse it, but say so.
+        asked = {o.split("=", 1)[0].lstrip("+~") for o in routed["collect"] if "=" in o}
+        explicit = [d for d in diff if d.split(":")[0] in asked or d.split(".")[0] in asked]
+        if explicit:
+            raise PipelineError(f"the dataset at {data_path} was collected with other settings than asked "
+                                f"({'; '.join(explicit)}): pass collect:overwrite=true to re-collect it with "
+                                f"these, or choose another data_path / data_seed")
+        if diff:
+            print(f"[collect] note: the dataset at {data_path} differs from collect's config "
+                  f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); reusing it as it is "
+                  f"(collect:overwrite=true re-collects it)")
         print(f"[collect] dataset exists at {data_path}; reusing it")
     else:
         run_stage("collect", routed["collect"], a)
@@ -179,7 +228,7 @@ def main(argv=None) -> dict:
         ckpt = str(prun / "encoder-pretrained-final.pt")
         out["pretrain_run_dir"] = str(prun)
         if (prun / "done.json").is_file():
-            out["pretrain"] = json.loads((prun / "done.json").read_text())
+            out["pretrain"] = _read_json(prun / "done.json")
     out["encoder_checkpoint"] = ckpt
     if a.pretrain_only:
         return out
@@ -187,8 +236,9 @@ def main(argv=None) -> dict:
     # 3. stage 2
     tr = list(routed["train"])
     if ckpt:
-        tag = "pretrained-frozen" if a.freeze_encoder else "pretrained"
-        tr += [f"model.pretrained_encoder_path={_abs(ckpt)}", f"run_name=${{model.name}}-{tag}-${{env.name}}-seed${{seed}}"]
+        # train.yaml's run_name then ends in -pretrained / -pretrained-frozen (hydra_cli.encoder_tag): the
+        # same run_dir as the stage-by-stage quick start, never the scratch run's.
+        tr.append(f"model.pretrained_encoder_path={_abs(ckpt)}")
         if a.freeze_encoder:
             tr.append("model.freeze_encoder=true")
     elif a.freeze_encoder:
@@ -205,7 +255,7 @@ def main(argv=None) -> dict:
         run_stage("evaluate", routed["evaluate"] + [f"run_dir={trun}"], a)
         ev = trun / "eval.json"
         if ev.is_file() and not a.dry_run:
-            out["eval"] = json.loads(ev.read_text())
+            out["eval"] = _read_json(ev)
     if not a.dry_run:
         print_report(out)
     return out

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/train_throughput.py --device cuda   # GPU, batch 128
 
 Three variants, stepped round-robin (rotating order every round) so machine noise hits all alike:
-  cad_all   CompressedAD, cross-entropy at every window position (the DESIGN loss)
+  cad_all   CompressedAD, cross-entropy at every window position (the training loss, docs/design.md §4.2)
   cad_last  CompressedAD, same model and the SAME batches, loss on each window's last position only
             (model.losses.action_loss(last_only=True)): same compute, 1 label per sample
   ad_all    AD baseline (context_len window, depth-0 batches), every-position loss

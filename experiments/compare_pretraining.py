@@ -1,4 +1,4 @@
-"""Does pretraining help? The original notes' "Main Training Comparison" table, measured.
+"""Does pretraining help? Random init vs + reconstruction loss vs + stage-1 pretraining, measured.
 
     python experiments/compare_pretraining.py                          # experiment=quick, 5 arms x seeds 0 1 2
     python experiments/compare_pretraining.py --jobs 2                 # 2 single-thread processes at a time

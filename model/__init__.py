@@ -32,4 +32,4 @@ def build_model(model_cfg, env_cfg):
         return CompressedAD(cfg, aux_recon=float(model_cfg.get("aux_recon_weight", 0.0) or 0.0) > 0)
     if name == "ad":
         return AD(cfg)
-    raise ValueError(f"unknown model.name={name!r}: use model=ad_compressed_dr or model=ad_dr")
+    raise ConfigError(f"unknown model.name={name!r}: use model=ad_compressed_dr or model=ad_dr")

@@ -1,9 +1,9 @@
 """The part of the model that stage 1 trains and stage 2 inherits: shared embeddings + encoder.
 
 `Compressor` owns `embed_context`, `embed_ln` (shared with the decoder) and `encoder`, under exactly the
-attribute names the encoder checkpoint stores (DESIGN §6). `compress` runs the hierarchical schedule on a
-batch of right-aligned segment slots, with the current weights, every call (latents are never cached
-across training steps).
+attribute names the encoder checkpoint stores (docs/design.md §6). `compress` runs the hierarchical
+schedule on a batch of right-aligned segment slots, with the current weights, every call (latents are
+never cached across training steps).
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class ModelConfig:
     detach_old_latents: bool = False  # stop gradients through all but the most recent compression
     label_segments: bool = True  # also predict the actions inside compressed segments (see CompressedAD)
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
-    recon_loss: str = "mse"  # 'mse' on f(tau) (the seed's choice) or 'ce' (per-field cross-entropy)
+    recon_loss: str = "mse"  # 'mse' on f(tau) (docs/design.md §5) or 'ce' (per-field cross-entropy)
     recon_decoder: str = "parallel"  # ReconstructionDecoder: 'parallel' (latents only) | 'causal' (teacher-forced)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
 

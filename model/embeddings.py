@@ -27,7 +27,7 @@ class ContextEmbedding(nn.Module):
     """embed_ln(embed_context(f(tau))): the transition embedding used by both networks.
 
     The two submodules keep the names `embed_context` / `embed_ln` because the encoder checkpoint
-    contract (DESIGN §6) stores them under those names.
+    contract (docs/design.md §6) stores them under those names.
     """
 
     def __init__(self, feat_dim: int, d_model: int, grid_size: int, n_actions: int):

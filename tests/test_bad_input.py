@@ -40,10 +40,19 @@ def finished_run(tiny, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, finished_run):
+    import shutil
+
+    from model.checkpoint import REQUIRED_KEYS
+
     d = tmp_path_factory.mktemp("files")
     (d / "notes.txt").write_text("not a checkpoint\n")
     torch.save({"weights": torch.ones(2), "step": 3}, d / "random_dict.pt")
+    torch.save({**{k: {} for k in REQUIRED_KEYS}, "global_step": 1, "config": None}, d / "config_none.pt")
+    shutil.copytree(finished_run, d / "nan_run")  # a finished run whose model.pt holds a NaN weight
+    ck = torch.load(d / "nan_run" / "model.pt", weights_only=True)
+    next(iter(ck["model_state_dict"].values())).fill_(float("nan"))
+    torch.save(ck, d / "nan_run" / "model.pt")
     return d
 
 
@@ -56,7 +65,7 @@ CLI_CASES = {
                              "collected with a different env config: name='darkroom' (dataset)"),
     "unknown_key": ("train.py", lambda t, r, f, tmp: ["n_latnet=4"], "unknown config key 'n_latnet'"),
     "n_latent_zero": ("train.py", lambda t, r, f, tmp: ["n_latent=0", f"run_dir={tmp}/c"],
-                      "model.n_latent=0 must be >= 1"),
+                      "model.n_latent=0 must be an integer in [1, 1024]"),
     "not_a_checkpoint": ("train.py", lambda t, r, f, tmp: [f"model.pretrained_encoder_path={f}/notes.txt",
                                                            f"run_dir={tmp}/d"],
                          "is not a readable torch checkpoint"),
@@ -66,7 +75,25 @@ CLI_CASES = {
                         "is nan at step"),
     "pretrain_nothing_to_resume": ("pretrain_encoder.py", lambda t, r, f, tmp: ["resume=true", f"run_dir={tmp}/f"],
                                    "resume=true but there is no run in"),
+    # issue 14: these were tracebacks
+    "cpu_threads_negative": ("train.py", lambda t, r, f, tmp: ["cpu_threads=-1", f"run_dir={tmp}/g"],
+                             "cpu_threads=-1 must be null or an integer in [1, 1024]"),
+    "save_every_zero": ("pretrain_encoder.py", lambda t, r, f, tmp: ["model.save_every=0", f"run_dir={tmp}/h"],
+                        "model.save_every=0 must be an integer >= 1"),
+    "horizon_zero": ("collect.py", lambda t, r, f, tmp: ["env.horizon=0", f"data_path={tmp}/i"],
+                     "env.horizon=0 must be an integer in [1, 100000]"),
+    "encoder_config_none": ("train.py", lambda t, r, f, tmp: [f"model.pretrained_encoder_path={f}/config_none.pt",
+                                                              f"run_dir={tmp}/j"],
+                            "has a NoneType as 'config' instead of the dict"),
+    "nan_model_sampled": ("evaluate.py", lambda t, r, f, tmp: [f"run_dir={f}/nan_run", "sample=true"],
+                          "holds NaN or infinite values; the model cannot be evaluated"),
+    "evaluate_on_missing_gpu": ("evaluate.py", lambda t, r, f, tmp: [f"run_dir={r}", "device=cuda:7"],
+                                "device=cuda:7 but this machine has"),
+    "two_stage_num_processes": ("two_stage.py", lambda t, r, f, tmp: ["--accelerate", "--num-processes", "-1"],
+                                "--num-processes -1 must be an integer >= 1"),
 }
+CONFIG_OF = {"train.py": "train", "pretrain_encoder.py": "pretrain", "collect.py": "collect",
+             "evaluate.py": "evaluate"}
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +103,17 @@ def cli_results(tiny, finished_run, files, tmp_path_factory):
 
     def one(name):
         script, extra, _ = CLI_CASES[name]
-        return name, tiny.cli(script, *tiny.args("train" if script == "train.py" else "pretrain"),
-                              *extra(tiny, finished_run, files, tmp), timeout=300)
+        base = tiny.args(CONFIG_OF[script]) if script in CONFIG_OF else []
+        if script == "collect.py":  # no Hydra output folder in the launch directory
+            base += ["hydra.run.dir=.", "hydra.output_subdir=null"]
+        return name, tiny.cli(script, *base, *extra(tiny, finished_run, files, tmp), timeout=300)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = dict(pool.map(one, CLI_CASES))
     return results, before, snapshot(finished_run), tmp
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CLI_CASES))
 def test_cli_one_line_error(cli_results, name):
     results, before, after, _ = cli_results
@@ -96,6 +126,7 @@ def test_cli_one_line_error(cli_results, name):
     assert after == before  # the existing run was not touched by any of the failing commands
 
 
+@pytest.mark.slow
 def test_cli_errors_wrote_no_run_dirs(cli_results):
     """Errors found before training leave no run directory behind (non-finite loss stops mid-run)."""
     _, _, _, tmp = cli_results
@@ -162,8 +193,8 @@ def test_checkpoint_that_is_not_ours(tiny, tmp_path, files):
     ("model.seg_len=100", r"histories have only 200"),  # 3 segments of 100 + a window > 200 steps
     ("model.min_seg_len=30", r"min_seg_len must be in \[1, seg_len=20\]"),
     ("grad_accum=3", r"batch_size=8 must be divisible by grad_accum=3"),
-    ("checkpoint_every=0", r"checkpoint_every=0 must be >= 1"),
-    ("max_steps=abc", r"max_steps='abc' must be int"),
+    ("checkpoint_every=0", r"checkpoint_every=0 must be an integer >= 1"),
+    ("max_steps=abc", r"max_steps='abc' must be an integer >= 1"),
     ("lr=-1", r"lr=-1 must be a finite number > 0"),
     ("model.freeze_encoder=true", r"freeze_encoder=true without model.pretrained_encoder_path"),
 ])

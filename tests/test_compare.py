@@ -32,6 +32,7 @@ def run_runner(tmp_path: Path, data_path: Path, *extra: str) -> subprocess.Compl
                           check=False)
 
 
+@pytest.mark.slow
 def test_compare_end_to_end_and_reuse(tmp_path, tiny):
     # The session's tiny dataset (tests/conftest.py) saves a collect process; that a missing dataset is
     # collected first is checked by the planning test below.
@@ -90,6 +91,7 @@ def test_compare_end_to_end_and_reuse(tmp_path, tiny):
     assert rep2["results"] == rep["results"]  # the same numbers, read back from the same runs
 
 
+@pytest.mark.slow
 def test_interrupted_run_is_resumed_and_bad_input_fails_fast(tmp_path):
     """A run dir with checkpoints but no done.json is resumed with resume=true; changing a training key
     under the same --out is refused instead of silently reusing the old run. Plans only (--dry-run)."""
@@ -113,6 +115,8 @@ def test_interrupted_run_is_resumed_and_bad_input_fails_fast(tmp_path):
     rd = out / "runs" / "scratch-seed0"
     (rd / "checkpoints" / "step-00000003").mkdir(parents=True)
     (rd / "checkpoints" / "step-00000003" / "loop_state.json").write_text('{"step": 3}')
+    for name in ("model.safetensors", "optimizer.bin"):  # what loop.checkpoints() needs to call it complete
+        (rd / "checkpoints" / "step-00000003" / name).write_bytes(b"")
     (rd / "config.json").write_text(json.dumps(plan.train_cfgs[("scratch", 0)]))
     plan = cp.make_plan(cp.parse_args(base), routed)
     train = next(j for j in plan.jobs if j.name == "train:scratch-seed0")

@@ -1,8 +1,8 @@
-"""Real data parallelism (DESIGN §8): `accelerate launch` with 2 CPU processes (gloo) through the repo's
-accelerate_config.yaml, for both training scripts. Checks that 2 ranks really ran, that they produced one
-run directory with one set of logs/checkpoints (rank 1 writes only its RNG state), and that the result
-matches a 1-process run with the same global batch (dropout 0, so the only difference is float
-summation order).
+"""Real data parallelism (docs/design.md §8): `accelerate launch` with 2 CPU processes (gloo) through
+the repo's accelerate_config.yaml, for both training scripts. Checks that 2 ranks really ran, that they
+produced one run directory with one set of logs/checkpoints (rank 1 writes only its RNG state), and that
+the result matches a 1-process run with the same global batch (dropout 0, so the only difference is
+float summation order).
 """
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # subprocesses end to end: make test runs it, make test-fast skips it
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")

@@ -20,7 +20,7 @@ import env as env_pkg
 from env import BatchedDarkroom, goal_split, optimal_return
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "config")
-MOVES = {0: (0, 0), 1: (1, 0), 2: (-1, 0), 3: (0, 1), 4: (0, -1)}  # the SPEC's action table
+MOVES = {0: (0, 0), 1: (1, 0), 2: (-1, 0), 3: (0, 1), 4: (0, -1)}  # the action table of docs/design.md §3
 
 
 def ref_move(x, y, a, G):

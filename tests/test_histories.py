@@ -17,7 +17,15 @@ from hydra import compose, initialize_config_dir
 
 import histories
 from env import goal_split
-from histories import ARRAY_SPECS, FORMAT_VERSION, DatasetError, Histories, check_can_write, load_histories, save_histories
+from histories import (
+    ARRAY_SPECS,
+    FORMAT_VERSION,
+    DatasetError,
+    Histories,
+    check_can_write,
+    load_histories,
+    save_histories,
+)
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "config")
 ENV = {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5, "reward_mode": "every_step",

@@ -83,6 +83,7 @@ LEARN = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["mse-parallel", "ce-causal"])
 def test_collapsed_encoder_has_zero_gap_and_real_pretraining_learns(objective, tiny, tmp_path, monkeypatch,
                                                                     tb_scalars):

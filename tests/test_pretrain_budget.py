@@ -29,6 +29,7 @@ def run_runner(tmp_path: Path, data_path: Path, *extra: str) -> subprocess.Compl
     return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_budget_curve_end_to_end_and_reuse(tmp_path, tiny):
     r = run_runner(tmp_path, tiny.data_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
+
+pytestmark = pytest.mark.slow  # subprocesses end to end: make test runs it, make test-fast skips it
 
 
 def run_setup(*overrides: str, cwd) -> subprocess.CompletedProcess:

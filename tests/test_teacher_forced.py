@@ -31,7 +31,7 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def tiny(name, seed=0):
+def tiny_model(name, seed=0):
     torch.manual_seed(seed)
     return build_model(OmegaConf.create({**TINY, "name": name}), OmegaConf.create(ENV)).eval()
 
@@ -40,7 +40,7 @@ def tiny(name, seed=0):
 def test_same_position_loss_equals_the_rollouts_own_log_probs(name):
     """4 goals x 2 seeds x 6 episodes = 120 steps: CompressedAD compresses 17 times (depth >= 10 reached),
     AD's 9-step window slides 111 times. Every step's loss must equal -log p(action) of the rollout."""
-    model = tiny(name)
+    model = tiny_model(name)
     ro = incontext_rollout(model, ENV, goal_split(9)[1][:4], n_episodes=6, seeds_per_goal=2, device="cpu",
                            seed=3, sample=True, use_cache=True, record=True)
     assert ro["trans"].shape == (8, 120, 6)
@@ -54,7 +54,7 @@ def test_same_position_loss_equals_the_rollouts_own_log_probs(name):
 
 
 def test_memory_probe_all_equals_the_full_history_and_k_changes_the_memory():
-    model = tiny("ad_compressed", seed=1)
+    model = tiny_model("ad_compressed", seed=1)
     trans = incontext_rollout(model, ENV, goal_split(9)[1][:3], n_episodes=3, seeds_per_goal=1, device="cpu",
                               seed=0, record=True)["trans"]
     full, _ = tf.history_nll(model, trans, "cpu")
@@ -65,7 +65,7 @@ def test_memory_probe_all_equals_the_full_history_and_k_changes_the_memory():
     probe = rep["memory_probe"]
     assert probe["all"] == pytest.approx(float(full.mean())) == pytest.approx(rep["loss"])
     assert set(probe) >= {"k0", "k1", "k2", "k3", "all", "buckets", "all_minus_k1", "verdict"}
-    assert "memory_probe" not in tf.report(tf.score(tiny("ad"), trans, "cpu", probe=True))  # AD: nothing to probe
+    assert "memory_probe" not in tf.report(tf.score(tiny_model("ad"), trans, "cpu", probe=True))  # AD: nothing to probe
     # every k agrees on the first window (no memory yet) and k0 differs later (it never has latents)
     k0, _ = tf.history_nll(model, trans, "cpu", memory_segments=0)
     k1, _ = tf.history_nll(model, trans, "cpu", memory_segments=1)
@@ -73,7 +73,7 @@ def test_memory_probe_all_equals_the_full_history_and_k_changes_the_memory():
     assert not torch.allclose(k0[:, 7:], full[:, 7:])
     assert not torch.allclose(k1[:, 14:], full[:, 14:])  # from the 3rd window on, k1 forgets segment 1
     with pytest.raises(ValueError, match="AD has no compressed memory"):
-        tf.history_nll(tiny("ad"), trans, "cpu", memory_segments=1)
+        tf.history_nll(tiny_model("ad"), trans, "cpu", memory_segments=1)
 
 
 def test_summary_buckets_and_verdict():
@@ -85,3 +85,33 @@ def test_summary_buckets_and_verdict():
     tags = tf.scalars({**s, "memory_probe": {"k0": 1.0, "k1": 0.5, "all": 0.4}}, "val")
     assert tags["heldout/loss_val"] == pytest.approx(5.5) and tags["heldout/loss_val_steps_4-end"] == 7.5
     assert tags["memory/loss_k1_val"] == 0.5 and tags["memory/loss_all_val"] == 0.4
+
+
+def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path):
+    """experiments/same_position.py on two model.pt files of the tiny dataset: per-run figures, the paired
+    difference to the first run, the memory probe of the CompressedAD run, summary.json + table.md."""
+    import json
+
+    from experiments import same_position
+
+    env = {**ENV, "n_val_goals": 5}
+    runs = []
+    for name in ("ad_compressed", "ad"):
+        d = tmp_path / name
+        d.mkdir()
+        torch.save({"model_state_dict": tiny_model(name).state_dict(), "global_step": 3,
+                    "config": {"model": {**TINY, "name": name}, "env": env, "data_path": str(tiny.data_path)}},
+                   d / "model.pt")
+        runs.append(str(d))
+    out = tmp_path / "out"
+    summary = same_position.main([*runs, "--split", "test", "val", "--device", "cpu", "--out", str(out)])
+    a, b = (r["reports"]["test"] for r in summary["runs"])
+    assert a["n_steps"] == b["n_steps"] == 200 and len(a["per_history"]) == 8
+    d = tf.paired_difference(a, b)
+    assert d["diff"] == pytest.approx(b["loss"] - a["loss"])  # equal-length histories: mean of differences
+    text = (out / "table.md").read_text()
+    assert f"{d['diff']:+.4f} ± {d['se']:.4f}" in text and "Memory probe (test)" in text
+    assert "memory_probe" in a and "memory_probe" not in b
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["reports"]["val"]["n_histories"] == 5
+    with pytest.raises(ValueError, match="same histories"):
+        tf.paired_difference(a, summary["runs"][1]["reports"]["val"])

@@ -59,6 +59,7 @@ def commands(out: str) -> dict[str, str]:
     return dict(re.findall(r"^\[(\w+)\] \$ (.*)$", out, flags=re.MULTILINE))
 
 
+@pytest.mark.slow
 def test_pretrain_only_then_full_pipeline_then_reuse(ws, tiny, capfd):
     args = PIPE + [f"data_path={tiny.data_path}"]
     ckpt = ws / PRETRAIN_RUN / "encoder-pretrained-final.pt"
@@ -101,6 +102,7 @@ def test_pretrain_only_then_full_pipeline_then_reuse(ws, tiny, capfd):
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
 
 
+@pytest.mark.slow
 def test_train_only_from_given_checkpoint_frozen(ws, tiny, capfd):
     cfg = tiny.compose("pretrain")
     mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
@@ -132,6 +134,7 @@ def test_train_only_from_given_checkpoint_frozen(ws, tiny, capfd):
         assert torch.equal(sd[f"encoder.{k}"], v), k  # frozen through training
 
 
+@pytest.mark.slow
 def test_modes_dry_run(ws, capfd):
     base = PIPE + COLLECT + ["data_path=data/x"]
     two_stage.main(
@@ -178,6 +181,71 @@ def test_stage_prefix_beats_shared_override():
     assert all("seed=1" in routed[s] for s in ("pretrain", "train", "evaluate"))
 
 
+def test_stage2_run_dirs_never_collide(tmp_path):
+    """train.yaml's run_name tags a stage-2 run by where its encoder came from, so the README's stage-by-stage
+    quick start (`train.py model.pretrained_encoder_path=...`) and the scratch run `train.py` get different run
+    dirs (docs/design.md §6)."""
+    from hydra_cli import compose_config
+
+    ckpt = tmp_path / "encoder-pretrained-final.pt"
+
+    def run_dir(*overrides):
+        return compose_config("train", ["experiment=quick", *overrides]).run_dir
+
+    assert run_dir() == "runs/ad_compressed-darkroom-seed0"  # unchanged: existing scratch runs keep their dir
+    assert run_dir(f"model.pretrained_encoder_path={ckpt}") == "runs/ad_compressed-pretrained-darkroom-seed0"
+    assert (run_dir(f"model.pretrained_encoder_path={ckpt}", "model.freeze_encoder=true")
+            == "runs/ad_compressed-pretrained-frozen-darkroom-seed0")
+    assert run_dir("model=ad_dr", "seed=3") == "runs/ad-darkroom-seed3"
+    # An explicit run_name still wins (compare_pretraining.py and users name their own runs).
+    assert run_dir(f"model.pretrained_encoder_path={ckpt}", "run_name=mine") == "runs/mine"
+
+
+@pytest.mark.slow
+def test_pipeline_takes_its_stage2_run_dir_from_train_yaml(ws, capfd):
+    """two_stage.py passes no run_name: its pretrained and frozen stage-2 runs land where train.py puts them."""
+    ckpt = ws / PRETRAIN_RUN / "encoder-pretrained-final.pt"
+    for flags, tag in (([], "pretrained"), (["--freeze-encoder"], "pretrained-frozen")):
+        two_stage.main(["--dry-run", "--train-only", "--pretrained-path", str(ckpt), *flags, "experiment=quick"])
+        cmds = commands(capfd.readouterr().out)
+        assert "run_name" not in cmds["train"]
+        assert cmds["evaluate"].endswith(f"run_dir={ws / f'runs/ad_compressed-{tag}-darkroom-seed0'}")
+
+
+def _quick_start_commands() -> list[list[str]]:
+    """The README's stage-by-stage quick start, one argv per command (continuation lines joined)."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## Quick start, stage by stage", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    cmds, cur = [], ""
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].rstrip()
+        cur += " " + line.rstrip("\\")
+        if line and not line.endswith("\\"):
+            cmds.append(cur.split())
+            cur = ""
+    return [c for c in cmds if c and c[0] == "python"]
+
+
+@pytest.mark.slow
+def test_readme_quick_start_agrees_with_the_pipeline(ws):
+    """The README's stage-by-stage commands evaluate the run its pretrained train.py command writes, which is
+    two_stage.py's run dir, not the scratch run's."""
+    cmds = _quick_start_commands()
+    scripts = [c[1] for c in cmds]
+    assert scripts[:4] == ["collect.py", "pretrain_encoder.py", "train.py", "evaluate.py"], scripts
+    pre_args, tr_args, ev_args = cmds[1][2:], cmds[2][2:], cmds[3][2:]
+    tr_args = [a.replace("$PWD", str(ws)) for a in tr_args]
+    pre = two_stage.compose("pretrain", two_stage.split_overrides(pre_args)["pretrain"])
+    ckpt = ws / pre.run_dir / "encoder-pretrained-final.pt"
+    assert f"model.pretrained_encoder_path={ckpt}" in tr_args  # exactly what two_stage.py passes
+    trun = two_stage.compose("train", two_stage.split_overrides(tr_args)["train"]).run_dir
+    assert f"run_dir={trun}" in ev_args
+    assert trun != two_stage.compose("train", ["experiment=quick"]).run_dir  # not the scratch run
+    out = two_stage.main(["--dry-run", "experiment=quick"])  # what `make demo` runs
+    assert out["train_run_dir"] == str(ws / trun) and out["encoder_checkpoint"] == str(ckpt)
+
+
+@pytest.mark.slow
 def test_pipeline_errors(ws):
     with pytest.raises(two_stage.PipelineError, match="--pretrained-path is for stage 2"):
         two_stage.main(["--dry-run", "--pretrain-only", "--pretrained-path", "x.pt"])
@@ -202,6 +270,7 @@ def _wrapper_env() -> dict:
     return env
 
 
+@pytest.mark.slow
 def test_shell_wrapper_passes_options_through(tmp_path):
     args = [
         "--dry-run",
@@ -248,6 +317,7 @@ def test_shell_wrapper_passes_options_through(tmp_path):
         assert piece in t, piece
 
 
+@pytest.mark.slow
 def test_failing_stage_stops_the_pipeline_with_its_exit_code(tmp_path):
     """Through the shell wrapper, stdout and stderr in one stream: the dataset is missing so collect runs,
     stage 1 fails on a bad stage-targeted override, stage 2 and eval never start, and the stage's exit
@@ -277,7 +347,7 @@ def test_failing_stage_stops_the_pipeline_with_its_exit_code(tmp_path):
     assert "source.n_stream=4" in commands(out)["collect"]
     assert (
         out.index("[pretrain] $ ")
-        < out.index("model.n_latent=0 must be >= 1")
+        < out.index("model.n_latent=0 must be an integer in [1, 1024]")
         < out.index("[pretrain] failed with exit code 1; stopping the pipeline")
     )
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["collect"]  # collect's Hydra log only
@@ -314,6 +384,7 @@ def test_ps1_maps_every_switch_to_two_stage_flags():
     assert 'Join-Path $here "two_stage.py"' in text and "exit $LASTEXITCODE" in text
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("pwsh") is None, reason="PowerShell (pwsh) is not installed")
 def test_ps1_wrapper_passes_options_through(tmp_path):
     r = subprocess.run(

@@ -1,0 +1,234 @@
+"""Startup validation of config keys: each script declares ONE table {dotted key: Rule} and calls
+`check(cfg, TABLE)` first thing in main(cfg), so a bad value fails in one line that names the key and its
+allowed values (ConfigError) before any data is read or anything is written:
+
+    error: model.save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
+
+Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, loop.LOOP_RULES) plus the script's
+own keys. tests/test_reliability.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
+script's config and fails if any key lacks a rule, so a new config key must come with its rule (add it to
+the script's table, or to MODEL_RULES for a model key).
+
+Rules check one value at a time; relations between keys (n_latent <= seg_len, ...) are `check_model` and
+the scripts' own checks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from model.config import ConfigError
+
+_ABSENT = object()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one key accepts. kind: int | float | bool | str | choice | subset (a non-empty list of distinct
+    choices) | weights (null or a list of numbers >= 0, not all zero). Bounds apply to int/float; choices to
+    choice and subset; null=True also accepts null."""
+
+    kind: str
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False  # lo excluded
+    hi_open: bool = False  # hi excluded
+    choices: tuple = ()
+    null: bool = False
+    note: str = ""  # what the key means / special values, appended to the message
+
+    def allowed(self) -> str:
+        if self.kind == "bool":
+            s = "true or false"
+        elif self.kind == "choice":
+            s = "one of " + ", ".join(map(str, self.choices))
+        elif self.kind == "str":
+            s = "a string"
+        elif self.kind == "subset":
+            s = "a non-empty list of distinct values among " + ", ".join(map(str, self.choices))
+        elif self.kind == "weights":
+            s = "a list of numbers >= 0, not all zero"
+        else:
+            s = "an integer" if self.kind == "int" else "a finite number"
+            lo = None if self.lo is None else f"{'>' if self.lo_open else '>='} {_num(self.lo)}"
+            hi = None if self.hi is None else f"{'<' if self.hi_open else '<='} {_num(self.hi)}"
+            if lo and hi and self.kind == "int" and not (self.lo_open or self.hi_open):
+                s += f" in [{_num(self.lo)}, {_num(self.hi)}]"
+            elif lo and hi:
+                s += f" {lo} and {hi}"
+            elif lo or hi:
+                s += f" {lo or hi}"
+        return f"null or {s}" if self.null else s
+
+    def ok(self, v) -> bool:
+        if v is None:
+            return self.null
+        if self.kind == "bool":
+            return isinstance(v, bool)
+        if self.kind == "str":
+            return isinstance(v, str)
+        if self.kind == "choice":
+            return any(v == c and type(v) is type(c) for c in self.choices)
+        if self.kind == "subset":
+            return (isinstance(v, (list, tuple)) and len(v) > 0 and len(set(map(str, v))) == len(v)
+                    and all(any(x == c and type(x) is type(c) for c in self.choices) for x in v))
+        if self.kind == "weights":
+            try:
+                w = [float(x) for x in v] if not isinstance(v, (str, bytes, Mapping)) else None
+            except (TypeError, ValueError):
+                return False
+            # [] is left to the script (it may mean "no depths", which the script names better)
+            return w is not None and all(math.isfinite(x) and x >= 0 for x in w) and (not w or sum(w) > 0)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(v, int):
+            return False
+        if not math.isfinite(v):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return not (self.hi is not None and (v >= self.hi if self.hi_open else v > self.hi))
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def integer(lo=None, hi=None, null=False, note="") -> Rule:
+    return Rule("int", lo, hi, null=null, note=note)
+
+
+def number(lo=None, hi=None, lo_open=False, hi_open=False, null=False, note="") -> Rule:
+    return Rule("float", lo, hi, lo_open, hi_open, null=null, note=note)
+
+
+def flag(note="") -> Rule:
+    return Rule("bool", note=note)
+
+
+def text(null=False, note="") -> Rule:
+    return Rule("str", null=null, note=note)
+
+
+def one_of(*choices, note="") -> Rule:
+    return Rule("choice", choices=tuple(choices), note=note)
+
+
+def subset(*choices, note="") -> Rule:
+    return Rule("subset", choices=tuple(choices), note=note)
+
+
+def weights(note="") -> Rule:
+    return Rule("weights", null=True, note=note)
+
+
+def message(key: str, value, rule: Rule) -> str:
+    shown = "null" if value is None else repr(value) if isinstance(value, str) else value
+    return f"{key}={shown} must be {rule.allowed()}" + (f" ({rule.note})" if rule.note else "")
+
+
+def check_value(key: str, value, rule: Rule) -> None:
+    if not rule.ok(value):
+        raise ConfigError(message(key, value, rule))
+
+
+def _select(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        try:
+            if part not in node:
+                return _ABSENT
+            node = node[part]
+        except TypeError:  # a scalar where a group was expected
+            return _ABSENT
+    return node
+
+
+def check(cfg, rules: Mapping[str, Rule]) -> None:
+    """Validate every key of `rules` present in cfg (DictConfig or dict); absent keys are skipped (the
+    table may cover several model groups). Raises ConfigError naming the first bad key."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    for key, rule in rules.items():
+        v = _select(cfg, key)
+        if v is _ABSENT:
+            continue
+        if isinstance(v, (DictConfig, ListConfig)):
+            v = OmegaConf.to_container(v, resolve=True)
+        check_value(key, v, rule)
+
+
+def leaf_keys(cfg, prefix: str = "") -> list[str]:
+    """Dotted keys of every leaf of a (resolved) config; a list value is one leaf."""
+    from omegaconf import DictConfig
+
+    out = []
+    for k, v in cfg.items():
+        if isinstance(v, (dict, DictConfig)):
+            out += leaf_keys(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared tables
+# ---------------------------------------------------------------------------------------------------------
+ENV_RULES = {
+    "env.name": text(note="names the dataset folder"),
+    "env.grid_size": integer(2, 256, note="states are stored as uint8; a 1x1 grid has nothing to learn"),
+    "env.horizon": integer(1, 100_000, note="steps per episode"),
+    "env.n_actions": one_of(5, note="the Darkroom's fixed action set"),
+    "env.reward_mode": one_of("every_step", "once"),
+    "env.train_frac": number(0, 1, lo_open=True, note="fraction of goals used for training"),
+    "env.split_seed": integer(0),
+    "env.n_val_goals": integer(0, note="validation goals carved out of the train goals"),
+}
+
+MODEL_RULES = {
+    "model.name": one_of("ad_compressed", "ad", "pretrain_encoder", note="pick it with model=<file>"),
+    "model.d_model": integer(1, 8192),
+    "model.n_head": integer(1, 256),
+    "model.n_layer": integer(1, 256),
+    "model.enc_n_layer": integer(1, 256),
+    "model.n_latent": integer(1, 1024, note="latent tokens per compression; also <= model.seg_len"),
+    "model.seg_len": integer(1, 100_000),
+    "model.context_len": integer(1, 100_000),
+    "model.dropout": number(0, 1, hi_open=True),
+    "model.recon_n_layer": integer(1, 256),
+    "model.recon_loss": one_of("mse", "ce"),
+    "model.recon_decoder": one_of("parallel", "causal", note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
+    "model.max_compression_depth": integer(0, 64),
+    "model.depth_weights": weights(note="one per depth 0..max_compression_depth; null = d+1"),
+    "model.min_seg_len": integer(1, 100_000),
+    "model.win_len_min": integer(1, 100_000, null=True, note="null = seg_len"),
+    "model.win_len_max": integer(1, 100_000, null=True, note="null = seg_len"),
+    "model.detach_old_latents": flag(),
+    "model.label_segments": flag(),
+    "model.schedule": one_of("random", "rollout", note="how training samples are cut (docs/design.md §4.4)"),
+    "model.max_windows": integer(1, null=True, note="rollout schedule: first windows of each history; null = all"),
+    "model.bptt_segments": integer(0, null=True, note="folds with gradients per sample; null = all"),
+    "model.pretrained_encoder_path": text(null=True, note="an encoder-pretrained-*.pt; null = from scratch"),
+    "model.freeze_encoder": flag(),
+    "model.freeze_embeddings": Rule("bool", null=True, note="null = follow model.freeze_encoder"),
+    "model.aux_recon_weight": number(0),
+    # stage 1 (config/model/pretrain_encoder.yaml)
+    "model.pretrain_steps": integer(1),
+    "model.pretrain_batch_size": integer(1),
+    "model.pretrain_lr": number(0, lo_open=True),
+    "model.save_every": integer(1, note="write encoder-pretrained-<step>.pt every this many steps"),
+    "model.pretrain_depth_weights": weights(note="one per depth 1..max_compression_depth; null = d+1"),
+    "model.pretrain_depth_curriculum": weights(
+        note="fractions of pretrain_steps at which depths 2..max_compression_depth join; null = none"),
+}
+
+
+def check_model(model_cfg) -> None:
+    """Relations between model keys that no single rule can express."""
+    n_latent, seg_len = model_cfg.get("n_latent"), model_cfg.get("seg_len")
+    if isinstance(n_latent, int) and isinstance(seg_len, int) and n_latent > seg_len:
+        raise ConfigError(f"model.n_latent={n_latent} must be <= model.seg_len={seg_len} (a compression folds "
+                          f"seg_len transitions into n_latent tokens; more tokens than transitions is no "
+                          f"compression and costs memory quadratic in n_latent)")

@@ -1,0 +1,109 @@
+"""Compare trained stage-2 runs on identical label positions (teacher_forced.py, docs/design.md §7.1).
+
+    python experiments/same_position.py runs/ad_compressed-darkroom-seed0 runs/ad-darkroom-seed0 \
+        [--split test val] [--data data/darkroom-quick-seed0] [--out results/same-position-quick]
+
+Every run is scored on every step of the same held-out histories with its own rollout schedule; the table
+gives each run's mean action NLL (± standard error over histories) overall and per history-step bucket,
+the paired difference to the FIRST run (per-history differences, so the noise shared by both models on a
+history cancels), and CompressedAD's memory probe. Runs of different datasets or splits are never compared:
+the dataset is each run's own unless --data names one (then all runs must have been trained for its env).
+Writes <out>/summary.json and <out>/table.md when --out is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import teacher_forced
+from atomic_io import atomic_write_json, atomic_write_text
+from evaluate import load_trained_model, resolve_device
+from histories import load_histories
+from hydra_cli import abspath
+
+
+def score_runs(run_dirs: list[str], splits: list[str], data: str | None, device) -> list[dict]:
+    rows = []
+    for rd in run_dirs:
+        model, cfg, step = load_trained_model(rd, device)
+        path = data or cfg.get("data_path")
+        if not path:
+            raise SystemExit(f"error: {rd}/model.pt names no data_path: pass --data <dataset>")
+        hist = load_histories(abspath(path), cfg["env"])
+        reps = {s: teacher_forced.heldout_report(model, hist, s, device, probe=True) for s in splits}
+        rows.append({"run_dir": str(rd), "model": cfg["model"].get("name"), "global_step": step,
+                     "data_path": str(abspath(path)), "reports": {s: r for s, r in reps.items() if r}})
+    return rows
+
+
+def table(rows: list[dict], split: str) -> list[str]:
+    base = rows[0]["reports"].get(split)
+    if base is None:
+        return [f"(no {split} histories)"]
+    buckets = list(base["buckets"])
+    head = ["run", "model", "NLL ± se", *[f"steps {b}" for b in buckets], "acc", f"vs {Path(rows[0]['run_dir']).name}"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        rep = r["reports"].get(split)
+        if rep is None:
+            continue
+        if r is rows[0]:
+            vs = "—"
+        elif r["data_path"] != rows[0]["data_path"]:
+            vs = "other dataset: not compared"
+        else:
+            d = teacher_forced.paired_difference(base, rep)
+            vs = f"{d['diff']:+.4f} ± {d['se']:.4f}"
+        cells = [Path(r["run_dir"]).name, str(r["model"]), f"{rep['loss']:.4f} ± {rep['loss_se']:.4f}",
+                 *[f"{rep['buckets'][b]:.4f}" for b in buckets], f"{rep['acc']:.3f}", vs]
+        out.append("| " + " | ".join(cells) + " |")
+    probes = [(r, r["reports"][split]["memory_probe"]) for r in rows
+              if split in r["reports"] and "memory_probe" in r["reports"][split]]
+    if probes:
+        ks = [k for k in probes[0][1] if k.startswith("k") or k == "all"]
+        out += ["", f"Memory probe ({split}): NLL with latents rebuilt from the last k segments only",
+                "", "| run | " + " | ".join(ks) + " | all − k1 | verdict |", "|" + "---|" * (len(ks) + 3)]
+        for r, p in probes:
+            out.append(f"| {Path(r['run_dir']).name} | " + " | ".join(f"{p[k]:.4f}" for k in ks)
+                       + f" | {p['all_minus_k1']:+.4f} ± {p['all_minus_k1_se']:.4f} | {p['verdict']} |")
+    return out
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="stage-2 run directories (model.pt); the first is the reference")
+    p.add_argument("--split", nargs="+", default=["test"], choices=["test", "val", "train"])
+    p.add_argument("--data", default=None, help="dataset to score on (default: each run's own data_path)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="folder for summary.json and table.md")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    device = resolve_device(a.device)
+    rows = score_runs(a.run_dirs, a.split, a.data, device)
+    when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or 'cpu'})"
+    cmd = "python experiments/same_position.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = ["# Same-position held-out action loss", "", f"Command: `{cmd}`  ", f"Date: {when}; device: {dev}", ""]
+    for split in a.split:
+        lines += [f"## {split} histories", "", *table(rows, split), ""]
+    text = "\n".join(lines)
+    print(text)
+    summary = {"command": cmd, "date": when, "device": dev, "runs": rows}
+    if a.out:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "summary.json", summary, indent=1)
+        atomic_write_text(out / "table.md", text + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

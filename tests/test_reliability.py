@@ -1,0 +1,459 @@
+"""Reliability, round 2 (issue 14): locked run directories and datasets, data fingerprints, paths not part
+of a run's identity, every config key validated, loaded weights checked, settings that would be silently
+ignored refused or reported, leftovers of killed processes recovered or cleaned, disk/permission failures
+and Ctrl-C in one line. The one-line command-line checks live in tests/test_bad_input.py (CLI_CASES).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import compose
+
+import collect
+import config_check as cc
+import evaluate
+import hydra_cli
+import loop
+import pretrain_encoder
+import train
+from atomic_io import PathLock
+from histories import DatasetError, load_histories
+from model.checkpoint import EncoderCheckpointError, save_encoder_checkpoint
+from model.config import ConfigError
+
+
+def _raises(exc, match, fn, *a):
+    with pytest.raises(exc, match=match) as ei:
+        fn(*a)
+    assert "\n" not in str(ei.value), str(ei.value)
+    return str(ei.value)
+
+
+def _collect(path: Path, *overrides: str, capsys=None) -> dict:
+    """A tiny dataset at `path` (4 streams x 200 steps per train goal unless overridden)."""
+    return collect.main(compose("collect", ["source.n_stream=4", "source.n_steps=200", "source.n_stream_eval=1",
+                                            "progress=false", f"data_path={path}", *overrides]))
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished 2-step stage-2 run (checkpoint at step 2) on a private copy of the tiny dataset."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rel")
+    shutil.copytree(tiny.data_path, root / "data")
+    train.main(tiny.compose("train", "max_steps=2", data_path=root / "data", run_dir=root / "runs" / "done"))
+    return root
+
+
+# -- 1. one process per run directory / dataset ------------------------------------------------------------
+
+def test_path_lock_names_the_holder_and_cleans_up(tmp_path):
+    a, b = PathLock(tmp_path / "run"), PathLock(tmp_path / "." / "run")  # spelled differently: same lock
+    assert a.acquire() is None
+    assert a.file == tmp_path / ".run.lock" and not (tmp_path / "run").exists()
+    assert b.acquire() == f"pid {os.getpid()} on {os.uname().nodename}"  # flock: per open file, even in-process
+    a.release()
+    assert not a.file.exists()  # a clean release leaves nothing behind
+    assert b.acquire() is None
+    b.release()
+
+
+def test_training_refuses_a_locked_run_dir(tiny, tmp_path):
+    held = PathLock(tmp_path / "r")
+    assert held.acquire() is None
+    try:
+        _raises(loop.RunDirError, rf"run_dir .*r is in use by another training \(pid {os.getpid()} on .*wait for "
+                rf"it to finish", train.main, tiny.compose("train", run_dir=tmp_path / "r"))
+        assert not (tmp_path / "r").exists()
+        _raises(DatasetError, rf"is being written by another collect \(pid {os.getpid()} ", _collect, tmp_path / "r")
+    finally:
+        held.release()
+
+
+def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, tmp_path):
+    """Two `train.py` on one run_dir: the second fails in one line naming the first's pid, the first is
+    untouched. Then Ctrl-C (SIGINT) on the first: one line naming its last checkpoint and resume=true."""
+    run = tmp_path / "race"
+    first = tiny.start("train.py", *tiny.args("train", "max_steps=100000", "checkpoint_every=3", "keep_last=1",
+                                             "lr=0.001", run_dir=run))
+    try:
+        deadline = time.time() + 240
+        while not loop.checkpoints(run):
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.2)
+        r = tiny.cli("train.py", *tiny.args("train", "lr=0.002", run_dir=run))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, r.stderr
+        assert f"is in use by another training (pid {first.pid} on" in lines[0], lines[0]
+        first.send_signal(signal.SIGINT)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    lines = err.strip().splitlines()
+    assert first.returncode == 130, err[-3000:]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    last = loop.checkpoints(run)[-1][1]
+    assert lines[0] == (f"error: interrupted; the last checkpoint is {last} (step {int(last.name[5:])}): "
+                        f"continue with the same command plus resume=true")
+    assert json.loads((run / "config.json").read_text())["lr"] == 0.001  # the second run wrote nothing
+    assert not (tmp_path / ".race.lock").exists()
+
+
+def test_two_process_launch_on_a_locked_run_dir_fails_on_every_rank(tiny, tmp_path):
+    """accelerate launch (2 gloo ranks): only the main process takes the lock (tests/test_distributed.py
+    shows the ranks of one launch share it); against a lock held elsewhere every rank stops, the error is
+    printed once, and nothing hangs."""
+    from test_distributed import _launch
+
+    held = PathLock(tmp_path / "r")
+    assert held.acquire() is None
+    try:
+        p = _launch(tiny, "train.py", tiny.args("train", run_dir=tmp_path / "r"), nproc=2)
+        _, err = p.communicate(timeout=300)
+    finally:
+        held.release()
+    assert p.returncode != 0
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"is in use by another training (pid {os.getpid()} on" in errors[0], err[-3000:]
+    assert not (tmp_path / "r").exists()
+
+
+# -- 2. data fingerprints ----------------------------------------------------------------------------------
+
+def test_fingerprint_follows_the_settings_not_the_time(tmp_path):
+    a = load_histories(_collect(tmp_path / "a")["data_path"], compose("collect", []).env)
+    b = load_histories(_collect(tmp_path / "b")["data_path"], compose("collect", []).env)
+    c = load_histories(_collect(tmp_path / "c", "source.n_stream=3")["data_path"], compose("collect", []).env)
+    assert a.meta["created"] and a.fingerprint == b.fingerprint != c.fingerprint
+    assert len(a.fingerprint) == 16
+
+
+def test_resume_on_recollected_data_is_refused_unless_allowed(tiny, tmp_path, one_thread):
+    data, run = tmp_path / "kc", tmp_path / "run"
+    _collect(data)
+    train.main(tiny.compose("train", "max_steps=2", data_path=data, run_dir=run))
+    assert json.loads((run / "config.json").read_text())[loop.FINGERPRINT_KEY]
+    _collect(data, "overwrite=true", "seed=7", "source.n_stream=3")  # other data under the same path
+    before = (run / "config.json").read_text()
+    msg = _raises(loop.RunDirError, r"was trained on other data: it records data fingerprint \w+ but data_path=",
+                  train.main, tiny.compose("train", "max_steps=3", "resume=true", data_path=data, run_dir=run))
+    assert "allow_data_change=true" in msg and "overwrite" not in msg
+    assert (run / "config.json").read_text() == before
+    s = train.main(tiny.compose("train", "max_steps=3", "resume=true", "allow_data_change=true", data_path=data,
+                                run_dir=run))
+    assert s["resumed_from_step"] == 2 and s["global_step"] == 3
+
+
+def test_encoder_pretrained_on_other_data_is_refused_unless_allowed(tiny, tmp_path, one_thread):
+    pre = tmp_path / "pre"
+    pretrain_encoder.main(tiny.compose("pretrain", "model.pretrain_steps=2", run_dir=pre))
+    ckpt = torch.load(pre / "encoder-pretrained-final.pt", weights_only=True)
+    assert ckpt["config"]["data_fingerprint"] == load_histories(tiny.data_path, compose("collect", []).env).fingerprint
+    other = tmp_path / "other"
+    _collect(other, "source.n_stream=3")
+    enc = f"model.pretrained_encoder_path={pre / 'encoder-pretrained-final.pt'}"
+    _raises(EncoderCheckpointError, r"was pretrained on other data \(fingerprint \w+\) than this run's data_path.*"
+            r"allow_data_change=true", train.main,
+            tiny.compose("train", enc, "max_steps=1", data_path=other, run_dir=tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+    train.main(tiny.compose("train", enc, "max_steps=1", "allow_data_change=true", data_path=other,
+                            run_dir=tmp_path / "r"))
+    train.main(tiny.compose("train", enc, "max_steps=1", run_dir=tmp_path / "same"))  # same data: fine
+
+
+# -- 3. paths are not part of a run's identity ------------------------------------------------------------
+
+def test_run_dir_and_data_path_spelled_or_moved_differently_are_the_same_run(tiny, finished, monkeypatch,
+                                                                              one_thread):
+    monkeypatch.chdir(finished)
+    moved = finished / "moved"
+    shutil.copytree(finished / "runs" / "done", moved)
+    os.symlink(finished / "data", finished / "data-link")
+    for run_dir, data in (("./runs/done", "data"), (str(finished / "runs" / "done"), "./data"),
+                          (str(moved), "data-link")):
+        plan = loop.plan_run_dir(Path(run_dir).resolve(), loop.to_plain(tiny.compose(
+            "train", "max_steps=4", data_path=data, run_dir=run_dir)), loop.LoopSettings(4, 8, 1e-3, resume=True))
+        assert plan.start_step == 2, run_dir
+    s = train.main(tiny.compose("train", "max_steps=3", "resume=true", data_path="data-link", run_dir=moved))
+    assert s["resumed_from_step"] == 2
+    # A real difference still names the key; a path-only one is never a "different run".
+    saved = json.loads((moved / "config.json").read_text())
+    assert loop._differing_keys(saved, {**saved, "run_dir": "/x", "data_path": "/y", "run_name": "z"}) == []
+    assert loop._differing_keys(saved, {**saved, "lr": 0.5}) == [f"lr ({saved['lr']!r} -> 0.5)"]
+
+
+# -- 4. every key validated at startup --------------------------------------------------------------------
+
+SCRIPTS = {"train": train.KEY_RULES, "pretrain": pretrain_encoder.KEY_RULES, "collect": collect.KEY_RULES,
+           "evaluate": evaluate.KEY_RULES}
+
+
+@pytest.mark.parametrize("name, groups", [("train", []), ("train", ["model=ad_dr"]), ("pretrain", []),
+                                          ("collect", []), ("collect", ["env=darkroom_hard"]), ("evaluate", [])])
+def test_every_config_key_has_a_rule_and_the_defaults_pass(name, groups):
+    """A new config key must come with its rule in the script's KEY_RULES table (config_check)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(name, groups + (["run_dir=x"] if name == "evaluate" else []))
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    missing = [k for k in cc.leaf_keys(plain) if k not in SCRIPTS[name]]
+    assert not missing, f"config/{name}.yaml keys without a rule in {name}'s KEY_RULES: {missing}"
+    cc.check(cfg, SCRIPTS[name])
+
+
+@pytest.mark.parametrize("script, override, match", [
+    ("train", "heldout_every=-1", r"heldout_every=-1 must be an integer >= 0"),
+    ("train", "cpu_threads=-1", r"cpu_threads=-1 must be null or an integer in \[1, 1024\]"),
+    ("train", "eval.n_episodes=0", r"eval.n_episodes=0 must be an integer >= 1"),
+    ("train", "num_workers=-1", r"num_workers=-1 must be an integer in \[0, 256\]"),
+    ("train", "keep_last=0", r"keep_last=0 must be an integer >= 1"),
+    ("train", "mixed_precision=fp8", r"mixed_precision='fp8' must be one of no, fp16, bf16"),
+    ("train", "progress=3", r"progress=3 must be true or false"),
+    ("train", "model.n_latent=5000", r"model.n_latent=5000 must be an integer in \[1, 1024\]"),
+    ("train", "model.n_latent=30", r"model.n_latent=30 must be <= model.seg_len=20"),
+    ("train", "model.dropout=1.5", r"model.dropout=1.5 must be a finite number >= 0 and < 1"),
+    ("train", "env.reward_mode=sometimes", r"env.reward_mode='sometimes' must be one of every_step, once"),
+    ("pretrain", "diag_batches=0", r"diag_batches=0 must be an integer >= 1"),
+    ("pretrain", "model.save_every=-5", r"model.save_every=-5 must be an integer >= 1"),
+    ("pretrain", "model.save_every=0", r"model.save_every=0 must be an integer >= 1"),
+    ("pretrain", "model.pretrain_lr=0", r"model.pretrain_lr=0 must be a finite number > 0"),
+])
+def test_bad_value_names_the_key_and_allowed_values(tiny, tmp_path, script, override, match):
+    main = train.main if script == "train" else pretrain_encoder.main
+    _raises(ConfigError, match, main, tiny.compose(script, override, run_dir=tmp_path / "r"))
+    assert not (tmp_path / "r").exists()  # refused before a run dir existed (save_every=0 used to leave one)
+
+
+@pytest.mark.parametrize("override, match", [
+    ("env.horizon=0", r"env.horizon=0 must be an integer in \[1, 100000\]"),
+    ("env.grid_size=1", r"env.grid_size=1 must be an integer in \[2, 256\] \(.*a 1x1 grid has nothing to learn"),
+    ("source.lr=nan", r"source.lr=nan must be a finite number > 0 and <= 1"),
+    ("source.gamma=1", r"source.gamma=1 must be a finite number >= 0 and < 1"),
+    ("source.eps_end=2", r"source.eps_end=2 must be a finite number >= 0 and <= 1"),
+    ("num_threads=-2", r"num_threads=-2 must be an integer in \[0, 1024\]"),
+])
+def test_collect_rejects_bad_source_and_env_values(tmp_path, override, match):
+    _raises(ConfigError, match, _collect, tmp_path / "ds", override)
+    assert not list(tmp_path.iterdir())
+
+
+def test_evaluate_rejects_bad_values_and_names_a_missing_gpu(tmp_path, finished):
+    run = finished / "runs" / "done"
+    _raises(evaluate.EvalError, r"last_k=0 must be an integer >= 1", evaluate.main,
+            compose("evaluate", [f"run_dir={run}", "last_k=0"]))
+    _raises(evaluate.EvalError,
+            r"splits=\[.test., .holdout.\] must be a non-empty list of distinct values among test, val, train",
+            evaluate.main, compose("evaluate", [f"run_dir={run}", "splits=[test,holdout]"]))
+    if not torch.cuda.is_available():  # used to say "not a model.pt ... retrain"
+        msg = _raises(evaluate.EvalError, r"device=cuda but this machine has 0 CUDA GPU\(s\): use device=cpu",
+                      evaluate.main, compose("evaluate", [f"run_dir={run}", "device=cuda"]))
+        assert "retrain" not in msg
+
+
+# -- 5. loaded weights are checked ------------------------------------------------------------------------
+
+def _encoder_ckpt(tiny, path: Path, mutate) -> Path:
+    from model import EncoderPretrainer, ModelConfig
+
+    cfg = tiny.compose("pretrain")
+    mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
+    torch.manual_seed(0)
+    save_encoder_checkpoint(path, EncoderPretrainer(mcfg), 5, {"model": mcfg.to_dict()})
+    ck = torch.load(path, weights_only=True)
+    mutate(ck)
+    torch.save(ck, path)
+    return path
+
+
+def _first_key(ck, part="encoder_state_dict"):
+    return next(iter(ck[part]))
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda ck: ck["encoder_state_dict"][_first_key(ck)].fill_(float("nan")),
+     r"'encoder_state_dict\.\S+' holds NaN or infinite values"),
+    (lambda ck: ck["embed_ln_state_dict"].update(weight=torch.ones(32, dtype=torch.int64)),
+     r"'embed_ln_state_dict.weight' has dtype torch.int64, the model needs torch.float32"),
+    (lambda ck: ck["embed_ln_state_dict"].update(weight=torch.ones(7)),
+     r"'embed_ln_state_dict.weight' has shape \[7\], the model needs \[32\]"),
+    (lambda ck: ck.update(encoder_state_dict=list(ck["encoder_state_dict"].values())),
+     r"'encoder_state_dict' is a list, not a dict of tensors"),
+    (lambda ck: ck.update(config=None), r"has a NoneType as 'config' instead of the dict"),
+    (lambda ck: ck.update(config="ad_compressed"), r"has a str as 'config' instead of the dict"),
+    (lambda ck: ck.update(config={"model": "x"}), r"has a str as config\['model'\]"),
+])
+def test_bad_encoder_weights_name_the_first_bad_key(tiny, tmp_path, mutate, match):
+    p = _encoder_ckpt(tiny, tmp_path / "enc.pt", mutate)
+    _raises(EncoderCheckpointError, match, train.main,
+            tiny.compose("train", f"model.pretrained_encoder_path={p}", run_dir=tmp_path / "r"))
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("sample", ["true", "false"])
+def test_evaluate_refuses_a_nan_model(finished, tmp_path, sample):
+    """Sampling from NaN logits used to crash in torch.multinomial; argmax wrote an all-zero eval.json."""
+    run = tmp_path / "nan"
+    shutil.copytree(finished / "runs" / "done", run)
+    ck = torch.load(run / "model.pt", weights_only=True)
+    key = min(ck["model_state_dict"])
+    ck["model_state_dict"][key].fill_(float("nan"))
+    torch.save(ck, run / "model.pt")
+    _raises(evaluate.EvalError, rf"'model_state_dict.{key}' holds NaN or infinite values", evaluate.main,
+            compose("evaluate", [f"run_dir={run}", f"sample={sample}", "n_episodes=2", "progress=false"]))
+    assert not (run / "eval.json").exists()
+
+
+# -- 6. settings that would be silently ignored ------------------------------------------------------------
+
+def test_fp16_on_cpu_is_refused_and_warmup_beyond_the_run_is_reported(tiny, tmp_path, capsys, one_thread):
+    if not torch.cuda.is_available():
+        _raises(ConfigError, r"mixed_precision=fp16 needs a CUDA GPU but this run is on the CPU", train.main,
+                tiny.compose("train", "mixed_precision=fp16", "cpu=true", run_dir=tmp_path / "fp16"))
+        assert not (tmp_path / "fp16").exists()
+    train.main(tiny.compose("train", "max_steps=2", "warmup_steps=10", run_dir=tmp_path / "w"))
+    assert "warning: warmup_steps=10 > max_steps=2: the learning rate is still warming up" in capsys.readouterr().out
+
+
+def test_collect_warns_when_the_source_does_not_learn(tmp_path, capsys):
+    _collect(tmp_path / "ok", "source.n_stream=1", "source.n_steps=1000", "source.n_stream_eval=0")
+    assert "did not learn" not in capsys.readouterr().out
+    _collect(tmp_path / "flat", "source.n_stream=1", "source.n_steps=1000", "source.n_stream_eval=0",
+             "source.lr=1e-9")
+    assert "warning: the source did not learn: its last-5-episode return" in capsys.readouterr().out
+
+
+def test_two_stage_refuses_a_dataset_collected_with_other_settings(tiny, tmp_path, monkeypatch, capsys):
+    import two_stage
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--dry-run", f"data_path={tiny.data_path}"]
+    _raises(two_stage.PipelineError, r"was collected with other settings than asked \(source.n_stream: 4 -> 3\): "
+            r"pass collect:overwrite=true", two_stage.main, [*base, "collect:source.n_stream=3", "source.n_steps=200"])
+    two_stage.main([*base, "--pretrain-only"])  # defaults differ from the tiny data: reused, but said
+    assert "[collect] note: the dataset at" in capsys.readouterr().out
+    for n in ("-1", "0"):
+        _raises(two_stage.PipelineError, rf"--num-processes {n} must be an integer >= 1", two_stage.main,
+                ["--accelerate", "--num-processes", n, *base])
+
+
+# -- 7. leftovers of killed processes ----------------------------------------------------------------------
+
+def test_collect_cleans_temp_folders_and_restores_a_hidden_dataset(tiny, tmp_path, capsys):
+    data = tmp_path / "ds"
+    (tmp_path / ".ds.tmp-123-abc").mkdir()
+    (tmp_path / ".ds.tmp-123-abc" / "states.npy").write_bytes(b"partial")
+    shutil.copytree(tiny.data_path, tmp_path / ".ds.old-456-def")  # killed between the overwrite's two renames
+    before = (tmp_path / ".ds.old-456-def" / "actions.npy").read_bytes()
+    _raises(DatasetError, r"no dataset at .*ds, but an interrupted collect left the previous one in .*\.ds\.old-456"
+            r"-def: run `python collect.py", load_histories, data, compose("collect", []).env)
+    _raises(DatasetError, r"a dataset already exists at", _collect, data)  # restored first, then not replaced
+    out = capsys.readouterr().out
+    assert "note: restored the previous dataset at" in out and "note: removed .ds.tmp-123-abc" in out
+    assert (data / "actions.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_run_dir_leftovers_are_removed_and_reported(tiny, finished, tmp_path, capsys, one_thread):
+    run = tmp_path / "run"
+    shutil.copytree(finished / "runs" / "done", run)
+    (run / ".encoder-pretrained-final.pt.k2j3.tmp").write_bytes(b"torn")
+    (run / "checkpoints" / ".tmp-step-00000004").mkdir()
+    half = run / "checkpoints" / "step-00000001"  # a prune cut short: only loop_state.json left
+    half.mkdir()
+    (half / "loop_state.json").write_text('{"step": 1}')
+    assert [s for s, _ in loop.checkpoints(run)] == [2]  # the half-deleted one does not count
+    train.main(tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
+    out = capsys.readouterr().out
+    assert "note: removed 3 leftover(s) of an interrupted run" in out and ".encoder-pretrained-final" in out
+    assert not list(run.rglob(".*")) and not half.exists()
+
+
+def test_pruning_renames_before_deleting(tmp_path, monkeypatch):
+    """An interrupted prune may leave a .old-step-N folder (cleaned next start), never a half step-N."""
+    acc = loop.make_accelerator(loop.LoopSettings(10, 1, 1e-3, cpu=True))
+    model = acc.prepare(torch.nn.Linear(2, 2))
+    acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))  # save_state writes optimizer.bin
+    run = tmp_path / "run"
+    for step in (1, 2):
+        loop.save_checkpoint(acc, run, step, keep_last=2)
+    deleted = []
+    monkeypatch.setattr(loop.shutil, "rmtree", lambda p, **kw: deleted.append(Path(p).name))
+    loop.save_checkpoint(acc, run, 3, keep_last=2)
+    assert deleted[-1] == ".old-step-00000001"  # the pruned step-1 went through a rename
+    assert [s for s, _ in loop.checkpoints(run)] == [2, 3] and loop.leftovers(run)[0].name == ".old-step-00000001"
+
+
+# -- disk full, read-only folders, interrupted commands ----------------------------------------------------
+
+def _oserror(code):
+    def fail(*a, **kw):
+        raise OSError(code, os.strerror(code))
+    return fail
+
+
+def test_disk_full_in_collect_keeps_the_old_dataset(tiny, tmp_path, monkeypatch):
+    import histories
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny.data_path, data)
+    before = (data / "actions.npy").read_bytes()
+    monkeypatch.setattr(histories.np, "save", _oserror(errno.ENOSPC))
+    _raises(DatasetError, r"cannot write the dataset .*ds \(no space left on device\); nothing was replaced",
+            _collect, data, "overwrite=true")
+    assert (data / "actions.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoint(tiny, tmp_path, monkeypatch, one_thread):
+    from accelerate import Accelerator
+
+    real, calls = Accelerator.save_state, []
+
+    def save_state(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    _raises(loop.RunDirError, r"cannot write checkpoint .*step-00000004 \(no space left on device\); the earlier "
+            r"checkpoints are intact.*resume=true", train.main,
+            tiny.compose("train", "max_steps=6", "checkpoint_every=2", run_dir=tmp_path / "r"))
+    assert [s for s, _ in loop.checkpoints(tmp_path / "r")] == [2]
+    assert not loop.leftovers(tmp_path / "r")
+
+
+def test_read_only_run_dir_is_one_line(tiny, finished, tmp_path, monkeypatch, one_thread):
+    """As root a chmod does not stop writes, so the read-only file system is simulated where we write."""
+    run = tmp_path / "run"
+    shutil.copytree(finished / "runs" / "done", run)
+    monkeypatch.setattr(loop, "atomic_write_text", _oserror(errno.EROFS))
+    _raises(loop.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
+            tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
+    monkeypatch.setattr(loop, "_remove", _oserror(errno.EACCES))
+    _raises(loop.RunDirError, r"\(permission denied\)", train.main,
+            tiny.compose("train", "max_steps=3", "overwrite=true", data_path=finished / "data", run_dir=run))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", _oserror(errno.EROFS))
+    _raises(evaluate.EvalError, r"cannot write into run_dir .* \(read-only file system\): evaluate writes eval.json",
+            evaluate.main, compose("evaluate", [f"run_dir={run}"]))
+
+
+def test_only_project_errors_become_one_line():
+    """A ValueError / FileNotFoundError from a library (or a bug) keeps its traceback."""
+    errs = hydra_cli.user_errors()
+    assert ValueError not in errs and FileNotFoundError not in errs and OSError not in errs
+    assert all(e.__module__.split(".")[0] in {"histories", "loop", "model", "hydra_cli", "evaluate"} for e in errs)
+    assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
+    assert collect.ConfigError is ConfigError
