@@ -18,7 +18,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from dataset import SegmentBatches, cfg_get, collate, segment_mask
+import numpy as np
+
+from dataset import SegmentBatches, cfg_get, collate, sample_specs, segment_mask
 
 __all__ = ["PretrainBatches", "collate", "segment_mask"]
 
@@ -27,30 +29,57 @@ class PretrainBatches(SegmentBatches):
     """Deterministic, resumable stage-1 batches; item k = this rank's rows of global batch k.
 
     depth_weights: one weight per depth 1..max_depth (None -> d+1, i.e. [2, 3, 4] for max_depth 3).
+    depth_starts: optional curriculum, one global-batch index per depth 2..max_depth: depth d is drawn
+    only from batch depth_starts[d-2] on (before it, the weights of the depths already open are used,
+    renormalised). Batch k stays a pure function of (seed, k).
     """
 
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  max_depth: int = 3, depth_weights: Sequence[float] | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 static_shapes: bool = False):
+                 static_shapes: bool = False, depth_starts: Sequence[int] | None = None):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=1,
                          max_depth=max_depth, depth_weights=depth_weights, win_len_min=0, win_len_max=0,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
                          name="PretrainBatches", static_shapes=static_shapes)
+        self.depth_starts = None if depth_starts is None else [int(x) for x in depth_starts]
+        if self.depth_starts is not None and (len(self.depth_starts) != max_depth - 1
+                                              or any(x < 0 for x in self.depth_starts)):
+            raise ValueError(f"PretrainBatches: depth curriculum needs one start >= 0 per depth 2..{max_depth}, "
+                             f"got {self.depth_starts}")
+
+    def global_specs(self, k: int):
+        if self.depth_starts is None:
+            return super().global_specs(k)
+        # The base class's draw with this batch's curriculum weights (depths not yet open get weight 0).
+        open_ = np.asarray([True] + [k >= s for s in self.depth_starts])
+        w = np.where(open_, self.depth_probs, 0.0)
+        if w.sum() <= 0:  # only depths of weight 0 are open yet: depth 1
+            w = (self.depths == 1).astype(float)
+        rng = np.random.default_rng([self.seed, int(k)])
+        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths, w / w.sum(),
+                            self.max_depth, self.seg_len, self.min_seg_len, self.win_len_min, self.win_len_max)
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
                  world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
-                 seed: int | None = None) -> PretrainBatches:
+                 seed: int | None = None, curriculum: bool = False) -> PretrainBatches:
         """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, pretrain_depth_weights, static_shapes}
         (null weights -> d+1 = [2, 3, 4]), cfg.batch_size (GLOBAL batch), cfg.seed;
-        `batch_size` / `seed` given here take their place."""
+        `batch_size` / `seed` given here take their place. curriculum=True applies
+        cfg.model.pretrain_depth_curriculum (fractions of pretrain_steps at which depths 2.. join; the
+        training stream only, never the diagnostics)."""
         m = cfg_get(cfg, "model")
         if batch_size is None:
             batch_size = cfg_get(cfg, "batch_size")
         if seed is None:
             seed = cfg_get(cfg, "seed")
-        return cls(histories, split, batch_size=batch_size,
+        starts = None
+        fracs = cfg_get(m, "pretrain_depth_curriculum", None) if curriculum else None
+        if fracs is not None:
+            per_step = int(cfg_get(cfg, "grad_accum", 1) or 1)  # batches are indexed by micro-batch
+            starts = [int(round(float(f) * int(cfg_get(m, "pretrain_steps")) * per_step)) for f in fracs]
+        return cls(histories, split, batch_size=batch_size, depth_starts=starts,
                    seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
                    depth_weights=cfg_get(m, "pretrain_depth_weights", None),

@@ -50,14 +50,21 @@ class ReconstructionTask:
                             "data_fingerprint": hist.fingerprint}
         self.accelerator = None  # set by loop.fit
 
-    def _dataset(self, split, rank, world, batch, seed):
-        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed)
+    def _dataset(self, split, rank, world, batch, seed, curriculum=False):
+        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed,
+                                        curriculum=curriculum)
 
     def batches(self, start, rank, world, micro_batch):
-        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed)
-        # Diagnostics use held-out goals' histories when the dataset has them (generalisation, not recall).
-        split = "test" if len(self.hist.split_indices("test")) else "train"
-        self.diag = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed, curriculum=True)
+        # Diagnostics on goals never trained on (generalisation, not recall): the validation goals during
+        # training (what choices may be made on); the test goals once at the end, for reported figures.
+        self.diag = {}
+        for split in ("val", "test"):
+            if len(self.hist.split_indices(split)):
+                self.diag[split] = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        if not self.diag:  # a dataset with no held-out goals at all: train goals, rather than nothing
+            self.diag["train"] = self._dataset("train", rank, world, micro_batch, self.cfg.seed + 1_000_003)
+        self.diag_split = next(iter(self.diag))
         device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
@@ -69,14 +76,16 @@ class ReconstructionTask:
         return batch["seg_len"].sum()  # transitions reconstructed (a device tensor: no host sync)
 
     @torch.no_grad()
-    def diagnostics(self, run, model) -> dict:
-        """Reconstruction quality and collapse detectors on fixed held-out batches (all ranks, reduced)."""
+    def diagnostics(self, run, model, split: str | None = None, prefix: str = "pretrain/") -> dict:
+        """Reconstruction quality and collapse detectors on fixed batches of `split`'s goals (default: the
+        validation goals), all ranks, reduced."""
+        diag = self.diag[split or self.diag_split]
         net = loop.unwrap(run.accelerator, model)
         net.eval()
         sums: dict[str, float] = {}
         counts: dict[str, int] = {}
         for k in range(self.cfg.diag_batches):
-            b = {key: v.to(run.accelerator.device) for key, v in self.diag[k].items()}
+            b = {key: v.to(run.accelerator.device) for key, v in diag[k].items()}
             out = net(b)
             loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], self.mcfg)
             # Ablation: every sample decodes from another sample's latents. Zero gap = latents carry nothing.
@@ -86,13 +95,13 @@ class ReconstructionTask:
             vals = {"heldout_loss": loss.item(), "ablation_gap": (loss_shuf - loss).item(),
                     "latent_effective_rank": effective_rank(out["latents"])}
             vals.update(reconstruction_metrics(out["pred"], b["seg"], b["seg_len"], b["depth"], self.mcfg,
-                                               self.mcfg.max_compression_depth))
+                                               self.mcfg.max_compression_depth, ablated_pred=shuffled["pred"]))
             for key, v in vals.items():
                 sums[key] = sums.get(key, 0.0) + v
                 counts[key] = counts.get(key, 0) + 1
         net.train()
         # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
-        return {f"pretrain/{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
+        return {f"{prefix}{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
 
     def on_step(self, run, step):
         final = step == run.settings.max_steps  # on_end runs and logs the final diagnostics once
@@ -105,11 +114,18 @@ class ReconstructionTask:
     def on_end(self, run, step):
         diag = self.diagnostics(run, run.model)
         run.log(diag, step)
+        test = {}
+        if "test" in self.diag and self.diag_split != "test":  # the reported figures, logged once
+            test = self.diagnostics(run, run.model, "test", prefix="pretrain_test/")
+            run.log(test, step)
         if run.is_main:
             save_encoder_checkpoint(run.run_dir / "encoder-pretrained-final.pt",
                                     loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
         run.accelerator.wait_for_everyone()
+        # done.json: the validation-goal diagnostics as top-level keys, the test-goal ones under "test".
         return {k.replace("pretrain/", ""): v for k, v in diag.items()} | {
+            "diagnostics_split": self.diag_split,
+            "test": {k.replace("pretrain_test/", ""): v for k, v in test.items()},
             "encoder_checkpoint": str(run.run_dir / "encoder-pretrained-final.pt")}
 
 

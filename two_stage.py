@@ -272,7 +272,11 @@ def print_report(out: dict) -> None:
                  ("held-out optimal return", test.get("optimal_mean")),
                  ("held-out last episodes / optimal", test.get("last_k_normalized"))]
     if "pretrain" in out:
-        rows.append(("stage-1 correlation (held-out goals)", out["pretrain"].get("correlation")))
+        pre = out["pretrain"]
+        # R² against each feature's own mean: a decoder that ignores the latents scores 0 (see model/losses.py).
+        rows += [("stage-1 R² (diagnostic goals; constant = 0)", pre.get("r2")),
+                 ("stage-1 transition exact match", pre.get("acc_exact")),
+                 ("  majority-class predictor", pre.get("baseline_acc_exact"))]
     for name, v in rows:
         print(f"  {name:<40} {v:8.3f}" if isinstance(v, (int, float)) else f"  {name:<40} {v}")
     if "train_run_dir" in out:

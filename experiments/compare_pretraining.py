@@ -306,8 +306,14 @@ def check_dataset(data_path: Path, want: dict, warn_only: bool = False) -> None:
                            f"recollect it (python collect.py ... overwrite=true) or pass another data_path=...")
 
 
-def make_plan(a, routed: dict) -> Plan:
+def make_plan(a, routed: dict, tag: str = "", pretrain_dir: Path | None = None,
+              long_eval: bool = True) -> Plan:
+    """The jobs of one comparison. experiments/pretrain_budget.py plans one comparison per stage-2 budget
+    with the same stage 1: `tag` (e.g. "b500") prefixes the stage-2 run dirs and job names, `pretrain_dir`
+    holds the stage-1 runs (default <out>/runs), `long_eval=False` drops the long rollouts."""
     runs_dir = a.out / "runs"
+    pretrain_dir = runs_dir if pretrain_dir is None else pretrain_dir
+    pre = f"{tag}-" if tag else ""
     # 1. data (collect.py resolves a relative data_path against the launch directory, as we do)
     ccfg = compose("collect", routed["collect"])
     data_path = Path(str(ccfg.data_path)).expanduser().resolve()
@@ -338,7 +344,7 @@ def make_plan(a, routed: dict) -> Plan:
     pretrain_runs = {}
     if any(arm in PRETRAINED_ARMS for arm in a.arms):
         for s in a.seeds:
-            rd = runs_dir / f"pretrain-seed{s}"
+            rd = pretrain_dir / f"pretrain-seed{s}"
             ov = routed["pretrain"] + common + [f"seed={s}", f"run_dir={rd}"]
             cfg = _plain(compose("pretrain", ov))
             state = _run_state(rd, cfg, int(cfg["model"]["pretrain_steps"]), "stage-1", a.force, a.report_only)
@@ -364,7 +370,7 @@ def make_plan(a, routed: dict) -> Plan:
     evals: list[Job] = []
     for s in a.seeds:
         for arm in a.arms:
-            rd = runs_dir / f"{arm}-seed{s}"
+            rd = runs_dir / f"{pre}{arm}-seed{s}"
             ov = (routed["train"] + arm_overrides(arm, s, a, pretrain_runs.get(s)) + common
                   + [f"seed={s}", f"run_dir={rd}"])
             cfg = _plain(compose("train", ov))
@@ -373,10 +379,10 @@ def make_plan(a, routed: dict) -> Plan:
             if deps and state == "reuse" and not a.dry_run:
                 raise CompareError(f"{rd} is finished, but the stage-1 run it started from ({pretrain_runs[s]}) "
                                    f"is not: it would be trained anew under a finished run; pass --force")
-            tname = f"train:{arm}-seed{s}"
+            tname = f"train:{pre}{arm}-seed{s}"
             add(Job(tname, "train", ov, deps, run_dir=rd, out_file=rd / "done.json"), state)
-            for out_name, extra in (("eval", []), ("eval_long", long_extra)):
-                ename = f"{out_name}:{arm}-seed{s}"
+            for out_name, extra in (("eval", []), ("eval_long", long_extra))[: 2 if long_eval else 1]:
+                ename = f"{out_name}:{pre}{arm}-seed{s}"
                 keys = {_key(o) for o in extra}  # the long eval's own settings replace the preset's
                 eov = [o for o in eval_base if _key(o) not in keys] + [f"run_dir={rd}", f"out_name={out_name}"] + extra
                 ok = state == "reuse" and _eval_reusable(rd, out_name, eval_cfgs[out_name])

@@ -97,7 +97,7 @@ class CompressedAD(Compressor):
             out["seg_logits"] = seg_logits[:, n_old:]
         if self.recon is not None and latents is not None:
             # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
-            out["recon_pred"] = self.recon(latents, seg.shape[1], seg.shape[2])
+            out["recon_pred"] = self.recon(latents, seg, seg_len)
         return out
 
     # ---- teacher-forced replay of the rollout schedule ---------------------------------------------------

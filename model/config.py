@@ -33,7 +33,8 @@ class ModelConfig:
     detach_old_latents: bool = False  # stop gradients through all but the most recent compression
     label_segments: bool = True  # also predict the actions inside compressed segments (see CompressedAD)
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
-    recon_loss: str = "mse"  # 'mse' on f(tau) (default, docs/design.md §5) or 'ce' (per-field cross-entropy)
+    recon_loss: str = "mse"  # 'mse' on f(tau) (docs/design.md §5) or 'ce' (per-field cross-entropy)
+    recon_decoder: str = "parallel"  # ReconstructionDecoder: 'parallel' (latents only) | 'causal' (teacher-forced)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
@@ -69,6 +70,8 @@ class ModelConfig:
              "model.n_layer, model.enc_n_layer and model.recon_n_layer must all be >= 1")
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         need(self.recon_loss in ("mse", "ce"), f"model.recon_loss={self.recon_loss!r}: use 'mse' or 'ce'")
+        need(self.recon_decoder in ("parallel", "causal"),
+             f"model.recon_decoder={self.recon_decoder!r}: use 'parallel' or 'causal'")
         need(self.max_compression_depth >= 0,
              f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")

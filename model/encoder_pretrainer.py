@@ -28,5 +28,5 @@ class EncoderPretrainer(Compressor):
         latents, has = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents)
         if latents_override is not None:
             latents = latents_override
-        pred = self.recon(latents, seg.shape[1], seg.shape[2])
+        pred = self.recon(latents, seg, seg_len)
         return {"pred": pred, "latents": latents, "has_latents": has}

@@ -2,8 +2,9 @@
 
 Stage 2: cross-entropy over every valid window position (S labels per sample, not 1).
 Stage 1: reconstruction of the raw transition features f(tau) of every folded transition, plus the
-metrics that reveal a collapsed encoder (correlation, per-field accuracy, latent effective rank,
-latent-ablation gap).
+metrics a decoder that ignores the latents cannot fake (R² against each feature's own mean, per-field
+exact accuracy beside the majority-class accuracy, whole-transition exact match, the same scores with
+shuffled latents) and the collapse detectors (latent effective rank, latent-ablation gap).
 """
 
 from __future__ import annotations
@@ -61,6 +62,18 @@ def _field_slices(cfg: ModelConfig):
     return out
 
 
+# The four fields a transition is scored on: which packed columns (sx, sy, a, r, nsx, nsy) and which
+# features of f(tau) = [s/(G-1), onehot(a), r, s'/(G-1)] belong to each. A state counts as right only if
+# both coordinates are.
+FIELD_COLS = {"state": (0, 1), "action": (2,), "reward": (3,), "next_state": (4, 5)}
+
+
+def _feature_slices(cfg: ModelConfig) -> dict:
+    a = cfg.n_actions
+    return {"state": slice(0, 2), "action": slice(2, 2 + a), "reward": slice(2 + a, 3 + a),
+            "next_state": slice(3 + a, 5 + a)}
+
+
 def reconstruction_loss(pred: torch.Tensor, seg: torch.Tensor, seg_len: torch.Tensor, cfg: ModelConfig):
     """pred [B, D, S, out] vs the raw transitions seg [B, D, S, 6]; mean over real transitions."""
     mask = lengths_mask(seg_len, seg.shape[2])  # [B, D, S]
@@ -89,6 +102,20 @@ def decode_fields(pred: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     return torch.stack([pred[..., sl].argmax(-1) for sl in _field_slices(cfg)], dim=-1)
 
 
+def point_features(pred: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Predictions -> a point estimate of f(tau) [..., feat_dim], the thing R² scores. 'mse' predicts f(tau)
+    itself; for 'ce' it is the expectation under the predicted distributions (coordinates: expected cell;
+    action: the class probabilities, i.e. the expected one-hot; reward: P(r = 1)), the squared-error-optimal
+    point estimate of what the head believes."""
+    if cfg.recon_loss == "mse":
+        return pred.float()
+    g = cfg.grid_size
+    sx, sy, a, r, nx, ny = (pred[..., sl].float().softmax(-1) for sl in _field_slices(cfg))
+    cells = torch.arange(g, device=pred.device, dtype=torch.float32) / (g - 1)
+    coord = [(p * cells).sum(-1, keepdim=True) for p in (sx, sy, nx, ny)]
+    return torch.cat([coord[0], coord[1], a, r[..., 1:2], coord[2], coord[3]], dim=-1)
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.float().flatten(), y.float().flatten()
     x, y = x - x.mean(), y - y.mean()
@@ -110,37 +137,76 @@ def effective_rank(latents: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-@torch.no_grad()
-def reconstruction_metrics(pred, seg, seg_len, depth, cfg: ModelConfig, max_depth: int = 3) -> dict:
-    """Correlation and per-field accuracy, overall and by sample depth (for TensorBoard pretrain/*)."""
-    mask = lengths_mask(seg_len, seg.shape[2])
+def majority_fields(fields: torch.Tensor, grid_size: int) -> torch.Tensor:
+    """The majority-class predictor of a set of packed transitions [N, 6]: per field, its most common value
+    (a state is one class per grid cell, so the mode is of the (x, y) pair, not of each coordinate).
+    Returns one transition [6]; ties go to the smallest class."""
+    out = torch.zeros(6, dtype=torch.long, device=fields.device)
+    for cols in FIELD_COLS.values():
+        code = fields[:, cols[0]].long()
+        if len(cols) == 2:
+            code = code * grid_size + fields[:, cols[1]].long()
+        mode = torch.bincount(code).argmax()
+        if len(cols) == 2:
+            out[cols[0]], out[cols[1]] = mode // grid_size, mode % grid_size
+        else:
+            out[cols[0]] = mode
+    return out
+
+
+def field_scores(point: torch.Tensor, fields: torch.Tensor, target: torch.Tensor, truth: torch.Tensor,
+                 cfg: ModelConfig) -> dict:
+    """Scores of predictions on N transitions: point [N, F] / fields [N, 6] predicted, target [N, F] =
+    f(truth), truth [N, 6]. R² = 1 - SSE / SST with SST taken around each feature's own mean over these N
+    (so predicting the means scores exactly 0 and a perfect prediction 1), per field (pooled over the
+    field's features) and pooled over all features; exact accuracy per field and of whole transitions.
+    An R² whose SST is 0 (a field constant over these N) is undefined and left out."""
     out = {}
-    if cfg.recon_loss == "mse":
-        target = featurize(seg, cfg.grid_size, cfg.n_actions)
-        m = mask[..., None].expand_as(target)
-        out["correlation"] = pearson(pred.float()[m], target[m])
-    else:
-        out["correlation"] = pearson(decode_fields(pred, cfg)[mask].float(), seg[mask].float())
-    fields = decode_fields(pred, cfg)
-    truth = seg.long()
-    checks = {
-        "action": fields[..., 2] == truth[..., 2],
-        "state": (fields[..., 0:2] == truth[..., 0:2]).all(-1),
-        "next_state": (fields[..., 4:6] == truth[..., 4:6]).all(-1),
-        "reward": fields[..., 3] == truth[..., 3],
-    }
-    for name, ok in checks.items():
-        out[f"acc_{name}"] = float((ok & mask).sum() / mask.sum().clamp(min=1))
-        for d in range(1, max_depth + 1):
-            sel = mask & (depth[:, None, None] == d)
-            if sel.any():
-                out[f"acc_{name}_depth{d}"] = float((ok & sel).sum() / sel.sum())
-    for d in range(1, max_depth + 1):
-        sel = depth == d
-        if sel.any():
-            md = mask[sel]
-            if cfg.recon_loss == "mse":
-                t = featurize(seg[sel], cfg.grid_size, cfg.n_actions)
-                mm = md[..., None].expand_as(t)
-                out[f"correlation_depth{d}"] = pearson(pred[sel].float()[mm], t[mm])
+    err = (point.float() - target) ** 2
+    sst = (target - target.mean(0, keepdim=True)) ** 2
+    if sst.sum() > 0:
+        out["r2"] = float(1 - err.sum() / sst.sum())
+    for name, sl in _feature_slices(cfg).items():
+        if sst[:, sl].sum() > 0:
+            out[f"r2_{name}"] = float(1 - err[:, sl].sum() / sst[:, sl].sum())
+    for name, cols in FIELD_COLS.items():
+        out[f"acc_{name}"] = float((fields[:, cols] == truth[:, cols]).all(-1).float().mean())
+    out["acc_exact"] = float((fields == truth).all(-1).float().mean())
+    return out
+
+
+@torch.no_grad()
+def reconstruction_metrics(pred, seg, seg_len, depth, cfg: ModelConfig, max_depth: int = 3,
+                           ablated_pred: torch.Tensor | None = None) -> dict:
+    """Stage-1 scores that a decoder ignoring the latents cannot fake, overall and per sample depth (key
+    suffix _depth<d>), each beside the same score of the constant predictor on the same transitions:
+        r2, r2_<field>              variance explained (field_scores); baseline_r2* = the constant-mean
+                                    predictor's (0 by construction: the reference line, not a free number)
+        acc_<field>, acc_exact      exact per-field accuracy / whole-transition exact match;
+                                    baseline_acc_* = the majority-class predictor's (majority_fields)
+        correlation_pooled          Pearson correlation pooled over all features (NOT a fair score: the
+                                    features' different means alone give a constant predictor ~0.5)
+        ablation_r2, ablation_acc_* the same scores when the prediction came from another sample's latents
+                                    (`ablated_pred`, optional): what the decoder gets without the code
+    Fields: state, action, reward, next_state (a state is right only if both coordinates are)."""
+    mask = lengths_mask(seg_len, seg.shape[2])
+    target_all = featurize(seg, cfg.grid_size, cfg.n_actions)
+    point_all, fields_all = point_features(pred, cfg), decode_fields(pred, cfg)
+    if ablated_pred is not None:
+        abl_point, abl_fields = point_features(ablated_pred, cfg), decode_fields(ablated_pred, cfg)
+    scopes = [("", mask)] + [(f"_depth{d}", mask & (depth[:, None, None] == d)) for d in range(1, max_depth + 1)]
+    out = {}
+    for suffix, sel in scopes:
+        if not sel.any():
+            continue  # a depth not drawn in this batch
+        target, truth = target_all[sel], seg[sel].long()
+        scores = field_scores(point_all[sel], fields_all[sel], target, truth, cfg)
+        const = target.mean(0, keepdim=True).expand_as(target)
+        majority = majority_fields(truth, cfg.grid_size).expand_as(truth)
+        scores |= {f"baseline_{k}": v for k, v in field_scores(const, majority, target, truth, cfg).items()}
+        scores["correlation_pooled"] = pearson(point_all[sel], target)
+        if ablated_pred is not None:
+            abl = field_scores(abl_point[sel], abl_fields[sel], target, truth, cfg)
+            scores |= {f"ablation_{k}": v for k, v in abl.items() if k == "r2" or k.startswith("acc_")}
+        out |= {f"{k}{suffix}": v for k, v in scores.items()}
     return out
