@@ -208,11 +208,11 @@ def render_markdown(rep: dict) -> str:
     lines = [f"# Does pretraining help? The budget curve ({rep['experiment']})", "",
              f"- **Scale:** {rep['scale']}", f"- **Date:** {rep['date']}", f"- **Command:** `{rep['command']}`",
              f"- **Dataset:** `{rep['dataset']}`", f"- **Stage 1:** {rep['stage1']}",
-             f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over seeds; (n=k): only k seeds "
-             f"have the number, e.g. reached 0.8 of optimal)",
-             f"- **Compute:** stage-2-step equivalents; one stage-1 step costs "
-             f"{cp._fmt(rep['stage1_cost_per_step_vs_stage2'], '.2f')} stage-2 steps (measured wall time per step, "
-             f"median over this run's jobs)",
+             (f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over seeds; (n=k): only k "
+              f"seeds have the number, e.g. reached 0.8 of optimal)"),
+             (f"- **Compute:** stage-2-step equivalents; one stage-1 step costs "
+              f"{cp._fmt(rep['stage1_cost_per_step_vs_stage2'], '.2f')} stage-2 steps (measured wall time per "
+              f"step, median over this run's jobs)"),
              f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}", "",
              "| arm | stage-2 steps | stage-1 steps | compute | " + " | ".join(
                  f"{lab} ({b} is better)" for lab, b, _ in METRICS.values()) + " |",
@@ -226,11 +226,11 @@ def render_markdown(rep: dict) -> str:
             cells.append(c)
         lines.append(f"| `{r['arm']}` | {r['stage2_steps']} | {r['stage1_steps']} | "
                      f"{cp._fmt(r['compute_stage2_step_equiv'], '.0f')} | " + " | ".join(cells) + " |")
-    lines += ["", "**What the data says** (difference of means, ± standard error of the difference; 'within "
-              "seed noise' when |difference| ≤ 2 SE):", ""] + (verdict(rep) or ["- no complete pair yet"])
-    lines += ["", "Held-out action NLL: train.py's `tf_loss_test` (teacher-forced over every step of every "
-              "test-goal history, each model with its rollout schedule). Returns: evaluate.py on the held-out "
-              f"goals, {rep['eval']}. Per-seed numbers and run dirs: summary.json. Plot: budget.png.", ""]
+    lines += ["", ("**What the data says** (difference of means, ± standard error of the difference; 'within "
+                   "seed noise' when |difference| ≤ 2 SE):"), ""] + (verdict(rep) or ["- no complete pair yet"])
+    lines += ["", ("Held-out action NLL: train.py's `tf_loss_test` (teacher-forced over every step of every "
+                   "test-goal history, each model with its rollout schedule). Returns: evaluate.py on the held-out "
+                   f"goals, {rep['eval']}. Per-seed numbers and run dirs: summary.json. Plot: budget.png."), ""]
     return "\n".join(lines)
 
 
