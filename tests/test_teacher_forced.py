@@ -23,12 +23,7 @@ TINY = {"d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 
         "context_len": 9, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 2, "aux_recon_weight": 0.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models are fastest on one thread
 
 
 def tiny_model(name, seed=0):
