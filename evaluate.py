@@ -359,7 +359,7 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2))
+    fig = Figure(figsize=(9.5, 4.2))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     colors = {"test": "tab:blue", "val": "tab:green", "train": "tab:orange"}
@@ -380,9 +380,9 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     ax.set_ylabel("episode return")
     ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120), binary=True)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
 
 
 def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:
