@@ -773,6 +773,37 @@ def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, 
     return rep
 
 
+def execute(a, collect: Job | None, jobs: list[Job]) -> tuple[dict, list[str]] | None:
+    """The runner both experiment scripts share. Prints the plan for --dry-run (and returns None: nothing
+    runs) or --report-only (nothing runs, the report is rewritten from disk); otherwise runs the collect job
+    (a failure stops everything) and then the others, --jobs at a time. Returns (timings, failed job names);
+    timings persist in <out>/timings.json across interrupted invocations."""
+    if a.dry_run or a.report_only:
+        for job in ([collect] if collect else []) + jobs:
+            deps = f"  (after {', '.join(job.deps)})" if job.deps else ""
+            print(f"[{'plan' if a.dry_run else 'not run'}]  {job.name} ({job.note}){deps}\n    $ {shlex.join(command(job, a))}")
+        if a.dry_run:
+            return None
+    timings_path = a.out / "timings.json"
+    timings = _read_json(timings_path) or {}
+    failed: list[str] = []
+    if not a.report_only:
+        a.out.mkdir(parents=True, exist_ok=True)
+        if collect is not None and run_jobs([collect], a, a.out / "logs", timings, timings_path):
+            raise SystemExit(1)
+        if jobs:
+            print(f"{len(jobs)} process(es) to run, {a.jobs} at a time; logs in {a.out / 'logs'}", flush=True)
+        failed = run_jobs(jobs, a, a.out / "logs", timings, timings_path)
+    return timings, failed
+
+
+def exit_if_failed(failed: list[str]) -> None:
+    if failed:
+        print(f"{len(failed)} job(s) failed or were skipped: {', '.join(failed)}; fix and rerun the same command "
+              f"(finished runs are reused)", file=sys.stderr)
+        raise SystemExit(1)
+
+
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -786,33 +817,15 @@ def main(argv=None) -> dict:
         print(f"[collect] dataset exists at {plan.data_path}; reusing it", flush=True)
     for name in plan.reused:
         print(f"[reuse] {name}: already complete; reusing it", flush=True)
-    todo = ([plan.collect] if plan.collect else []) + plan.jobs
-    if a.dry_run or a.report_only:
-        for job in todo:
-            deps = f"  (after {', '.join(job.deps)})" if job.deps else ""
-            print(f"[{'plan' if a.dry_run else 'not run'}]  {job.name} ({job.note}){deps}\n    $ {shlex.join(command(job, a))}")
-        if a.dry_run:
-            return {"plan": plan}
-    timings_path = a.out / "timings.json"
-    timings = _read_json(timings_path) or {}
-    failed: list[str] = []
-    if not a.report_only:
-        a.out.mkdir(parents=True, exist_ok=True)
-        if plan.collect is not None:
-            failed = run_jobs([plan.collect], a, a.out / "logs", timings, timings_path)
-            if failed:
-                raise SystemExit(1)
-        if plan.jobs:
-            print(f"{len(plan.jobs)} process(es) to run, {a.jobs} at a time; logs in {a.out / 'logs'}", flush=True)
-        failed = run_jobs(plan.jobs, a, a.out / "logs", timings, timings_path)
+    done = execute(a, plan.collect, plan.jobs)
+    if done is None:
+        return {"plan": plan}
+    timings, failed = done
     rep = write_report(a, plan, routed, command_line, timings, failed)
     print(f"\nwrote {a.out / 'table.md'}, table.json, curves.png"
           + ("" if rep["complete"] else f"  (INCOMPLETE: {', '.join(rep['missing'])})"), flush=True)
     print(render_markdown(rep).split("\n\nArms:")[0], flush=True)
-    if failed:
-        print(f"{len(failed)} job(s) failed or were skipped: {', '.join(failed)}; fix and rerun the same command "
-              f"(finished runs are reused)", file=sys.stderr)
-        raise SystemExit(1)
+    exit_if_failed(failed)
     return rep
 
 

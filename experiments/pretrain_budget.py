@@ -303,30 +303,14 @@ def main(argv=None) -> dict:
           f"{' '.join(map(str, a.seeds))} | experiment={a.experiment} | out {a.out}", flush=True)
     plans, jobs = make_plans(a, routed)
     collect = plans[0].collect
-    todo = ([collect] if collect else []) + jobs
-    if a.dry_run or a.report_only:
-        for job in todo:
-            deps = f"  (after {', '.join(job.deps)})" if job.deps else ""
-            print(f"[{'plan' if a.dry_run else 'not run'}]  {job.name} ({job.note}){deps}\n"
-                  f"    $ {shlex.join(cp.command(job, a))}")
-        if a.dry_run:
-            return {"plans": plans, "jobs": jobs}
-    timings_path = a.out / "timings.json"
-    timings = cp._read_json(timings_path) or {}
-    failed: list[str] = []
-    if not a.report_only:
-        a.out.mkdir(parents=True, exist_ok=True)
-        if collect is not None and cp.run_jobs([collect], a, a.out / "logs", timings, timings_path):
-            raise SystemExit(1)
-        print(f"{len(jobs)} process(es) to run, {a.jobs} at a time; logs in {a.out / 'logs'}", flush=True)
-        failed = cp.run_jobs(jobs, a, a.out / "logs", timings, timings_path)
+    done = cp.execute(a, collect, jobs)
+    if done is None:
+        return {"plans": plans, "jobs": jobs}
+    timings, failed = done
     rep = write_report(a, plans, routed, command_line, timings, failed)
     print(f"\nwrote {a.out / 'summary.json'}, table.md, budget.png", flush=True)
     print(render_markdown(rep), flush=True)
-    if failed:
-        print(f"{len(failed)} job(s) failed or were skipped: {', '.join(failed)}; fix and rerun the same command "
-              f"(finished runs are reused)", file=sys.stderr)
-        raise SystemExit(1)
+    cp.exit_if_failed(failed)
     return rep
 
 
