@@ -55,27 +55,14 @@ import torch
 
 from histories import DatasetError
 from model.config import ConfigError
-
-# Column layout of a packed transition (docs/design.md §4.1: (sx, sy, a, r, nsx, nsy)).
-N_FIELDS = 6
-ACTION_COL = 2
+from transition import N_FIELDS, pack
 
 _MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers used by the model / loss code
+# The packed histories
 # --------------------------------------------------------------------------------------------------
-
-def segment_mask(seg_len: torch.Tensor, S: int) -> torch.Tensor:
-    """bool [B, D, S]: True at valid positions of each segment slot (position < seg_len)."""
-    return torch.arange(S, device=seg_len.device) < seg_len.unsqueeze(-1)
-
-
-def window_mask(win_len: torch.Tensor, W: int) -> torch.Tensor:
-    """bool [B, W]: True at valid window positions (position < win_len); the loss uses exactly these."""
-    return torch.arange(W, device=win_len.device) < win_len.unsqueeze(-1)
-
 
 def pack_transitions(histories: Any) -> np.ndarray:
     """Flat [N*T + 1, 6] uint8 (sx, sy, a, r, nsx, nsy), in RAM; the extra last row is all zeros.
@@ -83,18 +70,13 @@ def pack_transitions(histories: Any) -> np.ndarray:
     Done once so that a batch gather is a single `np.take` instead of four (and so that DataLoader
     workers do not page through four memory-maps): 7,300 x 1,000 histories -> 44 MB. Padding positions
     index the zero row, so gathered batches come out zero-padded with no masking pass.
-    `flat[:-1].reshape(N, T, 6)` is the per-history view.
+    `flat[:-1].reshape(N, T, N_FIELDS)` is the per-history view.
     """
     states = np.asarray(histories.states)
     n, t = states.shape[:2]
-    parts = [
-        states,
-        np.asarray(histories.actions)[..., None],
-        np.asarray(histories.rewards)[..., None],
-        np.asarray(histories.next_states),
-    ]
     flat = np.zeros((n * t + 1, N_FIELDS), dtype=np.uint8)
-    np.concatenate(parts, axis=-1, out=flat[:-1].reshape(n, t, N_FIELDS))
+    pack(states, np.asarray(histories.actions), np.asarray(histories.rewards), np.asarray(histories.next_states),
+         out=flat[:-1].reshape(n, t, N_FIELDS))
     return flat
 
 

@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from dataset import SegmentBatches, cfg_get, collate, sample_specs, segment_mask
+from dataset import SegmentBatches, cfg_get, collate, sample_specs
 
-__all__ = ["PretrainBatches", "collate", "segment_mask"]
+__all__ = ["PretrainBatches", "collate"]
 
 
 class PretrainBatches(SegmentBatches):

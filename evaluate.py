@@ -32,6 +32,7 @@ import config_check as cc
 import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
 from env import BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from transition import pack
 
 FORMAT_VERSION = 1
 
@@ -109,8 +110,7 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
                     else:
                         actions = logits.argmax(dim=-1)
                     next_states, rewards, _ = env.step(actions)
-                    trans = torch.stack([states[:, 0], states[:, 1], actions, rewards.long(),
-                                         next_states[:, 0], next_states[:, 1]], dim=-1)
+                    trans = pack(states.long(), actions, rewards.long(), next_states.long())
                     model.observe(st, trans)
                     if record:
                         rec_trans.append(trans)

@@ -42,11 +42,11 @@ from pathlib import Path
 
 import numpy as np
 
+import transition
 from atomic_io import fsync_dir, os_error_reason
 
 FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
 SPLITS = ("train", "val", "test")
-N_ACTIONS = 5
 # name -> (trailing shape after N, or after (N, T)); all arrays are uint8.
 ARRAY_SPECS = {
     "states": ("NT", (2,)),
@@ -110,12 +110,11 @@ class Histories:
         return fingerprint(self.meta, {k: getattr(self, k) for k in ARRAY_SPECS})
 
     def transitions(self, idx, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Packed transitions uint8 [..., L, 6] = (sx, sy, a, r, nsx, nsy) of histories `idx`, steps
-        [start, stop). `idx` may be an int or an index array (one fancy-index read per array)."""
+        """Packed transitions uint8 [..., L, 6] (transition.py: sx, sy, a, r, nsx, nsy) of histories `idx`,
+        steps [start, stop). `idx` may be an int or an index array (one fancy-index read per array)."""
         sl = slice(start, stop)
-        return np.concatenate([
-            self.states[idx, sl], self.actions[idx, sl, None], self.rewards[idx, sl, None],
-            self.next_states[idx, sl]], axis=-1)
+        return transition.pack(np.asarray(self.states[idx, sl]), self.actions[idx, sl], self.rewards[idx, sl],
+                               self.next_states[idx, sl])
 
 
 def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:

@@ -14,6 +14,7 @@ from model.compressor import TransitionEmbedding
 from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.transformer import init_weights
+from transition import N_FIELDS, STATE
 
 
 class AD(TransitionEmbedding):
@@ -25,7 +26,7 @@ class AD(TransitionEmbedding):
     def forward(self, batch: dict) -> dict:
         win = batch["win"]
         ctx = self.embed_transitions(win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), win[..., 0:2])
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), win[..., STATE])
         return {"logits": self.decoder(tokens)}
 
     @torch.no_grad()
@@ -49,21 +50,21 @@ class AD(TransitionEmbedding):
         for a in range(1, t_len - L + 1, per):  # window start a gives the action at step a + L - 1
             b = min(a + per, t_len - L + 1)
             wins = trans[:, a:b + L - 1].unfold(1, L, 1).permute(0, 1, 3, 2)  # [N, b-a, L, 6]
-            lg = self.forward({"win": wins.reshape(-1, L, 6)})["logits"][:, -1]
+            lg = self.forward({"win": wins.reshape(-1, L, N_FIELDS)})["logits"][:, -1]
             out.append(lg.view(n, b - a, -1))
         return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def init_rollout(self, n_envs: int, device, use_cache: bool = False) -> RolloutState:
         # Holds the last context_len - 1 transitions: with the current state they make a full window.
-        buf = torch.zeros(n_envs, max(self.cfg.context_len - 1, 1), 6, dtype=torch.long, device=device)
+        buf = torch.zeros(n_envs, max(self.cfg.context_len - 1, 1), N_FIELDS, dtype=torch.long, device=device)
         return RolloutState(buffer=buf, use_cache=False)
 
     @torch.no_grad()
     def act(self, st: RolloutState, states: torch.Tensor) -> torch.Tensor:
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
-                                            win[..., 0:2])
+                                            win[..., STATE])
         return self.decoder(tokens)[:, -1]
 
     @torch.no_grad()

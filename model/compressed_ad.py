@@ -20,6 +20,7 @@ from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.reconstruction import ReconstructionDecoder
 from model.transformer import init_weights
+from transition import N_FIELDS, STATE
 
 
 @dataclass
@@ -82,7 +83,7 @@ class CompressedAD(Compressor):
             has_p = [has, pre_has[rows[:, 0], rows[:, 1]]]
         all_win = torch.cat(wins, dim=0)
         ctx = self.embed_transitions(all_win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), all_win[..., 0:2])
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), all_win[..., STATE])
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
@@ -117,7 +118,7 @@ class CompressedAD(Compressor):
         s = self.cfg.seg_len
         n_win = -(-t_len // s)
         pad = n_win * s - t_len  # the last, partial window is causal: its padding affects nothing before it
-        segs = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad)).view(n, n_win, s, 6)
+        segs = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad)).view(n, n_win, s, N_FIELDS)
         emb = self.embed_transitions(segs)  # [N, n_win, S, d]
         full = torch.ones(n, s, dtype=torch.bool, device=trans.device)
 
@@ -144,14 +145,14 @@ class CompressedAD(Compressor):
         prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
         has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(emb.flatten(0, 1)),
-                                            segs.flatten(0, 1)[..., 0:2])
+                                            segs.flatten(0, 1)[..., STATE])
         logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
         return logits.view(n, n_win * s, -1)[:, :t_len]
 
     # ---- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
     def init_rollout(self, n_envs: int, device, use_cache: bool = True) -> RolloutState:
-        buf = torch.zeros(n_envs, self.cfg.seg_len, 6, dtype=torch.long, device=device)
+        buf = torch.zeros(n_envs, self.cfg.seg_len, N_FIELDS, dtype=torch.long, device=device)
         return RolloutState(buffer=buf, use_cache=use_cache)
 
     @torch.no_grad()
@@ -170,7 +171,7 @@ class CompressedAD(Compressor):
         # Recompute path (reference + benchmark): the whole window, and the prefix, every step.
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
-                                            win[..., 0:2])
+                                            win[..., STATE])
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=states.device)
         return self.decoder(tokens, prefix=st.latents, has_prefix=has if st.latents is not None else None)[:, -1]
 
@@ -194,6 +195,6 @@ class CompressedAD(Compressor):
 
 def _pad_state(states: torch.Tensor) -> torch.Tensor:
     """States [E, 2] -> a [E, 1, 6] pseudo-transition whose only read field is the state."""
-    out = torch.zeros(states.shape[0], 1, 6, dtype=torch.long, device=states.device)
-    out[:, 0, 0:2] = states.long()
+    out = torch.zeros(states.shape[0], 1, N_FIELDS, dtype=torch.long, device=states.device)
+    out[:, 0, STATE] = states.long()
     return out

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.embeddings import featurize
+from transition import ACTION, FIELD_COLUMNS, FIELDS, N_FIELDS
 
 
 def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -28,7 +29,7 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
     plus, when `seg_logits` [B, D', S, A] is given, every valid position of the batch's LAST D' compressed
     segment slots (D' < D when older folds ran without gradients, model.bptt_segments)."""
     win, win_len = batch["win"], batch["win_len"]
-    target = win[..., 2].long()
+    target = win[..., ACTION].long()
     mask = lengths_mask(win_len, win.shape[1])
     if last_only:
         mask = torch.zeros_like(mask)
@@ -37,7 +38,7 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
     if seg_logits is not None and not last_only and seg_logits.shape[1] > 0:
         d = seg_logits.shape[1]
         seg, seg_len = batch["seg"][:, -d:], batch["seg_len"][:, -d:]
-        terms.append((seg_logits, seg[..., 2].long(), lengths_mask(seg_len, seg.shape[2])))
+        terms.append((seg_logits, seg[..., ACTION].long(), lengths_mask(seg_len, seg.shape[2])))
     total = logits.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), device=logits.device)
     count = torch.zeros((), device=logits.device, dtype=torch.long)
@@ -54,7 +55,8 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
 # ---- stage 1 --------------------------------------------------------------------------------------------
 def _field_slices(cfg: ModelConfig):
     g, a = cfg.grid_size, cfg.n_actions
-    sizes = [g, g, a, 2, g, g]  # ce head layout: sx, sy, a, r, nsx, nsy
+    n_classes = {"sx": g, "sy": g, "a": a, "r": 2, "nsx": g, "nsy": g}
+    sizes = [n_classes[name] for name in FIELDS]  # ce head: one block of logits per packed column, in order
     out, o = [], 0
     for s in sizes:
         out.append(slice(o, o + s))
@@ -62,12 +64,9 @@ def _field_slices(cfg: ModelConfig):
     return out
 
 
-# The four fields a transition is scored on: which packed columns (sx, sy, a, r, nsx, nsy) and which
-# features of f(tau) = [s/(G-1), onehot(a), r, s'/(G-1)] belong to each. A state counts as right only if
+# The four fields a transition is scored on: their packed columns are transition.FIELD_COLUMNS, their
+# features of f(tau) = [s/(G-1), onehot(a), r, s'/(G-1)] are these slices. A state counts as right only if
 # both coordinates are.
-FIELD_COLS = {"state": (0, 1), "action": (2,), "reward": (3,), "next_state": (4, 5)}
-
-
 def _feature_slices(cfg: ModelConfig) -> dict:
     a = cfg.n_actions
     return {"state": slice(0, 2), "action": slice(2, 2 + a), "reward": slice(2 + a, 3 + a),
@@ -141,8 +140,8 @@ def majority_fields(fields: torch.Tensor, grid_size: int) -> torch.Tensor:
     """The majority-class predictor of a set of packed transitions [N, 6]: per field, its most common value
     (a state is one class per grid cell, so the mode is of the (x, y) pair, not of each coordinate).
     Returns one transition [6]; ties go to the smallest class."""
-    out = torch.zeros(6, dtype=torch.long, device=fields.device)
-    for cols in FIELD_COLS.values():
+    out = torch.zeros(N_FIELDS, dtype=torch.long, device=fields.device)
+    for cols in FIELD_COLUMNS.values():
         code = fields[:, cols[0]].long()
         if len(cols) == 2:
             code = code * grid_size + fields[:, cols[1]].long()
@@ -169,7 +168,7 @@ def field_scores(point: torch.Tensor, fields: torch.Tensor, target: torch.Tensor
     for name, sl in _feature_slices(cfg).items():
         if sst[:, sl].sum() > 0:
             out[f"r2_{name}"] = float(1 - err[:, sl].sum() / sst[:, sl].sum())
-    for name, cols in FIELD_COLS.items():
+    for name, cols in FIELD_COLUMNS.items():
         out[f"acc_{name}"] = float((fields[:, cols] == truth[:, cols]).all(-1).float().mean())
     out["acc_exact"] = float((fields == truth).all(-1).float().mean())
     return out

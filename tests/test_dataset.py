@@ -14,9 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dataset import HistoryBatches, batch_loader, collate, segment_mask, spec_items, window_mask
+from dataset import HistoryBatches, batch_loader, collate, spec_items
 from dataset_pretrain import PretrainBatches
 from histories import FORMAT_VERSION, Histories, load_histories, save_histories
+from model.losses import lengths_mask
+from transition import ACTION, NSX, NSY, REWARD, SX, SY
 
 N_HIST, T = 24, 600          # 24 histories: 0..17 'train', 18..23 'test'
 N_TEST = 6
@@ -51,9 +53,9 @@ def stage2(hist, **kw):
 
 def decode(trans):
     """[..., 6] long -> (time index of the state, time index of the next state, history id, reward)."""
-    t = trans[..., 0] + 256 * trans[..., 1]
-    nt = trans[..., 4] + 256 * trans[..., 5]
-    return t, nt, trans[..., 2], trans[..., 3]
+    t = trans[..., SX] + 256 * trans[..., SY]
+    nt = trans[..., NSX] + 256 * trans[..., NSY]
+    return t, nt, trans[..., ACTION], trans[..., REWARD]
 
 
 # -- format -------------------------------------------------------------------------------------------
@@ -75,7 +77,7 @@ def test_lengths_within_ranges(hist):
     ds = stage2(hist)
     for k in range(5):
         b = ds[k]
-        used = segment_mask(b["seg_len"], 1)[..., 0]       # slot used <=> length > 0
+        used = b["seg_len"] > 0                            # slot used <=> length > 0
         assert ((b["seg_len"][used] >= 10) & (b["seg_len"][used] <= 40)).all()
         assert ((b["win_len"] >= 5) & (b["win_len"] <= 40)).all()
         assert torch.equal(used.sum(1), b["depth"])
@@ -90,8 +92,9 @@ def test_default_window_is_full_seg_len(hist):
 
 def test_padding_is_zero(hist):
     b = stage2(hist)[1]
-    seg_pad = ~segment_mask(b["seg_len"], b["seg"].shape[2])
-    win_pad = ~window_mask(b["win_len"], b["win"].shape[1])
+    # The masks the losses use (model/losses.py): what they leave out must be exactly the zero padding.
+    seg_pad = ~lengths_mask(b["seg_len"], b["seg"].shape[2])
+    win_pad = ~lengths_mask(b["win_len"], b["win"].shape[1])
     assert seg_pad.any() and win_pad.any()
     assert (b["seg"][seg_pad] == 0).all() and (b["win"][win_pad] == 0).all()
 
@@ -186,7 +189,29 @@ def test_spec_items_match_source(hist):
     ds = stage2(hist, batch_size=4)
     specs = ds.global_specs(0)
     for item, h, ws, wl in zip(spec_items(ds.packed, specs), specs.hist, specs.win_start, specs.win_len):
-        assert np.array_equal(item["win"][:, 3], (np.arange(ws, ws + wl) + h) % 256)
+        assert np.array_equal(item["win"][:, REWARD], (np.arange(ws, ws + wl) + h) % 256)
+
+
+def test_transition_record_one_layout(hist):
+    """transition.pack is the one layout: the sampler's packed copy, Histories.transitions and a rollout's
+    torch record agree, and the named columns read back the four arrays."""
+    import transition
+    from dataset import pack_transitions
+
+    flat = pack_transitions(hist)
+    n, t = np.asarray(hist.states).shape[:2]
+    assert flat.shape == (n * t + 1, transition.N_FIELDS) and not flat[-1].any()  # the zero padding row
+    per_history = flat[:-1].reshape(n, t, transition.N_FIELDS)
+    assert np.array_equal(per_history[2:4], hist.transitions(np.arange(2, 4)))
+    tr = hist.transitions(5, 3, 10)
+    assert np.array_equal(transition.state(tr), hist.states[5, 3:10])
+    assert np.array_equal(transition.action(tr), hist.actions[5, 3:10])
+    assert np.array_equal(transition.reward(tr), hist.rewards[5, 3:10])
+    assert np.array_equal(transition.next_state(tr), hist.next_states[5, 3:10])
+    as_torch = transition.pack(*(torch.from_numpy(np.asarray(a[5, 3:10])).long() for a in
+                                 (hist.states, hist.actions, hist.rewards, hist.next_states)))
+    assert torch.equal(as_torch, torch.from_numpy(tr).long())
+    assert transition.FIELDS[transition.ACTION] == "a" and transition.N_FIELDS == 6
 
 
 # -- stage 1 --------------------------------------------------------------------------------------------

@@ -1,0 +1,60 @@
+"""The transition record, defined once (docs/design.md §4.1).
+
+A transition tau = (s, a, r, s') is stored packed as 6 integers, one column each:
+
+    column   0    1    2   3   4     5
+    field    sx   sy   a   r   nsx   nsy
+
+Histories on disk are four arrays (histories.py); everything after loading — the packed copy the
+samplers gather from (dataset.py), the batches, the model's embedding and losses (model/), the rollout's
+records (evaluate.py) and the same-position scoring (teacher_forced.py) — uses this layout and names its
+columns through this module instead of spelling indices. It imports neither torch nor model/, so the data
+side (histories.py) and the networks can both use it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FIELDS = ("sx", "sy", "a", "r", "nsx", "nsy")
+N_FIELDS = len(FIELDS)
+SX, SY, ACTION, REWARD, NSX, NSY = range(N_FIELDS)
+STATE = slice(SX, SY + 1)  # (sx, sy): a slice keeps the last dim, for [..., STATE] -> [..., 2]
+NEXT_STATE = slice(NSX, NSY + 1)  # (nsx, nsy)
+
+# The four fields a transition is scored on (stage-1 diagnostics): its columns. A state is one field of two
+# columns, so it counts as right only if both coordinates are.
+FIELD_COLUMNS = {"state": (SX, SY), "action": (ACTION,), "reward": (REWARD,), "next_state": (NSX, NSY)}
+
+
+def pack(states, actions, rewards, next_states, out=None):
+    """(s [..., 2], a [...], r [...], s' [..., 2]) -> packed transitions [..., 6], numpy or torch (the
+    inputs' kind; the caller gives them one dtype). `out` (numpy only) receives the result in place."""
+    parts = [states, actions[..., None], rewards[..., None], next_states]
+    if isinstance(states, np.ndarray):
+        return np.concatenate(parts, axis=-1, out=out)
+    import torch  # only for tensors: histories.py works on numpy without importing torch
+
+    if out is not None:
+        raise ValueError("pack: out= is for numpy arrays only")
+    return torch.cat(parts, dim=-1)
+
+
+def state(trans):
+    """[..., 6] -> the state (sx, sy) [..., 2]."""
+    return trans[..., STATE]
+
+
+def action(trans):
+    """[..., 6] -> the action [...]."""
+    return trans[..., ACTION]
+
+
+def reward(trans):
+    """[..., 6] -> the reward [...]."""
+    return trans[..., REWARD]
+
+
+def next_state(trans):
+    """[..., 6] -> the next state (nsx, nsy) [..., 2]."""
+    return trans[..., NEXT_STATE]
