@@ -343,6 +343,29 @@ class SegmentBatches(torch.utils.data.Dataset):
         self.depth_probs = np.asarray(self.depth_weights) / sum(self.depth_weights)
         self.rows = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
 
+    @classmethod
+    def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1,
+                 num_batches: int | None = None, batch_size: int | None = None, seed: int | None = None,
+                 **options: Any) -> SegmentBatches:
+        """The sampler a composed config describes. Reads cfg.model.{seg_len, min_seg_len,
+        max_compression_depth, static_shapes}, cfg.batch_size (the GLOBAL batch) and cfg.seed; `batch_size`
+        / `seed` given here take their place. Each stage's own keys come from `_cfg_options` (`options` go
+        to it)."""
+        m = cfg_get(cfg, "model")
+        return cls(histories, split,
+                   batch_size=cfg_get(cfg, "batch_size") if batch_size is None else batch_size,
+                   seed=cfg_get(cfg, "seed") if seed is None else seed,
+                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
+                   max_depth=cfg_get(m, "max_compression_depth"),
+                   static_shapes=bool(cfg_get(m, "static_shapes", False)),
+                   rank=rank, world_size=world_size, num_batches=num_batches,
+                   **cls._cfg_options(cfg, m, **options))
+
+    @classmethod
+    def _cfg_options(cls, cfg: Any, m: Any, **options: Any) -> dict:
+        """The constructor arguments only this kind of sampler takes, from the config (`m` = cfg.model)."""
+        raise NotImplementedError(f"{cls.__name__} has no config reader; use HistoryBatches or PretrainBatches")
+
     # -- validation ---------------------------------------------------------------------------------
     def _validate_settings(self) -> None:
         n = self.name
@@ -458,26 +481,12 @@ class HistoryBatches(SegmentBatches):
                          max_windows=max_windows)
 
     @classmethod
-    def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
-                 world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
-                 seed: int | None = None) -> HistoryBatches:
-        """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, depth_weights, win_len_min,
-        win_len_max, static_shapes} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size
-        (GLOBAL batch), cfg.seed;
-        `batch_size` / `seed` given here take their place."""
-        m = cfg_get(cfg, "model")
-        if batch_size is None:
-            batch_size = cfg_get(cfg, "batch_size")
-        if seed is None:
-            seed = cfg_get(cfg, "seed")
-        return cls(histories, split, batch_size=batch_size,
-                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
-                   max_depth=cfg_get(m, "max_compression_depth"),
-                   depth_weights=cfg_get(m, "depth_weights", None),
-                   win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
-                   seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                   static_shapes=bool(cfg_get(m, "static_shapes", False)),
-                   schedule=cfg_get(m, "schedule", "random"), max_windows=cfg_get(m, "max_windows", None))
+    def _cfg_options(cls, cfg: Any, m: Any) -> dict:
+        """Stage 2's keys for `from_cfg`: model.{depth_weights, win_len_min, win_len_max, schedule,
+        max_windows} (null weights -> d+1, null window bounds -> seg_len)."""
+        return {"depth_weights": cfg_get(m, "depth_weights", None),
+                "win_len_min": cfg_get(m, "win_len_min", None), "win_len_max": cfg_get(m, "win_len_max", None),
+                "schedule": cfg_get(m, "schedule", "random"), "max_windows": cfg_get(m, "max_windows", None)}
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
