@@ -26,7 +26,7 @@ puts back a previous dataset that a kill between the two renames of an overwrite
 
 `fingerprint(meta, arrays)` (also `Histories.fingerprint`) identifies a dataset's contents by what made it
 (env, split, source settings, seeds, sizes): runs record it, and resuming or loading an encoder trained on
-a dataset with another fingerprint is refused (loop.check_same_data, model/checkpoint.py).
+a dataset with another fingerprint is refused (rundir.check_same_data, model/checkpoint.py).
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
-"""The one training loop both stages share: Accelerator set-up, run directory, TensorBoard logging,
-checkpoint/resume. pretrain_encoder.py and train.py differ only in the `Task` they hand to `fit`
-(model, data, loss, periodic extras).
+"""The one training loop both stages share: Accelerator set-up, TensorBoard logging, the optimizer step.
+pretrain_encoder.py and train.py differ only in the `Task` they hand to `fit` (model, data, loss,
+periodic extras). What the run directory holds, when a run starts, resumes or is refused, the lock and
+the resume checkpoints live in rundir.py (docs/design.md §6).
+
+`_fit` reads top to bottom: plan the run dir, build the data, model, optimizer and scheduler, load the
+checkpoint, write the run dir; then per step `_train_step` (forward, label-weighted backward, all-reduce,
+clip, optimizer step) and, every log_every steps, `_LogWindow.log`; checkpoints every checkpoint_every
+steps; at the end the last checkpoint, the task's final extras and done.json.
 
 Multi-process rules (docs/design.md §8):
 - every rank computes the same run directory (it comes from the config, never from a clock);
@@ -10,30 +16,6 @@ Multi-process rules (docs/design.md §8):
   it, so N processes see exactly the batches one process would, and resuming needs only the step;
 - each micro-batch's loss is weighted by its share of the step's labels (summed over ranks and
   accumulation micro-batches), so N processes x grad_accum give the gradient of one big batch.
-
-Resume (docs/design.md §6): `resume=true` continues from the newest complete checkpoint of run_dir,
-`resume_from=<run dir | checkpoints/step-N>` from a given one. A checkpoint is Accelerate's `save_state`
-(model, optimizer, scheduler, GradScaler, per-rank RNG states) plus our step counter; the data position
-is the step. A run SIGKILLed at any moment and resumed ends with the same weights, bit for bit on CPU
-(tests/test_resume.py), because nothing between a checkpoint and the next step draws from the global
-RNGs differently in a resumed process (the DataLoader's seed draw is isolated; in-context evaluation
-uses its own torch.Generator) and TensorBoard drops the killed run's events past the checkpoint.
-
-Atomicity: checkpoints are written into checkpoints/.tmp-step-N, fsync'd, then renamed to step-N;
-readers only ever see step-N folders. Pruning (keep_last) runs after the rename, so the newest
-complete checkpoint is never deleted before its successor exists; a pruned checkpoint is first renamed
-to .old-step-N, so an interrupted prune never leaves a half-deleted step-N. config.json / done.json go
-through atomic_write_text (temp file + os.replace). Leftovers of a killed process (.tmp-/.old- folders,
-.<file>.*.tmp files, incomplete step-N folders) are removed, and reported, by the next start.
-
-Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths
-(run_dir, data_path, the encoder path: a moved or differently spelled folder is the same run). What the
-data path points at is checked by content instead: `data_fingerprint` (histories.fingerprint) is recorded
-in config.json, and resuming on data with another fingerprint is refused unless allow_data_change=true.
-
-One process per run directory: the main process holds an exclusive lock (atomic_io.PathLock) on run_dir
-for the whole of fit; a second launch on the same run_dir fails at once with a line naming the holder's
-pid. The other ranks of the same launch rely on the main process's lock.
 """
 
 from __future__ import annotations
@@ -41,13 +23,9 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
-import re
-import shutil
-import signal
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -55,14 +33,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason
+from atomic_io import atomic_write_text, os_error_reason
 from config_check import Rule, check_value, flag, integer, number, one_of, text
 from model.config import ConfigError
-
-
-class RunDirError(RuntimeError):
-    """The output run directory cannot be used as asked (holds another run, or nothing to resume), or a
-    checkpoint cannot be resumed from."""
+from rundir import (
+    RunDirError,
+    apply_run_dir,
+    checkpoints,
+    kill_point,
+    load_checkpoint,
+    lock_run_dir,
+    plan_run_dir,
+    save_checkpoint,
+)
+from rundir import differing_keys as _differing_keys  # noqa: F401 -- experiments/ call loop._differing_keys
+from rundir import identity as _identity  # noqa: F401 -- experiments/ call loop._identity
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,20 +59,6 @@ class Interrupted(RunDirError):
 
     exit_code = 130  # the shell's convention for SIGINT
 
-
-# Keys that may change between a run and its resumption without making it "a different run".
-# (Logging/eval cadence and performance knobs; not the data, model, optimisation or seed.) Dotted keys
-# name nested ones.
-_VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "cpu_threads", "progress",
-                  "log_every", "eval_every", "eval", "heldout_every", "diag_every",
-                  "diag_batches", "checkpoint_every", "keep_last", "allow_data_change", "model.save_every",
-                  "data_on_device"}  # data_on_device: identical batches either way
-# Paths say where things are, not what the run is: a run dir moved or spelled differently (./runs/x, an
-# absolute path) is the same run. Different data behind the same or another data_path is caught by
-# data_fingerprint instead; on resume the encoder weights come from the checkpoint, not from its path.
-_PATH_KEYS = {"run_dir", "run_name", "data_path", "model.pretrained_encoder_path"}
-FINGERPRINT_KEY = "data_fingerprint"  # histories.fingerprint of the training data, set by the scripts
-_NOT_IDENTITY = _VOLATILE_KEYS | _PATH_KEYS | {FINGERPRINT_KEY}
 
 # torch.compile modes the `compile` key accepts ("reduce-overhead" adds CUDA graphs on CUDA), and the
 # debug backend that traces the same graphs but runs them without code generation (seconds, not minutes,
@@ -128,10 +99,6 @@ LOOP_RULES = {
     "run_name": text(),
     "run_dir": text(),
 }
-CHECKPOINT_RE = re.compile(r"step-(\d+)")
-# Test-only fault injection (tests/test_resume.py): CAD_TEST_KILL_AT=<step>[:<where>] makes the process
-# SIGKILL itself at that point, exactly like an OOM killer or a pre-empted node would.
-KILL_ENV = "CAD_TEST_KILL_AT"
 
 
 @dataclass
@@ -225,197 +192,6 @@ def seed_everything(seed: int) -> None:
     set_seed(int(seed))
 
 
-def _identity(cfg: dict, ignore: Iterable[str] = ()) -> dict:
-    """The config minus volatile keys, paths and the data fingerprint (dotted names reach nested keys)."""
-    skip = _NOT_IDENTITY | set(ignore)
-
-    def strip(d: dict, prefix: str) -> dict:
-        return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v
-                for k, v in d.items() if f"{prefix}{k}" not in skip}
-
-    return strip(cfg, "")
-
-
-def _differing_keys(a: dict, b: dict) -> list[str]:
-    """Dotted paths where two configs differ (keys that are not part of a run's identity ignored)."""
-    out = []
-
-    def walk(x, y, prefix):
-        if isinstance(x, dict) and isinstance(y, dict):
-            for k in sorted(set(x) | set(y), key=str):
-                if f"{prefix}{k}" in _NOT_IDENTITY:
-                    continue
-                walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{prefix}{k}.")
-        elif x != y:
-            out.append(f"{prefix[:-1]} ({x!r} -> {y!r})")
-
-    walk(a, b, "")
-    return out
-
-
-def _is_complete(ck: Path) -> bool:
-    """A checkpoint folder holds our step counter, the optimizer and the model weights. loop_state.json
-    alone is what an interrupted prune or copy can leave; it must not count."""
-    return ((ck / "loop_state.json").is_file() and any(ck.glob("optimizer*.bin"))
-            and (any(ck.glob("model*.safetensors")) or any(ck.glob("pytorch_model*.bin"))))
-
-
-def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
-    """Complete checkpoints (step, dir), oldest first. Half-written ones live under .tmp-* names."""
-    d = Path(run_dir) / "checkpoints"
-    out = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = CHECKPOINT_RE.fullmatch(p.name)
-            if m and p.is_dir() and _is_complete(p):
-                out.append((int(m.group(1)), p))
-    return sorted(out)
-
-
-def _read_json(path: Path, what: str, fix: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        return data
-    except (OSError, ValueError, TypeError) as e:
-        raise RunDirError(f"{path} ({what}) is unreadable ({type(e).__name__}): {fix}") from None
-
-
-def checkpoint_step(ck: Path) -> int:
-    st = _read_json(ck / "loop_state.json", "checkpoint state", "resume from another checkpoint "
-                    "(resume_from=<run_dir>/checkpoints/step-N) or start over with overwrite=true")
-    try:
-        return int(st["step"])
-    except (KeyError, TypeError, ValueError):
-        raise RunDirError(f"{ck}/loop_state.json has no integer 'step': resume from another checkpoint") from None
-
-
-@dataclass
-class RunPlan:
-    """What fit will do with the run directory, decided identically on every rank before any write."""
-
-    run_dir: Path
-    resume_ckpt: Path | None = None  # checkpoint to load
-    start_step: int = 0
-    wipe: bool = False  # overwrite=true on an existing run: delete its contents first
-    restart: bool = False  # same run, killed before its first checkpoint: clear its partial outputs
-    notes: list[str] = field(default_factory=list)
-
-
-def _resolve_resume_from(arg: str) -> Path:
-    ck = Path(arg).expanduser().resolve()
-    if not (ck / "loop_state.json").is_file() and checkpoints(ck):
-        ck = checkpoints(ck)[-1][1]  # a run directory was given: take its latest checkpoint
-    if not (ck / "loop_state.json").is_file():
-        raise RunDirError(f"resume_from={arg} is not a checkpoint (no {ck}/loop_state.json): pass a run "
-                          f"directory that has checkpoints/step-* folders, or one of those folders")
-    return ck
-
-
-def plan_run_dir(run_dir: Path, cfg: dict, s: LoopSettings) -> RunPlan:
-    """Decide whether to start fresh, start over or resume; refuse to clobber anything that is not this run.
-    Pure (reads only), so every rank reaches the same decision before the main process writes."""
-    run_dir = Path(run_dir)
-    plan = RunPlan(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run_dir {run_dir} exists and is not a folder: choose another run_dir=...")
-    saved = None
-    if (run_dir / "config.json").is_file():
-        saved = _read_json(run_dir / "config.json", "the run's config",
-                           "remove that run directory by hand or choose another run_dir=...")
-    elif run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
-        raise RunDirError(f"run_dir {run_dir} is not empty and holds no run (no config.json); refusing to "
-                          f"write into it: choose a new or empty run_dir=...")
-    if s.overwrite:
-        plan.wipe = saved is not None
-        return plan
-
-    def same_run_or_raise():
-        if saved is not None and _identity(saved) != _identity(cfg):
-            diff = _differing_keys(saved, cfg)
-            raise RunDirError(
-                f"run_dir {run_dir} already holds a different run (config differs in: {'; '.join(diff)}); "
-                f"choose another run_dir=..., or pass overwrite=true to replace it")
-
-    if s.resume_from:
-        same_run_or_raise()
-        plan.resume_ckpt = _resolve_resume_from(s.resume_from)
-        plan.start_step = checkpoint_step(plan.resume_ckpt)
-        ck_cfg = _read_json(plan.resume_ckpt / "loop_state.json", "checkpoint state", "resume from another "
-                            "checkpoint").get("config")
-        check_same_data(ck_cfg if isinstance(ck_cfg, dict) else saved, cfg, f"checkpoint {plan.resume_ckpt}")
-        return plan
-    existing = checkpoints(run_dir)
-    if saved is not None:
-        same_run_or_raise()
-        if s.resume:
-            if not existing:
-                raise RunDirError(f"resume=true but {run_dir} has no complete checkpoint yet (it was stopped "
-                                  f"before checkpoint_every={s.checkpoint_every} steps): run it without resume")
-            plan.resume_ckpt = existing[-1][1]
-            plan.start_step = checkpoint_step(plan.resume_ckpt)
-            check_same_data(saved, cfg, f"run_dir {run_dir}")
-            return plan
-        if existing or (run_dir / "done.json").exists():
-            where = f"checkpoint step {existing[-1][0]}" if existing else "finished"
-            raise RunDirError(f"run_dir {run_dir} already holds this run ({where}); pass resume=true to "
-                              f"continue it, or overwrite=true to start over")
-        plan.restart = True
-        return plan
-    if s.resume:
-        raise RunDirError(f"resume=true but there is no run in {run_dir}: start it without resume, or fix "
-                          f"run_dir=... (or pass resume_from=<checkpoint>)")
-    return plan
-
-
-def check_same_data(saved: dict | None, cfg: dict, where: str) -> None:
-    """Refuse to continue training on data other than the data `saved` (a run's config) was trained on,
-    unless cfg says allow_data_change=true. Configs from before fingerprints existed are not checked."""
-    was = (saved or {}).get(FINGERPRINT_KEY)
-    now = cfg.get(FINGERPRINT_KEY)
-    if was and now and was != now and not cfg.get("allow_data_change"):
-        raise RunDirError(
-            f"{where} was trained on other data: it records data fingerprint {was} but data_path="
-            f"{cfg.get('data_path')} holds data with fingerprint {now} (re-collected with other settings?): "
-            f"point data_path at the data it was trained on, or pass allow_data_change=true to continue on "
-            f"the new data")
-
-
-def _remove(p: Path) -> None:
-    shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
-
-
-def leftovers(run_dir: Path) -> list[Path]:
-    """What killed processes leave in a run dir: atomic_write temp files (.<name>.*.tmp), checkpoint
-    saves or prunes that were cut short (checkpoints/.tmp-*, .old-*) and step-N folders that are not
-    complete checkpoints. None of them is ever read."""
-    d = Path(run_dir)
-    out = sorted(p for p in d.glob(".*.tmp") if p.is_file()) if d.is_dir() else []
-    ck_root = d / "checkpoints"
-    if ck_root.is_dir():
-        out += sorted(p for p in ck_root.iterdir() if p.name.startswith((".tmp-", ".old-"))
-                      or (CHECKPOINT_RE.fullmatch(p.name) and p.is_dir() and not _is_complete(p)))
-    return out
-
-
-def apply_run_dir(plan: RunPlan, cfg: dict) -> None:
-    """Main process only: carry out the plan (saying what it removes), then write config.json."""
-    d = plan.run_dir
-    if plan.wipe:
-        for p in d.iterdir():
-            _remove(p)
-    if plan.restart:  # partial outputs of the same run; nothing to continue from
-        for name in ("tb", "checkpoints", "done.json", "model.pt"):
-            _remove(d / name)
-    d.mkdir(parents=True, exist_ok=True)
-    junk = leftovers(d)
-    for p in junk:
-        _remove(p)
-    if junk:
-        print(f"note: removed {len(junk)} leftover(s) of an interrupted run in {d}: "
-              f"{', '.join(str(p.relative_to(d)) for p in junk)}", flush=True)
-    atomic_write_text(d / "config.json", json.dumps(cfg, indent=2, sort_keys=True))
 
 
 class _LoopState:
@@ -493,29 +269,6 @@ def make_accelerator(s: LoopSettings):
                        step_scheduler_with_optimizer=False)
 
 
-def _kill_point(step: int, where: str) -> None:
-    """Fault injection for the kill/resume tests (CAD_TEST_KILL_AT=<step>[:step|save]); no-op otherwise."""
-    spec = os.environ.get(KILL_ENV)
-    if spec:
-        at, _, w = spec.partition(":")
-        if int(at) == step and (w or "step") == where:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def load_checkpoint(acc, ck: Path) -> None:
-    """accelerate load_state with one-line errors. Accelerate silently skips a missing RNG file, so say it."""
-    rng = ck / f"random_states_{acc.process_index}.pkl"
-    if not rng.is_file():
-        print(f"warning: {ck} has no RNG state for process {acc.process_index} (saved with fewer processes?); "
-              f"continuing, but the run will not be bit-identical to an uninterrupted one", flush=True)
-    try:
-        acc.load_state(str(ck))
-    except Exception as e:  # noqa: BLE001 -- size mismatch, torn file, foreign folder: name it instead of a traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise RunDirError(f"cannot resume from {ck}: {type(e).__name__}: {first[:300]} -- the checkpoint "
-                          f"is damaged or from another model config; resume_from=<an older "
-                          f"checkpoints/step-N>, or start over with overwrite=true") from None
-
 
 def shutdown(acc) -> None:
     """End of an accelerate-launched run: destroy the process group (no "destroy_process_group() was not
@@ -559,7 +312,7 @@ def _fit_in_run_dir(task: Task, s: LoopSettings, run_dir: Path, config: dict, ac
         print(f"warning: warmup_steps={s.warmup_steps} > {steps_key}={s.max_steps}: the learning rate is still "
               f"warming up when training ends and never reaches lr={s.lr:g}; lower warmup_steps", flush=True)
     run_dir = Path(run_dir).resolve()
-    lock = _lock_run_dir(acc, run_dir)
+    lock = lock_run_dir(acc, run_dir)
     try:
         return _fit(task, s, run_dir, config, acc)
     except KeyboardInterrupt:
@@ -580,28 +333,6 @@ def _fit_in_run_dir(task: Task, s: LoopSettings, run_dir: Path, config: dict, ac
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
-def _lock_run_dir(acc, run_dir: Path) -> PathLock | None:
-    """The main process locks run_dir; every rank learns whether that worked (and fails together)."""
-    lock, err = None, None
-    if acc.is_main_process:
-        lock = PathLock(run_dir)
-        try:
-            holder = lock.acquire()
-        except OSError as e:
-            holder, err = None, (f"cannot create the lock file {lock.file} ({os_error_reason(e)}): make "
-                                 f"{run_dir.parent} writable or choose another run_dir=...")
-        if holder:
-            err = (f"run_dir {run_dir} is in use by another training ({holder}, lock file {lock.file}): wait "
-                   f"for it to finish or stop it, or choose another run_dir=...")
-        if err:
-            lock = None
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        err = broadcast_object_list([err])[0]
-    if err:
-        raise RunDirError(err)
-    return lock
 
 
 def _interrupted_msg(run_dir: Path, s: LoopSettings) -> str:
@@ -764,7 +495,7 @@ def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
             sums, w_sum, t0 = {}, torch.zeros((), device=dev), time.perf_counter()
 
         task.on_step(run, state.step)
-        _kill_point(state.step, "step")
+        kill_point(state.step, "step")
         if state.step % s.checkpoint_every == 0 and state.step < s.max_steps:
             check_finite()
             if writer is not None:
@@ -806,61 +537,6 @@ class _null:
         return False
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
-def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict | None = None) -> Path:
-    """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it and renames it to
-    step-N, then prunes: checkpoints newer than N (an abandoned timeline after resume_from an older one)
-    and all but the keep_last newest. The newest complete checkpoint is never deleted before its
-    successor exists. Assumes a filesystem shared by all ranks (multi-node: a shared run_dir)."""
-    ck_root = run_dir / "checkpoints"
-    final = ck_root / f"step-{step:08d}"
-    tmp = ck_root / f".tmp-step-{step:08d}"
-    old = ck_root / f".old-step-{step:08d}"
-    if acc.is_main_process:
-        for p in (tmp, old):
-            if p.exists():
-                shutil.rmtree(p)
-        ck_root.mkdir(parents=True, exist_ok=True)
-    acc.wait_for_everyone()
-    try:
-        acc.save_state(str(tmp))
-    except OSError as e:  # disk full / read-only: drop the partial save, keep every complete checkpoint
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise RunDirError(f"cannot write checkpoint {final} ({os_error_reason(e)}); the earlier checkpoints "
-                          f"are intact: free space or fix the permissions, then continue with resume=true") from None
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        (tmp / "loop_state.json").write_text(json.dumps(
-            {"step": step, "world_size": acc.num_processes, "config": config}, indent=1, default=str))
-        _fsync_tree(tmp)
-        _kill_point(step, "save")
-        if final.exists():  # same step saved again (resume_from an older checkpoint): swap, then delete
-            os.rename(final, old)
-        os.rename(tmp, final)
-        fsync_dir(ck_root)
-        shutil.rmtree(old, ignore_errors=True)
-        complete = checkpoints(run_dir)
-        newer = [p for st, p in complete if st > step]
-        kept = [p for st, p in complete if st <= step]
-        for p in newer + kept[:-max(1, keep_last)]:
-            gone = p.with_name(f".old-{p.name}")  # one rename: a kill mid-delete leaves no half step-N
-            if gone.exists():
-                shutil.rmtree(gone, ignore_errors=True)
-            os.rename(p, gone)
-            shutil.rmtree(gone, ignore_errors=True)
-    acc.wait_for_everyone()
-    return final
 
 
 def reduce_means(acc, sums: dict, counts: dict) -> dict:

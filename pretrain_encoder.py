@@ -21,6 +21,7 @@ import torch
 
 import config_check as cc
 import loop
+import rundir
 from dataset import batch_loader, data_device
 from dataset_pretrain import PretrainBatches
 from histories import load_histories
@@ -146,7 +147,7 @@ def main(cfg) -> dict:
     settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(m.pretrain_steps),
                                       batch_size=int(m.pretrain_batch_size), lr=float(m.pretrain_lr))
     return loop.fit(task, settings, abspath(cfg.run_dir),
-                    loop.to_plain(cfg) | {loop.FINGERPRINT_KEY: hist.fingerprint})
+                    loop.to_plain(cfg) | {rundir.FINGERPRINT_KEY: hist.fingerprint})
 
 
 if __name__ == "__main__":

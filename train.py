@@ -8,8 +8,8 @@
     accelerate launch --config_file accelerate_config.yaml train.py experiment=full
 
 Without a pretrained_encoder_path it trains from scratch exactly as before stage 1 existed. The loop
-(Accelerate, logging, checkpoints, resume) lives in loop.py; this file only says what the model, the
-data and the loss are, plus the held-out evaluations that run periodically: the same-position action loss
+(Accelerate, logging, the optimizer step) lives in loop.py, the run directory and checkpoints in
+rundir.py; this file only says what the model, the data and the loss are, plus the held-out evaluations that run periodically: the same-position action loss
 on the validation goals' histories (teacher_forced.py; the test goals only at the end) and in-context
 rollouts on the validation goals (evaluate.py; final test-goal numbers come from `python evaluate.py`).
 """
@@ -20,6 +20,7 @@ import torch
 
 import config_check as cc
 import loop
+import rundir
 import teacher_forced
 from atomic_io import atomic_torch_save
 from dataset import HistoryBatches, batch_loader, data_device
@@ -160,7 +161,7 @@ def main(cfg) -> dict:
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
-    plain[loop.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (loop.check_same_data)
+    plain[rundir.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (rundir.check_same_data)
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     path = cfg.model.get("pretrained_encoder_path")

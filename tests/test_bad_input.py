@@ -18,6 +18,7 @@ import torch
 
 import loop
 import pretrain_encoder
+import rundir
 import train
 from histories import DatasetError
 from model.checkpoint import EncoderCheckpointError, save_encoder_checkpoint
@@ -222,34 +223,34 @@ def test_run_dir_states(tiny, tmp_path, finished_run, one_thread):
     before = snapshot(finished_run)
     base = ["max_steps=2"]
     # the same run again, without resume
-    _raises(loop.RunDirError, r"already holds this run \(checkpoint step 2\); pass resume=true", train.main,
+    _raises(rundir.RunDirError, r"already holds this run \(checkpoint step 2\); pass resume=true", train.main,
             tiny.compose("train", *base, run_dir=finished_run))
     # resume and overwrite together
     _raises(ConfigError, r"pass only one of them", train.main,
             tiny.compose("train", *base, "resume=true", "overwrite=true", run_dir=finished_run))
     # resume_from a checkpoint of another architecture, into the finished run and into a new dir
     ck = finished_run / "checkpoints" / "step-00000002"
-    _raises(loop.RunDirError, r"already holds a different run", train.main,
+    _raises(rundir.RunDirError, r"already holds a different run", train.main,
             tiny.compose("train", *base, "model.n_latent=8", f"resume_from={ck}", run_dir=finished_run))
-    _raises(loop.RunDirError, r"cannot resume from .*step-00000002.*from another model config", train.main,
+    _raises(rundir.RunDirError, r"cannot resume from .*step-00000002.*from another model config", train.main,
             tiny.compose("train", *base, "model.n_latent=8", f"resume_from={ck}", run_dir=tmp_path / "new"))
     assert not (tmp_path / "new").exists()
     # resume_from something that is not a checkpoint
-    _raises(loop.RunDirError, r"is not a checkpoint", train.main,
+    _raises(rundir.RunDirError, r"is not a checkpoint", train.main,
             tiny.compose("train", *base, f"resume_from={tmp_path}/nothing", run_dir=tmp_path / "new"))
     # a non-empty folder that is not a run, and a file
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
-    _raises(loop.RunDirError, r"holds no run \(no config.json\); refusing to write", train.main,
+    _raises(rundir.RunDirError, r"holds no run \(no config.json\); refusing to write", train.main,
             tiny.compose("train", *base, "overwrite=true", run_dir=tmp_path / "mine"))
     assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["thesis.tex"]
-    _raises(loop.RunDirError, r"exists and is not a folder", train.main,
+    _raises(rundir.RunDirError, r"exists and is not a folder", train.main,
             tiny.compose("train", *base, run_dir=tmp_path / "mine" / "thesis.tex"))
     # resume with nothing to resume: a run stopped before its first checkpoint
     (tmp_path / "early").mkdir()
     cfg = tiny.compose("train", *base, run_dir=tmp_path / "early")
     (tmp_path / "early" / "config.json").write_text(json.dumps(loop.to_plain(cfg)))
-    _raises(loop.RunDirError, r"has no complete checkpoint yet", train.main,
+    _raises(rundir.RunDirError, r"has no complete checkpoint yet", train.main,
             tiny.compose("train", *base, "resume=true", run_dir=tmp_path / "early"))
     assert snapshot(finished_run) == before
 
@@ -260,7 +261,7 @@ def test_resume_from_damaged_checkpoint(tiny, tmp_path, finished_run):
     ck = tmp_path / "step-00000002"
     shutil.copytree(finished_run / "checkpoints" / "step-00000002", ck)
     (ck / "model.safetensors").write_bytes(b"\0" * 10)
-    _raises(loop.RunDirError, r"cannot resume from .*damaged", train.main,
+    _raises(rundir.RunDirError, r"cannot resume from .*damaged", train.main,
             tiny.compose("train", "max_steps=2", f"resume_from={ck}", run_dir=tmp_path / "r"))
     assert not (tmp_path / "r").exists()
 
@@ -282,7 +283,7 @@ def test_non_finite_loss_names_the_step(tiny, tmp_path, one_thread, monkeypatch)
     msg = _raises(loop.NonFiniteLossError, r"train loss is nan at step 3; stopped", train.main,
                   tiny.compose("train", "max_steps=4", "checkpoint_every=2", run_dir=tmp_path / "r"))
     assert "lower lr" in msg
-    assert [s for s, _ in loop.checkpoints(tmp_path / "r")] == [2]  # the last good state is kept
+    assert [s for s, _ in rundir.checkpoints(tmp_path / "r")] == [2]  # the last good state is kept
     assert not (tmp_path / "r" / "model.pt").exists()
 
 

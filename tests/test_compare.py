@@ -115,7 +115,7 @@ def test_interrupted_run_is_resumed_and_bad_input_fails_fast(tmp_path):
     rd = out / "runs" / "scratch-seed0"
     (rd / "checkpoints" / "step-00000003").mkdir(parents=True)
     (rd / "checkpoints" / "step-00000003" / "loop_state.json").write_text('{"step": 3}')
-    for name in ("model.safetensors", "optimizer.bin"):  # what loop.checkpoints() needs to call it complete
+    for name in ("model.safetensors", "optimizer.bin"):  # what rundir.checkpoints() needs to call it complete
         (rd / "checkpoints" / "step-00000003" / name).write_bytes(b"")
     (rd / "config.json").write_text(json.dumps(plan.train_cfgs[("scratch", 0)]))
     plan = cp.make_plan(cp.parse_args(base), routed)

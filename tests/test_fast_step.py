@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import loop
+import rundir
 from dataset import HistoryBatches, batch_loader, data_device
 from dataset_pretrain import PretrainBatches
 from model import CompressedAD, EncoderPretrainer, ModelConfig
@@ -219,7 +220,7 @@ def test_deferred_non_finite_check_names_step_and_keeps_checkpoints_finite(tiny,
     cfg = tiny.compose("train", "max_steps=6", "checkpoint_every=2", "log_every=4", run_dir=tmp_path / "r")
     with pytest.raises(loop.NonFiniteLossError, match=rf"train {what} is (nan|inf) at step 3; stopped"):
         train.main(cfg)
-    assert [s for s, _ in loop.checkpoints(tmp_path / "r")] == [2]
+    assert [s for s, _ in rundir.checkpoints(tmp_path / "r")] == [2]
     assert not (tmp_path / "r" / "model.pt").exists()
     from safetensors.torch import load_file
 

@@ -24,6 +24,7 @@ import evaluate
 import hydra_cli
 import loop
 import pretrain_encoder
+import rundir
 import train
 from atomic_io import PathLock
 from histories import DatasetError, load_histories
@@ -71,7 +72,7 @@ def test_training_refuses_a_locked_run_dir(tiny, tmp_path):
     held = PathLock(tmp_path / "r")
     assert held.acquire() is None
     try:
-        _raises(loop.RunDirError, rf"run_dir .*r is in use by another training \(pid {os.getpid()} on .*wait for "
+        _raises(rundir.RunDirError, rf"run_dir .*r is in use by another training \(pid {os.getpid()} on .*wait for "
                 rf"it to finish", train.main, tiny.compose("train", run_dir=tmp_path / "r"))
         assert not (tmp_path / "r").exists()
         _raises(DatasetError, rf"is being written by another collect \(pid {os.getpid()} ", _collect, tmp_path / "r")
@@ -87,7 +88,7 @@ def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, 
                                              "lr=0.001", run_dir=run))
     try:
         deadline = time.time() + 240
-        while not loop.checkpoints(run):
+        while not rundir.checkpoints(run):
             assert first.poll() is None and time.time() < deadline, first.communicate()
             time.sleep(0.2)
         r = tiny.cli("train.py", *tiny.args("train", "lr=0.002", run_dir=run))
@@ -102,7 +103,7 @@ def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, 
     lines = err.strip().splitlines()
     assert first.returncode == 130, err[-3000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
-    last = loop.checkpoints(run)[-1][1]
+    last = rundir.checkpoints(run)[-1][1]
     assert lines[0] == (f"error: interrupted; the last checkpoint is {last} (step {int(last.name[5:])}): "
                         f"continue with the same command plus resume=true")
     assert json.loads((run / "config.json").read_text())["lr"] == 0.001  # the second run wrote nothing
@@ -142,10 +143,10 @@ def test_resume_on_recollected_data_is_refused_unless_allowed(tiny, tmp_path, on
     data, run = tmp_path / "kc", tmp_path / "run"
     _collect(data)
     train.main(tiny.compose("train", "max_steps=2", data_path=data, run_dir=run))
-    assert json.loads((run / "config.json").read_text())[loop.FINGERPRINT_KEY]
+    assert json.loads((run / "config.json").read_text())[rundir.FINGERPRINT_KEY]
     _collect(data, "overwrite=true", "seed=7", "source.n_stream=3")  # other data under the same path
     before = (run / "config.json").read_text()
-    msg = _raises(loop.RunDirError, r"was trained on other data: it records data fingerprint \w+ but data_path=",
+    msg = _raises(rundir.RunDirError, r"was trained on other data: it records data fingerprint \w+ but data_path=",
                   train.main, tiny.compose("train", "max_steps=3", "resume=true", data_path=data, run_dir=run))
     assert "allow_data_change=true" in msg and "overwrite" not in msg
     assert (run / "config.json").read_text() == before
@@ -181,15 +182,15 @@ def test_run_dir_and_data_path_spelled_or_moved_differently_are_the_same_run(tin
     os.symlink(finished / "data", finished / "data-link")
     for run_dir, data in (("./runs/done", "data"), (str(finished / "runs" / "done"), "./data"),
                           (str(moved), "data-link")):
-        plan = loop.plan_run_dir(Path(run_dir).resolve(), loop.to_plain(tiny.compose(
+        plan = rundir.plan_run_dir(Path(run_dir).resolve(), loop.to_plain(tiny.compose(
             "train", "max_steps=4", data_path=data, run_dir=run_dir)), loop.LoopSettings(4, 8, 1e-3, resume=True))
         assert plan.start_step == 2, run_dir
     s = train.main(tiny.compose("train", "max_steps=3", "resume=true", data_path="data-link", run_dir=moved))
     assert s["resumed_from_step"] == 2
     # A real difference still names the key; a path-only one is never a "different run".
     saved = json.loads((moved / "config.json").read_text())
-    assert loop._differing_keys(saved, {**saved, "run_dir": "/x", "data_path": "/y", "run_name": "z"}) == []
-    assert loop._differing_keys(saved, {**saved, "lr": 0.5}) == [f"lr ({saved['lr']!r} -> 0.5)"]
+    assert rundir.differing_keys(saved, {**saved, "run_dir": "/x", "data_path": "/y", "run_name": "z"}) == []
+    assert rundir.differing_keys(saved, {**saved, "lr": 0.5}) == [f"lr ({saved['lr']!r} -> 0.5)"]
 
 
 # -- 4. every key validated at startup --------------------------------------------------------------------
@@ -371,7 +372,7 @@ def test_run_dir_leftovers_are_removed_and_reported(tiny, finished, tmp_path, ca
     half = run / "checkpoints" / "step-00000001"  # a prune cut short: only loop_state.json left
     half.mkdir()
     (half / "loop_state.json").write_text('{"step": 1}')
-    assert [s for s, _ in loop.checkpoints(run)] == [2]  # the half-deleted one does not count
+    assert [s for s, _ in rundir.checkpoints(run)] == [2]  # the half-deleted one does not count
     train.main(tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
     out = capsys.readouterr().out
     assert "note: removed 3 leftover(s) of an interrupted run" in out and ".encoder-pretrained-final" in out
@@ -385,12 +386,12 @@ def test_pruning_renames_before_deleting(tmp_path, monkeypatch):
     acc.prepare(torch.optim.SGD(model.parameters(), lr=0.1))  # save_state writes optimizer.bin
     run = tmp_path / "run"
     for step in (1, 2):
-        loop.save_checkpoint(acc, run, step, keep_last=2)
+        rundir.save_checkpoint(acc, run, step, keep_last=2)
     deleted = []
-    monkeypatch.setattr(loop.shutil, "rmtree", lambda p, **kw: deleted.append(Path(p).name))
-    loop.save_checkpoint(acc, run, 3, keep_last=2)
+    monkeypatch.setattr(rundir.shutil, "rmtree", lambda p, **kw: deleted.append(Path(p).name))
+    rundir.save_checkpoint(acc, run, 3, keep_last=2)
     assert deleted[-1] == ".old-step-00000001"  # the pruned step-1 went through a rename
-    assert [s for s, _ in loop.checkpoints(run)] == [2, 3] and loop.leftovers(run)[0].name == ".old-step-00000001"
+    assert [s for s, _ in rundir.checkpoints(run)] == [2, 3] and rundir.leftovers(run)[0].name == ".old-step-00000001"
 
 
 # -- disk full, read-only folders, interrupted commands ----------------------------------------------------
@@ -426,22 +427,22 @@ def test_disk_full_while_checkpointing_keeps_the_earlier_checkpoint(tiny, tmp_pa
         return real(self, *a, **kw)
 
     monkeypatch.setattr(Accelerator, "save_state", save_state)
-    _raises(loop.RunDirError, r"cannot write checkpoint .*step-00000004 \(no space left on device\); the earlier "
+    _raises(rundir.RunDirError, r"cannot write checkpoint .*step-00000004 \(no space left on device\); the earlier "
             r"checkpoints are intact.*resume=true", train.main,
             tiny.compose("train", "max_steps=6", "checkpoint_every=2", run_dir=tmp_path / "r"))
-    assert [s for s, _ in loop.checkpoints(tmp_path / "r")] == [2]
-    assert not loop.leftovers(tmp_path / "r")
+    assert [s for s, _ in rundir.checkpoints(tmp_path / "r")] == [2]
+    assert not rundir.leftovers(tmp_path / "r")
 
 
 def test_read_only_run_dir_is_one_line(tiny, finished, tmp_path, monkeypatch, one_thread):
     """As root a chmod does not stop writes, so the read-only file system is simulated where we write."""
     run = tmp_path / "run"
     shutil.copytree(finished / "runs" / "done", run)
-    monkeypatch.setattr(loop, "atomic_write_text", _oserror(errno.EROFS))
-    _raises(loop.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
+    monkeypatch.setattr(rundir, "atomic_write_text", _oserror(errno.EROFS))
+    _raises(rundir.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
             tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
-    monkeypatch.setattr(loop, "_remove", _oserror(errno.EACCES))
-    _raises(loop.RunDirError, r"\(permission denied\)", train.main,
+    monkeypatch.setattr(rundir, "_remove", _oserror(errno.EACCES))
+    _raises(rundir.RunDirError, r"\(permission denied\)", train.main,
             tiny.compose("train", "max_steps=3", "overwrite=true", data_path=finished / "data", run_dir=run))
     import tempfile
 
@@ -454,6 +455,6 @@ def test_only_project_errors_become_one_line():
     """A ValueError / FileNotFoundError from a library (or a bug) keeps its traceback."""
     errs = hydra_cli.user_errors()
     assert ValueError not in errs and FileNotFoundError not in errs and OSError not in errs
-    assert all(e.__module__.split(".")[0] in {"histories", "loop", "model", "hydra_cli", "evaluate"} for e in errs)
+    assert all(e.__module__.split(".")[0] in {"histories", "loop", "rundir", "model", "hydra_cli", "evaluate"} for e in errs)
     assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
     assert collect.ConfigError is ConfigError

@@ -1,4 +1,4 @@
-"""Resume and atomicity (loop.py): a run SIGKILLed at any moment and resumed ends bit-identical to an
+"""Resume and atomicity (rundir.py, loop.py): a run SIGKILLed at any moment and resumed ends bit-identical to an
 uninterrupted one (CPU, dropout on); half-written checkpoints are never read; pruning keeps the newest;
 files are replaced atomically.
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import loop
+import rundir
 
 KILLED = -9  # subprocess returncode of a SIGKILLed child
 
@@ -51,10 +52,10 @@ def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars)
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = tiny.start("train.py", *args, f"run_dir={ref_dir}")  # overlaps with the killed run below
 
-    r = tiny.cli("train.py", *args, f"run_dir={run_dir}", env={loop.KILL_ENV: "8:save"})
+    r = tiny.cli("train.py", *args, f"run_dir={run_dir}", env={rundir.KILL_ENV: "8:save"})
     assert r.returncode == KILLED, r.stderr[-3000:]
     assert (run_dir / "checkpoints" / ".tmp-step-00000008").is_dir()  # the torn save, under a temp name
-    assert [s for s, _ in loop.checkpoints(run_dir)] == [4]  # ...which nobody reads
+    assert [s for s, _ in rundir.checkpoints(run_dir)] == [4]  # ...which nobody reads
     assert not (run_dir / "model.pt").exists() and not (run_dir / "done.json").exists()
 
     out = _ok(tiny.cli("train.py", *args, f"run_dir={run_dir}", "resume=true"))
@@ -85,9 +86,9 @@ def test_pretrain_killed_resumes_bit_identical(tiny, tmp_path, tb_scalars):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = tiny.start("pretrain_encoder.py", *args, f"run_dir={ref_dir}")
 
-    r = tiny.cli("pretrain_encoder.py", *args, f"run_dir={run_dir}", env={loop.KILL_ENV: "5"})
+    r = tiny.cli("pretrain_encoder.py", *args, f"run_dir={run_dir}", env={rundir.KILL_ENV: "5"})
     assert r.returncode == KILLED, r.stderr[-3000:]
-    assert [s for s, _ in loop.checkpoints(run_dir)] == [3]
+    assert [s for s, _ in rundir.checkpoints(run_dir)] == [3]
     out = _ok(tiny.cli("pretrain_encoder.py", *args, f"run_dir={run_dir}", "resume=true"))
     assert "step-00000003 at step 3" in out
     _communicate(ref)
@@ -139,33 +140,33 @@ def test_pruning_keeps_newest_and_stale_tmp_is_ignored(acc_state, tmp_path):
     acc, model, state = acc_state
     run_dir = tmp_path / "run"
     cfg = {"seed": 0, "lr": 1e-3}
-    loop.apply_run_dir(loop.plan_run_dir(run_dir, cfg, loop.LoopSettings(10, 1, 1e-3)), cfg)
+    rundir.apply_run_dir(rundir.plan_run_dir(run_dir, cfg, loop.LoopSettings(10, 1, 1e-3)), cfg)
     for step in range(1, 6):
         state.step = step
-        loop.save_checkpoint(acc, run_dir, step, keep_last=2, config=cfg)
-        kept = [s for s, _ in loop.checkpoints(run_dir)]
+        rundir.save_checkpoint(acc, run_dir, step, keep_last=2, config=cfg)
+        kept = [s for s, _ in rundir.checkpoints(run_dir)]
         assert kept[-1] == step and len(kept) == min(step, 2)  # the newest is always there
     # A save killed before its rename leaves .tmp-step-6 (here: complete-looking but never renamed).
     shutil.copytree(run_dir / "checkpoints" / "step-00000005", run_dir / "checkpoints" / ".tmp-step-00000006")
     (run_dir / "checkpoints" / "step-00000007").mkdir()  # and a folder without loop_state.json
-    assert [s for s, _ in loop.checkpoints(run_dir)] == [4, 5]
-    plan = loop.plan_run_dir(run_dir, cfg, loop.LoopSettings(10, 1, 1e-3, resume=True))
+    assert [s for s, _ in rundir.checkpoints(run_dir)] == [4, 5]
+    plan = rundir.plan_run_dir(run_dir, cfg, loop.LoopSettings(10, 1, 1e-3, resume=True))
     assert plan.resume_ckpt.name == "step-00000005" and plan.start_step == 5
-    loop.apply_run_dir(plan, cfg)  # the main process clears the stale temp folder and the incomplete step-7
+    rundir.apply_run_dir(plan, cfg)  # the main process clears the stale temp folder and the incomplete step-7
     assert not (run_dir / "checkpoints" / ".tmp-step-00000006").exists()
     assert not (run_dir / "checkpoints" / "step-00000007").exists()
 
     # Resuming from an older checkpoint (resume_from) abandons the newer ones once the next one is saved.
     with torch.no_grad():
         model.weight.fill_(0.5)
-    loop.load_checkpoint(acc, run_dir / "checkpoints" / "step-00000004")
+    rundir.load_checkpoint(acc, run_dir / "checkpoints" / "step-00000004")
     assert state.step == 4 and not torch.all(model.weight == 0.5)
     state.step = 5
-    loop.save_checkpoint(acc, run_dir, 5, keep_last=3, config=cfg)  # replaces step 5 (swap, then delete)
-    assert [s for s, _ in loop.checkpoints(run_dir)] == [4, 5]
+    rundir.save_checkpoint(acc, run_dir, 5, keep_last=3, config=cfg)  # replaces step 5 (swap, then delete)
+    assert [s for s, _ in rundir.checkpoints(run_dir)] == [4, 5]
     state.step = 3
-    loop.save_checkpoint(acc, run_dir, 3, keep_last=3, config=cfg)
-    assert [s for s, _ in loop.checkpoints(run_dir)] == [3]
+    rundir.save_checkpoint(acc, run_dir, 3, keep_last=3, config=cfg)
+    assert [s for s, _ in rundir.checkpoints(run_dir)] == [3]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000003"]
 
 
@@ -173,10 +174,10 @@ def test_pruning_keeps_newest_and_stale_tmp_is_ignored(acc_state, tmp_path):
 
 def test_atomic_write_text_keeps_old_file_on_failure(tmp_path, monkeypatch):
     p = tmp_path / "done.json"
-    loop.atomic_write_text(p, "old")
-    monkeypatch.setattr(loop.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    rundir.atomic_write_text(p, "old")
+    monkeypatch.setattr(rundir.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError):
-        loop.atomic_write_text(p, "new")
+        rundir.atomic_write_text(p, "new")
     assert p.read_text() == "old"
     assert [q.name for q in tmp_path.iterdir()] == ["done.json"]  # no temp file left behind
 
