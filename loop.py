@@ -136,6 +136,7 @@ class LoopSettings:
 
     @property
     def micro_batch(self) -> int:
+        """Rows of one global micro-batch: all processes together, one accumulation step."""
         return self.batch_size // self.grad_accum
 
     def validate(self) -> LoopSettings:
@@ -161,17 +162,22 @@ class Task(Protocol):
 
     model: nn.Module
 
-    def batches(self, start: int, rank: int, world: int, micro_batch: int) -> Iterable[dict]:
-        """Infinite iterable over this rank's slices of global micro-batches start, start+1, ...
-        Build (and validate) everything here: fit calls it before it writes anything to disk."""
+    def setup(self, accelerator, global_micro_batch: int) -> None:
+        """Called once by fit, before `batches` and before anything is written to disk: keep the accelerator
+        and build (and validate) the held-out / diagnostic data the hooks use, as this rank's slices of
+        batches of `global_micro_batch` rows. Must not draw from the global RNGs."""
 
-    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict]:
-        """(scalar loss = MEAN over the batch's labels, {metric name: scalar tensor})."""
+    def batches(self, start: int, rank: int, world: int, global_micro_batch: int) -> Iterable[dict]:
+        """Infinite iterable over this rank's slices of global micro-batches start, start+1, ...; a global
+        micro-batch has `global_micro_batch` rows over all ranks (batch_size / grad_accum), and the data is
+        a function of it, not of the number of ranks. Build (and validate) the training data here: fit
+        calls it before it writes anything to disk."""
 
-    def n_labels(self, batch: dict) -> int:
-        """The count the loss is a mean over (valid labels / reconstructed transitions); called right after
-        loss() on the same batch. The loop weights micro-batches by it, so the gradient is the mean over
-        all labels of the global batch whatever the number of processes and grad_accum; also labels/s."""
+    def loss(self, model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict, torch.Tensor | int]:
+        """(scalar loss = MEAN over the batch's labels, {metric name: scalar tensor}, n_labels = the count
+        that mean is over: valid action labels / reconstructed transitions). The loop weights micro-batches
+        by n_labels, so the gradient is the mean over all labels of the global batch whatever the number
+        of processes and grad_accum; also labels/s. A device tensor keeps the step free of host syncs."""
 
     def on_step(self, run: Run, step: int) -> None:
         """Periodic extras after optimizer step `step` (held-out loss, eval, encoder checkpoints). Must not
@@ -348,15 +354,64 @@ def _interrupted_msg(run_dir: Path, s: LoopSettings) -> str:
 def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
     from torch.utils.tensorboard import SummaryWriter
 
-    world, rank = acc.num_processes, acc.process_index
     plan = plan_run_dir(run_dir, config, s)
-    task.accelerator = acc
-    # Build the data pipeline before anything is written: a bad size fails with the disk untouched. The
-    # DataLoader iterator draws its base seed from the global torch RNG; fork it so a resumed process
-    # (which creates the iterator after restoring the RNG) continues the exact random stream.
+    # Build the data before anything is written: a bad size fails with the disk untouched. The DataLoader
+    # iterator draws its base seed from the global torch RNG; fork it so a resumed process (which creates
+    # the iterator after restoring the RNG) continues the exact random stream.
+    task.setup(acc, s.micro_batch)
     with torch.random.fork_rng(devices=[]):
-        batches = iter(task.batches(plan.start_step * s.grad_accum, rank, world, s.micro_batch // world))
+        batches = iter(task.batches(plan.start_step * s.grad_accum, acc.process_index, acc.num_processes,
+                                    s.micro_batch))
+    model, opt, sched, state = _prepare_training(task, s, acc, plan)
+    start_step = state.step
+    # Only now, with the config, the data and the checkpoint all known to be usable, touch the run dir.
+    acc.wait_for_everyone()  # every rank has read the run dir before the main process changes it
+    if acc.is_main_process:
+        apply_run_dir(plan, config)
+    acc.wait_for_everyone()
 
+    writer = None
+    if acc.is_main_process:
+        # Events at steps <= the checkpoint's step were flushed before it was written; purge_step hides
+        # whatever a killed process logged after it, so the curves continue without duplicates.
+        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1)
+    run = Run(acc, run_dir, writer, s, config, model)
+    window = _LogWindow(acc.device)
+    pbar = None
+    if s.progress and acc.is_main_process:
+        from tqdm import tqdm
+
+        pbar = tqdm(total=s.max_steps, initial=state.step, desc=s.namespace, dynamic_ncols=True, mininterval=1.0)
+    guard = _NonFiniteGuard(opt, acc, s)
+
+    model.train()
+    while state.step < s.max_steps:
+        gnorm = _train_step(task, model, opt, sched, batches, acc, s, guard, window, state.step + 1)
+        state.step += 1
+        if pbar:
+            pbar.update(1)
+        if state.step % s.log_every == 0 or state.step == s.max_steps:
+            guard.check()
+            scalars = window.log(run, s.namespace, sched.get_last_lr()[0], gnorm, state.step)
+            if pbar:
+                pbar.set_postfix(loss=f"{scalars[f'{s.namespace}/loss']:.4f}")
+        task.on_step(run, state.step)
+        kill_point(state.step, "step")
+        if state.step % s.checkpoint_every == 0 and state.step < s.max_steps:
+            guard.check()
+            if writer is not None:
+                writer.flush()  # events up to this step must survive a kill that the checkpoint survives
+            save_checkpoint(acc, run_dir, state.step, s.keep_last, config)
+
+    guard.check()
+    if pbar:
+        pbar.close()
+    return _finish(task, run, state.step, start_step)
+
+
+def _prepare_training(task: Task, s: LoopSettings, acc, plan) -> tuple:
+    """(model, optimizer, scheduler, step counter), prepared by Accelerate, from the plan's checkpoint if
+    it names one."""
     from accelerate.utils import set_seed
 
     set_seed(s.seed, device_specific=True)  # dropout streams: seed + rank (rank 0 = a 1-process run)
@@ -376,142 +431,152 @@ def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
             raise RunDirError(f"{plan.resume_ckpt}: loop_state.json says step {plan.start_step} but the "
                               f"saved state says {state.step}; resume from another checkpoint")
         acc.print(f"Resumed from {plan.resume_ckpt} at step {state.step}")
-    start_step = state.step
-    # Only now, with the config, the data and the checkpoint all known to be usable, touch the run dir.
-    acc.wait_for_everyone()  # every rank has read the run dir before the main process changes it
-    if acc.is_main_process:
-        apply_run_dir(plan, config)
-    acc.wait_for_everyone()
+    return model, opt, sched, state
 
-    writer = None
-    if acc.is_main_process:
-        # Events at steps <= the checkpoint's step were flushed before it was written; purge_step hides
-        # whatever a killed process logged after it, so the curves continue without duplicates.
-        writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1)
-    run = Run(acc, run_dir, writer, s, config, model)
 
-    ns = s.namespace
-    dev = acc.device
-    sums: dict[str, torch.Tensor] = {}
-    w_sum, t0 = torch.zeros((), device=dev), time.perf_counter()
-    pbar = None
-    if s.progress and acc.is_main_process:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=s.max_steps, initial=state.step, desc=ns, dynamic_ncols=True, mininterval=1.0)
+def _train_step(task: Task, model, opt, sched, batches, acc, s: LoopSettings, guard: _NonFiniteGuard,
+                window: _LogWindow, step: int) -> torch.Tensor:
+    """Optimizer step `step`: grad_accum micro-batches of forward and label-weighted backward, one small
+    all-reduce, the exact global-batch gradient, clipping, the non-finite checks, the update and the
+    schedule. Returns the gradient norm before clipping (a device tensor: read only at log time)."""
+    world, dev = acc.num_processes, acc.device
+    rows_per_rank = s.micro_batch // world  # this rank's rows of each micro-batch (the same on every rank)
+    n_here = torch.zeros((), device=dev)  # labels in this rank's micro-batches of this step
+    bad = torch.zeros((), device=dev)  # a non-finite loss value seen in this step (0 = none)
+    for i in range(s.grad_accum):
+        batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+        sync = i == s.grad_accum - 1
+        with acc.no_sync(model) if (not sync and world > 1) else _null():
+            with acc.autocast():
+                loss, metrics, n_labels = task.loss(model, batch)
+            n_i = torch.as_tensor(n_labels, device=dev).float()
+            lv = loss.detach().float()
+            bad = torch.where(torch.isfinite(lv), bad, lv)
+            # Backward the label SUM (scaled by 1/rows to keep magnitudes ~ a mean); the gradient is
+            # divided by the step's global label count below, once all ranks' counts are known.
+            acc.backward(loss * (n_i / rows_per_rank))
+        window.add({"loss": lv, **metrics}, n_i)
+        n_here = n_here + n_i
+    window.add_labels(n_here)
+    # One small all-reduce per step: the global label count and whether any rank saw a NaN/inf loss
+    # (acted on by every rank together: one rank's NaN stops them all).
+    red = torch.stack([n_here, (bad != 0).float()])
+    if world > 1:
+        red = acc.reduce(red, "sum")
+    n_total, nbad = red[0], red[1]
+    guard.check_loss(nbad, bad, step)
+    # DDP averaged the rank gradients (1/world); x world*rows/N turns the summed, 1/rows-scaled label
+    # losses into the gradient of the mean over all N labels of the global batch: N processes x
+    # grad_accum micro-batches give exactly one big batch's gradient.
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, (world * rows_per_rank) / n_total.clamp(min=1.0))
     max_norm = s.grad_clip if s.grad_clip > 0 else float("inf")  # inf: norm computed, grads untouched
-    # Non-finite guard. A NaN/inf loss (any rank) or gradient norm must never reach a checkpoint or the
-    # final weights, and the error must name the step and the quantity. With the fused optimizer (CUDA)
-    # the step stays free of host syncs: the optimizer skips the update on a device-side flag (found_inf,
-    # as for AMP grad scaling), the first bad step is recorded on the device, and the record is read at
-    # the next log / checkpoint / end, before anything is written. Elsewhere a host read costs nothing
-    # (CPU) or is needed anyway, and the step stops at once.
-    inner_opt = getattr(opt, "optimizer", opt)
-    deferred = bool(inner_opt.defaults.get("fused")) and acc.scaler is None  # fused: CUDA (make_optimizer)
-    nf_step = torch.zeros((), dtype=torch.int64, device=dev)  # first non-finite step (0 = none yet)
-    nf_grad = torch.zeros((), dtype=torch.bool, device=dev)  # ... was it the gradient norm (else the loss)
-    nf_value = torch.zeros((), device=dev)  # ... and its value
+    gnorm = torch.as_tensor(acc.clip_grad_norm_(model.parameters(), max_norm), device=dev).float()
+    guard.check_update(nbad, bad, gnorm, step)
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return gnorm
 
-    def check_finite() -> None:
-        if deferred and nf_step.item():
-            what = "gradient norm" if nf_grad.item() else "loss"
-            raise NonFiniteLossError(_nonfinite_msg(ns, what, nf_value.item(), int(nf_step.item()), s))
 
-    model.train()
-    while state.step < s.max_steps:
-        rows = s.micro_batch // world  # rows per rank and micro-batch (a constant, same on every rank)
-        n_here = torch.zeros((), device=dev)  # labels in this rank's micro-batches of this step
-        bad = torch.zeros((), device=dev)  # a non-finite loss value seen in this step (0 = none)
-        for i in range(s.grad_accum):
-            batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
-            sync = i == s.grad_accum - 1
-            ctx = acc.no_sync(model) if (not sync and world > 1) else _null()
-            with ctx:
-                with acc.autocast():
-                    loss, metrics = task.loss(model, batch)
-                # After loss(): a task may count labels in the forward. A device tensor keeps the step
-                # free of host syncs; a Python number works too.
-                n_i = torch.as_tensor(task.n_labels(batch), device=dev).float()
-                lv = loss.detach().float()
-                bad = torch.where(torch.isfinite(lv), bad, lv)
-                # Backward the label SUM (scaled by 1/rows to keep magnitudes ~ a mean); the gradient is
-                # divided by the step's global label count below, once all ranks' counts are known.
-                acc.backward(loss * (n_i / rows))
-            for k, v in {"loss": lv, **metrics}.items():
-                sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=dev).detach().float() * n_i
-            n_here = n_here + n_i
-        w_sum = w_sum + n_here
-        # One small all-reduce per step: the global label count and whether any rank saw a NaN/inf loss
-        # (acted on by every rank together: one rank's NaN stops them all).
-        red = torch.stack([n_here, (bad != 0).float()])
-        if world > 1:
-            red = acc.reduce(red, "sum")
-        n_total, nbad = red[0], red[1]
-        if not deferred and nbad.item():
-            raise NonFiniteLossError(_nonfinite_msg(ns, "loss", bad.item() if bad != 0 else float("nan"),
-                                                    state.step + 1, s))
-        # DDP averaged the rank gradients (1/world); x world*rows/N turns the summed, 1/rows-scaled label
-        # losses into the gradient of the mean over all N labels of the global batch: N processes x
-        # grad_accum micro-batches give exactly one big batch's gradient.
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        if grads:
-            torch._foreach_mul_(grads, (world * rows) / n_total.clamp(min=1.0))
-        gnorm = acc.clip_grad_norm_(model.parameters(), max_norm)  # a device tensor; read at log time
-        gnorm = torch.as_tensor(gnorm, device=dev).float()
-        if deferred:
-            # Identical on every rank (all-reduced counts and gradients). found_inf=1 -> fused AdamW skips.
+class _NonFiniteGuard:
+    """A NaN/inf loss (any rank) or gradient norm must never reach a checkpoint or the final weights, and
+    the error must name the step and the quantity. With the fused optimizer (CUDA) the step stays free of
+    host syncs: the optimizer skips the update on a device-side flag (found_inf, as for AMP grad scaling),
+    the first bad step is recorded on the device, and the record is read by `check` at the next log /
+    checkpoint / end, before anything is written. Elsewhere a host read costs nothing (CPU) or is needed
+    anyway, and the step stops at once."""
+
+    def __init__(self, opt, acc, s: LoopSettings):
+        dev = acc.device
+        self.s = s
+        self.inner_opt = getattr(opt, "optimizer", opt)
+        self.deferred = bool(self.inner_opt.defaults.get("fused")) and acc.scaler is None  # fused: CUDA
+        self.step = torch.zeros((), dtype=torch.int64, device=dev)  # first non-finite step (0 = none yet)
+        self.grad = torch.zeros((), dtype=torch.bool, device=dev)  # ... was it the gradient norm (else loss)
+        self.value = torch.zeros((), device=dev)  # ... and its value
+
+    def check_loss(self, nbad: torch.Tensor, bad: torch.Tensor, step: int) -> None:
+        """After the all-reduce: stop now (not deferred) if any rank's loss was non-finite."""
+        if not self.deferred and nbad.item():
+            raise NonFiniteLossError(_nonfinite_msg(self.s.namespace, "loss",
+                                                    bad.item() if bad != 0 else float("nan"), step, self.s))
+
+    def check_update(self, nbad: torch.Tensor, bad: torch.Tensor, gnorm: torch.Tensor, step: int) -> None:
+        """Before opt.step: deferred, record the first bad step and make the fused AdamW skip this one;
+        otherwise stop now on a non-finite gradient norm (identical on every rank: all-reduced gradients)."""
+        if self.deferred:
             skip = (nbad > 0) | ~torch.isfinite(gnorm)
-            first = skip & (nf_step == 0)
-            nf_grad = torch.where(first, nbad == 0, nf_grad)
+            first = skip & (self.step == 0)
+            self.grad = torch.where(first, nbad == 0, self.grad)
             # The loss value as this rank saw it (nan if another rank's loss was the bad one, as before).
             loss_value = torch.where(bad != 0, bad, torch.full_like(bad, float("nan")))
-            nf_value = torch.where(first, torch.where(nbad > 0, loss_value, gnorm), nf_value)
-            nf_step = torch.where(first, state.step + 1, nf_step)
-            inner_opt.found_inf = skip.float()
-        elif not math.isfinite(gnorm.item()):  # identical on every rank (from the all-reduced gradients)
-            raise NonFiniteLossError(_nonfinite_msg(ns, "gradient norm", gnorm.item(), state.step + 1, s))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state.step += 1
-        if pbar:
-            pbar.update(1)
+            self.value = torch.where(first, torch.where(nbad > 0, loss_value, gnorm), self.value)
+            self.step = torch.where(first, step, self.step)
+            self.inner_opt.found_inf = skip.float()
+        elif not math.isfinite(gnorm.item()):
+            raise NonFiniteLossError(_nonfinite_msg(self.s.namespace, "gradient norm", gnorm.item(), step, self.s))
 
-        if state.step % s.log_every == 0 or state.step == s.max_steps:
-            check_finite()
-            keys = sorted(sums)
-            vec = torch.stack([sums[k].double() for k in keys] + [w_sum.double()])
-            if world > 1:
-                vec = acc.reduce(vec, "sum")
-            vals = vec.tolist()  # the one host sync of a log step
-            dt = time.perf_counter() - t0
-            scalars = {f"{ns}/{k}": vals[i] / max(vals[-1], 1.0) for i, k in enumerate(keys)}
-            scalars[f"{ns}/lr"] = sched.get_last_lr()[0]
-            scalars[f"{ns}/labels_per_s"] = vals[-1] / dt
-            scalars[f"{ns}/grad_norm"] = gnorm.item()
-            run.log(scalars, state.step)
-            if pbar:
-                pbar.set_postfix(loss=f"{scalars[f'{ns}/loss']:.4f}")
-            sums, w_sum, t0 = {}, torch.zeros((), device=dev), time.perf_counter()
+    def check(self) -> None:
+        """Raise if a deferred record holds a non-finite step (a host read; only at log/checkpoint/end)."""
+        if self.deferred and self.step.item():
+            what = "gradient norm" if self.grad.item() else "loss"
+            raise NonFiniteLossError(_nonfinite_msg(self.s.namespace, what, self.value.item(), int(self.step.item()),
+                                                    self.s))
 
-        task.on_step(run, state.step)
-        kill_point(state.step, "step")
-        if state.step % s.checkpoint_every == 0 and state.step < s.max_steps:
-            check_finite()
-            if writer is not None:
-                writer.flush()  # events up to this step must survive a kill that the checkpoint survives
-            save_checkpoint(acc, run_dir, state.step, s.keep_last, config)
 
-    check_finite()
-    if pbar:
-        pbar.close()
+class _LogWindow:
+    """Label-weighted sums of the step metrics since the last log, on the device (no host sync per step);
+    `log` reduces them over ranks once per log_every steps and writes the averages."""
+
+    def __init__(self, device):
+        self.device = device
+        self._reset()
+
+    def _reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.labels = torch.zeros((), device=self.device)
+        self.t0 = time.perf_counter()
+
+    def add(self, metrics: dict, n_labels: torch.Tensor) -> None:
+        """One micro-batch's metrics (means over its labels), weighted by its label count."""
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + torch.as_tensor(v, device=self.device).detach().float() * n_labels
+
+    def add_labels(self, n: torch.Tensor) -> None:
+        """One step's label count on this rank (the weights' total, and labels/s)."""
+        self.labels = self.labels + n
+
+    def log(self, run: Run, ns: str, lr: float, gnorm: torch.Tensor, step: int) -> dict:
+        """Write `<ns>/<metric>` (label-weighted over the window, all ranks), lr, labels/s and the last
+        step's grad_norm; start a new window. Collective: every rank calls it. Returns the scalars."""
+        keys = sorted(self.sums)
+        vec = torch.stack([self.sums[k].double() for k in keys] + [self.labels.double()])
+        if run.accelerator.num_processes > 1:
+            vec = run.accelerator.reduce(vec, "sum")
+        vals = vec.tolist()  # the one host sync of a log step
+        dt = time.perf_counter() - self.t0
+        scalars = {f"{ns}/{k}": vals[i] / max(vals[-1], 1.0) for i, k in enumerate(keys)}
+        scalars[f"{ns}/lr"] = lr
+        scalars[f"{ns}/labels_per_s"] = vals[-1] / dt
+        scalars[f"{ns}/grad_norm"] = gnorm.item()
+        run.log(scalars, step)
+        self._reset()
+        return scalars
+
+
+def _finish(task: Task, run: Run, step: int, start_step: int) -> dict:
+    """After the last step: the final checkpoint (unless a resumed run had nothing left to do), the task's
+    final extras, done.json (main process, written last: its presence means the run is complete)."""
+    acc, s, run_dir, writer = run.accelerator, run.settings, run.run_dir, run.writer
     if writer is not None:
         writer.flush()
-    if not (state.step == start_step and any(st == state.step for st, _ in checkpoints(run_dir))):
-        save_checkpoint(acc, run_dir, state.step, s.keep_last, config)
-    summary = {"global_step": state.step, "run_dir": str(run_dir), "world_size": world,
+    if not (step == start_step and any(st == step for st, _ in checkpoints(run_dir))):
+        save_checkpoint(acc, run_dir, step, s.keep_last, run.config)
+    summary = {"global_step": step, "run_dir": str(run_dir), "world_size": acc.num_processes,
                "batch_size": s.batch_size, "grad_accum": s.grad_accum, "resumed_from_step": start_step}
-    summary.update(task.on_end(run, state.step) or {})
+    summary.update(task.on_end(run, step) or {})
     if acc.is_main_process:
         atomic_write_text(run_dir / "done.json", json.dumps(summary, indent=2, default=float))
         writer.flush()

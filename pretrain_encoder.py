@@ -49,32 +49,40 @@ class ReconstructionTask:
         # data_fingerprint: stage 2 refuses this encoder for other data unless allow_data_change=true.
         self.ckpt_config = {"model": loop.to_plain(cfg.model) | self.mcfg.to_dict(), "env": loop.to_plain(cfg.env),
                             "data_fingerprint": hist.fingerprint}
-        self.accelerator = None  # set by loop.fit
+        self.accelerator = None  # set by setup (loop.fit)
+        self.diag: dict[str, PretrainBatches] = {}  # split -> diagnostic batches, built by setup
+        self.diag_split: str | None = None  # the split the periodic diagnostics use
 
-    def _dataset(self, split, rank, world, batch, seed, curriculum=False):
-        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=batch * world, seed=seed,
-                                        curriculum=curriculum)
+    def _dataset(self, split, rank, world, global_micro_batch, seed, curriculum=False):
+        return PretrainBatches.from_cfg(self.hist, self.cfg, split, rank, world, batch_size=global_micro_batch,
+                                        seed=seed, curriculum=curriculum)
 
-    def batches(self, start, rank, world, micro_batch):
-        ds = self._dataset("train", rank, world, micro_batch, self.cfg.seed, curriculum=True)
-        # Diagnostics on goals never trained on (generalisation, not recall): the validation goals during
-        # training (what choices may be made on); the test goals once at the end, for reported figures.
-        self.diag = {}
+    def setup(self, accelerator, global_micro_batch):
+        self.accelerator = accelerator
+        self.diag = self.diagnostic_data(accelerator.process_index, accelerator.num_processes, global_micro_batch)
+        self.diag_split = next(iter(self.diag))
+
+    def diagnostic_data(self, rank, world, global_micro_batch) -> dict:
+        """{split: this rank's diagnostic batches}, on goals never trained on (generalisation, not recall):
+        the validation goals during training (what choices may be made on); the test goals once at the end,
+        for reported figures. Their own stream (seed + 1_000_003), the size of a training micro-batch."""
+        diag = {}
         for split in ("val", "test"):
             if len(self.hist.split_indices(split)):
-                self.diag[split] = self._dataset(split, rank, world, micro_batch, self.cfg.seed + 1_000_003)
-        if not self.diag:  # a dataset with no held-out goals at all: train goals, rather than nothing
-            self.diag["train"] = self._dataset("train", rank, world, micro_batch, self.cfg.seed + 1_000_003)
-        self.diag_split = next(iter(self.diag))
+                diag[split] = self._dataset(split, rank, world, global_micro_batch, self.cfg.seed + 1_000_003)
+        if not diag:  # a dataset with no held-out goals at all: train goals, rather than nothing
+            diag["train"] = self._dataset("train", rank, world, global_micro_batch, self.cfg.seed + 1_000_003)
+        return diag
+
+    def batches(self, start, rank, world, global_micro_batch):
+        ds = self._dataset("train", rank, world, global_micro_batch, self.cfg.seed, curriculum=True)
         device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):
         out = model(batch)
-        return reconstruction_loss(out["pred"], batch["seg"], batch["seg_len"], self.mcfg), {}
-
-    def n_labels(self, batch):
-        return batch["seg_len"].sum()  # transitions reconstructed (a device tensor: no host sync)
+        n_labels = batch["seg_len"].sum()  # transitions reconstructed (a device tensor: no host sync)
+        return reconstruction_loss(out["pred"], batch["seg"], batch["seg_len"], self.mcfg), {}, n_labels
 
     @torch.no_grad()
     def diagnostics(self, run, model, split: str | None = None, prefix: str = "pretrain/") -> dict:

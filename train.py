@@ -50,10 +50,14 @@ class ActionPredictionTask:
     def __init__(self, cfg, model, hist):
         self.cfg, self.model, self.hist = cfg, model, hist
         self.aux_w = float(cfg.model.get("aux_recon_weight", 0.0) or 0.0)
-        self.accelerator = None
+        self.accelerator = None  # set by setup (loop.fit)
 
-    def batches(self, start, rank, world, micro_batch):
-        ds = HistoryBatches.from_cfg(self.hist, self.cfg, "train", rank, world, batch_size=micro_batch * world,
+    def setup(self, accelerator, global_micro_batch):
+        # The held-out data are whole histories of self.hist (same_position), nothing to build ahead.
+        self.accelerator = accelerator
+
+    def batches(self, start, rank, world, global_micro_batch):
+        ds = HistoryBatches.from_cfg(self.hist, self.cfg, "train", rank, world, batch_size=global_micro_batch,
                                      seed=self.cfg.seed)
         device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
@@ -61,7 +65,6 @@ class ActionPredictionTask:
     def loss(self, model, batch):
         out = model(batch)
         a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"))
-        self._labels = a["n_labels"]  # a device tensor: no host sync in the step
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:
@@ -69,10 +72,8 @@ class ActionPredictionTask:
                 self.accelerator, model).cfg)
             metrics["loss_recon"] = rec.detach()
             loss = loss + self.aux_w * rec
-        return loss, metrics
-
-    def n_labels(self, batch):
-        return self._labels  # window positions (+ segment positions with model.label_segments)
+        # n_labels: window positions (+ segment positions with model.label_segments), a device tensor
+        return loss, metrics, a["n_labels"]
 
     def same_position(self, run, split: str, probe: bool = False) -> dict | None:
         """Teacher-forced action NLL over every step of the split's held-out histories, with the model's

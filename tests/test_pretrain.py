@@ -386,7 +386,14 @@ def test_documented_short_key_example_builds_its_batches(tiny):
     task = pretrain_encoder.ReconstructionTask(
         cfg, EncoderPretrainer(ModelConfig.from_cfg(cfg.model, cfg.env)), hist
     )
-    next(iter(task.batches(0, 0, 1, 4)))
+    batch = next(iter(task.batches(0, 0, 1, 4)))
+    assert batch["seg"].shape[0] == 4 and (batch["depth"] >= 1).all()
+    # The held-out diagnostics are built explicitly (not as a side effect of batches): validation and test
+    # goals, each its own stream, with a training micro-batch's rows.
+    diag = task.diagnostic_data(0, 1, 4)
+    assert set(diag) == {"val", "test"} and all(d.global_batch_size == 4 for d in diag.values())
+    loss, metrics, n_labels = task.loss(task.model, batch)
+    assert loss.ndim == 0 and metrics == {} and int(n_labels) == int(batch["seg_len"].sum()) > 0
 
 
 def test_effective_rank_of_identical_rows_is_zero():
