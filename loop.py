@@ -74,6 +74,8 @@ LOOP_RULES = {
     "grad_accum": integer(1),
     "lr": number(0, lo_open=True),
     "weight_decay": number(0),
+    "adam_beta1": number(0, 1, hi_open=True, note="AdamW beta1"),
+    "adam_beta2": number(0, 1, hi_open=True, note="AdamW beta2"),
     "warmup_steps": integer(0),
     "min_lr_ratio": number(0, 1),
     "grad_clip": number(0, note="0 disables clipping"),
@@ -108,6 +110,8 @@ class LoopSettings:
     lr: float
     grad_accum: int = 1
     weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0  # 0 disables clipping (the gradient norm is still computed, logged and checked)
@@ -145,7 +149,7 @@ class LoopSettings:
         for name in self.__dataclass_fields__:
             if name in LOOP_RULES:
                 check_value(name, getattr(self, name), LOOP_RULES[name])
-        for name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip"):
+        for name in ("lr", "weight_decay", "adam_beta1", "adam_beta2", "min_lr_ratio", "grad_clip"):
             setattr(self, name, float(getattr(self, name)))
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
@@ -260,7 +264,8 @@ def make_optimizer(model: nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
     no_decay = [p for p in params if p.dim() < 2]
     fused = {"fused": True} if all(p.is_cuda for p in params) else {}
     return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95), **fused)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=s.lr,
+                             betas=(s.adam_beta1, s.adam_beta2), **fused)
 
 
 def make_accelerator(s: LoopSettings):

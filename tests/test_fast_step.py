@@ -124,6 +124,19 @@ def test_fused_adamw_only_on_cuda():
     assert not loop.make_optimizer(m, s).defaults.get("fused")
 
 
+def test_adam_betas_come_from_the_config(tiny):
+    """adam_beta1 / adam_beta2 (train.yaml, pretrain.yaml) reach AdamW; the defaults are the betas the loop
+    always used, (0.9, 0.95)."""
+    m = torch.nn.Linear(3, 3)
+    default = loop.settings_from_cfg(tiny.compose("train"), "train").validate()
+    assert loop.make_optimizer(m, default).defaults["betas"] == (0.9, 0.95)
+    for name in ("train", "pretrain"):
+        cfg = tiny.compose(name, "adam_beta1=0.8", "adam_beta2=0.99")
+        # (stage 1's steps / batch / lr are model-group keys that pretrain_encoder.main passes explicitly)
+        s = loop.settings_from_cfg(cfg, name, max_steps=1, batch_size=8, lr=1e-3).validate()
+        assert loop.make_optimizer(m, s).defaults["betas"] == (0.8, 0.99)
+
+
 def test_compile_setting_is_validated():
     s = loop.LoopSettings(max_steps=1, batch_size=1, lr=1e-3, compile="reduce-overhead").validate()
     assert s.compile_mode() == "reduce-overhead"
@@ -143,7 +156,7 @@ def _fused_on_cpu(monkeypatch):
     def fused(model, s):
         opt = real(model, s)
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
-        return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.95), fused=True)
+        return torch.optim.AdamW(groups, lr=s.lr, betas=opt.defaults["betas"], fused=True)
 
     monkeypatch.setattr(loop, "make_optimizer", fused)
 

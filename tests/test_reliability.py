@@ -223,6 +223,7 @@ def test_every_config_key_has_a_rule_and_the_defaults_pass(name, groups):
     ("train", "model.n_latent=5000", r"model.n_latent=5000 must be an integer in \[1, 1024\]"),
     ("train", "model.n_latent=30", r"model.n_latent=30 must be <= model.seg_len=20"),
     ("train", "model.dropout=1.5", r"model.dropout=1.5 must be a finite number >= 0 and < 1"),
+    ("train", "adam_beta2=1.0", r"adam_beta2=1.0 must be a finite number >= 0 and < 1"),
     ("train", "env.reward_mode=sometimes", r"env.reward_mode='sometimes' must be one of every_step, once"),
     ("pretrain", "diag_batches=0", r"diag_batches=0 must be an integer >= 1"),
     ("pretrain", "model.save_every=-5", r"model.save_every=-5 must be an integer >= 1"),
