@@ -252,16 +252,28 @@ def _lr_lambda(s: LoopSettings):
     return f
 
 
+def decayed_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters weight decay applies to: the weight matrices of nn.Linear layers, the maps
+    from one representation to another (as in nanoGPT / minGPT). Not biases and norms, and not tables of
+    learned vectors — nn.Embedding weights, and the bare nn.Parameter tables and vectors (position tables
+    pos / seg_pos / latent_pos / prefix_pos, the encoder's latent queries, `begin`): each row is a value the
+    model reads as it is, so decay would pull positions and queries toward zero rather than regularise a map."""
+    linear = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    return {name for name, p in model.named_parameters() if id(p) in linear}
+
+
 def make_optimizer(model: nn.Module, s: LoopSettings) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters only (frozen ones are not in the optimizer); no decay on
-    biases, norms and embeddings-like vectors. With the parameters on CUDA, the fused kernel: one launch
-    for all parameters instead of a few per tensor, and it can skip a step on a device-side flag (fit's
+    """AdamW over trainable parameters only (frozen ones are not in the optimizer); weight decay on the
+    `decayed_parameters` only. With the parameters on CUDA, the fused kernel: one launch for all
+    parameters instead of a few per tensor, and it can skip a step on a device-side flag (fit's
     non-finite guard)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
         raise ConfigError("the model has no trainable parameters (everything frozen?): unfreeze something")
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    params = [p for _, p in named]
+    decayed = decayed_parameters(model)
+    decay = [p for n, p in named if n in decayed]
+    no_decay = [p for n, p in named if n not in decayed]
     fused = {"fused": True} if all(p.is_cuda for p in params) else {}
     return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=s.lr,
