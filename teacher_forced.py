@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transition import ACTION
+from transition import action
 
 # History-step buckets [lo, hi) of the per-step loss. The last bucket is open-ended (hi=None: to the end).
 DEFAULT_BUCKETS = ((0, 200), (200, 500), (500, None))
@@ -67,7 +67,7 @@ def history_nll(model, trans, device, memory_segments: int | None = None, histor
         for a in range(0, trans.shape[0], histories_per_pass):
             x = trans[a:a + histories_per_pass].to(device).long()
             logits = model.rollout_logits(x, memory_segments=memory_segments).float()
-            target = x[..., ACTION]
+            target = action(x)
             nll.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
                        .view(target.shape).double().cpu())
             ok.append((logits.argmax(-1) == target).cpu())

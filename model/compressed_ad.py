@@ -20,7 +20,7 @@ from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.reconstruction import ReconstructionDecoder
 from model.transformer import init_weights
-from transition import N_FIELDS, STATE
+from transition import N_FIELDS, STATE, state
 
 
 @dataclass
@@ -83,7 +83,7 @@ class CompressedAD(Compressor):
             has_p = [has, pre_has[rows[:, 0], rows[:, 1]]]
         all_win = torch.cat(wins, dim=0)
         ctx = self.embed_transitions(all_win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), all_win[..., STATE])
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), state(all_win))
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
@@ -145,7 +145,7 @@ class CompressedAD(Compressor):
         prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
         has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(emb.flatten(0, 1)),
-                                            segs.flatten(0, 1)[..., STATE])
+                                            state(segs.flatten(0, 1)))
         logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
         return logits.view(n, n_win * s, -1)[:, :t_len]
 
@@ -171,7 +171,7 @@ class CompressedAD(Compressor):
         # Recompute path (reference + benchmark): the whole window, and the prefix, every step.
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
-                                            win[..., STATE])
+                                            state(win))
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=states.device)
         return self.decoder(tokens, prefix=st.latents, has_prefix=has if st.latents is not None else None)[:, -1]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.embeddings import featurize
-from transition import ACTION, FIELD_COLUMNS, FIELDS, N_FIELDS
+from transition import FIELD_COLUMNS, FIELDS, N_FIELDS, action
 
 
 def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -29,7 +29,7 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
     plus, when `seg_logits` [B, D', S, A] is given, every valid position of the batch's LAST D' compressed
     segment slots (D' < D when older folds ran without gradients, model.bptt_segments)."""
     win, win_len = batch["win"], batch["win_len"]
-    target = win[..., ACTION].long()
+    target = action(win).long()
     mask = lengths_mask(win_len, win.shape[1])
     if last_only:
         mask = torch.zeros_like(mask)
@@ -38,7 +38,7 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
     if seg_logits is not None and not last_only and seg_logits.shape[1] > 0:
         d = seg_logits.shape[1]
         seg, seg_len = batch["seg"][:, -d:], batch["seg_len"][:, -d:]
-        terms.append((seg_logits, seg[..., ACTION].long(), lengths_mask(seg_len, seg.shape[2])))
+        terms.append((seg_logits, action(seg).long(), lengths_mask(seg_len, seg.shape[2])))
     total = logits.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), device=logits.device)
     count = torch.zeros((), device=logits.device, dtype=torch.long)
