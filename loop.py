@@ -202,8 +202,6 @@ def seed_everything(seed: int) -> None:
     set_seed(int(seed))
 
 
-
-
 class _LoopState:
     """Step counter saved with Accelerate's state (its own iteration counter is not restored on load)."""
 
@@ -292,7 +290,6 @@ def make_accelerator(s: LoopSettings):
                        step_scheduler_with_optimizer=False)
 
 
-
 def shutdown(acc) -> None:
     """End of an accelerate-launched run: destroy the process group (no "destroy_process_group() was not
     called" warning at exit). A no-op in a single process without one."""
@@ -354,8 +351,6 @@ def _fit_in_run_dir(task: Task, s: LoopSettings, run_dir: Path, config: dict, ac
 
 # Write failures that are the machine's state, not a bug: reported in one line.
 _DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-
-
 
 
 def _interrupted_msg(run_dir: Path, s: LoopSettings) -> str:
@@ -617,8 +612,6 @@ class _null:
 
     def __exit__(self, *a):
         return False
-
-
 
 
 def reduce_means(acc, sums: dict, counts: dict) -> dict:

@@ -53,7 +53,6 @@ class RunDirError(RuntimeError):
     checkpoint cannot be resumed from."""
 
 
-
 # Keys that may change between a run and its resumption without making it "a different run".
 # (Logging/eval cadence and performance knobs; not the data, model, optimisation or seed.) Dotted keys
 # name nested ones.
@@ -67,6 +66,8 @@ _VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_worker
 _PATH_KEYS = {"run_dir", "run_name", "data_path", "model.pretrained_encoder_path"}
 FINGERPRINT_KEY = "data_fingerprint"  # histories.fingerprint of the training data, set by the scripts
 _NOT_IDENTITY = _VOLATILE_KEYS | _PATH_KEYS | {FINGERPRINT_KEY}
+
+# checkpoints/step-N: a complete checkpoint (half-written ones are .tmp-step-N, pruned ones .old-step-N)
 CHECKPOINT_RE = re.compile(r"step-(\d+)")
 # Test-only fault injection (tests/test_resume.py): CAD_TEST_KILL_AT=<step>[:<where>] makes the process
 # SIGKILL itself at that point, exactly like an OOM killer or a pre-empted node would.
@@ -312,7 +313,6 @@ def load_checkpoint(acc, ck: Path) -> None:
         raise RunDirError(f"cannot resume from {ck}: {type(e).__name__}: {first[:300]} -- the checkpoint "
                           f"is damaged or from another model config; resume_from=<an older "
                           f"checkpoints/step-N>, or start over with overwrite=true") from None
-
 
 
 def _fsync_tree(root: Path) -> None:
