@@ -71,7 +71,7 @@ class ActionPredictionTask:
             loss = loss + self.aux_w * rec
         if "memory_logits" in out:
             m = memory_loss(out["memory_logits"], out["memory_targets"], out["has_latents"])
-            metrics.update(loss_memory=m["loss"].detach(), memory_reward_recall=m["reward_recall"],
+            metrics.update(loss_memory=m["loss"].detach(), memory_reward_acc=m["reward_acc"],
                            memory_visited_acc=m["visited_acc"])
             loss = loss + loop.unwrap(self.accelerator, model).cfg.memory_aux_weight * m["loss"]
         return loss, metrics

@@ -5,8 +5,13 @@ Measured without it, the compressed memory keeps nothing the last folded segment
 because on most steps the recent past predicts the source's action as well. This head asks for exactly
 what an in-context learner must carry across many folds — for every grid cell, from the latents alone:
 
-    visited:  did any transition of ANY folded segment start or end in this cell?
-    rewarded: did any folded transition receive reward on arriving in this cell (where the goal was seen)?
+    visited:  did any transition of ANY folded segment start or end in this cell?  (per-cell BCE)
+    reward:   in which cell did the folded history receive reward (where the goal was seen), or nowhere
+              yet?  (cross-entropy over the G*G cells + a "none" class; the target spreads evenly over the
+              rewarded cells if there are several)
+
+The reward term is a categorical over cells on purpose: as one more per-cell bit it was 1 positive among
+2*G*G bits, its gradient vanished and the measured recall stayed 0 (experiment=quick, 400 steps).
 
 The targets cover every segment the latents were folded from (with `model.schedule=rollout`, the whole
 history before the decoder window, including the folds that ran without gradients), so the only way to
@@ -34,14 +39,18 @@ class MemoryReadout(nn.Module):
         self.cell_y = nn.Embedding(g, d)
         self.block = Block(d, cfg.n_head, cfg.dropout, cross=True)
         self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, 2)  # (visited, rewarded) logits
+        self.head = nn.Linear(d, 2)  # (visited, reward-cell) logits
+        self.none_logit = nn.Parameter(torch.zeros(()))  # "no reward seen yet" class of the reward term
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        """latents [B, n, d] -> logits [B, G*G, 2]; cell index x * G + y."""
+    def forward(self, latents: torch.Tensor) -> dict:
+        """latents [B, n, d] -> {'visited': [B, G*G] logits, 'reward': [B, G*G + 1] logits (last = none)};
+        cell index x * G + y."""
         g = self.grid_size
         q = (self.cell_x.weight[:, None, :] + self.cell_y.weight[None, :, :]).reshape(g * g, -1)
         x, _ = self.block(q.expand(latents.shape[0], -1, -1), source=latents)
-        return self.head(self.ln_f(x))
+        out = self.head(self.ln_f(x))
+        none = self.none_logit.expand(latents.shape[0], 1).to(out.dtype)
+        return {"visited": out[..., 0], "reward": torch.cat([out[..., 1], none], dim=1)}
 
 
 def memory_targets(seg: torch.Tensor, seg_len: torch.Tensor, grid_size: int) -> torch.Tensor:
@@ -61,16 +70,20 @@ def memory_targets(seg: torch.Tensor, seg_len: torch.Tensor, grid_size: int) -> 
     return (out > 0).float()
 
 
-def memory_loss(logits: torch.Tensor, targets: torch.Tensor, has: torch.Tensor) -> dict:
-    """Mean BCE over cells and both targets, over the samples that have latents (has [B]); plus the
-    accuracy of the 'rewarded' bit on the cells where it is 1 (recall of the remembered goal)."""
-    w = has.float()[:, None, None]
-    bce = F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="none")
-    n = (w.sum() * logits.shape[1] * 2).clamp(min=1)
+def memory_loss(logits: dict, targets: torch.Tensor, has: torch.Tensor) -> dict:
+    """Over the samples that have latents (has [B]): mean per-cell BCE of 'visited' + cross-entropy of the
+    reward cell (or none). Also the reward term's accuracy (argmax is a rewarded cell, or none when none
+    was seen) and the visited bits' accuracy."""
+    w = has.float()
+    n = w.sum().clamp(min=1)
+    bce = F.binary_cross_entropy_with_logits(logits["visited"].float(), targets[..., 0], reduction="none")
+    rew = targets[..., 1]
+    seen = rew.sum(1, keepdim=True)
+    dist = torch.cat([rew / seen.clamp(min=1), (seen == 0).float()], dim=1)  # [B, G*G + 1]
+    ce = -(dist * F.log_softmax(logits["reward"].float(), dim=1)).sum(1)
+    loss = ((bce.mean(1) + ce) * w).sum() / n
     with torch.no_grad():
-        pos = targets[..., 1] * w[..., 0]
-        hit = ((logits[..., 1] > 0).float() * pos).sum()
-        recall = hit / pos.sum().clamp(min=1)
-        vis_acc = (((logits[..., 0] > 0).float() == targets[..., 0]).float() * w[..., 0]).sum() / (
-            w.sum() * logits.shape[1]).clamp(min=1)
-    return {"loss": (bce * w).sum() / n, "reward_recall": recall, "visited_acc": vis_acc}
+        hit = dist.gather(1, logits["reward"].argmax(1, keepdim=True))[:, 0] > 0
+        reward_acc = (hit.float() * w).sum() / n
+        vis_acc = (((logits["visited"] > 0).float() == targets[..., 0]).float().mean(1) * w).sum() / n
+    return {"loss": loss, "reward_acc": reward_acc, "visited_acc": vis_acc}
