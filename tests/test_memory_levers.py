@@ -37,7 +37,7 @@ def test_memory_targets_cover_every_real_transition_of_every_used_slot_and_nothi
     seg[0, 1, 0] = torch.tensor([5, 5, 0, 0, 5, 6])
     seg_len = torch.tensor([[2, 1], [0, 0]])  # sample 1 has no folded segment
     t = memory_targets(seg, seg_len, g)
-    cell = lambda x, y: x * g + y  # noqa: E731
+    cell = lambda x, y: x * g + y
     visited = {cell(1, 2), cell(1, 3), cell(4, 4), cell(5, 5), cell(5, 6)}
     assert set(t[0, :, 0].nonzero().flatten().tolist()) == visited
     assert t[0, :, 1].nonzero().flatten().tolist() == [cell(4, 4)]
