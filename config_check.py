@@ -215,6 +215,8 @@ MODEL_RULES = {
     "model.freeze_encoder": flag(),
     "model.freeze_embeddings": Rule("bool", null=True, note="null = follow model.freeze_encoder"),
     "model.aux_recon_weight": number(0),
+    "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
+    "model.memory_aux_weight": number(0, note="long-memory readout loss weight; 0 = off (model/memory_readout.py)"),
     # stage 1 (config/model/pretrain_encoder.yaml)
     "model.pretrain_steps": integer(1),
     "model.pretrain_batch_size": integer(1),

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from atomic_io import atomic_torch_save
-from model.config import ENCODER_ARCH_KEYS, ModelConfig
+from model.config import ARCH_KEY_DEFAULTS, ENCODER_ARCH_KEYS, ModelConfig
 
 REQUIRED_KEYS = ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict", "global_step", "config")
 
@@ -103,7 +103,7 @@ def check_architecture(saved: dict, current: ModelConfig, path) -> None:
                                      f"the dict of model settings: the file is damaged or foreign; re-run stage 1")
     diffs = []
     for k in ENCODER_ARCH_KEYS:
-        have = model_cfg.get(k, "<missing>")
+        have = model_cfg.get(k, ARCH_KEY_DEFAULTS.get(k, "<missing>"))
         want = getattr(current, k)
         if have != want:
             diffs.append(f"{k}: checkpoint={have} current={want}")

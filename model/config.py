@@ -11,7 +11,10 @@ from dataclasses import asdict, dataclass, fields
 
 # Keys that fix the shapes of encoder + shared embedding weights. Anything else (dropout, depth weights,
 # learning rates) may differ between the two stages.
-ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len")
+ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len",
+                     "latent_update")
+# What a checkpoint written before a key joined ENCODER_ARCH_KEYS was built with.
+ARCH_KEY_DEFAULTS = {"latent_update": "replace"}
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,10 @@ class ModelConfig:
     recon_loss: str = "mse"  # 'mse' on f(tau) (docs/design.md §5) or 'ce' (per-field cross-entropy)
     recon_decoder: str = "parallel"  # ReconstructionDecoder: 'parallel' (latents only) | 'causal' (teacher-forced)
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
+    latent_update: str = "replace"  # how a fold writes the latents: 'replace' | 'gated' (model/encoder.py)
+    # Long-memory auxiliary objective: weight of predicting, from the latents, which grid cells the folded
+    # history visited and where it saw reward (model/memory_readout.py); 0 = off (no readout head built).
+    memory_aux_weight: float = 0.0
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
     # for torch.compile). Same result, more arithmetic on unused slots. Also set inside torch.compile.
@@ -72,6 +79,9 @@ class ModelConfig:
         need(self.recon_loss in ("mse", "ce"), f"model.recon_loss={self.recon_loss!r}: use 'mse' or 'ce'")
         need(self.recon_decoder in ("parallel", "causal"),
              f"model.recon_decoder={self.recon_decoder!r}: use 'parallel' or 'causal'")
+        need(self.latent_update in ("replace", "gated"),
+             f"model.latent_update={self.latent_update!r}: use 'replace' or 'gated'")
+        need(self.memory_aux_weight >= 0, f"model.memory_aux_weight={self.memory_aux_weight} must be >= 0")
         need(self.max_compression_depth >= 0,
              f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")

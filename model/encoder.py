@@ -6,6 +6,11 @@ Input sequence (bidirectional attention, padding keys masked):
       n_latent learned query tokens ]
 The outputs at the query positions are the new latents. Applied repeatedly (segment 1, 2, 3, ...) it
 builds the hierarchical memory: latents_k = E(latents_{k-1}, segment_k).
+
+`model.latent_update: gated` makes the fold a GRU-style update instead of a replacement:
+    latents_k = g * E(latents_{k-1}, segment_k) + (1 - g) * latents_{k-1},  g = sigmoid(W [E(.); latents_{k-1}])
+per latent and channel, so content the gate keeps is carried to the next fold unchanged (a replacement must
+re-encode it through every block at every fold). docs/design.md §4.3.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class CompressionEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.enc_n_layer))
         self.ln_f = nn.LayerNorm(d)
+        # Gated update (None: replace). Zero-initialised like every Linear bias: g starts at 0.5.
+        self.gate = nn.Linear(2 * d, d) if cfg.latent_update == "gated" else None
 
     def forward(self, prev_latents, has_prev, seg_emb, seg_mask):
         """prev_latents [B, n, d] or None; has_prev bool [B] (False: ignore prev_latents for that row);
@@ -52,4 +59,9 @@ class CompressionEncoder(nn.Module):
         x = self.drop(x)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
-        return self.ln_f(x[:, -self.n_latent:])
+        new = self.ln_f(x[:, -self.n_latent:])
+        if self.gate is None:
+            return new
+        g = torch.sigmoid(self.gate(torch.cat([new, prev_latents], dim=-1)))
+        # Rows without previous latents have nothing to keep: their latents are the encoder's output.
+        return torch.where(has_prev[:, None, None], g * new + (1 - g) * prev_latents, new)

@@ -52,13 +52,15 @@ def test_rollout_schedule_cuts_windows_at_the_rollouts_phases(hist):
     assert short.depth.max() <= 3 and short.seg_len.shape[1] == 3
 
 
-@pytest.mark.parametrize("bptt, static", [(None, False), (3, False), (3, True)])
-def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static):
+@pytest.mark.parametrize("bptt, static, update", [(None, False, "replace"), (3, False, "replace"),
+                                                  (3, True, "replace"), (3, False, "gated")])
+def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static, update):
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({
         "name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3,
         "seg_len": S, "context_len": S, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 3,
-        "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt, "static_shapes": static}),
+        "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt, "static_shapes": static,
+        "latent_update": update}),
         OmegaConf.create({"grid_size": 9, "n_actions": 5})).eval()
     ds = rollout_batches(hist, static_shapes=static)
     specs, b = ds.global_specs(0), ds[0]
