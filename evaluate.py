@@ -26,7 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 import config_check as cc
 import teacher_forced
@@ -437,7 +436,6 @@ def one_line_msg(e: BaseException) -> str:
 # Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_reliability.py).
 KEY_RULES = {
     **cc.ENV_RULES,
-    "data_seed": cc.integer(0, note="unused here"),
     "run_dir": cc.text(note="a stage-2 run directory holding model.pt"),
     "env_from_run": cc.flag(),
     "n_episodes": cc.integer(1),
@@ -482,15 +480,6 @@ def _check_cfg(cfg: DictConfig) -> None:
             raise EvalError(f"cannot write into run_dir {run_dir} ({os_error_reason(e)}): evaluate writes "
                             f"{cfg.out_name}.json/.png there; fix its permissions, or copy the run somewhere "
                             f"writable and evaluate the copy") from None
-
-
-def _plain_config(cfg: DictConfig) -> dict:
-    # Experiment presets are shared by every script and may interpolate keys only other scripts have
-    # (e.g. data_path: ...${data_seed}); keep such values unresolved rather than fail.
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except InterpolationResolutionError:
-        return OmegaConf.to_container(cfg, resolve=False)
 
 
 def main(cfg: DictConfig) -> dict:
@@ -553,7 +542,7 @@ def main(cfg: DictConfig) -> dict:
         "model_name": run_cfg["model"].get("name"),
         "global_step": global_step,
         "device": str(device),
-        "config": _plain_config(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
         "env": env_cfg,
         "metrics": metrics,
         "splits": results,

@@ -22,6 +22,23 @@ from pathlib import Path
 
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 GROUPS = ("env", "model", "experiment")
+# Command-line spellings that moved and still work (docs/design.md §9): old key -> where it lives now.
+KEY_ALIASES: dict[str, str] = {}
+NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
+
+
+def apply_alias(override: str) -> str:
+    """`override` with an old key spelling (KEY_ALIASES) replaced by the current one; `experiment=null` and
+    `~experiment` become `experiment=none` (each script's defaults list interpolates the preset name, which
+    must be a string). Anything else unchanged."""
+    if override.startswith("-"):
+        return override
+    key, eq, value = override.partition("=")
+    if key == "~experiment" or (key.lstrip("+") == "experiment" and value == "null"):
+        return f"experiment={NO_PRESET}"
+    prefix = key[:len(key) - len(key.lstrip("+~"))]
+    bare = key[len(prefix):]
+    return f"{prefix}{KEY_ALIASES[bare]}{eq}{value}" if bare in KEY_ALIASES and eq else override
 
 
 def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
@@ -84,16 +101,17 @@ def compose_config(config_name: str, overrides: list[str], config_dir: str = CON
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            return compose(config_name, overrides=list(overrides))
+            return compose(config_name, overrides=[apply_alias(o) for o in overrides])
     finally:
         GlobalHydra.instance().clear()
 
 
 def route_override(cfg, override: str) -> str | None:
-    """How `override` applies to a script whose composed config is `cfg`: unchanged, rewritten to
-    `model.<key>=...` (a bare model key), or None when that config has no such key."""
+    """How `override` applies to a script whose composed config is `cfg`: unchanged, respelled (an old key,
+    apply_alias), rewritten to `model.<key>=...` (a bare model key), or None when that config has no such key."""
     from omegaconf import OmegaConf
 
+    override = apply_alias(override)
     if override.startswith("-") or "=" not in override:
         return override
     key = override.split("=", 1)[0]
@@ -125,6 +143,7 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
         except (HydraException, OmegaConfBaseException) as e:
             raise UnknownKeyError(f"{what}: {one_line(e)}") from None
 
+    args = [apply_alias(a) for a in args]
     cfg = composed(group_choices(args), "bad config group choice (see config/<group>/*.yaml)")
     out = []
     for a in args:

@@ -86,14 +86,12 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
             raise PipelineError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
         only[stage].append(kv)
     groups = group_choices(shared)
-    # Route by the stages' own configs, without the experiment preset: a preset is @package _global_ and
-    # adds its keys to every script's config, which would send every key everywhere.
-    base_groups = [g for g in groups if g.split("=", 1)[0].lstrip("+~") != "experiment"]
-    # One composition per stage, then a lookup per key (composing per key and stage took ~15 CPU-s for a
+    # One composition per stage (with the group choices: each stage composes only its own slice of an
+    # experiment preset, so the preset adds no key a stage does not read), then a lookup per key (composing per key and stage took ~15 CPU-s for a
     # typical command line). route_override is the decision hydra_cli.rewrite_overrides makes; the full
     # lists are validated by rewrite_overrides itself below.
     try:
-        bases = {s: compose(s, base_groups) for s in STAGES}
+        bases = {s: compose(s, groups) for s in STAGES}
     except UnknownKeyError as e:
         raise PipelineError(str(e)) from None
     for o in shared:

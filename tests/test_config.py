@@ -1,0 +1,117 @@
+"""The configuration layout (docs/design.md §9): each script composes only its own slice of an experiment
+preset, old command-line spellings still work, and a stage's run identity depends on its own keys only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import config_check as cc
+import loop
+from hydra_cli import CONFIG_DIR, compose_config, rewrite_overrides
+
+STAGES = ("collect", "pretrain", "train", "evaluate")
+PRESETS = ("quick", "full")
+
+
+def leaves(cfg) -> dict:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_preset_adds_no_key_the_stage_does_not_declare(stage, preset):
+    """A preset only sets values of keys the script's own config declares: nothing it never reads."""
+    base = leaves(compose_config(stage, []))
+    with_preset = leaves(compose_config(stage, [f"experiment={preset}"]))
+    assert sorted(set(with_preset) - set(base)) == []
+    assert set(base) - set(with_preset) == set()
+
+
+def test_quick_preset_values_per_stage():
+    """What experiment=quick sets, stage by stage (the values the single global preset used to set)."""
+    col = compose_config("collect", ["experiment=quick"])
+    assert (col.source.n_stream, col.source.n_stream_eval, col.source.eps_decay_steps) == (20, 5, 200)
+    pre = compose_config("pretrain", ["experiment=quick"])
+    m = pre.model
+    assert (m.pretrain_steps, m.pretrain_batch_size, m.pretrain_lr, m.save_every) == (800, 32, 0.001, 400)
+    assert (pre.warmup_steps, pre.log_every, pre.checkpoint_every, pre.diag_every, pre.cpu_threads) == (
+        100, 25, 400, 250, 1)
+    tr = compose_config("train", ["experiment=quick"])
+    assert (tr.max_steps, tr.batch_size, tr.lr, tr.heldout_every, tr.eval_every, tr.eval.n_episodes) == (
+        1200, 16, 0.001, 200, 400, 20)
+    assert (tr.model.n_latent, tr.model.seg_len, tr.model.n_layer, tr.model.dropout) == (8, 40, 3, 0.0)
+    ev = compose_config("evaluate", ["experiment=quick", "run_dir=x"])
+    assert (ev.n_episodes, ev.seeds_per_goal, ev.data_path) == (40, 4, None)  # data: the run's own
+    ad = compose_config("train", ["experiment=quick", "model=ad_dr"])
+    assert ad.model.context_len == 40 and ad.model.win_len_max == 40  # follows the preset's seg_len
+
+
+@pytest.mark.parametrize("preset", ("none", *PRESETS))
+def test_stages_of_a_preset_agree_on_data_and_encoder_architecture(preset):
+    from model.config import ENCODER_ARCH_KEYS
+
+    cfgs = {s: compose_config(s, [f"experiment={preset}"]) for s in ("collect", "pretrain", "train")}
+    assert len({str(c.data_path) for c in cfgs.values()}) == 1
+    pre, tr = cfgs["pretrain"].model, cfgs["train"].model
+    assert {k: pre.get(k) for k in ENCODER_ARCH_KEYS} == {k: tr.get(k) for k in ENCODER_ARCH_KEYS}
+    assert pre.min_seg_len == tr.min_seg_len and pre.static_shapes == tr.static_shapes
+
+
+@pytest.mark.parametrize("spelling", ["experiment=null", "~experiment", "experiment=none"])
+def test_no_preset_spellings(spelling):
+    assert rewrite_overrides("train", [spelling]) == ["experiment=none"]
+    assert leaves(compose_config("train", [spelling])) == leaves(compose_config("train", []))
+
+
+def _config_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "config"
+    shutil.copytree(CONFIG_DIR, dst)
+    return dst
+
+
+def test_editing_an_evaluate_value_leaves_training_identities_alone(tmp_path):
+    """An evaluate-only preset value used to be part of every training run's config.json, so changing it
+    made existing runs "different runs" (refused on resume). Now only evaluate sees it."""
+    cdir = _config_copy(tmp_path)
+    f = cdir / "experiment" / "evaluate" / "quick.yaml"
+    f.write_text(f.read_text().replace("n_episodes: 40", "n_episodes: 77"))
+    assert compose_config("evaluate", ["experiment=quick"], str(cdir)).n_episodes == 77
+    for stage in ("train", "pretrain"):
+        for groups in ([], ["model=ad_dr"]) if stage == "train" else ([],):
+            before = loop.to_plain(compose_config(stage, ["experiment=quick", *groups]))
+            after = loop.to_plain(compose_config(stage, ["experiment=quick", *groups], str(cdir)))
+            assert loop._identity(before) == loop._identity(after), stage
+    # ... while a value the stage reads still changes it (the identity is not blind).
+    g = cdir / "experiment" / "train" / "quick.yaml"
+    g.write_text(g.read_text().replace("lr: 0.001", "lr: 0.002"))
+    before = loop.to_plain(compose_config("train", ["experiment=quick"]))
+    after = loop.to_plain(compose_config("train", ["experiment=quick"], str(cdir)))
+    assert loop._differing_keys(before, after) == ["lr (0.001 -> 0.002)"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_key_of_a_preset_has_a_rule_and_passes(stage, preset):
+    import collect
+    import evaluate
+    import pretrain_encoder
+    import train
+
+    rules = {"collect": collect.KEY_RULES, "pretrain": pretrain_encoder.KEY_RULES, "train": train.KEY_RULES,
+             "evaluate": evaluate.KEY_RULES}[stage]
+    cfg = compose_config(stage, [f"experiment={preset}"] + (["run_dir=x"] if stage == "evaluate" else []))
+    assert [k for k in cc.leaf_keys(OmegaConf.to_container(cfg, resolve=True)) if k not in rules] == []
+    cc.check(cfg, rules)
