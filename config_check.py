@@ -2,7 +2,7 @@
 `check(cfg, TABLE)` first thing in main(cfg), so a bad value fails in one line that names the key and its
 allowed values (ConfigError) before any data is read or anything is written:
 
-    error: model.save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
+    error: save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
 
 Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, loop.LOOP_RULES) plus the script's
 own keys. tests/test_reliability.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
@@ -216,10 +216,6 @@ MODEL_RULES = {
     "model.freeze_embeddings": Rule("bool", null=True, note="null = follow model.freeze_encoder"),
     "model.aux_recon_weight": number(0),
     # stage 1 (config/model/pretrain_encoder.yaml)
-    "model.pretrain_steps": integer(1),
-    "model.pretrain_batch_size": integer(1),
-    "model.pretrain_lr": number(0, lo_open=True),
-    "model.save_every": integer(1, note="write encoder-pretrained-<step>.pt every this many steps"),
     "model.pretrain_depth_weights": weights(note="one per depth 1..max_compression_depth; null = d+1"),
     "model.pretrain_depth_curriculum": weights(
         note="fractions of pretrain_steps at which depths 2..max_compression_depth join; null = none"),

@@ -78,7 +78,7 @@ class PretrainBatches(SegmentBatches):
         fracs = cfg_get(m, "pretrain_depth_curriculum", None) if curriculum else None
         if fracs is not None:
             per_step = int(cfg_get(cfg, "grad_accum", 1) or 1)  # batches are indexed by micro-batch
-            starts = [round(float(f) * int(cfg_get(m, "pretrain_steps")) * per_step) for f in fracs]
+            starts = [round(float(f) * int(cfg_get(cfg, "pretrain_steps")) * per_step) for f in fracs]
         return cls(histories, split, batch_size=batch_size, depth_starts=starts,
                    seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),

@@ -23,7 +23,11 @@ from pathlib import Path
 CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
 GROUPS = ("env", "model", "experiment")
 # Command-line spellings that moved and still work (docs/design.md §9): old key -> where it lives now.
-KEY_ALIASES: dict[str, str] = {}
+KEY_ALIASES = {
+    # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml before, top level of pretrain.yaml now
+    "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
+    "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
+}
 NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
 
 

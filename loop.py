@@ -80,7 +80,7 @@ class Interrupted(RunDirError):
 # name nested ones.
 _VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "cpu_threads", "progress",
                   "log_every", "eval_every", "eval", "heldout_every", "diag_every",
-                  "diag_batches", "checkpoint_every", "keep_last", "allow_data_change", "model.save_every",
+                  "diag_batches", "checkpoint_every", "keep_last", "allow_data_change", "save_every",
                   "data_on_device"}  # data_on_device: identical batches either way
 # Paths say where things are, not what the run is: a run dir moved or spelled differently (./runs/x, an
 # absolute path) is the same run. Different data behind the same or another data_path is caught by
@@ -554,7 +554,7 @@ def _fit_in_run_dir(task: Task, s: LoopSettings, run_dir: Path, config: dict, ac
     if s.batch_size % (world * s.grad_accum):
         raise ConfigError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum = "
                           f"{world} x {s.grad_accum}: change batch_size or --num_processes")
-    steps_key = "model.pretrain_steps" if s.namespace == "pretrain" else "max_steps"
+    steps_key = "pretrain_steps" if s.namespace == "pretrain" else "max_steps"
     if s.warmup_steps > s.max_steps and acc.is_main_process:
         print(f"warning: warmup_steps={s.warmup_steps} > {steps_key}={s.max_steps}: the learning rate is still "
               f"warming up when training ends and never reaches lr={s.lr:g}; lower warmup_steps", flush=True)

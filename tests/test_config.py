@@ -45,8 +45,7 @@ def test_quick_preset_values_per_stage():
     col = compose_config("collect", ["experiment=quick"])
     assert (col.source.n_stream, col.source.n_stream_eval, col.source.eps_decay_steps) == (20, 5, 200)
     pre = compose_config("pretrain", ["experiment=quick"])
-    m = pre.model
-    assert (m.pretrain_steps, m.pretrain_batch_size, m.pretrain_lr, m.save_every) == (800, 32, 0.001, 400)
+    assert (pre.pretrain_steps, pre.pretrain_batch_size, pre.pretrain_lr, pre.save_every) == (800, 32, 0.001, 400)
     assert (pre.warmup_steps, pre.log_every, pre.checkpoint_every, pre.diag_every, pre.cpu_threads) == (
         100, 25, 400, 250, 1)
     tr = compose_config("train", ["experiment=quick"])
@@ -115,3 +114,72 @@ def test_every_key_of_a_preset_has_a_rule_and_passes(stage, preset):
     cfg = compose_config(stage, [f"experiment={preset}"] + (["run_dir=x"] if stage == "evaluate" else []))
     assert [k for k in cc.leaf_keys(OmegaConf.to_container(cfg, resolve=True)) if k not in rules] == []
     cc.check(cfg, rules)
+
+
+# ---- the command-line keys users were first given (docs/design.md §9) ------------------------------------
+ORIGINAL_KEYS = {
+    # script: [(what the user typed, where the value must land, the value)]; ORIGINAL_NOTES' keys
+    "pretrain": [("pretrain_lr=0.0005", "pretrain_lr", 0.0005), ("pretrain_batch_size=64", "pretrain_batch_size", 64),
+                 ("pretrain_steps=1000", "pretrain_steps", 1000),
+                 ("max_compression_depth=2", "model.max_compression_depth", 2), ("n_latent=15", "model.n_latent", 15)],
+    "train": [("pretrained_encoder_path=runs/p/encoder-pretrained-final.pt", "model.pretrained_encoder_path",
+               "runs/p/encoder-pretrained-final.pt"), ("freeze_encoder=true", "model.freeze_encoder", True),
+              ("lr=0.0001", "lr", 0.0001), ("n_latent=15", "model.n_latent", 15)],
+    # the spellings of the previous layout, where the stage-1 budget sat in the model group
+    "pretrain-old": [("model.pretrain_lr=0.0007", "pretrain_lr", 0.0007), ("model.pretrain_steps=9", "pretrain_steps", 9),
+                     ("model.pretrain_batch_size=8", "pretrain_batch_size", 8), ("model.save_every=3", "save_every", 3)],
+}
+
+
+@pytest.mark.parametrize("keys", sorted(ORIGINAL_KEYS))
+@pytest.mark.parametrize("preset", ("none", "quick"))
+def test_original_command_line_keys_still_work(keys, preset):
+    stage = keys.split("-")[0]
+    typed = [t for t, _, _ in ORIGINAL_KEYS[keys]]
+    cfg = compose_config(stage, rewrite_overrides(stage, [f"experiment={preset}", *typed]))
+    for t, key, want in ORIGINAL_KEYS[keys]:
+        assert OmegaConf.select(cfg, key) == want, (t, key)
+    # compose_config alone (what tests and experiments/ use) takes the old dotted spellings too
+    cfg = compose_config(stage, [f"experiment={preset}", *typed] if keys.endswith("old") else [])
+    assert "pretrain_lr" not in cfg.model and "save_every" not in cfg.model
+    if keys.endswith("old"):
+        assert (cfg.pretrain_lr, cfg.pretrain_steps, cfg.save_every) == (0.0007, 9, 3)
+
+
+def test_old_spelling_through_two_stage_reaches_stage_1_only():
+    import two_stage
+
+    routed = two_stage.split_overrides(["model.pretrain_steps=7", "pretrain_lr=0.01", "max_steps=5"])
+    assert "pretrain_steps=7" in routed["pretrain"] and "pretrain_lr=0.01" in routed["pretrain"]
+    assert not any("pretrain" in o for o in routed["train"] + routed["collect"] + routed["evaluate"])
+    assert "max_steps=5" in routed["train"] and "max_steps=5" not in routed["pretrain"]
+
+
+def test_old_spelling_on_the_command_line(tmp_path):
+    """The real entry point: an old key spelling with a bad value fails with the current key's name."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "pretrain_encoder.py"), "model.pretrain_lr=0", f"run_dir={tmp_path}/r"],
+                       check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: pretrain_lr=0 must be a finite number > 0 (peak AdamW learning rate)"), r.stderr
+
+
+# ---- one typed model group, one entry-point pattern, one path rule -------------------------------------
+def test_model_group_is_read_through_model_config(tiny):
+    """aux_recon_weight and the freeze options are ModelConfig fields: build_model and train.py's task read
+    the same parsed value."""
+    import train
+    from histories import load_histories
+    from model import build_model
+
+    cfg = tiny.compose("train", "model.aux_recon_weight=0.5", "model.freeze_embeddings=true")
+    net = build_model(cfg.model, cfg.env)
+    assert (net.cfg.name, net.cfg.aux_recon_weight, net.cfg.freeze_embeddings) == ("ad_compressed", 0.5, True)
+    assert net.cfg.pretrained_encoder_path is None and net.cfg.freeze_encoder is False
+    assert net.recon is not None  # the auxiliary head exists because aux_recon_weight > 0
+    task = train.ActionPredictionTask(cfg, net, load_histories(tiny.data_path, cfg.env))
+    assert task.aux_w == 0.5
+
