@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
+REPO = Path(__file__).resolve().parent  # the repository: the scripts and config/
+CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
 # Command-line spellings that moved and still work (docs/design.md §9): old key -> where it lives now.
 KEY_ALIASES = {
@@ -166,15 +166,27 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
     return out
 
 
-def run(config_name: str, main: Callable) -> None:
-    """Entry point: python <script>.py key=value ..."""
+def run(config_name: str, module: str) -> None:
+    """The entry point of every script configured by Hydra (collect, pretrain_encoder, train, evaluate): the
+    script's work is its `main(cfg)` (what tests call), and its last lines are always
+
+        if __name__ == "__main__":
+            import hydra_cli
+
+            hydra_cli.run("train", "train")   # compose config/train.yaml, run train.main(cfg)
+
+    `module` is imported by name and ITS main runs, not the __main__ copy's: the error classes user_errors()
+    catches are the importable module's (evaluate.EvalError; a __main__.EvalError would be another class)."""
+    import importlib
+
     import hydra
 
-    try:  # before importing torch (user_errors does): a typo fails in about a second
+    try:  # before importing torch (user_errors and the module do): a typo fails in about a second
         sys.argv = [sys.argv[0]] + rewrite_overrides(config_name, sys.argv[1:])
     except UnknownKeyError as e:
         report(e)
     errors = user_errors()
+    main = importlib.import_module(module).main
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg):
@@ -195,8 +207,35 @@ def run(config_name: str, main: Callable) -> None:
     _entry()
 
 
-def abspath(p: str | None) -> str | None:
-    """Resolve a config path against the directory the user launched from."""
+def run_args(module: str) -> None:
+    """The entry point of the scripts that take flags of their own (two_stage.py, test_pretrain_setup.py):
+    the same shape as `run` — `<module>.main(argv)` does the work, the file ends in
+
+        if __name__ == "__main__":
+            import hydra_cli
+
+            hydra_cli.run_args("two_stage")
+
+    An int that main returns is the exit status; the module's USER_ERRORS print one line `error: ...` and
+    exit 2, as in `run`."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    try:
+        rc = mod.main(sys.argv[1:])
+    except getattr(mod, "USER_ERRORS", ()) as e:
+        if os.environ.get("CAD_DEBUG"):
+            raise
+        report(e)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def abspath(p: str | Path | None) -> str | None:
+    """The one path rule of every script: a path given in a config or on the command line (data_path, run_dir,
+    model.pretrained_encoder_path, resume_from, --pretrained-path) means what it says from the directory you
+    launched in — no script changes directory (hydra.job.chdir: false in every config) — with ~ expanded.
+    Returns it absolute and normalised, as a string; symbolic links are kept (a data_path that is a link
+    names the link, not its target); None stays None."""
     if p is None:
         return None
-    return str(Path(p).expanduser().resolve())
+    return os.path.abspath(os.path.expanduser(str(p)))

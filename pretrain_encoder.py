@@ -155,4 +155,4 @@ def main(cfg) -> dict:
 if __name__ == "__main__":
     import hydra_cli
 
-    hydra_cli.run("pretrain", main)
+    hydra_cli.run("pretrain", "pretrain_encoder")

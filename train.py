@@ -182,4 +182,4 @@ def main(cfg) -> dict:
 if __name__ == "__main__":
     import hydra_cli
 
-    hydra_cli.run("train", main)
+    hydra_cli.run("train", "train")

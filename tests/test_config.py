@@ -183,3 +183,39 @@ def test_model_group_is_read_through_model_config(tiny):
     task = train.ActionPredictionTask(cfg, net, load_histories(tiny.data_path, cfg.env))
     assert task.aux_w == 0.5
 
+
+SCRIPTS = {"collect.py": ("run", "collect"), "pretrain_encoder.py": ("run", "pretrain"), "train.py": ("run", "train"),
+           "evaluate.py": ("run", "evaluate"), "two_stage.py": ("run_args", None),
+           "test_pretrain_setup.py": ("run_args", None)}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_script_has_the_same_entry_point(script):
+    """`main` does the work; the file ends in `if __name__ == "__main__":` + hydra_cli.run / run_args naming
+    the script's own module (so its own error classes are the ones caught)."""
+    import ast
+
+    tree = ast.parse((Path(CONFIG_DIR).parent / script).read_text())
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'"
+    calls = [n for n in ast.walk(last) if isinstance(n, ast.Call)]
+    assert len(calls) == 1, ast.unparse(last)
+    fn, config = SCRIPTS[script]
+    args = [a.value for a in calls[0].args]
+    assert ast.unparse(calls[0].func) == f"hydra_cli.{fn}"
+    assert args == ([config, script[:-3]] if config else [script[:-3]])
+
+
+def test_one_path_rule(tmp_path, monkeypatch):
+    import two_stage
+    from hydra_cli import abspath
+
+    monkeypatch.chdir(tmp_path)
+    import os
+
+    assert abspath("runs/../runs/x") == os.path.join(os.getcwd(), "runs", "x") and abspath(None) is None
+    assert abspath("~/y") == os.path.join(os.path.expanduser("~"), "y")
+    os.symlink(tmp_path, tmp_path / "link")
+    assert abspath("link/z") == os.path.join(os.getcwd(), "link", "z")  # a link stays a link
+    assert two_stage._abs("runs/x") == Path(abspath("runs/x"))
