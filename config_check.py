@@ -4,7 +4,7 @@ allowed values (ConfigError) before any data is read or anything is written:
 
     error: save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
 
-Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, loop.LOOP_RULES) plus the script's
+Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, SAMPLER_RULES, loop.LOOP_RULES) plus the script's
 own keys. tests/test_reliability.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
 script's config and fails if any key lacks a rule, so a new config key must come with its rule (add it to
 the script's table, or to MODEL_RULES for a model key).
@@ -201,24 +201,26 @@ MODEL_RULES = {
     "model.recon_loss": one_of("mse", "ce"),
     "model.recon_decoder": one_of("parallel", "causal", note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
     "model.max_compression_depth": integer(0, 64),
-    "model.depth_weights": weights(note="one per depth 0..max_compression_depth; null = d+1"),
-    "model.min_seg_len": integer(1, 100_000),
-    "model.win_len_min": integer(1, 100_000, null=True, note="null = seg_len"),
-    "model.win_len_max": integer(1, 100_000, null=True, note="null = seg_len"),
     "model.detach_old_latents": flag(),
     "model.label_segments": flag(),
     "model.static_shapes": flag(note="fixed segment slots and window length, masks (torch.compile, no host sync)"),
-    "model.schedule": one_of("random", "rollout", note="how training samples are cut (docs/design.md §4.4)"),
-    "model.max_windows": integer(1, null=True, note="rollout schedule: first windows of each history; null = all"),
     "model.bptt_segments": integer(0, null=True, note="folds with gradients per sample; null = all"),
     "model.pretrained_encoder_path": text(null=True, note="an encoder-pretrained-*.pt; null = from scratch"),
     "model.freeze_encoder": flag(),
     "model.freeze_embeddings": Rule("bool", null=True, note="null = follow model.freeze_encoder"),
     "model.aux_recon_weight": number(0),
-    # stage 1 (config/model/pretrain_encoder.yaml)
-    "model.pretrain_depth_weights": weights(note="one per depth 1..max_compression_depth; null = d+1"),
-    "model.pretrain_depth_curriculum": weights(
-        note="fractions of pretrain_steps at which depths 2..max_compression_depth join; null = none"),
+}
+
+SAMPLER_RULES = {  # config/sampler/: how training samples are cut (stage 2: dataset.py, stage 1: dataset_pretrain.py)
+    "sampler.schedule": one_of("random", "rollout", note="how training samples are cut (docs/design.md §4.4)"),
+    "sampler.depth_weights": weights(note="one per depth 0..model.max_compression_depth; null = d+1"),
+    "sampler.min_seg_len": integer(1, 100_000),
+    "sampler.win_len_min": integer(1, 100_000, null=True, note="null = model.seg_len"),
+    "sampler.win_len_max": integer(1, 100_000, null=True, note="null = model.seg_len"),
+    "sampler.max_windows": integer(1, null=True, note="rollout schedule: first windows of each history; null = all"),
+    "sampler.pretrain_depth_weights": weights(note="one per depth 1..model.max_compression_depth; null = d+1"),
+    "sampler.pretrain_depth_curriculum": weights(
+        note="fractions of pretrain_steps at which depths 2..model.max_compression_depth join; null = none"),
 }
 
 

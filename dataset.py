@@ -392,10 +392,10 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise ConfigError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
                              f"{self.depth_weights}")
         if self.schedule not in ("random", "rollout"):
-            raise ValueError(f"{n}: model.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
+            raise ValueError(f"{n}: sampler.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
                              "seg_len at the rollout's phases) or 'random' (random lengths and phases)")
         if self.max_windows is not None and self.max_windows < 1:
-            raise ValueError(f"{n}: model.max_windows={self.max_windows} must be >= 1 (or null: all)")
+            raise ValueError(f"{n}: sampler.max_windows={self.max_windows} must be >= 1 (or null: all)")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
             raise ConfigError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
@@ -479,23 +479,23 @@ class HistoryBatches(SegmentBatches):
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
                  world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
                  seed: int | None = None) -> HistoryBatches:
-        """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, depth_weights, win_len_min,
-        win_len_max, static_shapes} (null weights -> d+1, null window bounds -> seg_len), cfg.batch_size
-        (GLOBAL batch), cfg.seed;
+        """Reads cfg.model.{seg_len, max_compression_depth, static_shapes}, cfg.sampler.{schedule,
+        depth_weights, min_seg_len, win_len_min, win_len_max, max_windows} (null weights -> d+1, null window
+        bounds -> seg_len), cfg.batch_size (GLOBAL batch), cfg.seed;
         `batch_size` / `seed` given here take their place."""
-        m = cfg_get(cfg, "model")
+        m, s = cfg_get(cfg, "model"), cfg_get(cfg, "sampler")
         if batch_size is None:
             batch_size = cfg_get(cfg, "batch_size")
         if seed is None:
             seed = cfg_get(cfg, "seed")
         return cls(histories, split, batch_size=batch_size,
-                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
+                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(s, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
-                   depth_weights=cfg_get(m, "depth_weights", None),
-                   win_len_min=cfg_get(m, "win_len_min", None), win_len_max=cfg_get(m, "win_len_max", None),
+                   depth_weights=cfg_get(s, "depth_weights", None),
+                   win_len_min=cfg_get(s, "win_len_min", None), win_len_max=cfg_get(s, "win_len_max", None),
                    seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
                    static_shapes=bool(cfg_get(m, "static_shapes", False)),
-                   schedule=cfg_get(m, "schedule", "random"), max_windows=cfg_get(m, "max_windows", None))
+                   schedule=cfg_get(s, "schedule", "random"), max_windows=cfg_get(s, "max_windows", None))
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:

@@ -64,24 +64,24 @@ class PretrainBatches(SegmentBatches):
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0,
                  world_size: int = 1, num_batches: int | None = None, batch_size: int | None = None,
                  seed: int | None = None, curriculum: bool = False) -> PretrainBatches:
-        """Reads cfg.model.{seg_len, min_seg_len, max_compression_depth, pretrain_depth_weights, static_shapes}
-        (null weights -> d+1 = [2, 3, 4]), cfg.batch_size (GLOBAL batch), cfg.seed;
+        """Reads cfg.model.{seg_len, max_compression_depth, static_shapes}, cfg.sampler.{min_seg_len,
+        pretrain_depth_weights} (null weights -> d+1 = [2, 3, 4]), cfg.batch_size (GLOBAL batch), cfg.seed;
         `batch_size` / `seed` given here take their place. curriculum=True applies
-        cfg.model.pretrain_depth_curriculum (fractions of pretrain_steps at which depths 2.. join; the
+        cfg.sampler.pretrain_depth_curriculum (fractions of cfg.pretrain_steps at which depths 2.. join; the
         training stream only, never the diagnostics)."""
-        m = cfg_get(cfg, "model")
+        m, s = cfg_get(cfg, "model"), cfg_get(cfg, "sampler")
         if batch_size is None:
             batch_size = cfg_get(cfg, "batch_size")
         if seed is None:
             seed = cfg_get(cfg, "seed")
         starts = None
-        fracs = cfg_get(m, "pretrain_depth_curriculum", None) if curriculum else None
+        fracs = cfg_get(s, "pretrain_depth_curriculum", None) if curriculum else None
         if fracs is not None:
             per_step = int(cfg_get(cfg, "grad_accum", 1) or 1)  # batches are indexed by micro-batch
             starts = [round(float(f) * int(cfg_get(cfg, "pretrain_steps")) * per_step) for f in fracs]
         return cls(histories, split, batch_size=batch_size, depth_starts=starts,
-                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
+                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(s, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
-                   depth_weights=cfg_get(m, "pretrain_depth_weights", None),
+                   depth_weights=cfg_get(s, "pretrain_depth_weights", None),
                    seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
                    static_shapes=bool(cfg_get(m, "static_shapes", False)))

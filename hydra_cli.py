@@ -1,9 +1,12 @@
 """The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
 
 Two things on top of plain Hydra:
-1. Short keys. The model keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
-   `freeze_encoder=true`, ...). A bare `key=value` that is not a top-level key but is a `model.` key is
-   rewritten to `model.key=value`; a key that exists nowhere fails with one line naming the known keys.
+1. Short keys and old spellings. The keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
+   `freeze_encoder=true`, `min_seg_len=20`, ...): a bare `key=value` that is not a top-level key but is a
+   `model.` or `sampler.` key is rewritten to `<group>.key=value`. Keys that moved keep their old spelling
+   (KEY_ALIASES: `model.pretrain_lr=...` -> `pretrain_lr=...`, `model.min_seg_len=...` ->
+   `sampler.min_seg_len=...`), here and in compose_config. A key that exists nowhere fails with one line
+   naming the known keys.
 2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override
    syntax, unknown group option, ...) print one line `error: ...` on stderr and exit with status 2
    instead of a traceback (CAD_DEBUG=1 shows it). Under `accelerate launch` only rank 0 prints it (the
@@ -22,12 +25,17 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent  # the repository: the scripts and config/
 CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
-# Command-line spellings that moved and still work (docs/design.md §9): old key -> where it lives now.
+# Command-line spellings that moved and still work (docs/design.md §12): old key -> where it lives now.
 KEY_ALIASES = {
     # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml before, top level of pretrain.yaml now
     "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
     "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
+    # training-sample keys: in the model group before, the sampler group (config/sampler/) now
+    **{f"model.{k}": f"sampler.{k}" for k in ("schedule", "depth_weights", "min_seg_len", "win_len_min",
+                                               "win_len_max", "max_windows", "pretrain_depth_weights",
+                                               "pretrain_depth_curriculum")},
 }
+BARE_GROUPS = ("model", "sampler")  # `key=value` with a key of one of these groups means `<group>.key=value`
 NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
 
 
@@ -123,8 +131,10 @@ def route_override(cfg, override: str) -> str | None:
         return override
     if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
         return override
-    if "." not in key and "model" in cfg and key in cfg.model:
-        return f"model.{override}"
+    if "." not in key:
+        for group in BARE_GROUPS:
+            if group in cfg and key in cfg[group]:
+                return f"{group}.{override}"
     return None
 
 
@@ -156,8 +166,9 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
             key = a.split("=", 1)[0]
             top = ", ".join(sorted(k for k in cfg if k not in GROUPS))
             raise UnknownKeyError(
-                f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model keys are "
-                f"model.<name> (see config/model/); add new keys with +{key}=...")
+                f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model and sampler keys "
+                f"are model.<name> / sampler.<name> (see config/model/, config/sampler/); add new keys with "
+                f"+{key}=...")
         out.append(routed)
     # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
     # syntax or a value that breaks an interpolation fails here, in one line, before any work.

@@ -31,7 +31,7 @@ from model.losses import effective_rank, reconstruction_loss, reconstruction_met
 
 # Every key of config/pretrain.yaml and its allowed values, checked first thing in main (config_check).
 KEY_RULES = {
-    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES,
+    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
     "pretrain_steps": cc.integer(1, note="stage-1 optimizer steps"),
     "pretrain_batch_size": cc.integer(1, note="global batch per optimizer step"),
     "pretrain_lr": cc.number(0, lo_open=True, note="peak AdamW learning rate"),

@@ -1,4 +1,4 @@
-"""The configuration layout (docs/design.md §9): each script composes only its own slice of an experiment
+"""The configuration layout (docs/design.md §12): each script composes only its own slice of an experiment
 preset, old command-line spellings still work, and a stage's run identity depends on its own keys only."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def test_quick_preset_values_per_stage():
     ev = compose_config("evaluate", ["experiment=quick", "run_dir=x"])
     assert (ev.n_episodes, ev.seeds_per_goal, ev.data_path) == (40, 4, None)  # data: the run's own
     ad = compose_config("train", ["experiment=quick", "model=ad_dr"])
-    assert ad.model.context_len == 40 and ad.model.win_len_max == 40  # follows the preset's seg_len
+    assert ad.model.context_len == 40 and ad.sampler.win_len_max == 40  # follows the preset's seg_len
 
 
 @pytest.mark.parametrize("preset", ("none", *PRESETS))
@@ -66,7 +66,8 @@ def test_stages_of_a_preset_agree_on_data_and_encoder_architecture(preset):
     assert len({str(c.data_path) for c in cfgs.values()}) == 1
     pre, tr = cfgs["pretrain"].model, cfgs["train"].model
     assert {k: pre.get(k) for k in ENCODER_ARCH_KEYS} == {k: tr.get(k) for k in ENCODER_ARCH_KEYS}
-    assert pre.min_seg_len == tr.min_seg_len and pre.static_shapes == tr.static_shapes
+    assert pre.static_shapes == tr.static_shapes
+    assert cfgs["pretrain"].sampler.min_seg_len == cfgs["train"].sampler.min_seg_len
 
 
 @pytest.mark.parametrize("spelling", ["experiment=null", "~experiment", "experiment=none"])
@@ -116,7 +117,7 @@ def test_every_key_of_a_preset_has_a_rule_and_passes(stage, preset):
     cc.check(cfg, rules)
 
 
-# ---- the command-line keys users were first given (docs/design.md §9) ------------------------------------
+# ---- the command-line keys users were first given (docs/design.md §12) ------------------------------------
 ORIGINAL_KEYS = {
     # script: [(what the user typed, where the value must land, the value)]; ORIGINAL_NOTES' keys
     "pretrain": [("pretrain_lr=0.0005", "pretrain_lr", 0.0005), ("pretrain_batch_size=64", "pretrain_batch_size", 64),
