@@ -128,7 +128,11 @@ ORIGINAL_KEYS = {
               ("lr=0.0001", "lr", 0.0001), ("n_latent=15", "model.n_latent", 15)],
     # the spellings of the previous layout, where the stage-1 budget sat in the model group
     "pretrain-old": [("model.pretrain_lr=0.0007", "pretrain_lr", 0.0007), ("model.pretrain_steps=9", "pretrain_steps", 9),
-                     ("model.pretrain_batch_size=8", "pretrain_batch_size", 8), ("model.save_every=3", "save_every", 3)],
+                     ("model.pretrain_batch_size=8", "pretrain_batch_size", 8), ("model.save_every=3", "save_every", 3),
+                     ("model.pretrain_depth_weights=[1,2,3]", "sampler.pretrain_depth_weights", [1, 2, 3])],
+    # ... and where the sampler keys sat in the model group; a bare sampler key gets its prefix
+    "train-old": [("model.schedule=rollout", "sampler.schedule", "rollout"), ("model.max_windows=4", "sampler.max_windows", 4),
+                  ("model.win_len_max=30", "sampler.win_len_max", 30), ("min_seg_len=12", "sampler.min_seg_len", 12)],
 }
 
 
@@ -141,10 +145,11 @@ def test_original_command_line_keys_still_work(keys, preset):
     for t, key, want in ORIGINAL_KEYS[keys]:
         assert OmegaConf.select(cfg, key) == want, (t, key)
     # compose_config alone (what tests and experiments/ use) takes the old dotted spellings too
-    cfg = compose_config(stage, [f"experiment={preset}", *typed] if keys.endswith("old") else [])
-    assert "pretrain_lr" not in cfg.model and "save_every" not in cfg.model
     if keys.endswith("old"):
-        assert (cfg.pretrain_lr, cfg.pretrain_steps, cfg.save_every) == (0.0007, 9, 3)
+        cfg = compose_config(stage, [f"experiment={preset}", *[t for t in typed if t.startswith("model.")]])
+        for t, key, want in ORIGINAL_KEYS[keys]:
+            assert not t.startswith("model.") or OmegaConf.select(cfg, key) == want, (t, key)
+    assert not {"pretrain_lr", "save_every", "min_seg_len", "schedule"} & set(cfg.model)
 
 
 def test_old_spelling_through_two_stage_reaches_stage_1_only():
