@@ -120,7 +120,8 @@ def compose_config(config_name: str, overrides: list[str], config_dir: str = CON
 
 def route_override(cfg, override: str) -> str | None:
     """How `override` applies to a script whose composed config is `cfg`: unchanged, respelled (an old key,
-    apply_alias), rewritten to `model.<key>=...` (a bare model key), or None when that config has no such key."""
+    apply_alias), rewritten to `<group>.<key>=...` (a bare key of a BARE_GROUPS group), or None when that config
+    has no such key."""
     from omegaconf import OmegaConf
 
     override = apply_alias(override)
