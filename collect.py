@@ -31,7 +31,6 @@ import time
 
 import numpy as np
 import torch
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -46,6 +45,7 @@ from histories import (
     save_histories,
     split_layout,
 )
+from hydra_cli import abspath
 from model.config import ConfigError  # the project's one config error class (one line, exit 2)
 
 
@@ -210,7 +210,7 @@ def _check_cfg(cfg: DictConfig) -> None:
 def main(cfg: DictConfig) -> dict:
     """Collect and save one dataset; returns (and prints) the summary. Tests call this directly."""
     _check_cfg(cfg)
-    path = to_absolute_path(str(cfg.data_path))  # relative -> original cwd (hydra) or cwd
+    path = abspath(cfg.data_path)  # relative to where you launched
     lock = PathLock(path)  # one collect per dataset: a second one would replace it under the first one's feet
     try:
         holder = lock.acquire()
@@ -299,13 +299,7 @@ def print_summary(s: dict) -> None:
                   f"{r['optimal']:>9.2f}{r['last5_frac_optimal']:>11.3f}")
 
 
-def cli() -> None:
-    """python collect.py key=value ...: the project's thin @hydra.main wrapper (hydra_cli.run), which
-    turns known user errors (DatasetError, ConfigError, bad keys) into one `error: ...` line, exit 2."""
+if __name__ == "__main__":
     import hydra_cli
 
-    hydra_cli.run("collect", main)
-
-
-if __name__ == "__main__":
-    cli()
+    hydra_cli.run("collect", "collect")

@@ -2,12 +2,12 @@
 `check(cfg, TABLE)` first thing in main(cfg), so a bad value fails in one line that names the key and its
 allowed values (ConfigError) before any data is read or anything is written:
 
-    error: model.save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
+    error: save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
 
-Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, loop.LOOP_RULES) plus the script's
+Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, SAMPLER_RULES, loop.LOOP_RULES) plus the script's
 own keys. tests/test_reliability.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
 script's config and fails if any key lacks a rule, so a new config key must come with its rule (add it to
-the script's table, or to MODEL_RULES for a model key).
+the script's table, or to MODEL_RULES / SAMPLER_RULES for a model / sampler key).
 
 Rules check one value at a time; relations between keys (n_latent <= seg_len, ...) are `check_model` and
 the scripts' own checks.
@@ -201,15 +201,9 @@ MODEL_RULES = {
     "model.recon_loss": one_of("mse", "ce"),
     "model.recon_decoder": one_of("parallel", "causal", note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
     "model.max_compression_depth": integer(0, 64),
-    "model.depth_weights": weights(note="one per depth 0..max_compression_depth; null = d+1"),
-    "model.min_seg_len": integer(1, 100_000),
-    "model.win_len_min": integer(1, 100_000, null=True, note="null = seg_len"),
-    "model.win_len_max": integer(1, 100_000, null=True, note="null = seg_len"),
     "model.detach_old_latents": flag(),
     "model.label_segments": flag(),
     "model.static_shapes": flag(note="fixed segment slots and window length, masks (torch.compile, no host sync)"),
-    "model.schedule": one_of("random", "rollout", note="how training samples are cut (docs/design.md §4.4)"),
-    "model.max_windows": integer(1, null=True, note="rollout schedule: first windows of each history; null = all"),
     "model.bptt_segments": integer(0, null=True, note="folds with gradients per sample; null = all"),
     "model.pretrained_encoder_path": text(null=True, note="an encoder-pretrained-*.pt; null = from scratch"),
     "model.freeze_encoder": flag(),
@@ -217,14 +211,18 @@ MODEL_RULES = {
     "model.aux_recon_weight": number(0),
     "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
     "model.memory_aux_weight": number(0, note="long-memory readout loss weight; 0 = off (model/memory_readout.py)"),
-    # stage 1 (config/model/pretrain_encoder.yaml)
-    "model.pretrain_steps": integer(1),
-    "model.pretrain_batch_size": integer(1),
-    "model.pretrain_lr": number(0, lo_open=True),
-    "model.save_every": integer(1, note="write encoder-pretrained-<step>.pt every this many steps"),
-    "model.pretrain_depth_weights": weights(note="one per depth 1..max_compression_depth; null = d+1"),
-    "model.pretrain_depth_curriculum": weights(
-        note="fractions of pretrain_steps at which depths 2..max_compression_depth join; null = none"),
+}
+
+SAMPLER_RULES = {  # config/sampler/: how training samples are cut (stage 2: dataset.py, stage 1: dataset_pretrain.py)
+    "sampler.schedule": one_of("random", "rollout", note="how training samples are cut (docs/design.md §4.4)"),
+    "sampler.depth_weights": weights(note="one per depth 0..model.max_compression_depth; null = d+1"),
+    "sampler.min_seg_len": integer(1, 100_000),
+    "sampler.win_len_min": integer(1, 100_000, null=True, note="null = model.seg_len"),
+    "sampler.win_len_max": integer(1, 100_000, null=True, note="null = model.seg_len"),
+    "sampler.max_windows": integer(1, null=True, note="rollout schedule: first windows of each history; null = all"),
+    "sampler.pretrain_depth_weights": weights(note="one per depth 1..model.max_compression_depth; null = d+1"),
+    "sampler.pretrain_depth_curriculum": weights(
+        note="fractions of pretrain_steps at which depths 2..model.max_compression_depth join; null = none"),
 }
 
 

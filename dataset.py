@@ -347,23 +347,23 @@ class SegmentBatches(torch.utils.data.Dataset):
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1,
                  num_batches: int | None = None, batch_size: int | None = None, seed: int | None = None,
                  **options: Any) -> SegmentBatches:
-        """The sampler a composed config describes. Reads cfg.model.{seg_len, min_seg_len,
-        max_compression_depth, static_shapes}, cfg.batch_size (the GLOBAL batch) and cfg.seed; `batch_size`
+        """The sampler a composed config describes. Reads cfg.model.{seg_len, max_compression_depth,
+        static_shapes}, cfg.sampler.min_seg_len, cfg.batch_size (the GLOBAL batch) and cfg.seed; `batch_size`
         / `seed` given here take their place. Each stage's own keys come from `_cfg_options` (`options` go
         to it)."""
-        m = cfg_get(cfg, "model")
+        m, s = cfg_get(cfg, "model"), cfg_get(cfg, "sampler")
         return cls(histories, split,
                    batch_size=cfg_get(cfg, "batch_size") if batch_size is None else batch_size,
                    seed=cfg_get(cfg, "seed") if seed is None else seed,
-                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(m, "min_seg_len"),
+                   seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(s, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
                    static_shapes=bool(cfg_get(m, "static_shapes", False)),
                    rank=rank, world_size=world_size, num_batches=num_batches,
-                   **cls._cfg_options(cfg, m, **options))
+                   **cls._cfg_options(cfg, s, **options))
 
     @classmethod
-    def _cfg_options(cls, cfg: Any, m: Any, **options: Any) -> dict:
-        """The constructor arguments only this kind of sampler takes, from the config (`m` = cfg.model)."""
+    def _cfg_options(cls, cfg: Any, s: Any, **options: Any) -> dict:
+        """The constructor arguments only this kind of sampler takes, from the config (`s` = cfg.sampler)."""
         raise NotImplementedError(f"{cls.__name__} has no config reader; use HistoryBatches or PretrainBatches")
 
     # -- validation ---------------------------------------------------------------------------------
@@ -397,10 +397,10 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise ConfigError(f"{n}: depth_weights must be finite, >= 0 and not all zero, got "
                              f"{self.depth_weights}")
         if self.schedule not in ("random", "rollout"):
-            raise ValueError(f"{n}: model.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
+            raise ValueError(f"{n}: sampler.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
                              "seg_len at the rollout's phases) or 'random' (random lengths and phases)")
         if self.max_windows is not None and self.max_windows < 1:
-            raise ValueError(f"{n}: model.max_windows={self.max_windows} must be >= 1 (or null: all)")
+            raise ValueError(f"{n}: sampler.max_windows={self.max_windows} must be >= 1 (or null: all)")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
             raise ConfigError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
@@ -481,12 +481,12 @@ class HistoryBatches(SegmentBatches):
                          max_windows=max_windows)
 
     @classmethod
-    def _cfg_options(cls, cfg: Any, m: Any) -> dict:
-        """Stage 2's keys for `from_cfg`: model.{depth_weights, win_len_min, win_len_max, schedule,
+    def _cfg_options(cls, cfg: Any, s: Any) -> dict:
+        """Stage 2's keys for `from_cfg`: sampler.{depth_weights, win_len_min, win_len_max, schedule,
         max_windows} (null weights -> d+1, null window bounds -> seg_len)."""
-        return {"depth_weights": cfg_get(m, "depth_weights", None),
-                "win_len_min": cfg_get(m, "win_len_min", None), "win_len_max": cfg_get(m, "win_len_max", None),
-                "schedule": cfg_get(m, "schedule", "random"), "max_windows": cfg_get(m, "max_windows", None)}
+        return {"depth_weights": cfg_get(s, "depth_weights", None),
+                "win_len_min": cfg_get(s, "win_len_min", None), "win_len_max": cfg_get(s, "win_len_max", None),
+                "schedule": cfg_get(s, "schedule", "random"), "max_windows": cfg_get(s, "max_windows", None)}
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:

@@ -61,13 +61,13 @@ class PretrainBatches(SegmentBatches):
                             self.max_depth, self.seg_len, self.min_seg_len, self.win_len_min, self.win_len_max)
 
     @classmethod
-    def _cfg_options(cls, cfg: Any, m: Any, curriculum: bool = False) -> dict:
-        """Stage 1's keys for `from_cfg(..., curriculum=False)`: model.pretrain_depth_weights (null -> d+1 =
-        [2, 3, 4]); curriculum=True applies model.pretrain_depth_curriculum (fractions of pretrain_steps at
-        which depths 2.. join; the training stream only, never the diagnostics)."""
+    def _cfg_options(cls, cfg: Any, s: Any, curriculum: bool = False) -> dict:
+        """Stage 1's keys for `from_cfg(..., curriculum=False)`: sampler.pretrain_depth_weights (null -> d+1 =
+        [2, 3, 4]); curriculum=True applies sampler.pretrain_depth_curriculum (fractions of cfg.pretrain_steps
+        at which depths 2.. join; the training stream only, never the diagnostics)."""
         starts = None
-        fracs = cfg_get(m, "pretrain_depth_curriculum", None) if curriculum else None
+        fracs = cfg_get(s, "pretrain_depth_curriculum", None) if curriculum else None
         if fracs is not None:
             per_step = int(cfg_get(cfg, "grad_accum", 1) or 1)  # batches are indexed by micro-batch
-            starts = [round(float(f) * int(cfg_get(m, "pretrain_steps")) * per_step) for f in fracs]
-        return {"depth_weights": cfg_get(m, "pretrain_depth_weights", None), "depth_starts": starts}
+            starts = [round(float(f) * int(cfg_get(cfg, "pretrain_steps")) * per_step) for f in fracs]
+        return {"depth_weights": cfg_get(s, "pretrain_depth_weights", None), "depth_starts": starts}

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import InterpolationResolutionError
 
 import config_check as cc
 import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
 from env import BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from hydra_cli import abspath
 from transition import pack
 
 FORMAT_VERSION = 1
@@ -326,7 +326,6 @@ def _run_histories(cfg: DictConfig, run_cfg: dict, env_cfg: dict):
     """The dataset the run was trained on (data_path=null) or cfg.data_path: its held-out histories give the
     same-position loss, its meta.json the source algorithm's own learning curve. Validated against env."""
     from histories import load_histories
-    from hydra_cli import abspath
 
     path = cfg.data_path if cfg.data_path else run_cfg.get("data_path")
     if not path:
@@ -437,7 +436,6 @@ def one_line_msg(e: BaseException) -> str:
 # Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_reliability.py).
 KEY_RULES = {
     **cc.ENV_RULES,
-    "data_seed": cc.integer(0, note="unused here"),
     "run_dir": cc.text(note="a stage-2 run directory holding model.pt"),
     "env_from_run": cc.flag(),
     "n_episodes": cc.integer(1),
@@ -470,7 +468,7 @@ def _check_cfg(cfg: DictConfig) -> None:
         raise EvalError(str(e)) from None
     if not str(cfg.out_name) or "/" in str(cfg.out_name):
         raise EvalError(f"out_name={cfg.out_name!r} must be a plain file stem (written inside run_dir)")
-    run_dir = Path(str(cfg.run_dir)).expanduser()
+    run_dir = Path(abspath(cfg.run_dir))
     if run_dir.is_dir():  # evaluate writes its outputs there: find out now, not after the rollouts
         import tempfile
 
@@ -484,21 +482,12 @@ def _check_cfg(cfg: DictConfig) -> None:
                             f"writable and evaluate the copy") from None
 
 
-def _plain_config(cfg: DictConfig) -> dict:
-    # Experiment presets are shared by every script and may interpolate keys only other scripts have
-    # (e.g. data_path: ...${data_seed}); keep such values unresolved rather than fail.
-    try:
-        return OmegaConf.to_container(cfg, resolve=True)
-    except InterpolationResolutionError:
-        return OmegaConf.to_container(cfg, resolve=False)
-
-
 def main(cfg: DictConfig) -> dict:
     """Evaluate <run_dir>/model.pt on the test goals and a seeded train-goal sample; write the outputs.
     Returns the report written to eval.json plus 'json_path' and 'png_path'."""
     t0 = time.perf_counter()
     _check_cfg(cfg)
-    run_dir = Path(str(cfg.run_dir)).expanduser()
+    run_dir = Path(abspath(cfg.run_dir))
     device = resolve_device(str(cfg.device))
     model, run_cfg, global_step = load_trained_model(run_dir, device)
 
@@ -553,7 +542,7 @@ def main(cfg: DictConfig) -> dict:
         "model_name": run_cfg["model"].get("name"),
         "global_step": global_step,
         "device": str(device),
-        "config": _plain_config(cfg),
+        "config": OmegaConf.to_container(cfg, resolve=True),
         "env": env_cfg,
         "metrics": metrics,
         "splits": results,
@@ -576,17 +565,7 @@ def main(cfg: DictConfig) -> dict:
     return {**report, "json_path": str(json_path), "png_path": str(png_path)}
 
 
-def cli() -> None:
-    """python evaluate.py key=value ...: the project's thin @hydra.main wrapper (hydra_cli.run), which
-    turns known user errors into one `error: ...` line and exit status 2."""
+if __name__ == "__main__":
     import hydra_cli
 
-    hydra_cli.run("evaluate", main)
-
-
-if __name__ == "__main__":
-    # Run the imported module's cli, not this __main__ copy's: hydra_cli.user_errors() names
-    # evaluate.EvalError, and __main__.EvalError would be a different class (a traceback instead of one line).
-    import evaluate
-
-    evaluate.cli()
+    hydra_cli.run("evaluate", "evaluate")

@@ -1,9 +1,12 @@
 """The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
 
 Two things on top of plain Hydra:
-1. Short keys. The model keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
-   `freeze_encoder=true`, ...). A bare `key=value` that is not a top-level key but is a `model.` key is
-   rewritten to `model.key=value`; a key that exists nowhere fails with one line naming the known keys.
+1. Short keys and old spellings. The keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
+   `freeze_encoder=true`, `min_seg_len=20`, ...): a bare `key=value` that is not a top-level key but is a
+   `model.` or `sampler.` key is rewritten to `<group>.key=value`. Keys that moved keep their old spelling
+   (KEY_ALIASES: `model.pretrain_lr=...` -> `pretrain_lr=...`, `model.min_seg_len=...` ->
+   `sampler.min_seg_len=...`), here and in compose_config. A key that exists nowhere fails with one line
+   naming the known keys.
 2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override
    syntax, unknown group option, ...) print one line `error: ...` on stderr and exit with status 2
    instead of a traceback (CAD_DEBUG=1 shows it). Under `accelerate launch` only rank 0 prints it (the
@@ -17,11 +20,37 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "config")
+REPO = Path(__file__).resolve().parent  # the repository: the scripts and config/
+CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
+# Command-line spellings that moved and still work (docs/design.md §12): old key -> where it lives now.
+KEY_ALIASES = {
+    # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml before, top level of pretrain.yaml now
+    "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
+    "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
+    # training-sample keys: in the model group before, the sampler group (config/sampler/) now
+    **{f"model.{k}": f"sampler.{k}" for k in ("schedule", "depth_weights", "min_seg_len", "win_len_min",
+                                               "win_len_max", "max_windows", "pretrain_depth_weights",
+                                               "pretrain_depth_curriculum")},
+}
+BARE_GROUPS = ("model", "sampler")  # `key=value` with a key of one of these groups means `<group>.key=value`
+NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
+
+
+def apply_alias(override: str) -> str:
+    """`override` with an old key spelling (KEY_ALIASES) replaced by the current one; `experiment=null` and
+    `~experiment` become `experiment=none` (each script's defaults list interpolates the preset name, which
+    must be a string). Anything else unchanged."""
+    if override.startswith("-"):
+        return override
+    key, eq, value = override.partition("=")
+    if key == "~experiment" or (key.lstrip("+") == "experiment" and value == "null"):
+        return f"experiment={NO_PRESET}"
+    prefix = key[:len(key) - len(key.lstrip("+~"))]
+    bare = key[len(prefix):]
+    return f"{prefix}{KEY_ALIASES[bare]}{eq}{value}" if bare in KEY_ALIASES and eq else override
 
 
 def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
@@ -84,16 +113,18 @@ def compose_config(config_name: str, overrides: list[str], config_dir: str = CON
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
-            return compose(config_name, overrides=list(overrides))
+            return compose(config_name, overrides=[apply_alias(o) for o in overrides])
     finally:
         GlobalHydra.instance().clear()
 
 
 def route_override(cfg, override: str) -> str | None:
-    """How `override` applies to a script whose composed config is `cfg`: unchanged, rewritten to
-    `model.<key>=...` (a bare model key), or None when that config has no such key."""
+    """How `override` applies to a script whose composed config is `cfg`: unchanged, respelled (an old key,
+    apply_alias), rewritten to `<group>.<key>=...` (a bare key of a BARE_GROUPS group), or None when that config
+    has no such key."""
     from omegaconf import OmegaConf
 
+    override = apply_alias(override)
     if override.startswith("-") or "=" not in override:
         return override
     key = override.split("=", 1)[0]
@@ -101,8 +132,10 @@ def route_override(cfg, override: str) -> str | None:
         return override
     if OmegaConf.select(cfg, key, default="__absent__") != "__absent__":
         return override
-    if "." not in key and "model" in cfg and key in cfg.model:
-        return f"model.{override}"
+    if "." not in key:
+        for group in BARE_GROUPS:
+            if group in cfg and key in cfg[group]:
+                return f"{group}.{override}"
     return None
 
 
@@ -125,6 +158,7 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
         except (HydraException, OmegaConfBaseException) as e:
             raise UnknownKeyError(f"{what}: {one_line(e)}") from None
 
+    args = [apply_alias(a) for a in args]
     cfg = composed(group_choices(args), "bad config group choice (see config/<group>/*.yaml)")
     out = []
     for a in args:
@@ -133,8 +167,9 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
             key = a.split("=", 1)[0]
             top = ", ".join(sorted(k for k in cfg if k not in GROUPS))
             raise UnknownKeyError(
-                f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model keys are "
-                f"model.<name> (see config/model/); add new keys with +{key}=...")
+                f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model and sampler keys "
+                f"are model.<name> / sampler.<name> (see config/model/, config/sampler/); add new keys with "
+                f"+{key}=...")
         out.append(routed)
     # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
     # syntax or a value that breaks an interpolation fails here, in one line, before any work.
@@ -143,15 +178,27 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
     return out
 
 
-def run(config_name: str, main: Callable) -> None:
-    """Entry point: python <script>.py key=value ..."""
+def run(config_name: str, module: str) -> None:
+    """The entry point of every script configured by Hydra (collect, pretrain_encoder, train, evaluate): the
+    script's work is its `main(cfg)` (what tests call), and its last lines are always
+
+        if __name__ == "__main__":
+            import hydra_cli
+
+            hydra_cli.run("train", "train")   # compose config/train.yaml, run train.main(cfg)
+
+    `module` is imported by name and ITS main runs, not the __main__ copy's: the error classes user_errors()
+    catches are the importable module's (evaluate.EvalError; a __main__.EvalError would be another class)."""
+    import importlib
+
     import hydra
 
-    try:  # before importing torch (user_errors does): a typo fails in about a second
+    try:  # before importing torch (user_errors and the module do): a typo fails in about a second
         sys.argv = [sys.argv[0]] + rewrite_overrides(config_name, sys.argv[1:])
     except UnknownKeyError as e:
         report(e)
     errors = user_errors()
+    main = importlib.import_module(module).main
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg):
@@ -172,8 +219,35 @@ def run(config_name: str, main: Callable) -> None:
     _entry()
 
 
-def abspath(p: str | None) -> str | None:
-    """Resolve a config path against the directory the user launched from."""
+def run_args(module: str) -> None:
+    """The entry point of the scripts that take flags of their own (two_stage.py, test_pretrain_setup.py):
+    the same shape as `run` — `<module>.main(argv)` does the work, the file ends in
+
+        if __name__ == "__main__":
+            import hydra_cli
+
+            hydra_cli.run_args("two_stage")
+
+    An int that main returns is the exit status; the module's USER_ERRORS print one line `error: ...` and
+    exit 2, as in `run`."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    try:
+        rc = mod.main(sys.argv[1:])
+    except getattr(mod, "USER_ERRORS", ()) as e:
+        if os.environ.get("CAD_DEBUG"):
+            raise
+        report(e)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+def abspath(p: str | Path | None) -> str | None:
+    """The one path rule of every script: a path given in a config or on the command line (data_path, run_dir,
+    model.pretrained_encoder_path, resume_from, --pretrained-path) means what it says from the directory you
+    launched in — no script changes directory (hydra.job.chdir: false in every config) — with ~ expanded.
+    Returns it absolute and normalised, as a string; symbolic links are kept (a data_path that is a link
+    names the link, not its target); None stays None."""
     if p is None:
         return None
-    return str(Path(p).expanduser().resolve())
+    return os.path.abspath(os.path.expanduser(str(p)))

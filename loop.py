@@ -327,7 +327,7 @@ def _fit_in_run_dir(task: Task, s: LoopSettings, run_dir: Path, config: dict, ac
     if s.batch_size % (world * s.grad_accum):
         raise ConfigError(f"batch_size={s.batch_size} must be divisible by processes x grad_accum = "
                           f"{world} x {s.grad_accum}: change batch_size or --num_processes")
-    steps_key = "model.pretrain_steps" if s.namespace == "pretrain" else "max_steps"
+    steps_key = "pretrain_steps" if s.namespace == "pretrain" else "max_steps"
     if s.warmup_steps > s.max_steps and acc.is_main_process:
         print(f"warning: warmup_steps={s.warmup_steps} > {steps_key}={s.max_steps}: the learning rate is still "
               f"warming up when training ends and never reaches lr={s.lr:g}; lower warmup_steps", flush=True)

@@ -11,7 +11,7 @@ from the final latents only. The target is the raw transition features f(tau), n
 encoder produced: a constant encoder cannot lower this loss (see docs/design.md §5 and the collapse detectors
 logged here: latent effective rank and the latent-ablation gap).
 
-Writes <run_dir>/encoder-pretrained-<step>.pt every model.save_every steps and
+Writes <run_dir>/encoder-pretrained-<step>.pt every save_every steps and
 <run_dir>/encoder-pretrained-final.pt at the end (format: model/checkpoint.py), main process only.
 """
 
@@ -32,7 +32,11 @@ from model.losses import effective_rank, reconstruction_loss, reconstruction_met
 
 # Every key of config/pretrain.yaml and its allowed values, checked first thing in main (config_check).
 KEY_RULES = {
-    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES,
+    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
+    "pretrain_steps": cc.integer(1, note="stage-1 optimizer steps"),
+    "pretrain_batch_size": cc.integer(1, note="global batch per optimizer step"),
+    "pretrain_lr": cc.number(0, lo_open=True, note="peak AdamW learning rate"),
+    "save_every": cc.integer(1, note="write encoder-pretrained-<step>.pt every this many steps"),
     "diag_every": cc.integer(0, note="0: diagnostics only at the end"),
     "diag_batches": cc.integer(1),
 }
@@ -116,7 +120,7 @@ class ReconstructionTask:
         final = step == run.settings.max_steps  # on_end runs and logs the final diagnostics once
         if self.cfg.diag_every and step % self.cfg.diag_every == 0 and not final:
             run.log(self.diagnostics(run, run.model), step)
-        if step % self.cfg.model.save_every == 0 and run.is_main:
+        if step % self.cfg.save_every == 0 and run.is_main:
             save_encoder_checkpoint(run.run_dir / f"encoder-pretrained-{step}.pt",
                                     loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
 
@@ -151,9 +155,8 @@ def main(cfg) -> dict:
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
     task = ReconstructionTask(cfg, model, hist)
-    m = cfg.model
-    settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(m.pretrain_steps),
-                                      batch_size=int(m.pretrain_batch_size), lr=float(m.pretrain_lr))
+    settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(cfg.pretrain_steps),
+                                      batch_size=int(cfg.pretrain_batch_size), lr=float(cfg.pretrain_lr))
     return loop.fit(task, settings, abspath(cfg.run_dir),
                     loop.to_plain(cfg) | {rundir.FINGERPRINT_KEY: hist.fingerprint})
 
@@ -161,4 +164,4 @@ def main(cfg) -> dict:
 if __name__ == "__main__":
     import hydra_cli
 
-    hydra_cli.run("pretrain", main)
+    hydra_cli.run("pretrain", "pretrain_encoder")

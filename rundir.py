@@ -58,7 +58,7 @@ class RunDirError(RuntimeError):
 # name nested ones.
 _VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_workers", "cpu_threads", "progress",
                   "log_every", "eval_every", "eval", "heldout_every", "diag_every",
-                  "diag_batches", "checkpoint_every", "keep_last", "allow_data_change", "model.save_every",
+                  "diag_batches", "checkpoint_every", "keep_last", "allow_data_change", "save_every",
                   "data_on_device"}  # data_on_device: identical batches either way
 # Paths say where things are, not what the run is: a run dir moved or spelled differently (./runs/x, an
 # absolute path) is the same run. Different data behind the same or another data_path is caught by

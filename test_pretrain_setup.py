@@ -21,8 +21,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: the repo's modules come first
+
+from hydra_cli import CONFIG_DIR
 
 
 class NotRun(Exception):
@@ -199,7 +200,7 @@ def run_one(fn: Callable[[Setup], str], s: Setup) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})"
 
 
-def run_checks(overrides: list[str], config_dir: str = str(ROOT / "config")) -> list[tuple[str, bool, str]]:
+def run_checks(overrides: list[str], config_dir: str = CONFIG_DIR) -> list[tuple[str, bool, str]]:
     s = Setup(overrides, config_dir)
     try:
         return [(name, *run_one(fn, s)) for name, fn in CHECKS]
@@ -222,4 +223,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import hydra_cli
+
+    hydra_cli.run_args("test_pretrain_setup")

@@ -34,7 +34,7 @@ from model.memory_readout import memory_loss
 # Every key of config/train.yaml and its allowed values, checked first thing in main (config_check).
 # tests/test_reliability.py fails when a key of the composed config has no rule here.
 KEY_RULES = {
-    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES,
+    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
     "heldout_every": cc.integer(0, note="same-position loss of the validation histories every this many steps; "
                                         "0 = only at the end"),
     "eval_every": cc.integer(0, note="0 disables in-context evaluation during training"),
@@ -50,7 +50,7 @@ class ActionPredictionTask:
 
     def __init__(self, cfg, model, hist):
         self.cfg, self.model, self.hist = cfg, model, hist
-        self.aux_w = float(cfg.model.get("aux_recon_weight", 0.0) or 0.0)
+        self.aux_w = model.cfg.aux_recon_weight  # the model's ModelConfig (build_model gave it the head)
         self.accelerator = None  # set by setup (loop.fit)
 
     def setup(self, accelerator, global_micro_batch):
@@ -171,15 +171,15 @@ def main(cfg) -> dict:
     plain[rundir.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (rundir.check_same_data)
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
-    path = cfg.model.get("pretrained_encoder_path")
-    if path:
-        if cfg.model.name != "ad_compressed":
+    m = model.cfg  # the model group, parsed once (ModelConfig)
+    if m.pretrained_encoder_path:
+        if m.name != "ad_compressed":
             raise ConfigError("model.pretrained_encoder_path needs model=ad_compressed_dr (AD has no encoder)")
-        load_pretrained_encoder(model, abspath(path), freeze_encoder=bool(cfg.model.freeze_encoder),
-                                freeze_embeddings=cfg.model.get("freeze_embeddings"),
+        load_pretrained_encoder(model, abspath(m.pretrained_encoder_path), freeze_encoder=m.freeze_encoder,
+                                freeze_embeddings=m.freeze_embeddings,
                                 data_fingerprint=hist.fingerprint,
                                 allow_data_change=bool(cfg.get("allow_data_change")))
-    elif cfg.model.get("freeze_encoder"):
+    elif m.freeze_encoder:
         raise ConfigError("model.freeze_encoder=true without model.pretrained_encoder_path would freeze a random "
                          "encoder; set the path to an encoder-pretrained-*.pt")
     task = ActionPredictionTask(cfg, model, hist)
@@ -190,4 +190,4 @@ def main(cfg) -> dict:
 if __name__ == "__main__":
     import hydra_cli
 
-    hydra_cli.run("train", main)
+    hydra_cli.run("train", "train")

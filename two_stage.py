@@ -26,7 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent
+from hydra_cli import REPO, abspath
+
 STAGES = {"collect": "collect", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate"}
 SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": "train.py",
            "evaluate": "evaluate.py"}
@@ -34,6 +35,9 @@ SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": 
 
 class PipelineError(RuntimeError):
     pass
+
+
+USER_ERRORS = (PipelineError,)  # one line `error: ...`, exit 2 (hydra_cli.run_args)
 
 
 def parse_args(argv=None):
@@ -67,7 +71,7 @@ def check_launch_args(a) -> None:
 def add_launch_args(p: argparse.ArgumentParser) -> None:
     """The flags `command` reads: how pretrain/train are launched (also used by experiments/)."""
     p.add_argument("--accelerate", action="store_true", help="run the training stages under accelerate launch")
-    p.add_argument("--accelerate-config", default=str(ROOT / "accelerate_config.yaml"),
+    p.add_argument("--accelerate-config", default=str(REPO / "accelerate_config.yaml"),
                    help="accelerate config file (default: accelerate_config.yaml)")
     p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
 
@@ -86,14 +90,12 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
             raise PipelineError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
         only[stage].append(kv)
     groups = group_choices(shared)
-    # Route by the stages' own configs, without the experiment preset: a preset is @package _global_ and
-    # adds its keys to every script's config, which would send every key everywhere.
-    base_groups = [g for g in groups if g.split("=", 1)[0].lstrip("+~") != "experiment"]
-    # One composition per stage, then a lookup per key (composing per key and stage took ~15 CPU-s for a
+    # One composition per stage (with the group choices: each stage composes only its own slice of an
+    # experiment preset, so the preset adds no key a stage does not read), then a lookup per key (composing per key and stage took ~15 CPU-s for a
     # typical command line). route_override is the decision hydra_cli.rewrite_overrides makes; the full
     # lists are validated by rewrite_overrides itself below.
     try:
-        bases = {s: compose(s, base_groups) for s in STAGES}
+        bases = {s: compose(s, groups) for s in STAGES}
     except UnknownKeyError as e:
         raise PipelineError(str(e)) from None
     for o in shared:
@@ -127,7 +129,7 @@ def compose(stage: str, overrides: list[str]):
 
 
 def command(stage: str, overrides: list[str], a) -> list[str]:
-    script = str(ROOT / SCRIPTS[stage])
+    script = str(REPO / SCRIPTS[stage])
     if a.accelerate and stage in ("pretrain", "train"):
         launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config]
         if a.num_processes is not None:
@@ -158,7 +160,7 @@ def _continue_flags(run_dir: Path, force: bool) -> list[str]:
 
 
 def _abs(p: str) -> Path:
-    return Path(p).expanduser().resolve()
+    return Path(abspath(p))  # the scripts' one path rule (hydra_cli.abspath)
 
 
 def _read_json(path: Path) -> dict:
@@ -287,8 +289,6 @@ def print_report(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except PipelineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    import hydra_cli
+
+    hydra_cli.run_args("two_stage")

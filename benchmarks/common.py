@@ -1,6 +1,6 @@
 """Shared helpers of the model benchmarks (train_throughput.py, rollout_cost.py).
 
-- `model_cfgs`: the exact composed Hydra configs (config/train.yaml with model=ad_compressed_dr and
+- `train_cfg` / `model_cfgs`: the exact composed Hydra configs (config/train.yaml with model=ad_compressed_dr and
   model=ad_dr), so a benchmark measures what train.py would build, plus optional overrides.
 - `synthetic_histories`: valid Darkroom learning histories (uniform random walks of BatchedDarkroom),
   written with `histories.save_histories` and read back with `load_histories`, i.e. through the same
@@ -27,15 +27,21 @@ from atomic_io import atomic_write_json
 OUT_DIR = Path(__file__).resolve().parent / "out"
 
 
-def model_cfgs(model: str, overrides: list[str] | None = None):
-    """(model_cfg, env_cfg) of config/train.yaml composed with model=<model> (+ Hydra overrides such
-    as 'model.d_model=128'), resolved to plain OmegaConf nodes."""
+def train_cfg(model: str, overrides: list[str] | None = None):
+    """config/train.yaml composed with model=<model> (+ Hydra overrides such as 'model.d_model=128'; its
+    sampler group follows the model), resolved."""
     from omegaconf import OmegaConf
 
     from hydra_cli import compose_config
 
     cfg = compose_config("train", [f"model={model}"] + list(overrides or []))
     OmegaConf.resolve(cfg)
+    return cfg
+
+
+def model_cfgs(model: str, overrides: list[str] | None = None):
+    """(model_cfg, env_cfg) of train_cfg(model, overrides)."""
+    cfg = train_cfg(model, overrides)
     return cfg.model, cfg.env
 
 
@@ -45,7 +51,7 @@ def arch_overrides(args) -> list[str]:
     out = [f"model.{k}={getattr(args, k)}" for k in keys if getattr(args, k, None) is not None]
     if getattr(args, "seg_len", None) is not None:  # AD's window follows CompressedAD's raw window
         out.append(f"model.context_len={args.seg_len}")
-        out.append(f"model.min_seg_len={max(1, args.seg_len // 2)}")  # the yaml's ratio (40 of 80)
+        out.append(f"sampler.min_seg_len={max(1, args.seg_len // 2)}")  # the yaml's ratio (40 of 80)
     return out
 
 

@@ -41,13 +41,13 @@ from common import (
     arch_overrides,
     machine_info,
     median,
-    model_cfgs,
     pick_device,
     plain,
     print_table,
     run_info,
     sync,
     synthetic_histories,
+    train_cfg,
     write_json,
 )
 
@@ -59,10 +59,11 @@ from model.losses import action_loss
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def make_dataset(hist, m, batch_size: int, seed: int) -> HistoryBatches:
-    """HistoryBatches exactly as train.py builds them (HistoryBatches.from_cfg on the model config node:
-    null depth_weights / window bounds resolved the same way, model.static_shapes honoured)."""
-    return HistoryBatches.from_cfg(hist, {"model": m, "batch_size": batch_size, "seed": seed})
+def make_dataset(hist, cfg, batch_size: int, seed: int) -> HistoryBatches:
+    """HistoryBatches exactly as train.py builds them (HistoryBatches.from_cfg on the composed model and sampler
+    groups: null depth_weights / window bounds resolved the same way, model.static_shapes honoured)."""
+    return HistoryBatches.from_cfg(hist, {"model": cfg.model, "sampler": cfg.sampler, "batch_size": batch_size,
+                                          "seed": seed})
 
 
 def main() -> None:
@@ -105,14 +106,14 @@ def main() -> None:
 
     overrides = arch_overrides(a) + ([f"model.static_shapes={str(a.static_shapes).lower()}"]
                                      if a.static_shapes is not None else [])
-    cad_m, env = model_cfgs("ad_compressed_dr", overrides)
-    ad_m, _ = model_cfgs("ad_dr", overrides)
+    cad, ad = train_cfg("ad_compressed_dr", overrides), train_cfg("ad_dr", overrides)
+    cad_m, env, ad_m = cad.model, cad.env, ad.model
     n_rounds = a.warmup + a.steps
     n_batches = min(n_rounds * a.inner, 32)  # a pool of distinct batches, cycled through
     with tempfile.TemporaryDirectory() as tmp:
         hist = synthetic_histories(env, a.n_hist, a.n_steps, tmp)
-        cad_ds = make_dataset(hist, cad_m, a.batch_size, seed=0)
-        ad_ds = make_dataset(hist, ad_m, a.batch_size, seed=0)
+        cad_ds = make_dataset(hist, cad, a.batch_size, seed=0)
+        ad_ds = make_dataset(hist, ad, a.batch_size, seed=0)
         # Batches are sampled before timing (train.py's loader samples them in ~1 ms, see dataset_speed.py).
         cad_batches = [{k: v.to(dev) for k, v in cad_ds[k].items()} for k in range(n_batches)]
         ad_batches = [{k: v.to(dev) for k, v in ad_ds[k].items()} for k in range(n_batches)]

@@ -30,7 +30,7 @@ goal: far past AD's window and past the length of the source's learning historie
 
 Free overrides `key=value` go to every stage whose config has that key (as in two_stage.py):
 `model.d_model=32` reaches pretrain and train, `n_episodes=...` only evaluate. Prefix one with a stage
-to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`, `evaluate:seeds_per_goal=2`,
+to target it alone: `train:lr=1e-4`, `pretrain:pretrain_lr=5e-4`, `evaluate:seeds_per_goal=2`,
 `collect:source.n_stream=10`. The runner itself sets seed, run_dir, data_path (and resume/overwrite).
 A run dir or dataset made with other settings than the command asks for is refused (--force redoes runs).
 """
@@ -347,7 +347,7 @@ def make_plan(a, routed: dict, tag: str = "", pretrain_dir: Path | None = None,
             rd = pretrain_dir / f"pretrain-seed{s}"
             ov = routed["pretrain"] + common + [f"seed={s}", f"run_dir={rd}"]
             cfg = _plain(compose("pretrain", ov))
-            state = _run_state(rd, cfg, int(cfg["model"]["pretrain_steps"]), "stage-1", a.force, a.report_only)
+            state = _run_state(rd, cfg, int(cfg["pretrain_steps"]), "stage-1", a.force, a.report_only)
             if state == "reuse" and not (rd / "encoder-pretrained-final.pt").is_file():
                 raise CompareError(f"{rd} is finished but has no encoder-pretrained-final.pt; pass --force")
             add(Job(f"pretrain:seed{s}", "pretrain", ov, run_dir=rd, out_file=rd / "done.json"), state)
@@ -727,7 +727,7 @@ def write_report(a, plan: Plan, routed: dict, command_line: str, timings: dict, 
     tc = plan.train_cfgs[(a.arms[0], a.seeds[0])]
     budget = f"{tc['max_steps']} optimizer steps x batch {tc['batch_size']}, lr {tc['lr']} (every arm)"
     if plan.pretrain_runs:
-        pc = _plain(compose("pretrain", routed["pretrain"] + [f"data_path={plan.data_path}"]))["model"]
+        pc = _plain(compose("pretrain", routed["pretrain"] + [f"data_path={plan.data_path}"]))
         budget += f"; stage 1: {pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}"
     e, le = plan.eval_cfgs["eval"], plan.eval_cfgs["eval_long"]
 

@@ -149,8 +149,8 @@ def step_cost_ratio(timings: dict, plans: list, a) -> float | None:
 
 
 def stage1_config(routed: dict, plan) -> dict:
-    """The composed stage-1 model group this curve's pretrained arms start from."""
-    return cp._plain(cp.compose("pretrain", routed["pretrain"] + [f"data_path={plan.data_path}"]))["model"]
+    """The composed stage-1 config this curve's pretrained arms start from."""
+    return cp._plain(cp.compose("pretrain", routed["pretrain"] + [f"data_path={plan.data_path}"]))
 
 
 def summarize(a, plans: list, routed: dict, timings: dict) -> dict:
@@ -280,7 +280,7 @@ def write_report(a, plans: list, routed: dict, command_line: str, timings: dict,
         "arms": a.arms, "seeds": a.seeds, "budgets": a.budgets,
         "dataset": str(plans[0].data_path),
         "stage1": f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
-                  f"recon_loss {pc.get('recon_loss')}, recon_decoder {pc.get('recon_decoder', 'parallel')}",
+                  f"recon_loss {pc['model'].get('recon_loss')}, recon_decoder {pc['model'].get('recon_decoder', 'parallel')}",
         "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
                  f"{cp._fmt(first.get('optimal_mean'), '.2f')}"),
         "stage1_cost_per_step_vs_stage2": summ["stage1_cost_per_step_vs_stage2"],

@@ -27,9 +27,8 @@ __all__ = [
 def build_model(model_cfg, env_cfg):
     """The stage-2 network named by model_cfg.name ('ad_compressed' or 'ad')."""
     cfg = ModelConfig.from_cfg(model_cfg, env_cfg)
-    name = model_cfg["name"]
-    if name == "ad_compressed":
-        return CompressedAD(cfg, aux_recon=float(model_cfg.get("aux_recon_weight", 0.0) or 0.0) > 0)
-    if name == "ad":
+    if cfg.name == "ad_compressed":
+        return CompressedAD(cfg, aux_recon=cfg.aux_recon_weight > 0)
+    if cfg.name == "ad":
         return AD(cfg)
-    raise ConfigError(f"unknown model.name={name!r}: use model=ad_compressed_dr or model=ad_dr")
+    raise ConfigError(f"unknown model.name={cfg.name!r}: use model=ad_compressed_dr or model=ad_dr")

@@ -1,6 +1,7 @@
 """Model configuration: one dataclass shared by every network in model/.
 
-Built from the Hydra `model` and `env` groups by `ModelConfig.from_cfg`. The architecture keys listed in
+Built from the Hydra `model` and `env` groups by `ModelConfig.from_cfg`: every reader of the model group
+(build_model, train.py, pretrain_encoder.py) goes through it, so each key is parsed in one place. The architecture keys listed in
 `ENCODER_ARCH_KEYS` are the stage-1 -> stage-2 contract: an encoder checkpoint records them and loading
 refuses a checkpoint whose values differ (see model/checkpoint.py).
 """
@@ -23,6 +24,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    name: str = "ad_compressed"  # which network: ad_compressed | ad | pretrain_encoder (config/model/<file>.yaml)
     grid_size: int = 9  # G: states are (x, y) in [0, G-1]
     n_actions: int = 5  # stay, +x, -x, +y, -y
     d_model: int = 64  # width of every transformer
@@ -47,6 +49,11 @@ class ModelConfig:
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
     # for torch.compile). Same result, more arithmetic on unused slots. Also set inside torch.compile.
     static_shapes: bool = False
+    # Stage 2 from a stage-1 encoder (train.py; docs/design.md §6). Not architecture: checkpoints may differ.
+    pretrained_encoder_path: str | None = None  # encoder-pretrained-*.pt; None = from scratch
+    freeze_encoder: bool = False  # encoder weights frozen (no grad, not in the optimizer)
+    freeze_embeddings: bool | None = None  # shared embed_context / embed_ln; None = follow freeze_encoder
+    aux_recon_weight: float = 0.0  # > 0: CompressedAD gets a reconstruction head and this auxiliary loss weight
 
     @property
     def feat_dim(self) -> int:
@@ -57,6 +64,9 @@ class ModelConfig:
     def from_cfg(cls, model_cfg, env_cfg) -> ModelConfig:
         names = {f.name for f in fields(cls)}
         kw = {k: model_cfg[k] for k in names if k in model_cfg}
+        if kw.get("aux_recon_weight") is None:  # null in a hand-written config = off
+            kw["aux_recon_weight"] = 0.0
+        kw["aux_recon_weight"] = float(kw["aux_recon_weight"])
         kw["grid_size"] = int(env_cfg["grid_size"])
         kw["n_actions"] = int(env_cfg["n_actions"])
         cfg = cls(**kw)
@@ -87,6 +97,7 @@ class ModelConfig:
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")
         need(self.bptt_segments is None or self.bptt_segments >= 0,
              f"model.bptt_segments={self.bptt_segments} must be >= 0 (or null: all folds get gradients)")
+        need(self.aux_recon_weight >= 0, f"model.aux_recon_weight={self.aux_recon_weight} must be >= 0")
 
     def arch_dict(self) -> dict:
         return {k: getattr(self, k) for k in ENCODER_ARCH_KEYS}

@@ -9,7 +9,7 @@ seg_len 20, batch 8, a handful of steps). Use it instead of collecting your own 
         cfg = tiny.compose("train", run_dir=tmp_path / "run", max_steps=4)   # a composed DictConfig
         summary = train.main(cfg)
 
-        cfg = tiny.compose("pretrain", "model.save_every=2", run_dir=tmp_path / "p")
+        cfg = tiny.compose("pretrain", "save_every=2", run_dir=tmp_path / "p")
 
         r = tiny.cli("train.py", *tiny.args("train", run_dir=tmp_path / "run"))   # a subprocess
         assert r.returncode == 0, r.stderr
@@ -53,7 +53,7 @@ TINY = {
         "heldout_every=0", "eval_every=0", "eval.n_episodes=2", "eval.seeds_per_goal=1",
         "eval.n_train_goals=1", "progress=false"],
     "pretrain": TINY_MODEL + [
-        "model.pretrain_steps=6", "model.pretrain_batch_size=8", "model.save_every=1000", "warmup_steps=2",
+        "pretrain_steps=6", "pretrain_batch_size=8", "save_every=1000", "warmup_steps=2",
         "log_every=2", "checkpoint_every=1000", "diag_every=0", "diag_batches=1", "progress=false"],
     "evaluate": ["n_episodes=2", "seeds_per_goal=1", "n_train_goals=1", "progress=false"],
     "collect": [],
@@ -101,17 +101,11 @@ class Tiny:
 
 
 def compose(config_name: str, overrides: list[str]):
-    """Hydra's compose API on the repo's config dir (no run dir, nothing written)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
+    """Hydra's compose API on the repo's config dir (no run dir, nothing written; old key spellings
+    respelled as on the command line: hydra_cli.compose_config)."""
+    from hydra_cli import compose_config
 
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            return hydra_compose(config_name, overrides=list(overrides))
-    finally:
-        GlobalHydra.instance().clear()
+    return compose_config(config_name, overrides, CONFIG_DIR)
 
 
 @pytest.fixture(scope="session")

@@ -80,7 +80,7 @@ CLI_CASES = {
     "cpu_threads_negative": ("train.py", lambda t, r, f, tmp: ["cpu_threads=-1", f"run_dir={tmp}/g"],
                              "cpu_threads=-1 must be null or an integer in [1, 1024]"),
     "save_every_zero": ("pretrain_encoder.py", lambda t, r, f, tmp: ["model.save_every=0", f"run_dir={tmp}/h"],
-                        "model.save_every=0 must be an integer >= 1"),
+                        "save_every=0 must be an integer >= 1"),
     "horizon_zero": ("collect.py", lambda t, r, f, tmp: ["env.horizon=0", f"data_path={tmp}/i"],
                      "env.horizon=0 must be an integer in [1, 100000]"),
     "encoder_config_none": ("train.py", lambda t, r, f, tmp: [f"model.pretrained_encoder_path={f}/config_none.pt",

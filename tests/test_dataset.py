@@ -233,9 +233,9 @@ def test_pretrain_depths_and_weights(hist):
 # -- config and errors ----------------------------------------------------------------------------------
 
 def test_from_cfg(hist):
-    cfg = OmegaConf.create({"batch_size": 16, "seed": 4, "model": {
-        "seg_len": 30, "min_seg_len": 8, "max_compression_depth": 2, "depth_weights": None,
-        "win_len_min": None, "win_len_max": None, "pretrain_depth_weights": [1, 1]}})
+    cfg = OmegaConf.create({"batch_size": 16, "seed": 4, "model": {"seg_len": 30, "max_compression_depth": 2},
+                            "sampler": {"min_seg_len": 8, "depth_weights": None, "win_len_min": None,
+                                        "win_len_max": None, "pretrain_depth_weights": [1, 1]}})
     ds = HistoryBatches.from_cfg(hist, cfg, split="train", rank=1, world_size=2)
     assert (ds.local_batch_size, ds.seg_len, ds.win_len_max, ds.depth_weights) == (8, 30, 30, [1, 2, 3])
     assert torch.equal(ds[0]["depth"], stage2(hist, batch_size=16, seg_len=30, min_seg_len=8, max_depth=2,

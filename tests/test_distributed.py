@@ -88,8 +88,8 @@ def test_train_two_processes_match_one(tiny, tmp_path, tb_scalars):
 def test_pretrain_two_processes_match_one(tiny, tmp_path, tb_scalars):
     """Stage 1 has variable-length segments and depths, so per-rank label counts differ: the loop's
     label-weighted loss is what makes 2 processes equal 1 (per-rank means would not)."""
-    args = tiny.args("pretrain", "model.dropout=0", "model.pretrain_steps=6", "checkpoint_every=3",
-                     "model.save_every=3", "diag_every=3")
+    args = tiny.args("pretrain", "model.dropout=0", "pretrain_steps=6", "checkpoint_every=3",
+                     "save_every=3", "diag_every=3")
     two = _launch(tiny, "pretrain_encoder.py", [*args, f"run_dir={tmp_path / 'two'}"], nproc=2)
     one = tiny.start("pretrain_encoder.py", *args, f"run_dir={tmp_path / 'one'}")
     _wait(two)

@@ -71,9 +71,9 @@ class ConstantEncoder(nn.Module):
 
 # A few hundred CPU steps show learning fastest at depth 1 (deeper folds need longer runs); lr 1e-3.
 LEARN = [
-    "model.pretrain_steps=300",
-    "model.pretrain_batch_size=16",
-    "model.pretrain_lr=0.001",
+    "pretrain_steps=300",
+    "pretrain_batch_size=16",
+    "pretrain_lr=0.001",
     "warmup_steps=20",
     "log_every=25",
     "model.dropout=0.0",
@@ -303,7 +303,7 @@ def test_missing_and_foreign_files(tiny, tmp_path, monkeypatch):
 def test_pretrain_main_writes_tags_and_checkpoints(tiny, tmp_path, tb_scalars):
     run = tmp_path / "pre"
     summary = pretrain_encoder.main(
-        tiny.compose("pretrain", "model.save_every=2", "diag_every=3", "diag_batches=2", run_dir=run)
+        tiny.compose("pretrain", "save_every=2", "diag_every=3", "diag_batches=2", run_dir=run)
     )
     tags = tb_scalars(run)
     for tag in (
@@ -363,15 +363,15 @@ def test_short_keys_compose_into_model():
         ["pretrain_lr=0.0005", "n_latent=15", "max_compression_depth=2", "freeze_encoder=true", "seed=3"],
     )
     assert args == [
-        "model.pretrain_lr=0.0005",
+        "pretrain_lr=0.0005",
         "model.n_latent=15",
         "model.max_compression_depth=2",
         "model.freeze_encoder=true",
         "seed=3",
     ]
     cfg = compose("pretrain", args)
-    assert (cfg.model.pretrain_lr, cfg.model.n_latent, cfg.model.max_compression_depth) == (0.0005, 15, 2)
-    assert cfg.seed == 3 and "pretrain_lr" not in cfg and "n_latent" not in cfg
+    assert (cfg.pretrain_lr, cfg.model.n_latent, cfg.model.max_compression_depth) == (0.0005, 15, 2)
+    assert cfg.seed == 3 and "pretrain_lr" not in cfg.model and "n_latent" not in cfg
     # The same keys reach stage 2's model group (the encoder architecture is shared).
     cfg = compose("train", rewrite_overrides("train", ["n_latent=15", "freeze_encoder=true"]))
     assert cfg.model.n_latent == 15 and cfg.model.freeze_encoder is True
@@ -524,7 +524,7 @@ def test_depth_curriculum_opens_depths_at_their_steps(tiny):
     assert [ds[k]["depth"].tolist() for k in range(10)] == [ds[k]["depth"].tolist() for k in range(10)]  # pure in k
     assert 3 in set().union(*(set(plain.global_specs(k).depth.tolist()) for k in range(4)))  # no curriculum
     # From the config: fractions of pretrain_steps; the diagnostics stream never has a curriculum.
-    cfg = tiny.compose("pretrain", "model.pretrain_steps=10", "model.pretrain_depth_curriculum=[0.5,0.8]")
+    cfg = tiny.compose("pretrain", "pretrain_steps=10", "model.pretrain_depth_curriculum=[0.5,0.8]")
     assert PretrainBatches.from_cfg(hist, cfg, batch_size=8, curriculum=True).depth_starts == [5, 8]
     assert PretrainBatches.from_cfg(hist, cfg, batch_size=8).depth_starts is None
     with pytest.raises(ValueError, match="one start"):

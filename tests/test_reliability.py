@@ -157,7 +157,7 @@ def test_resume_on_recollected_data_is_refused_unless_allowed(tiny, tmp_path, on
 
 def test_encoder_pretrained_on_other_data_is_refused_unless_allowed(tiny, tmp_path, one_thread):
     pre = tmp_path / "pre"
-    pretrain_encoder.main(tiny.compose("pretrain", "model.pretrain_steps=2", run_dir=pre))
+    pretrain_encoder.main(tiny.compose("pretrain", "pretrain_steps=2", run_dir=pre))
     ckpt = torch.load(pre / "encoder-pretrained-final.pt", weights_only=True)
     assert ckpt["config"]["data_fingerprint"] == load_histories(tiny.data_path, compose("collect", []).env).fingerprint
     other = tmp_path / "other"
@@ -226,9 +226,9 @@ def test_every_config_key_has_a_rule_and_the_defaults_pass(name, groups):
     ("train", "adam_beta2=1.0", r"adam_beta2=1.0 must be a finite number >= 0 and < 1"),
     ("train", "env.reward_mode=sometimes", r"env.reward_mode='sometimes' must be one of every_step, once"),
     ("pretrain", "diag_batches=0", r"diag_batches=0 must be an integer >= 1"),
-    ("pretrain", "model.save_every=-5", r"model.save_every=-5 must be an integer >= 1"),
-    ("pretrain", "model.save_every=0", r"model.save_every=0 must be an integer >= 1"),
-    ("pretrain", "model.pretrain_lr=0", r"model.pretrain_lr=0 must be a finite number > 0"),
+    ("pretrain", "save_every=-5", r"save_every=-5 must be an integer >= 1"),
+    ("pretrain", "save_every=0", r"save_every=0 must be an integer >= 1"),
+    ("pretrain", "pretrain_lr=0", r"pretrain_lr=0 must be a finite number > 0"),
 ])
 def test_bad_value_names_the_key_and_allowed_values(tiny, tmp_path, script, override, match):
     main = train.main if script == "train" else pretrain_encoder.main

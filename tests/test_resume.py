@@ -81,7 +81,7 @@ def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars)
 def test_pretrain_killed_resumes_bit_identical(tiny, tmp_path, tb_scalars):
     """Stage 1: killed after step 5 (checkpoint 3 exists) and resumed: encoder-pretrained-final.pt (and the
     periodic encoder file written after the resume) match an uninterrupted run exactly."""
-    args = tiny.args("pretrain", "model.pretrain_steps=9", "checkpoint_every=3", "model.save_every=6",
+    args = tiny.args("pretrain", "pretrain_steps=9", "checkpoint_every=3", "save_every=6",
                      "diag_every=3", "log_every=1")
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
     ref = tiny.start("pretrain_encoder.py", *args, f"run_dir={ref_dir}")

@@ -109,5 +109,5 @@ def test_train_main_with_the_rollout_schedule(tiny, tmp_path):
                                       "model.bptt_segments=2",
                                       run_dir=tmp_path / "r"))
     assert summary["global_step"] == 6 and np.isfinite(summary["tf_loss_test"])
-    with pytest.raises(ValueError, match="model.schedule='sideways'"):
+    with pytest.raises(ValueError, match="sampler.schedule='sideways'"):
         train.main(tiny.compose("train", "model.schedule=sideways", run_dir=tmp_path / "bad"))

@@ -122,7 +122,7 @@ def test_ad_baseline_end_to_end(tiny, tmp_path, tb_scalars):
     cfg = tiny.compose(
         "train", "model=ad_dr", "model.context_len=20", "heldout_every=3", "eval_every=6", run_dir=run
     )
-    assert cfg.model.name == "ad" and cfg.model.win_len_max == 20
+    assert cfg.model.name == "ad" and cfg.sampler.win_len_max == 20
     train.main(cfg)
     check_run_files(run, 6)
     tags = tb_scalars(run)

@@ -27,9 +27,9 @@ PIPE = TINY_MODEL + [
     "log_every=2",
     "checkpoint_every=1000",
     "progress=false",  # pretrain + train (+ others)
-    "model.pretrain_steps=4",
-    "model.pretrain_batch_size=8",
-    "model.save_every=1000",
+    "pretrain_steps=4",
+    "pretrain_batch_size=8",
+    "save_every=1000",
     "diag_every=0",
     "diag_batches=1",  # stage 1 only
     "batch_size=8",
@@ -151,7 +151,7 @@ def test_modes_dry_run(ws, capfd):
     )
     assert cmds["evaluate"].endswith(f"run_dir={frozen}")
     assert " lr=0.0001" in cmds["train"] and "lr=0.0001" not in cmds["pretrain"]
-    assert "model.pretrain_lr=0.01" in cmds["pretrain"] and "pretrain_lr" not in cmds["train"]
+    assert "pretrain_lr=0.01" in cmds["pretrain"] and "pretrain_lr" not in cmds["train"]
     assert "model.n_latent=3" in cmds["pretrain"] and "model.n_latent=3" in cmds["train"]
     assert not (ws / "runs").exists() and not (ws / "data").exists()  # a dry run writes nothing
 

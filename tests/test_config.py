@@ -1,0 +1,227 @@
+"""The configuration layout (docs/design.md §12): each script composes only its own slice of an experiment
+preset, old command-line spellings still work, and a stage's run identity depends on its own keys only."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import config_check as cc
+import loop
+from hydra_cli import CONFIG_DIR, compose_config, rewrite_overrides
+
+STAGES = ("collect", "pretrain", "train", "evaluate")
+PRESETS = ("quick", "full")
+
+
+def leaves(cfg) -> dict:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    return flat(OmegaConf.to_container(cfg, resolve=True))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_preset_adds_no_key_the_stage_does_not_declare(stage, preset):
+    """A preset only sets values of keys the script's own config declares: nothing it never reads."""
+    base = leaves(compose_config(stage, []))
+    with_preset = leaves(compose_config(stage, [f"experiment={preset}"]))
+    assert sorted(set(with_preset) - set(base)) == []
+    assert set(base) - set(with_preset) == set()
+
+
+def test_quick_preset_values_per_stage():
+    """What experiment=quick sets, stage by stage (the values the single global preset used to set)."""
+    col = compose_config("collect", ["experiment=quick"])
+    assert (col.source.n_stream, col.source.n_stream_eval, col.source.eps_decay_steps) == (20, 5, 200)
+    pre = compose_config("pretrain", ["experiment=quick"])
+    assert (pre.pretrain_steps, pre.pretrain_batch_size, pre.pretrain_lr, pre.save_every) == (800, 32, 0.001, 400)
+    assert (pre.warmup_steps, pre.log_every, pre.checkpoint_every, pre.diag_every, pre.cpu_threads) == (
+        100, 25, 400, 250, 1)
+    tr = compose_config("train", ["experiment=quick"])
+    assert (tr.max_steps, tr.batch_size, tr.lr, tr.heldout_every, tr.eval_every, tr.eval.n_episodes) == (
+        1200, 16, 0.001, 200, 400, 20)
+    assert (tr.model.n_latent, tr.model.seg_len, tr.model.n_layer, tr.model.dropout) == (8, 40, 3, 0.0)
+    ev = compose_config("evaluate", ["experiment=quick", "run_dir=x"])
+    assert (ev.n_episodes, ev.seeds_per_goal, ev.data_path) == (40, 4, None)  # data: the run's own
+    ad = compose_config("train", ["experiment=quick", "model=ad_dr"])
+    assert ad.model.context_len == 40 and ad.sampler.win_len_max == 40  # follows the preset's seg_len
+
+
+@pytest.mark.parametrize("preset", ("none", *PRESETS))
+def test_stages_of_a_preset_agree_on_data_and_encoder_architecture(preset):
+    from model.config import ENCODER_ARCH_KEYS
+
+    cfgs = {s: compose_config(s, [f"experiment={preset}"]) for s in ("collect", "pretrain", "train")}
+    assert len({str(c.data_path) for c in cfgs.values()}) == 1
+    pre, tr = cfgs["pretrain"].model, cfgs["train"].model
+    assert {k: pre.get(k) for k in ENCODER_ARCH_KEYS} == {k: tr.get(k) for k in ENCODER_ARCH_KEYS}
+    assert pre.static_shapes == tr.static_shapes
+    assert cfgs["pretrain"].sampler.min_seg_len == cfgs["train"].sampler.min_seg_len
+
+
+@pytest.mark.parametrize("spelling", ["experiment=null", "~experiment", "experiment=none"])
+def test_no_preset_spellings(spelling):
+    assert rewrite_overrides("train", [spelling]) == ["experiment=none"]
+    assert leaves(compose_config("train", [spelling])) == leaves(compose_config("train", []))
+
+
+def _config_copy(tmp_path: Path) -> Path:
+    dst = tmp_path / "config"
+    shutil.copytree(CONFIG_DIR, dst)
+    return dst
+
+
+def test_editing_an_evaluate_value_leaves_training_identities_alone(tmp_path):
+    """An evaluate-only preset value used to be part of every training run's config.json, so changing it
+    made existing runs "different runs" (refused on resume). Now only evaluate sees it."""
+    cdir = _config_copy(tmp_path)
+    f = cdir / "experiment" / "evaluate" / "quick.yaml"
+    f.write_text(f.read_text().replace("n_episodes: 40", "n_episodes: 77"))
+    assert compose_config("evaluate", ["experiment=quick"], str(cdir)).n_episodes == 77
+    for stage in ("train", "pretrain"):
+        for groups in ([], ["model=ad_dr"]) if stage == "train" else ([],):
+            before = loop.to_plain(compose_config(stage, ["experiment=quick", *groups]))
+            after = loop.to_plain(compose_config(stage, ["experiment=quick", *groups], str(cdir)))
+            assert loop._identity(before) == loop._identity(after), stage
+    # ... while a value the stage reads still changes it (the identity is not blind).
+    g = cdir / "experiment" / "train" / "quick.yaml"
+    g.write_text(g.read_text().replace("lr: 0.001", "lr: 0.002"))
+    before = loop.to_plain(compose_config("train", ["experiment=quick"]))
+    after = loop.to_plain(compose_config("train", ["experiment=quick"], str(cdir)))
+    assert loop._differing_keys(before, after) == ["lr (0.001 -> 0.002)"]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_key_of_a_preset_has_a_rule_and_passes(stage, preset):
+    import collect
+    import evaluate
+    import pretrain_encoder
+    import train
+
+    rules = {"collect": collect.KEY_RULES, "pretrain": pretrain_encoder.KEY_RULES, "train": train.KEY_RULES,
+             "evaluate": evaluate.KEY_RULES}[stage]
+    cfg = compose_config(stage, [f"experiment={preset}"] + (["run_dir=x"] if stage == "evaluate" else []))
+    assert [k for k in cc.leaf_keys(OmegaConf.to_container(cfg, resolve=True)) if k not in rules] == []
+    cc.check(cfg, rules)
+
+
+# ---- the command-line keys users were first given (docs/design.md §12) ------------------------------------
+ORIGINAL_KEYS = {
+    # script: [(what the user typed, where the value must land, the value)]; ORIGINAL_NOTES' keys
+    "pretrain": [("pretrain_lr=0.0005", "pretrain_lr", 0.0005), ("pretrain_batch_size=64", "pretrain_batch_size", 64),
+                 ("pretrain_steps=1000", "pretrain_steps", 1000),
+                 ("max_compression_depth=2", "model.max_compression_depth", 2), ("n_latent=15", "model.n_latent", 15)],
+    "train": [("pretrained_encoder_path=runs/p/encoder-pretrained-final.pt", "model.pretrained_encoder_path",
+               "runs/p/encoder-pretrained-final.pt"), ("freeze_encoder=true", "model.freeze_encoder", True),
+              ("lr=0.0001", "lr", 0.0001), ("n_latent=15", "model.n_latent", 15)],
+    # the spellings of the previous layout, where the stage-1 budget sat in the model group
+    "pretrain-old": [("model.pretrain_lr=0.0007", "pretrain_lr", 0.0007), ("model.pretrain_steps=9", "pretrain_steps", 9),
+                     ("model.pretrain_batch_size=8", "pretrain_batch_size", 8), ("model.save_every=3", "save_every", 3),
+                     ("model.pretrain_depth_weights=[1,2,3]", "sampler.pretrain_depth_weights", [1, 2, 3])],
+    # ... and where the sampler keys sat in the model group; a bare sampler key gets its prefix
+    "train-old": [("model.schedule=rollout", "sampler.schedule", "rollout"), ("model.max_windows=4", "sampler.max_windows", 4),
+                  ("model.win_len_max=30", "sampler.win_len_max", 30), ("min_seg_len=12", "sampler.min_seg_len", 12)],
+}
+
+
+@pytest.mark.parametrize("keys", sorted(ORIGINAL_KEYS))
+@pytest.mark.parametrize("preset", ("none", "quick"))
+def test_original_command_line_keys_still_work(keys, preset):
+    stage = keys.split("-")[0]
+    typed = [t for t, _, _ in ORIGINAL_KEYS[keys]]
+    cfg = compose_config(stage, rewrite_overrides(stage, [f"experiment={preset}", *typed]))
+    for t, key, want in ORIGINAL_KEYS[keys]:
+        assert OmegaConf.select(cfg, key) == want, (t, key)
+    # compose_config alone (what tests and experiments/ use) takes the old dotted spellings too
+    if keys.endswith("old"):
+        cfg = compose_config(stage, [f"experiment={preset}", *[t for t in typed if t.startswith("model.")]])
+        for t, key, want in ORIGINAL_KEYS[keys]:
+            assert not t.startswith("model.") or OmegaConf.select(cfg, key) == want, (t, key)
+    assert not {"pretrain_lr", "save_every", "min_seg_len", "schedule"} & set(cfg.model)
+
+
+def test_old_spelling_through_two_stage_reaches_stage_1_only():
+    import two_stage
+
+    routed = two_stage.split_overrides(["model.pretrain_steps=7", "pretrain_lr=0.01", "max_steps=5"])
+    assert "pretrain_steps=7" in routed["pretrain"] and "pretrain_lr=0.01" in routed["pretrain"]
+    assert not any("pretrain" in o for o in routed["train"] + routed["collect"] + routed["evaluate"])
+    assert "max_steps=5" in routed["train"] and "max_steps=5" not in routed["pretrain"]
+
+
+def test_old_spelling_on_the_command_line(tmp_path):
+    """The real entry point: an old key spelling with a bad value fails with the current key's name."""
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(repo / "pretrain_encoder.py"), "model.pretrain_lr=0", f"run_dir={tmp_path}/r"],
+                       check=False, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: pretrain_lr=0 must be a finite number > 0 (peak AdamW learning rate)"), r.stderr
+
+
+# ---- one typed model group, one entry-point pattern, one path rule -------------------------------------
+def test_model_group_is_read_through_model_config(tiny):
+    """aux_recon_weight and the freeze options are ModelConfig fields: build_model and train.py's task read
+    the same parsed value."""
+    import train
+    from histories import load_histories
+    from model import build_model
+
+    cfg = tiny.compose("train", "model.aux_recon_weight=0.5", "model.freeze_embeddings=true")
+    net = build_model(cfg.model, cfg.env)
+    assert (net.cfg.name, net.cfg.aux_recon_weight, net.cfg.freeze_embeddings) == ("ad_compressed", 0.5, True)
+    assert net.cfg.pretrained_encoder_path is None and net.cfg.freeze_encoder is False
+    assert net.recon is not None  # the auxiliary head exists because aux_recon_weight > 0
+    task = train.ActionPredictionTask(cfg, net, load_histories(tiny.data_path, cfg.env))
+    assert task.aux_w == 0.5
+
+
+SCRIPTS = {"collect.py": ("run", "collect"), "pretrain_encoder.py": ("run", "pretrain"), "train.py": ("run", "train"),
+           "evaluate.py": ("run", "evaluate"), "two_stage.py": ("run_args", None),
+           "test_pretrain_setup.py": ("run_args", None)}
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_every_script_has_the_same_entry_point(script):
+    """`main` does the work; the file ends in `if __name__ == "__main__":` + hydra_cli.run / run_args naming
+    the script's own module (so its own error classes are the ones caught)."""
+    import ast
+
+    tree = ast.parse((Path(CONFIG_DIR).parent / script).read_text())
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "main" for n in tree.body)
+    last = tree.body[-1]
+    assert isinstance(last, ast.If) and ast.unparse(last.test) == "__name__ == '__main__'"
+    calls = [n for n in ast.walk(last) if isinstance(n, ast.Call)]
+    assert len(calls) == 1, ast.unparse(last)
+    fn, config = SCRIPTS[script]
+    args = [a.value for a in calls[0].args]
+    assert ast.unparse(calls[0].func) == f"hydra_cli.{fn}"
+    assert args == ([config, script[:-3]] if config else [script[:-3]])
+
+
+def test_one_path_rule(tmp_path, monkeypatch):
+    import two_stage
+    from hydra_cli import abspath
+
+    monkeypatch.chdir(tmp_path)
+    import os
+
+    assert abspath("runs/../runs/x") == os.path.join(os.getcwd(), "runs", "x") and abspath(None) is None
+    assert abspath("~/y") == os.path.join(os.path.expanduser("~"), "y")
+    os.symlink(tmp_path, tmp_path / "link")
+    assert abspath("link/z") == os.path.join(os.getcwd(), "link", "z")  # a link stays a link
+    assert two_stage._abs("runs/x") == Path(abspath("runs/x"))
