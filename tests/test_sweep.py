@@ -224,3 +224,24 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
         assert not (tmp_path / "runs").exists()
     r = subprocess.run([sys.executable, str(REPORT), str(tmp_path)], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "no sweep runs" in r.stderr, r.stderr
+
+
+def test_accelerate_launch_per_job(tmp_path):
+    """accelerate=true: pretrain / train go through `accelerate launch` with the repository's config (or
+    the given one), --num_processes, and a rendezvous port of their own per job (parallel jobs on one
+    node); collect and evaluate stay plain processes."""
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(REPO))
+    from experiments import sweep as sw
+
+    cfg = OmegaConf.create({"accelerate": True, "accelerate_config": None, "num_processes": 4, "omp_threads": 2})
+    job = sw.Job(cfg, tmp_path, tmp_path, num=3)
+    cmd = job.command("train", ["seed=0"])
+    i = cmd.index("accelerate.commands.launch")
+    assert cmd[i + 1:i + 3] == ["--main_process_port", "29603"]
+    assert cmd[cmd.index("--config_file") + 1] == str(REPO / "accelerate_config.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[-2:] == [str(REPO / "train.py"), "seed=0"]
+    assert job.command("evaluate", ["run_dir=x"]) == [sys.executable, str(REPO / "evaluate.py"), "run_dir=x"]
+    assert job.env["OMP_NUM_THREADS"] == "2"
+    assert sw.Job(cfg, tmp_path, tmp_path, num=4).command("pretrain", [])[i + 2] == "29604"
