@@ -3,7 +3,7 @@
     python experiments/sweep.py -m                                    # sweep=compare: 5 arms x seeds 0 1 2
     python experiments/sweep.py -m sweep=pretrain_budget              # 3 arms x budgets 200 500 1200 x 3 seeds
     python experiments/sweep.py -m sweep=memory                       # AD w / 3w vs CompressedAD w (issue 11)
-    python experiments/sweep.py -m arm=scratch,pretrained_ft seed=0 'overrides=[train:lr=1e-4]'
+    python experiments/sweep.py -m arm=scratch,pretrained_ft seed=0 train:lr=1e-4 model.d_model=32
     python experiments/sweep.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 omp_threads=1
     python experiments/sweep.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
         hydra.launcher.gpus_per_node=4 hydra.launcher.timeout_min=600 accelerate=true num_processes=4 experiment=full
@@ -21,7 +21,8 @@ train with accelerate=true), its output appended to <out>/logs/<run>.log:
 1. the dataset: collected if missing (under a lock beside it: parallel jobs collect it once), else checked
    against the preset's collect settings;
 2. stage 1, if the arm starts from a pretrained encoder: <out>/runs/pretrain-seed<s>, produced once under a
-   lock however many jobs need it (the others wait, then reuse it);
+   lock however many jobs need it (the others wait, then reuse it; if it failed in this sweep, they fail
+   at once instead of retrying it);
 3. stage 2 in <out>/runs/<run>/: reused if it has done.json with the same config and budget, resumed
    (resume=true) if it has checkpoints, refused if it holds another config (force=true redoes it);
 4. evaluate.py per sweep.evals entry (<run>/<out_name>.json), reused if it matches the finished model and
@@ -30,10 +31,12 @@ The job's record <out>/jobs/<run>.json says what it is (arm, seed, budget, ...),
 seconds of every process; the report (experiments/report.py) reads those and the run dirs. An interrupted
 sweep: run the same command again.
 
-Free overrides `overrides=[key=value,...]` go to every stage whose config has that key (as in
-two_stage.py): `model.d_model=32` reaches pretrain and train, `n_episodes=...` only evaluate; prefix one with
-a stage to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`, `collect:source.n_stream=10`.
-The job itself sets seed, run_dir, data_path, max_steps (budget), resume/overwrite and the encoder path.
+Stage overrides: every `key=value` on the command line that is not the sweep's own (conf/sweep.yaml, arm=,
+sweep=, hydra...) goes into the `overrides` list (sweep_argv) and from there to every stage whose config
+has that key (as in two_stage.py): `model.d_model=32` reaches pretrain and train, `n_episodes=...` only
+evaluate; prefix one with a stage to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`,
+`collect:source.n_stream=10`. The job itself sets seed, run_dir, data_path, max_steps (when budget is set),
+resume/overwrite and the encoder path.
 """
 
 from __future__ import annotations
