@@ -697,14 +697,13 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out", help="the sweep's output folder (its `out`, e.g. results/compare-quick)")
     a = p.parse_args(argv)
-    rep = write(Path(a.out))
+    try:
+        rep = write(Path(a.out))
+    except ReportError as e:
+        p.exit(2, f"error: {e}\n")
     print(render(Path(a.out), rep))
     return rep
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()
