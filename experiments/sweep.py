@@ -1,0 +1,547 @@
+"""Experiment sweeps on Hydra's multirun: one job = one stage-2 run, any Hydra launcher.
+
+    python experiments/sweep.py -m                                    # sweep=compare: 5 arms x seeds 0 1 2
+    python experiments/sweep.py -m sweep=pretrain_budget              # 3 arms x budgets 200 500 1200 x 3 seeds
+    python experiments/sweep.py -m sweep=memory                       # AD w / 3w vs CompressedAD w (issue 11)
+    python experiments/sweep.py -m arm=scratch,pretrained_ft seed=0 train:lr=1e-4 model.d_model=32
+    python experiments/sweep.py -m hydra/launcher=joblib hydra.launcher.n_jobs=2 omp_threads=1
+    python experiments/sweep.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
+        hydra.launcher.gpus_per_node=4 hydra.launcher.timeout_min=600 accelerate=true num_processes=4 experiment=full
+    python experiments/report.py results/compare-quick                # rewrite the report from the run dirs
+
+Config: experiments/conf/sweep.yaml (the keys), conf/sweep/<name>.yaml (an experiment: the arms, seeds and
+budgets it sweeps, its evaluations, its stage defaults), conf/arm/<name>.yaml (an arm: its stage-2
+overrides, whether it starts from this seed's stage-1 encoder). Adding an experiment = a sweep file (+ arm
+files) + a report function in experiments/report.py.
+
+One job, whatever the launcher (basic: in this process, one after the other; joblib: local worker
+processes; submitit_local / submitit_slurm: submitit jobs), does, each stage as its own process
+(`python <script>.py ...`, or `accelerate launch --config_file <accelerate_config> ...` for pretrain /
+train with accelerate=true), its output appended to <out>/logs/<run>.log:
+1. the dataset: collected if missing (under a lock beside it: parallel jobs collect it once), else checked
+   against the preset's collect settings;
+2. stage 1, if the arm starts from a pretrained encoder: <out>/runs/pretrain-seed<s>, produced once under a
+   lock however many jobs need it (the others wait, then reuse it; if it failed in this sweep, they fail
+   at once instead of retrying it);
+3. stage 2 in <out>/runs/<run>/: reused if it has done.json with the same config and budget, resumed
+   (resume=true) if it has checkpoints, refused if it holds another config (force=true redoes it);
+4. evaluate.py per sweep.evals entry (<run>/<out_name>.json), reused if it matches the finished model and
+   the settings.
+The job's record <out>/jobs/<run>.json says what it is (arm, seed, budget, ...), its status and the wall
+seconds of every process; the report (experiments/report.py) reads those and the run dirs. An interrupted
+sweep: run the same command again.
+
+Stage overrides: every `key=value` on the command line that is not the sweep's own (conf/sweep.yaml, arm=,
+sweep=, hydra...) goes into the `overrides` list (sweep_argv) and from there to every stage whose config
+has that key (as in two_stage.py): `model.d_model=32` reaches pretrain and train, `n_episodes=...` only
+evaluate; prefix one with a stage to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`,
+`collect:source.n_stream=10`. The job itself sets seed, run_dir, data_path, max_steps (when budget is set),
+resume/overwrite and the encoder path.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/ first, not the repository
+    sys.path.insert(0, str(ROOT))
+
+from hydra.errors import CompactHydraException
+
+from atomic_io import PathLock, atomic_write_text
+from experiments.report import read_json
+
+# Keys a job sets per run; a free override of them would silently be overridden, so refuse it.
+RESERVED = {"seed", "run_dir", "run_name", "resume", "resume_from", "overwrite", "out_name",
+            "model.pretrained_encoder_path", "model.freeze_encoder", "pretrained_encoder_path", "freeze_encoder"}
+# The evaluate.py settings an eval json must have been produced with to be reused.
+EVAL_KEYS = ("n_episodes", "seeds_per_goal", "n_train_goals", "splits", "last_k", "sample", "seed", "env_from_run",
+             "use_cache")
+ENCODER_FILE = "encoder-pretrained-final.pt"
+
+
+class SweepError(CompactHydraException):
+    """Bad input or a run directory that cannot be reused as asked; Hydra prints it as one line."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------------------
+def _key(o: str) -> str:
+    return o.split("=", 1)[0].split(":", 1)[-1].lstrip("+~")
+
+
+def plain(cfg) -> dict:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError:  # evaluate + a preset: data_path: ...${data_seed} has no data_seed
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
+def compose(stage: str, overrides: list[str]) -> dict:
+    """The plain composed config of a stage's script for these (routed) overrides. Hydra's compose API
+    inside a running Hydra job: the job's own global Hydra state is put back afterwards."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    import two_stage
+
+    gh = GlobalHydra.instance()
+    outer = gh.hydra if gh.is_initialized() else None
+    try:
+        return plain(two_stage.compose(stage, overrides))
+    except (HydraException, OmegaConfBaseException) as e:
+        raise SweepError(f"{stage} config: {' '.join(str(e).split())}") from None
+    finally:
+        if outer is not None and not gh.is_initialized():
+            gh.initialize(outer)
+
+
+def route(user: list[str], defaults: list[str], experiment: str, env: str | None,
+          budget: int | None = None) -> dict[str, list[str]]:
+    """two_stage.split_overrides of the preset choice, the sweep's stage defaults and the user's overrides
+    (in that order: the user's win), after refusing the keys the job sets itself."""
+    import two_stage
+
+    for o in user:
+        if "=" not in o:
+            raise SweepError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
+        if _key(o) in RESERVED:
+            raise SweepError(f"{o!r}: the sweep sets {_key(o)} itself (use seed=..., budget=..., out=..., "
+                             f"force=true)")
+        if _key(o) == "max_steps" and budget is not None:
+            raise SweepError(f"{o!r}: this sweep's stage-2 budget is budget={budget}, not max_steps")
+    groups = [f"experiment={experiment}"] + ([f"env={env}"] if env else [])
+    try:
+        return two_stage.split_overrides(groups + list(defaults) + list(user))
+    except two_stage.PipelineError as e:
+        raise SweepError(str(e)) from None
+
+
+def evaluate_overrides(routed_eval: list[str]) -> list[str]:
+    """evaluate.py's overrides with the experiment preset spelled out as the evaluate keys it sets
+    (n_episodes=40 seeds_per_goal=4 for quick) instead of `experiment=<name>`: a preset is @package _global_
+    and also carries keys evaluate.yaml lacks (quick's data_path interpolates ${data_seed}), which
+    hydra_cli's up-front resolve check rejects. The user's own evaluate overrides come after and win."""
+    is_exp = [_key(o) == "experiment" for o in routed_eval]
+    if not any(is_exp):
+        return list(routed_eval)
+    others = [o for o, e in zip(routed_eval, is_exp) if not e]
+    base = _flatten(compose("evaluate", others + ["run_dir=x"]))
+    preset = _flatten(compose("evaluate", routed_eval + ["run_dir=x"]))
+    spelled = [f"{k}={json.dumps(v)}" for k, v in preset.items() if k in base and base[k] != v and k != "run_dir"]
+    return spelled + others
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run_name(arm: str, seed: int, budget, window, env) -> str:
+    parts = ([env] if env else []) + ([f"w{window}"] if window else []) + ([f"b{budget}"] if budget else [])
+    return "-".join(parts + [arm, f"seed{seed}"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Run-directory states and the child processes
+# ---------------------------------------------------------------------------------------------------------
+def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool) -> str:
+    """'reuse' (done.json, same config and steps), 'resume' (checkpoints, no done.json), 'fresh' or
+    'overwrite' (force); a run dir holding another config is refused."""
+    import loop
+
+    if force:
+        return "overwrite" if (run_dir / "config.json").exists() else "fresh"
+    saved = read_json(run_dir / "config.json")
+    if saved is not None and loop._identity(saved) != loop._identity(want):
+        diff = "; ".join(loop._differing_keys(saved, want)[:6])
+        raise SweepError(f"{run_dir} holds a {what} run with another config ({diff}); pass force=true to redo "
+                         f"it or choose another out=")
+    done = read_json(run_dir / "done.json")
+    if done is not None:
+        if int(done.get("global_step", -1)) != want_steps:
+            raise SweepError(f"{run_dir} finished at step {done.get('global_step')} but this sweep trains "
+                             f"{want_steps} steps; pass force=true to redo it or choose another out=")
+        return "reuse"
+    return "resume" if loop.checkpoints(run_dir) else "fresh"
+
+
+def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
+    ev, done = read_json(run_dir / f"{out_name}.json"), read_json(run_dir / "done.json")
+    model = run_dir / "model.pt"
+    if ev is None or done is None or not model.is_file() or ev.get("global_step") != done.get("global_step"):
+        return False
+    if (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime:
+        return False
+    got = ev.get("config", {})
+    return all(got.get(k) == want.get(k) for k in EVAL_KEYS)
+
+
+def check_dataset(data_path: Path, want: dict, warn_only: bool) -> None:
+    """An existing dataset is used only if it is the one collect.py would make now: same env, source
+    settings and seed (a data_path=... given by hand is the user's call: a note only)."""
+    meta = read_json(data_path / "meta.json") or {}
+    diff = [f"{g}.{k} ({meta[g][k]!r} -> {v!r})" for g in ("env", "source") for k, v in want[g].items()
+            if k in meta.get(g, {}) and meta[g][k] != v]
+    if "seed" in meta and meta["seed"] != want["seed"]:
+        diff.append(f"seed ({meta['seed']!r} -> {want['seed']!r})")
+    if diff and warn_only:
+        print(f"note: dataset {data_path} (given by data_path=...) differs from the collect config: "
+              f"{'; '.join(diff)}; using it as given", file=sys.stderr, flush=True)
+    elif diff:
+        raise SweepError(f"dataset {data_path} was collected with other settings ({'; '.join(diff)}): recollect "
+                         f"it (python collect.py ... overwrite=true) or pass another data_path=...")
+
+
+class Held:
+    """PathLock beside `path` (<parent>/.<name>.sweep.lock), waited for: parallel jobs that need the same
+    dataset or stage-1 run produce it once; the others wait here and then find it finished."""
+
+    def __init__(self, path: Path):
+        self.lock = PathLock(path.parent / f"{path.name}.sweep")
+
+    def __enter__(self):
+        said = False
+        while (holder := self.lock.acquire()) is not None:
+            if not said:
+                print(f"[wait]  {self.lock.path.name[:-6]} is being produced by {holder}", flush=True)
+                said = True
+            time.sleep(1.0)
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+class Job:
+    """One sweep job's context: where it writes, how it launches its child processes."""
+
+    def __init__(self, cfg, out: Path, cwd: Path, num: int | None):
+        """num: the job's number in a multirun (None: a single run, `python experiments/sweep.py arm=...`)."""
+        self.cfg, self.out, self.cwd, self.num = cfg, out, cwd, num or 0
+        # when this sweep started (Report.on_multirun_start); a single run is a sweep of its own
+        self.started = (read_json(out / "sweep.json") or {}).get("started_unix", 0.0) if num is not None \
+            else time.time()
+        self.launch = SimpleNamespace(accelerate=bool(cfg.accelerate), num_processes=cfg.num_processes,
+                                      accelerate_config=str(cfg.accelerate_config or ROOT / "accelerate_config.yaml"))
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if cfg.omp_threads:
+            self.env["OMP_NUM_THREADS"] = str(cfg.omp_threads)
+
+    def command(self, stage: str, overrides: list[str]) -> list[str]:
+        import two_stage
+
+        cmd = two_stage.command(stage, overrides, self.launch)
+        if "accelerate.commands.launch" in cmd:  # parallel jobs must not share accelerate's rendezvous port
+            i = cmd.index("accelerate.commands.launch") + 1
+            cmd[i:i] = ["--main_process_port", str(29600 + self.num % 300)]
+        return cmd
+
+    def run(self, name: str, stage: str, overrides: list[str], log_name: str, note: str, expect: Path) -> float:
+        """Run one stage's script as its own process, output appended to <out>/logs/<log_name>.log; its
+        wall seconds. A failure (exit code, or `expect` not written) raises SweepError."""
+        cmd = self.command(stage, overrides)
+        log = self.out / "logs" / f"{log_name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[start] {name} ({note})  log: {log}", flush=True)
+        t0 = time.perf_counter()
+        with open(log, "a") as f:  # appended: a resumed run's log keeps the interrupted attempt
+            f.write(f"=== {_dt.datetime.now():%Y-%m-%d %H:%M:%S} {name} ({note})\n$ {shlex.join(cmd)}\n\n")
+            f.flush()
+            rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
+        dt = time.perf_counter() - t0
+        if rc != 0 or not expect.exists():
+            why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}" if rc else f"no {expect.name} written"
+            raise SweepError(f"{name} failed ({why}); last lines in {log}:{_tail(log)}")
+        print(f"[done]  {name} in {dt:.0f}s", flush=True)
+        return dt
+
+
+def _tail(path: Path, n: int = 3) -> str:
+    try:
+        lines = [ln for ln in path.read_text(errors="replace").replace("\r", "\n").splitlines() if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(ln.strip() for ln in lines[-n:])
+
+
+def record(out: Path, name: str, **fields) -> dict:
+    """Merge `fields` into <out>/jobs/<name>.json (wall_s entries add up over attempts)."""
+    path = out / "jobs" / f"{name}.json"
+    rec = read_json(path) or {}
+    wall = rec.get("wall_s", {})
+    for k, v in fields.pop("wall_s", {}).items():
+        wall[k] = round(wall.get(k, 0.0) + v, 1)
+    rec.update(fields, wall_s=wall, updated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+               updated_unix=time.time())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(rec, indent=1, default=str))
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One job
+# ---------------------------------------------------------------------------------------------------------
+def ensure_dataset(job: Job, routed: dict) -> Path:
+    ccfg = compose("collect", routed["collect"])
+    data_path = Path(str(ccfg["data_path"])).expanduser()
+    data_path = data_path if data_path.is_absolute() else (job.cwd / data_path).resolve()
+    explicit = any(_key(o) == "data_path" for o in routed["collect"])
+    if not (data_path / "meta.json").is_file():
+        with Held(data_path):
+            if not (data_path / "meta.json").is_file():
+                job.run("collect", "collect", routed["collect"] + [f"data_path={data_path}"],
+                        f"collect-{data_path.name}", "no dataset yet", data_path / "meta.json")
+                return data_path
+    print(f"[reuse] dataset {data_path}", flush=True)
+    check_dataset(data_path, ccfg, warn_only=explicit)
+    return data_path
+
+
+def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int) -> Path:
+    """This seed's stage-1 run, produced once (under a lock) and reused by every arm and budget."""
+    rd = job.out / "runs" / f"pretrain-seed{seed}"
+    ov = routed["pretrain"] + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
+    want = compose("pretrain", ov)
+    steps = int(want["model"]["pretrain_steps"])
+    with Held(rd):
+        # force=true redoes stage 1 once per sweep: not when another job of this sweep already redid it
+        started = job.started
+        redone = (rd / "done.json").is_file() and (rd / "done.json").stat().st_mtime >= started
+        state = run_state(rd, want, steps, "stage-1", bool(job.cfg.force) and not redone)
+        if state == "reuse":
+            if not (rd / ENCODER_FILE).is_file():
+                raise SweepError(f"{rd} is finished but has no {ENCODER_FILE}; pass force=true")
+            print(f"[reuse] pretrain:seed{seed}", flush=True)
+            return rd
+        name = f"pretrain-seed{seed}"
+        rec = read_json(job.out / "jobs" / f"{name}.json") or {}
+        if rec.get("status") == "failed" and rec.get("updated_unix", 0.0) >= started:
+            # another job of this sweep tried it and failed: do not retry it once per dependent run
+            raise SweepError(f"stage 1 of seed {seed} failed earlier in this sweep: {rec.get('error')}")
+        flags = {"resume": ["resume=true"], "overwrite": ["overwrite=true"]}.get(state, [])
+        try:
+            dt = job.run(f"pretrain:seed{seed}", "pretrain", ov + flags, name, state, rd / "done.json")
+        except SweepError as e:
+            record(job.out, name, kind="pretrain", seed=seed, run_dir=str(rd), status="failed", error=str(e))
+            raise
+        record(job.out, name, kind="pretrain", seed=seed, run_dir=str(rd), status="done", error=None,
+               wall_s={"pretrain": dt})
+    return rd
+
+
+def run_job(cfg) -> dict:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if str(ROOT) not in sys.path:  # a launcher's worker process (joblib, submitit) started elsewhere
+        sys.path.insert(0, str(ROOT))
+    hc = HydraConfig.get()
+    arm, seed = hc.runtime.choices["arm"], int(cfg.seed)
+    cwd = Path(hc.runtime.cwd)
+    out = Path(str(cfg.out)).expanduser()
+    out = out if out.is_absolute() else cwd / out
+    budget = int(cfg.budget) if cfg.budget is not None else None
+    window = int(cfg.window) if cfg.window is not None else None
+    if (budget is not None and budget < 1) or (window is not None and window < 1) or seed < 0:
+        raise SweepError(f"budget={budget}, window={window}, seed={seed}: budget and window must be >= 1, "
+                         f"seed >= 0")
+    name = run_name(arm, seed, budget, window, cfg.env)
+    job = Job(cfg, out, cwd, int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None)
+    rd = out / "runs" / name
+    base = {"kind": "train", "sweep": cfg.sweep.name, "arm": arm, "label": cfg.arm.label,
+            "encoder": cfg.arm.encoder, "seed": seed, "budget": budget, "window": window, "env": cfg.env,
+            "experiment": cfg.experiment, "run_dir": str(rd)}
+    try:
+        routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, budget)
+        record(out, name, **base, status="running", error=None, overrides=routed)
+        data_path = ensure_dataset(job, routed)
+        wall = train_and_evaluate(job, cfg, routed, data_path, rd, name)
+        record(out, name, status="done", wall_s=wall)
+        return {"run": name, "status": "done"}
+    except SweepError as e:
+        record(out, name, **base, status="failed", error=str(e))
+        print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
+        if hc.mode != RunMode.MULTIRUN:
+            raise
+        return {"run": name, "status": "failed", "error": str(e)}
+
+
+def train_and_evaluate(job: Job, cfg, routed: dict, data_path: Path, rd: Path, name: str) -> dict:
+    seed, arm = int(cfg.seed), cfg.arm
+    extra = list(arm.train)
+    if cfg.window is not None:
+        extra.append(f"{arm.window_key}={int(cfg.window) * int(arm.window_mult)}")
+    if cfg.budget is not None:
+        extra.append(f"max_steps={int(cfg.budget)}")
+    pre_rd = job.out / "runs" / f"pretrain-seed{seed}"
+    if arm.encoder:
+        if arm.encoder not in ("pretrained", "frozen"):
+            raise SweepError(f"arm.encoder={arm.encoder!r}: use null, pretrained or frozen")
+        extra.append(f"model.pretrained_encoder_path={pre_rd / ENCODER_FILE}")
+        if arm.encoder == "frozen":
+            extra.append("model.freeze_encoder=true")
+    ov = routed["train"] + extra + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
+    want = compose("train", ov)
+    wall: dict = {}
+    state = run_state(rd, want, int(want["max_steps"]), "stage-2", bool(cfg.force))
+    if state == "reuse":
+        print(f"[reuse] train:{name}", flush=True)
+    else:
+        if arm.encoder:
+            ensure_stage1(job, routed, data_path, seed)
+        flags = {"resume": ["resume=true"], "overwrite": ["overwrite=true"]}.get(state, [])
+        wall["train"] = job.run(f"train:{name}", "train", ov + flags, name, state, rd / "done.json")
+    eval_base = evaluate_overrides(routed["evaluate"])
+    for out_name, settings in cfg.sweep.evals.items():
+        ev_extra = [f"{k}={json.dumps(v)}" for k, v in plain(settings).items()]
+        keys = {_key(o) for o in ev_extra}  # the eval's own settings replace the preset's
+        eov = [o for o in eval_base if _key(o) not in keys] + ev_extra
+        if state == "reuse" and eval_reusable(rd, out_name, compose("evaluate", eov + ["run_dir=x"])):
+            print(f"[reuse] {out_name}:{name}", flush=True)
+            continue
+        wall[out_name] = job.run(f"{out_name}:{name}", "evaluate", eov + [f"run_dir={rd}", f"out_name={out_name}"],
+                                 name, "fresh", rd / f"{out_name}.json")
+    return wall
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report at the end of a multirun (a Hydra callback)
+# ---------------------------------------------------------------------------------------------------------
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover -- hydra-core >= 1.1 has it
+    Callback = object
+
+
+STATUS: dict = {}  # what the multirun's end left for _entry: {"error": one line} when runs did not finish
+
+
+class Report(Callback):
+    """Writes <out>/sweep.json (the command) when a multirun starts, and the report when it ends. (Hydra
+    turns a callback's exception into a warning: a sweep whose runs did not all finish is reported
+    through STATUS, and _entry exits 1 with one line.)"""
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        out = _out_dir(config)
+        out.mkdir(parents=True, exist_ok=True)
+        task = [o for o in config.hydra.overrides.task if _key(o) != "overrides"]
+        argv = ["python", "experiments/sweep.py", "-m", *task, *config.overrides]  # as typed (sweep_argv)
+        info = {"sweep": config.sweep.name, "experiment": config.experiment, "command": shlex.join(argv),
+                "cwd": str(Path.cwd()), "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "started_unix": time.time(), "launcher": config.hydra.runtime.choices.get("hydra/launcher")}
+        atomic_write_text(out / "sweep.json", json.dumps(info, indent=1))
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        from experiments import report
+
+        out = _out_dir(config)
+        started = (read_json(out / "sweep.json") or {}).get("started_unix", 0.0)
+        failed = [r for r in report.load_jobs(out) if r.get("kind") == "train" and r.get("status") == "failed"
+                  and r.get("updated_unix", 0.0) >= started]  # failed in this sweep (a refusal included)
+        bad = {Path(r["run_dir"]).name for r in failed}
+        if config.report:
+            rep = report.write(out)
+            print(f"\nwrote the report into {out}", flush=True)
+            print(report.render(out, rep), flush=True)
+            bad |= set(rep.get("missing") or [])
+        if bad:
+            STATUS["error"] = (f"{len(bad)} run(s) did not finish ({', '.join(sorted(bad))})"
+                               + (f"; first error: {failed[0]['error']}" if failed else "")
+                               + "; fix and rerun the same command (finished runs are reused)")
+
+
+def _out_dir(config) -> Path:
+    out = Path(str(config.out)).expanduser()
+    return out if out.is_absolute() else Path.cwd() / out
+
+
+def sweep_argv(argv: list[str]) -> list[str]:
+    """The command line for Hydra: the sweep's own keys (conf/sweep.yaml, arm=, sweep=, hydra..., flags)
+    stay; every other `key=value` / `stage:key=value` is a stage override and joins `overrides=[...]`
+    (quoted for Hydra's grammar, which does not take `=` in a bare list element)."""
+    from omegaconf import OmegaConf
+
+    own = set(OmegaConf.load(Path(__file__).parent / "conf" / "sweep.yaml")) | {"arm", "sweep", "hydra"}
+    keep, free = [], []
+    for a in argv:
+        head = a.split("=", 1)[0].lstrip("+~")
+        if a.startswith("-") or "=" not in a or (":" not in head and head.split(".")[0].split("/")[0] in own):
+            keep.append(a)
+        else:
+            free.append(a)
+    if free and any(a.split("=", 1)[0].lstrip("+~") == "overrides" for a in keep):
+        raise SweepError("give stage overrides either as key=value arguments or as overrides=[...], not both")
+    if free:
+        quoted = ",".join('"' + o.replace("\\", "\\\\").replace('"', '\\"') + '"' for o in free)
+        keep.append(f"overrides=[{quoted}]")
+    return keep
+
+
+def _entry() -> None:
+    import hydra
+
+    try:
+        sys.argv[1:] = sweep_argv(sys.argv[1:])
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    @hydra.main(config_path="conf", config_name="sweep", version_base="1.3")
+    def main(cfg):
+        return run_job(cfg)
+
+    try:
+        precheck(sys.argv[1:])
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    main()
+    status = getattr(sys.modules.get("experiments.sweep"), "STATUS", {})
+    if status.get("error"):
+        print(f"error: {status['error']}", file=sys.stderr)
+        sys.exit(1)
+
+
+def precheck(argv: list[str]) -> None:
+    """Route the stage overrides once before any job starts, so a typo fails in one line up front (every
+    job routes them again). Skipped where the preset or env is itself swept."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from hydra_cli import compose_config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if not a.startswith("-")])
+    except Exception as e:  # noqa: BLE001 -- Hydra reports its own grammar errors the same way afterwards
+        raise SweepError(" ".join(str(e).split())) from None
+    plain_ov = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
+    if any(o.is_sweep_override() and o.key_or_group in ("experiment", "env", "sweep") for o in parsed):
+        return
+    try:
+        cfg = compose_config("sweep", plain_ov, config_dir=str(Path(__file__).parent / "conf"))
+    except Exception as e:  # noqa: BLE001 -- a bad arm/sweep name or key: one line
+        raise SweepError(" ".join(str(e).split())) from None
+    route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, cfg.budget)
+
+
+if __name__ == "__main__":
+    _entry()

@@ -1,0 +1,247 @@
+"""experiments/sweep.py (Hydra multirun, one process per run) and experiments/report.py on a tiny problem.
+
+- the compare sweep with the basic launcher: outputs (table.json / table.md / curves.png), stage 1 once
+  for the arms that need it, and a second invocation reuses every finished run (nothing rewritten);
+- the budget sweep with the joblib launcher (2 parallel jobs): runs killed mid-training (CAD_TEST_KILL_AT)
+  fail the sweep with one line and an INCOMPLETE report; the same command again resumes them from their
+  checkpoints and reuses the runs that had finished;
+- the memory sweep with submitit's local executor (what hydra/launcher=submitit_slurm runs on a cluster);
+- the command line: stage overrides, reserved keys, typos, in one line before any job starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = REPO / "experiments" / "sweep.py"
+REPORT = REPO / "experiments" / "report.py"
+
+# Stage overrides, routed like two_stage.py: model.* -> pretrain + train, n_episodes / seeds_per_goal /
+# n_train_goals -> evaluate, log_every / checkpoint_every -> pretrain + train.
+TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1", "model.recon_n_layer=1",
+        "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10",
+        "batch_size=8", "warmup_steps=2", "log_every=2", "checkpoint_every=1000",
+        "model.pretrain_steps=6", "model.pretrain_batch_size=8", "diag_batches=1",
+        "n_episodes=3", "seeds_per_goal=1", "n_train_goals=1", "progress=false"]
+LONG = ["sweep.evals.eval_long.n_episodes=4", "sweep.evals.eval_long.seeds_per_goal=1"]
+
+
+def sweep(tmp_path: Path, data_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    # PYTHONPATH: the launchers' worker processes (joblib, submitit) import this checkout's modules
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
+    for k in ("CAD_TEST_KILL_AT", "HYDRA_FULL_ERROR"):
+        if k not in (env or {}):
+            full_env.pop(k, None)
+    cmd = [sys.executable, str(SWEEP), "-m", f"out={tmp_path / 'out'}", *TINY, f"data_path={data_path}", *args]
+    return subprocess.run(cmd, cwd=tmp_path, env=full_env, capture_output=True, text=True, timeout=900, check=False)
+
+
+def _ok(r: subprocess.CompletedProcess) -> None:
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_compare_sweep_basic_launcher_and_reuse(tmp_path, tiny):
+    r = sweep(tmp_path, tiny.data_path, "arm=scratch,pretrained_ft", "seed=0", "max_steps=8", *LONG)
+    _ok(r)
+    out = tmp_path / "out"
+    rep = json.loads((out / "table.json").read_text())
+    assert rep["arms"] == ["scratch", "pretrained_ft"] and rep["seeds"] == [0]
+    assert rep["experiment"] == "quick" and rep["complete"] and not rep["missing"]
+    assert rep["dataset"]["path"] == str(tiny.data_path)
+    assert "experiments/sweep.py -m" in rep["command"] and "arm=scratch,pretrained_ft" in rep["command"]
+    assert "max_steps=8" in rep["command"] and rep["date"]
+    assert rep["long_eval"]["n_episodes"] == 4 and rep["eval"]["n_episodes"] == 3
+    for arm in ("scratch", "pretrained_ft"):
+        res = rep["results"][arm]
+        assert set(res["mean"]) == set(rep["metrics"]) == set(res["std"])
+        seed0 = res["per_seed"]["0"]
+        assert seed0["complete"] and all(isinstance(v, float) for v in seed0["metrics"].values()), seed0
+        assert res["mean"] == seed0["metrics"]  # one seed: the mean is that seed's number
+        assert len(seed0["curve"]) == 3 and len(seed0["long_curve"]) == 4
+        assert seed0["train_loss_steps"] == {"25%": 2, "50%": 4, "100%": 8}  # log_every=2, max_steps=8
+        assert set(rep["timings_s"]) >= {f"train:{arm}-seed0", f"eval:{arm}-seed0", f"eval_long:{arm}-seed0"}
+    # stage 1 ran once, in its own process, and its encoder fed the pretrained arm only
+    pre = out / "runs" / "pretrain-seed0"
+    assert (pre / "encoder-pretrained-final.pt").is_file()
+    assert (out / "logs" / "pretrain-seed0.log").read_text().count("$ ") == 1
+    assert r.stdout.count("[start] pretrain:seed0") == 1
+    cfg = json.loads((out / "runs" / "pretrained_ft-seed0" / "config.json").read_text())
+    assert cfg["model"]["pretrained_encoder_path"] == str(pre / "encoder-pretrained-final.pt")
+    assert json.loads((out / "runs" / "scratch-seed0" / "config.json").read_text())["model"][
+        "pretrained_encoder_path"] is None
+    log = (out / "logs" / "pretrained_ft-seed0.log").read_text()
+    assert "Loading pretrained encoder" in log and "train.py" in log and "evaluate.py" in log
+    long = json.loads((out / "runs" / "scratch-seed0" / "eval_long.json").read_text())
+    assert set(long["splits"]) == {"test"} and long["splits"]["test"]["summary"]["n_episodes"] == 4
+    md = (out / "table.md").read_text()
+    for s in ("`scratch`", "`pretrained_ft`", "experiment=quick", "sweep.py", str(tiny.data_path),
+              "held-out return, last 3 episodes", "long rollout: return, last 4", "Status:** complete"):
+        assert s in md, s
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob(".*.tmp")) and not list(out.rglob(".*.lock"))  # no temp files, locks released
+
+    # Second invocation: everything is reused, nothing is retrained or re-evaluated.
+    watched = [p for p in (out / "runs").rglob("*") if p.name in ("done.json", "model.pt", "eval.json",
+                                                                  "eval_long.json", "encoder-pretrained-final.pt")]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    r2 = sweep(tmp_path, tiny.data_path, "arm=scratch,pretrained_ft", "seed=0", "max_steps=8", *LONG)
+    _ok(r2)
+    assert "[start]" not in r2.stdout, r2.stdout
+    for name in ("train:scratch-seed0", "train:pretrained_ft-seed0", "eval_long:pretrained_ft-seed0"):
+        assert f"[reuse] {name}" in r2.stdout
+    assert {p: p.stat().st_mtime_ns for p in watched} == before
+    assert json.loads((out / "table.json").read_text())["results"] == rep["results"]
+
+    # the report is a reader of the run dirs: the CLI writes the same numbers again
+    r3 = subprocess.run([sys.executable, str(REPORT), str(out)], capture_output=True, text=True, check=False)
+    assert r3.returncode == 0 and "Does pretraining help?" in r3.stdout, r3.stderr
+    assert json.loads((out / "table.json").read_text())["results"] == rep["results"]
+
+    # the same out with another training config is refused for that run, with one line, at exit 1
+    r4 = sweep(tmp_path, tiny.data_path, "arm=scratch", "seed=0", "max_steps=8", "lr=0.01", *LONG)
+    assert r4.returncode == 1 and "another config" in r4.stderr and "lr (0.001 -> 0.01)" in r4.stderr
+    assert r4.stderr.strip().splitlines()[-1].startswith("error: 1 run(s) did not finish (scratch-seed0)")
+
+
+@pytest.mark.slow
+def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
+    args = ["sweep=pretrain_budget", "arm=scratch,pretrained_ft", "budget=3,6", "seed=0", "checkpoint_every=2",
+            "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    # Every training process SIGKILLs itself at step 5 (after the checkpoint of step 4), as a pre-empted
+    # node would: stage 1 (6 steps) and the 6-step runs die, the 3-step scratch run finishes.
+    r = sweep(tmp_path, tiny.data_path, *args, env={"CAD_TEST_KILL_AT": "5"})
+    assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 3 run(s) did not finish") and "killed by signal 9" in last, last
+    out = tmp_path / "out"
+    rep = json.loads((out / "summary.json").read_text())
+    assert not rep["complete"] and sorted(rep["missing"]) == ["b3-pretrained_ft-seed0", "b6-pretrained_ft-seed0",
+                                                              "b6-scratch-seed0"]
+    assert "INCOMPLETE" in (out / "table.md").read_text()
+    # stage 1 was produced once for both pretrained jobs (the second one waited on its lock)
+    assert (out / "logs" / "pretrain-seed0.log").read_text().count("$ ") == 1
+    done3 = out / "runs" / "b3-scratch-seed0" / "done.json"
+    t3 = done3.stat().st_mtime_ns
+
+    r2 = sweep(tmp_path, tiny.data_path, *args)
+    _ok(r2)
+    assert "[start] pretrain:seed0 (resume)" in r2.stdout and "[start] train:b6-scratch-seed0 (resume)" in r2.stdout
+    assert "[reuse] train:b3-scratch-seed0" in r2.stdout and done3.stat().st_mtime_ns == t3
+    for name, what in (("b6-scratch-seed0", "train:b6-scratch-seed0"), ("pretrain-seed0", "pretrain:seed0")):
+        log = (out / "logs" / f"{name}.log").read_text()
+        assert log.count(f"{what} (fresh)") == 1 and log.count(f"{what} (resume)") == 1, log
+        command = log.split(f"{what} (resume)\n", 1)[1].splitlines()[0]
+        assert command.startswith("$ ") and command.endswith(" resume=true"), command
+    rep = json.loads((out / "summary.json").read_text())
+    assert rep["complete"] and rep["budgets"] == [3, 6] and rep["arms"] == ["scratch", "pretrained_ft"]
+    rows = {(row["arm"], row["stage2_steps"]): row for row in rep["rows"]}
+    assert set(rows) == {(a, n) for a in ("scratch", "pretrained_ft") for n in (3, 6)}
+    for (arm, n), row in rows.items():
+        assert {"arm", "stage2_steps", "stage1_steps", "seeds", "heldout_loss_same_position", "return_last5",
+                "episodes_to_0.8"} <= set(row)
+        assert row["seeds"] == [0] and row["stage1_steps"] == (0 if arm == "scratch" else 6)
+        assert math.isfinite(row["heldout_loss_same_position"]) and isinstance(row["return_last5"], float)
+        run = Path(row["per_seed"]["0"]["run_dir"])
+        assert run.name == f"b{n}-{arm}-seed0"
+        done = json.loads((run / "done.json").read_text())
+        assert done["global_step"] == n and done["tf_loss_test"] == row["heldout_loss_same_position"]
+        assert json.loads((run / "config.json").read_text())["model"]["pretrained_encoder_path"] == (
+            None if arm == "scratch" else str(out / "runs" / "pretrain-seed0" / "encoder-pretrained-final.pt"))
+    ratio = rep["stage1_cost_per_step_vs_stage2"]
+    assert ratio > 0 and rows[("scratch", 6)]["compute_stage2_step_equiv"] == 6
+    assert rows[("pretrained_ft", 6)]["compute_stage2_step_equiv"] == pytest.approx(6 + 6 * ratio)
+    md = (out / "table.md").read_text()
+    for s in ("What the data says", "`pretrained_ft` vs `scratch`", "sweep=pretrain_budget", "Status:** complete"):
+        assert s in md, s
+    assert (out / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_memory_sweep_submitit_local(tmp_path, tiny):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    r = sweep(tmp_path, tiny.data_path, "sweep=memory", "arm=ad,ad_3w,scratch", "seed=0", "window=20", "env=darkroom",
+              "max_steps=4", "sweep.evals.eval.n_episodes=3", *LONG, "hydra/launcher=submitit_local",
+              "hydra.launcher.timeout_min=10")
+    _ok(r)
+    out = tmp_path / "out"
+    rep = json.loads((out / "summary.json").read_text())
+    assert rep["complete"]
+    rows = {row["arm"]: row for row in rep["rows"]}
+    assert set(rows) == {"ad", "ad_3w", "scratch"}
+    assert {a: rows[a]["window"] for a in rows} == {"ad": 20, "ad_3w": 60, "scratch": 20}
+    keys = {"env", "arm", "window", "seeds", "return_last5_mean", "return_last5_std", "episodes_to_0.8_mean",
+            "episodes_to_0.8_std", "memory_probe", "rollout_ms_per_step", "steps", "device"}
+    for arm, row in rows.items():
+        assert keys <= set(row) and row["env"] == "darkroom" and row["seeds"] == [0] and row["steps"] == 4
+        assert isinstance(row["return_last5_mean"], float) and row["rollout_ms_per_step"] > 0
+        run = Path(row["per_seed"]["0"]["run_dir"])
+        assert run.name == f"darkroom-w20-{arm}-seed0" and (run / "eval_long.json").is_file()
+    assert rows["ad"]["memory_probe"] is None  # AD has no compressed memory to probe
+    probe = rows["scratch"]["memory_probe"]
+    assert math.isfinite(probe["k1"]) and math.isfinite(probe["all"])
+    assert list((out / "hydra").rglob("*_submitted.pkl"))  # the jobs went through submitit
+    md = (out / "table.md").read_text()
+    assert "Memory table" in md and "| darkroom | `ad_3w` | 60 |" in md
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
+    sys.path.insert(0, str(REPO))
+    from experiments import sweep as sw
+
+    # stage overrides join overrides=[...], quoted for Hydra; the sweep's own keys stay as they are
+    argv = sw.sweep_argv(["-m", "arm=ad,scratch", "seed=0,1", "hydra/launcher=joblib", "sweep.evals.eval.n_episodes=3",
+                          "train:lr=1e-4", "model.d_model=32", 'source.x="a"'])
+    assert argv[:5] == ["-m", "arm=ad,scratch", "seed=0,1", "hydra/launcher=joblib", "sweep.evals.eval.n_episodes=3"]
+    assert argv[5] == 'overrides=["train:lr=1e-4","model.d_model=32","source.x=\\"a\\""]'
+    with pytest.raises(sw.SweepError, match="not both"):
+        sw.sweep_argv(["overrides=[]", "lr=1"])
+
+    routed = sw.route(["model.d_model=32", "n_episodes=3", "source.n_stream=4", "train:lr=1e-4"], [], "quick", None)
+    assert "model.d_model=32" in routed["pretrain"] and "model.d_model=32" in routed["train"]
+    assert "n_episodes=3" in routed["evaluate"] and "n_episodes=3" not in routed["train"]
+    assert "source.n_stream=4" in routed["collect"] and routed["train"][-1] == "lr=1e-4"
+    for args, match in ((["seed=3"], "sets seed itself"), (["no_such_key=1"], "matches no stage"),
+                        (["max_steps=5"], "budget=7, not max_steps")):
+        with pytest.raises(sw.SweepError, match=match):
+            sw.route(args, [], "quick", None, budget=7 if "max_steps" in args[0] else None)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for args, msg in ((["no_such_key=1"], "matches no stage"), (["arm=nope"], "nope"),
+                      (["train:run_dir=x"], "sets run_dir itself")):
+        r = subprocess.run([sys.executable, str(SWEEP), "-m", f"out={tmp_path}", *args], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert not (tmp_path / "runs").exists()
+    r = subprocess.run([sys.executable, str(REPORT), str(tmp_path)], capture_output=True, text=True, check=False)
+    assert r.returncode == 2 and r.stderr.startswith("error:") and "no sweep runs" in r.stderr, r.stderr
+
+
+def test_accelerate_launch_per_job(tmp_path):
+    """accelerate=true: pretrain / train go through `accelerate launch` with the repository's config (or
+    the given one), --num_processes, and a rendezvous port of their own per job (parallel jobs on one
+    node); collect and evaluate stay plain processes."""
+    from omegaconf import OmegaConf
+
+    sys.path.insert(0, str(REPO))
+    from experiments import sweep as sw
+
+    cfg = OmegaConf.create({"accelerate": True, "accelerate_config": None, "num_processes": 4, "omp_threads": 2})
+    job = sw.Job(cfg, tmp_path, tmp_path, num=3)
+    cmd = job.command("train", ["seed=0"])
+    i = cmd.index("accelerate.commands.launch")
+    assert cmd[i + 1:i + 3] == ["--main_process_port", "29603"]
+    assert cmd[cmd.index("--config_file") + 1] == str(REPO / "accelerate_config.yaml")
+    assert cmd[cmd.index("--num_processes") + 1] == "4" and cmd[-2:] == [str(REPO / "train.py"), "seed=0"]
+    assert job.command("evaluate", ["run_dir=x"]) == [sys.executable, str(REPO / "evaluate.py"), "run_dir=x"]
+    assert job.env["OMP_NUM_THREADS"] == "2"
+    assert sw.Job(cfg, tmp_path, tmp_path, num=4).command("pretrain", [])[i + 2] == "29604"
