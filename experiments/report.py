@@ -29,8 +29,10 @@ if str(ROOT) not in sys.path:
 from atomic_io import atomic_write, atomic_write_text
 
 # Arms in table order (others follow alphabetically); their colours in the plots.
-ARM_ORDER = ("ad", "ad_3w", "scratch", "aux_recon", "pretrained_ft", "pretrained_frozen")
-COLORS = {"ad": "tab:gray", "ad_3w": "tab:purple", "scratch": "tab:blue", "aux_recon": "tab:orange",
+ARM_ORDER = ("ad", "ad_3w", "scratch", "rollout", "rollout_gated", "aux_recon", "pretrained_ft",
+             "pretrained_frozen")
+COLORS = {"ad": "tab:gray", "ad_3w": "tab:purple", "scratch": "tab:blue", "rollout": "tab:cyan",
+          "rollout_gated": "tab:olive", "aux_recon": "tab:orange",
           "pretrained_ft": "tab:green", "pretrained_frozen": "tab:red"}
 SCALES = {"quick": "small scale", "full": "DICP scale"}
 

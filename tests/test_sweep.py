@@ -245,3 +245,22 @@ def test_accelerate_launch_per_job(tmp_path):
     assert job.command("evaluate", ["run_dir=x"]) == [sys.executable, str(REPO / "evaluate.py"), "run_dir=x"]
     assert job.env["OMP_NUM_THREADS"] == "2"
     assert sw.Job(cfg, tmp_path, tmp_path, num=4).command("pretrain", [])[i + 2] == "29604"
+
+
+@pytest.mark.parametrize("arm_file", sorted((REPO / "experiments" / "conf" / "arm").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_arm_composes_into_a_valid_training_config(arm_file):
+    """An arm's stage-2 overrides must name real keys with allowed values (config_check), under both
+    presets: a typo in an arm file would otherwise surface only when its sweep job starts."""
+    from omegaconf import OmegaConf
+
+    import config_check
+    import train
+    from tests.conftest import compose
+
+    arm = OmegaConf.load(arm_file)
+    assert {"label", "encoder", "train", "window_key", "window_mult"} <= set(arm)
+    for preset in ("none", "quick"):
+        cfg = compose("train", [f"experiment={preset}", *arm.train, f"{arm.window_key}=20"])
+        config_check.check(cfg, train.KEY_RULES)
+        assert OmegaConf.select(cfg, arm.window_key) == 20
