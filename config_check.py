@@ -199,7 +199,8 @@ MODEL_RULES = {
     "model.dropout": number(0, 1, hi_open=True),
     "model.recon_n_layer": integer(1, 256),
     "model.recon_loss": one_of("mse", "ce"),
-    "model.recon_decoder": one_of("parallel", "causal", note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
+    "model.recon_decoder": one_of("parallel", "causal", "causal_fields",
+                                  note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
     "model.max_compression_depth": integer(0, 64),
     "model.depth_weights": weights(note="one per depth 0..max_compression_depth; null = d+1"),
     "model.min_seg_len": integer(1, 100_000),
@@ -223,6 +224,7 @@ MODEL_RULES = {
     "model.pretrain_depth_weights": weights(note="one per depth 1..max_compression_depth; null = d+1"),
     "model.pretrain_depth_curriculum": weights(
         note="fractions of pretrain_steps at which depths 2..max_compression_depth join; null = none"),
+    "model.pretrain_slot_init": flag(note="stage 1: latent i <-> segment chunk i attention at init"),
 }
 
 

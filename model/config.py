@@ -35,6 +35,10 @@ class ModelConfig:
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
     recon_loss: str = "mse"  # 'mse' on f(tau) (docs/design.md §5) or 'ce' (per-field cross-entropy)
     recon_decoder: str = "parallel"  # ReconstructionDecoder: 'parallel' (latents only) | 'causal' (teacher-forced)
+    #   | 'causal_fields' (causal + field-level autoregression inside a transition; needs recon_loss='ce')
+    # Stage 1 only: initialise encoder and reconstruction decoder with a soft "latent i <-> chunk i of the
+    # segment" attention pattern (model/encoder_pretrainer.py slot_init). Init only: no new weights.
+    pretrain_slot_init: bool = False
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
@@ -70,8 +74,10 @@ class ModelConfig:
              "model.n_layer, model.enc_n_layer and model.recon_n_layer must all be >= 1")
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         need(self.recon_loss in ("mse", "ce"), f"model.recon_loss={self.recon_loss!r}: use 'mse' or 'ce'")
-        need(self.recon_decoder in ("parallel", "causal"),
-             f"model.recon_decoder={self.recon_decoder!r}: use 'parallel' or 'causal'")
+        need(self.recon_decoder in ("parallel", "causal", "causal_fields"),
+             f"model.recon_decoder={self.recon_decoder!r}: use 'parallel', 'causal' or 'causal_fields'")
+        need(self.recon_decoder != "causal_fields" or self.recon_loss == "ce",
+             "model.recon_decoder=causal_fields predicts classes field by field: it needs model.recon_loss=ce")
         need(self.max_compression_depth >= 0,
              f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")
