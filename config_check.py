@@ -224,7 +224,7 @@ MODEL_RULES = {
     "model.pretrain_depth_weights": weights(note="one per depth 1..max_compression_depth; null = d+1"),
     "model.pretrain_depth_curriculum": weights(
         note="fractions of pretrain_steps at which depths 2..max_compression_depth join; null = none"),
-    "model.pretrain_slot_init": flag(note="stage 1: latent i <-> segment chunk i attention at init"),
+    "model.pretrain_slot_init": flag(note="stage 1: start with a position-addressable code wired (init only)"),
 }
 
 

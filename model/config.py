@@ -36,8 +36,9 @@ class ModelConfig:
     recon_loss: str = "mse"  # 'mse' on f(tau) (docs/design.md §5) or 'ce' (per-field cross-entropy)
     recon_decoder: str = "parallel"  # ReconstructionDecoder: 'parallel' (latents only) | 'causal' (teacher-forced)
     #   | 'causal_fields' (causal + field-level autoregression inside a transition; needs recon_loss='ce')
-    # Stage 1 only: initialise encoder and reconstruction decoder with a soft "latent i <-> chunk i of the
-    # segment" attention pattern (model/encoder_pretrainer.py slot_init). Init only: no new weights.
+    # Stage 1 only: initialise encoder and reconstruction decoder with a position-addressable code already
+    # wired (model/encoder_pretrainer.py slot_init). Init only: no new encoder weights (the reconstruction
+    # decoder gets `latent_pos`). Dataclass default False: stage 2 never reads it.
     pretrain_slot_init: bool = False
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all

@@ -84,12 +84,13 @@ LEARN = [
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("objective", ["mse-parallel", "ce-causal", "ce-causal_fields-slot"])
+@pytest.mark.parametrize("objective", ["mse-parallel", "ce-causal", "ce-causal-slot", "ce-causal_fields-slot"])
 def test_collapsed_encoder_has_zero_gap_and_real_pretraining_learns(objective, tiny, tmp_path, monkeypatch,
                                                                     tb_scalars):
     # The seed's objective (MSE, latents-only decoder), the causal teacher-forced decoder (which could in
-    # principle lean on the prefix alone) and the default (causal + field-level autoregression, slot init,
-    # whose heads also see the transition's own earlier fields): a constant encoder must show as one in all.
+    # principle lean on the prefix alone), the default (causal + slot init: a code wired at step 0, which a
+    # constant encoder must not be able to fake) and causal + field-level autoregression (whose heads also
+    # see the transition's own earlier fields): a constant encoder must show as one in all.
     loss, dec, *slot = objective.split("-")
     learn = [*LEARN, f"model.recon_loss={loss}", f"model.recon_decoder={dec}",
              f"model.pretrain_slot_init={bool(slot)}"]
@@ -111,9 +112,12 @@ def test_collapsed_encoder_has_zero_gap_and_real_pretraining_learns(objective, t
     assert const["ablation_r2"] == const["r2"] and const["ablation_acc_exact"] == const["acc_exact"]
     assert const["latent_effective_rank"] == 0.0
     assert real["latent_effective_rank"] > 1.0
-    if dec == "causal_fields":
-        # The diagnostics read each transition greedily (the decoder's own s and a feed its s' head), so
-        # these are reconstructions, not teacher-forced scores. MEASURED_FIELDS below.
+    if slot or dec == "causal_fields":
+        # With causal_fields the diagnostics read each transition greedily (the decoder's own s and a feed
+        # its s' head), so these are reconstructions, not teacher-forced scores.
+        # Measured on this tiny data (300 steps): causal + slot init: gap 2.14, held-out CE 6.54 vs 7.09
+        # collapsed, action accuracy 0.39 vs 0.20 with shuffled latents, R² 0.17 vs 0.03; causal_fields +
+        # slot init: gap 3.30, CE 6.47 vs 7.13, action 0.24 vs 0.17, R² 0.15 vs 0.06.
         assert real["ablation_gap"] > 0.05, real
         assert real["heldout_loss"] < const["heldout_loss"] - 0.05, (real["heldout_loss"], const["heldout_loss"])
         assert real["acc_action"] > real["ablation_acc_action"] + 0.05, real
