@@ -199,7 +199,8 @@ MODEL_RULES = {
     "model.dropout": number(0, 1, hi_open=True),
     "model.recon_n_layer": integer(1, 256),
     "model.recon_loss": one_of("mse", "ce"),
-    "model.recon_decoder": one_of("parallel", "causal", note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
+    "model.recon_decoder": one_of("parallel", "causal", "causal_fields",
+                                  note="stage-1 ReconstructionDecoder (model/reconstruction.py)"),
     "model.max_compression_depth": integer(0, 64),
     "model.detach_old_latents": flag(),
     "model.label_segments": flag(),
@@ -211,6 +212,7 @@ MODEL_RULES = {
     "model.aux_recon_weight": number(0),
     "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
     "model.memory_aux_weight": number(0, note="long-memory readout loss weight; 0 = off (model/memory_readout.py)"),
+    "model.pretrain_slot_init": flag(note="stage 1: start with a position-addressable code wired (init only)"),
 }
 
 SAMPLER_RULES = {  # config/sampler/: how training samples are cut (stage 2: dataset.py, stage 1: dataset_pretrain.py)

@@ -40,6 +40,11 @@ class ModelConfig:
     recon_n_layer: int = 2  # ReconstructionDecoder blocks (stage 1 and the stage-2 auxiliary loss)
     recon_loss: str = "mse"  # 'mse' on f(tau) (docs/design.md §5) or 'ce' (per-field cross-entropy)
     recon_decoder: str = "parallel"  # ReconstructionDecoder: 'parallel' (latents only) | 'causal' (teacher-forced)
+    #   | 'causal_fields' (causal + field-level autoregression inside a transition; needs recon_loss='ce')
+    # Stage 1 only: initialise encoder and reconstruction decoder with a position-addressable code already
+    # wired (model/encoder_pretrainer.py slot_init). Init only: no new encoder weights (the reconstruction
+    # decoder gets `latent_pos`). Dataclass default False: stage 2 never reads it.
+    pretrain_slot_init: bool = False
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     latent_update: str = "replace"  # how a fold writes the latents: 'replace' | 'gated' (model/encoder.py)
     # Long-memory auxiliary objective: weight of predicting, from the latents, which grid cells the folded
@@ -87,8 +92,10 @@ class ModelConfig:
              "model.n_layer, model.enc_n_layer and model.recon_n_layer must all be >= 1")
         need(0.0 <= self.dropout < 1.0, f"model.dropout={self.dropout} must be in [0, 1)")
         need(self.recon_loss in ("mse", "ce"), f"model.recon_loss={self.recon_loss!r}: use 'mse' or 'ce'")
-        need(self.recon_decoder in ("parallel", "causal"),
-             f"model.recon_decoder={self.recon_decoder!r}: use 'parallel' or 'causal'")
+        need(self.recon_decoder in ("parallel", "causal", "causal_fields"),
+             f"model.recon_decoder={self.recon_decoder!r}: use 'parallel', 'causal' or 'causal_fields'")
+        need(self.recon_decoder != "causal_fields" or self.recon_loss == "ce",
+             "model.recon_decoder=causal_fields predicts classes field by field: it needs model.recon_loss=ce")
         need(self.latent_update in ("replace", "gated"),
              f"model.latent_update={self.latent_update!r}: use 'replace' or 'gated'")
         need(self.memory_aux_weight >= 0, f"model.memory_aux_weight={self.memory_aux_weight} must be >= 0")

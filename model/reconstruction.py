@@ -14,6 +14,13 @@ One query per folded transition, built from (segment age, position in segment). 
   the loss below what the prefix alone gives: the latent-ablation gap and the `ablation_*` scores (the same
   decoder fed another sample's latents) measure exactly what the latents add.
 
+- 'causal_fields': 'causal', and inside each transition the fields are predicted in the order s, a, s', r,
+  each head also given the earlier fields of the *same* transition (field-level autoregression): the
+  true ones while training (teacher forcing), the decoder's own argmax in eval mode (`teacher_fields`), so
+  the diagnostics score a transition read out greedily: s' is right only if the decoder got s and a right
+  and knows the dynamics. The latents then need carry only what neither the prefix nor the dynamics give:
+  the actions, a segment's first state, and rewards (the goal). Needs recon_loss='ce'.
+
 A head predicts f(tau) ('mse') or per-field logits ('ce'). The target is always the raw transition.
 """
 
@@ -53,10 +60,14 @@ class ReconstructionDecoder(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.cfg = cfg
-        self.causal = cfg.recon_decoder == "causal"
+        self.causal = cfg.recon_decoder in ("causal", "causal_fields")
+        self.field_ar = cfg.recon_decoder == "causal_fields"
         self.max_segments = max(1, cfg.max_compression_depth)
         self.seg_age = nn.Embedding(self.max_segments, d)  # 0 = most recently folded segment
         self.pos = nn.Parameter(torch.randn(cfg.seg_len, d) * EMB_STD)
+        # pretrain_slot_init: a code of each latent's index added to the latents this decoder reads (the
+        # encoder's output then need not carry which latent it is; model/encoder_pretrainer.py slot_init).
+        self.latent_pos = nn.Parameter(torch.zeros(cfg.n_latent, d)) if cfg.pretrain_slot_init else None
         if self.causal:
             # Teacher-forcing input: its own embedding of the previous transition (not the shared
             # embed_context, which belongs to the encoder checkpoint).
@@ -66,11 +77,31 @@ class ReconstructionDecoder(nn.Module):
             self.self_blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.recon_n_layer))
         self.blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout, cross=True) for _ in range(cfg.recon_n_layer))
         self.ln_f = nn.LayerNorm(d)
-        self.head = nn.Linear(d, recon_out_dim(cfg))
+        if self.field_ar:
+            g, n_act = cfg.grid_size, cfg.n_actions
+            self.head_state = nn.Linear(d, 2 * g)
+            self.emb_state = nn.Embedding(g * g, d)  # the transition's own s (true or predicted)
+            self.ln_action = nn.LayerNorm(d)
+            self.head_action = nn.Linear(d, n_act)
+            self.emb_action = nn.Embedding(n_act, d)
+            # s' = dynamics(s, a) and r = [s' == goal] are not linear in the summed embeddings: one MLP each.
+            self.mlp_next = _Mlp(d)
+            self.head_next = nn.Linear(d, 2 * g)
+            self.emb_next = nn.Embedding(g * g, d)
+            for emb in (self.emb_state, self.emb_action, self.emb_next):  # at the scale of h (LayerNorm'd)
+                nn.init.normal_(emb.weight, std=EMB_STD)
+                emb._keep_init = True
+            self.mlp_reward = _Mlp(d)
+            self.head_reward = nn.Linear(d, 2)
+        else:
+            self.head = nn.Linear(d, recon_out_dim(cfg))
 
-    def forward(self, latents: torch.Tensor, seg: torch.Tensor, seg_len: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, seg: torch.Tensor, seg_len: torch.Tensor,
+                teacher_fields: bool | None = None) -> torch.Tensor:
         """latents [B, n, d]; seg [B, D, S, 6] / seg_len [B, D] the folded segments (right-aligned slots,
-        slot D-1 newest) -> predictions [B, D, S, out]. 'parallel' reads only the shapes of seg."""
+        slot D-1 newest) -> predictions [B, D, S, out]. 'parallel' reads only the shapes of seg.
+        teacher_fields ('causal_fields' only; None = self.training): feed the true earlier fields of each
+        transition to the later fields' heads, else the decoder's own argmax."""
         b, n_slots, seg_size = seg.shape[:3]
         if n_slots > self.max_segments:
             raise ValueError(f"{n_slots} segments to reconstruct but model.max_compression_depth="
@@ -89,8 +120,46 @@ class ReconstructionDecoder(nn.Module):
             # Keys: earlier-or-same real positions; the diagonal always, so a padding row is never all-masked.
             mask = (causal & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=seg.device)
             mask = mask[:, None]
+        source = latents if self.latent_pos is None else latents + self.latent_pos
         for i, blk in enumerate(self.blocks):
             if self.causal:
                 x, _ = self.self_blocks[i](x, mask=mask)
-            x, _ = blk(x, source=latents)
-        return self.head(self.ln_f(x)).view(b, n_slots, seg_size, -1)
+            x, _ = blk(x, source=source)
+        h = self.ln_f(x).view(b, n_slots, seg_size, -1)
+        if not self.field_ar:
+            return self.head(h)
+        return self._fields(h, seg, self.training if teacher_fields is None else teacher_fields)
+
+    def _fields(self, h: torch.Tensor, seg: torch.Tensor, teacher: bool) -> torch.Tensor:
+        """Field-level autoregression: logits of s, then a | s, then s' | s, a, then r | s, a, s'; returned
+        in the 'ce' layout (sx, sy, a, r, nsx, nsy)."""
+        g = self.cfg.grid_size
+        t = seg.long()
+
+        def cell(logits, cols):
+            if teacher:
+                return t[..., cols[0]] * g + t[..., cols[1]]
+            return logits[..., :g].argmax(-1) * g + logits[..., g:].argmax(-1)
+
+        state = self.head_state(h)
+        z = h + self.emb_state(cell(state, (0, 1)))
+        action = self.head_action(self.ln_action(z))
+        z = z + self.emb_action(t[..., 2] if teacher else action.argmax(-1))
+        z = z + self.mlp_next(z)
+        nxt = self.head_next(z)
+        z = z + self.emb_next(cell(nxt, (4, 5)))
+        z = z + self.mlp_reward(z)
+        reward = self.head_reward(z)
+        return torch.cat([state, action, reward, nxt], dim=-1)
+
+
+class _Mlp(nn.Module):
+    """ln -> d x 4d GELU -> d, then ln (so the next head reads a normalised vector)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.net = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.ln(x))
