@@ -251,3 +251,14 @@ def abspath(p: str | Path | None) -> str | None:
     if p is None:
         return None
     return os.path.abspath(os.path.expanduser(str(p)))
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config dict -> {dotted key: leaf value} (how overrides and KEY_RULES name keys)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

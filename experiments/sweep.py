@@ -59,6 +59,7 @@ from hydra.errors import CompactHydraException
 
 from atomic_io import PathLock, atomic_write_text
 from experiments.report import read_json
+from hydra_cli import flatten
 
 # Keys a job sets per run; a free override of them would silently be overridden, so refuse it.
 RESERVED = {"seed", "run_dir", "run_name", "resume", "resume_from", "overwrite", "out_name",
@@ -140,20 +141,10 @@ def evaluate_overrides(routed_eval: list[str]) -> list[str]:
     if not any(is_exp):
         return list(routed_eval)
     others = [o for o, e in zip(routed_eval, is_exp) if not e]
-    base = _flatten(compose("evaluate", others + ["run_dir=x"]))
-    preset = _flatten(compose("evaluate", routed_eval + ["run_dir=x"]))
+    base = flatten(compose("evaluate", others + ["run_dir=x"]))
+    preset = flatten(compose("evaluate", routed_eval + ["run_dir=x"]))
     spelled = [f"{k}={json.dumps(v)}" for k, v in preset.items() if k in base and base[k] != v and k != "run_dir"]
     return spelled + others
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def run_name(arm: str, seed: int, budget, window, env) -> str:

@@ -11,23 +11,14 @@ from omegaconf import OmegaConf
 
 import config_check as cc
 import loop
-from hydra_cli import CONFIG_DIR, compose_config, rewrite_overrides
+from hydra_cli import CONFIG_DIR, compose_config, flatten, rewrite_overrides
 
 STAGES = ("collect", "pretrain", "train", "evaluate")
 PRESETS = ("quick", "full")
 
 
 def leaves(cfg) -> dict:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out.update(flat(v, f"{prefix}{k}."))
-            else:
-                out[f"{prefix}{k}"] = v
-        return out
-
-    return flat(OmegaConf.to_container(cfg, resolve=True))
+    return flatten(OmegaConf.to_container(cfg, resolve=True))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
