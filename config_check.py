@@ -211,7 +211,6 @@ MODEL_RULES = {
     "model.freeze_embeddings": Rule("bool", null=True, note="null = follow model.freeze_encoder"),
     "model.aux_recon_weight": number(0),
     "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
-    "model.memory_aux_weight": number(0, note="long-memory readout loss weight; 0 = off (model/memory_readout.py)"),
     "model.pretrain_slot_init": flag(note="stage 1: start with a position-addressable code wired (init only)"),
 }
 

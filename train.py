@@ -29,7 +29,6 @@ from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
 from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
-from model.memory_readout import memory_loss
 
 # Every key of config/train.yaml and its allowed values, checked first thing in main (config_check).
 # tests/test_reliability.py fails when a key of the composed config has no rule here.
@@ -73,11 +72,6 @@ class ActionPredictionTask:
                 self.accelerator, model).cfg)
             metrics["loss_recon"] = rec.detach()
             loss = loss + self.aux_w * rec
-        if "memory_logits" in out:
-            m = memory_loss(out["memory_logits"], out["memory_targets"], out["has_latents"])
-            metrics.update(loss_memory=m["loss"].detach(), memory_reward_acc=m["reward_acc"],
-                           memory_visited_acc=m["visited_acc"])
-            loss = loss + loop.unwrap(self.accelerator, model).cfg.memory_aux_weight * m["loss"]
         # n_labels: window positions (+ segment positions with model.label_segments), a device tensor
         return loss, metrics, a["n_labels"]
 

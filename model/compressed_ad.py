@@ -18,7 +18,6 @@ import torch
 from model.compressor import Compressor
 from model.config import ModelConfig
 from model.decoder import ActionDecoder
-from model.memory_readout import MemoryReadout, memory_targets
 from model.reconstruction import ReconstructionDecoder
 from model.transformer import init_weights
 from transition import N_FIELDS, STATE, state
@@ -43,8 +42,6 @@ class CompressedAD(Compressor):
         self.decoder = ActionDecoder(cfg, n_prefix=cfg.n_latent, max_len=cfg.seg_len)
         # Stage-2 auxiliary reconstruction head (model.aux_recon_weight > 0); absent otherwise.
         self.recon = ReconstructionDecoder(cfg) if aux_recon else None
-        # Long-memory auxiliary readout (model.memory_aux_weight > 0; model/memory_readout.py).
-        self.memory = MemoryReadout(cfg) if cfg.memory_aux_weight > 0 else None
         init_weights(self)
 
     # ---- training ------------------------------------------------------------------------------------
@@ -102,9 +99,6 @@ class CompressedAD(Compressor):
         if self.recon is not None and latents is not None:
             # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
             out["recon_pred"] = self.recon(latents, seg, seg_len)
-        if self.memory is not None and latents is not None:
-            out["memory_logits"] = self.memory(latents)
-            out["memory_targets"] = memory_targets(seg, seg_len, self.cfg.grid_size)
         return out
 
     # ---- teacher-forced replay of the rollout schedule ---------------------------------------------------

@@ -47,9 +47,6 @@ class ModelConfig:
     pretrain_slot_init: bool = False
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     latent_update: str = "replace"  # how a fold writes the latents: 'replace' | 'gated' (model/encoder.py)
-    # Long-memory auxiliary objective: weight of predicting, from the latents, which grid cells the folded
-    # history visited and where it saw reward (model/memory_readout.py); 0 = off (no readout head built).
-    memory_aux_weight: float = 0.0
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
     # for torch.compile). Same result, more arithmetic on unused slots. Also set inside torch.compile.
@@ -98,7 +95,6 @@ class ModelConfig:
              "model.recon_decoder=causal_fields predicts classes field by field: it needs model.recon_loss=ce")
         need(self.latent_update in ("replace", "gated"),
              f"model.latent_update={self.latent_update!r}: use 'replace' or 'gated'")
-        need(self.memory_aux_weight >= 0, f"model.memory_aux_weight={self.memory_aux_weight} must be >= 0")
         need(self.max_compression_depth >= 0,
              f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")
