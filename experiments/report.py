@@ -124,12 +124,15 @@ def _train_jobs(jobs: list[dict]) -> list[dict]:
 
 
 def _stage1(jobs: list[dict]) -> tuple[dict | None, dict]:
-    """(model group of a stage-1 run's config.json, {seed: run dir}) of the pretrain runs of this sweep."""
+    """(stage-1 budget {pretrain_steps, pretrain_batch_size, pretrain_lr} of a stage-1 run's config.json,
+    {seed: run dir}) of the pretrain runs of this sweep. The budget keys are top level in config/pretrain.yaml
+    (runs written before the per-stage configs kept them in the model group)."""
     runs = {str(r["seed"]): r["run_dir"] for r in jobs if r.get("kind") == "pretrain"}
     for rd in runs.values():
         cfg = read_json(Path(rd) / "config.json")
         if cfg:
-            return cfg["model"], runs
+            keys = ("pretrain_steps", "pretrain_batch_size", "pretrain_lr")
+            return {k: cfg.get(k, (cfg.get("model") or {}).get(k)) for k in keys}, runs
     return None, runs
 
 

@@ -34,7 +34,7 @@ sweep: run the same command again.
 Stage overrides: every `key=value` on the command line that is not the sweep's own (conf/sweep.yaml, arm=,
 sweep=, hydra...) goes into the `overrides` list (sweep_argv) and from there to every stage whose config
 has that key (as in two_stage.py): `model.d_model=32` reaches pretrain and train, `n_episodes=...` only
-evaluate; prefix one with a stage to target it alone: `train:lr=1e-4`, `pretrain:model.pretrain_lr=5e-4`,
+evaluate; prefix one with a stage to target it alone: `train:lr=1e-4`, `pretrain:pretrain_lr=5e-4`,
 `collect:source.n_stream=10`. The job itself sets seed, run_dir, data_path, max_steps (when budget is set),
 resume/overwrite and the encoder path.
 """
@@ -313,7 +313,7 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int) -> Path:
     rd = job.out / "runs" / f"pretrain-seed{seed}"
     ov = routed["pretrain"] + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
     want = compose("pretrain", ov)
-    steps = int(want["model"]["pretrain_steps"])
+    steps = int(want["pretrain_steps"])  # config/pretrain.yaml (stage-1 budget keys are top level)
     with Held(rd):
         # force=true redoes stage 1 once per sweep: not when another job of this sweep already redid it
         started = job.started
