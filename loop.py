@@ -46,8 +46,6 @@ from rundir import (
     plan_run_dir,
     save_checkpoint,
 )
-from rundir import differing_keys as _differing_keys  # noqa: F401 -- experiments/ call loop._differing_keys
-from rundir import identity as _identity  # noqa: F401 -- experiments/ call loop._identity
 
 
 class NonFiniteLossError(RuntimeError):

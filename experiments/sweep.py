@@ -158,13 +158,13 @@ def run_name(arm: str, seed: int, budget, window, env) -> str:
 def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool) -> str:
     """'reuse' (done.json, same config and steps), 'resume' (checkpoints, no done.json), 'fresh' or
     'overwrite' (force); a run dir holding another config is refused."""
-    import loop
+    import rundir
 
     if force:
         return "overwrite" if (run_dir / "config.json").exists() else "fresh"
     saved = read_json(run_dir / "config.json")
-    if saved is not None and loop._identity(saved) != loop._identity(want):
-        diff = "; ".join(loop._differing_keys(saved, want)[:6])
+    if saved is not None and rundir.identity(saved) != rundir.identity(want):
+        diff = "; ".join(rundir.differing_keys(saved, want)[:6])
         raise SweepError(f"{run_dir} holds a {what} run with another config ({diff}); pass force=true to redo "
                          f"it or choose another out=")
     done = read_json(run_dir / "done.json")
@@ -173,7 +173,7 @@ def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool
             raise SweepError(f"{run_dir} finished at step {done.get('global_step')} but this sweep trains "
                              f"{want_steps} steps; pass force=true to redo it or choose another out=")
         return "reuse"
-    return "resume" if loop.checkpoints(run_dir) else "fresh"
+    return "resume" if rundir.checkpoints(run_dir) else "fresh"
 
 
 def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import config_check as cc
 import loop
+import rundir
 from hydra_cli import CONFIG_DIR, compose_config, flatten, rewrite_overrides
 
 STAGES = ("collect", "pretrain", "train", "evaluate")
@@ -84,13 +85,13 @@ def test_editing_an_evaluate_value_leaves_training_identities_alone(tmp_path):
         for groups in ([], ["model=ad_dr"]) if stage == "train" else ([],):
             before = loop.to_plain(compose_config(stage, ["experiment=quick", *groups]))
             after = loop.to_plain(compose_config(stage, ["experiment=quick", *groups], str(cdir)))
-            assert loop._identity(before) == loop._identity(after), stage
+            assert rundir.identity(before) == rundir.identity(after), stage
     # ... while a value the stage reads still changes it (the identity is not blind).
     g = cdir / "experiment" / "train" / "quick.yaml"
     g.write_text(g.read_text().replace("lr: 0.001", "lr: 0.002"))
     before = loop.to_plain(compose_config("train", ["experiment=quick"]))
     after = loop.to_plain(compose_config("train", ["experiment=quick"], str(cdir)))
-    assert loop._differing_keys(before, after) == ["lr (0.001 -> 0.002)"]
+    assert rundir.differing_keys(before, after) == ["lr (0.001 -> 0.002)"]
 
 
 @pytest.mark.parametrize("preset", PRESETS)
