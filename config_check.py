@@ -212,6 +212,8 @@ MODEL_RULES = {
     "model.aux_recon_weight": number(0),
     "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
     "model.pretrain_slot_init": flag(note="stage 1: start with a position-addressable code wired (init only)"),
+    "model.state_features": one_of("scalar", "onehot", note="what the shared embedding reads of a state"),
+    "model.recon_linear_readout": flag(note="reconstruction decoder: add a linear readout of the latents per position"),
 }
 
 SAMPLER_RULES = {  # config/sampler/: how training samples are cut (stage 2: dataset.py, stage 1: dataset_pretrain.py)

@@ -152,6 +152,11 @@ def main(cfg) -> dict:
     mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
     if mcfg.max_compression_depth < 1:
         raise ConfigError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
+    slots = mcfg.n_latent * mcfg.n_head
+    if mcfg.pretrain_slot_init and slots < mcfg.seg_len:
+        print(f"warning: model.n_latent x model.n_head = {slots} < model.seg_len={mcfg.seg_len}: the slot "
+              f"initialisation gives {mcfg.seg_len - slots} positions of a full segment no head of their own, and "
+              "they are read back worse (docs/design.md §5); make n_latent x n_head >= seg_len", flush=True)
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
     task = ReconstructionTask(cfg, model, hist)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.embeddings import featurize
+from model.embeddings import input_features
 from model.encoder import CompressionEncoder
 
 
@@ -22,11 +22,11 @@ class TransitionEmbedding(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed_context = nn.Linear(cfg.feat_dim, cfg.d_model)
+        self.embed_context = nn.Linear(cfg.in_dim, cfg.d_model)
         self.embed_ln = nn.LayerNorm(cfg.d_model)
 
     def embed_transitions(self, trans: torch.Tensor) -> torch.Tensor:
-        return self.embed_ln(self.embed_context(featurize(trans, self.cfg.grid_size, self.cfg.n_actions)))
+        return self.embed_ln(self.embed_context(input_features(trans, self.cfg)))
 
 
 class Compressor(TransitionEmbedding):

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, fields
 # Keys that fix the shapes of encoder + shared embedding weights. Anything else (dropout, depth weights,
 # learning rates) may differ between the two stages.
 ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len",
-                     "latent_update")
+                     "latent_update", "state_features")
 # What a checkpoint written before a key joined ENCODER_ARCH_KEYS was built with.
-ARCH_KEY_DEFAULTS = {"latent_update": "replace"}
+ARCH_KEY_DEFAULTS = {"latent_update": "replace", "state_features": "scalar"}
 
 
 class ConfigError(ValueError):
@@ -45,7 +45,13 @@ class ModelConfig:
     # wired (model/encoder_pretrainer.py slot_init). Init only: no new encoder weights (the reconstruction
     # decoder gets `latent_pos`). Dataclass default False: stage 2 never reads it.
     pretrain_slot_init: bool = False
+    # Reconstruction decoder: also read every folded transition out of the flattened latents by a linear map
+    # per (segment age, position), added to the attention decoder's logits (model/reconstruction.py).
+    recon_linear_readout: bool = False
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
+    # What the shared transition embedding reads of a state: 'scalar' (x, y scaled to [0, 1]) | 'onehot'
+    # (those and a one-hot per coordinate; model/embeddings.py input_features).
+    state_features: str = "onehot"
     latent_update: str = "replace"  # how a fold writes the latents: 'replace' | 'gated' (model/encoder.py)
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
@@ -61,6 +67,11 @@ class ModelConfig:
     def feat_dim(self) -> int:
         """Width of the transition features f(tau) = [s/(G-1), onehot(a), r, s'/(G-1)]."""
         return 2 + self.n_actions + 1 + 2
+
+    @property
+    def in_dim(self) -> int:
+        """Width of what the shared embedding reads (input_features): f(tau) [+ 4 one-hot coordinates]."""
+        return self.feat_dim + (4 * self.grid_size if self.state_features == "onehot" else 0)
 
     @classmethod
     def from_cfg(cls, model_cfg, env_cfg) -> ModelConfig:
@@ -93,6 +104,11 @@ class ModelConfig:
              f"model.recon_decoder={self.recon_decoder!r}: use 'parallel', 'causal' or 'causal_fields'")
         need(self.recon_decoder != "causal_fields" or self.recon_loss == "ce",
              "model.recon_decoder=causal_fields predicts classes field by field: it needs model.recon_loss=ce")
+        need(not (self.recon_linear_readout and self.recon_decoder == "causal_fields"),
+             "model.recon_linear_readout adds to the logits of one head: use it with recon_decoder parallel or "
+             "causal, not causal_fields")
+        need(self.state_features in ("scalar", "onehot"),
+             f"model.state_features={self.state_features!r}: use 'scalar' or 'onehot'")
         need(self.latent_update in ("replace", "gated"),
              f"model.latent_update={self.latent_update!r}: use 'replace' or 'gated'")
         need(self.max_compression_depth >= 0,

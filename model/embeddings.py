@@ -24,3 +24,16 @@ def featurize(trans: torch.Tensor, grid_size: int, n_actions: int = 5) -> torch.
     ns = t[..., NEXT_STATE].float() / scale
     return torch.cat([s, a, r, ns], dim=-1)
 
+
+
+def input_features(trans: torch.Tensor, cfg) -> torch.Tensor:
+    """What the shared transition embedding reads: f(tau), and with cfg.state_features == 'onehot' also the
+    one-hot of each coordinate of s and s' ([..., cfg.in_dim]). Scaled coordinates alone make a cell a point
+    on a line: telling 9 cells apart after LayerNorm and attention blends needs a precision the one-hot code
+    does not (docs/design.md §5)."""
+    f = featurize(trans, cfg.grid_size, cfg.n_actions)
+    if cfg.state_features == "scalar":
+        return f
+    t = trans.long()
+    cells = torch.cat([t[..., STATE], t[..., NEXT_STATE]], dim=-1)  # [..., 4] coordinates
+    return torch.cat([f, F.one_hot(cells, cfg.grid_size).flatten(-2).float()], dim=-1)

@@ -90,10 +90,16 @@ def slot_init(model: EncoderPretrainer, nats_per_unit: float = 1.0) -> None:
     enc.seg_pos[:, code] = position_code((torch.arange(s) + 0.5) / s, k)
     lat_t = (torch.arange(n) + 0.5) / n
     enc.queries.zero_()
-    enc.queries[:, code] = position_code(lat_t - 0.5 / n + 0.5 / (n * h), k)  # head 0's slot
-    # LayerNorm scales: a query row is all code (variance k / d per channel); a segment row is content
-    # (unit variance on d - r channels) + code.
-    ln_q, ln_seg = math.sqrt(d / k), math.sqrt(d / (d - r + k))
+    # The query tokens are keys too. With their slot's code alone they would be all code, which LayerNorm
+    # scales up ~2.6x against a segment token's, and head 0 (unshifted) would attend to its own query token
+    # rather than its slot (measured: every 4th position read back at ~0.6 instead of ~1.0 accuracy). So they
+    # carry the code negated (code(t + 1) = -code(t): odd frequencies; the query projection negates it back,
+    # so head h still targets its slot and its own token scores -n_freq) beside a fixed unit-variance content
+    # vector, which gives them a segment token's LayerNorm scale (a constant per latent: it carries nothing).
+    enc.queries[:, code] = -position_code(lat_t - 0.5 / n + 0.5 / (n * h), k)  # head 0's slot, negated
+    enc.queries[:, :d - r] = torch.randn(n, d - r, generator=gen)
+    # LayerNorm scales: query and segment rows both hold unit-variance content on d - r channels + the code.
+    ln_q = ln_seg = math.sqrt(d / (d - r + k))
     gain = math.sqrt(nats_per_unit * math.sqrt(hd) / (ln_q * ln_seg))
     attn = enc.blocks[0].attn
     attn.q.weight.zero_()
@@ -102,7 +108,7 @@ def slot_init(model: EncoderPretrainer, nats_per_unit: float = 1.0) -> None:
     content = torch.arange(d - r)
     for head in range(h):
         rows = slice(head * hd, head * hd + r)
-        attn.q.weight[rows, code] = gain * _shift(k, head / (n * h))
+        attn.q.weight[rows, code] = -gain * _shift(k, head / (n * h))
         attn.kv.weight[rows, code] = gain * torch.eye(r)
         proj, _ = torch.linalg.qr(torch.randn(d - r, block, generator=gen))  # orthonormal columns
         attn.kv.weight[d + head * hd: d + head * hd + block, content] = proj.T

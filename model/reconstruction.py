@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.embeddings import featurize
+from model.embeddings import input_features
 from model.transformer import EMB_STD, Block
 
 
@@ -71,7 +71,7 @@ class ReconstructionDecoder(nn.Module):
         if self.causal:
             # Teacher-forcing input: its own embedding of the previous transition (not the shared
             # embed_context, which belongs to the encoder checkpoint).
-            self.prev_embed = nn.Linear(cfg.feat_dim, d)
+            self.prev_embed = nn.Linear(cfg.in_dim, d)
             self.prev_ln = nn.LayerNorm(d)
             self.begin = nn.Parameter(torch.randn(d) * EMB_STD)
             self.self_blocks = nn.ModuleList(Block(d, cfg.n_head, cfg.dropout) for _ in range(cfg.recon_n_layer))
@@ -95,6 +95,9 @@ class ReconstructionDecoder(nn.Module):
             self.head_reward = nn.Linear(d, 2)
         else:
             self.head = nn.Linear(d, recon_out_dim(cfg))
+        self.readout = None
+        if cfg.recon_linear_readout:
+            self.readout = nn.Linear(cfg.n_latent * d, self.max_segments * cfg.seg_len * recon_out_dim(cfg))
 
     def forward(self, latents: torch.Tensor, seg: torch.Tensor, seg_len: torch.Tensor,
                 teacher_fields: bool | None = None) -> torch.Tensor:
@@ -112,7 +115,7 @@ class ReconstructionDecoder(nn.Module):
         mask = None
         if self.causal:
             prev, has_prev = previous_transitions(seg, seg_len)
-            emb = self.prev_ln(self.prev_embed(featurize(prev, self.cfg.grid_size, self.cfg.n_actions)))
+            emb = self.prev_ln(self.prev_embed(input_features(prev, self.cfg)))
             x = x + torch.where(has_prev[..., None], emb, self.begin)
             n = x.shape[1]
             valid = (torch.arange(seg_size, device=seg.device) < seg_len[..., None]).reshape(b, n)
@@ -127,7 +130,11 @@ class ReconstructionDecoder(nn.Module):
             x, _ = blk(x, source=source)
         h = self.ln_f(x).view(b, n_slots, seg_size, -1)
         if not self.field_ar:
-            return self.head(h)
+            out = self.head(h)
+            if self.readout is not None:
+                r = self.readout(latents.flatten(1)).view(b, self.max_segments, self.cfg.seg_len, -1)
+                out = out + r[:, age, :seg_size]  # slot k of D reads its age's maps
+            return out
         return self._fields(h, seg, self.training if teacher_fields is None else teacher_fields)
 
     def _fields(self, h: torch.Tensor, seg: torch.Tensor, teacher: bool) -> torch.Tensor:

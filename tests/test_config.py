@@ -37,13 +37,14 @@ def test_quick_preset_values_per_stage():
     col = compose_config("collect", ["experiment=quick"])
     assert (col.source.n_stream, col.source.n_stream_eval, col.source.eps_decay_steps) == (20, 5, 200)
     pre = compose_config("pretrain", ["experiment=quick"])
-    assert (pre.pretrain_steps, pre.pretrain_batch_size, pre.pretrain_lr, pre.save_every) == (800, 32, 0.001, 400)
+    assert (pre.pretrain_steps, pre.pretrain_batch_size, pre.pretrain_lr, pre.save_every) == (1000, 32, 0.001, 500)
     assert (pre.warmup_steps, pre.log_every, pre.checkpoint_every, pre.diag_every, pre.cpu_threads) == (
-        100, 25, 400, 250, 1)
+        100, 25, 500, 250, 1)
     tr = compose_config("train", ["experiment=quick"])
     assert (tr.max_steps, tr.batch_size, tr.lr, tr.heldout_every, tr.eval_every, tr.eval.n_episodes) == (
         1200, 16, 0.001, 200, 400, 20)
-    assert (tr.model.n_latent, tr.model.seg_len, tr.model.n_layer, tr.model.dropout) == (8, 40, 3, 0.0)
+    assert (tr.model.n_latent, tr.model.seg_len, tr.model.n_layer, tr.model.dropout) == (10, 40, 3, 0.0)
+    assert (tr.model.state_features, pre.model.state_features, pre.model.recon_linear_readout) == ("onehot", "onehot", True)
     ev = compose_config("evaluate", ["experiment=quick", "run_dir=x"])
     assert (ev.n_episodes, ev.seeds_per_goal, ev.data_path) == (40, 4, None)  # data: the run's own
     ad = compose_config("train", ["experiment=quick", "model=ad_dr"])
