@@ -213,6 +213,7 @@ MODEL_RULES = {
     "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
     "model.pretrain_slot_init": flag(note="stage 1: start with a position-addressable code wired (init only)"),
     "model.state_features": one_of("scalar", "onehot", note="what the shared embedding reads of a state"),
+    "model.recon_task_weight": number(0, note="stage 1: weight of the goal / visited-cells targets; 0 = off"),
     "model.recon_linear_readout": flag(note="reconstruction decoder: add a linear readout of the latents per position"),
 }
 

@@ -29,6 +29,7 @@ from hydra_cli import abspath
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
 from model.config import ConfigError
 from model.losses import effective_rank, reconstruction_loss, reconstruction_metrics
+from model.task_targets import task_loss, task_metrics
 
 # Every key of config/pretrain.yaml and its allowed values, checked first thing in main (config_check).
 KEY_RULES = {
@@ -86,7 +87,11 @@ class ReconstructionTask:
     def loss(self, model, batch):
         out = model(batch)
         n_labels = batch["seg_len"].sum()  # transitions reconstructed (a device tensor: no host sync)
-        return reconstruction_loss(out["pred"], batch["seg"], batch["seg_len"], self.mcfg), {}, n_labels
+        loss = reconstruction_loss(out["pred"], batch["seg"], batch["seg_len"], self.mcfg)
+        if "task" not in out:
+            return loss, {}, n_labels
+        task = task_loss(out["task"], batch["seg"], batch["seg_len"], self.mcfg.grid_size)
+        return loss + self.mcfg.recon_task_weight * task, {"task_loss": task.detach()}, n_labels
 
     @torch.no_grad()
     def diagnostics(self, run, model, split: str | None = None, prefix: str = "pretrain/") -> dict:
@@ -109,6 +114,9 @@ class ReconstructionTask:
                     "latent_effective_rank": effective_rank(out["latents"])}
             vals.update(reconstruction_metrics(out["pred"], b["seg"], b["seg_len"], b["depth"], self.mcfg,
                                                self.mcfg.max_compression_depth, ablated_pred=shuffled["pred"]))
+            if "task" in out:
+                vals.update(task_metrics(out["task"], b["seg"], b["seg_len"], self.mcfg.grid_size,
+                                         ablated=shuffled["task"]))
             for key, v in vals.items():
                 sums[key] = sums.get(key, 0.0) + v
                 counts[key] = counts.get(key, 0) + 1

@@ -48,10 +48,14 @@ class ModelConfig:
     # Reconstruction decoder: also read every folded transition out of the flattened latents by a linear map
     # per (segment age, position), added to the attention decoder's logits (model/reconstruction.py).
     recon_linear_readout: bool = False
+    # Stage 1: > 0 adds the task-relevant targets (goal cell, visited cells of the folded history, read from
+    # the latents; model/task_targets.py) to the reconstruction loss with this weight. 0 = reconstruction only.
+    recon_task_weight: float = 0.0
     max_compression_depth: int = 3  # deepest hierarchy trained; sizes the reconstruction segment table
     # What the shared transition embedding reads of a state: 'scalar' (x, y scaled to [0, 1]) | 'onehot'
-    # (those and a one-hot per coordinate; model/embeddings.py input_features).
-    state_features: str = "onehot"
+    # (those and a one-hot per coordinate; model/embeddings.py input_features). The model yaml sets it; this
+    # default is what a model.pt or encoder checkpoint written before the key was built with.
+    state_features: str = "scalar"
     latent_update: str = "replace"  # how a fold writes the latents: 'replace' | 'gated' (model/encoder.py)
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
@@ -116,6 +120,7 @@ class ModelConfig:
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")
         need(self.bptt_segments is None or self.bptt_segments >= 0,
              f"model.bptt_segments={self.bptt_segments} must be >= 0 (or null: all folds get gradients)")
+        need(self.recon_task_weight >= 0, f"model.recon_task_weight={self.recon_task_weight} must be >= 0")
         need(self.aux_recon_weight >= 0, f"model.aux_recon_weight={self.aux_recon_weight} must be >= 0")
 
     def arch_dict(self) -> dict:

@@ -13,12 +13,14 @@ import torch
 from model.compressor import Compressor
 from model.config import ModelConfig
 from model.reconstruction import ReconstructionDecoder
+from model.task_targets import TaskHead
 
 
 class EncoderPretrainer(Compressor):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.recon = ReconstructionDecoder(cfg)
+        self.task = TaskHead(cfg) if cfg.recon_task_weight > 0 else None  # model/task_targets.py
         from model.transformer import init_weights
 
         init_weights(self)
@@ -33,7 +35,10 @@ class EncoderPretrainer(Compressor):
         if latents_override is not None:
             latents = latents_override
         pred = self.recon(latents, seg, seg_len)
-        return {"pred": pred, "latents": latents, "has_latents": has}
+        out = {"pred": pred, "latents": latents, "has_latents": has}
+        if self.task is not None:
+            out["task"] = self.task(latents)
+        return out
 
 
 # Frequencies (in units of pi over a segment) of the position code: a sharp kernel, peak 8 and every other

@@ -142,3 +142,51 @@ def test_linear_readout_reads_back_a_linear_code_of_every_position():
     with torch.no_grad():
         acc = (dec(lat, seg, seg_len)[..., 2 * G: 2 * G + 5].argmax(-1) == seg[..., 2]).float().mean((0, 1))
     assert (acc > 0.9).all(), acc
+
+
+# ---- task-relevant targets (model.recon_task_weight) ------------------------------------------------------
+def _tr(s, a, r, ns):
+    return [s[0], s[1], a, r, ns[0], ns[1]]
+
+
+def test_task_targets_are_the_newest_reward_cell_and_every_visited_cell_never_padding():
+    from model.task_targets import task_targets
+
+    g = 4
+    seg = torch.zeros(3, 2, 3, 6, dtype=torch.long)
+    # sample 0: reward seen at (1, 2) in the older slot, then at (3, 3) in the newer one -> the newer
+    seg[0, 0, :2] = torch.tensor([_tr((0, 0), 1, 0, (1, 0)), _tr((1, 2), 0, 1, (1, 2))])
+    seg[0, 1, :1] = torch.tensor([_tr((3, 2), 3, 1, (3, 3))])
+    seg[0, 1, 1:] = torch.tensor(_tr((2, 2), 0, 1, (2, 2)))  # padding: must count for nothing
+    # sample 1: no reward at all; sample 2: depth 1 (slot 0 unused), reward at (0, 1)
+    seg[1, 1, :3] = torch.tensor([_tr((0, 0), 0, 0, (0, 0)), _tr((0, 0), 1, 0, (1, 0)), _tr((1, 0), 3, 0, (1, 1))])
+    seg[2, 1, :1] = torch.tensor([_tr((0, 0), 3, 1, (0, 1))])
+    seg_len = torch.tensor([[2, 1], [0, 3], [0, 1]])
+    goal, visited = task_targets(seg, seg_len, g)
+    assert goal.tolist() == [[3, 3], [g, g], [0, 1]]
+    cells = [sorted(torch.nonzero(v)[:, 0].tolist()) for v in visited]
+    assert cells[0] == sorted({0, 1 * g, 1 * g + 2, 3 * g + 2, 3 * g + 3})
+    assert cells[1] == [0, 1 * g, 1 * g + 1]
+    assert cells[2] == [0, 1]
+
+
+def test_pretraining_with_task_targets_logs_them_beside_their_baselines(tiny, tmp_path):
+    import pretrain_encoder
+
+    out = pretrain_encoder.main(tiny.compose("pretrain", "pretrain_steps=6", "model.recon_task_weight=0.5",
+                                             "diag_every=3", run_dir=tmp_path / "p"))
+    for key in ("task_goal_acc", "task_visited_acc", "task_visited_f1", "baseline_task_goal_acc",
+                "baseline_task_visited_acc", "ablation_task_goal_acc"):
+        assert 0.0 <= out[key] <= 1.0, (key, out)
+    ck = torch.load(tmp_path / "p" / "encoder-pretrained-final.pt", weights_only=True)
+    assert set(ck) >= {"encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict"}
+    assert not any("task" in k for k in ck), "the task head is not an encoder weight"
+    with pytest.raises(ConfigError, match="recon_task_weight=-1"):
+        pretrain_encoder.main(tiny.compose("pretrain", "model.recon_task_weight=-1", run_dir=tmp_path / "bad"))
+
+
+def test_a_model_config_saved_before_state_features_builds_the_scalar_embedding():
+    """model.pt / encoder checkpoints written before the key: no state_features in their config -> scalar."""
+    saved = {"name": "ad_compressed", "d_model": 32, "n_head": 2, "n_latent": 3, "seg_len": 8}
+    cfg = ModelConfig.from_cfg(saved, {"grid_size": G, "n_actions": 5})
+    assert cfg.state_features == "scalar" and cfg.in_dim == cfg.feat_dim == 10
