@@ -123,6 +123,11 @@ def _train_jobs(jobs: list[dict]) -> list[dict]:
                                  _arm_rank(r["arm"]), r["seed"]))
 
 
+# The stage-1 objective as a report names it (model keys of the stage-1 run's config; None = not in that run).
+STAGE1_MODEL_KEYS = ("recon_loss", "recon_decoder", "recon_linear_readout", "recon_task_weight", "state_features",
+                     "n_latent", "pretrain_slot_init")
+
+
 def _stage1(jobs: list[dict]) -> tuple[dict | None, dict]:
     """(stage-1 budget {pretrain_steps, pretrain_batch_size, pretrain_lr} of a stage-1 run's config.json,
     {seed: run dir}) of the pretrain runs of this sweep. The budget keys are top level in config/pretrain.yaml
@@ -132,7 +137,8 @@ def _stage1(jobs: list[dict]) -> tuple[dict | None, dict]:
         cfg = read_json(Path(rd) / "config.json")
         if cfg:
             keys = ("pretrain_steps", "pretrain_batch_size", "pretrain_lr")
-            return {k: cfg.get(k, (cfg.get("model") or {}).get(k)) for k in keys}, runs
+            model = cfg.get("model") or {}
+            return {k: cfg.get(k, model.get(k)) for k in keys} | {k: model.get(k) for k in STAGE1_MODEL_KEYS}, runs
     return None, runs
 
 
@@ -463,7 +469,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
         "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment} on {device_label(devices)}",
         "arms": arms, "seeds": seeds, "budgets": budgets, "dataset": str(tc.get("data_path")),
         "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
-                   f"recon_loss {pc.get('recon_loss')}, recon_decoder {pc.get('recon_decoder', 'parallel')}"
+                   + ", ".join(f"{k} {pc[k]}" for k in STAGE1_MODEL_KEYS if pc.get(k) is not None)
                    if pc else "none"),
         "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
                  f"{_fmt(first.get('optimal_mean'), '.2f')}"),

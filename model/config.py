@@ -46,7 +46,7 @@ class ModelConfig:
     # decoder gets `latent_pos`). Dataclass default False: stage 2 never reads it.
     pretrain_slot_init: bool = False
     # Reconstruction decoder: also read every folded transition out of the flattened latents by a linear map
-    # per (segment age, position), added to the attention decoder's logits (model/reconstruction.py).
+    # per (segment age, position), added to the attention decoder's logits (each field's, with causal_fields).
     recon_linear_readout: bool = False
     # Stage 1: > 0 adds the task-relevant targets (goal cell, visited cells of the folded history, read from
     # the latents; model/task_targets.py) to the reconstruction loss with this weight. 0 = reconstruction only.
@@ -108,9 +108,6 @@ class ModelConfig:
              f"model.recon_decoder={self.recon_decoder!r}: use 'parallel', 'causal' or 'causal_fields'")
         need(self.recon_decoder != "causal_fields" or self.recon_loss == "ce",
              "model.recon_decoder=causal_fields predicts classes field by field: it needs model.recon_loss=ce")
-        need(not (self.recon_linear_readout and self.recon_decoder == "causal_fields"),
-             "model.recon_linear_readout adds to the logits of one head: use it with recon_decoder parallel or "
-             "causal, not causal_fields")
         need(self.state_features in ("scalar", "onehot"),
              f"model.state_features={self.state_features!r}: use 'scalar' or 'onehot'")
         need(self.latent_update in ("replace", "gated"),

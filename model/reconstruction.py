@@ -129,34 +129,42 @@ class ReconstructionDecoder(nn.Module):
                 x, _ = self.self_blocks[i](x, mask=mask)
             x, _ = blk(x, source=source)
         h = self.ln_f(x).view(b, n_slots, seg_size, -1)
+        extra = None
+        if self.readout is not None:
+            r = self.readout(latents.flatten(1)).view(b, self.max_segments, self.cfg.seg_len, -1)
+            extra = r[:, age, :seg_size]  # slot k of D reads its age's maps
         if not self.field_ar:
             out = self.head(h)
-            if self.readout is not None:
-                r = self.readout(latents.flatten(1)).view(b, self.max_segments, self.cfg.seg_len, -1)
-                out = out + r[:, age, :seg_size]  # slot k of D reads its age's maps
-            return out
-        return self._fields(h, seg, self.training if teacher_fields is None else teacher_fields)
+            return out if extra is None else out + extra
+        return self._fields(h, seg, self.training if teacher_fields is None else teacher_fields, extra)
 
-    def _fields(self, h: torch.Tensor, seg: torch.Tensor, teacher: bool) -> torch.Tensor:
+    def _fields(self, h: torch.Tensor, seg: torch.Tensor, teacher: bool, extra: torch.Tensor | None = None):
         """Field-level autoregression: logits of s, then a | s, then s' | s, a, then r | s, a, s'; returned
-        in the 'ce' layout (sx, sy, a, r, nsx, nsy)."""
-        g = self.cfg.grid_size
+        in the 'ce' layout (sx, sy, a, r, nsx, nsy). `extra` (the linear readout, same layout) is added to
+        each field's logits before the field is fed on (its argmax in eval mode)."""
+        g, n_act = self.cfg.grid_size, self.cfg.n_actions
         t = seg.long()
+        if extra is None:
+            extra = h.new_zeros(())
+        else:
+            extra = {"state": extra[..., :2 * g], "action": extra[..., 2 * g:2 * g + n_act],
+                     "reward": extra[..., 2 * g + n_act:2 * g + n_act + 2], "next": extra[..., 2 * g + n_act + 2:]}
+        add = (lambda key, v: v + extra[key]) if isinstance(extra, dict) else (lambda key, v: v)
 
         def cell(logits, cols):
             if teacher:
                 return t[..., cols[0]] * g + t[..., cols[1]]
             return logits[..., :g].argmax(-1) * g + logits[..., g:].argmax(-1)
 
-        state = self.head_state(h)
+        state = add("state", self.head_state(h))
         z = h + self.emb_state(cell(state, (0, 1)))
-        action = self.head_action(self.ln_action(z))
+        action = add("action", self.head_action(self.ln_action(z)))
         z = z + self.emb_action(t[..., 2] if teacher else action.argmax(-1))
         z = z + self.mlp_next(z)
-        nxt = self.head_next(z)
+        nxt = add("next", self.head_next(z))
         z = z + self.emb_next(cell(nxt, (4, 5)))
         z = z + self.mlp_reward(z)
-        reward = self.head_reward(z)
+        reward = add("reward", self.head_reward(z))
         return torch.cat([state, action, reward, nxt], dim=-1)
 
 

@@ -111,9 +111,27 @@ def test_linear_readout_adds_a_per_position_map_of_the_latents_and_keeps_the_dec
     assert not torch.allclose(later[:, 1, 11:], base[:, 1, 11:])
 
 
-def test_linear_readout_is_refused_with_the_field_decoder():
-    with pytest.raises(ConfigError, match="recon_linear_readout.*not causal_fields"):
-        _cfg(recon_linear_readout=True, recon_decoder="causal_fields").validate()
+def test_linear_readout_reaches_every_field_of_the_field_decoder():
+    """recon_decoder=causal_fields: the readout's logits are added to each field's head (before its argmax is
+    fed on): with the readout's weights zeroed the output is the plain decoder's, with them set every field moves."""
+    cfg = _cfg(recon_linear_readout=True, recon_decoder="causal_fields")
+    torch.manual_seed(0)
+    dec = ReconstructionDecoder(cfg).eval()
+    seg = _transitions((2, 1, cfg.seg_len))
+    seg_len = torch.full((2, 1), cfg.seg_len)
+    lat = torch.randn(2, cfg.n_latent, cfg.d_model)
+    with torch.no_grad():
+        torch.nn.init.zeros_(dec.readout.weight)
+        torch.nn.init.zeros_(dec.readout.bias)
+        zero = dec(lat, seg, seg_len, teacher_fields=True)
+        readout, dec.readout = dec.readout, None
+        plain = dec(lat, seg, seg_len, teacher_fields=True)
+        dec.readout = readout
+        torch.nn.init.normal_(dec.readout.bias)
+        moved = dec(lat, seg, seg_len, teacher_fields=True)
+    assert torch.equal(zero, plain)
+    bias = dec.readout.bias.view(cfg.max_compression_depth, cfg.seg_len, -1)[0]  # the newest slot: age 0
+    assert torch.allclose(moved - plain, bias.expand_as(moved), atol=1e-5)  # teacher-forced: a pure offset
 
 
 def test_linear_readout_reads_back_a_linear_code_of_every_position():
