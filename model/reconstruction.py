@@ -144,12 +144,11 @@ class ReconstructionDecoder(nn.Module):
         each field's logits before the field is fed on (its argmax in eval mode)."""
         g, n_act = self.cfg.grid_size, self.cfg.n_actions
         t = seg.long()
-        if extra is None:
-            extra = h.new_zeros(())
-        else:
-            extra = {"state": extra[..., :2 * g], "action": extra[..., 2 * g:2 * g + n_act],
-                     "reward": extra[..., 2 * g + n_act:2 * g + n_act + 2], "next": extra[..., 2 * g + n_act + 2:]}
-        add = (lambda key, v: v + extra[key]) if isinstance(extra, dict) else (lambda key, v: v)
+        cols = {"state": slice(0, 2 * g), "action": slice(2 * g, 2 * g + n_act),
+                "reward": slice(2 * g + n_act, 2 * g + n_act + 2), "next": slice(2 * g + n_act + 2, None)}
+
+        def add(field, logits):
+            return logits if extra is None else logits + extra[..., cols[field]]
 
         def cell(logits, cols):
             if teacher:
