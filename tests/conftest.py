@@ -95,9 +95,10 @@ class Tiny:
         return subprocess.run([PYTHON, str(REPO / script), *map(str, args)], check=False, cwd=cwd or self.root,
                               env=self._env(env), capture_output=True, text=True, timeout=timeout)
 
-    def start(self, script: str, *args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    def start(self, script: str, *args: str, env: dict | None = None, cwd: Path | None = None,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE) -> subprocess.Popen:
         return subprocess.Popen([PYTHON, str(REPO / script), *map(str, args)], cwd=cwd or self.root,
-                                env=self._env(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                env=self._env(env), stdout=stdout, stderr=stderr, text=True)
 
 
 def compose(config_name: str, overrides: list[str]):

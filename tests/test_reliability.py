@@ -84,22 +84,29 @@ def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, 
     """Two `train.py` on one run_dir: the second fails in one line naming the first's pid, the first is
     untouched. Then Ctrl-C (SIGINT) on the first: one line naming its last checkpoint and resume=true."""
     run = tmp_path / "race"
+    # The first run's output goes to a file, not a pipe nobody reads while it trains: under a loaded CI
+    # machine its logging could fill a pipe and stall it (a 120 s timeout after Ctrl-C was seen once).
+    out, log = (tmp_path / "first.out").open("w"), (tmp_path / "first.err").open("w+")
     first = tiny.start("train.py", *tiny.args("train", "max_steps=100000", "checkpoint_every=3", "keep_last=1",
-                                             "lr=0.001", run_dir=run))
+                                             "lr=0.001", "log_every=1000", run_dir=run), stdout=out, stderr=log)
     try:
         deadline = time.time() + 240
         while not rundir.checkpoints(run):
-            assert first.poll() is None and time.time() < deadline, first.communicate()
+            assert first.poll() is None and time.time() < deadline, (tmp_path / "first.err").read_text()
             time.sleep(0.2)
         r = tiny.cli("train.py", *tiny.args("train", "lr=0.002", run_dir=run))
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1, r.stderr
         assert f"is in use by another training (pid {first.pid} on" in lines[0], lines[0]
         first.send_signal(signal.SIGINT)
-        _, err = first.communicate(timeout=120)
+        first.wait(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
+    out.close()
+    log.seek(0)
+    err = log.read()
+    log.close()
     lines = err.strip().splitlines()
     assert first.returncode == 130, err[-3000:]
     assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
