@@ -25,7 +25,6 @@ def featurize(trans: torch.Tensor, grid_size: int, n_actions: int = 5) -> torch.
     return torch.cat([s, a, r, ns], dim=-1)
 
 
-
 def input_features(trans: torch.Tensor, cfg) -> torch.Tensor:
     """What the shared transition embedding reads: f(tau), and with cfg.state_features == 'onehot' also the
     one-hot of each coordinate of s and s' ([..., cfg.in_dim]). Scaled coordinates alone make a cell a point

@@ -53,7 +53,8 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
 
 
 # ---- stage 1 --------------------------------------------------------------------------------------------
-def _field_slices(cfg: ModelConfig):
+def field_slices(cfg: ModelConfig) -> list[slice]:
+    """The 'ce' logits layout of the reconstruction heads: one slice per packed column (sx, sy, a, r, nsx, nsy)."""
     g, a = cfg.grid_size, cfg.n_actions
     n_classes = {"sx": g, "sy": g, "a": a, "r": 2, "nsx": g, "nsy": g}
     sizes = [n_classes[name] for name in FIELDS]  # ce head: one block of logits per packed column, in order
@@ -82,7 +83,7 @@ def reconstruction_loss(pred: torch.Tensor, seg: torch.Tensor, seg_len: torch.Te
         per = ((pred.float() - target) ** 2).mean(-1)
     else:
         per = 0.0
-        for col, sl in enumerate(_field_slices(cfg)):
+        for col, sl in enumerate(field_slices(cfg)):
             per = per + F.cross_entropy(pred[..., sl].float().flatten(0, 2), seg[..., col].long().flatten(),
                                         reduction="none").view(mask.shape)
     return (per * mask).sum() / n
@@ -98,7 +99,7 @@ def decode_fields(pred: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
         r = p[..., 2 + cfg.n_actions: 3 + cfg.n_actions].round().clamp(0, 1)
         ns = (p[..., -2:] * (g - 1)).round().clamp(0, g - 1)
         return torch.cat([s, a, r, ns], dim=-1).long()
-    return torch.stack([pred[..., sl].argmax(-1) for sl in _field_slices(cfg)], dim=-1)
+    return torch.stack([pred[..., sl].argmax(-1) for sl in field_slices(cfg)], dim=-1)
 
 
 def point_features(pred: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -109,7 +110,7 @@ def point_features(pred: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     if cfg.recon_loss == "mse":
         return pred.float()
     g = cfg.grid_size
-    sx, sy, a, r, nx, ny = (pred[..., sl].float().softmax(-1) for sl in _field_slices(cfg))
+    sx, sy, a, r, nx, ny = (pred[..., sl].float().softmax(-1) for sl in field_slices(cfg))
     cells = torch.arange(g, device=pred.device, dtype=torch.float32) / (g - 1)
     coord = [(p * cells).sum(-1, keepdim=True) for p in (sx, sy, nx, ny)]
     return torch.cat([coord[0], coord[1], a, r[..., 1:2], coord[2], coord[3]], dim=-1)

@@ -31,14 +31,14 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.embeddings import input_features
+from model.losses import field_slices
 from model.transformer import EMB_STD, Block
 
 
 def recon_out_dim(cfg: ModelConfig) -> int:
     if cfg.recon_loss == "mse":
         return cfg.feat_dim
-    g = cfg.grid_size
-    return 4 * g + cfg.n_actions + 2  # sx, sy, a, r, nsx, nsy logits
+    return field_slices(cfg)[-1].stop  # sx, sy, a, r, nsx, nsy logits
 
 
 def previous_transitions(seg: torch.Tensor, seg_len: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,13 +142,13 @@ class ReconstructionDecoder(nn.Module):
         """Field-level autoregression: logits of s, then a | s, then s' | s, a, then r | s, a, s'; returned
         in the 'ce' layout (sx, sy, a, r, nsx, nsy). `extra` (the linear readout, same layout) is added to
         each field's logits before the field is fed on (its argmax in eval mode)."""
-        g, n_act = self.cfg.grid_size, self.cfg.n_actions
+        g = self.cfg.grid_size
         t = seg.long()
-        cols = {"state": slice(0, 2 * g), "action": slice(2 * g, 2 * g + n_act),
-                "reward": slice(2 * g + n_act, 2 * g + n_act + 2), "next": slice(2 * g + n_act + 2, None)}
+        sx, sy, a, r, nsx, nsy = field_slices(self.cfg)  # the layout the loss reads
+        spans = {"state": slice(sx.start, sy.stop), "action": a, "reward": r, "next": slice(nsx.start, nsy.stop)}
 
         def add(field, logits):
-            return logits if extra is None else logits + extra[..., cols[field]]
+            return logits if extra is None else logits + extra[..., spans[field]]
 
         def cell(logits, cols):
             if teacher:

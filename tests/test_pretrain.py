@@ -472,7 +472,7 @@ def test_constant_predictor_scores_zero_r2_and_majority_accuracy(tiny):
 
 def test_perfect_predictor_scores_one_and_shuffled_prediction_shows_as_ablation(tiny):
     from model.embeddings import featurize
-    from model.losses import _field_slices, reconstruction_metrics
+    from model.losses import field_slices, reconstruction_metrics
 
     mcfg, b = _diag_batch(tiny)
     seg, seg_len, depth = b["seg"], b["seg_len"], b["depth"]
@@ -487,7 +487,7 @@ def test_perfect_predictor_scores_one_and_shuffled_prediction_shows_as_ablation(
     # The ce head's point estimate is its expectation: peaked logits on the truth give R² -> 1.
     ce = ModelConfig(**(mcfg.to_dict() | {"recon_loss": "ce"}))
     logits = torch.cat([torch.nn.functional.one_hot(seg[..., c], sl.stop - sl.start).float() * 30
-                        for c, sl in enumerate(_field_slices(ce))], dim=-1)
+                        for c, sl in enumerate(field_slices(ce))], dim=-1)
     m = reconstruction_metrics(logits, seg, seg_len, depth, ce, 3)
     assert m["r2"] > 0.999 and m["acc_exact"] == 1.0
 
@@ -549,7 +549,7 @@ def test_field_decoder_reads_only_earlier_fields(tiny):
     """recon_decoder=causal_fields: teacher-forced, the logits of a field depend on the transition's own
     earlier fields only (s <- nothing of its own, a <- s, s' <- s, a, r <- s, a, s'); greedy (eval), on
     none of its own fields (it feeds its argmax instead)."""
-    from model.losses import _field_slices
+    from model.losses import field_slices
     from model.reconstruction import ReconstructionDecoder
 
     mcfg, b = _diag_batch(tiny, recon_decoder="causal_fields", recon_loss="ce", dropout=0.0)
@@ -557,7 +557,7 @@ def test_field_decoder_reads_only_earlier_fields(tiny):
     torch.manual_seed(0)
     dec = ReconstructionDecoder(mcfg).eval()
     lat = torch.randn(seg.shape[0], mcfg.n_latent, mcfg.d_model)
-    sx, sy, a, r, nx, ny = _field_slices(mcfg)
+    sx, sy, a, r, nx, ny = field_slices(mcfg)
     last = seg_len[0, -1] - 1  # the last real transition of sample 0: nothing after it in the sample
     g = mcfg.grid_size
 

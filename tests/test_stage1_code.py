@@ -77,7 +77,7 @@ def test_slot_init_gives_every_latent_head_its_own_segment_position_and_not_its_
     assert (on_queries < 0.05).all(), on_queries
     top = w[..., :s].max(-1)
     assert (top.values > 0.5).all(), top.values
-    slots = (top.indices.T * 1).flatten()  # [(latent i, head h)], latent-major
+    slots = top.indices.T.flatten()  # [(latent i, head h)], latent-major
     assert len(set(slots.tolist())) == n * h  # every position of the segment has its own reader
 
 
