@@ -211,6 +211,8 @@ MODEL_RULES = {
     "model.freeze_embeddings": Rule("bool", null=True, note="null = follow model.freeze_encoder"),
     "model.aux_recon_weight": number(0),
     "model.latent_update": one_of("replace", "gated", note="how a fold writes the latents (model/encoder.py)"),
+    "model.memory_reads": one_of("embeddings", "decoder",
+                                 note="what a stage-2 fold reads of a segment (decoder: RMT-style memory)"),
     "model.pretrain_slot_init": flag(note="stage 1: start with a position-addressable code wired (init only)"),
     "model.state_features": one_of("scalar", "onehot", note="what the shared embedding reads of a state"),
     "model.recon_task_weight": number(0, note="stage 1: weight of the goal / visited-cells targets; 0 = off"),

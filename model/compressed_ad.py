@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from model.compressor import Compressor
 from model.config import ModelConfig
@@ -42,7 +43,23 @@ class CompressedAD(Compressor):
         self.decoder = ActionDecoder(cfg, n_prefix=cfg.n_latent, max_len=cfg.seg_len)
         # Stage-2 auxiliary reconstruction head (model.aux_recon_weight > 0); absent otherwise.
         self.recon = ReconstructionDecoder(cfg) if aux_recon else None
+        # model.memory_reads=decoder (RMT-style memory): a fold reads each transition's embedding plus this
+        # projection of the decoder's hidden state at that step, computed over [latents ; segment] — what the
+        # decoder made of the segment given the memory. Zero-initialised (after init_weights): training starts
+        # from the plain fold and learns how much of the decoder's view to write into the memory.
+        self.memory_in = nn.Linear(cfg.d_model, cfg.d_model) if cfg.memory_reads == "decoder" else None
         init_weights(self)
+        if self.memory_in is not None:
+            nn.init.zeros_(self.memory_in.weight)
+            nn.init.zeros_(self.memory_in.bias)
+
+    def fold_inputs(self, seg_emb, seg, latents, has):
+        if self.memory_in is None:
+            return seg_emb
+        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(seg_emb), state(seg))
+        h = self.decoder.hidden(tokens, prefix=None if latents is None else latents,
+                                has_prefix=None if latents is None else has)
+        return seg_emb + self.memory_in(h)
 
     # ---- training ------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
@@ -127,7 +144,7 @@ class CompressedAD(Compressor):
             lat = None
             for j in range(first, stop):
                 has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
-                lat = self.encoder(lat, has, emb[:, j], full)
+                lat = self.encoder(lat, has, self.fold_inputs(emb[:, j], segs[:, j], lat, has), full)
             return lat
 
         prefixes = []
@@ -137,7 +154,7 @@ class CompressedAD(Compressor):
                 prefixes.append(lat)
                 if m < n_win - 1:
                     has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
-                    lat = self.encoder(lat, has, emb[:, m], full)
+                    lat = self.encoder(lat, has, self.fold_inputs(emb[:, m], segs[:, m], lat, has), full)
         else:
             k = int(memory_segments)
             prefixes = [fold(max(0, m - k), m) if k > 0 else None for m in range(n_win)]
@@ -187,7 +204,8 @@ class CompressedAD(Compressor):
         e = st.buffer.shape[0]
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=st.buffer.device)
         mask = torch.ones(e, self.cfg.seg_len, dtype=torch.bool, device=st.buffer.device)
-        st.latents = self.encoder(st.latents, has, self.embed_transitions(st.buffer), mask)
+        seg_in = self.fold_inputs(self.embed_transitions(st.buffer), st.buffer, st.latents, has)
+        st.latents = self.encoder(st.latents, has, seg_in, mask)
         st.n_win = 0
         st.n_compressions += 1
         st.cache = self.decoder.prefix_cache(st.latents) if st.use_cache else None

@@ -34,6 +34,12 @@ class Compressor(TransitionEmbedding):
         super().__init__(cfg)
         self.encoder = CompressionEncoder(cfg)
 
+    def fold_inputs(self, seg_emb: torch.Tensor, seg: torch.Tensor, latents, has: torch.Tensor) -> torch.Tensor:
+        """What the encoder reads of a segment when folding it into `latents` (None or [B, n, d], `has` [B]):
+        here its transition embeddings seg_emb [B, S, d] (seg [B, S, 6] are the raw transitions). CompressedAD
+        overrides it for `model.memory_reads: decoder`. Every fold — training, replay, rollout — goes through it."""
+        return seg_emb
+
     def static_path(self) -> bool:
         """Masks instead of data-dependent shapes: asked for (cfg.static_shapes) or inside torch.compile,
         where .nonzero() would break the graph."""
@@ -73,6 +79,7 @@ class Compressor(TransitionEmbedding):
                 used = seg_len[:, k] > 0
                 prev = latents.detach() if detach_old else latents
                 with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
+                    e_k = self.fold_inputs(e_k, seg[:, k], prev, has)
                     new = self.encoder(prev, has, e_k, pos[None, :] < seg_len[:, k, None])
                     latents = torch.where(used[:, None, None], new, latents)
                 has = has | used
@@ -84,7 +91,8 @@ class Compressor(TransitionEmbedding):
             if detach_old:
                 prev = prev.detach()  # gradients reach only the newest compression
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
-                new = self.encoder(prev, has[rows], e_k[rows], pos[None, :] < seg_len[rows, k, None])
+                e_rows = self.fold_inputs(e_k[rows], seg[rows, k], prev, has[rows])
+                new = self.encoder(prev, has[rows], e_rows, pos[None, :] < seg_len[rows, k, None])
                 latents = latents.index_copy(0, rows, new)
             has = has.index_fill(0, rows, True)
         return (latents, has, prefixes) if return_prefixes else (latents, has)

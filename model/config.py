@@ -57,6 +57,11 @@ class ModelConfig:
     # default is what a model.pt or encoder checkpoint written before the key was built with.
     state_features: str = "scalar"
     latent_update: str = "replace"  # how a fold writes the latents: 'replace' | 'gated' (model/encoder.py)
+    # What a stage-2 fold reads of a segment: 'embeddings' (the shared transition embeddings, as stage 1) |
+    # 'decoder' (those + a zero-initialised projection of the decoder's hidden states over [latents ; segment],
+    # RMT-style: the encoder sees what the decoder made of the segment in the context of the memory). Not an
+    # encoder-architecture key: the encoder's weights are the same; CompressedAD owns the projection.
+    memory_reads: str = "embeddings"
     bptt_segments: int | None = None  # folds with gradients per sample (newest ones); None = all
     # Training forward with masks instead of data-dependent shapes (no .nonzero(): no host sync, one graph
     # for torch.compile). Same result, more arithmetic on unused slots. Also set inside torch.compile.
@@ -112,6 +117,8 @@ class ModelConfig:
              f"model.state_features={self.state_features!r}: use 'scalar' or 'onehot'")
         need(self.latent_update in ("replace", "gated"),
              f"model.latent_update={self.latent_update!r}: use 'replace' or 'gated'")
+        need(self.memory_reads in ("embeddings", "decoder"),
+             f"model.memory_reads={self.memory_reads!r}: use 'embeddings' or 'decoder'")
         need(self.max_compression_depth >= 0,
              f"model.max_compression_depth={self.max_compression_depth} must be >= 0")
         need(self.grid_size >= 2, f"env.grid_size={self.grid_size} must be >= 2")

@@ -68,6 +68,10 @@ class ActionDecoder(nn.Module):
     def forward(self, tokens, prefix=None, has_prefix=None):
         """Full (training / recompute) pass. tokens [B, W, d]; prefix [B, P, d] latents or None.
         Returns logits [B, W, n_actions]."""
+        return self.head(self.hidden(tokens, prefix, has_prefix))
+
+    def hidden(self, tokens, prefix=None, has_prefix=None):
+        """The final hidden states [B, W, d] of the window tokens (what the action head reads)."""
         w = tokens.shape[1]
         if prefix is None:
             x = self.drop(tokens)
@@ -79,7 +83,7 @@ class ActionDecoder(nn.Module):
             mask = prefix_lm_mask(has_prefix, p, w)
         for blk in self.blocks:
             x, _ = blk(x, mask=mask)
-        return self.head(self.ln_f(x[:, p:]))
+        return self.ln_f(x[:, p:])
 
     # ---- incremental (rollout) path -------------------------------------------------------------------
     def prefix_cache(self, prefix: torch.Tensor):

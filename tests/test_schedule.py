@@ -52,16 +52,19 @@ def test_rollout_schedule_cuts_windows_at_the_rollouts_phases(hist):
     assert short.depth.max() <= 3 and short.seg_len.shape[1] == 3
 
 
-@pytest.mark.parametrize("bptt, static, update", [(None, False, "replace"), (3, False, "replace"),
-                                                  (3, True, "replace"), (3, False, "gated")])
-def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static, update):
+@pytest.mark.parametrize("bptt, static, update, reads", [
+    (None, False, "replace", "embeddings"), (3, False, "replace", "embeddings"), (3, True, "replace", "embeddings"),
+    (3, False, "gated", "embeddings"), (3, False, "replace", "decoder"), (3, True, "gated", "decoder")])
+def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static, update, reads):
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({
         "name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3,
         "seg_len": S, "context_len": S, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 3,
         "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt, "static_shapes": static,
-        "latent_update": update}),
+        "latent_update": update, "memory_reads": reads}),
         OmegaConf.create({"grid_size": 9, "n_actions": 5})).eval()
+    if reads == "decoder":  # zero-initialised: give the decoder's view a real say in every fold
+        torch.nn.init.normal_(model.memory_in.weight, std=0.5)
     ds = rollout_batches(hist, static_shapes=static)
     specs, b = ds.global_specs(0), ds[0]
     with torch.no_grad():
@@ -102,6 +105,34 @@ def test_truncated_bptt_reaches_only_the_newest_folds(hist):
         grads[k] = [p.grad for p in model.encoder.parameters()]
     assert all(g is None for g in grads[0])
     assert any(g is not None and g.abs().sum() > 0 for g in grads[2])
+
+
+def test_decoder_read_memory_starts_as_the_plain_fold_and_learns_through_it(hist):
+    """model.memory_reads=decoder: with the zero-initialised projection the latents equal the plain fold's
+    (same weights); the loss's gradient reaches the projection (and so can teach the fold what the decoder
+    knows), and once it is non-zero the latents depend on the decoder's view of each segment."""
+    from model.losses import action_loss
+
+    arch = {"name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3,
+            "seg_len": S, "dropout": 0.0, "aux_recon_weight": 0.0, "bptt_segments": 2}
+    env = OmegaConf.create({"grid_size": 9, "n_actions": 5})
+    models = {}
+    for reads in ("embeddings", "decoder"):
+        torch.manual_seed(0)
+        models[reads] = build_model(OmegaConf.create({**arch, "memory_reads": reads}), env)
+    plain, rmt = models["embeddings"], models["decoder"]
+    assert plain.memory_in is None and not rmt.memory_in.weight.detach().any()
+    missing = rmt.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["memory_in.bias", "memory_in.weight"]
+    b = rollout_batches(hist)[0]
+    lat_plain = plain(b)["latents"]
+    out = rmt(b)
+    assert torch.allclose(out["latents"], lat_plain, atol=1e-6)
+    action_loss(out["logits"], b, seg_logits=out.get("seg_logits"))["loss"].backward()
+    assert rmt.memory_in.weight.grad is not None and rmt.memory_in.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.nn.init.normal_(rmt.memory_in.weight, std=0.5)
+        assert not torch.allclose(rmt(b)["latents"], lat_plain, atol=1e-3)
 
 
 def test_train_main_with_the_rollout_schedule(tiny, tmp_path):

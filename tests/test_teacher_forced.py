@@ -26,16 +26,20 @@ TINY = {"d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models are fastest on one thread
 
 
-def tiny_model(name, seed=0):
+def tiny_model(name, seed=0, **extra):
     torch.manual_seed(seed)
-    return build_model(OmegaConf.create({**TINY, "name": name}), OmegaConf.create(ENV)).eval()
+    model = build_model(OmegaConf.create({**TINY, "name": name, **extra}), OmegaConf.create(ENV)).eval()
+    if getattr(model, "memory_in", None) is not None:  # zero-initialised: give the decoder's view a real say
+        torch.nn.init.normal_(model.memory_in.weight, std=0.5)
+    return model
 
 
-@pytest.mark.parametrize("name", ["ad_compressed", "ad"])
-def test_same_position_loss_equals_the_rollouts_own_log_probs(name):
+@pytest.mark.parametrize("name, extra", [("ad_compressed", {}), ("ad", {}),
+                                         ("ad_compressed", {"memory_reads": "decoder"})])
+def test_same_position_loss_equals_the_rollouts_own_log_probs(name, extra):
     """4 goals x 2 seeds x 6 episodes = 120 steps: CompressedAD compresses 17 times (depth >= 10 reached),
     AD's 9-step window slides 111 times. Every step's loss must equal -log p(action) of the rollout."""
-    model = tiny_model(name)
+    model = tiny_model(name, **extra)
     ro = incontext_rollout(model, ENV, goal_split(9)[1][:4], n_episodes=6, seeds_per_goal=2, device="cpu",
                            seed=3, sample=True, use_cache=True, record=True)
     assert ro["trans"].shape == (8, 120, 6)
