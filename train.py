@@ -36,6 +36,7 @@ KEY_RULES = {
     **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
     "heldout_every": cc.integer(0, note="same-position loss of the validation histories every this many steps; "
                                         "0 = only at the end"),
+    "heldout_max_histories": cc.integer(1, null=True, note="held-out histories scored per split; null = all"),
     "eval_every": cc.integer(0, note="0 disables in-context evaluation during training"),
     "eval.n_episodes": cc.integer(1),
     "eval.seeds_per_goal": cc.integer(1),
@@ -81,6 +82,8 @@ class ActionPredictionTask:
         scores are gathered back into history order, so every rank gets the same report whatever the
         number of processes. None if the split has no histories."""
         idx = self.hist.split_indices(split)
+        if self.cfg.heldout_max_histories is not None:
+            idx = idx[: int(self.cfg.heldout_max_histories)]
         if len(idx) == 0:
             return None
         acc = run.accelerator

@@ -132,6 +132,23 @@ def test_ad_baseline_end_to_end(tiny, tmp_path, tb_scalars):
     assert "memory/loss_k1_test" not in tags  # AD has no compressed memory to probe
 
 
+def test_heldout_max_histories_scores_the_first_histories_of_each_split(tiny, tmp_path):
+    import json
+
+    done = {}
+    for cap in (None, 2):
+        run = tmp_path / f"cap{cap}"
+        over = ["max_steps=2", "warmup_steps=1"] + ([f"heldout_max_histories={cap}"] if cap else [])
+        train.main(tiny.compose("train", *over, run_dir=run))
+        done[cap] = json.loads((run / "done.json").read_text())
+    for split in ("val", "test"):
+        n_all = done[None][f"heldout_{split}"]["n_histories"]
+        capped = done[2][f"heldout_{split}"]
+        assert n_all > 2 and capped["n_histories"] == 2
+        # the same model (same seed, same steps) scored on the first two histories only
+        assert capped["per_history"] == pytest.approx(done[None][f"heldout_{split}"]["per_history"][:2])
+
+
 def test_stage2_from_pretrained_encoder_with_aux_recon(tiny, tmp_path, capsys, tb_scalars):
     cfg = tiny.compose("pretrain")
     mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
