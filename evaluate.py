@@ -174,6 +174,33 @@ def learning_speed(curve, optimal_mean: float) -> dict:
     return out
 
 
+def search_and_use(returns, optimal) -> dict:
+    """Splits in-context learning into finding the goal and using what was found, per rollout stream (goal,
+    seed), an episode "finds" the goal when its return is > 0 (Darkroom pays only on the goal cell):
+      found_goal_frac                 fraction of streams that found the goal at least once
+      episodes_to_first_goal          mean 1-based episode of the first find, over the streams that found it
+      return_after_found_normalized   mean return / that goal's optimal over every episode AFTER the first find
+                                      (streams whose first find was their last episode add nothing): how well
+                                      the learner returns to a goal it has seen — what memory is for
+    A learner that explores well but forgets scores early finds and a low return after; one that remembers but
+    explores poorly, late finds and a high return after."""
+    r = np.asarray(returns, dtype=np.float64)
+    opt = np.asarray(optimal, dtype=np.float64)
+    found = r > 0
+    any_found = found.any(axis=2)  # [G, S]
+    first = found.argmax(axis=2)  # [G, S], 0 where never found (masked by any_found)
+    after = []
+    for g, s_ in zip(*np.nonzero(any_found)):
+        rest = r[g, s_, first[g, s_] + 1:]
+        if rest.size and opt[g] > 0:
+            after.append(rest / opt[g])
+    return {
+        "found_goal_frac": float(any_found.mean()),
+        "episodes_to_first_goal": float(first[any_found].mean() + 1) if any_found.any() else None,
+        "return_after_found_normalized": float(np.concatenate(after).mean()) if after else None,
+    }
+
+
 def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> dict:
     """Scalar metrics and curves of a rollout. Plain Python floats/lists (JSON-ready).
 
@@ -190,6 +217,7 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
       auc_normalized            area under the normalised curve = mean_return_normalized
       per_goal_last             last-k mean return of each goal (goal order), so a goal the model never
                                 learns is visible; per_goal_last_normalized divides by each goal's optimal
+      found_goal_frac, episodes_to_first_goal, return_after_found_normalized: search vs use (`search_and_use`)
       reward_per_step           mean_return / horizon: the reward rate of the whole rollout, learning included;
       reward_per_step_last_k    last_k_mean / horizon. Both only when horizon is given.
     """
@@ -220,6 +248,7 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
         "first_episode_normalized": norm(first), "last_k_normalized": norm(last),
         "mean_return_normalized": norm(mean),
         **learning_speed(curve, opt_mean),
+        **search_and_use(r, opt),
         "per_goal_last": per_goal.tolist(),
         "per_goal_last_normalized": [float(v / o) if o > 0 else None for v, o in zip(per_goal, opt)],
     }

@@ -156,6 +156,21 @@ def test_summarize_math():
         evaluate.summarize(r, [1.0], last_k=2)
 
 
+def test_search_and_use_splits_finding_from_returning():
+    # goal 0 (optimal 10): seed 0 finds it in episode 2, then 5 and 10; seed 1 never does.
+    # goal 1 (optimal 4): seed 0 finds it in episode 1 then forgets (0, 2); seed 1 finds it only in the last.
+    r = np.array([[[0, 3, 5, 10], [0, 0, 0, 0]],
+                  [[4, 0, 2, 0], [0, 0, 0, 1]]], dtype=float)
+    s = evaluate.search_and_use(r, [10.0, 4.0])
+    assert s["found_goal_frac"] == 0.75
+    assert s["episodes_to_first_goal"] == pytest.approx((2 + 1 + 4) / 3)
+    # after the first find: goal 0 seed 0 -> 0.5, 1.0; goal 1 seed 0 -> 0, 0.5, 0; goal 1 seed 1 -> nothing
+    assert s["return_after_found_normalized"] == pytest.approx((0.5 + 1.0 + 0 + 0.5 + 0) / 5)
+    assert evaluate.search_and_use(np.zeros((1, 2, 3)), [5.0]) == {
+        "found_goal_frac": 0.0, "episodes_to_first_goal": None, "return_after_found_normalized": None}
+    assert evaluate.summarize(r, [10.0, 4.0])["found_goal_frac"] == 0.75
+
+
 def _compose(overrides):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("evaluate", overrides=overrides)
