@@ -572,7 +572,32 @@ MEMORY_COLUMNS = (  # row key -> (table header, format)
     ("return_last5", "return, last 5 of the eval", ".2f"),
     ("episodes_to_0.8", "episodes to 0.8 of optimal", ".1f"),
     ("return_last5_long", "long rollout: return, last 5", ".2f"),
+    ("episodes_to_first_goal", "episodes to first goal", ".1f"),
+    ("return_after_found", "return after found / optimal", ".2f"),
+    ("tf_loss_test", "test NLL (same position)", ".4f"),
 )
+
+
+def source_search_use(data_path: str | None) -> dict | None:
+    """The source algorithm's own search vs use (evaluate.search_and_use) on the test goals' histories of the
+    dataset: the yardstick of the memory table's episodes-to-first-goal and return-after-found columns."""
+    meta = read_json(Path(data_path) / "meta.json") if data_path else None
+    if not meta:
+        return None
+    from env.darkroom import optimal_return
+    from evaluate import search_and_use
+    from histories import load_histories
+    from transition import REWARD
+
+    env = meta["env"]
+    h = load_histories(data_path, env)
+    idx = h.split_indices("test")
+    if len(idx) == 0:
+        return None
+    horizon = int(env["horizon"])
+    ret = h.transitions(idx)[..., REWARD].reshape(len(idx), -1, horizon).sum(-1)
+    opt = [optimal_return(g, int(env["grid_size"]), horizon, env["reward_mode"]) for g in h.goals[idx]]
+    return search_and_use(ret[:, None, :], opt)
 
 
 def memory_numbers(run_dir: Path) -> dict:
@@ -586,7 +611,15 @@ def memory_numbers(run_dir: Path) -> dict:
     wall = ((timed.get("splits") or {}).get("test") or {}).get("wall_s")
     horizon = (timed.get("env") or {}).get("horizon")
     probe = (done.get("heldout_test") or {}).get("memory_probe") or {}
-    return {"window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
+    test = (ev.get("splits") or {}).get("test") or {}
+    su = {}
+    if test.get("returns") is not None:  # eval.json files written before the summary had these fields
+        from evaluate import search_and_use
+
+        su = search_and_use(test["returns"], test["optimal"])
+    return {"episodes_to_first_goal": su.get("episodes_to_first_goal"),
+            "return_after_found": su.get("return_after_found_normalized"), "tf_loss_test": done.get("tf_loss_test"),
+            "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "env": (cfg.get("env") or {}).get("name"),
             "return_last5": s.get("last_k_mean"), "episodes_to_0.8": s.get("episodes_to_0.8"),
             "return_last5_long": sl.get("last_k_mean"), "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
@@ -608,7 +641,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
         first = next((p for p in per_seed.values() if p["complete"]), next(iter(per_seed.values())))
         row = {"env": first["env"] or env, "arm": arm, "window": first["window"],
                "seeds": [int(s) for s, p in per_seed.items() if p["complete"]]}
-        for k in ("return_last5", "episodes_to_0.8", "return_last5_long"):
+        for k, _, _ in MEMORY_COLUMNS:
             row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_n"] = _mean_std([p[k] for p in per_seed.values()])
         k1, k1_sd, _ = _mean_std([p["probe_k1"] for p in per_seed.values()])
         al, al_sd, _ = _mean_std([p["probe_all"] for p in per_seed.values()])
@@ -622,6 +655,8 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
         missing += [Path(p["run_dir"]).name for p in per_seed.values() if not p["complete"]]
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     data = {r["env"]: dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
+    for env, d in data.items():
+        d["source_search_use_test"] = source_search_use(d["path"]) if d.get("n_steps") else None
     rep = {"format_version": 1, "date": _now(), "command": info.get("command", "?"), "experiment": experiment,
            "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}",
            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, "complete": not missing, "missing": missing,
@@ -648,12 +683,22 @@ def memory_markdown(rep: dict) -> str:
         probe = "–" if mp is None else f"{mp['k1']:.4f} / {mp['all']:.4f}"
         lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | " + " | ".join(cells)
                      + f" | {probe} | {_fmt(r['rollout_ms_per_step'], '.2f')} | {r['steps']} | {r['device']} |")
+    for env, d in rep["datasets"].items():
+        su = d.get("source_search_use_test")
+        if su and su.get("episodes_to_first_goal") is not None:
+            lines.append(f"| {env} | source (its own histories) | – | – | – | – | "
+                         f"{su['episodes_to_first_goal']:.1f} | {_fmt(su['return_after_found_normalized'], '.2f')}"
+                         f" | – | – | – | – | – |")
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`). Episodes to 0.8: first episode whose 5-episode mean "
                    "reaches 0.8 of optimal ((n=k): only k seeds got there). Memory probe: same-position held-out "
                    "NLL with the latents rebuilt from the last compressed segment only (k1) vs the whole history "
                    "(all), train.py's done.json; AD has none. Rollout ms/step: wall time per lockstep rollout "
-                   "step of the longest eval. Per-seed numbers: summary.json. Curves: curves.png."), ""]
+                   "step of the longest eval. Episodes to first goal / return after found: search vs use "
+                   "(evaluate.search_and_use) on the test goals: the first episode with a positive return, and the "
+                   "mean return / optimal of every episode after it — how well the learner returns to a goal it "
+                   "has seen; the source row scores the dataset's own test-goal histories. Test NLL: train.py's "
+                   "final same-position loss (done.json). Per-seed numbers: summary.json. Curves: curves.png."), ""]
     return "\n".join(lines)
 
 
