@@ -179,10 +179,13 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     assert set(rows) == {"ad", "ad_3w", "scratch"}
     assert {a: rows[a]["window"] for a in rows} == {"ad": 20, "ad_3w": 60, "scratch": 20}
     keys = {"env", "arm", "window", "seeds", "return_last5_mean", "return_last5_std", "episodes_to_0.8_mean",
-            "episodes_to_0.8_std", "memory_probe", "rollout_ms_per_step", "steps", "device"}
+            "episodes_to_0.8_std", "memory_probe", "rollout_ms_per_step", "steps", "device",
+            "episodes_to_first_goal_mean", "return_after_found_mean", "tf_loss_test_mean"}
     for arm, row in rows.items():
         assert keys <= set(row) and row["env"] == "darkroom" and row["seeds"] == [0] and row["steps"] == 4
         assert isinstance(row["return_last5_mean"], float) and row["rollout_ms_per_step"] > 0
+        assert row["tf_loss_test_mean"] == pytest.approx(
+            json.loads((Path(row["per_seed"]["0"]["run_dir"]) / "done.json").read_text())["tf_loss_test"])
         run = Path(row["per_seed"]["0"]["run_dir"])
         assert run.name == f"darkroom-w20-{arm}-seed0" and (run / "eval_long.json").is_file()
     assert rows["ad"]["memory_probe"] is None  # AD has no compressed memory to probe
@@ -191,6 +194,10 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     assert list((out / "hydra").rglob("*_submitted.pkl"))  # the jobs went through submitit
     md = (out / "table.md").read_text()
     assert "Memory table" in md and "| darkroom | `ad_3w` | 60 |" in md
+    # the source's own search vs use, scored on the dataset's test histories
+    src = rep["datasets"]["darkroom"]["source_search_use_test"]
+    assert 0 < src["found_goal_frac"] <= 1 and src["episodes_to_first_goal"] >= 1
+    assert "| darkroom | source (its own histories) |" in md
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
