@@ -584,7 +584,8 @@ def source_search_use(data_path: str | None) -> dict | None:
     meta = read_json(Path(data_path) / "meta.json") if data_path else None
     if not meta:
         return None
-    from env.darkroom import optimal_return
+    from collect import episode_returns
+    from env import optimal_return
     from evaluate import search_and_use
     from histories import load_histories
     from transition import REWARD
@@ -594,9 +595,8 @@ def source_search_use(data_path: str | None) -> dict | None:
     idx = h.split_indices("test")
     if len(idx) == 0:
         return None
-    horizon = int(env["horizon"])
-    ret = h.transitions(idx)[..., REWARD].reshape(len(idx), -1, horizon).sum(-1)
-    opt = [optimal_return(g, int(env["grid_size"]), horizon, env["reward_mode"]) for g in h.goals[idx]]
+    ret = episode_returns(h.transitions(idx)[..., REWARD], int(env["horizon"]))
+    opt = [optimal_return(g, int(env["grid_size"]), int(env["horizon"]), env["reward_mode"]) for g in h.goals[idx]]
     return search_and_use(ret[:, None, :], opt)
 
 
