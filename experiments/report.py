@@ -572,6 +572,7 @@ MEMORY_COLUMNS = (  # row key -> (table header, format)
     ("return_last5", "return, last 5 of the eval", ".2f"),
     ("episodes_to_0.8", "episodes to 0.8 of optimal", ".1f"),
     ("return_last5_long", "long rollout: return, last 5", ".2f"),
+    ("episodes_to_0.8_long", "long rollout: episodes to 0.8", ".1f"),
     ("episodes_to_first_goal", "episodes to first goal", ".1f"),
     ("return_after_found", "return after found / optimal", ".2f"),
     ("tf_loss_test", "test NLL (same position)", ".4f"),
@@ -622,7 +623,7 @@ def memory_numbers(run_dir: Path) -> dict:
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "env": (cfg.get("env") or {}).get("name"),
             "return_last5": s.get("last_k_mean"), "episodes_to_0.8": s.get("episodes_to_0.8"),
-            "return_last5_long": sl.get("last_k_mean"), "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
+            "return_last5_long": sl.get("last_k_mean"), "episodes_to_0.8_long": sl.get("episodes_to_0.8"), "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
             "probe_k1": probe.get("k1"), "probe_all": probe.get("all"),
             "rollout_ms_per_step": (1000 * wall / (ts["n_episodes"] * horizon)
                                     if wall and horizon and ts.get("n_episodes") else None),
@@ -686,7 +687,7 @@ def memory_markdown(rep: dict) -> str:
     for env, d in rep["datasets"].items():
         su = d.get("source_search_use_test")
         if su and su.get("episodes_to_first_goal") is not None:
-            lines.append(f"| {env} | source (its own histories) | – | – | – | – | "
+            lines.append(f"| {env} | source (its own histories) | – | – | – | – | – | "
                          f"{su['episodes_to_first_goal']:.1f} | {_fmt(su['return_after_found_normalized'], '.2f')}"
                          f" | – | – | – | – | – |")
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
