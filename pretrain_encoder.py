@@ -17,6 +17,8 @@ Writes <run_dir>/encoder-pretrained-<step>.pt every save_every steps and
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 import config_check as cc
@@ -161,7 +163,8 @@ def main(cfg) -> dict:
     if mcfg.max_compression_depth < 1:
         raise ConfigError("model.max_compression_depth must be >= 1 for pretraining (depth 0 compresses nothing)")
     slots = mcfg.n_latent * mcfg.n_head
-    if mcfg.pretrain_slot_init and slots < mcfg.seg_len:
+    # Before the Accelerator exists: the launcher's RANK says which process is the main one (warn once).
+    if mcfg.pretrain_slot_init and slots < mcfg.seg_len and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: model.n_latent x model.n_head = {slots} < model.seg_len={mcfg.seg_len}: the slot "
               f"initialisation gives {mcfg.seg_len - slots} positions of a full segment no head of their own, and "
               "they are read back worse (docs/design.md §5); make n_latent x n_head >= seg_len", flush=True)

@@ -20,8 +20,8 @@ G = 9
 
 
 def _cfg(**kw) -> ModelConfig:
-    base = dict(grid_size=G, d_model=64, n_head=4, n_layer=1, enc_n_layer=2, n_latent=5, seg_len=20, dropout=0.0,
-                recon_loss="ce", recon_decoder="causal", max_compression_depth=3)
+    base = {"grid_size": G, "d_model": 64, "n_head": 4, "n_layer": 1, "enc_n_layer": 2, "n_latent": 5, "seg_len": 20,
+            "dropout": 0.0, "recon_loss": "ce", "recon_decoder": "causal", "max_compression_depth": 3}
     return ModelConfig(**(base | kw))
 
 
