@@ -623,7 +623,8 @@ def memory_numbers(run_dir: Path) -> dict:
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "env": (cfg.get("env") or {}).get("name"),
             "return_last5": s.get("last_k_mean"), "episodes_to_0.8": s.get("episodes_to_0.8"),
-            "return_last5_long": sl.get("last_k_mean"), "episodes_to_0.8_long": sl.get("episodes_to_0.8"), "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
+            "return_last5_long": sl.get("last_k_mean"), "episodes_to_0.8_long": sl.get("episodes_to_0.8"),
+            "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
             "probe_k1": probe.get("k1"), "probe_all": probe.get("all"),
             "rollout_ms_per_step": (1000 * wall / (ts["n_episodes"] * horizon)
                                     if wall and horizon and ts.get("n_episodes") else None),
@@ -687,9 +688,10 @@ def memory_markdown(rep: dict) -> str:
     for env, d in rep["datasets"].items():
         su = d.get("source_search_use_test")
         if su and su.get("episodes_to_first_goal") is not None:
-            lines.append(f"| {env} | source (its own histories) | – | – | – | – | – | "
-                         f"{su['episodes_to_first_goal']:.1f} | {_fmt(su['return_after_found_normalized'], '.2f')}"
-                         f" | – | – | – | – | – |")
+            have = {"episodes_to_first_goal": su["episodes_to_first_goal"],
+                    "return_after_found": su["return_after_found_normalized"]}
+            cells = [_fmt(have[k], fmt) if k in have else "–" for k, _, fmt in MEMORY_COLUMNS]
+            lines.append(f"| {env} | source (its own histories) | – | " + " | ".join(cells) + " | – | – | – | – |")
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`). Episodes to 0.8: first episode whose 5-episode mean "
                    "reaches 0.8 of optimal ((n=k): only k seeds got there). Memory probe: same-position held-out "
