@@ -133,8 +133,6 @@ def test_ad_baseline_end_to_end(tiny, tmp_path, tb_scalars):
 
 
 def test_heldout_max_histories_scores_the_first_histories_of_each_split(tiny, tmp_path):
-    import json
-
     done = {}
     for cap in (None, 2):
         run = tmp_path / f"cap{cap}"
