@@ -421,6 +421,7 @@ def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
     guard = _NonFiniteGuard(opt, acc, s)
 
     model.train()
+    t_train = time.perf_counter()
     while state.step < s.max_steps:
         if _CTRL_C.is_set():
             raise KeyboardInterrupt
@@ -444,7 +445,11 @@ def _fit(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dict:
     guard.check()
     if pbar:
         pbar.close()
-    return _finish(task, run, state.step, start_step)
+    # What the run paid (the compute columns of the reports): labels and wall time of the steps this process
+    # trained, before the final extras (held-out scoring) and the last checkpoint.
+    compute = {"steps_trained": state.step - start_step, "labels_trained": window.total_labels(acc),
+               "train_wall_s": round(time.perf_counter() - t_train, 3)}
+    return _finish(task, run, state.step, start_step, compute)
 
 
 def _prepare_training(task: Task, s: LoopSettings, acc, plan) -> tuple:
@@ -570,6 +575,7 @@ class _LogWindow:
 
     def __init__(self, device):
         self.device = device
+        self.total = torch.zeros((), device=device)  # this rank's labels since the process started (compute)
         self._reset()
 
     def _reset(self) -> None:
@@ -585,6 +591,12 @@ class _LogWindow:
     def add_labels(self, n: torch.Tensor) -> None:
         """One step's label count on this rank (the weights' total, and labels/s)."""
         self.labels = self.labels + n
+        self.total = self.total + n
+
+    def total_labels(self, acc) -> int:
+        """Labels trained by this process's steps, summed over ranks. Collective: every rank calls it."""
+        t = self.total.double()
+        return int((acc.reduce(t, "sum") if acc.num_processes > 1 else t).item())
 
     def log(self, run: Run, ns: str, lr: float, gnorm: torch.Tensor, step: int) -> dict:
         """Write `<ns>/<metric>` (label-weighted over the window, all ranks), lr, labels/s and the last
@@ -604,16 +616,20 @@ class _LogWindow:
         return scalars
 
 
-def _finish(task: Task, run: Run, step: int, start_step: int) -> dict:
+def _finish(task: Task, run: Run, step: int, start_step: int, compute: dict) -> dict:
     """After the last step: the final checkpoint (unless a resumed run had nothing left to do), the task's
-    final extras, done.json (main process, written last: its presence means the run is complete)."""
+    final extras, done.json (main process, written last: its presence means the run is complete).
+    `compute`: steps, labels and wall seconds of this process's training steps (a resumed run counts only
+    its own; labels_per_step is their ratio, the same whatever the resume)."""
     acc, s, run_dir, writer = run.accelerator, run.settings, run.run_dir, run.writer
     if writer is not None:
         writer.flush()
     if not (step == start_step and any(st == step for st, _ in checkpoints(run_dir))):
         save_checkpoint(acc, run_dir, step, s.keep_last, run.config)
     summary = {"global_step": step, "run_dir": str(run_dir), "world_size": acc.num_processes,
-               "batch_size": s.batch_size, "grad_accum": s.grad_accum, "resumed_from_step": start_step}
+               "batch_size": s.batch_size, "grad_accum": s.grad_accum, "resumed_from_step": start_step,
+               "compute": {**compute, "labels_per_step": (compute["labels_trained"] / compute["steps_trained"]
+                                                          if compute["steps_trained"] else None)}}
     summary.update(task.on_end(run, step) or {})
     if acc.is_main_process:
         atomic_write_text(run_dir / "done.json", json.dumps(summary, indent=2, default=float))

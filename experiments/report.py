@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 import os
 import statistics
 import sys
@@ -27,6 +26,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from atomic_io import atomic_write, atomic_write_text
+from experiments import stats
 
 # Arms in table order (others follow alphabetically); their colours in the plots.
 ARM_ORDER = ("ad", "ad_3w", "ad_10w", "scratch", "rollout", "rollout_gated", "rollout_gated_rmt",
@@ -36,7 +36,7 @@ COLORS = {"ad": "tab:gray", "ad_3w": "tab:purple", "ad_10w": "black", "scratch":
           "rollout": "tab:cyan", "rollout_gated": "tab:olive", "rollout_gated_rmt": "tab:pink",
           "rollout_gated_bptt1": "gold", "rollout_gated_bptt10": "darkgoldenrod", "rollout_gated_nl20": "teal",
           "aux_recon": "tab:orange", "pretrained_ft": "tab:green", "pretrained_frozen": "tab:red"}
-SCALES = {"quick": "small scale", "full": "DICP scale"}
+SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
 
 
 class ReportError(RuntimeError):
@@ -61,16 +61,26 @@ def _arm_rank(arm: str) -> tuple:
 
 
 def _mean_std(vals: list) -> tuple:
-    v = [x for x in vals if x is not None and math.isfinite(x)]
-    if not v:
-        return None, None, 0
-    mean = sum(v) / len(v)
-    std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else None
-    return mean, std, len(v)
+    """(mean, sample sd, n) over the finite values (stats.describe)."""
+    d = stats.describe(vals)
+    return d["mean"], d["sd"], d["n"]
 
 
 def _fmt(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
+
+
+def machine() -> str:
+    """What measured: host, cores and torch (a report's provenance line)."""
+    import platform
+
+    try:
+        import torch
+
+        tv = f"torch {torch.__version__}"
+    except ImportError:  # pragma: no cover -- the project depends on torch
+        tv = "no torch"
+    return f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.machine()}, {tv}"
 
 
 def _now() -> str:
@@ -162,6 +172,8 @@ COMPARE_METRICS = {  # metric key -> (label in table.md, "lower" | "higher" is b
     "long_return_tail_normalized": ("long rollout: last-20% return / optimal", "higher", ".3f"),
     "long_reward_per_step": ("long rollout: mean reward per step", "higher", ".3f"),
 }
+COMPARE_REFERENCE = "scratch"  # every arm is compared with stage 2 from scratch, seed by seed
+COMPARE_PAIRED = ("heldout_loss_same_position", "return_last5_normalized", "long_return_tail_normalized")
 
 
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
@@ -254,6 +266,12 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
         label = next(r["label"] for r in tj if r["arm"] == arm)
         results[arm] = {"label": label, "memory": memory, "mean": mean, "std": std, "n": n, "per_seed": per_seed}
     missing = [f"{arm}-seed{s}" for arm in arms for s, p in results[arm]["per_seed"].items() if not p["complete"]]
+    ref = COMPARE_REFERENCE if COMPARE_REFERENCE in results else None
+    paired = {} if ref is None else {
+        arm: {k: stats.paired({s: p["metrics"][k] for s, p in results[arm]["per_seed"].items()},
+                              {s: p["metrics"][k] for s, p in results[ref]["per_seed"].items()},
+                              COMPARE_METRICS[k][1]) for k in COMPARE_PAIRED}
+        for arm in arms if arm != ref}
     tc = next((c for c in cfgs.values() if c), {})
     budget = f"{tc.get('max_steps')} optimizer steps x batch {tc.get('batch_size')}, lr {tc.get('lr')} (every arm)"
     pc, pretrain_runs = _stage1(jobs)
@@ -280,6 +298,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
         "complete": not missing, "missing": missing,
         "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"],
         "results": results, "runs": runs, "pretrain_runs": pretrain_runs,
+        "paired_vs": ref, "paired": paired, "machine": machine(),
         "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
         "timings_s": timings(jobs, out),
     }
@@ -290,14 +309,15 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
 
 
 def _cell(mu, sd, n, n_seeds, fmt) -> str:
-    c = _fmt(mu, fmt) + ("" if sd is None else f" ± {_fmt(sd, fmt)}")
-    return c + (f" (n={n})" if mu is not None and n < n_seeds else "")
+    """'mean ± sd (n=k)': n always shown (n_seeds planned: a short n is a missing or unfinished seed)."""
+    return stats.fmt_describe({"mean": mu, "sd": sd, "n": n}, fmt)
 
 
 def compare_markdown(rep: dict) -> str:
     arms, res = rep["arms"], rep["results"]
     lines = [f"# Does pretraining help? CompressedAD comparison ({rep['experiment']})", "",
-             f"- **Scale:** {rep['scale']}", f"- **Date:** {rep['date']}", f"- **Command:** `{rep['command']}`",
+             f"- **Scale:** {rep['scale']}", f"- **Machine:** {rep.get('machine', '?')}",
+             f"- **Date:** {rep['date']}", f"- **Command:** `{rep['command']}`",
              f"- **Dataset:** `{rep['dataset']['path']}` ({rep['dataset'].get('summary', '')})",
              f"- **Budget:** {rep['budget']}",
              (f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample std over training seeds; "
@@ -317,6 +337,15 @@ def compare_markdown(rep: dict) -> str:
             c = _cell(means[arm], res[arm]["std"][k], res[arm]["n"][k], len(rep["seeds"]), fmt)
             cells.append(f"**{c}**" if best is not None and means[arm] == best else c)
         lines.append(f"| {label} ({better} is better) | " + " | ".join(cells) + " |")
+    if rep.get("paired"):
+        keys = COMPARE_PAIRED
+        lines += ["", (f"**Paired differences** (arm − `{rep['paired_vs']}`, same seed and data; mean [95 % "
+                       "t-interval]; a difference is one only when its interval excludes 0):"), "",
+                  "| arm | " + " | ".join(f"{COMPARE_METRICS[k][0]} ({COMPARE_METRICS[k][1]} is better)"
+                                         for k in keys) + " |", "|---|" + "---|" * len(keys)]
+        for arm, pk in rep["paired"].items():
+            lines.append(f"| `{arm}` | " + " | ".join(stats.fmt_paired(pk[k], COMPARE_METRICS[k][2])
+                                                     for k in keys) + " |")
     lt = rep["long_eval"]
     lines += ["", "Arms: " + "; ".join(f"`{arm}` = {res[arm]['label']}" for arm in arms) + ".", "",
               "How the numbers are made:",
@@ -412,14 +441,21 @@ def _axes_labels(ax, title: str) -> None:
 BUDGET_METRICS = {
     "heldout_loss_same_position": ("held-out action NLL, same positions (tf_loss_test)", "lower", ".3f"),
     "return_last5": ("held-out return, last 5 episodes", "higher", ".2f"),
+    "return_last5_norm": ("held-out return / optimal, last 5 episodes", "higher", ".3f"),
     "episodes_to_0.8": ("episodes to 0.8 of optimal (5-ep. mean)", "lower", ".1f"),
+    "return_last5_norm_val": ("val: return / optimal, last 5 episodes", "higher", ".3f"),
+    "tf_loss_val": ("val: action NLL, same positions", "lower", ".3f"),
 }
+BUDGET_PAIRED = ("heldout_loss_same_position", "return_last5_norm", "return_last5_norm_val", "tf_loss_val")
 
 
 def run_numbers(run_dir: Path) -> dict:
     done = read_json(run_dir / "done.json") or {}
     ev, s = _split_summary(run_dir, "eval")
+    val = ((ev.get("splits") or {}).get("val") or {}).get("summary") or {}
     return {"heldout_loss_same_position": done.get("tf_loss_test"), "return_last5": s.get("last_k_mean"),
+            "return_last5_norm": s.get("last_k_normalized"), "return_last5_norm_val": val.get("last_k_normalized"),
+            "tf_loss_val": done.get("tf_loss_val"), "compute": done.get("compute"),
             "episodes_to_0.8": s.get("episodes_to_0.8"), "complete": bool(done) and bool(s),
             "optimal_mean": s.get("optimal_mean"), "n_episodes": s.get("n_episodes"),
             "last_k": s.get("last_k"), "device": ev.get("device"), "run_dir": str(run_dir)}
@@ -475,7 +511,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
                    if pc else "none"),
         "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
                  f"{_fmt(first.get('optimal_mean'), '.2f')}"),
-        "stage1_cost_per_step_vs_stage2": ratio,
+        "stage1_cost_per_step_vs_stage2": ratio, "machine": machine(),
         "complete": not missing, "missing": missing,
         "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"],
         "rows": rows, "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
@@ -487,31 +523,24 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
     return rep
 
 
-def _diff(rows: dict, arm: str, n: int, key: str):
-    """(mean(arm) - mean(scratch), standard error of that difference) at budget n, or None."""
-    x, y = rows.get((arm, n)), rows.get(("scratch", n))
-    if not x or not y or x[key] is None or y[key] is None:
-        return None
-    se = math.sqrt(sum((r[f"{key}_std"] or 0.0) ** 2 / max(1, r[f"{key}_n"]) for r in (x, y)))
-    return x[key] - y[key], se
-
-
 def verdict(rep: dict) -> list[str]:
-    """One plain sentence per budget and arm vs scratch: better / worse / within seed noise (|diff| <= 2 SE)."""
+    """One sentence per budget and arm vs scratch: each metric's paired difference (same seed) with its 95 %
+    t-interval and the verdict that interval gives (stats.paired)."""
     rows = {(r["arm"], r["stage2_steps"]): r for r in rep["rows"]}
     out = []
     for n in rep["budgets"]:
+        ref = rows.get(("scratch", n))
         for arm in (x for x in rep["arms"] if x != "scratch"):
+            row = rows.get((arm, n))
+            if ref is None or row is None:
+                continue
             parts = []
-            for key, better in (("heldout_loss_same_position", "lower"), ("return_last5", "higher")):
-                d = _diff(rows, arm, n, key)
-                if d is None:
-                    continue
-                diff, se = d
-                good = diff < 0 if better == "lower" else diff > 0
-                word = ("within seed noise" if abs(diff) <= 2 * se or se == 0 and diff == 0
-                        else "better" if good else "worse")
-                parts.append(f"{BUDGET_METRICS[key][0].split(' (')[0]} {diff:+.3f} ± {se:.3f} ({word})")
+            for key in BUDGET_PAIRED:
+                label, better, fmt = BUDGET_METRICS[key]
+                p = stats.paired({s: q[key] for s, q in row["per_seed"].items()},
+                                 {s: q[key] for s, q in ref["per_seed"].items()}, better)
+                if p["n"]:
+                    parts.append(f"{label.split(' (')[0]} {stats.fmt_paired(p, fmt)}")
             if parts:
                 out.append(f"- {n} stage-2 steps, `{arm}` vs `scratch`: " + "; ".join(parts))
     return out
@@ -519,7 +548,8 @@ def verdict(rep: dict) -> list[str]:
 
 def budget_markdown(rep: dict) -> str:
     lines = [f"# Does pretraining help? The budget curve ({rep['experiment']})", "",
-             f"- **Scale:** {rep['scale']}", f"- **Date:** {rep['date']}", f"- **Command:** `{rep['command']}`",
+             f"- **Scale:** {rep['scale']}", f"- **Machine:** {rep.get('machine', '?')}",
+             f"- **Date:** {rep['date']}", f"- **Command:** `{rep['command']}`",
              f"- **Dataset:** `{rep['dataset']}`", f"- **Stage 1:** {rep['stage1']}",
              (f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over seeds; (n=k): only k "
               f"seeds have the number, e.g. reached 0.8 of optimal)"),
@@ -535,8 +565,9 @@ def budget_markdown(rep: dict) -> str:
                  for k, (_, _, fmt) in BUDGET_METRICS.items()]
         lines.append(f"| `{r['arm']}` | {r['stage2_steps']} | {r['stage1_steps']} | "
                      f"{_fmt(r['compute_stage2_step_equiv'], '.0f')} | " + " | ".join(cells) + " |")
-    lines += ["", ("**What the data says** (difference of means, ± standard error of the difference; 'within "
-                   "seed noise' when |difference| ≤ 2 SE):"), ""] + (verdict(rep) or ["- no complete pair yet"])
+    lines += ["", ("**What the data says** (arm − scratch at the same budget, same seed; mean [95 % t-interval]; "
+                   "a difference is one only when its interval excludes 0):"), ""] + (
+        verdict(rep) or ["- no complete pair yet"])
     lines += ["", ("Held-out action NLL: train.py's `tf_loss_test` (teacher-forced over every step of every "
                    "test-goal history, each model with its rollout schedule). Returns: evaluate.py on the held-out "
                    f"goals, {rep['eval']}. Per-seed numbers and run dirs: summary.json. Plot: budget.png."), ""]
@@ -568,14 +599,27 @@ def budget_plot(path: Path, rep: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # memory: AD window w / 3w vs CompressedAD window w (summary.json, table.md, curves.png)
 # ---------------------------------------------------------------------------------------------------------
-MEMORY_COLUMNS = (  # row key -> (table header, format)
-    ("return_last5", "return, last 5 of the eval", ".2f"),
-    ("episodes_to_0.8", "episodes to 0.8 of optimal", ".1f"),
-    ("return_last5_long", "long rollout: return, last 5", ".2f"),
-    ("episodes_to_0.8_long", "long rollout: episodes to 0.8", ".1f"),
-    ("episodes_to_first_goal", "episodes to first goal", ".1f"),
-    ("return_after_found", "return after found / optimal", ".2f"),
-    ("tf_loss_test", "test NLL (same position)", ".4f"),
+MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is better); test goals unless "val"
+    ("return_last5_norm", "return / optimal, last 5 of the eval", ".3f", "higher"),
+    ("episodes_to_0.8", "episodes to 0.8 of optimal", ".1f", "lower"),
+    ("return_last5_norm_long", "long rollout: return / optimal, last 5", ".3f", "higher"),
+    ("episodes_to_0.8_long", "long rollout: episodes to 0.8", ".1f", "lower"),
+    ("found_goal_frac", "streams that found the goal", ".2f", "higher"),
+    ("episodes_to_first_goal", "episodes to first goal", ".1f", "lower"),
+    ("return_after_found", "return after found / optimal", ".3f", "higher"),
+    ("tf_loss_test", "test NLL (same position)", ".4f", "lower"),
+    ("return_last5_norm_val", "val: return / optimal, last 5", ".3f", "higher"),
+    ("tf_loss_val", "val NLL (same position)", ".4f", "lower"),
+)
+# The paired comparisons of the memory table: each arm minus the group's reference arm, same seed.
+MEMORY_PAIRED = ("return_last5_norm", "return_after_found", "episodes_to_first_goal", "tf_loss_test",
+                 "return_last5_norm_val", "tf_loss_val")
+MEMORY_REFERENCE = "ad"  # AD with the same raw window: the arm every memory must beat
+COMPUTE_COLUMNS = (  # what each arm paid (done.json's compute, this process's training steps)
+    ("labels_per_step", "labels / step", ".0f"),
+    ("train_wall_s", "training wall (s)", ".0f"),
+    ("labels_total", "labels trained (M)", ".2f"),
+    ("rollout_ms_per_step", "rollout ms / step", ".2f"),
 )
 
 
@@ -613,19 +657,29 @@ def memory_numbers(run_dir: Path) -> dict:
     horizon = (timed.get("env") or {}).get("horizon")
     probe = (done.get("heldout_test") or {}).get("memory_probe") or {}
     test = (ev.get("splits") or {}).get("test") or {}
+    val = ((ev.get("splits") or {}).get("val") or {}).get("summary") or {}
     su = {}
     if test.get("returns") is not None:  # eval.json files written before the summary had these fields
         from evaluate import search_and_use
 
         su = search_and_use(test["returns"], test["optimal"])
-    return {"episodes_to_first_goal": su.get("episodes_to_first_goal"),
+    comp = done.get("compute") or {}
+    lps = comp.get("labels_per_step")
+    return {"episodes_to_first_goal": su.get("episodes_to_first_goal"), "found_goal_frac": su.get("found_goal_frac"),
             "return_after_found": su.get("return_after_found_normalized"), "tf_loss_test": done.get("tf_loss_test"),
+            "tf_loss_val": done.get("tf_loss_val"),
+            "return_last5_norm": s.get("last_k_normalized"), "return_last5_norm_long": sl.get("last_k_normalized"),
+            "return_last5_norm_val": val.get("last_k_normalized"),
+            "labels_per_step": lps, "train_wall_s": comp.get("train_wall_s"),
+            "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "env": (cfg.get("env") or {}).get("name"),
             "return_last5": s.get("last_k_mean"), "episodes_to_0.8": s.get("episodes_to_0.8"),
             "return_last5_long": sl.get("last_k_mean"), "episodes_to_0.8_long": sl.get("episodes_to_0.8"),
             "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
             "probe_k1": probe.get("k1"), "probe_all": probe.get("all"),
+            "probe_gap": probe["all"] - probe["k1"] if probe.get("all") is not None and probe.get("k1") is not None
+            else None,
             "rollout_ms_per_step": (1000 * wall / (ts["n_episodes"] * horizon)
                                     if wall and horizon and ts.get("n_episodes") else None),
             "steps": done.get("global_step"), "device": ev.get("device"), "n_episodes": s.get("n_episodes"),
@@ -638,30 +692,42 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     for r in tj:
         groups.setdefault((r.get("env") or "", r.get("window") or 0, r["arm"]), []).append(r)
     rows, missing = [], []
-    for (env, _w, arm), mine in groups.items():
+    for (env, w, arm), mine in groups.items():
         per_seed = {str(r["seed"]): memory_numbers(Path(r["run_dir"])) for r in mine}
         first = next((p for p in per_seed.values() if p["complete"]), next(iter(per_seed.values())))
-        row = {"env": first["env"] or env, "arm": arm, "window": first["window"],
+        row = {"env": first["env"] or env, "sweep_window": w, "arm": arm, "window": first["window"],
                "seeds": [int(s) for s, p in per_seed.items() if p["complete"]]}
-        for k, _, _ in MEMORY_COLUMNS:
-            row[f"{k}_mean"], row[f"{k}_std"], row[f"{k}_n"] = _mean_std([p[k] for p in per_seed.values()])
-        k1, k1_sd, _ = _mean_std([p["probe_k1"] for p in per_seed.values()])
-        al, al_sd, _ = _mean_std([p["probe_all"] for p in per_seed.values()])
-        row["memory_probe"] = None if k1 is None else {"k1": k1, "all": al, "k1_std": k1_sd, "all_std": al_sd}
-        row["rollout_ms_per_step"] = _mean_std([p["rollout_ms_per_step"] for p in per_seed.values()])[0]
+        row["stats"] = {k: stats.describe(p[k] for p in per_seed.values())
+                        for k in [c[0] for c in MEMORY_COLUMNS] + [c[0] for c in COMPUTE_COLUMNS]}
+        # all − k1 within each run (paired by construction); lower is better: the history beyond the last
+        # segment helps
+        gap = stats.interval(p["probe_gap"] for p in per_seed.values())
+        row["memory_probe"] = None if not gap["n"] else {
+            "k1": stats.describe(p["probe_k1"] for p in per_seed.values()),
+            "all": stats.describe(p["probe_all"] for p in per_seed.values()),
+            "all_minus_k1": {**gap, "verdict": stats.verdict(gap["lo"], gap["hi"], better="lower")}}
         row["steps"] = first["steps"]
         row["device"] = device_label({first["device"]}) if first["device"] else None
         row["label"] = mine[0].get("label")
         row["per_seed"] = per_seed
         rows.append(row)
         missing += [Path(p["run_dir"]).name for p in per_seed.values() if not p["complete"]]
+    better = {k: b for k, _, _, b in MEMORY_COLUMNS}
+    for row in rows:  # paired differences to the reference arm of the same env and sweep window
+        ref = next((r for r in rows if r["arm"] == MEMORY_REFERENCE and r["env"] == row["env"]
+                    and r["sweep_window"] == row["sweep_window"]), None)
+        row["paired_vs"] = None if ref is None or ref is row else MEMORY_REFERENCE
+        row["paired"] = {} if row["paired_vs"] is None else {
+            k: stats.paired({s: p[k] for s, p in row["per_seed"].items()},
+                            {s: p[k] for s, p in ref["per_seed"].items()}, better[k]) for k in MEMORY_PAIRED}
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     data = {r["env"]: dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for env, d in data.items():
         d["source_search_use_test"] = source_search_use(d["path"]) if d.get("n_steps") else None
-    rep = {"format_version": 1, "date": _now(), "command": info.get("command", "?"), "experiment": experiment,
+    rep = {"format_version": 2, "date": _now(), "command": info.get("command", "?"), "experiment": experiment,
            "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}",
-           "seeds": sorted({r["seed"] for r in tj}), "datasets": data, "complete": not missing, "missing": missing,
+           "machine": machine(), "seeds": sorted({r["seed"] for r in tj}), "datasets": data,
+           "complete": not missing, "missing": missing,
            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"],
            "rows": rows, "timings_s": timings(jobs, out)}
     atomic_write_text(out / "summary.json", json.dumps(rep, indent=1, default=str))
@@ -672,36 +738,56 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
 
 def memory_markdown(rep: dict) -> str:
     lines = [f"# Memory table ({rep['experiment']})", "", f"- **Scale:** {rep['scale']}",
-             f"- **Date:** {rep['date']}", f"- **Command:** `{rep['command']}`",
-             f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over training seeds)",
+             f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
+             f"- **Command:** `{rep['command']}`",
+             f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample sd (n = seeds))",
              f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}", "",
-             "| env | arm | window | " + " | ".join(h for _, h, _ in MEMORY_COLUMNS)
-             + " | memory probe k1 / all (nats) | rollout ms/step | steps | device |",
-             "|---|---|---|" + "---|" * (len(MEMORY_COLUMNS) + 4)]
+             "Test goals unless marked val (validation goals: where designs are chosen).", "",
+             "| env | arm | window | " + " | ".join(f"{h} ({b} is better)" for _, h, _, b in MEMORY_COLUMNS)
+             + " | memory probe all − k1 (nats, 95 % CI) |",
+             "|---|---|---|" + "---|" * (len(MEMORY_COLUMNS) + 1)]
     for r in rep["rows"]:
-        cells = [_cell(r[f"{k}_mean"], r[f"{k}_std"], r[f"{k}_n"], len(rep["seeds"]), fmt)
-                 for k, _, fmt in MEMORY_COLUMNS]
+        cells = [stats.fmt_describe(r["stats"][k], fmt) for k, _, fmt, _ in MEMORY_COLUMNS]
         mp = r["memory_probe"]
-        probe = "–" if mp is None else f"{mp['k1']:.4f} / {mp['all']:.4f}"
-        lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | " + " | ".join(cells)
-                     + f" | {probe} | {_fmt(r['rollout_ms_per_step'], '.2f')} | {r['steps']} | {r['device']} |")
+        probe = "–" if mp is None else stats.fmt_paired(mp["all_minus_k1"], ".4f")
+        lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | " + " | ".join(cells) + f" | {probe} |")
     for env, d in rep["datasets"].items():
         su = d.get("source_search_use_test")
         if su and su.get("episodes_to_first_goal") is not None:
-            have = {"episodes_to_first_goal": su["episodes_to_first_goal"],
+            have = {"episodes_to_first_goal": su["episodes_to_first_goal"], "found_goal_frac": su["found_goal_frac"],
                     "return_after_found": su["return_after_found_normalized"]}
-            cells = [_fmt(have[k], fmt) if k in have else "–" for k, _, fmt in MEMORY_COLUMNS]
-            lines.append(f"| {env} | source (its own histories) | – | " + " | ".join(cells) + " | – | – | – | – |")
+            cells = [_fmt(have[k], fmt) if k in have else "–" for k, _, fmt, _ in MEMORY_COLUMNS]
+            lines.append(f"| {env} | source (its own histories) | – | " + " | ".join(cells) + " | – |")
+    lines += ["", "**What each arm paid** (mean over seeds; training: this process's steps, from done.json):", "",
+              "| env | arm | window | steps | " + " | ".join(h for _, h, _ in COMPUTE_COLUMNS) + " | device |",
+              "|---|---|---|---|" + "---|" * (len(COMPUTE_COLUMNS) + 1)]
+    for r in rep["rows"]:
+        cells = [_fmt(r["stats"][k]["mean"], fmt) for k, _, fmt in COMPUTE_COLUMNS]
+        lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | {r['steps']} | " + " | ".join(cells)
+                     + f" | {r['device']} |")
+    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
+    paired_rows = [r for r in rep["rows"] if r.get("paired")]
+    if paired_rows:
+        lines += ["", (f"**Paired differences** (arm − `{MEMORY_REFERENCE}` with the same window, same seed and "
+                       "data; mean [95 % t-interval]; the verdict is read off the interval: a difference is "
+                       "one only when its interval excludes 0):"), "",
+                  "| env | arm | window | " + " | ".join(f"{heads[k][0]} ({heads[k][2]} is better)"
+                                                       for k in MEMORY_PAIRED) + " |",
+                  "|---|---|---|" + "---|" * len(MEMORY_PAIRED)]
+        for r in paired_rows:
+            lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | "
+                         + " | ".join(stats.fmt_paired(r["paired"][k], heads[k][1]) for k in MEMORY_PAIRED) + " |")
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
-                   "the long rollout: `eval_long.json`). Episodes to 0.8: first episode whose 5-episode mean "
-                   "reaches 0.8 of optimal ((n=k): only k seeds got there). Memory probe: same-position held-out "
-                   "NLL with the latents rebuilt from the last compressed segment only (k1) vs the whole history "
-                   "(all), train.py's done.json; AD has none. Rollout ms/step: wall time per lockstep rollout "
-                   "step of the longest eval. Episodes to first goal / return after found: search vs use "
-                   "(evaluate.search_and_use) on the test goals: the first episode with a positive return, and the "
-                   "mean return / optimal of every episode after it — how well the learner returns to a goal it "
-                   "has seen; the source row scores the dataset's own test-goal histories. Test NLL: train.py's "
-                   "final same-position loss (done.json). Per-seed numbers: summary.json. Curves: curves.png."), ""]
+                   "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
+                   "0.8: first episode whose 5-episode mean reaches 0.8 of optimal (n counts the seeds that got "
+                   "there). Memory probe: same-position held-out NLL with the latents rebuilt from the whole "
+                   "history minus the same with the last compressed segment only (k1), per run, with the t-interval "
+                   "over seeds (negative: the memory holds something beyond its last segment); AD has none. "
+                   "Search vs use (evaluate.search_and_use, test goals): the fraction of rollout streams that ever "
+                   "found the goal, the first episode with a positive return, and the mean return / optimal of every "
+                   "episode after it; the source row scores the dataset's own test-goal histories. NLL: train.py's "
+                   "final same-position loss (done.json). Rollout ms/step: wall time per lockstep rollout step of "
+                   "the longest eval. Per-seed numbers: summary.json. Curves: curves.png."), ""]
     return "\n".join(lines)
 
 

@@ -178,22 +178,37 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     rows = {row["arm"]: row for row in rep["rows"]}
     assert set(rows) == {"ad", "ad_3w", "scratch"}
     assert {a: rows[a]["window"] for a in rows} == {"ad": 20, "ad_3w": 60, "scratch": 20}
-    keys = {"env", "arm", "window", "seeds", "return_last5_mean", "return_last5_std", "episodes_to_0.8_mean",
-            "episodes_to_0.8_std", "memory_probe", "rollout_ms_per_step", "steps", "device",
-            "episodes_to_first_goal_mean", "return_after_found_mean", "tf_loss_test_mean"}
+    stat_keys = {"return_last5_norm", "episodes_to_0.8", "found_goal_frac", "episodes_to_first_goal",
+                 "return_after_found", "tf_loss_test", "tf_loss_val", "return_last5_norm_val", "labels_per_step",
+                 "train_wall_s", "labels_total", "rollout_ms_per_step"}
     for arm, row in rows.items():
-        assert keys <= set(row) and row["env"] == "darkroom" and row["seeds"] == [0] and row["steps"] == 4
-        assert isinstance(row["return_last5_mean"], float) and row["rollout_ms_per_step"] > 0
-        assert row["tf_loss_test_mean"] == pytest.approx(
-            json.loads((Path(row["per_seed"]["0"]["run_dir"]) / "done.json").read_text())["tf_loss_test"])
+        assert {"env", "arm", "window", "seeds", "stats", "memory_probe", "steps", "device", "paired"} <= set(row)
+        assert stat_keys <= set(row["stats"]) and row["env"] == "darkroom" and row["seeds"] == [0]
+        assert row["steps"] == 4
+        st = row["stats"]
+        assert isinstance(st["return_last5_norm"]["mean"], float) and st["rollout_ms_per_step"]["mean"] > 0
+        assert st["return_last5_norm"]["n"] == 1 and st["return_last5_norm"]["sd"] is None  # one seed: no sd
+        done = json.loads((Path(row["per_seed"]["0"]["run_dir"]) / "done.json").read_text())
+        assert st["tf_loss_test"]["mean"] == pytest.approx(done["tf_loss_test"])
+        # what the arm paid: done.json's compute record (4 steps of batch `tiny`)
+        assert st["labels_per_step"]["mean"] == pytest.approx(done["compute"]["labels_trained"] / 4)
+        assert st["train_wall_s"]["mean"] > 0
         run = Path(row["per_seed"]["0"]["run_dir"])
         assert run.name == f"darkroom-w20-{arm}-seed0" and (run / "eval_long.json").is_file()
+    # paired differences against AD with the same window; one seed gives a difference but no interval
+    assert rows["ad"]["paired"] == {} and rows["ad"]["paired_vs"] is None
+    pr = rows["scratch"]["paired"]["return_last5_norm"]
+    assert pr["n"] == 1 and pr["lo"] is None and pr["verdict"] == "n < 2"
+    assert pr["diff"] == pytest.approx(rows["scratch"]["stats"]["return_last5_norm"]["mean"]
+                                       - rows["ad"]["stats"]["return_last5_norm"]["mean"])
     assert rows["ad"]["memory_probe"] is None  # AD has no compressed memory to probe
     probe = rows["scratch"]["memory_probe"]
-    assert math.isfinite(probe["k1"]) and math.isfinite(probe["all"])
+    assert math.isfinite(probe["k1"]["mean"]) and math.isfinite(probe["all"]["mean"])
+    assert probe["all_minus_k1"]["diff"] == pytest.approx(probe["all"]["mean"] - probe["k1"]["mean"])
     assert list((out / "hydra").rglob("*_submitted.pkl"))  # the jobs went through submitit
     md = (out / "table.md").read_text()
     assert "Memory table" in md and "| darkroom | `ad_3w` | 60 |" in md
+    assert "Paired differences" in md and "What each arm paid" in md
     # the source's own search vs use, scored on the dataset's test histories
     src = rep["datasets"]["darkroom"]["source_search_use_test"]
     assert 0 < src["found_goal_frac"] <= 1 and src["episodes_to_first_goal"] >= 1

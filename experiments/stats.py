@@ -1,0 +1,140 @@
+"""The statistics every report uses: per-arm mean, sd and n, and paired differences with a 95 % t-interval.
+
+The rule of evidence (docs/design.md §7): two arms differ only when the paired 95 % confidence interval of
+their difference excludes zero. Pairs are the same training seed on the same data and goals, so the seed's
+shared luck (its dataset order, its evaluation streams) cancels; an unpaired comparison of two seed spreads
+would be both weaker and, with seeds that co-vary, wrong.
+
+    >>> paired({0: 1.0, 1: 2.0, 2: 3.5}, {0: 0.5, 1: 1.4, 2: 2.6}, better="higher")["verdict"]
+    'better'
+
+The Student t quantile is computed here (bisection on the regularised incomplete beta function) so the
+reports need no scipy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+LEVEL = 0.95  # two-sided confidence level of every interval in the reports
+NO_DIFFERENCE = "no difference detected"
+
+
+def finite(values: Iterable) -> list[float]:
+    """The values that are numbers (None and NaN/inf dropped)."""
+    return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def describe(values: Iterable) -> dict:
+    """{'mean', 'sd' (sample sd; None for n < 2), 'n'} over the finite values (mean None when there are none)."""
+    v = finite(values)
+    n = len(v)
+    mean = sum(v) / n if n else None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else None
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    lbt = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(lbt) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(lbt) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with df degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The p-quantile of Student's t (p in (0, 1)), by bisection: exact to ~1e-10."""
+    if not 0.0 < p < 1.0 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0 (got p={p}, df={df})")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+        if hi - lo < 1e-12:
+            break
+    return 0.5 * (lo + hi)
+
+
+def interval(diffs: Iterable, level: float = LEVEL) -> dict:
+    """Mean of the (paired) differences with its two-sided t-interval: {'diff', 'lo', 'hi', 'sd', 'n'};
+    lo/hi are None for n < 2 (no interval from one pair)."""
+    d = describe(diffs)
+    lo = hi = None
+    if d["n"] >= 2:
+        half = t_quantile(0.5 + level / 2.0, d["n"] - 1) * d["sd"] / math.sqrt(d["n"])
+        lo, hi = d["mean"] - half, d["mean"] + half
+    return {"diff": d["mean"], "lo": lo, "hi": hi, "sd": d["sd"], "n": d["n"]}
+
+
+def verdict(lo: float | None, hi: float | None, better: str = "higher") -> str:
+    """'better' / 'worse' when the interval excludes zero (in the metric's good direction or not), otherwise
+    'no difference detected'; 'n < 2' when there is no interval."""
+    if lo is None or hi is None:
+        return "n < 2"
+    if better not in ("higher", "lower"):
+        raise ValueError(f"better must be 'higher' or 'lower', not {better!r}")
+    if lo > 0 or hi < 0:
+        up = lo > 0
+        return "better" if up == (better == "higher") else "worse"
+    return NO_DIFFERENCE
+
+
+def paired(x: Mapping, ref: Mapping, better: str = "higher", level: float = LEVEL) -> dict:
+    """x − ref over the keys (seeds) both have a finite value for: the interval of `interval` plus the
+    verdict words and the keys used."""
+    keys = sorted(k for k in set(x) & set(ref) if finite([x[k]]) and finite([ref[k]]))
+    out = interval([float(x[k]) - float(ref[k]) for k in keys], level)
+    return {**out, "verdict": verdict(out["lo"], out["hi"], better), "pairs": [str(k) for k in keys],
+            "level": level}
+
+
+def fmt_describe(d: dict, fmt: str) -> str:
+    """'mean ± sd (n=k)' for a table cell; '–' without a value. n is always shown: the reader must see it."""
+    if d.get("mean") is None:
+        return "–"
+    sd = "" if d.get("sd") is None else f" ± {format(d['sd'], fmt)}"
+    return f"{format(d['mean'], fmt)}{sd} (n={d['n']})"
+
+
+def fmt_paired(p: dict, fmt: str) -> str:
+    """'+0.123 [−0.010, +0.250], no difference detected (n=5)' for a table cell."""
+    if p.get("diff") is None:
+        return "–"
+    if p.get("lo") is None:
+        return f"{format(p['diff'], '+' + fmt)} (n={p['n']}, no interval)"
+    return (f"{format(p['diff'], '+' + fmt)} [{format(p['lo'], '+' + fmt)}, {format(p['hi'], '+' + fmt)}], "
+            f"{p['verdict']} (n={p['n']})")
