@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 import config_check as cc
+import goal_readout
 import loop
 import rundir
 import teacher_forced
@@ -152,6 +153,15 @@ class ActionPredictionTask:
                 teacher_forced.print_report({split: rep})
         if run.is_main:
             net = loop.unwrap(run.accelerator, run.model)
+            # What the memory holds: the goal read linearly from the latents (goal_readout.py; main process
+            # only, no collective). None for AD.
+            gr = goal_readout.report(net, self.hist, int(self.cfg.env.grid_size), run.accelerator.device,
+                                     max_heldout_histories=self.cfg.heldout_max_histories)
+            if gr is not None:
+                summary["goal_readout"] = gr
+                run.log({f"memory/goal_acc_{k}_{sp}": gr[sp][k]["acc"] for sp in ("val", "test")
+                         for k in ("after_find", "before_find", "constant_after_find")
+                         if gr[sp][k]["acc"] is not None}, step)
             atomic_torch_save({"model_state_dict": net.state_dict(), "config": run.config, "global_step": step},
                               run.run_dir / "model.pt")
         return summary

@@ -610,7 +610,14 @@ MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is be
     ("tf_loss_test", "test NLL (same position)", ".4f", "lower"),
     ("return_last5_norm_val", "val: return / optimal, last 5", ".3f", "higher"),
     ("tf_loss_val", "val NLL (same position)", ".4f", "lower"),
+    ("goal_acc_after", "goal readout acc., after find", ".3f", "higher"),
+    ("goal_acc_before", "goal readout acc., before find", ".3f", "higher"),
+    ("goal_acc_const", "constant guess acc., after find", ".3f", "higher"),
 )
+# What the memory holds (goal_readout.py, test goals): the readout after the find minus a reference, within
+# each run, with the t-interval over seeds.
+GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const"),
+                     ("after_minus_before", "goal_acc_after", "goal_acc_before"))
 # The paired comparisons of the memory table: each arm minus the group's reference arm, same seed.
 MEMORY_PAIRED = ("return_last5_norm", "return_after_found", "episodes_to_first_goal", "tf_loss_test",
                  "return_last5_norm_val", "tf_loss_val")
@@ -665,12 +672,16 @@ def memory_numbers(run_dir: Path) -> dict:
         su = search_and_use(test["returns"], test["optimal"])
     comp = done.get("compute") or {}
     lps = comp.get("labels_per_step")
+    gr = (done.get("goal_readout") or {}).get("test") or {}
     return {"episodes_to_first_goal": su.get("episodes_to_first_goal"), "found_goal_frac": su.get("found_goal_frac"),
             "return_after_found": su.get("return_after_found_normalized"), "tf_loss_test": done.get("tf_loss_test"),
             "tf_loss_val": done.get("tf_loss_val"),
             "return_last5_norm": s.get("last_k_normalized"), "return_last5_norm_long": sl.get("last_k_normalized"),
             "return_last5_norm_val": val.get("last_k_normalized"),
             "labels_per_step": lps, "train_wall_s": comp.get("train_wall_s"),
+            "goal_acc_after": (gr.get("after_find") or {}).get("acc"),
+            "goal_acc_before": (gr.get("before_find") or {}).get("acc"),
+            "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
             "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "env": (cfg.get("env") or {}).get("name"),
@@ -706,6 +717,11 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
             "k1": stats.describe(p["probe_k1"] for p in per_seed.values()),
             "all": stats.describe(p["probe_all"] for p in per_seed.values()),
             "all_minus_k1": {**gap, "verdict": stats.verdict(gap["lo"], gap["hi"], better="lower")}}
+        row["goal_readout"] = {}
+        for name, a, b in GOAL_READOUT_GAPS:
+            gi = stats.interval(p[a] - p[b] for p in per_seed.values() if p[a] is not None and p[b] is not None)
+            if gi["n"]:
+                row["goal_readout"][name] = {**gi, "verdict": stats.verdict(gi["lo"], gi["hi"], "higher")}
         row["steps"] = first["steps"]
         row["device"] = device_label({first["device"]}) if first["device"] else None
         row["label"] = mine[0].get("label")
@@ -751,6 +767,16 @@ def memory_markdown(rep: dict) -> str:
         mp = r["memory_probe"]
         probe = "–" if mp is None else stats.fmt_paired(mp["all_minus_k1"], ".4f")
         lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | " + " | ".join(cells) + f" | {probe} |")
+    if any(r.get("goal_readout") for r in rep["rows"]):
+        lines += ["", ("**What the memory holds** (goal_readout.py, test goals: accuracy of a linear readout of "
+                       "the goal cell from the latents, after the first find minus the constant guess and minus "
+                       "the readout before the find, within each run; mean [95 % t-interval over seeds]):"), "",
+                  "| env | arm | window | after − constant | after − before |", "|---|---|---|---|---|"]
+        for r in (r for r in rep["rows"] if r.get("goal_readout")):
+            g = r["goal_readout"]
+            lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | "
+                         + " | ".join(stats.fmt_paired(g[n], ".3f") if n in g else "–"
+                                      for n, _, _ in GOAL_READOUT_GAPS) + " |")
     for env, d in rep["datasets"].items():
         su = d.get("source_search_use_test")
         if su and su.get("episodes_to_first_goal") is not None:

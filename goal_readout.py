@@ -1,0 +1,120 @@
+"""What the compressed memory holds: a linear readout of the task's hidden cell(s) from the latents.
+
+The memory probe (teacher_forced.py) asks whether the latents lower the action NLL; it cannot tell goal
+memory from, say, a sense of elapsed time. This asks directly: replay a history through the model's own
+rollout schedule (`init_rollout` / `observe`, the recorded transitions), take the latents after every fold,
+and fit ONE ridge regression from the flattened latents to the task's hidden coordinates (Darkroom: the goal
+cell) on training-goal histories. Score it on held-out goals, which it has never seen as targets:
+
+    after find   folds whose folded history already contains a rewarded step (the goal was found): a memory
+                 that keeps what it saw can name the goal here
+    before find  folds before the first reward: only elimination (cells visited without reward) helps
+    constant     the training goals' mean cell, the same folds: what knowing nothing scores
+
+Metrics per group: `acc` (prediction rounded to the grid equals the goal cell), `mae` (mean absolute error
+per coordinate, in cells) and `n` (folds scored). The ridge strength is chosen on the validation goals and
+reported with both held-out splits. A model without compressed memory (AD) has nothing to read.
+
+    report(model, hist, grid_size, device, max_train_histories, max_heldout_histories) -> dict
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from transition import REWARD
+
+LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried (x n_samples / 1000), chosen on val
+MAX_TRAIN_HISTORIES = 512  # training-goal histories the readout is fitted on (every k-th: all goals covered)
+
+
+@torch.no_grad()
+def fold_latents(model, trans: np.ndarray, device, histories_per_pass: int = 128
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(latents float32 [N, F, n_latent * d] after each of the F folds of a rollout over the recorded
+    transitions trans [N, T, 6], fold steps int [F]: how many transitions each fold's latents cover)."""
+    was_training = model.training
+    model.eval()
+    feats, steps = [], None
+    try:
+        for a in range(0, trans.shape[0], histories_per_pass):
+            x = torch.as_tensor(np.asarray(trans[a:a + histories_per_pass])).to(device).long()
+            st = model.init_rollout(x.shape[0], device, use_cache=False)
+            mine, at = [], []
+            for t in range(x.shape[1]):
+                before = st.n_compressions
+                model.observe(st, x[:, t])
+                if st.n_compressions != before:
+                    mine.append(st.latents.flatten(1).float().cpu())
+                    at.append(t + 1)
+            if not mine:
+                return np.zeros((trans.shape[0], 0, 0), np.float32), np.zeros(0, np.int64)
+            feats.append(torch.stack(mine, dim=1).numpy())
+            steps = np.asarray(at, dtype=np.int64)
+    finally:
+        model.train(was_training)
+    return np.concatenate(feats), steps
+
+
+def first_find(trans: np.ndarray) -> np.ndarray:
+    """Per history, the number of transitions up to and including the first rewarded one (T + 1: never)."""
+    r = np.asarray(trans[..., REWARD]) > 0
+    return np.where(r.any(axis=1), r.argmax(axis=1) + 1, r.shape[1] + 1)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean_x, W, mean_y) of ridge regression y ~ (x - mean_x) W + mean_y (intercept not penalised)."""
+    mx, my = x.mean(axis=0), y.mean(axis=0)
+    xc = (x - mx).astype(np.float64)
+    a = xc.T @ xc + lam * np.eye(x.shape[1])
+    return mx, np.linalg.solve(a, xc.T @ (y - my)), my
+
+
+def _score(pred: np.ndarray, y: np.ndarray, grid_size: int) -> dict:
+    cell = np.clip(np.rint(pred), 0, grid_size - 1)
+    return {"acc": float((cell == y).all(axis=-1).mean()) if len(y) else None,
+            "mae": float(np.abs(pred - y).mean()) if len(y) else None, "n": len(y)}
+
+
+def _samples(model, hist, idx, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(features [M, D], targets [M, C], after-find flags [M]) of every fold of histories idx."""
+    trans = hist.transitions(idx)
+    lat, steps = fold_latents(model, trans, device)
+    n, f = lat.shape[:2]
+    goals = np.asarray(hist.goals[idx], dtype=np.float64).reshape(len(idx), -1)
+    after = first_find(trans)[:, None] <= steps[None, :]
+    return lat.reshape(n * f, -1), np.repeat(goals, f, axis=0), after.reshape(-1)
+
+
+def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_TRAIN_HISTORIES,
+           max_heldout_histories: int | None = None) -> dict | None:
+    """The readout fitted on training-goal histories, scored on the validation and test goals (see the
+    module docstring). None when the model has no compressed memory or a split has no histories."""
+    if not hasattr(model, "encoder"):
+        return None
+    tr = hist.split_indices("train")
+    tr = tr[:: max(1, -(-len(tr) // max_train_histories))]
+    held = {s: hist.split_indices(s)[:max_heldout_histories] for s in ("val", "test")}
+    if len(tr) == 0 or any(len(i) == 0 for i in held.values()):
+        return None
+    x, y, _ = _samples(model, hist, tr, device)
+    if x.shape[1] == 0:
+        return None
+    data = {s: _samples(model, hist, i, device) for s, i in held.items()}
+
+    def scores(fit, s):
+        mx, w, my = fit
+        xs, ys, after = data[s]
+        pred, const = (xs - mx) @ w + my, np.broadcast_to(my, ys.shape)
+        return {"after_find": _score(pred[after], ys[after], grid_size),
+                "before_find": _score(pred[~after], ys[~after], grid_size),
+                "constant_after_find": _score(const[after], ys[after], grid_size),
+                "constant_before_find": _score(const[~after], ys[~after], grid_size)}
+
+    fits = {lam: fit_ridge(x, y, lam * len(x) / 1000.0) for lam in LAMBDAS}
+    best = min(LAMBDAS, key=lambda lam: scores(fits[lam], "val")["after_find"]["mae"] or np.inf)
+    out = {s: scores(fits[best], s) for s in held}
+    out.update(ridge_lambda=best, n_train_samples=len(x), n_train_histories=len(tr),
+               n_features=int(x.shape[1]))
+    return out
