@@ -1,0 +1,134 @@
+"""Tables in the docs are rendered from the committed records, never typed.
+
+A generated block in a markdown file (README.md, results/README.md, docs/design.md) is
+
+    <!-- generated: <kind> <record> -->
+    ...rendered table...
+    <!-- end generated -->
+
+where <record> is a report's JSON under results/ (relative to the repository root) and <kind> one of KINDS.
+`python experiments/docs_tables.py` rewrites every block from its record; `--check` changes nothing and exits
+1 naming each block that differs from what its record renders (tests/test_docs_tables.py runs it, so a table
+edited by hand, or a record changed without re-rendering, fails the suite).
+
+    python experiments/docs_tables.py            # re-render every block
+    python experiments/docs_tables.py --check    # verify
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from atomic_io import atomic_write_text
+from experiments import stats
+from experiments.report import MEMORY_REFERENCE
+
+DOCS = ("README.md", "results/README.md", "docs/design.md")
+BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)
+
+
+def _f(d: dict | None, fmt: str) -> str:
+    return stats.fmt_describe(d, fmt) if d else "–"
+
+
+def _provenance(rep: dict, record: str) -> str:
+    return (f"Record: [`{record}`]({record}) — {rep.get('date', '?')}, {rep.get('machine', '?')}; "
+            f"command: `{rep.get('command', '?')}`; seeds {', '.join(map(str, rep.get('seeds', [])))}"
+            + ("" if rep.get("complete") else f"; **INCOMPLETE**: {', '.join(rep.get('missing', []))}") + ".")
+
+
+def memory_headline(rep: dict, record: str) -> str:
+    """The memory table's headline: per arm the test-goal return, its paired difference to AD with the same
+    window, learning speed, search vs use, the validation return and what the arm paid."""
+    lines = [(f"| env | arm | window | return / optimal, last 5 (test) | − `{MEMORY_REFERENCE}` [95 % CI], verdict "
+             "| episodes to 0.8 (seeds reaching it) | return after found | val: return / optimal | test NLL "
+             "| labels / step | training min | rollout ms / step |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        s = r["stats"]
+        pr = (r.get("paired") or {}).get("return_last5_norm")
+        wall = (s.get("train_wall_s") or {}).get("mean")
+        lines.append(" | ".join([
+            f"| {r['env']}", f"`{r['arm']}`", str(r["window"]), _f(s["return_last5_norm"], ".3f"),
+            stats.fmt_paired(pr, ".3f") if pr else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
+            _f(s["episodes_to_0.8"], ".0f"), _f(s["return_after_found"], ".2f"), _f(s["return_last5_norm_val"], ".3f"),
+            _f(s["tf_loss_test"], ".3f"),
+            "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
+            "–" if wall is None else f"{wall / 60:.1f}",
+            "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"]) + " |")
+    return "\n".join(lines + ["", _provenance(rep, record)])
+
+
+def memory_probe(rep: dict, record: str) -> str:
+    """What the memory holds, per compressed arm: the NLL probe and the goal-cell readout, with intervals."""
+    lines = [("| env | arm | window | NLL probe: all − k1 (nats) | goal readout: after find − constant "
+             "| after find − before find | goal readout acc. after find |"), "|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        mp, g = r.get("memory_probe"), r.get("goal_readout") or {}
+        if mp is None and not g:
+            continue
+        lines.append(" | ".join([
+            f"| {r['env']}", f"`{r['arm']}`", str(r["window"]),
+            stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
+            stats.fmt_paired(g["after_minus_constant"], ".3f") if "after_minus_constant" in g else "–",
+            stats.fmt_paired(g["after_minus_before"], ".3f") if "after_minus_before" in g else "–",
+            _f(r["stats"].get("goal_acc_after"), ".3f")]) + " |")
+    return "\n".join(lines + ["", _provenance(rep, record)])
+
+
+KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe}
+
+
+def render(kind: str, record: str, root: Path = ROOT) -> str:
+    if kind not in KINDS:
+        raise SystemExit(f"error: unknown generated-block kind {kind!r} (known: {', '.join(KINDS)})")
+    path = root / record
+    try:
+        rep = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: {record}: cannot read the record a generated block names ({e})") from None
+    return KINDS[kind](rep, record).rstrip("\n") + "\n"
+
+
+def sync(check: bool, root: Path = ROOT) -> list[str]:
+    """Re-render every block of DOCS (check=True: only compare). Returns 'file: kind record' of each block
+    that differed."""
+    stale = []
+    for doc in DOCS:
+        p = root / doc
+        if not p.is_file():
+            continue
+        text = p.read_text()
+
+        def sub(m, doc=doc):
+            new = render(m.group(2), m.group(3), root)
+            if new != m.group(4):
+                stale.append(f"{doc}: {m.group(2)} {m.group(3)}")
+            return m.group(1) + new + m.group(5)
+
+        out = BLOCK.sub(sub, text)
+        if out != text and not check:
+            atomic_write_text(p, out)
+    return stale
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its record")
+    a = p.parse_args(argv)
+    stale = sync(a.check)
+    for s in stale:
+        print(("stale: " if a.check else "re-rendered: ") + s)
+    return 1 if a.check and stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Every generated table in the docs equals what its committed record renders (experiments/docs_tables.py)."""
+
+import json
+import shutil
+
+import pytest
+
+from experiments import docs_tables
+
+
+def test_the_docs_tables_match_their_records():
+    assert docs_tables.sync(check=True) == [], "run: python experiments/docs_tables.py"
+
+
+def _memory_record() -> dict:
+    row = {"env": "darkroom", "window": 20, "memory_probe": None, "goal_readout": {}, "paired": {},
+           "stats": {k: {"mean": 0.5, "sd": 0.1, "n": 5} for k in (
+               "return_last5_norm", "episodes_to_0.8", "return_after_found", "return_last5_norm_val",
+               "tf_loss_test", "labels_per_step", "train_wall_s", "rollout_ms_per_step", "goal_acc_after")}}
+    return {"date": "2026-12-06", "machine": "m", "command": "c", "seeds": [0, 1], "complete": True,
+            "rows": [{**row, "arm": "ad"}]}
+
+
+def test_a_hand_edited_table_is_found_and_re_rendered(tmp_path):
+    (tmp_path / "results" / "x").mkdir(parents=True)
+    (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(_memory_record()))
+    block = "<!-- generated: memory-headline results/x/summary.json -->\n{}<!-- end generated -->\n"
+    good = docs_tables.render("memory-headline", "results/x/summary.json", tmp_path)
+    assert "0.500 ± 0.100 (n=5)" in good and "(reference)" in good and "Record: [`results/x/summary.json`]" in good
+    (tmp_path / "README.md").write_text("# t\n\n" + block.format(good.replace("0.500", "0.900", 1)))
+    assert docs_tables.sync(check=True, root=tmp_path) == ["README.md: memory-headline results/x/summary.json"]
+    assert "0.900" in (tmp_path / "README.md").read_text()  # --check changes nothing
+    assert docs_tables.sync(check=False, root=tmp_path) != []
+    assert docs_tables.sync(check=True, root=tmp_path) == []
+    assert (tmp_path / "README.md").read_text() == "# t\n\n" + block.format(good)
+
+
+def test_a_block_naming_a_missing_record_fails_in_one_line(tmp_path):
+    (tmp_path / "README.md").write_text("<!-- generated: memory-headline results/nope.json -->\nx\n"
+                                        "<!-- end generated -->\n")
+    with pytest.raises(SystemExit, match="cannot read the record"):
+        docs_tables.sync(check=True, root=tmp_path)
+    shutil.rmtree(tmp_path)
