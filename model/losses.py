@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.embeddings import featurize
-from transition import FIELD_COLUMNS, FIELDS, N_FIELDS, action
+from transition import FIELD_COLUMNS, FIELDS, N_FIELDS, NEXT_STATE, action
 
 
 def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -154,6 +154,26 @@ def majority_fields(fields: torch.Tensor, grid_size: int) -> torch.Tensor:
     return out
 
 
+def copy_previous_state(seg: torch.Tensor, seg_len: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """The state [B, D, L, 2] a predictor gets by copying the previous transition's next state, which the
+    teacher-forced prefix hands the reconstruction decoder: position i > 0 of segment j takes s' of position
+    i - 1; position 0 of a segment the last valid s' of the used segment before it (the d segments are
+    consecutive in their history); the first segment's position 0 has no predecessor and takes `fallback` [2]
+    (the majority state).
+    Darkroom states follow s' exactly, so this scores ~1: the bar a state accuracy must clear to mean that
+    the latents, not the prefix, carry the state."""
+    nxt = seg[..., NEXT_STATE].long()
+    out = torch.roll(nxt, 1, dims=2)
+    b, d = seg.shape[:2]
+    last = nxt[torch.arange(b)[:, None], torch.arange(d)[None, :], (seg_len.long() - 1).clamp(min=0)]  # [B, D, 2]
+    # A sample of depth d uses the LAST d slots (unused ones have length 0), so a segment's predecessor is the
+    # slot before it only when that slot is used.
+    used_before = torch.cat([torch.zeros_like(seg_len[:, :1]), seg_len[:, :-1]], dim=1) > 0  # [B, D]
+    prev_last = torch.cat([last[:, :1], last[:, :-1]], dim=1)
+    out[:, :, 0] = torch.where(used_before[..., None], prev_last, fallback.to(out))
+    return out
+
+
 def field_scores(point: torch.Tensor, fields: torch.Tensor, target: torch.Tensor, truth: torch.Tensor,
                  cfg: ModelConfig) -> dict:
     """Scores of predictions on N transitions: point [N, F] / fields [N, 6] predicted, target [N, F] =
@@ -184,6 +204,8 @@ def reconstruction_metrics(pred, seg, seg_len, depth, cfg: ModelConfig, max_dept
                                     predictor's (0 by construction: the reference line, not a free number)
         acc_<field>, acc_exact      exact per-field accuracy / whole-transition exact match;
                                     baseline_acc_* = the majority-class predictor's (majority_fields)
+        copyprev_acc_state          state accuracy of copying the previous transition's next state
+                                    (copy_previous_state): the bar for acc_state
         correlation_pooled          Pearson correlation pooled over all features (NOT a fair score: the
                                     features' different means alone give a constant predictor ~0.5)
         ablation_r2, ablation_acc_* the same scores when the prediction came from another sample's latents
@@ -205,6 +227,9 @@ def reconstruction_metrics(pred, seg, seg_len, depth, cfg: ModelConfig, max_dept
         majority = majority_fields(truth, cfg.grid_size).expand_as(truth)
         scores |= {f"baseline_{k}": v for k, v in field_scores(const, majority, target, truth, cfg).items()}
         scores["correlation_pooled"] = pearson(point_all[sel], target)
+        copied = copy_previous_state(seg, seg_len, majority[0, list(FIELD_COLUMNS["state"])])[sel]
+        scores["copyprev_acc_state"] = float((copied == truth[:, list(FIELD_COLUMNS["state"])]).all(-1)
+                                             .float().mean())
         if ablated_pred is not None:
             abl = field_scores(abl_point[sel], abl_fields[sel], target, truth, cfg)
             scores |= {f"ablation_{k}": v for k, v in abl.items() if k == "r2" or k.startswith("acc_")}

@@ -617,3 +617,32 @@ def test_slot_init_keeps_the_encoder_contract_and_starts_chunked(tiny, tmp_path)
     in_own = torch.stack([w[i, chunk == i].sum() for i in range(n)])
     assert (in_own > 2.0 / n).all(), in_own  # well above uniform (1 / n)
     assert (w.argmax(-1) * n // s == torch.arange(n)).all(), w.argmax(-1)
+
+
+def test_copy_previous_state_baseline_counts_the_free_state_of_the_prefix(tiny):
+    from model.losses import copy_previous_state, lengths_mask, reconstruction_metrics
+
+    mcfg, b = _diag_batch(tiny)
+    seg, seg_len, depth = b["seg"], b["seg_len"], b["depth"]
+    mask = lengths_mask(seg_len, seg.shape[2])
+    copied = copy_previous_state(seg, seg_len, torch.tensor([4, 4]))
+    # counted independently: walk each sample's transitions in history order, copying the previous s'
+    hits = total = 0
+    for i in range(seg.shape[0]):
+        prev = (4, 4)
+        for j in [j for j in range(seg.shape[1]) if seg_len[i, j] > 0]:  # used slots, oldest first
+            for t in range(int(seg_len[i, j])):
+                tr = seg[i, j, t].tolist()
+                assert tuple(copied[i, j, t].tolist()) == prev
+                hits += prev == (tr[0], tr[1])
+                total += 1
+                prev = (tr[4], tr[5])
+    assert total == int(mask.sum()) and 0.9 < hits / total < 1.0  # Darkroom: s = previous s' except resets
+    m = reconstruction_metrics(featurize_zero(seg, mcfg), seg, seg_len, depth, mcfg, 3)
+    assert 0.9 < m["copyprev_acc_state"] <= 1.0 and "copyprev_acc_state_depth1" in m
+
+
+def featurize_zero(seg, mcfg):
+    from model.embeddings import featurize
+
+    return torch.zeros_like(featurize(seg, mcfg.grid_size, mcfg.n_actions))
