@@ -384,6 +384,19 @@ def test_ps1_maps_every_switch_to_two_stage_flags():
     assert 'Join-Path $here "two_stage.py"' in text and "exit $LASTEXITCODE" in text
 
 
+def test_ps1_parses_as_powershell():
+    """A real PowerShell grammar (tree-sitter, from the dev dependencies) parses the wrapper without an error
+    node, and finds one in a broken copy: the regex checks above cannot see a missing brace."""
+    import tree_sitter
+    import tree_sitter_powershell
+
+    parser = tree_sitter.Parser(tree_sitter.Language(tree_sitter_powershell.language()))
+    src = (REPO / "train_two_stage.ps1").read_bytes()
+    assert not parser.parse(src).root_node.has_error
+    broken = src.replace(b"if ($DryRun) {", b"if ($DryRun {", 1)
+    assert broken != src and parser.parse(broken).root_node.has_error
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("pwsh") is None, reason="PowerShell (pwsh) is not installed")
 def test_ps1_wrapper_passes_options_through(tmp_path):
