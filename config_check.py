@@ -195,6 +195,7 @@ MODEL_RULES = {
     "model.enc_n_layer": integer(1, 256),
     "model.n_latent": integer(1, 1024, note="latent tokens per compression; also <= model.seg_len"),
     "model.seg_len": integer(1, 100_000),
+    "model.keep_recent": integer(0, 100_000, note="raw transitions a fold leaves in the window; < model.seg_len"),
     "model.context_len": integer(1, 100_000),
     "model.dropout": number(0, 1, hi_open=True),
     "model.recon_n_layer": integer(1, 256),
@@ -239,3 +240,7 @@ def check_model(model_cfg) -> None:
         raise ConfigError(f"model.n_latent={n_latent} must be <= model.seg_len={seg_len} (a compression folds "
                           f"seg_len transitions into n_latent tokens; more tokens than transitions is no "
                           f"compression and costs memory quadratic in n_latent)")
+    keep = model_cfg.get("keep_recent")
+    if isinstance(keep, int) and isinstance(seg_len, int) and keep >= seg_len:
+        raise ConfigError(f"model.keep_recent={keep} must be < model.seg_len={seg_len}: a fold takes the oldest "
+                          f"seg_len - keep_recent transitions of a full window, at least one")

@@ -131,7 +131,7 @@ def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: in
 
 
 def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int, seg_len: int,
-                  max_windows: int | None = None) -> SampleSpecs:
+                  max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
     """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream).
 
     A rollout starts its window empty at step 0 of the history and folds it into the latents every seg_len
@@ -140,18 +140,24 @@ def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: i
     drawn uniformly from the M = min(T // S, max_windows) windows of the history (so every history step is
     equally likely to be labelled), preceded by all m segments from step 0. Slots are right-aligned over
     M-1 slots; the model decides how many of the newest folds get gradients (model.bptt_segments).
+
+    keep_recent = K > 0 (the kept window): a fold takes only the oldest F = S - K transitions of the full
+    window, so window m covers steps [m*F, m*F + S), segment j is [j*F, (j+1)*F), and the history holds
+    M = (T - S) // F + 1 full windows (T // S when K = 0). Same draws in the same order for every K.
     """
-    n_win = n_steps // seg_len if max_windows is None else min(int(max_windows), n_steps // seg_len)
+    f = seg_len - keep_recent
+    n_full = (n_steps - seg_len) // f + 1
+    n_win = n_full if max_windows is None else min(int(max_windows), n_full)
     slots = max(n_win - 1, 0)
     hist = pool[rng.integers(0, len(pool), size=n)]
     depth = rng.integers(0, n_win, size=n, dtype=np.int64)               # window index m = folds before it
     first = slots - depth                                                  # first used slot of each row
     j = np.arange(slots, dtype=np.int64)[None, :] - first[:, None]        # segment index held by each slot
     used = j >= 0
-    seg_len_arr = np.where(used, seg_len, 0).astype(np.int64)
-    seg_start = np.where(used, j * seg_len, 0).astype(np.int64)
+    seg_len_arr = np.where(used, f, 0).astype(np.int64)
+    seg_start = np.where(used, j * f, 0).astype(np.int64)
     win_len = np.full(n, seg_len, dtype=np.int64)
-    return SampleSpecs(hist, depth, seg_len_arr, seg_start, depth * seg_len, win_len)
+    return SampleSpecs(hist, depth, seg_len_arr, seg_start, depth * f, win_len)
 
 
 def _gather(flat: np.ndarray, n_steps: int, hist: np.ndarray, start: np.ndarray, length: np.ndarray,
@@ -301,7 +307,7 @@ class SegmentBatches(torch.utils.data.Dataset):
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
                  win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_batches: int | None = None, name: str = "dataset", static_shapes: bool = False,
-                 schedule: str = "random", max_windows: int | None = None):
+                 schedule: str = "random", max_windows: int | None = None, keep_recent: int = 0):
         self.name = name
         self.static_shapes = bool(static_shapes)
         self.flat_device: torch.Tensor | None = None  # set by to_device
@@ -310,6 +316,10 @@ class SegmentBatches(torch.utils.data.Dataset):
         self.split = split
         self.global_batch_size = int(batch_size)
         self.seg_len, self.min_seg_len = int(seg_len), int(min_seg_len)
+        # model.keep_recent: a fold takes fold_len = seg_len - keep_recent transitions, so every compressed
+        # segment (both stages) is at most fold_len long; the decoder window stays seg_len.
+        self.keep_recent = int(keep_recent)
+        self.fold_len = self.seg_len - self.keep_recent
         self.min_depth, self.max_depth = int(min_depth), int(max_depth)
         self.win_len_min, self.win_len_max = int(win_len_min), int(win_len_max)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
@@ -331,13 +341,13 @@ class SegmentBatches(torch.utils.data.Dataset):
         if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
             raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
                              "the histories' meta.json is inconsistent with the arrays")
-        need = self.max_depth * self.seg_len + self.win_len_max
+        need = self.max_depth * self.fold_len + self.win_len_max
         if self.schedule == "rollout":
             need = self.seg_len  # at least one full window; deeper samples use what the history holds
         if need > self.n_steps:
             raise ConfigError(
-                f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
-                f"{self.seg_len} + {self.win_len_max} = {need} steps but histories have only "
+                f"{name}: a sample needs up to max_depth*fold_len + win_len_max = {self.max_depth}*"
+                f"{self.fold_len} + {self.win_len_max} = {need} steps but histories have only "
                 f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
                 "longer histories")
         self.depth_probs = np.asarray(self.depth_weights) / sum(self.depth_weights)
@@ -358,6 +368,7 @@ class SegmentBatches(torch.utils.data.Dataset):
                    seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(s, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
                    static_shapes=bool(cfg_get(m, "static_shapes", False)),
+                   keep_recent=int(cfg_get(m, "keep_recent", 0)),
                    rank=rank, world_size=world_size, num_batches=num_batches,
                    **cls._cfg_options(cfg, s, **options))
 
@@ -382,6 +393,12 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise ConfigError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
         if self.seg_len < 1:
             raise ConfigError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
+        if not 0 <= self.keep_recent < self.seg_len:
+            raise ConfigError(f"{n}: model.keep_recent={self.keep_recent} must be in [0, seg_len={self.seg_len})")
+        if self.keep_recent and self.with_window and self.schedule != "rollout":
+            raise ConfigError(f"{n}: model.keep_recent={self.keep_recent} needs sampler.schedule=rollout (a "
+                              "random-schedule window has no kept transitions from a previous window); set "
+                              "sampler.schedule=rollout or model.keep_recent=0")
         if not 1 <= self.min_seg_len <= self.seg_len:
             raise ConfigError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
                              f"{self.min_seg_len}")
@@ -420,9 +437,13 @@ class SegmentBatches(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, int(k)])
         if self.schedule == "rollout":
             return rollout_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.seg_len,
-                                 self.max_windows)
-        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths,
-                            self.depth_probs, self.max_depth, self.seg_len, self.min_seg_len,
+                                 self.max_windows, self.keep_recent)
+        return self.random_specs(rng, self.depth_probs)
+
+    def random_specs(self, rng: np.random.Generator, depth_probs: np.ndarray) -> SampleSpecs:
+        """The random schedule's draw: segment lengths in [min(min_seg_len, fold_len), fold_len]."""
+        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths, depth_probs,
+                            self.max_depth, self.fold_len, min(self.min_seg_len, self.fold_len),
                             self.win_len_min, self.win_len_max)
 
     def _padding(self, specs: SampleSpecs) -> tuple[int, int | None]:
@@ -446,8 +467,8 @@ class SegmentBatches(torch.utils.data.Dataset):
         specs = self.global_specs(k)
         D, W = self._padding(specs)
         if self.flat_device is not None:
-            return gather_batch_torch(self.flat_device, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
-        return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
+            return gather_batch_torch(self.flat_device, self.n_steps, specs.rows(self.rows), D, self.fold_len, W)
+        return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.fold_len, W)
 
     def items(self, k: int) -> list[dict]:
         """This rank's samples of batch k as per-sample dicts (loop-based; for tests and inspection)."""
@@ -457,7 +478,7 @@ class SegmentBatches(torch.utils.data.Dataset):
         """`collate` of `items(k)` padded like `self[k]`; must equal self[k] (reference path)."""
         specs = self.global_specs(k)
         D, W = self._padding(specs)
-        return collate(self.items(k), pad_seg_len=self.seg_len, pad_depth=D, pad_win_len=W)
+        return collate(self.items(k), pad_seg_len=self.fold_len, pad_depth=D, pad_win_len=W)
 
 
 class HistoryBatches(SegmentBatches):
@@ -471,14 +492,15 @@ class HistoryBatches(SegmentBatches):
                  max_depth: int, depth_weights: Sequence[float] | None = None,
                  win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None):
+                 static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None,
+                 keep_recent: int = 0):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
                          max_depth=max_depth, depth_weights=depth_weights,
                          win_len_min=seg_len if win_len_min is None else win_len_min,
                          win_len_max=seg_len if win_len_max is None else win_len_max,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
                          name="HistoryBatches", static_shapes=static_shapes, schedule=schedule,
-                         max_windows=max_windows)
+                         max_windows=max_windows, keep_recent=keep_recent)
 
     @classmethod
     def _cfg_options(cls, cfg: Any, s: Any) -> dict:

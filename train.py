@@ -65,7 +65,7 @@ class ActionPredictionTask:
 
     def loss(self, model, batch):
         out = model(batch)
-        a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"))
+        a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:

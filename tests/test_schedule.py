@@ -16,6 +16,7 @@ import train
 from dataset import HistoryBatches
 from histories import load_histories
 from model import build_model
+from model.config import ConfigError
 
 S = 8  # seg_len: the tiny dataset's 200-step histories hold 25 windows, so depths 0..24 occur
 
@@ -52,20 +53,56 @@ def test_rollout_schedule_cuts_windows_at_the_rollouts_phases(hist):
     assert short.depth.max() <= 3 and short.seg_len.shape[1] == 3
 
 
-@pytest.mark.parametrize("bptt, static, update, reads", [
-    (None, False, "replace", "embeddings"), (3, False, "replace", "embeddings"), (3, True, "replace", "embeddings"),
-    (3, False, "gated", "embeddings"), (3, False, "replace", "decoder"), (3, True, "gated", "decoder")])
-def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static, update, reads):
+def test_kept_window_cuts_windows_one_fold_length_apart(hist):
+    """model.keep_recent=K: window m covers steps [m*F, m*F + S) (F = S - K), preceded by its m segments of
+    exactly F steps each from step 0; the history holds (T - S) // F + 1 windows."""
+    for keep in (3, 5):
+        f = S - keep
+        ds = rollout_batches(hist, keep_recent=keep)
+        specs, b = ds.global_specs(0), ds[0]
+        assert specs.depth.max() >= 10 and set(specs.depth.tolist()) <= set(range((hist.n_steps - S) // f + 1))
+        assert b["seg"].shape[2] == f and np.array_equal(specs.win_start, specs.depth * f)
+        D = b["seg"].shape[1]
+        for i in range(32):
+            h, m = specs.hist[i], int(specs.depth[i])
+            assert np.array_equal(b["win"][i].numpy(), hist.transitions(h, m * f, m * f + S))
+            assert b["seg_len"][i].tolist() == [0] * (D - m) + [f] * m
+            assert np.array_equal(b["seg"][i, D - m:].reshape(-1, 6).numpy(),
+                                  hist.transitions(h, 0, m * f).reshape(-1, 6))
+        assert all(torch.equal(x, y) for x, y in zip(b.values(), ds.collate_items(0).values()))
+    with pytest.raises(ConfigError, match="model.keep_recent=3 needs sampler.schedule=rollout"):
+        HistoryBatches(hist, "train", batch_size=4, seg_len=S, min_seg_len=S, max_depth=3, keep_recent=3)
+    with pytest.raises(ConfigError, match="model.keep_recent=8 must be in"):
+        rollout_batches(hist, keep_recent=S)
+
+
+def equality_model(**extra):
     torch.manual_seed(0)
     model = build_model(OmegaConf.create({
         "name": "ad_compressed", "d_model": 32, "n_head": 2, "n_layer": 2, "enc_n_layer": 1, "n_latent": 3,
         "seg_len": S, "context_len": S, "dropout": 0.0, "recon_n_layer": 1, "max_compression_depth": 3,
-        "aux_recon_weight": 0.0, "label_segments": True, "bptt_segments": bptt, "static_shapes": static,
-        "latent_update": update, "memory_reads": reads}),
+        "aux_recon_weight": 0.0, "label_segments": True, **extra}),
         OmegaConf.create({"grid_size": 9, "n_actions": 5})).eval()
-    if reads == "decoder":  # zero-initialised: give the decoder's view a real say in every fold
+    if model.memory_in is not None:  # zero-initialised: give the decoder's view a real say in every fold
         torch.nn.init.normal_(model.memory_in.weight, std=0.5)
-    ds = rollout_batches(hist, static_shapes=static)
+    return model
+
+
+@pytest.mark.parametrize("bptt, static, update, reads, keep", [
+    (None, False, "replace", "embeddings", 0), (3, False, "replace", "embeddings", 0),
+    (3, True, "replace", "embeddings", 0), (3, False, "gated", "embeddings", 0),
+    (3, False, "replace", "decoder", 0), (3, True, "gated", "decoder", 0),
+    (None, False, "replace", "embeddings", 3), (3, False, "gated", "embeddings", 3),
+    (3, True, "gated", "decoder", 3), (3, False, "replace", "decoder", 5), (2, True, "replace", "embeddings", 5)])
+def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bptt, static, update, reads, keep):
+    """keep = model.keep_recent: with K > 0 window m covers steps [m*F, m*F + S) and only its positions
+    K .. S-1 are labelled (the first K were predicted by window m-1); those equal the replay's logits."""
+    from model.losses import action_loss
+
+    model = equality_model(bptt_segments=bptt, static_shapes=static, latent_update=update, memory_reads=reads,
+                           keep_recent=keep)
+    f = S - keep
+    ds = rollout_batches(hist, static_shapes=static, keep_recent=keep)
     specs, b = ds.global_specs(0), ds[0]
     with torch.no_grad():
         out = model(b)
@@ -76,11 +113,24 @@ def test_training_windows_see_the_rollouts_memory_at_depth_10_and_more(hist, bpt
     assert n_lab == (b["seg"].shape[1] if bptt is None else bptt)
     for i in deep:
         m = int(specs.depth[i])
-        assert torch.allclose(out["logits"][i], ref[i, m * S:(m + 1) * S], atol=1e-5), (i, m)
+        assert torch.allclose(out["logits"][i, keep:], ref[i, m * f + keep:m * f + S], atol=1e-5), (i, m)
         # the labelled compressed segments are decoded from the memory the rollout had before each of them
         for j in range(1, min(n_lab, m) + 1):
             w = m - j
-            assert torch.allclose(out["seg_logits"][i, n_lab - j], ref[i, w * S:(w + 1) * S], atol=1e-5)
+            lo = keep if w else 0  # the history's first window labels all its positions
+            assert torch.allclose(out["seg_logits"][i, n_lab - j, lo:], ref[i, w * f + lo:w * f + S], atol=1e-5)
+    # each action is labelled once: the labels of a sample are distinct history steps
+    n_labels = int(action_loss(out["logits"], b, seg_logits=out["seg_logits"], labels=out)["n_labels"])
+    want = 0
+    for i in range(32):
+        m = int(specs.depth[i])
+        steps = [m * f + p for p in range(keep if m else 0, S)]
+        for j in range(1, min(n_lab, m) + 1):
+            w = m - j
+            steps += [w * f + p for p in range(keep if w else 0, S)]
+        assert len(steps) == len(set(steps))
+        want += len(steps)
+    assert n_labels == want
 
 
 def test_truncated_bptt_reaches_only_the_newest_folds(hist):
@@ -140,5 +190,8 @@ def test_train_main_with_the_rollout_schedule(tiny, tmp_path):
                                       "model.bptt_segments=2",
                                       run_dir=tmp_path / "r"))
     assert summary["global_step"] == 6 and np.isfinite(summary["tf_loss_test"])
+    kept = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8", "model.keep_recent=3",
+                                   "model.bptt_segments=2", "model.latent_update=gated", run_dir=tmp_path / "k"))
+    assert kept["global_step"] == 6 and np.isfinite(kept["tf_loss_test"])
     with pytest.raises(ValueError, match="sampler.schedule='sideways'"):
         train.main(tiny.compose("train", "model.schedule=sideways", run_dir=tmp_path / "bad"))
