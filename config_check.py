@@ -233,8 +233,9 @@ SAMPLER_RULES = {  # config/sampler/: how training samples are cut (stage 2: dat
 }
 
 
-def check_model(model_cfg) -> None:
-    """Relations between model keys that no single rule can express."""
+def check_model(model_cfg, sampler_cfg=None) -> None:
+    """Relations between model keys that no single rule can express; with `sampler_cfg` (stage 2), also
+    those between the model and how its training samples are cut."""
     n_latent, seg_len = model_cfg.get("n_latent"), model_cfg.get("seg_len")
     if isinstance(n_latent, int) and isinstance(seg_len, int) and n_latent > seg_len:
         raise ConfigError(f"model.n_latent={n_latent} must be <= model.seg_len={seg_len} (a compression folds "
@@ -244,3 +245,8 @@ def check_model(model_cfg) -> None:
     if isinstance(keep, int) and isinstance(seg_len, int) and keep >= seg_len:
         raise ConfigError(f"model.keep_recent={keep} must be < model.seg_len={seg_len}: a fold takes the oldest "
                           f"seg_len - keep_recent transitions of a full window, at least one")
+    schedule = sampler_cfg.get("schedule", "random") if sampler_cfg is not None else "rollout"
+    if isinstance(keep, int) and keep > 0 and schedule != "rollout":
+        raise ConfigError(f"model.keep_recent={keep} needs sampler.schedule=rollout (a random-schedule window "
+                          f"has no kept transitions from a previous window); set sampler.schedule=rollout or "
+                          f"model.keep_recent=0")

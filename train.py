@@ -160,7 +160,7 @@ class ActionPredictionTask:
 def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
     cc.check(cfg, KEY_RULES)
-    cc.check_model(cfg.model)
+    cc.check_model(cfg.model, cfg.get("sampler"))
     plain = loop.to_plain(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))

@@ -193,5 +193,8 @@ def test_train_main_with_the_rollout_schedule(tiny, tmp_path):
     kept = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8", "model.keep_recent=3",
                                    "model.bptt_segments=2", "model.latent_update=gated", run_dir=tmp_path / "k"))
     assert kept["global_step"] == 6 and np.isfinite(kept["tf_loss_test"])
+    with pytest.raises(ConfigError, match="model.keep_recent=3 needs sampler.schedule=rollout"):
+        train.main(tiny.compose("train", "model.keep_recent=3", run_dir=tmp_path / "random"))
+    assert not (tmp_path / "random").exists()
     with pytest.raises(ValueError, match="sampler.schedule='sideways'"):
         train.main(tiny.compose("train", "model.schedule=sideways", run_dir=tmp_path / "bad"))
