@@ -98,13 +98,16 @@ class SampleSpecs:
     seg_start: np.ndarray  # int64 [B, max_depth]  first time step of each segment
     win_start: np.ndarray  # int64 [B]             first time step of the window
     win_len: np.ndarray    # int64 [B]             (0 for stage-1 samples, which have no window)
+    # sampler.memory=carry only: the window's index m in its history; its m - depth older segments are
+    # folded into a memory the training task carries from the previous micro-batch (LatentCarry).
+    window: np.ndarray | None = None  # int64 [B]
 
     def __len__(self) -> int:
         return len(self.hist)
 
     def rows(self, sl: slice) -> SampleSpecs:
         return SampleSpecs(self.hist[sl], self.depth[sl], self.seg_len[sl], self.seg_start[sl],
-                           self.win_start[sl], self.win_len[sl])
+                           self.win_start[sl], self.win_len[sl], None if self.window is None else self.window[sl])
 
 
 def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int,
@@ -130,6 +133,26 @@ def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: in
     return SampleSpecs(hist, depth, lens, seg_start, win_start, win_len)
 
 
+def n_rollout_windows(n_steps: int, seg_len: int, keep_recent: int = 0, max_windows: int | None = None) -> int:
+    """Full rollout windows of a T-step history: (T - S) // F + 1 with F = S - keep_recent (T // S when
+    keep_recent = 0), capped at max_windows."""
+    n_full = (n_steps - seg_len) // (seg_len - keep_recent) + 1
+    return n_full if max_windows is None else min(int(max_windows), n_full)
+
+
+def window_specs(hist: np.ndarray, window: np.ndarray, depth: np.ndarray, n_slots: int, seg_len: int,
+                 keep_recent: int = 0) -> SampleSpecs:
+    """Rollout window m = `window` of each history `hist` (steps [m*F, m*F + S), F = S - keep_recent) with its
+    newest `depth` segments (m - depth .. m - 1, each [j*F, (j+1)*F)) right-aligned over n_slots slots."""
+    f = seg_len - keep_recent
+    j = np.arange(n_slots, dtype=np.int64)[None, :] - (n_slots - depth)[:, None]  # slot's index among the used
+    used = j >= 0
+    seg_len_arr = np.where(used, f, 0).astype(np.int64)
+    seg_start = np.where(used, (window - depth)[:, None] + j, 0).astype(np.int64) * f
+    win_len = np.full(len(hist), seg_len, dtype=np.int64)
+    return SampleSpecs(hist, depth, seg_len_arr, seg_start, window * f, win_len, window)
+
+
 def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int, seg_len: int,
                   max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
     """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream).
@@ -143,21 +166,30 @@ def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: i
 
     keep_recent = K > 0 (the kept window): a fold takes only the oldest F = S - K transitions of the full
     window, so window m covers steps [m*F, m*F + S), segment j is [j*F, (j+1)*F), and the history holds
-    M = (T - S) // F + 1 full windows (T // S when K = 0). Same draws in the same order for every K.
+    M = (T - S) // F + 1 full windows (n_rollout_windows). Same draws in the same order for every K.
     """
-    f = seg_len - keep_recent
-    n_full = (n_steps - seg_len) // f + 1
-    n_win = n_full if max_windows is None else min(int(max_windows), n_full)
-    slots = max(n_win - 1, 0)
+    n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
     hist = pool[rng.integers(0, len(pool), size=n)]
     depth = rng.integers(0, n_win, size=n, dtype=np.int64)               # window index m = folds before it
-    first = slots - depth                                                  # first used slot of each row
-    j = np.arange(slots, dtype=np.int64)[None, :] - first[:, None]        # segment index held by each slot
-    used = j >= 0
-    seg_len_arr = np.where(used, f, 0).astype(np.int64)
-    seg_start = np.where(used, j * f, 0).astype(np.int64)
-    win_len = np.full(n, seg_len, dtype=np.int64)
-    return SampleSpecs(hist, depth, seg_len_arr, seg_start, depth * f, win_len)
+    return window_specs(hist, depth, depth, max(n_win - 1, 0), seg_len, keep_recent)
+
+
+def carry_specs(seed: int, k: int, n: int, pool: np.ndarray, n_steps: int, seg_len: int, n_slots: int,
+                max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
+    """Global micro-batch k of sampler.memory=carry: row i is a LANE that walks through one history window
+    by window, one window per micro-batch, Transformer-XL / RMT style, so the memory the previous
+    micro-batch built for it is the one this window needs. Lane i is at position p = k + o_i (o_i uniform
+    over 0 .. M-1, fixed per (seed, n): lanes sit at every depth at once); p // M counts its histories so
+    far, each drawn uniformly from the pool, and m = p % M is its window. The sample holds the window and
+    its newest min(m, n_slots) segments; the older m - min(m, n_slots) are the carried memory's. A pure
+    function of (seed, k, n), like every batch."""
+    n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
+    offset = np.random.default_rng([seed, 1, n]).integers(0, n_win, size=n)  # 3 words: no batch's stream
+    pos = int(k) + offset
+    lap, window = pos // n_win, (pos % n_win).astype(np.int64)
+    hist = np.array([pool[np.random.default_rng([seed, 2, i, int(r)]).integers(0, len(pool))]
+                     for i, r in enumerate(lap)], dtype=np.int64)
+    return window_specs(hist, window, np.minimum(window, n_slots), n_slots, seg_len, keep_recent)
 
 
 def _gather(flat: np.ndarray, n_steps: int, hist: np.ndarray, start: np.ndarray, length: np.ndarray,
@@ -307,8 +339,13 @@ class SegmentBatches(torch.utils.data.Dataset):
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
                  win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_batches: int | None = None, name: str = "dataset", static_shapes: bool = False,
-                 schedule: str = "random", max_windows: int | None = None, keep_recent: int = 0):
+                 schedule: str = "random", max_windows: int | None = None, keep_recent: int = 0,
+                 memory: str = "exact", carry_slots: int | None = None):
         self.name = name
+        # sampler.memory: 'exact' (every sample's memory folded from step 0 of its history) | 'carry' (lanes
+        # walk their histories window by window; carry_specs / model.compressed_ad.LatentCarry)
+        self.memory = memory
+        self.carry_slots = None if carry_slots is None else int(carry_slots)
         self.static_shapes = bool(static_shapes)
         self.flat_device: torch.Tensor | None = None  # set by to_device
         self.schedule = schedule
@@ -346,7 +383,8 @@ class SegmentBatches(torch.utils.data.Dataset):
             need = self.seg_len  # at least one full window; deeper samples use what the history holds
         if need > self.n_steps:
             raise ConfigError(
-                f"{name}: a sample needs up to max_depth*fold_len + win_len_max = {self.max_depth}*"
+                f"{name}: a sample needs up to max_depth*{'seg_len' if not self.keep_recent else 'fold_len'} + "
+                f"win_len_max = {self.max_depth}*"
                 f"{self.fold_len} + {self.win_len_max} = {need} steps but histories have only "
                 f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
                 "longer histories")
@@ -416,6 +454,13 @@ class SegmentBatches(torch.utils.data.Dataset):
         if self.schedule not in ("random", "rollout"):
             raise ValueError(f"{n}: sampler.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
                              "seg_len at the rollout's phases) or 'random' (random lengths and phases)")
+        if self.memory not in ("exact", "carry"):
+            raise ConfigError(f"{n}: sampler.memory={self.memory!r}: use 'exact' (fold every sample's memory from "
+                              "step 0) or 'carry' (carry each lane's memory from the previous batch)")
+        if self.memory == "carry" and (self.schedule != "rollout" or not self.carry_slots):
+            raise ConfigError(f"{n}: sampler.memory=carry needs sampler.schedule=rollout and model.bptt_segments "
+                              f">= 1 (the folds each sample redoes with gradients), got schedule={self.schedule!r}, "
+                              f"bptt_segments={self.carry_slots}")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"{n}: sampler.max_windows={self.max_windows} must be >= 1 (or null: all)")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
@@ -434,6 +479,9 @@ class SegmentBatches(torch.utils.data.Dataset):
     # -- sampling -------------------------------------------------------------------------------------
     def global_specs(self, k: int) -> SampleSpecs:
         """Specs of global batch k (all ranks), a pure function of (seed, k)."""
+        if self.memory == "carry":
+            return carry_specs(self.seed, k, self.global_batch_size, self.pool, self.n_steps, self.seg_len,
+                               self.carry_slots, self.max_windows, self.keep_recent)
         rng = np.random.default_rng([self.seed, int(k)])
         if self.schedule == "rollout":
             return rollout_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.seg_len,
@@ -466,9 +514,28 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise IndexError(f"{self.name}: batch {k} out of range [0, {self.num_batches})")
         specs = self.global_specs(k)
         D, W = self._padding(specs)
+        return self._gather(specs.rows(self.rows), D, W)
+
+    def _gather(self, specs: SampleSpecs, D: int, W: int | None) -> dict[str, torch.Tensor]:
         if self.flat_device is not None:
-            return gather_batch_torch(self.flat_device, self.n_steps, specs.rows(self.rows), D, self.fold_len, W)
-        return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.fold_len, W)
+            batch = gather_batch_torch(self.flat_device, self.n_steps, specs, D, self.fold_len, W)
+        else:
+            batch = gather_batch(self.flat, self.n_steps, specs, D, self.fold_len, W)
+        if self.memory == "carry":  # which memory each row needs: segments 0 .. window - depth - 1 of hist
+            dev = batch["seg"].device
+            batch["hist"] = torch.from_numpy(specs.hist.copy()).to(dev)
+            batch["window"] = torch.from_numpy(specs.window.copy()).to(dev)
+        return batch
+
+    def memory_batch(self, hist: np.ndarray, n_segments: np.ndarray) -> dict[str, torch.Tensor]:
+        """{'seg', 'seg_len'} of segments 0 .. n_segments-1 of each history `hist` (right-aligned, rollout
+        phases): what an exact fold of the memory before segment n_segments reads (sampler.memory=carry
+        rebuilds a memory it does not hold from these, e.g. at the first batch after a start or resume)."""
+        hist, n_segments = np.asarray(hist, dtype=np.int64), np.asarray(n_segments, dtype=np.int64)
+        d = int(n_segments.max(initial=0))
+        specs = window_specs(hist, n_segments, n_segments, d, self.seg_len, self.keep_recent)
+        batch = gather_batch(self.flat, self.n_steps, specs, d, self.fold_len, None)
+        return {"seg": batch["seg"], "seg_len": batch["seg_len"]}
 
     def items(self, k: int) -> list[dict]:
         """This rank's samples of batch k as per-sample dicts (loop-based; for tests and inspection)."""
@@ -493,22 +560,26 @@ class HistoryBatches(SegmentBatches):
                  win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_batches: int | None = None,
                  static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None,
-                 keep_recent: int = 0):
+                 keep_recent: int = 0, memory: str = "exact", carry_slots: int | None = None):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
                          max_depth=max_depth, depth_weights=depth_weights,
                          win_len_min=seg_len if win_len_min is None else win_len_min,
                          win_len_max=seg_len if win_len_max is None else win_len_max,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
                          name="HistoryBatches", static_shapes=static_shapes, schedule=schedule,
-                         max_windows=max_windows, keep_recent=keep_recent)
+                         max_windows=max_windows, keep_recent=keep_recent, memory=memory,
+                         carry_slots=carry_slots)
 
     @classmethod
     def _cfg_options(cls, cfg: Any, s: Any) -> dict:
         """Stage 2's keys for `from_cfg`: sampler.{depth_weights, win_len_min, win_len_max, schedule,
-        max_windows} (null weights -> d+1, null window bounds -> seg_len)."""
+        max_windows, memory} (null weights -> d+1, null window bounds -> seg_len) and, for
+        sampler.memory=carry, model.bptt_segments (the folds each sample holds)."""
         return {"depth_weights": cfg_get(s, "depth_weights", None),
                 "win_len_min": cfg_get(s, "win_len_min", None), "win_len_max": cfg_get(s, "win_len_max", None),
-                "schedule": cfg_get(s, "schedule", "random"), "max_windows": cfg_get(s, "max_windows", None)}
+                "schedule": cfg_get(s, "schedule", "random"), "max_windows": cfg_get(s, "max_windows", None),
+                "memory": cfg_get(s, "memory", "exact"),
+                "carry_slots": cfg_get(cfg_get(cfg, "model"), "bptt_segments", None)}
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:

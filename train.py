@@ -27,6 +27,7 @@ from dataset import HistoryBatches, batch_loader, data_device
 from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
+from model.compressed_ad import LatentCarry
 from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
 
@@ -52,6 +53,7 @@ class ActionPredictionTask:
         self.cfg, self.model, self.hist = cfg, model, hist
         self.aux_w = model.cfg.aux_recon_weight  # the model's ModelConfig (build_model gave it the head)
         self.accelerator = None  # set by setup (loop.fit)
+        self.carry = None  # LatentCarry with sampler.memory=carry, built with the batches
 
     def setup(self, accelerator, global_micro_batch):
         # The held-out data are whole histories of self.hist (same_position), nothing to build ahead.
@@ -60,11 +62,18 @@ class ActionPredictionTask:
     def batches(self, start, rank, world, global_micro_batch):
         ds = HistoryBatches.from_cfg(self.hist, self.cfg, "train", rank, world, batch_size=global_micro_batch,
                                      seed=self.cfg.seed)
+        # sampler.memory=carry: each row's memory comes from the previous micro-batch; none is held at a
+        # (re)start, so the first batch folds it exactly (LatentCarry)
+        self.carry = LatentCarry(ds) if ds.memory == "carry" else None
         device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):
+        if self.carry is not None:
+            batch = self.carry.attach(loop.unwrap(self.accelerator, model), batch)
         out = model(batch)
+        if self.carry is not None:
+            self.carry.update(batch, out)
         a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]

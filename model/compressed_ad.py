@@ -71,8 +71,10 @@ class CompressedAD(Compressor):
         k_bptt = self.cfg.bptt_segments
         n_old = max(0, seg.shape[1] - k_bptt) if k_bptt is not None else 0
         label_segments = label_segments and seg.shape[1] > n_old
+        carried = "memory" in batch  # sampler.memory=carry: the memory before the first slot, from the last batch
+        init = (batch["memory"], batch["has_memory"]) if carried else None
         latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
-                                               return_prefixes=True, no_grad_slots=n_old)
+                                               return_prefixes=True, no_grad_slots=n_old, init=init)
         b, w = win.shape[:2]
         # The decoder window, plus (label_segments) every used compressed segment decoded as the window it
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
@@ -130,6 +132,11 @@ class CompressedAD(Compressor):
                 pos = torch.arange(seg.shape[2], device=win.device)
                 out["seg_target"] = action(seg[:, n_old:]).long()
                 out["seg_mask"] = used[..., None] & (pos >= keep * pre_has[..., None])
+        if carried and seg.shape[1] > 0:
+            # What the lane's next window needs: the memory after this sample's oldest fold (no graph).
+            after = torch.stack([p[0] for p in prefixes[1:]] + [latents], dim=1).detach()  # [B, D, n, d]
+            first = (seg.shape[1] - (seg_len > 0).sum(1)).clamp(max=seg.shape[1] - 1)  # first used slot
+            out["next_memory"] = after[torch.arange(b, device=after.device), first]
         if self.recon is not None and latents is not None:
             # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
             out["recon_pred"] = self.recon(latents, batch["seg"], seg_len)
@@ -267,3 +274,50 @@ def _pad_state(states: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(states.shape[0], 1, N_FIELDS, dtype=torch.long, device=states.device)
     out[:, 0, STATE] = states.long()
     return out
+
+
+class LatentCarry:
+    """sampler.memory=carry: the memory each batch row (a lane of dataset.carry_specs) carries from one
+    micro-batch to the next, Transformer-XL / RMT style, so a sample's cost does not grow with its window's
+    position: it folds only its newest min(m, model.bptt_segments) segments, from the memory the lane's
+    previous sample left after its oldest fold (computed with the weights of that step: stale by one
+    optimizer step per fold it went through, and without a graph).
+
+    A row whose memory is not held — the first batch after a start or a resume, or a lane that moved to
+    another history — gets it folded exactly from step 0 of its history with the current weights (what
+    sampler.memory=exact does for every sample), so the data and the first memory after a resume are a
+    pure function of (seed, step, weights); only the staleness differs from an uninterrupted run.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset  # the HistoryBatches the batches come from (memory_batch: the exact fold's input)
+        self.hist = self.index = self.latents = None  # per row: history, memory index j (= L_j), latents
+
+    def attach(self, net: CompressedAD, batch: dict) -> dict:
+        """`batch` plus 'memory' [B, n, d] / 'has_memory' [B]: L_{window - depth} of each row."""
+        hist, need = batch["hist"], batch["window"] - batch["depth"]
+        b = hist.shape[0]
+        mem = torch.zeros(b, net.cfg.n_latent, net.cfg.d_model, device=batch["win"].device)
+        has = need > 0
+        hit = torch.zeros_like(has)
+        if self.latents is not None and self.latents.shape[0] == b:
+            hit = has & (self.hist == hist) & (self.index == need)
+            mem = torch.where(hit[:, None, None], self.latents.to(mem.dtype), mem)
+        miss = (has & ~hit).nonzero(as_tuple=True)[0]
+        if miss.numel():
+            rows = miss.cpu().numpy()
+            ref = self.dataset.memory_batch(hist[miss].cpu().numpy(), need[miss].cpu().numpy())
+            with torch.no_grad():
+                lat, _ = net.compress(ref["seg"].to(mem.device), ref["seg_len"].to(mem.device))
+            mem[torch.as_tensor(rows, device=mem.device)] = lat.to(mem.dtype)
+        return {**batch, "memory": mem, "has_memory": has}
+
+    def update(self, batch: dict, out: dict) -> None:
+        """Keep the memory after each row's oldest fold, L_{window - depth + 1}, for the lane's next window."""
+        if "next_memory" not in out:
+            self.latents = None
+            return
+        self.hist = batch["hist"]
+        # rows without a fold (window 0) hold nothing the next window could need
+        self.index = torch.where(batch["depth"] > 0, batch["window"] - batch["depth"] + 1, -1)
+        self.latents = out["next_memory"].detach()

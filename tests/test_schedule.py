@@ -193,8 +193,92 @@ def test_train_main_with_the_rollout_schedule(tiny, tmp_path):
     kept = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8", "model.keep_recent=3",
                                    "model.bptt_segments=2", "model.latent_update=gated", run_dir=tmp_path / "k"))
     assert kept["global_step"] == 6 and np.isfinite(kept["tf_loss_test"])
+    carried = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8",
+                                      "model.keep_recent=3", "model.bptt_segments=1", "sampler.memory=carry",
+                                      "grad_accum=2", run_dir=tmp_path / "c"))
+    assert carried["global_step"] == 6 and np.isfinite(carried["tf_loss_test"])
+    with pytest.raises(ConfigError, match="sampler.memory=carry needs sampler.schedule=rollout"):
+        train.main(tiny.compose("train", "model.schedule=rollout", "sampler.memory=carry", run_dir=tmp_path / "x"))
     with pytest.raises(ConfigError, match="model.keep_recent=3 needs sampler.schedule=rollout"):
         train.main(tiny.compose("train", "model.keep_recent=3", run_dir=tmp_path / "random"))
     assert not (tmp_path / "random").exists()
     with pytest.raises(ValueError, match="sampler.schedule='sideways'"):
         train.main(tiny.compose("train", "model.schedule=sideways", run_dir=tmp_path / "bad"))
+
+
+def carry_batches(hist, **kw):
+    return HistoryBatches(hist, "train", batch_size=32, seg_len=S, min_seg_len=S, max_depth=3, seed=0,
+                          schedule="rollout", memory="carry", carry_slots=2, **kw)
+
+
+def test_carried_memory_lanes_walk_their_histories_window_by_window(hist):
+    """sampler.memory=carry: row i of micro-batch k+1 is the window after row i's of micro-batch k (or window 0
+    of its next history), holding only the newest min(m, bptt_segments) segments; a pure function of
+    (seed, k), sliced by rank like every batch."""
+    for keep in (0, 3):
+        f = S - keep
+        ds = carry_batches(hist, keep_recent=keep)
+        n_win = (hist.n_steps - S) // f + 1
+        prev = None
+        for k in range(n_win + 2):
+            b = ds[k]
+            m, h = b["window"].numpy(), b["hist"].numpy()
+            assert np.array_equal(b["depth"].numpy(), np.minimum(m, 2)) and b["seg"].shape[1] == 2
+            for i in (0, 5, 31):
+                assert np.array_equal(b["win"][i].numpy(), hist.transitions(h[i], m[i] * f, m[i] * f + S))
+                d = min(int(m[i]), 2)
+                got = b["seg"][i, 2 - d:].reshape(-1, 6).numpy()
+                assert np.array_equal(got, hist.transitions(h[i], (m[i] - d) * f, m[i] * f).reshape(-1, 6))
+            if prev is not None:
+                on = m == prev[0] + 1
+                assert np.array_equal(on | (m == 0), np.ones(32, bool)) and (h[on] == prev[1][on]).all()
+            prev = (m, h)
+        assert len(set(ds[0]["window"].tolist())) > 8  # lanes sit at many depths at once
+        again = carry_batches(hist, keep_recent=keep)[5]
+        assert all(torch.equal(x, y) for x, y in zip(ds[5].values(), again.values()))
+        halves = [carry_batches(hist, keep_recent=keep, rank=r, world_size=2)[5] for r in (0, 1)]
+        for key, v in ds[5].items():
+            assert torch.equal(torch.cat([halves[0][key], halves[1][key]]), v), key
+    with pytest.raises(ConfigError, match="sampler.memory=carry needs sampler.schedule=rollout"):
+        rollout_batches(hist, memory="carry")
+
+
+@pytest.mark.parametrize("keep, update, reads", [(0, "replace", "embeddings"), (3, "gated", "decoder"),
+                                                 (5, "gated", "embeddings")])
+def test_carried_memory_with_fixed_weights_is_the_rollouts_memory(hist, keep, update, reads, monkeypatch):
+    """With weights that do not change, carrying each lane's memory from the previous micro-batch gives exactly
+    the memory a rollout has (= exact folding): every labelled window position's logits equal the replay's.
+    Only the first micro-batch (nothing carried yet: a start or a resume) folds memories from step 0."""
+    from model.compressed_ad import LatentCarry
+
+    model = equality_model(bptt_segments=2, latent_update=update, memory_reads=reads, keep_recent=keep)
+    f = S - keep
+    ds = carry_batches(hist, keep_recent=keep)
+    folded = []
+    real = ds.memory_batch
+    monkeypatch.setattr(ds, "memory_batch", lambda h, n: folded.append(len(h)) or real(h, n))
+    carry = LatentCarry(ds)
+    ref = {}
+    with torch.no_grad():
+        for k in range(12):
+            b = carry.attach(model, ds[k])
+            out = model(b)
+            carry.update(b, out)
+            for i in range(32):
+                h, m = int(b["hist"][i]), int(b["window"][i])
+                if h not in ref:
+                    ref[h] = model.rollout_logits(torch.from_numpy(hist.transitions([h])).long())[0]
+                lo = keep if m else 0
+                assert torch.allclose(out["logits"][i, lo:], ref[h][m * f + lo:m * f + S], atol=1e-5), (k, i, m)
+            if k == 0:
+                assert b["has_memory"].sum() >= 10 and folded == [int(b["has_memory"].sum())]
+    assert len(folded) == 1  # afterwards every memory was carried
+    # a resume at micro-batch 7: nothing carried, the memories are folded exactly, the logits are the same
+    with torch.no_grad():
+        fresh = LatentCarry(ds)
+        b = fresh.attach(model, ds[7])
+        out = model(b)
+    for i in range(32):
+        h, m = int(b["hist"][i]), int(b["window"][i])
+        lo = keep if m else 0
+        assert torch.allclose(out["logits"][i, lo:], ref[h][m * f + lo:m * f + S], atol=1e-5)
