@@ -282,3 +282,37 @@ def test_carried_memory_with_fixed_weights_is_the_rollouts_memory(hist, keep, up
         h, m = int(b["hist"][i]), int(b["window"][i])
         lo = keep if m else 0
         assert torch.allclose(out["logits"][i, lo:], ref[h][m * f + lo:m * f + S], atol=1e-5)
+
+
+def test_carried_memory_resume_equals_a_run_that_drops_the_carry_at_the_resume_step(tiny, tmp_path, monkeypatch):
+    """What a resume guarantees with sampler.memory=carry: the carried memories are not in the checkpoint,
+    so the first batch after a resume folds them exactly from step 0 with the current weights. A run stopped
+    at step 3 and resumed ends with exactly the weights of an uninterrupted run whose carry is dropped before
+    step 4 (and, in general, not those of a run that kept carrying: the memory is then one fold fresher)."""
+    from model.compressed_ad import LatentCarry
+
+    args = ("model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8", "model.keep_recent=3",
+            "model.bptt_segments=1", "sampler.memory=carry", "checkpoint_every=3", "model.dropout=0.1",
+            "min_lr_ratio=1")  # a constant rate after warm-up: the 3-step run's schedule is the 6-step one's
+    attach = LatentCarry.attach
+    calls = []
+
+    def dropping(self, net, batch):
+        calls.append(1)
+        if len(calls) == 4:  # the 4th micro-batch = step 4, the first after the resume below
+            self.latents = None
+        return attach(self, net, batch)
+
+    monkeypatch.setattr(LatentCarry, "attach", dropping)
+    train.main(tiny.compose("train", *args, "max_steps=6", run_dir=tmp_path / "ref"))
+    monkeypatch.setattr(LatentCarry, "attach", attach)
+    train.main(tiny.compose("train", *args, "max_steps=3", run_dir=tmp_path / "run"))
+    done = train.main(tiny.compose("train", *args, "max_steps=6", "resume=true", run_dir=tmp_path / "run"))
+    assert done["global_step"] == 6
+    a = torch.load(tmp_path / "ref" / "model.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "run" / "model.pt", weights_only=True)["model_state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    kept = train.main(tiny.compose("train", *args, "max_steps=6", run_dir=tmp_path / "kept"))  # never dropped
+    assert kept["global_step"] == 6
+    c = torch.load(tmp_path / "kept" / "model.pt", weights_only=True)["model_state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the carry is real state: dropping it changes the run
