@@ -85,6 +85,22 @@ def test_train_two_processes_match_one(tiny, tmp_path, tb_scalars):
     assert tb_scalars(tmp_path / "two")["eval/return_val"]  # main-only eval ran while rank 1 waited
 
 
+def test_train_two_processes_match_one_with_the_kept_window_and_carried_memory(tiny, tmp_path):
+    """sampler.memory=carry: each rank carries the memory of its own rows (lanes) from micro-batch to
+    micro-batch; together they are the 1-process run's lanes, so the weights match."""
+    args = tiny.args("train", "model.dropout=0", "max_steps=4", "checkpoint_every=4", "sampler.schedule=rollout",
+                     "model.seg_len=8", "sampler.min_seg_len=8", "model.keep_recent=3", "model.bptt_segments=1",
+                     "sampler.memory=carry")
+    two = _launch(tiny, "train.py", [*args, f"run_dir={tmp_path / 'two'}"], nproc=2)
+    one = tiny.start("train.py", *args, f"run_dir={tmp_path / 'one'}")
+    _wait(two)
+    _wait(one)
+    _check_layout(tmp_path / "two", tmp_path / "one", 4)
+    a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model_state_dict"]
+    b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model_state_dict"]
+    assert _max_diff(a, b) < 1e-4
+
+
 def test_pretrain_two_processes_match_one(tiny, tmp_path, tb_scalars):
     """Stage 1 has variable-length segments and depths, so per-rank label counts differ: the loop's
     label-weighted loss is what makes 2 processes equal 1 (per-rank means would not)."""
