@@ -195,6 +195,7 @@ MODEL_RULES = {
     "model.enc_n_layer": integer(1, 256),
     "model.n_latent": integer(1, 1024, note="latent tokens per compression; also <= model.seg_len"),
     "model.seg_len": integer(1, 100_000),
+    "model.keep_recent": integer(0, 100_000, note="raw transitions a fold leaves in the window; < model.seg_len"),
     "model.context_len": integer(1, 100_000),
     "model.dropout": number(0, 1, hi_open=True),
     "model.recon_n_layer": integer(1, 256),
@@ -226,16 +227,33 @@ SAMPLER_RULES = {  # config/sampler/: how training samples are cut (stage 2: dat
     "sampler.win_len_min": integer(1, 100_000, null=True, note="null = model.seg_len"),
     "sampler.win_len_max": integer(1, 100_000, null=True, note="null = model.seg_len"),
     "sampler.max_windows": integer(1, null=True, note="rollout schedule: first windows of each history; null = all"),
+    "sampler.memory": one_of("exact", "carry", note="rollout schedule: memory folded from step 0 (exact) or carried "
+                                                    "from the previous batch (carry; docs/design.md §4.4)"),
     "sampler.pretrain_depth_weights": weights(note="one per depth 1..model.max_compression_depth; null = d+1"),
     "sampler.pretrain_depth_curriculum": weights(
         note="fractions of pretrain_steps at which depths 2..model.max_compression_depth join; null = none"),
 }
 
 
-def check_model(model_cfg) -> None:
-    """Relations between model keys that no single rule can express."""
+def check_model(model_cfg, sampler_cfg=None) -> None:
+    """Relations between model keys that no single rule can express; with `sampler_cfg` (stage 2), also
+    those between the model and how its training samples are cut."""
     n_latent, seg_len = model_cfg.get("n_latent"), model_cfg.get("seg_len")
     if isinstance(n_latent, int) and isinstance(seg_len, int) and n_latent > seg_len:
         raise ConfigError(f"model.n_latent={n_latent} must be <= model.seg_len={seg_len} (a compression folds "
                           f"seg_len transitions into n_latent tokens; more tokens than transitions is no "
                           f"compression and costs memory quadratic in n_latent)")
+    keep = model_cfg.get("keep_recent")
+    if isinstance(keep, int) and isinstance(seg_len, int) and keep >= seg_len:
+        raise ConfigError(f"model.keep_recent={keep} must be < model.seg_len={seg_len}: a fold takes the oldest "
+                          f"seg_len - keep_recent transitions of a full window, at least one")
+    schedule = sampler_cfg.get("schedule", "random") if sampler_cfg is not None else "rollout"
+    memory = sampler_cfg.get("memory", "exact") if sampler_cfg is not None else "exact"
+    bptt = model_cfg.get("bptt_segments")
+    if memory == "carry" and (schedule != "rollout" or not bptt):
+        raise ConfigError(f"sampler.memory=carry needs sampler.schedule=rollout and model.bptt_segments >= 1 (the "
+                          f"folds each sample redoes with gradients), got schedule={schedule}, bptt_segments={bptt}")
+    if isinstance(keep, int) and keep > 0 and schedule != "rollout":
+        raise ConfigError(f"model.keep_recent={keep} needs sampler.schedule=rollout (a random-schedule window "
+                          f"has no kept transitions from a previous window); set sampler.schedule=rollout or "
+                          f"model.keep_recent=0")

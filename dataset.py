@@ -98,13 +98,16 @@ class SampleSpecs:
     seg_start: np.ndarray  # int64 [B, max_depth]  first time step of each segment
     win_start: np.ndarray  # int64 [B]             first time step of the window
     win_len: np.ndarray    # int64 [B]             (0 for stage-1 samples, which have no window)
+    # sampler.memory=carry only: the window's index m in its history; its m - depth older segments are
+    # folded into a memory the training task carries from the previous micro-batch (LatentCarry).
+    window: np.ndarray | None = None  # int64 [B]
 
     def __len__(self) -> int:
         return len(self.hist)
 
     def rows(self, sl: slice) -> SampleSpecs:
         return SampleSpecs(self.hist[sl], self.depth[sl], self.seg_len[sl], self.seg_start[sl],
-                           self.win_start[sl], self.win_len[sl])
+                           self.win_start[sl], self.win_len[sl], None if self.window is None else self.window[sl])
 
 
 def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int,
@@ -130,8 +133,28 @@ def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: in
     return SampleSpecs(hist, depth, lens, seg_start, win_start, win_len)
 
 
+def n_rollout_windows(n_steps: int, seg_len: int, keep_recent: int = 0, max_windows: int | None = None) -> int:
+    """Full rollout windows of a T-step history: (T - S) // F + 1 with F = S - keep_recent (T // S when
+    keep_recent = 0), capped at max_windows."""
+    n_full = (n_steps - seg_len) // (seg_len - keep_recent) + 1
+    return n_full if max_windows is None else min(int(max_windows), n_full)
+
+
+def window_specs(hist: np.ndarray, window: np.ndarray, depth: np.ndarray, n_slots: int, seg_len: int,
+                 keep_recent: int = 0) -> SampleSpecs:
+    """Rollout window m = `window` of each history `hist` (steps [m*F, m*F + S), F = S - keep_recent) with its
+    newest `depth` segments (m - depth .. m - 1, each [j*F, (j+1)*F)) right-aligned over n_slots slots."""
+    f = seg_len - keep_recent
+    j = np.arange(n_slots, dtype=np.int64)[None, :] - (n_slots - depth)[:, None]  # slot's index among the used
+    used = j >= 0
+    seg_len_arr = np.where(used, f, 0).astype(np.int64)
+    seg_start = np.where(used, (window - depth)[:, None] + j, 0).astype(np.int64) * f
+    win_len = np.full(len(hist), seg_len, dtype=np.int64)
+    return SampleSpecs(hist, depth, seg_len_arr, seg_start, window * f, win_len, window)
+
+
 def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int, seg_len: int,
-                  max_windows: int | None = None) -> SampleSpecs:
+                  max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
     """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream).
 
     A rollout starts its window empty at step 0 of the history and folds it into the latents every seg_len
@@ -140,18 +163,33 @@ def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: i
     drawn uniformly from the M = min(T // S, max_windows) windows of the history (so every history step is
     equally likely to be labelled), preceded by all m segments from step 0. Slots are right-aligned over
     M-1 slots; the model decides how many of the newest folds get gradients (model.bptt_segments).
+
+    keep_recent = K > 0 (the kept window): a fold takes only the oldest F = S - K transitions of the full
+    window, so window m covers steps [m*F, m*F + S), segment j is [j*F, (j+1)*F), and the history holds
+    M = (T - S) // F + 1 full windows (n_rollout_windows). Same draws in the same order for every K.
     """
-    n_win = n_steps // seg_len if max_windows is None else min(int(max_windows), n_steps // seg_len)
-    slots = max(n_win - 1, 0)
+    n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
     hist = pool[rng.integers(0, len(pool), size=n)]
     depth = rng.integers(0, n_win, size=n, dtype=np.int64)               # window index m = folds before it
-    first = slots - depth                                                  # first used slot of each row
-    j = np.arange(slots, dtype=np.int64)[None, :] - first[:, None]        # segment index held by each slot
-    used = j >= 0
-    seg_len_arr = np.where(used, seg_len, 0).astype(np.int64)
-    seg_start = np.where(used, j * seg_len, 0).astype(np.int64)
-    win_len = np.full(n, seg_len, dtype=np.int64)
-    return SampleSpecs(hist, depth, seg_len_arr, seg_start, depth * seg_len, win_len)
+    return window_specs(hist, depth, depth, max(n_win - 1, 0), seg_len, keep_recent)
+
+
+def carry_specs(seed: int, k: int, n: int, pool: np.ndarray, n_steps: int, seg_len: int, n_slots: int,
+                max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
+    """Global micro-batch k of sampler.memory=carry: row i is a LANE that walks through one history window
+    by window, one window per micro-batch, Transformer-XL / RMT style, so the memory the previous
+    micro-batch built for it is the one this window needs. Lane i is at position p = k + o_i (o_i uniform
+    over 0 .. M-1, fixed per (seed, n): lanes sit at every depth at once); p // M counts its histories so
+    far, each drawn uniformly from the pool, and m = p % M is its window. The sample holds the window and
+    its newest min(m, n_slots) segments; the older m - min(m, n_slots) are the carried memory's. A pure
+    function of (seed, k, n), like every batch."""
+    n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
+    offset = np.random.default_rng([seed, 1, n]).integers(0, n_win, size=n)  # 3 words: no batch's stream
+    pos = int(k) + offset
+    lap, window = pos // n_win, (pos % n_win).astype(np.int64)
+    hist = np.array([pool[np.random.default_rng([seed, 2, i, int(r)]).integers(0, len(pool))]
+                     for i, r in enumerate(lap)], dtype=np.int64)
+    return window_specs(hist, window, np.minimum(window, n_slots), n_slots, seg_len, keep_recent)
 
 
 def _gather(flat: np.ndarray, n_steps: int, hist: np.ndarray, start: np.ndarray, length: np.ndarray,
@@ -301,8 +339,13 @@ class SegmentBatches(torch.utils.data.Dataset):
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
                  win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
                  num_batches: int | None = None, name: str = "dataset", static_shapes: bool = False,
-                 schedule: str = "random", max_windows: int | None = None):
+                 schedule: str = "random", max_windows: int | None = None, keep_recent: int = 0,
+                 memory: str = "exact", carry_slots: int | None = None):
         self.name = name
+        # sampler.memory: 'exact' (every sample's memory folded from step 0 of its history) | 'carry' (lanes
+        # walk their histories window by window; carry_specs / model.compressed_ad.LatentCarry)
+        self.memory = memory
+        self.carry_slots = None if carry_slots is None else int(carry_slots)
         self.static_shapes = bool(static_shapes)
         self.flat_device: torch.Tensor | None = None  # set by to_device
         self.schedule = schedule
@@ -310,6 +353,10 @@ class SegmentBatches(torch.utils.data.Dataset):
         self.split = split
         self.global_batch_size = int(batch_size)
         self.seg_len, self.min_seg_len = int(seg_len), int(min_seg_len)
+        # model.keep_recent: a fold takes fold_len = seg_len - keep_recent transitions, so every compressed
+        # segment (both stages) is at most fold_len long; the decoder window stays seg_len.
+        self.keep_recent = int(keep_recent)
+        self.fold_len = self.seg_len - self.keep_recent
         self.min_depth, self.max_depth = int(min_depth), int(max_depth)
         self.win_len_min, self.win_len_max = int(win_len_min), int(win_len_max)
         self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
@@ -331,13 +378,14 @@ class SegmentBatches(torch.utils.data.Dataset):
         if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
             raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
                              "the histories' meta.json is inconsistent with the arrays")
-        need = self.max_depth * self.seg_len + self.win_len_max
+        need = self.max_depth * self.fold_len + self.win_len_max
         if self.schedule == "rollout":
             need = self.seg_len  # at least one full window; deeper samples use what the history holds
         if need > self.n_steps:
             raise ConfigError(
-                f"{name}: a sample needs up to max_depth*seg_len + win_len_max = {self.max_depth}*"
-                f"{self.seg_len} + {self.win_len_max} = {need} steps but histories have only "
+                f"{name}: a sample needs up to max_depth*{'seg_len' if not self.keep_recent else 'fold_len'} + "
+                f"win_len_max = {self.max_depth}*"
+                f"{self.fold_len} + {self.win_len_max} = {need} steps but histories have only "
                 f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
                 "longer histories")
         self.depth_probs = np.asarray(self.depth_weights) / sum(self.depth_weights)
@@ -358,6 +406,7 @@ class SegmentBatches(torch.utils.data.Dataset):
                    seg_len=cfg_get(m, "seg_len"), min_seg_len=cfg_get(s, "min_seg_len"),
                    max_depth=cfg_get(m, "max_compression_depth"),
                    static_shapes=bool(cfg_get(m, "static_shapes", False)),
+                   keep_recent=int(cfg_get(m, "keep_recent", 0)),
                    rank=rank, world_size=world_size, num_batches=num_batches,
                    **cls._cfg_options(cfg, s, **options))
 
@@ -382,6 +431,12 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise ConfigError(f"{n}: seed must be >= 0 (numpy SeedSequence), got {self.seed}")
         if self.seg_len < 1:
             raise ConfigError(f"{n}: seg_len must be >= 1, got {self.seg_len}")
+        if not 0 <= self.keep_recent < self.seg_len:
+            raise ConfigError(f"{n}: model.keep_recent={self.keep_recent} must be in [0, seg_len={self.seg_len})")
+        if self.keep_recent and self.with_window and self.schedule != "rollout":
+            raise ConfigError(f"{n}: model.keep_recent={self.keep_recent} needs sampler.schedule=rollout (a "
+                              "random-schedule window has no kept transitions from a previous window); set "
+                              "sampler.schedule=rollout or model.keep_recent=0")
         if not 1 <= self.min_seg_len <= self.seg_len:
             raise ConfigError(f"{n}: min_seg_len must be in [1, seg_len={self.seg_len}], got "
                              f"{self.min_seg_len}")
@@ -399,6 +454,13 @@ class SegmentBatches(torch.utils.data.Dataset):
         if self.schedule not in ("random", "rollout"):
             raise ValueError(f"{n}: sampler.schedule={self.schedule!r}: use 'rollout' (segments of exactly "
                              "seg_len at the rollout's phases) or 'random' (random lengths and phases)")
+        if self.memory not in ("exact", "carry"):
+            raise ConfigError(f"{n}: sampler.memory={self.memory!r}: use 'exact' (fold every sample's memory from "
+                              "step 0) or 'carry' (carry each lane's memory from the previous batch)")
+        if self.memory == "carry" and (self.schedule != "rollout" or not self.carry_slots):
+            raise ConfigError(f"{n}: sampler.memory=carry needs sampler.schedule=rollout and model.bptt_segments "
+                              f">= 1 (the folds each sample redoes with gradients), got schedule={self.schedule!r}, "
+                              f"bptt_segments={self.carry_slots}")
         if self.max_windows is not None and self.max_windows < 1:
             raise ValueError(f"{n}: sampler.max_windows={self.max_windows} must be >= 1 (or null: all)")
         if self.with_window and not 1 <= self.win_len_min <= self.win_len_max:
@@ -417,12 +479,19 @@ class SegmentBatches(torch.utils.data.Dataset):
     # -- sampling -------------------------------------------------------------------------------------
     def global_specs(self, k: int) -> SampleSpecs:
         """Specs of global batch k (all ranks), a pure function of (seed, k)."""
+        if self.memory == "carry":
+            return carry_specs(self.seed, k, self.global_batch_size, self.pool, self.n_steps, self.seg_len,
+                               self.carry_slots, self.max_windows, self.keep_recent)
         rng = np.random.default_rng([self.seed, int(k)])
         if self.schedule == "rollout":
             return rollout_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.seg_len,
-                                 self.max_windows)
-        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths,
-                            self.depth_probs, self.max_depth, self.seg_len, self.min_seg_len,
+                                 self.max_windows, self.keep_recent)
+        return self.random_specs(rng, self.depth_probs)
+
+    def random_specs(self, rng: np.random.Generator, depth_probs: np.ndarray) -> SampleSpecs:
+        """The random schedule's draw: segment lengths in [min(min_seg_len, fold_len), fold_len]."""
+        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths, depth_probs,
+                            self.max_depth, self.fold_len, min(self.min_seg_len, self.fold_len),
                             self.win_len_min, self.win_len_max)
 
     def _padding(self, specs: SampleSpecs) -> tuple[int, int | None]:
@@ -445,9 +514,28 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise IndexError(f"{self.name}: batch {k} out of range [0, {self.num_batches})")
         specs = self.global_specs(k)
         D, W = self._padding(specs)
+        return self._gather(specs.rows(self.rows), D, W)
+
+    def _gather(self, specs: SampleSpecs, D: int, W: int | None) -> dict[str, torch.Tensor]:
         if self.flat_device is not None:
-            return gather_batch_torch(self.flat_device, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
-        return gather_batch(self.flat, self.n_steps, specs.rows(self.rows), D, self.seg_len, W)
+            batch = gather_batch_torch(self.flat_device, self.n_steps, specs, D, self.fold_len, W)
+        else:
+            batch = gather_batch(self.flat, self.n_steps, specs, D, self.fold_len, W)
+        if self.memory == "carry":  # which memory each row needs: segments 0 .. window - depth - 1 of hist
+            dev = batch["seg"].device
+            batch["hist"] = torch.from_numpy(specs.hist.copy()).to(dev)
+            batch["window"] = torch.from_numpy(specs.window.copy()).to(dev)
+        return batch
+
+    def memory_batch(self, hist: np.ndarray, n_segments: np.ndarray) -> dict[str, torch.Tensor]:
+        """{'seg', 'seg_len'} of segments 0 .. n_segments-1 of each history `hist` (right-aligned, rollout
+        phases): what an exact fold of the memory before segment n_segments reads (sampler.memory=carry
+        rebuilds a memory it does not hold from these, e.g. at the first batch after a start or resume)."""
+        hist, n_segments = np.asarray(hist, dtype=np.int64), np.asarray(n_segments, dtype=np.int64)
+        d = int(n_segments.max(initial=0))
+        specs = window_specs(hist, n_segments, n_segments, d, self.seg_len, self.keep_recent)
+        batch = gather_batch(self.flat, self.n_steps, specs, d, self.fold_len, None)
+        return {"seg": batch["seg"], "seg_len": batch["seg_len"]}
 
     def items(self, k: int) -> list[dict]:
         """This rank's samples of batch k as per-sample dicts (loop-based; for tests and inspection)."""
@@ -457,7 +545,7 @@ class SegmentBatches(torch.utils.data.Dataset):
         """`collate` of `items(k)` padded like `self[k]`; must equal self[k] (reference path)."""
         specs = self.global_specs(k)
         D, W = self._padding(specs)
-        return collate(self.items(k), pad_seg_len=self.seg_len, pad_depth=D, pad_win_len=W)
+        return collate(self.items(k), pad_seg_len=self.fold_len, pad_depth=D, pad_win_len=W)
 
 
 class HistoryBatches(SegmentBatches):
@@ -471,22 +559,27 @@ class HistoryBatches(SegmentBatches):
                  max_depth: int, depth_weights: Sequence[float] | None = None,
                  win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None):
+                 static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None,
+                 keep_recent: int = 0, memory: str = "exact", carry_slots: int | None = None):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
                          max_depth=max_depth, depth_weights=depth_weights,
                          win_len_min=seg_len if win_len_min is None else win_len_min,
                          win_len_max=seg_len if win_len_max is None else win_len_max,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
                          name="HistoryBatches", static_shapes=static_shapes, schedule=schedule,
-                         max_windows=max_windows)
+                         max_windows=max_windows, keep_recent=keep_recent, memory=memory,
+                         carry_slots=carry_slots)
 
     @classmethod
     def _cfg_options(cls, cfg: Any, s: Any) -> dict:
         """Stage 2's keys for `from_cfg`: sampler.{depth_weights, win_len_min, win_len_max, schedule,
-        max_windows} (null weights -> d+1, null window bounds -> seg_len)."""
+        max_windows, memory} (null weights -> d+1, null window bounds -> seg_len) and, for
+        sampler.memory=carry, model.bptt_segments (the folds each sample holds)."""
         return {"depth_weights": cfg_get(s, "depth_weights", None),
                 "win_len_min": cfg_get(s, "win_len_min", None), "win_len_max": cfg_get(s, "win_len_max", None),
-                "schedule": cfg_get(s, "schedule", "random"), "max_windows": cfg_get(s, "max_windows", None)}
+                "schedule": cfg_get(s, "schedule", "random"), "max_windows": cfg_get(s, "max_windows", None),
+                "memory": cfg_get(s, "memory", "exact"),
+                "carry_slots": cfg_get(cfg_get(cfg, "model"), "bptt_segments", None)}
 
 
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:

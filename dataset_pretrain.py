@@ -4,7 +4,8 @@ The encoder pretraining (docs/design.md §5) folds segment 1, then [latents; seg
 reconstructs every raw transition of every segment from the final latents. So a sample is just the
 segments -- no decoder window. Depth 0 is excluded (it teaches the encoder nothing); depths are drawn
 with weights, default 2:3:4 over 1..3 (stage 2's 1:2:3:4 with depth 0 removed), segment lengths
-uniform in [min_seg_len, seg_len] exactly as in stage 2.
+uniform in [min_seg_len, seg_len] exactly as in stage 2. With model.keep_recent = K > 0 stage 2 folds
+segments of F = seg_len - K transitions, and so does stage 1: lengths in [min(min_seg_len, F), F].
 
 This is the stage-2 sampler (`dataset.SegmentBatches`) with min_depth=1 and no window, so both stages
 share one implementation of sampling, padding, determinism and rank slicing. Output keys:
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from dataset import SegmentBatches, cfg_get, collate, sample_specs
+from dataset import SegmentBatches, cfg_get, collate
 
 __all__ = ["PretrainBatches", "collate"]
 
@@ -37,11 +38,11 @@ class PretrainBatches(SegmentBatches):
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  max_depth: int = 3, depth_weights: Sequence[float] | None = None, seed: int = 0,
                  rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 static_shapes: bool = False, depth_starts: Sequence[int] | None = None):
+                 static_shapes: bool = False, depth_starts: Sequence[int] | None = None, keep_recent: int = 0):
         super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=1,
                          max_depth=max_depth, depth_weights=depth_weights, win_len_min=0, win_len_max=0,
                          seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                         name="PretrainBatches", static_shapes=static_shapes)
+                         name="PretrainBatches", static_shapes=static_shapes, keep_recent=keep_recent)
         self.depth_starts = None if depth_starts is None else [int(x) for x in depth_starts]
         if self.depth_starts is not None and (len(self.depth_starts) != max_depth - 1
                                               or any(x < 0 for x in self.depth_starts)):
@@ -56,9 +57,7 @@ class PretrainBatches(SegmentBatches):
         w = np.where(open_, self.depth_probs, 0.0)
         if w.sum() <= 0:  # only depths of weight 0 are open yet: depth 1
             w = (self.depths == 1).astype(float)
-        rng = np.random.default_rng([self.seed, int(k)])
-        return sample_specs(rng, self.global_batch_size, self.pool, self.n_steps, self.depths, w / w.sum(),
-                            self.max_depth, self.seg_len, self.min_seg_len, self.win_len_min, self.win_len_max)
+        return self.random_specs(np.random.default_rng([self.seed, int(k)]), w / w.sum())
 
     @classmethod
     def _cfg_options(cls, cfg: Any, s: Any, curriculum: bool = False) -> dict:

@@ -62,13 +62,26 @@ def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
     return "-pretrained-frozen" if freeze_encoder else "-pretrained"
 
 
+def mul(*factors) -> int:
+    """`${mul:a,b,...}`: the product of integers, so one key can follow another at a multiple (a memory-sweep
+    arm sets model.keep_recent = w and model.seg_len = ${mul:${model.keep_recent},2})."""
+    out = 1
+    for f in factors:
+        if isinstance(f, bool) or not isinstance(f, int):
+            raise TypeError(f"${{mul:...}} multiplies integers, got {f!r}")
+        out *= f
+    return out
+
+
 def register_resolvers() -> None:
-    """The `${encoder_tag:...}` interpolation; runs on import, so every composition through this module (or
-    a script that imports it) resolves train.yaml."""
+    """The `${encoder_tag:...}` and `${mul:...}` interpolations; runs on import, so every composition through
+    this module (or a script that imports it) resolves train.yaml and the arms that use them."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("encoder_tag"):
         OmegaConf.register_new_resolver("encoder_tag", encoder_tag)
+    if not OmegaConf.has_resolver("mul"):
+        OmegaConf.register_new_resolver("mul", mul)
 
 
 register_resolvers()

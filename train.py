@@ -28,6 +28,7 @@ from dataset import HistoryBatches, batch_loader, data_device
 from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
+from model.compressed_ad import LatentCarry
 from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
 
@@ -53,6 +54,7 @@ class ActionPredictionTask:
         self.cfg, self.model, self.hist = cfg, model, hist
         self.aux_w = model.cfg.aux_recon_weight  # the model's ModelConfig (build_model gave it the head)
         self.accelerator = None  # set by setup (loop.fit)
+        self.carry = None  # LatentCarry with sampler.memory=carry, built with the batches
 
     def setup(self, accelerator, global_micro_batch):
         # The held-out data are whole histories of self.hist (same_position), nothing to build ahead.
@@ -61,12 +63,19 @@ class ActionPredictionTask:
     def batches(self, start, rank, world, global_micro_batch):
         ds = HistoryBatches.from_cfg(self.hist, self.cfg, "train", rank, world, batch_size=global_micro_batch,
                                      seed=self.cfg.seed)
+        # sampler.memory=carry: each row's memory comes from the previous micro-batch; none is held at a
+        # (re)start, so the first batch folds it exactly (LatentCarry)
+        self.carry = LatentCarry(ds) if ds.memory == "carry" else None
         device = data_device(self.cfg.get("data_on_device"), getattr(self.accelerator, "device", None), ds)
         return batch_loader(ds, start=start, num_workers=self.cfg.num_workers, device=device)
 
     def loss(self, model, batch):
+        if self.carry is not None:
+            batch = self.carry.attach(loop.unwrap(self.accelerator, model), batch)
         out = model(batch)
-        a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"))
+        if self.carry is not None:
+            self.carry.update(batch, out)
+        a = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:
@@ -170,7 +179,7 @@ class ActionPredictionTask:
 def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
     cc.check(cfg, KEY_RULES)
-    cc.check_model(cfg.model)
+    cc.check_model(cfg.model, cfg.get("sampler"))
     plain = loop.to_plain(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))

@@ -4,6 +4,8 @@ history lengths 100 / 1k / 10k steps.
     .venv/bin/python benchmarks/rollout_cost.py                  # CPU defaults (E=32, a few minutes)
     .venv/bin/python benchmarks/rollout_cost.py --quick          # smoke run: lengths 100/300, E=8
     .venv/bin/python benchmarks/rollout_cost.py --device cuda --n-envs 256
+    .venv/bin/python benchmarks/rollout_cost.py --keep-recent 40 --kept-seg-len 80 --seg-len 40
+                                                 # + the kept window (model.keep_recent): seg_len 2w, keep w
 
 Methods, stepped in lockstep on the same transitions (rotating order every step, so machine noise hits
 all alike):
@@ -11,12 +13,17 @@ all alike):
                  latent prefix encoded once per compression
   cad_recompute  CompressedAD, use_cache=False: [latents ; whole window] recomputed every step
   ad             AD baseline: its context_len sliding window recomputed every step
+  cad_kept       (--keep-recent K > 0 only) CompressedAD with the kept window, KV cache: raw window of
+                 --kept-seg-len S2 (default seg_len), each fold takes the oldest S2 - K steps and keeps K,
+                 whose K tokens are re-encoded after the new latent prefix. Results then go to
+                 rollout_cost_kept.json (the default run's rollout_cost.json keeps its meaning).
 Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; the env
 and the action choice are not timed, only model.act(...) + model.observe(...) under torch.inference_mode.
 
 Each history length h is timed over the window of steps [h - W/2, h + W/2) (shifted to start at 0 if
-needed) with W = --cycles * seg_len, i.e. whole compression cycles: each seg_len consecutive steps
-contain exactly one compression (inside observe), so its cost is amortised fairly. The per-step cost of
+needed) with W = --cycles * C, i.e. whole compression cycles: C = seg_len (with cad_kept: the least common
+multiple of seg_len and the kept model's fold length S2 - K) consecutive steps contain a whole number of
+compressions (inside observe) of every model, so their cost is amortised fairly. The per-step cost of
 one (method, h) is the median over the cycles of all --repeats rollouts of the cycle's mean ms/step;
 ratios are taken per cycle (methods ran interleaved) and then the median.
 Reported: the three costs at each h; flatness cad_cached(h_max) / cad_cached(h_min) (raw, and as the
@@ -31,6 +38,7 @@ tokens), so its state in the window is exactly that of a fully cached rollout.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -53,7 +61,8 @@ from common import (
 from env.darkroom import BatchedDarkroom, goal_split
 from model import build_model
 
-METHODS = ("cad_cached", "cad_recompute", "ad")
+BASE_METHODS = ("cad_cached", "cad_recompute", "ad")
+CACHED = ("cad_cached", "cad_kept")  # KV-cached CompressedADs: they switch the cache on before each window
 
 
 def windows(lengths, span: int) -> dict[int, tuple[int, int]]:
@@ -63,6 +72,14 @@ def windows(lengths, span: int) -> dict[int, tuple[int, int]]:
         start = max(0, h - span // 2)
         out[h] = (start, start + span)
     return out
+
+
+def window_start(cfg, t: int) -> int:
+    """The first step of the rollout window (between two folds) that holds step t: 0 before the first fold,
+    then keep_recent + m * fold_len."""
+    if t < cfg.seg_len:
+        return 0
+    return cfg.keep_recent + ((t - cfg.keep_recent) // cfg.fold_len) * cfg.fold_len
 
 
 def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
@@ -78,40 +95,45 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
     st = {"cad_cached": models["cad"].init_rollout(a.n_envs, dev, use_cache=True),
           "cad_recompute": models["cad"].init_rollout(a.n_envs, dev, use_cache=False),
           "ad": models["ad"].init_rollout(a.n_envs, dev)}
-    times = {m: {h: np.zeros(w[1] - w[0]) for h, w in wins.items()} for m in METHODS}
+    if "kept" in models:
+        model_of["cad_kept"] = models["kept"]
+        st["cad_kept"] = models["kept"].init_rollout(a.n_envs, dev, use_cache=True)
+    methods = tuple(st)
+    times = {m: {h: np.zeros(w[1] - w[0]) for h, w in wins.items()} for m in methods}
     t_end = max(w[1] for w in wins.values())
-    # cad_cached must act on every step from the compression boundary before a window on (its cache
-    # holds the window's tokens); before that boundary it fast-forwards like the others.
-    seg = models["cad"].cfg.seg_len
-    cached_from = [((w[0] // seg) * seg, w[1]) for w in wins.values()]
-    cached = st["cad_cached"]
-    cached.use_cache = any(b == 0 for b, _ in cached_from)
+    # A cached CompressedAD must act on every step from the start of the rollout window (between two folds)
+    # that holds a timed window's first step on (its cache holds that window's tokens); before that step
+    # it fast-forwards like the others.
+    cached_from = {m: [(window_start(model_of[m].cfg, w[0]), w[1]) for w in wins.values()]
+                   for m in CACHED if m in st}
+    for m, spans in cached_from.items():
+        st[m].use_cache = any(b == 0 for b, _ in spans)
     states = env.reset()
     for t in range(t_end):
         timed = [(h, t - w[0]) for h, w in wins.items() if w[0] <= t < w[1]]
-        needs_cache = any(b <= t < e for b, e in cached_from)
         acts = torch.randint(0, int(env_cfg.n_actions), (a.n_envs,), generator=gen).to(dev)
         next_states, rewards, done = env.step(acts)
         trans = torch.cat([states, acts[:, None], rewards.long()[:, None], next_states], dim=1)
-        order = METHODS[t % 3:] + METHODS[:t % 3]
-        # The observe of step t compresses when the window is one short of full: switch the cache on
-        # for that compression if step t+1 must act; off otherwise. (Set after this step's act.)
-        switch = cached.n_win == seg - 1
-        cache_next = any(b <= t + 1 < e for b, e in cached_from)
+        k = t % len(methods)
+        order = methods[k:] + methods[:k]
         for m in order:
             model, s = model_of[m], st[m]
+            # The observe of step t compresses when the window is one short of full: switch the cache on
+            # for that compression if step t+1 must act; off otherwise. (Set after this step's act.)
+            switch = m in cached_from and s.n_win == model.cfg.seg_len - 1
+            cache_next = m in cached_from and any(b <= t + 1 < e for b, e in cached_from[m])
             if not timed:
-                if m == "cad_cached" and needs_cache:
+                if m in cached_from and any(b <= t < e for b, e in cached_from[m]):
                     model.act(s, states)  # untimed: fills the cache up to the window's first step
-                if m == "cad_cached" and switch:
+                if switch:
                     s.use_cache = cache_next
                 model.observe(s, trans)  # fast-forward: act is pure (no state) when nothing is cached
                 continue
-            assert m != "cad_cached" or s.use_cache, "cad_cached reached a timed step without its cache"
+            assert m not in cached_from or s.use_cache, f"{m} reached a timed step without its cache"
             sync(dev)
             t0 = time.perf_counter()
             logits = model.act(s, states)
-            if m == "cad_cached" and switch:
+            if switch:
                 s.use_cache = cache_next
             model.observe(s, trans)
             sync(dev)
@@ -135,6 +157,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default 1 on cpu: extra threads spin against other jobs on a "
                         "shared CPU; torch's default on cuda)")
+    p.add_argument("--keep-recent", type=int, default=0,
+                   help="> 0: also time cad_kept, CompressedAD with model.keep_recent=K (writes rollout_cost_kept.json)")
+    p.add_argument("--kept-seg-len", type=int, default=None, help="cad_kept's raw window (default: seg_len)")
     add_arch_args(p)
     a = p.parse_args()
     dev = pick_device(a.device)
@@ -150,7 +175,17 @@ def main() -> None:
     ad_m, _ = model_cfgs("ad_dr", arch_overrides(a))
     models = {"cad": build_model(cad_m, env_cfg).to(dev).eval(), "ad": build_model(ad_m, env_cfg).to(dev).eval()}
     seg = int(cad_m.seg_len)
-    span = a.cycles * seg
+    cycle = seg
+    methods = BASE_METHODS
+    kept_m = None
+    if a.keep_recent:
+        s2 = a.kept_seg_len or seg
+        kept_m, _ = model_cfgs("ad_compressed_dr", [*arch_overrides(a), f"model.seg_len={s2}",
+                                                    f"model.keep_recent={a.keep_recent}"])
+        models["kept"] = build_model(kept_m, env_cfg).to(dev).eval()  # validates keep_recent < seg_len
+        cycle = math.lcm(seg, s2 - a.keep_recent)
+        methods = (*BASE_METHODS, "cad_kept")
+    span = a.cycles * cycle
     wins = windows(sorted(a.lengths), span)
 
     runs = []
@@ -160,17 +195,20 @@ def main() -> None:
             runs.append(rollout(models, env_cfg, a, dev, wins, seed=r))
     wall = time.perf_counter() - t_start
 
-    # Per-cycle mean ms/step (each cycle = seg_len consecutive steps = exactly one compression).
+    # Per-cycle mean ms/step (each cycle = `cycle` consecutive steps = whole compressions of every model).
     def cycles(m, h):
-        return np.concatenate([run[m][h].reshape(-1, seg).mean(1) * 1e3 for run in runs])
+        return np.concatenate([run[m][h].reshape(-1, cycle).mean(1) * 1e3 for run in runs])
 
     res = {}
     for h in wins:
-        c = {m: cycles(m, h) for m in METHODS}
-        res[h] = {"window": list(wins[h]), **{f"{m}_ms": median(c[m]) for m in METHODS},
+        c = {m: cycles(m, h) for m in methods}
+        res[h] = {"window": list(wins[h]), **{f"{m}_ms": median(c[m]) for m in methods},
                   "cad_cached_over_ad": median(c["cad_cached"] / c["ad"]),
                   "recompute_over_cached": median(c["cad_recompute"] / c["cad_cached"]),
-                  "cycles_ms": {m: c[m].tolist() for m in METHODS}}
+                  "cycles_ms": {m: c[m].tolist() for m in methods}}
+        if kept_m is not None:
+            res[h]["cad_kept_over_ad"] = median(c["cad_kept"] / c["ad"])
+            res[h]["cad_kept_over_cad_cached"] = median(c["cad_kept"] / c["cad_cached"])
     h_lo, h_hi = min(wins), max(wins)
     summary = {"flatness_cad_cached": median(cycles("cad_cached", h_hi) / cycles("cad_cached", h_lo)), "flatness_lengths": [h_lo, h_hi],
                "flatness_cad_recompute": median(cycles("cad_recompute", h_hi) / cycles("cad_recompute", h_lo)),
@@ -181,22 +219,34 @@ def main() -> None:
                "cad_cached_over_ad_at_max_h": res[h_hi]["cad_cached_over_ad"],
                "cad_cached_over_ad_worst": max(r["cad_cached_over_ad"] for r in res.values()),
                "goal_cad_cached_over_ad": "<= 1.3"}
+    if kept_m is not None:
+        summary["flatness_cad_kept"] = median(cycles("cad_kept", h_hi) / cycles("cad_kept", h_lo))
+        summary["flatness_cad_kept_vs_ad"] = res[h_hi]["cad_kept_over_ad"] / res[h_lo]["cad_kept_over_ad"]
 
     print(f"rollout_cost: device={dev} threads={torch.get_num_threads()} E={a.n_envs} repeats={a.repeats} "
-          f"window={span} steps ({a.cycles} x seg_len {seg}) per length; d_model={cad_m.d_model} "
+          f"window={span} steps ({a.cycles} x {cycle}-step cycles) per length; d_model={cad_m.d_model} "
           f"n_layer={cad_m.n_layer} enc_n_layer={cad_m.enc_n_layer} n_latent={cad_m.n_latent} "
           f"AD context_len={ad_m.context_len}; wall {wall:.0f} s")
+    kept = kept_m is not None
+    if kept:
+        print(f"cad_kept: seg_len={kept_m.seg_len} keep_recent={kept_m.keep_recent} (folds {models['kept'].cfg.fold_len} "
+              f"steps at a time)")
     print_table(["history h", "steps timed", "cad_cached ms", "cad_recompute ms", "ad ms", "cached/ad",
-                 "recompute/cached"],
+                 "recompute/cached"] + (["cad_kept ms", "kept/ad"] if kept else []),
                 [[f"{h:,}", f"[{r['window'][0]}, {r['window'][1]})", r["cad_cached_ms"], r["cad_recompute_ms"],
-                  r["ad_ms"], r["cad_cached_over_ad"], r["recompute_over_cached"]] for h, r in res.items()])
+                  r["ad_ms"], r["cad_cached_over_ad"], r["recompute_over_cached"]]
+                 + ([r["cad_kept_ms"], r["cad_kept_over_ad"]] if kept else []) for h, r in res.items()])
     worst = summary["cad_cached_over_ad_worst"]
     print(f"flatness cad_cached {h_hi:,}/{h_lo:,} = {summary['flatness_cad_cached']:.2f}x  "
           f"(cad_recompute {summary['flatness_cad_recompute']:.2f}x, ad {summary['flatness_ad']:.2f}x); "
           f"relative to AD (load drift cancelled): {summary['flatness_cad_cached_vs_ad']:.2f}x")
     print(f"cad_cached / ad (worst length) = {worst:.2f}x  (goal <= 1.3x: {'met' if worst <= 1.3 else 'MISSED'})")
-    out = write_json("rollout_cost", {
-        "run": run_info(dev, "fp32", a.n_envs, None), "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)}, "machine": machine_info(dev),
+    if kept:
+        print(f"flatness cad_kept {h_hi:,}/{h_lo:,} = {summary['flatness_cad_kept']:.2f}x; relative to AD: "
+              f"{summary['flatness_cad_kept_vs_ad']:.2f}x")
+    model_block = {"cad": plain(cad_m), "ad": plain(ad_m)} | ({"kept": plain(kept_m)} if kept else {})
+    out = write_json("rollout_cost_kept" if kept else "rollout_cost", {
+        "run": run_info(dev, "fp32", a.n_envs, None), "settings": vars(a), "model": model_block, "machine": machine_info(dev),
         "per_length": {str(h): r for h, r in res.items()}, "summary": summary, "wall_seconds": wall}, a.out_dir)
     print(f"wrote {out}")
 

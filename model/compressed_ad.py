@@ -5,8 +5,9 @@ folded by the encoder with gradients (optionally detached past the newest), and 
 action at every window position from [latents ; window].
 
 Rollout (identical schedule): the window fills one transition per step; when it holds seg_len transitions,
-latents <- encoder(latents, window) and the window empties. With the KV cache, a step costs one decoder
-token and the latent prefix is encoded once per compression.
+latents <- encoder(latents, oldest seg_len - keep_recent of the window) and the newest keep_recent stay
+(model.keep_recent; 0: the window empties). With the KV cache, a step costs one decoder token; the latent
+prefix and the keep_recent kept tokens are encoded once per compression.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.reconstruction import ReconstructionDecoder
 from model.transformer import init_weights
-from transition import N_FIELDS, STATE, state
+from transition import N_FIELDS, STATE, action, state
 
 
 @dataclass
@@ -70,14 +71,21 @@ class CompressedAD(Compressor):
         k_bptt = self.cfg.bptt_segments
         n_old = max(0, seg.shape[1] - k_bptt) if k_bptt is not None else 0
         label_segments = label_segments and seg.shape[1] > n_old
+        carried = "memory" in batch  # sampler.memory=carry: the memory before the first slot, from the last batch
+        init = (batch["memory"], batch["has_memory"]) if carried else None
         latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
-                                               return_prefixes=True, no_grad_slots=n_old)
+                                               return_prefixes=True, no_grad_slots=n_old, init=init)
         b, w = win.shape[:2]
         # The decoder window, plus (label_segments) every used compressed segment decoded as the window it
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
         wins, prefix, has_p = [win], [latents], [has]
         rows = None
         static = self.static_path()
+        keep = self.cfg.keep_recent
+        if label_segments and keep:
+            # Kept window: the rollout's window j held segment j AND the keep_recent transitions after it
+            # (the start of segment j+1, or of the decoder window): slot j is decoded as seq[jF : jF + S].
+            seg = self.slot_windows(seg, win)
         if label_segments and static:
             # Every labelled slot decoded (unused ones are padding the loss masks by seg_len): fixed shapes.
             s = seg.shape[2]
@@ -113,38 +121,76 @@ class CompressedAD(Compressor):
             # [B, D - n_old, S, A]: the newest slots (the labelled ones); unused slots are zeros, masked by
             # seg_len in the loss (which aligns these with the batch's LAST slots)
             out["seg_logits"] = seg_logits[:, n_old:]
+        if keep:
+            # Each action is labelled once, where a rollout predicts it: a window after the history's first
+            # starts with keep_recent transitions an earlier window already predicted (positions < keep).
+            pos = torch.arange(w, device=win.device)
+            out["win_mask"] = (pos < batch["win_len"][:, None]) & (pos >= keep * has[:, None])
+            if label_segments:
+                pre_has = torch.stack([p[1] for p in prefixes[n_old:]], dim=1)  # [B, D'] slot had a memory
+                used = batch["seg_len"][:, n_old:] > 0
+                pos = torch.arange(seg.shape[2], device=win.device)
+                out["seg_target"] = action(seg[:, n_old:]).long()
+                out["seg_mask"] = used[..., None] & (pos >= keep * pre_has[..., None])
+        if carried and seg.shape[1] > 0:
+            # What the lane's next window needs: the memory after this sample's oldest fold (no graph).
+            after = torch.stack([p[0] for p in prefixes[1:]] + [latents], dim=1).detach()  # [B, D, n, d]
+            first = (seg.shape[1] - (seg_len > 0).sum(1)).clamp(max=seg.shape[1] - 1)  # first used slot
+            out["next_memory"] = after[torch.arange(b, device=after.device), first]
         if self.recon is not None and latents is not None:
             # Auxiliary reconstruction (inside forward so DDP sees every parameter it uses).
-            out["recon_pred"] = self.recon(latents, seg, seg_len)
+            out["recon_pred"] = self.recon(latents, batch["seg"], seg_len)
         return out
+
+    def slot_windows(self, seg: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+        """seg [B, D, F, 6] (rollout schedule: used slots exactly F = fold_len long, consecutive, right-aligned
+        and followed by the window win [B, S, 6]) -> [B, D, S, 6]: slot j as the raw window a rollout had
+        when it folded it, i.e. the slot followed by the first keep_recent transitions after it."""
+        f, s = seg.shape[2], self.cfg.seg_len
+        if f != self.cfg.fold_len:
+            raise ValueError(f"kept window: segment slots hold {f} transitions, model.seg_len - model.keep_recent "
+                             f"= {self.cfg.fold_len}; cut the batch with the rollout schedule at this model's "
+                             "keep_recent")
+        seq = torch.cat([seg.flatten(1, 2), win], dim=1)  # [B, D*F + S, 6]
+        return seq.unfold(1, s, f)[:, : seg.shape[1]].transpose(-1, -2)  # window starts 0, F, .., (D-1)F
 
     # ---- teacher-forced replay of the rollout schedule ---------------------------------------------------
     @torch.no_grad()
     def rollout_logits(self, trans: torch.Tensor, memory_segments: int | None = None) -> torch.Tensor:
         """Logits [N, T, n_actions] of the action at every step of recorded histories trans [N, T, 6],
         each computed exactly as a rollout (`act` / `observe`) would have computed it had it taken the
-        recorded actions: the window fills from empty, is folded into the latents when it holds seg_len
-        transitions, and the decoder sees [latents ; window so far]. Window m (steps m*S .. m*S+S-1) is
-        decoded in one causal pass from the latents of segments 0..m-1, which is what the KV-cached
-        rollout computes one token at a time (tests/test_teacher_forced.py checks the equality).
+        recorded actions: the window fills from empty, its oldest F = seg_len - keep_recent transitions are
+        folded into the latents when it holds seg_len, and the decoder sees [latents ; window so far]. Window
+        m (steps m*F .. m*F+S-1) is decoded in one causal pass from the latents of segments 0..m-1, which is
+        what the KV-cached rollout computes one token at a time (tests/test_teacher_forced.py checks the
+        equality).
 
         memory_segments=k rebuilds the latents of window m from only its last k segments (m-k .. m-1,
         folded from no memory); k=0 decodes every window without latents. None = the whole history.
         """
         n, t_len = trans.shape[:2]
-        s = self.cfg.seg_len
-        n_win = -(-t_len // s)
-        pad = n_win * s - t_len  # the last, partial window is causal: its padding affects nothing before it
-        segs = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad)).view(n, n_win, s, N_FIELDS)
-        emb = self.embed_transitions(segs)  # [N, n_win, S, d]
-        full = torch.ones(n, s, dtype=torch.bool, device=trans.device)
+        s, f, keep = self.cfg.seg_len, self.cfg.fold_len, self.cfg.keep_recent
+        # Window m covers steps [m*F, m*F + S) and predicts S actions (m = 0) or its last F (keep_recent = S - F
+        # were predicted by window m-1); segment j = steps [j*F, (j+1)*F) = the first F steps of window j.
+        n_win = max(1, -(-(t_len - keep) // f))
+        pad = (n_win - 1) * f + s - t_len  # the last, partial window is causal: its padding affects nothing before it
+        padded = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad))
+        if keep:
+            wins = padded.unfold(1, s, f).transpose(-1, -2)  # [N, n_win, S, 6], overlapping by keep_recent
+        else:
+            wins = padded.view(n, n_win, s, N_FIELDS)
+        emb = self.embed_transitions(wins)  # [N, n_win, S, d]
+        full = torch.ones(n, f, dtype=torch.bool, device=trans.device)
+
+        def fold_segment(j: int, lat):
+            has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
+            return self.encoder(lat, has, self.fold_inputs(emb[:, j, :f], wins[:, j, :f], lat, has), full)
 
         def fold(first: int, stop: int):
             """Latents after folding segments first .. stop-1 from no memory (None if the range is empty)."""
             lat = None
             for j in range(first, stop):
-                has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
-                lat = self.encoder(lat, has, self.fold_inputs(emb[:, j], segs[:, j], lat, has), full)
+                lat = fold_segment(j, lat)
             return lat
 
         prefixes = []
@@ -153,8 +199,7 @@ class CompressedAD(Compressor):
             for m in range(n_win):
                 prefixes.append(lat)
                 if m < n_win - 1:
-                    has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
-                    lat = self.encoder(lat, has, self.fold_inputs(emb[:, m], segs[:, m], lat, has), full)
+                    lat = fold_segment(m, lat)
         else:
             k = int(memory_segments)
             prefixes = [fold(max(0, m - k), m) if k > 0 else None for m in range(n_win)]
@@ -162,9 +207,12 @@ class CompressedAD(Compressor):
         prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
         has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(emb.flatten(0, 1)),
-                                            state(segs.flatten(0, 1)))
+                                            state(wins.flatten(0, 1)))
         logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
-        return logits.view(n, n_win * s, -1)[:, :t_len]
+        logits = logits.view(n, n_win, s, -1)
+        if keep:  # each step from the window that predicts it
+            logits = torch.cat([logits[:, 0], logits[:, 1:, keep:].flatten(1, 2)], dim=1)
+        return logits.reshape(n, -1, logits.shape[-1])[:, :t_len]
 
     # ---- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -201,14 +249,24 @@ class CompressedAD(Compressor):
             self._compress_window(st)
 
     def _compress_window(self, st: RolloutState) -> None:
-        e = st.buffer.shape[0]
+        """Fold the oldest fold_len transitions of the full window; the newest keep_recent stay as the start
+        of the next window (positions 0 .. keep_recent-1, re-encoded after the new latent prefix)."""
+        e, f, keep = st.buffer.shape[0], self.cfg.fold_len, self.cfg.keep_recent
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=st.buffer.device)
-        mask = torch.ones(e, self.cfg.seg_len, dtype=torch.bool, device=st.buffer.device)
-        seg_in = self.fold_inputs(self.embed_transitions(st.buffer), st.buffer, st.latents, has)
+        mask = torch.ones(e, f, dtype=torch.bool, device=st.buffer.device)
+        seg = st.buffer[:, :f]
+        seg_in = self.fold_inputs(self.embed_transitions(seg), seg, st.latents, has)
         st.latents = self.encoder(st.latents, has, seg_in, mask)
-        st.n_win = 0
         st.n_compressions += 1
+        if keep:
+            st.buffer[:, :keep] = st.buffer[:, f:].clone()
+        st.n_win = keep
         st.cache = self.decoder.prefix_cache(st.latents) if st.use_cache else None
+        if st.use_cache and keep:
+            kept = st.buffer[:, :keep]
+            tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(kept)),
+                                                state(kept))
+            st.cache = self.decoder.extend(tokens, st.cache)
 
 
 def _pad_state(states: torch.Tensor) -> torch.Tensor:
@@ -216,3 +274,50 @@ def _pad_state(states: torch.Tensor) -> torch.Tensor:
     out = torch.zeros(states.shape[0], 1, N_FIELDS, dtype=torch.long, device=states.device)
     out[:, 0, STATE] = states.long()
     return out
+
+
+class LatentCarry:
+    """sampler.memory=carry: the memory each batch row (a lane of dataset.carry_specs) carries from one
+    micro-batch to the next, Transformer-XL / RMT style, so a sample's cost does not grow with its window's
+    position: it folds only its newest min(m, model.bptt_segments) segments, from the memory the lane's
+    previous sample left after its oldest fold (computed with the weights of that step: stale by one
+    optimizer step per fold it went through, and without a graph).
+
+    A row whose memory is not held — the first batch after a start or a resume, or a lane that moved to
+    another history — gets it folded exactly from step 0 of its history with the current weights (what
+    sampler.memory=exact does for every sample), so the data and the first memory after a resume are a
+    pure function of (seed, step, weights); only the staleness differs from an uninterrupted run.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset  # the HistoryBatches the batches come from (memory_batch: the exact fold's input)
+        self.hist = self.index = self.latents = None  # per row: history, memory index j (= L_j), latents
+
+    def attach(self, net: CompressedAD, batch: dict) -> dict:
+        """`batch` plus 'memory' [B, n, d] / 'has_memory' [B]: L_{window - depth} of each row."""
+        hist, need = batch["hist"], batch["window"] - batch["depth"]
+        b = hist.shape[0]
+        mem = torch.zeros(b, net.cfg.n_latent, net.cfg.d_model, device=batch["win"].device)
+        has = need > 0
+        hit = torch.zeros_like(has)
+        if self.latents is not None and self.latents.shape[0] == b:
+            hit = has & (self.hist == hist) & (self.index == need)
+            mem = torch.where(hit[:, None, None], self.latents.to(mem.dtype), mem)
+        miss = (has & ~hit).nonzero(as_tuple=True)[0]
+        if miss.numel():
+            rows = miss.cpu().numpy()
+            ref = self.dataset.memory_batch(hist[miss].cpu().numpy(), need[miss].cpu().numpy())
+            with torch.no_grad():
+                lat, _ = net.compress(ref["seg"].to(mem.device), ref["seg_len"].to(mem.device))
+            mem[torch.as_tensor(rows, device=mem.device)] = lat.to(mem.dtype)
+        return {**batch, "memory": mem, "has_memory": has}
+
+    def update(self, batch: dict, out: dict) -> None:
+        """Keep the memory after each row's oldest fold, L_{window - depth + 1}, for the lane's next window."""
+        if "next_memory" not in out:
+            self.latents = None
+            return
+        self.hist = batch["hist"]
+        # rows without a fold (window 0) hold nothing the next window could need
+        self.index = torch.where(batch["depth"] > 0, batch["window"] - batch["depth"] + 1, -1)
+        self.latents = out["next_memory"].detach()

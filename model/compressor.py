@@ -46,7 +46,8 @@ class Compressor(TransitionEmbedding):
         return bool(self.cfg.static_shapes) or torch.compiler.is_compiling()
 
     def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False,
-                 return_prefixes: bool = False, no_grad_slots: int = 0, static: bool | None = None):
+                 return_prefixes: bool = False, no_grad_slots: int = 0, static: bool | None = None,
+                 init: tuple[torch.Tensor, torch.Tensor] | None = None):
         """seg [B, D, S, 6], seg_len [B, D] (right-aligned slots; 0 = unused) ->
         (latents [B, n, d] or None when D == 0, has_latents bool [B]).
 
@@ -59,19 +60,22 @@ class Compressor(TransitionEmbedding):
         D - j folds); the values are the same as with gradients.
         static (None: `static_path()`): run the encoder on every row of every slot and keep its output
         only where the slot is used (torch.where): fixed shapes, no host sync, same latents.
+        init=(latents [B, n, d], has [B]): the memory each sample had before its first slot (sampler.memory=carry:
+        carried from the previous batch); None = no memory.
         """
         static = self.static_path() if static is None else static
         b, n_slots, s = seg.shape[:3]
-        has = torch.zeros(b, dtype=torch.bool, device=seg.device)
+        has = torch.zeros(b, dtype=torch.bool, device=seg.device) if init is None else init[1]
         prefixes = []
         if n_slots == 0:
-            return (None, has, prefixes) if return_prefixes else (None, has)
+            lat = None if init is None else init[0]
+            return (lat, has, prefixes) if return_prefixes else (lat, has)
         n_old = max(0, min(int(no_grad_slots), n_slots))
         with torch.no_grad():
             emb_old = self.embed_transitions(seg[:, :n_old])  # [B, j, S, d], no graph
         emb = self.embed_transitions(seg[:, n_old:])  # [B, D - j, S, d], all newer slots at once
         pos = torch.arange(s, device=seg.device)
-        latents = emb.new_zeros(b, self.cfg.n_latent, emb.shape[-1])
+        latents = emb.new_zeros(b, self.cfg.n_latent, emb.shape[-1]) if init is None else init[0]
         for k in range(n_slots):
             prefixes.append((latents, has))
             e_k = emb_old[:, k] if k < n_old else emb[:, k - n_old]

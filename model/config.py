@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, fields
 # Keys that fix the shapes of encoder + shared embedding weights. Anything else (dropout, depth weights,
 # learning rates) may differ between the two stages.
 ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len",
-                     "latent_update", "state_features")
-# What a checkpoint written before a key joined ENCODER_ARCH_KEYS was built with.
-ARCH_KEY_DEFAULTS = {"latent_update": "replace", "state_features": "scalar"}
+                     "latent_update", "state_features", "keep_recent")
+# What a checkpoint written before a key joined ENCODER_ARCH_KEYS was built with. keep_recent is not a weight
+# shape but the fold length (seg_len - keep_recent) stage 1 trained the encoder on: stage 2 must fold the same.
+ARCH_KEY_DEFAULTS = {"latent_update": "replace", "state_features": "scalar", "keep_recent": 0}
 
 
 class ConfigError(ValueError):
@@ -33,6 +34,10 @@ class ModelConfig:
     enc_n_layer: int = 2  # CompressionEncoder blocks
     n_latent: int = 20  # latent tokens a compression produces
     seg_len: int = 80  # raw-window capacity; the window is compressed when it holds this many transitions
+    # Kept window (issue 22): when the window is full its oldest seg_len - keep_recent transitions are folded and
+    # the newest keep_recent stay raw, so after the first fold the decoder always sees >= keep_recent of them.
+    # 0 = the window empties at every fold (what every config and checkpoint written before the key means).
+    keep_recent: int = 0
     context_len: int = 80  # AD baseline only: sliding-window length in transitions
     dropout: float = 0.1
     detach_old_latents: bool = False  # stop gradients through all but the most recent compression
@@ -73,6 +78,12 @@ class ModelConfig:
     aux_recon_weight: float = 0.0  # > 0: CompressedAD gets a reconstruction head and this auxiliary loss weight
 
     @property
+    def fold_len(self) -> int:
+        """Transitions a fold takes out of the raw window (and the length of every compressed segment the
+        rollout schedule cuts): seg_len - keep_recent."""
+        return self.seg_len - self.keep_recent
+
+    @property
     def feat_dim(self) -> int:
         """Width of the transition features f(tau) = [s/(G-1), onehot(a), r, s'/(G-1)]."""
         return 2 + self.n_actions + 1 + 2
@@ -104,6 +115,9 @@ class ModelConfig:
              f"model.d_model={self.d_model} must be a positive multiple of model.n_head={self.n_head}")
         need(self.n_latent > 0, f"model.n_latent={self.n_latent} must be >= 1 (number of latent tokens)")
         need(self.seg_len > 0, f"model.seg_len={self.seg_len} must be >= 1")
+        need(0 <= self.keep_recent < self.seg_len,
+             f"model.keep_recent={self.keep_recent} must be in [0, model.seg_len={self.seg_len}): a fold must "
+             "take at least one transition")
         need(self.context_len > 0, f"model.context_len={self.context_len} must be >= 1")
         need(self.n_layer > 0 and self.enc_n_layer > 0 and self.recon_n_layer > 0,
              "model.n_layer, model.enc_n_layer and model.recon_n_layer must all be >= 1")

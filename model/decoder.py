@@ -95,6 +95,18 @@ class ActionDecoder(nn.Module):
             cache.append(kv)
         return cache
 
+    def extend(self, tokens: torch.Tensor, cache):
+        """Several new window tokens [E, L, d] at once, each attending to everything cached and causally to
+        the new ones before it (what L calls of `step` compute). Returns the new cache."""
+        p, n = cache[0][0].shape[2], tokens.shape[1]
+        mask = torch.ones(n, p + n, dtype=torch.bool, device=tokens.device).tril(diagonal=p)
+        x = self.drop(tokens)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, mask=mask, cache=cache[i])
+            new_cache.append(kv)
+        return new_cache
+
     def step(self, token: torch.Tensor, cache):
         """One new window token [E, 1, d] attending to everything cached (prefix + earlier window tokens).
         Returns (logits [E, n_actions], new cache)."""

@@ -24,21 +24,28 @@ def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
 
 # ---- stage 2 --------------------------------------------------------------------------------------------
 def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
-                seg_logits: torch.Tensor | None = None) -> dict:
+                seg_logits: torch.Tensor | None = None, labels: dict | None = None) -> dict:
     """Mean cross-entropy of a_t over every valid window position (or only each window's last position),
     plus, when `seg_logits` [B, D', S, A] is given, every valid position of the batch's LAST D' compressed
-    segment slots (D' < D when older folds ran without gradients, model.bptt_segments)."""
+    segment slots (D' < D when older folds ran without gradients, model.bptt_segments).
+    labels: the model's output, whose 'win_mask' / 'seg_target' + 'seg_mask' (CompressedAD with
+    model.keep_recent > 0: which positions a rollout predicts, and slots decoded as longer windows) replace
+    the masks and targets read from the batch's lengths."""
+    labels = labels or {}
     win, win_len = batch["win"], batch["win_len"]
     target = action(win).long()
-    mask = lengths_mask(win_len, win.shape[1])
+    mask = labels["win_mask"] if "win_mask" in labels else lengths_mask(win_len, win.shape[1])
     if last_only:
         mask = torch.zeros_like(mask)
         mask[torch.arange(mask.shape[0]), win_len - 1] = True
     terms = [(logits, target, mask)]
     if seg_logits is not None and not last_only and seg_logits.shape[1] > 0:
         d = seg_logits.shape[1]
-        seg, seg_len = batch["seg"][:, -d:], batch["seg_len"][:, -d:]
-        terms.append((seg_logits, action(seg).long(), lengths_mask(seg_len, seg.shape[2])))
+        if "seg_target" in labels:
+            terms.append((seg_logits, labels["seg_target"], labels["seg_mask"]))
+        else:
+            seg, seg_len = batch["seg"][:, -d:], batch["seg_len"][:, -d:]
+            terms.append((seg_logits, action(seg).long(), lengths_mask(seg_len, seg.shape[2])))
     total = logits.new_zeros((), dtype=torch.float32)
     correct = torch.zeros((), device=logits.device)
     count = torch.zeros((), device=logits.device, dtype=torch.long)

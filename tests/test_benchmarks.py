@@ -19,7 +19,9 @@ SMALL_ARCH = ["--d-model", "32", "--n-head", "2", "--n-layer", "1", "--enc-n-lay
 RUNS = {  # results name -> command line after `python benchmarks/<script>`
     "train_throughput": ["train_throughput.py", "--quick"],
     "rollout_cost": ["rollout_cost.py", "--quick"],
+    "rollout_cost_kept": ["rollout_cost.py", "--quick", "--keep-recent", "10", "--kept-seg-len", "40"],
     "dataset_speed": ["dataset_speed.py", "--quick"],
+    "train_position_cost": ["train_position_cost.py", "--quick"],
     "collect_speed": ["collect_speed.py", "--quick"],
 }
 
@@ -60,6 +62,12 @@ def test_benchmarks_quick_mode(tmp_path):
     assert len(tt["depth_mixture"]["depth_hist"]) == 4  # depths 0..3 of the default model config
     rc = json.loads((tmp_path / "rollout_cost" / "rollout_cost.json").read_text())
     assert set(rc["per_length"]) == {"100", "300"}
+    tp = json.loads((tmp_path / "train_position_cost" / "train_position_cost.json").read_text())
+    assert set(tp["per_position"]) == {"1", "8"} and all(r["carry_ms"] > 0 for r in tp["per_position"].values())
+    kept = json.loads((tmp_path / "rollout_cost_kept" / "rollout_cost_kept.json").read_text())
+    assert kept["model"]["kept"]["keep_recent"] == 10 and kept["model"]["kept"]["seg_len"] == 40
+    assert all(r["cad_kept_ms"] > 0 for r in kept["per_length"].values())
+    assert len(kept["per_length"]["100"]["cycles_ms"]["cad_kept"]) == 1  # one lcm(80, 30)-step cycle
 
 
 @pytest.mark.slow

@@ -218,3 +218,16 @@ def test_one_path_rule(tmp_path, monkeypatch):
     os.symlink(tmp_path, tmp_path / "link")
     assert abspath("link/z") == os.path.join(os.getcwd(), "link", "z")  # a link stays a link
     assert two_stage._abs("runs/x") == Path(abspath("runs/x"))
+
+
+def test_mul_interpolation_multiplies_integers_only():
+    """hydra_cli.mul (`${mul:a,b}`): one key at a multiple of another, e.g. a memory-sweep arm's
+    model.seg_len = 2 x model.keep_recent; anything but integers is refused."""
+    from hydra_cli import mul
+
+    assert compose_config("train", ["experiment=none", "model.keep_recent=9",
+                                    "model.seg_len='${mul:${model.keep_recent},2}'"], CONFIG_DIR).model.seg_len == 18
+    assert mul(3, 4, 5) == 60
+    for bad in ((2.5, 2), (True, 3), ("4", 2)):
+        with pytest.raises(TypeError, match="multiplies integers"):
+            mul(*bad)

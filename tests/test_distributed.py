@@ -67,22 +67,37 @@ def _check_layout(two: Path, one: Path, final_step: int) -> None:
     assert not list(two.rglob(".*"))  # no temp files or folders left
 
 
-def test_train_two_processes_match_one(tiny, tmp_path, tb_scalars):
-    args = tiny.args("train", "model.dropout=0", "max_steps=6", "checkpoint_every=3", "heldout_every=3",
-                     "eval_every=6")
+def _train_two_and_one(tiny, tmp_path, args: list[str], final_step: int) -> float:
+    """train.py with `args` on 2 processes and on 1, side by side; checks the run directories' layout and
+    returns the largest weight difference of their model.pt."""
     two = _launch(tiny, "train.py", [*args, f"run_dir={tmp_path / 'two'}"], nproc=2)
     one = tiny.start("train.py", *args, f"run_dir={tmp_path / 'one'}")
     _wait(two)
     _wait(one)
-    _check_layout(tmp_path / "two", tmp_path / "one", 6)
+    _check_layout(tmp_path / "two", tmp_path / "one", final_step)
     a = torch.load(tmp_path / "one" / "model.pt", weights_only=True)["model_state_dict"]
     b = torch.load(tmp_path / "two" / "model.pt", weights_only=True)["model_state_dict"]
-    assert _max_diff(a, b) < 1e-4
+    return _max_diff(a, b)
+
+
+def test_train_two_processes_match_one(tiny, tmp_path, tb_scalars):
+    args = tiny.args("train", "model.dropout=0", "max_steps=6", "checkpoint_every=3", "heldout_every=3",
+                     "eval_every=6")
+    assert _train_two_and_one(tiny, tmp_path, args, 6) < 1e-4
     for tag in ("train/loss", "heldout/loss_val", "heldout/loss_test", "memory/loss_k1_test"):
         la, lb = tb_scalars(tmp_path / "one")[tag], tb_scalars(tmp_path / "two")[tag]
         assert [s for s, _ in la] == [s for s, _ in lb]
         assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < 1e-4, tag
     assert tb_scalars(tmp_path / "two")["eval/return_val"]  # main-only eval ran while rank 1 waited
+
+
+def test_train_two_processes_match_one_with_the_kept_window_and_carried_memory(tiny, tmp_path):
+    """sampler.memory=carry: each rank carries the memory of its own rows (lanes) from micro-batch to
+    micro-batch; together they are the 1-process run's lanes, so the weights match."""
+    args = tiny.args("train", "model.dropout=0", "max_steps=4", "checkpoint_every=4", "sampler.schedule=rollout",
+                     "model.seg_len=8", "sampler.min_seg_len=8", "model.keep_recent=3", "model.bptt_segments=1",
+                     "sampler.memory=carry")
+    assert _train_two_and_one(tiny, tmp_path, args, 4) < 1e-4
 
 
 def test_pretrain_two_processes_match_one(tiny, tmp_path, tb_scalars):

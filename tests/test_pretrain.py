@@ -290,6 +290,32 @@ def test_every_arch_key_is_checked(tiny, tmp_path):
             load_pretrained_encoder(CompressedAD(mcfg), tmp_path / "bad.pt", log=lambda *_: None)
 
 
+def test_stage_one_folds_the_fold_length_and_stage_two_refuses_another(tiny, tmp_path):
+    """model.keep_recent=K: stage 1's segments are at most seg_len - K long (what a stage-2 fold takes), its
+    checkpoint records K, and a stage 2 with another K is refused in one line before anything is written."""
+    cfg = tiny.compose("pretrain", "model.keep_recent=12")  # tiny: seg_len 20, min_seg_len 10 -> lengths 8
+    hist = load_histories(tiny.data_path, cfg.env)
+    mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
+    task = pretrain_encoder.ReconstructionTask(cfg, EncoderPretrainer(mcfg), hist)
+    batch = next(iter(task.batches(0, 0, 1, 16)))
+    lens = batch["seg_len"][batch["seg_len"] > 0]
+    assert batch["seg"].shape[2] == 8 and (lens == 8).all()
+    loss, _, _ = task.loss(task.model, batch)
+    assert torch.isfinite(loss)
+    wide = next(iter(pretrain_encoder.ReconstructionTask(
+        tiny.compose("pretrain", "model.keep_recent=4"), EncoderPretrainer(mcfg), hist).batches(0, 0, 1, 64)))
+    lens = wide["seg_len"][wide["seg_len"] > 0]
+    assert wide["seg"].shape[2] == 16 and lens.min() >= 10 and lens.max() == 16
+    ckpt = tmp_path / "enc.pt"
+    save_encoder_checkpoint(ckpt, task.model, 1, {"model": loop.to_plain(cfg.model) | mcfg.to_dict()})
+    assert torch.load(ckpt, weights_only=True)["config"]["model"]["keep_recent"] == 12
+    two = tiny.compose("train", f"model.pretrained_encoder_path={ckpt}", "sampler.schedule=rollout",
+                       "model.keep_recent=4", run_dir=tmp_path / "r")
+    with pytest.raises(EncoderCheckpointError, match="keep_recent: checkpoint=12 current=4"):
+        train.main(two)
+    assert not (tmp_path / "r").exists()
+
+
 def test_missing_and_foreign_files(tiny, tmp_path, monkeypatch):
     mcfg, _ = tiny_mcfg(tiny)
     net = CompressedAD(mcfg)

@@ -57,6 +57,20 @@ def test_state_features_is_part_of_the_encoder_contract_and_old_checkpoints_read
         _cfg(state_features="binary").validate()
 
 
+def test_keep_recent_is_part_of_the_encoder_contract_and_old_checkpoints_read_as_zero():
+    """The fold length seg_len - keep_recent is what stage 1 trained the encoder to fold: a stage 2 that
+    folds other lengths is refused in one line; a checkpoint written before the key folded whole windows."""
+    saved = _cfg().arch_dict()
+    del saved["keep_recent"]
+    check_architecture({"model": saved}, _cfg(), "old.pt")
+    with pytest.raises(EncoderCheckpointError, match="keep_recent: checkpoint=0 current=10") as ei:
+        check_architecture({"model": saved}, _cfg(keep_recent=10), "old.pt")
+    assert "\n" not in str(ei.value)
+    assert _cfg(keep_recent=5).fold_len == 15 and _cfg().fold_len == 20
+    with pytest.raises(ConfigError, match="model.keep_recent=20 must be in"):
+        _cfg(keep_recent=20).validate()
+
+
 def test_slot_init_gives_every_latent_head_its_own_segment_position_and_not_its_query_token():
     """At step 0 head h of latent i in the encoder's first block attends to one segment position, a
     different one for each (i, h), with the segment length = n_latent x n_head (the quick preset's shape). The

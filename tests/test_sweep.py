@@ -286,3 +286,24 @@ def test_every_arm_composes_into_a_valid_training_config(arm_file):
         cfg = compose("train", [f"experiment={preset}", *arm.train, f"{arm.window_key}=20"])
         config_check.check(cfg, train.KEY_RULES)
         assert OmegaConf.select(cfg, arm.window_key) == 20
+
+
+@pytest.mark.parametrize("name, memory", [("rollout_gated_kept", "exact"), ("rollout_gated_kept_carry", "carry")])
+def test_kept_window_arm_keeps_the_window_and_folds_as_much(name, memory):
+    """experiments/conf/arm/rollout_gated_kept*.yaml: the sweep's window w sets model.keep_recent = w and
+    model.seg_len follows at 2w, so the decoder always sees the last w raw transitions (issue 22); the _carry
+    arm trains with the carried memory."""
+    from omegaconf import OmegaConf
+
+    from dataset import HistoryBatches
+    from model.config import ModelConfig
+    from tests.conftest import compose
+
+    arm = OmegaConf.load(REPO / "experiments" / "conf" / "arm" / f"{name}.yaml")
+    for w in (20, 7):
+        cfg = compose("train", ["experiment=quick", *arm.train, f"{arm.window_key}={w * int(arm.window_mult)}"])
+        mcfg = ModelConfig.from_cfg(cfg.model, cfg.env)
+        assert (mcfg.seg_len, mcfg.keep_recent, mcfg.fold_len) == (2 * w, w, w)
+        assert cfg.sampler.schedule == "rollout" and mcfg.latent_update == "gated"
+        opts = HistoryBatches._cfg_options(cfg, cfg.sampler)
+        assert opts["schedule"] == "rollout" and opts["memory"] == memory and opts["carry_slots"] == 3

@@ -34,14 +34,18 @@ def tiny_model(name, seed=0, **extra):
     return model
 
 
-@pytest.mark.parametrize("name, extra", [("ad_compressed", {}), ("ad", {}),
-                                         ("ad_compressed", {"memory_reads": "decoder"})])
-def test_same_position_loss_equals_the_rollouts_own_log_probs(name, extra):
-    """4 goals x 2 seeds x 6 episodes = 120 steps: CompressedAD compresses 17 times (depth >= 10 reached),
-    AD's 9-step window slides 111 times. Every step's loss must equal -log p(action) of the rollout."""
+@pytest.mark.parametrize("name, extra, cache", [
+    ("ad_compressed", {}, True), ("ad", {}, True), ("ad_compressed", {"memory_reads": "decoder"}, True),
+    ("ad_compressed", {"keep_recent": 3}, True), ("ad_compressed", {"keep_recent": 3}, False),
+    ("ad_compressed", {"keep_recent": 5, "latent_update": "gated", "memory_reads": "decoder"}, True)])
+def test_same_position_loss_equals_the_rollouts_own_log_probs(name, extra, cache):
+    """4 goals x 2 seeds x 6 episodes = 120 steps: CompressedAD compresses 17 times (depth >= 10 reached;
+    with model.keep_recent = K a fold takes 7 - K steps and keeps K: 29 folds at K = 3, 57 at K = 5), AD's
+    9-step window slides 111 times. Every step's loss must equal -log p(action) of the rollout, with the KV
+    cache (kept tokens re-encoded after each fold) and without it."""
     model = tiny_model(name, **extra)
     ro = incontext_rollout(model, ENV, goal_split(9)[1][:4], n_episodes=6, seeds_per_goal=2, device="cpu",
-                           seed=3, sample=True, use_cache=True, record=True)
+                           seed=3, sample=True, use_cache=cache, record=True)
     assert ro["trans"].shape == (8, 120, 6)
     nll, ok = tf.history_nll(model, ro["trans"], "cpu", histories_per_pass=3)  # several passes, too
     assert nll.shape == (8, 120) and ok.dtype == torch.bool
@@ -54,11 +58,17 @@ def test_same_position_loss_equals_the_rollouts_own_log_probs(name, extra):
 
 def test_memory_probe_all_equals_the_full_history_and_k_changes_the_memory():
     model = tiny_model("ad_compressed", seed=1)
+    check_memory_probe(model, fold=7, keep=0)
+    check_memory_probe(tiny_model("ad_compressed", seed=1, keep_recent=3), fold=4, keep=3)
+
+
+def check_memory_probe(model, fold, keep):
+    """Window m of the rollout covers steps [m*fold, m*fold + 7) and predicts from step m*fold + keep on."""
     trans = incontext_rollout(model, ENV, goal_split(9)[1][:3], n_episodes=3, seeds_per_goal=1, device="cpu",
                               seed=0, record=True)["trans"]
     full, _ = tf.history_nll(model, trans, "cpu")
     # k >= the number of compressed segments rebuilds exactly the whole-history latents
-    deep, _ = tf.history_nll(model, trans, "cpu", memory_segments=60 // 7 + 1)
+    deep, _ = tf.history_nll(model, trans, "cpu", memory_segments=60 // fold + 1)
     assert torch.allclose(deep, full, atol=1e-6)
     rep = tf.report(tf.score(model, trans, "cpu", probe=True))
     probe = rep["memory_probe"]
@@ -68,9 +78,12 @@ def test_memory_probe_all_equals_the_full_history_and_k_changes_the_memory():
     # every k agrees on the first window (no memory yet) and k0 differs later (it never has latents)
     k0, _ = tf.history_nll(model, trans, "cpu", memory_segments=0)
     k1, _ = tf.history_nll(model, trans, "cpu", memory_segments=1)
-    assert torch.allclose(k0[:, :7], full[:, :7]) and torch.allclose(k1[:, :14], full[:, :14], atol=1e-6)
+    w1, w2 = fold + 7, 2 * fold + 7  # the first steps predicted by the 3rd window and by the one after it
+    assert torch.allclose(k0[:, :7], full[:, :7]) and torch.allclose(k1[:, :w1], full[:, :w1], atol=1e-6)
     assert not torch.allclose(k0[:, 7:], full[:, 7:])
-    assert not torch.allclose(k1[:, 14:], full[:, 14:])  # from the 3rd window on, k1 forgets segment 1
+    assert not torch.allclose(k1[:, w1:], full[:, w1:])  # from the 3rd window on, k1 forgets segment 1
+    assert not torch.allclose(k1[:, w1:w2], full[:, w1:w2])
+    assert keep + fold == 7
     with pytest.raises(ValueError, match="AD has no compressed memory"):
         tf.history_nll(tiny_model("ad"), trans, "cpu", memory_segments=1)
 

@@ -1,0 +1,149 @@
+"""Training cost vs where a window sits in its history: ms per CompressedAD training step (forward + backward
++ grad clip + AdamW, as loop.fit takes it) on rollout-schedule batches whose every row is window m, for
+several m, with the memory folded exactly from step 0 (sampler.memory=exact) or carried from the previous
+batch (sampler.memory=carry, model.compressed_ad.LatentCarry).
+
+    .venv/bin/python benchmarks/train_position_cost.py                  # CPU defaults (a minute or two)
+    .venv/bin/python benchmarks/train_position_cost.py --quick          # smoke run
+    .venv/bin/python benchmarks/train_position_cost.py --seg-len 40 --keep-recent 20 --positions 1 10 24
+
+exact  the sample holds all m segments before its window: m - bptt_segments folds without a graph, then
+       bptt_segments with gradients; its cost grows with m
+carry  the sample holds the newest min(m, bptt_segments) segments and starts from the lane's carried memory
+       (attached before the timed steps, as in steady state: every memory is carried)
+
+Batches come from synthetic random-walk histories through dataset.window_specs / HistoryBatches (the same
+gather as training). The variants run interleaved, round by round; the reported figure is the median over
+the timed rounds. Writes benchmarks/out/train_position_cost.json (train_position_cost_kept.json with
+--keep-recent > 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import numpy as np
+import torch
+from common import (
+    add_arch_args,
+    add_common_args,
+    arch_overrides,
+    machine_info,
+    median,
+    pick_device,
+    plain,
+    print_table,
+    run_info,
+    sync,
+    synthetic_histories,
+    train_cfg,
+    write_json,
+)
+
+import loop
+from dataset import HistoryBatches, gather_batch, window_specs
+from model import build_model
+from model.compressed_ad import LatentCarry
+from model.losses import action_loss
+
+MODES = ("exact", "carry")
+
+
+def position_batch(ds: HistoryBatches, m: int, n_slots: int, batch_size: int, seed: int) -> dict:
+    """batch_size rows, every one window m of a random history, with its newest n_slots segments (all m
+    when n_slots >= m), plus the keys sampler.memory=carry adds."""
+    hist = np.random.default_rng([seed, m]).choice(ds.pool, size=batch_size)
+    depth = np.full(batch_size, min(m, n_slots), dtype=np.int64)
+    window = np.full(batch_size, m, dtype=np.int64)
+    specs = window_specs(hist, window, depth, max(n_slots, 1), ds.seg_len, ds.keep_recent)
+    batch = gather_batch(ds.flat, ds.n_steps, specs, int(depth.max()), ds.fold_len, ds.seg_len)
+    batch["hist"], batch["window"] = torch.from_numpy(hist), torch.from_numpy(window)
+    return batch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--positions", type=int, nargs="+", default=None,
+                   help="window indices m (default 1 3 10 25 49; quick 1 8)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 16; quick 4)")
+    p.add_argument("--steps", type=int, default=None, help="timed rounds (default 5; quick 1)")
+    p.add_argument("--bptt", type=int, default=3, help="model.bptt_segments (folds with gradients per sample)")
+    p.add_argument("--keep-recent", type=int, default=0, help="model.keep_recent")
+    p.add_argument("--n-steps", type=int, default=1000, help="transitions per synthetic history")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
+    add_arch_args(p)
+    a = p.parse_args()
+    dev = pick_device(a.device)
+    if a.threads or dev.type == "cpu":
+        torch.set_num_threads(a.threads or 1)
+    a.seg_len = a.seg_len or 20  # the short-window memory setting (w = 20)
+    a.positions = a.positions or ([1, 8] if a.quick else [1, 3, 10, 25, 49])
+    a.batch_size = a.batch_size or (4 if a.quick else 16)
+    a.steps = a.steps or (1 if a.quick else 5)
+    torch.manual_seed(0)
+
+    cfg = train_cfg("ad_compressed_dr", arch_overrides(a) + [
+        "sampler.schedule=rollout", f"model.bptt_segments={a.bptt}", f"model.keep_recent={a.keep_recent}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        hist = synthetic_histories(cfg.env, 16, a.n_steps, tmp)
+        ds = HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0)
+        n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
+        if max(a.positions) >= n_win:
+            p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
+        model = build_model(cfg.model, cfg.env).to(dev)
+        opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
+        carry = LatentCarry(ds)
+        batches = {}
+        for m in a.positions:
+            batches[("exact", m)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
+            b = {k: v.to(dev) for k, v in position_batch(ds, m, a.bptt, a.batch_size, 0).items()}
+            batches[("carry", m)] = carry.attach(model, b)  # the carried memory, as every later batch has it
+
+    def one_step(mode: str, batch: dict) -> None:
+        opt.zero_grad(set_to_none=True)
+        out = model(batch)
+        loss = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if mode == "carry":
+            carry.update(batch, out)
+
+    keys = [(mode, m) for m in a.positions for mode in MODES]
+    times = {k: [] for k in keys}
+    t_start = time.perf_counter()
+    for r in range(a.steps + 1):  # round 0 warms up
+        for i in range(len(keys)):
+            key = keys[(i + r) % len(keys)]  # rotate the order: machine noise hits all alike
+            sync(dev)
+            t0 = time.perf_counter()
+            one_step(key[0], batches[key])
+            sync(dev)
+            if r:
+                times[key].append((time.perf_counter() - t0) * 1e3)
+    wall = time.perf_counter() - t_start
+
+    res = {str(m): {f"{mode}_ms": median(times[(mode, m)]) for mode in MODES} for m in a.positions}
+    for m, r in res.items():
+        r["exact_over_carry"] = r["exact_ms"] / r["carry_ms"]
+    lo, hi = str(min(a.positions)), str(max(a.positions))
+    summary = {f"{mode}_growth_{hi}_over_{lo}": res[hi][f"{mode}_ms"] / res[lo][f"{mode}_ms"] for mode in MODES}
+    print(f"train_position_cost: device={dev} threads={torch.get_num_threads()} batch={a.batch_size} "
+          f"seg_len={ds.seg_len} keep_recent={ds.keep_recent} bptt_segments={a.bptt} d_model={cfg.model.d_model} "
+          f"n_layer={cfg.model.n_layer} n_latent={cfg.model.n_latent}; {a.steps} timed rounds; wall {wall:.0f} s")
+    print_table(["window m", "exact ms/step", "carry ms/step", "exact/carry"],
+                [[m, r["exact_ms"], r["carry_ms"], r["exact_over_carry"]] for m, r in res.items()])
+    print("growth from m={} to m={}: exact {:.2f}x, carry {:.2f}x".format(
+        lo, hi, *(summary[f"{mode}_growth_{hi}_over_{lo}"] for mode in MODES)))
+    out = write_json("train_position_cost_kept" if a.keep_recent else "train_position_cost", {
+        "run": run_info(dev, "fp32", a.batch_size, None), "settings": vars(a), "model": plain(cfg.model),
+        "machine": machine_info(dev), "per_position": res, "summary": summary,
+        "times_ms": {f"{mode}_{m}": t for (mode, m), t in times.items()}, "wall_seconds": wall}, a.out_dir)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
