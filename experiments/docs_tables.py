@@ -29,7 +29,7 @@ if str(ROOT) not in sys.path:
 
 from atomic_io import atomic_write_text
 from experiments import stats
-from experiments.report import MEMORY_REFERENCE
+from experiments.report import MEMORY_REFERENCE, window_label
 
 DOCS = ("README.md", "results/README.md", "docs/design.md")
 BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)
@@ -57,7 +57,7 @@ def memory_headline(rep: dict, record: str) -> str:
         pr = (r.get("paired") or {}).get("return_last5_norm")
         wall = (s.get("train_wall_s") or {}).get("mean")
         lines.append(" | ".join([
-            f"| {r['env']}", f"`{r['arm']}`", str(r["window"]), _f(s["return_last5_norm"], ".3f"),
+            f"| {r['env']}", f"`{r['arm']}`", window_label(r), _f(s["return_last5_norm"], ".3f"),
             stats.fmt_paired(pr, ".3f") if pr else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
             _f(s["episodes_to_0.8"], ".0f"), _f(s["return_after_found"], ".2f"), _f(s["return_last5_norm_val"], ".3f"),
             _f(s["tf_loss_test"], ".3f"),
@@ -76,7 +76,7 @@ def memory_probe(rep: dict, record: str) -> str:
         if mp is None and not g:
             continue
         lines.append(" | ".join([
-            f"| {r['env']}", f"`{r['arm']}`", str(r["window"]),
+            f"| {r['env']}", f"`{r['arm']}`", window_label(r),
             stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
             stats.fmt_paired(g["after_minus_constant"], ".3f") if "after_minus_constant" in g else "–",
             stats.fmt_paired(g["after_minus_before"], ".3f") if "after_minus_before" in g else "–",

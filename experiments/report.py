@@ -684,6 +684,7 @@ def memory_numbers(run_dir: Path) -> dict:
             "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
             "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
+            "keep_recent": mc.get("keep_recent") or 0,  # kept raw window (CompressedAD folds seg_len - K)
             "env": (cfg.get("env") or {}).get("name"),
             "return_last5": s.get("last_k_mean"), "episodes_to_0.8": s.get("episodes_to_0.8"),
             "return_last5_long": sl.get("last_k_mean"), "episodes_to_0.8_long": sl.get("episodes_to_0.8"),
@@ -707,6 +708,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
         per_seed = {str(r["seed"]): memory_numbers(Path(r["run_dir"])) for r in mine}
         first = next((p for p in per_seed.values() if p["complete"]), next(iter(per_seed.values())))
         row = {"env": first["env"] or env, "sweep_window": w, "arm": arm, "window": first["window"],
+               "keep_recent": first["keep_recent"],
                "seeds": [int(s) for s, p in per_seed.items() if p["complete"]]}
         row["stats"] = {k: stats.describe(p[k] for p in per_seed.values())
                         for k in [c[0] for c in MEMORY_COLUMNS] + [c[0] for c in COMPUTE_COLUMNS]}
@@ -752,6 +754,12 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     return rep
 
 
+def window_label(row: dict) -> str:
+    """The raw window a row's decoder sees: AD's context, CompressedAD's seg_len, with the kept part."""
+    keep = row.get("keep_recent") or 0
+    return f"{row['window']} (keeps {keep})" if keep else str(row["window"])
+
+
 def memory_markdown(rep: dict) -> str:
     lines = [f"# Memory table ({rep['experiment']})", "", f"- **Scale:** {rep['scale']}",
              f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
@@ -766,7 +774,7 @@ def memory_markdown(rep: dict) -> str:
         cells = [stats.fmt_describe(r["stats"][k], fmt) for k, _, fmt, _ in MEMORY_COLUMNS]
         mp = r["memory_probe"]
         probe = "–" if mp is None else stats.fmt_paired(mp["all_minus_k1"], ".4f")
-        lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | " + " | ".join(cells) + f" | {probe} |")
+        lines.append(f"| {r['env']} | `{r['arm']}` | {window_label(r)} | " + " | ".join(cells) + f" | {probe} |")
     if any(r.get("goal_readout") for r in rep["rows"]):
         lines += ["", ("**What the memory holds** (goal_readout.py, test goals: accuracy of a linear readout of "
                        "the goal cell from the latents, after the first find minus the constant guess and minus "
@@ -774,7 +782,7 @@ def memory_markdown(rep: dict) -> str:
                   "| env | arm | window | after − constant | after − before |", "|---|---|---|---|---|"]
         for r in (r for r in rep["rows"] if r.get("goal_readout")):
             g = r["goal_readout"]
-            lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | "
+            lines.append(f"| {r['env']} | `{r['arm']}` | {window_label(r)} | "
                          + " | ".join(stats.fmt_paired(g[n], ".3f") if n in g else "–"
                                       for n, _, _ in GOAL_READOUT_GAPS) + " |")
     for env, d in rep["datasets"].items():
@@ -789,7 +797,7 @@ def memory_markdown(rep: dict) -> str:
               "|---|---|---|---|" + "---|" * (len(COMPUTE_COLUMNS) + 1)]
     for r in rep["rows"]:
         cells = [_fmt(r["stats"][k]["mean"], fmt) for k, _, fmt in COMPUTE_COLUMNS]
-        lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | {r['steps']} | " + " | ".join(cells)
+        lines.append(f"| {r['env']} | `{r['arm']}` | {window_label(r)} | {r['steps']} | " + " | ".join(cells)
                      + f" | {r['device']} |")
     heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
     paired_rows = [r for r in rep["rows"] if r.get("paired")]
@@ -801,7 +809,7 @@ def memory_markdown(rep: dict) -> str:
                                                        for k in MEMORY_PAIRED) + " |",
                   "|---|---|---|" + "---|" * len(MEMORY_PAIRED)]
         for r in paired_rows:
-            lines.append(f"| {r['env']} | `{r['arm']}` | {r['window']} | "
+            lines.append(f"| {r['env']} | `{r['arm']}` | {window_label(r)} | "
                          + " | ".join(stats.fmt_paired(r["paired"][k], heads[k][1]) for k in MEMORY_PAIRED) + " |")
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
@@ -825,7 +833,7 @@ def memory_plot(path: Path, rep: dict) -> None:
         for r in (r for r in rep["rows"] if r["env"] == env):
             curves = [p["curve"] for p in r["per_seed"].values() if p.get("curve")]
             if curves:
-                _curve_band(ax, curves, COLORS.get(r["arm"], "tab:brown"), f"{r['arm']} (window {r['window']})")
+                _curve_band(ax, curves, COLORS.get(r["arm"], "tab:brown"), f"{r['arm']} (window {window_label(r)})")
                 opt = opt or next(p["optimal_mean"] for p in r["per_seed"].values() if p.get("curve"))
         n_ep = next((p["n_episodes"] for r in rep["rows"] for p in r["per_seed"].values() if p.get("n_episodes")), None)
         ds = rep["datasets"].get(env) or {}
