@@ -29,11 +29,13 @@ from atomic_io import atomic_write, atomic_write_text
 from experiments import stats
 
 # Arms in table order (others follow alphabetically); their colours in the plots.
-ARM_ORDER = ("ad", "ad_3w", "ad_10w", "scratch", "rollout", "rollout_gated", "rollout_gated_rmt",
+ARM_ORDER = ("ad", "ad_3w", "ad_10w", "scratch", "rollout", "rollout_gated", "rollout_gated_carry",
+             "rollout_gated_kept", "rollout_gated_kept_carry", "rollout_gated_rmt",
              "rollout_gated_bptt1", "rollout_gated_bptt10", "rollout_gated_nl20", "aux_recon", "pretrained_ft",
              "pretrained_frozen")
 COLORS = {"ad": "tab:gray", "ad_3w": "tab:purple", "ad_10w": "black", "scratch": "tab:blue",
-          "rollout": "tab:cyan", "rollout_gated": "tab:olive", "rollout_gated_rmt": "tab:pink",
+          "rollout": "tab:cyan", "rollout_gated": "tab:olive", "rollout_gated_carry": "olivedrab",
+          "rollout_gated_kept": "crimson", "rollout_gated_kept_carry": "firebrick", "rollout_gated_rmt": "tab:pink",
           "rollout_gated_bptt1": "gold", "rollout_gated_bptt10": "darkgoldenrod", "rollout_gated_nl20": "teal",
           "aux_recon": "tab:orange", "pretrained_ft": "tab:green", "pretrained_frozen": "tab:red"}
 SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
