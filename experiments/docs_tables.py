@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -39,13 +40,15 @@ def _f(d: dict | None, fmt: str) -> str:
     return stats.fmt_describe(d, fmt) if d else "–"
 
 
-def _provenance(rep: dict, record: str) -> str:
-    return (f"Record: [`{record}`]({record}) — {rep.get('date', '?')}, {rep.get('machine', '?')}; "
+def _provenance(rep: dict, record: str, doc: str) -> str:
+    """The record's path (linked relative to the document), date, machine, command, seeds."""
+    link = os.path.relpath(record, os.path.dirname(doc) or ".")
+    return (f"Record: [`{record}`]({link}) — {rep.get('date', '?')}, {rep.get('machine') or 'machine not recorded'}; "
             f"command: `{rep.get('command', '?')}`; seeds {', '.join(map(str, rep.get('seeds', [])))}"
             + ("" if rep.get("complete") else f"; **INCOMPLETE**: {', '.join(rep.get('missing', []))}") + ".")
 
 
-def memory_headline(rep: dict, record: str) -> str:
+def memory_headline(rep: dict) -> str:
     """The memory table's headline: per arm the test-goal return, its paired difference to AD with the same
     window, learning speed, search vs use, the validation return and what the arm paid."""
     lines = [(f"| env | arm | window | return / optimal, last 5 (test) | − `{MEMORY_REFERENCE}` [95 % CI], verdict "
@@ -64,10 +67,10 @@ def memory_headline(rep: dict, record: str) -> str:
             "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
             "–" if wall is None else f"{wall / 60:.1f}",
             "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"]) + " |")
-    return "\n".join(lines + ["", _provenance(rep, record)])
+    return "\n".join(lines)
 
 
-def memory_probe(rep: dict, record: str) -> str:
+def memory_probe(rep: dict) -> str:
     """What the memory holds, per compressed arm: the NLL probe and the goal-cell readout, with intervals."""
     lines = [("| env | arm | window | NLL probe: all − k1 (nats) | goal readout: after find − constant "
              "| after find − before find | goal readout acc. after find |"), "|---|---|---|---|---|---|---|"]
@@ -81,13 +84,38 @@ def memory_probe(rep: dict, record: str) -> str:
             stats.fmt_paired(g["after_minus_constant"], ".3f") if "after_minus_constant" in g else "–",
             stats.fmt_paired(g["after_minus_before"], ".3f") if "after_minus_before" in g else "–",
             _f(r["stats"].get("goal_acc_after"), ".3f")]) + " |")
-    return "\n".join(lines + ["", _provenance(rep, record)])
+    return "\n".join(lines)
 
 
-KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe}
+def budget_paired(rep: dict) -> str:
+    """The budget curve as paired differences: per stage-2 budget, each arm minus scratch (same seed) on the
+    test NLL and the last-5 return / optimal, from the record's per-seed numbers."""
+    rows = {(r["arm"], r["stage2_steps"]): r for r in rep["rows"]}
+    keys = (("heldout_loss_same_position", "test NLL, same positions", "lower", ".3f"),
+            ("return_last5", "return, last 5 episodes", "higher", ".2f"))
+    lines = ["| stage-2 steps | arm | stage-1 steps | " + " | ".join(
+                 f"{lab}: mean ± sd (n) | − scratch [95 % CI], verdict ({b} is better)" for _, lab, b, _ in keys) + " |",
+             "|---|---|---|" + "---|---|" * len(keys)]
+    for (arm, n), r in rows.items():
+        ref = rows.get(("scratch", n))
+        cells = []
+        for k, _, better, fmt in keys:
+            cells.append(_f(stats.describe(p.get(k) for p in r["per_seed"].values()), fmt))
+            if arm == "scratch" or ref is None:
+                cells.append("(reference)" if arm == "scratch" else "–")
+            else:
+                cells.append(stats.fmt_paired(stats.paired({s: p.get(k) for s, p in r["per_seed"].items()},
+                                                           {s: p.get(k) for s, p in ref["per_seed"].items()},
+                                                           better), fmt))
+        lines.append(f"| {n} | `{arm}` | {r['stage1_steps']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
-def render(kind: str, record: str, root: Path = ROOT) -> str:
+KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "budget-paired": budget_paired}
+
+
+def render(kind: str, record: str, root: Path = ROOT, doc: str = "README.md") -> str:
+    """The block `kind` rendered from `record` (a path relative to the repository root) for document `doc`."""
     if kind not in KINDS:
         raise SystemExit(f"error: unknown generated-block kind {kind!r} (known: {', '.join(KINDS)})")
     path = root / record
@@ -95,7 +123,7 @@ def render(kind: str, record: str, root: Path = ROOT) -> str:
         rep = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {record}: cannot read the record a generated block names ({e})") from None
-    return KINDS[kind](rep, record).rstrip("\n") + "\n"
+    return KINDS[kind](rep).rstrip("\n") + "\n\n" + _provenance(rep, record, doc) + "\n"
 
 
 def sync(check: bool, root: Path = ROOT) -> list[str]:
@@ -109,7 +137,7 @@ def sync(check: bool, root: Path = ROOT) -> list[str]:
         text = p.read_text()
 
         def sub(m, doc=doc):
-            new = render(m.group(2), m.group(3), root)
+            new = render(m.group(2), m.group(3), root, doc)
             if new != m.group(4):
                 stale.append(f"{doc}: {m.group(2)} {m.group(3)}")
             return m.group(1) + new + m.group(5)

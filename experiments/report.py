@@ -2,7 +2,7 @@
 
     python experiments/report.py results/compare-quick            # table.md, table.json, curves.png
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
-    python experiments/report.py results/memory-quick             # summary.json, table.md, curves.png
+    python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
 experiments/sweep.py calls `write(out)` when a multirun ends. It reads <out>/sweep.json (the command),
 the job records <out>/jobs/*.json (arm, seed, budget, window, env, run dir, wall seconds; one per run,
