@@ -41,3 +41,18 @@ def test_a_block_naming_a_missing_record_fails_in_one_line(tmp_path):
     with pytest.raises(SystemExit, match="cannot read the record"):
         docs_tables.sync(check=True, root=tmp_path)
     shutil.rmtree(tmp_path)
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    import re
+
+    from experiments.docs_tables import ROOT
+
+    docs = ["README.md", "results/README.md", *(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md")),
+            "benchmarks/README.md"]
+    broken = []
+    for doc in docs:
+        for m in re.finditer(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (ROOT / doc).read_text()):
+            if not m.group(1).startswith(("http://", "https://")) and not (ROOT / doc).parent.joinpath(m.group(1)).exists():
+                broken.append(f"{doc}: {m.group(1)}")
+    assert broken == []
