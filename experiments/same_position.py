@@ -6,7 +6,7 @@
 Every run is scored on every step of the same held-out histories with its own rollout schedule; the table
 gives each run's mean action NLL (± standard error over histories) overall and per history-step bucket,
 the paired difference to the FIRST run (per-history differences, so the noise shared by both models on a
-history cancels), and CompressedAD's memory probe. Runs of different datasets or splits are never compared:
+history cancels) with its 95 % t-interval and verdict (experiments/stats.py), and CompressedAD's memory probe. Runs of different datasets or splits are never compared:
 the dataset is each run's own unless --data names one (then all runs must have been trained for its env).
 Writes <out>/summary.json and <out>/table.md when --out is given.
 """
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import teacher_forced
 from atomic_io import atomic_write_json, atomic_write_text
 from evaluate import load_trained_model, resolve_device
+from experiments import stats
 from histories import load_histories
 from hydra_cli import abspath
 
@@ -49,7 +50,8 @@ def table(rows: list[dict], split: str) -> list[str]:
     if base is None:
         return [f"(no {split} histories)"]
     buckets = list(base["buckets"])
-    head = ["run", "model", "NLL ± se", *[f"steps {b}" for b in buckets], "acc", f"vs {Path(rows[0]['run_dir']).name}"]
+    head = ["run", "model", "NLL ± se", *[f"steps {b}" for b in buckets], "acc",
+            f"− {Path(rows[0]['run_dir']).name} [95 % CI over histories], verdict"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         rep = r["reports"].get(split)
@@ -60,8 +62,10 @@ def table(rows: list[dict], split: str) -> list[str]:
         elif r["data_path"] != rows[0]["data_path"]:
             vs = "other dataset: not compared"
         else:
-            d = teacher_forced.paired_difference(base, rep)
-            vs = f"{d['diff']:+.4f} ± {d['se']:.4f}"
+            # per-history differences (same histories, same steps): the paired t-interval and its verdict
+            teacher_forced.paired_difference(base, rep)  # refuses reports of different histories
+            vs = stats.fmt_paired(stats.paired(dict(enumerate(rep["per_history"])),
+                                               dict(enumerate(base["per_history"])), "lower"), ".4f")
         cells = [Path(r["run_dir"]).name, str(r["model"]), f"{rep['loss']:.4f} ± {rep['loss_se']:.4f}",
                  *[f"{rep['buckets'][b]:.4f}" for b in buckets], f"{rep['acc']:.3f}", vs]
         out.append("| " + " | ".join(cells) + " |")

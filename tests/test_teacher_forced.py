@@ -122,7 +122,11 @@ def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path):
     d = tf.paired_difference(a, b)
     assert d["diff"] == pytest.approx(b["loss"] - a["loss"])  # equal-length histories: mean of differences
     text = (out / "table.md").read_text()
-    assert f"{d['diff']:+.4f} ± {d['se']:.4f}" in text and "Memory probe (test)" in text
+    from experiments import stats
+
+    ci = stats.paired(dict(enumerate(b["per_history"])), dict(enumerate(a["per_history"])), "lower")
+    assert ci["n"] == 8 and ci["lo"] < ci["diff"] == pytest.approx(d["diff"]) < ci["hi"]
+    assert stats.fmt_paired(ci, ".4f") in text and "Memory probe (test)" in text
     assert "memory_probe" in a and "memory_probe" not in b
     assert json.loads((out / "summary.json").read_text())["runs"][0]["reports"]["val"]["n_histories"] == 5
     with pytest.raises(ValueError, match="same histories"):
