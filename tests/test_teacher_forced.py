@@ -125,7 +125,7 @@ def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path):
     from experiments import stats
 
     ci = stats.paired(dict(enumerate(b["per_history"])), dict(enumerate(a["per_history"])), "lower")
-    assert ci["n"] == 8 and ci["lo"] < ci["diff"] == pytest.approx(d["diff"]) < ci["hi"]
+    assert ci["n"] == 8 and ci["lo"] < ci["diff"] < ci["hi"] and ci["diff"] == pytest.approx(d["diff"])
     assert stats.fmt_paired(ci, ".4f") in text and "Memory probe (test)" in text
     assert "memory_probe" in a and "memory_probe" not in b
     assert json.loads((out / "summary.json").read_text())["runs"][0]["reports"]["val"]["n_histories"] == 5
