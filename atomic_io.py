@@ -45,9 +45,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed f.write names no file: name ours
+            e.filename = str(path)
         raise
     return path
 
@@ -61,9 +63,24 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2, **kw: 
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save, atomically. Serialised in memory first: torch.save writing into a full disk raises
+    RuntimeError ("PytorchStreamWriter failed writing file"), which no OSError handler catches; a plain
+    write of the bytes raises the OSError (ENOSPC, EROFS, ...) the callers turn into one line."""
+    import io
+
     import torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, lambda f: f.write(buf.getbuffer()), binary=True)
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A RuntimeError that is torch's / safetensors' report of a failed file write (disk full, quota,
+    read-only), which libraries raise instead of OSError (accelerate's save_state writes with both)."""
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(s in msg for s in ("PytorchStreamWriter failed", "file write failed",
+                                                                  "IoError", "No space left"))
 
 
 def os_error_reason(e: OSError) -> str:

@@ -15,8 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from atomic_io import PathLock  # noqa: E402
-from experiments import report  # noqa: E402
+from atomic_io import PathLock
+from experiments import report
 
 
 def _run(out: Path, name: str, loss: float = 0.5, ret: float = 3.0, steps: int = 4) -> Path:
