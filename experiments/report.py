@@ -4,9 +4,12 @@
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-quick             # summary.json, table.md, curves.png
 
-experiments/sweep.py calls `write(out)` when a multirun ends. It reads <out>/sweep.json (the command),
-the job records <out>/jobs/*.json (arm, seed, budget, window, env, run dir, wall seconds; one per run,
-written by the jobs) and every run dir's config.json, done.json and <out_name>.json (evaluate.py). The
+experiments/sweep.py calls `write(out)` when a multirun ends. It reads <out>/sweep.json (the command, the
+planned jobs, the evaluations), the job records <out>/jobs/*.json (arm, seed, budget, window, env, identity,
+wall seconds; one per run, written by the jobs) and every run dir's config.json, done.json and
+<out_name>.json (evaluate.py). The report covers every planned or recorded job, finds its run dir inside
+`out` (a moved out dir reports its own runs) and takes its state from the run dir, not from the record
+(report_jobs: done, missing, failed, running, interrupted, non-finite; Status lists those not done). The
 experiment (the record's `sweep`) picks the report function: REPORTS[name](out, jobs, info) -> the
 report dict, written by that function; adding an experiment is adding one here.
 """

@@ -18,18 +18,28 @@ One job, whatever the launcher (basic: in this process, one after the other; job
 processes; submitit_local / submitit_slurm: submitit jobs), does, each stage as its own process
 (`python <script>.py ...`, or `accelerate launch --config_file <accelerate_config> ...` for pretrain /
 train with accelerate=true), its output appended to <out>/logs/<run>.log:
+0. the out dir's identity: a hash of every stage's composed config (rundir.identity: no paths or cadence
+   keys) without the keys that name a run (arm, seed, budget, window, env), recorded in <out>/sweep.json by
+   the first sweep into it (before Hydra starts: precheck) and checked by every job before it writes
+   anything; a sweep with other settings is refused in one line naming the keys and an out= of its own.
+   Likewise one dataset (fingerprint) per env and out dir;
 1. the dataset: collected if missing (under a lock beside it: parallel jobs collect it once), else checked
-   against the preset's collect settings;
+   against the preset's collect settings (two_stage.dataset_mismatch);
 2. stage 1, if the arm starts from a pretrained encoder: <out>/runs/pretrain-seed<s>, produced once under a
    lock however many jobs need it (the others wait, then reuse it; if it failed in this sweep, they fail
-   at once instead of retrying it);
-3. stage 2 in <out>/runs/<run>/: reused if it has done.json with the same config and budget, resumed
-   (resume=true) if it has checkpoints, refused if it holds another config (force=true redoes it);
+   at once instead of retrying it); checked even when stage 2 is reused;
+3. stage 2 in <out>/runs/<run>/ (rundir.run_state, the rule two_stage.py uses too): reused if it has
+   done.json with the same config identity, budget and data fingerprint, and was trained from the current
+   stage-1 encoder; resumed (resume=true) if it has checkpoints; refused if it holds another config or was
+   trained on other data (force=true redoes it);
 4. evaluate.py per sweep.evals entry (<run>/<out_name>.json), reused if it matches the finished model and
-   the settings.
-The job's record <out>/jobs/<run>.json says what it is (arm, seed, budget, ...), its status and the wall
-seconds of every process; the report (experiments/report.py) reads those and the run dirs. An interrupted
-sweep: run the same command again.
+   every evaluate setting (EVAL_IGNORED aside: paths, device, logging).
+The job's record <out>/jobs/<run>.json says what it is (arm, seed, budget, ..., identity, data fingerprint),
+its status and the wall seconds of every process; it is written only once the run-state check passed (a
+refusal goes to <out>/refused/<run>.json), and the job holds a lock beside it while it runs. sweep.json also
+lists the planned jobs; the report (experiments/report.py) covers those and the recorded ones, and reads
+each run's state from its run dir. An interrupted sweep (Ctrl-C: its running jobs are recorded as
+interrupted): run the same command again.
 
 Stage overrides: every `key=value` on the command line that is not the sweep's own (conf/sweep.yaml, arm=,
 sweep=, hydra...) goes into the `overrides` list (sweep_argv) and from there to every stage whose config
@@ -760,7 +770,8 @@ def hydra_overrides(argv: list[str]) -> list[str]:
 
 def precheck(argv: list[str]) -> None:
     """Route the stage overrides once before any job starts, so a typo fails in one line up front (every
-    job routes them again). Skipped where the preset or env is itself swept."""
+    job routes them again); check `out` and the out dir's identity. Skipped where the preset or the sweep is
+    itself swept."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     from hydra_cli import compose_config
@@ -770,8 +781,8 @@ def precheck(argv: list[str]) -> None:
     except Exception as e:  # noqa: BLE001 -- Hydra reports its own grammar errors the same way afterwards
         raise SweepError(" ".join(str(e).split())) from None
     plain_ov = [o.input_line for o in parsed if not o.is_sweep_override() and not o.key_or_group.startswith("hydra")]
-    if any(o.is_sweep_override() and o.key_or_group in ("experiment", "env", "sweep") for o in parsed):
-        return
+    if any(o.is_sweep_override() and o.key_or_group in ("experiment", "sweep") for o in parsed):
+        return  # several identities: each job checks its own (env is no part of one: out_identity)
     try:
         cfg = compose_config("sweep", plain_ov, config_dir=str(Path(__file__).parent / "conf"))
     except Exception as e:  # noqa: BLE001 -- a bad arm/sweep name or key: one line
@@ -781,8 +792,9 @@ def precheck(argv: list[str]) -> None:
     routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, cfg.budget)
     out = Path(str(cfg.out)).expanduser().absolute()
     check_out(out)
-    # a rerun with other settings is refused here, before Hydra or a job writes anything into out
-    check_identity(out, out_identity(cfg.sweep.name, cfg.experiment, cfg.sweep.evals, routed, cfg.env), claim=False)
+    # a rerun with other settings is refused here, before Hydra or a job writes anything into out; a first
+    # sweep claims the out dir now, so a concurrent one with other settings is refused at its start too
+    check_identity(out, out_identity(cfg.sweep.name, cfg.experiment, cfg.sweep.evals, routed, cfg.env), claim=True)
 
 
 if __name__ == "__main__":
