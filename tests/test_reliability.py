@@ -535,3 +535,20 @@ def test_checkpoint_save_raising_torchs_runtime_error_is_one_line(tmp_path):
 
     with pytest.raises(RuntimeError, match="illegal memory"):
         rundir.save_checkpoint(Bug(), tmp_path, 6, 2)
+
+
+def test_disk_full_writing_model_pt_is_one_line(tiny, tmp_path, monkeypatch, one_thread):
+    """The end of stage 2 on a full disk (torch.save's RuntimeError used to escape as a traceback)."""
+    import atomic_io
+
+    real_save, real_fdopen = atomic_io.atomic_torch_save, os.fdopen
+
+    def full_save(obj, path):
+        with monkeypatch.context() as m:
+            m.setattr(atomic_io.os, "fdopen", lambda fd, mode: (os.close(fd), real_fdopen(
+                os.open("/dev/full", os.O_WRONLY), mode))[1])
+            return real_save(obj, path)
+
+    monkeypatch.setattr(train, "atomic_torch_save", full_save)
+    _raises(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was lost",
+            train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))
