@@ -83,6 +83,11 @@ def is_write_failure(e: BaseException) -> bool:
                                                                   "IoError", "No space left"))
 
 
+# The errnos of a disk that cannot take a write (full, over quota, read-only, forbidden): user errors, one
+# line each; any other OSError is a bug and keeps its traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
 def os_error_reason(e: OSError) -> str:
     """A short, user-facing reason for a failed read/write ("no space left on device", ...)."""
     reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",

@@ -536,11 +536,9 @@ def run_job(cfg) -> dict:
 
 def disk_error(e: OSError, out: Path) -> SweepError:
     """A full, read-only or forbidden disk as one line; any other OSError is re-raised (a bug)."""
-    import errno
+    from atomic_io import DISK_ERRNOS, os_error_reason
 
-    from atomic_io import os_error_reason
-
-    if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+    if e.errno not in DISK_ERRNOS:
         raise e
     return SweepError(f"cannot write {e.filename or out} ({os_error_reason(e)}): free space or fix the permissions, "
                       f"then run the same command again (finished runs are reused)")
