@@ -171,8 +171,10 @@ def stage_state(run_dir: Path, cfg, steps: int, what: str, force: bool, fp: str 
 
     import rundir
 
+    if force:  # overwrite=true whatever the run dir holds (also what a --dry-run prints)
+        return "overwrite"
     try:
-        return rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), steps, what, force, fix, fp,
+        return rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), steps, what, False, fix, fp,
                                 encoder)
     except rundir.RunDirError as e:
         raise PipelineError(str(e)) from None
