@@ -106,23 +106,26 @@ def _finite(x) -> bool:
 
 
 def run_status(out: Path, rec: dict, evals) -> str:
-    """done, or why a run is not in the table: failed, running, interrupted, missing (not trained or not
-    evaluated yet), non-finite (a NaN / inf in done.json or an evaluation's test summary)."""
+    """done, or why a run is not in the table: running (its job holds its lock), failed, interrupted (a
+    record left 'running' or 'interrupted' by a killed job), missing (not trained or not evaluated yet),
+    non-finite (a NaN / inf in done.json or an evaluation's test summary). The run dir decides; the record
+    only says why it is unfinished."""
     rd = Path(rec["run_dir"])
-    if rec.get("status") in ("running", "interrupted"):
-        if _held(Path(out) / "jobs" / Path(rd).name):
-            return "running"
-        if rec["status"] == "interrupted" or not (rd / "done.json").is_file():
-            return "interrupted"
-    if rec.get("status") == "failed":
-        return "failed"
     done = read_json(rd / "done.json")
     evs = [read_json(rd / f"{e}.json") for e in evals]
     if done is None or any(ev is None for ev in evs):
-        return "missing"
-    if not _finite(done) or not all(_finite(_split_summary(rd, e)[1]) for e in evals):
-        return "non-finite"
-    return DONE
+        state = "missing"
+    elif not _finite(done) or not all(_finite(_split_summary(rd, e)[1]) for e in evals):
+        state = "non-finite"
+    else:
+        state = DONE
+    if _held(Path(out) / "jobs" / rd.name):
+        return "running"
+    if rec.get("status") == "failed":
+        return "failed"
+    if rec.get("status") in ("running", "interrupted") and state == "missing":
+        return "interrupted"
+    return state
 
 
 def _arm_file(arm: str) -> dict:
