@@ -441,3 +441,18 @@ def test_ctrl_c_of_a_sweep_is_one_line_and_recorded(tmp_path, tiny):
     assert rep["run_status"] == {"scratch-seed0": "interrupted"}
     r = sweep(tmp_path, tiny.data_path, *args[:2], "max_steps=150", "checkpoint_every=200", *LONG)
     assert r.returncode == 0 and "[start] train:scratch-seed0 (resume)" in r.stdout, r.stdout[-2000:] + r.stderr
+
+
+def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    """A read-only or full disk under out= (simulated: as root a chmod does not stop writes)."""
+    import errno
+    import tempfile
+
+    sw = _sw()
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", ro)
+    with pytest.raises(sw.SweepError, match=r"out=.*O is not writable \(read-only file system\): choose another out="):
+        sw.check_out(tmp_path / "O")
