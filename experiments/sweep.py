@@ -30,8 +30,9 @@ train with accelerate=true), its output appended to <out>/logs/<run>.log:
    at once instead of retrying it); checked even when stage 2 is reused;
 3. stage 2 in <out>/runs/<run>/ (rundir.run_state, the rule two_stage.py uses too): reused if it has
    done.json with the same config identity, budget and data fingerprint, and was trained from the current
-   stage-1 encoder; resumed (resume=true) if it has checkpoints; refused if it holds another config or was
-   trained on other data (force=true redoes it);
+   stage-1 encoder (the file's hash in the job record; without one, no newer than the run); resumed
+   (resume=true) if it has checkpoints; refused if it holds another config or was trained on other data
+   (force=true redoes it);
 4. evaluate.py per sweep.evals entry (<run>/<out_name>.json), reused if it matches the finished model and
    every evaluate setting (EVAL_IGNORED aside: paths, device, logging).
 The job's record <out>/jobs/<run>.json says what it is (arm, seed, budget, ..., identity, data fingerprint),
@@ -439,6 +440,16 @@ def ensure_dataset(job: Job, routed: dict) -> Path:
     return data_path
 
 
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
 def data_fingerprint(data_path: Path) -> str | None:
     from histories import dataset_fingerprint
 
@@ -585,10 +596,18 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
     state = plan.state
     if plan.encoder is not None:
         # this seed's stage 1 as this sweep configures it (reused, or made now); a finished stage 2 is reused
-        # only if it was trained from that very encoder, not from one stage 1 has replaced since
+        # only if it was trained from that very encoder file (its hash in the job record), not from one
+        # stage 1 has replaced since
         ensure_stage1(job, routed, plan.data_path, seed)
-        if state == "reuse":
+        sha = file_sha256(plan.encoder)
+        had = (read_json(job.out / "jobs" / f"{name}.json") or {}).get("encoder_sha256")
+        if state == "reuse" and had is None:  # a record from before the hashes, or a lost one: file dates decide
             run_state(rd, plan.want, plan.steps, "stage-2", False, plan.fp, plan.encoder)
+        elif state == "reuse" and had != sha:
+            raise SweepError(f"{rd} was trained from another {ENCODER_FILE} than {plan.encoder} holds now (stage 1 "
+                             f"was redone since): {FIX}")
+        elif state in ("fresh", "overwrite"):
+            record(job.out, name, encoder_sha256=sha)
     if state == "reuse":
         print(f"[reuse] train:{name}", flush=True)
     else:

@@ -115,6 +115,19 @@ def test_compare_sweep_basic_launcher_and_reuse(tmp_path, tiny):
     assert "another sweep configuration (train.lr (0.001 -> 0.01)): pass out=" in r4.stderr
     assert {p: p.read_bytes() for p in kept} == kept
 
+    # stage 1 redone behind the sweep's back (other weights in the encoder file): the finished pretrained run
+    # is not reused as if it had been trained from them (it used to be, checked on config identity alone)
+    import torch
+
+    ck = torch.load(pre / "encoder-pretrained-final.pt", weights_only=False)
+    for t in ck["encoder_state_dict"].values():
+        t.add_(1.0)
+    torch.save(ck, pre / "encoder-pretrained-final.pt")
+    r5 = sweep(tmp_path, tiny.data_path, "arm=scratch,pretrained_ft", "seed=0", "max_steps=8", *LONG)
+    assert r5.returncode == 1 and "[reuse] train:scratch-seed0" in r5.stdout, r5.stdout[-2000:] + r5.stderr
+    assert ("pretrained_ft-seed0 was trained from another encoder-pretrained-final.pt than" in r5.stderr
+            and "(stage 1 was redone since): pass force=true" in r5.stderr), r5.stderr
+
 
 @pytest.mark.slow
 def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
