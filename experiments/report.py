@@ -129,10 +129,10 @@ def run_status(out: Path, rec: dict, evals) -> str:
 
 
 def _arm_file(arm: str) -> dict:
-    return read_json_yaml(ROOT / "experiments" / "conf" / "arm" / f"{arm}.yaml")
+    return _read_yaml(ROOT / "experiments" / "conf" / "arm" / f"{arm}.yaml")
 
 
-def read_json_yaml(path: Path) -> dict:
+def _read_yaml(path: Path) -> dict:
     try:
         from omegaconf import OmegaConf
 
