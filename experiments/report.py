@@ -170,9 +170,9 @@ def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
     dims = [d for d in ("env", "window", "budget", "identity")
             if d not in SEPARATES.get(name, ()) and len({r.get(d) for r in tj}) > 1]
     for r in tj if dims else ():
+        tag = {"env": str(r["env"] or "preset-env"), "window": f"w{r['window']}", "budget": f"b{r['budget']}"}
         r["arm_name"] = r["arm"]
-        r["arm"] = "-".join([str(r["env"])] * ("env" in dims) + [f"w{r['window']}"] * ("window" in dims)
-                            + [f"b{r['budget']}"] * ("budget" in dims) + [r["arm"]]
+        r["arm"] = "-".join([tag[d] for d in dims if d in tag] + [r["arm"]]
                             + [f"id{str(r.get('identity'))[:6]}"] * ("identity" in dims))
     return recs
 
