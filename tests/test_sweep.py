@@ -469,3 +469,27 @@ def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "mkstemp", ro)
     with pytest.raises(sw.SweepError, match=r"out=.*O is not writable \(read-only file system\): choose another out="):
         sw.check_out(tmp_path / "O")
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_into_one_out(tmp_path, tiny):
+    """Two sweeps with other lrs started together into one out: one claims it, the other is refused in one
+    line before writing anything; the report shows the winner's command and lr only (both used to exit 0, one
+    printing the other's command and lr)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    full_env.pop("CAD_TEST_KILL_AT", None)
+    procs = {lr: subprocess.Popen([sys.executable, str(SWEEP), "-m", f"out={tmp_path / 'out'}", *TINY,
+                                   f"data_path={tiny.data_path}", "arm=scratch", "seed=0", "max_steps=4", *LONG,
+                                   f"train:lr={lr}"], cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for lr in ("0.001", "0.002")}
+    res = {lr: (p.communicate(timeout=600), p.returncode) for lr, p in procs.items()}
+    won = [lr for lr, (_, rc) in res.items() if rc == 0]
+    lost = [lr for lr, (_, rc) in res.items() if rc == 2]
+    assert len(won) == 1 and len(lost) == 1, res
+    err = res[lost[0]][0][1]
+    assert "another sweep configuration (train.lr" in err and len(err.strip().splitlines()) == 1, err
+    rep = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert f"train:lr={won[0]}" in rep["command"] and rep["complete"]
+    rec = json.loads((tmp_path / "out" / "jobs" / "scratch-seed0.json").read_text())
+    assert rec["overrides"]["train"][-1] == f"lr={won[0]}"
+    assert json.loads((tmp_path / "out" / "runs" / "scratch-seed0" / "config.json").read_text())["lr"] == float(won[0])
