@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atomic_io import PathLock, atomic_write_text, fsync_dir, is_write_failure, os_error_reason
+from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason, write_failure_reason
 
 if TYPE_CHECKING:
     from loop import LoopSettings
@@ -381,12 +381,12 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
     acc.wait_for_everyone()
     try:
         acc.save_state(str(tmp))
-    except (OSError, RuntimeError) as e:  # disk full / read-only: drop the partial save, keep every complete one
-        if isinstance(e, RuntimeError) and not is_write_failure(e):  # torch.save's disk full is a RuntimeError
+    except Exception as e:  # disk full / read-only: torch and safetensors raise their own exception types
+        why = write_failure_reason(e)
+        if why is None:  # not the disk: a bug, with its traceback
             raise
-        if acc.is_main_process:
+        if acc.is_main_process:  # drop the partial save, keep every complete checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
-        why = os_error_reason(e) if isinstance(e, OSError) else f"write failed: {str(e).strip().splitlines()[0][:200]}"
         raise RunDirError(f"cannot write checkpoint {final} ({why}); the earlier checkpoints "
                           f"are intact: free space or fix the permissions, then continue with resume=true") from None
     acc.wait_for_everyone()
