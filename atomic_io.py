@@ -45,9 +45,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # a failed f.write names no file: name ours
+            e.filename = str(path)
         raise
     return path
 
@@ -61,9 +63,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int = 2, **kw: 
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save, atomically. Serialised in memory first: torch.save writing into a full disk raises
+    RuntimeError ("PytorchStreamWriter failed writing file"), which no OSError handler catches; a plain
+    write of the bytes raises the OSError (ENOSPC, EROFS, ...) the callers turn into one line."""
+    import io
+
     import torch
 
-    return atomic_write(path, lambda f: torch.save(obj, f), binary=True)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, lambda f: f.write(buf.getbuffer()), binary=True)
+
+
+# The errnos of a disk that cannot take a write (full, over quota, read-only, forbidden): user errors, one
+# line each; any other OSError is a bug and keeps its traceback.
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+# How libraries that write files themselves report a full or read-only disk instead of raising OSError
+# (measured on a full tmpfs): torch.save "[enforce fail at inline_container.cc:672] . unexpected pos 704 vs
+# 598" or "PytorchStreamWriter failed writing file ...: file write failed" (RuntimeError), safetensors
+# "I/O error: No space left on device (os error 28)" (SafetensorError). Message -> reason.
+_WRITE_FAILURE_MARKERS = (("os error 28", "no space left on device"), ("No space left", "no space left on device"),
+                          ("os error 122", "disk quota exceeded"), ("os error 30", "read-only file system"),
+                          ("Read-only file system", "read-only file system"), ("file write failed", "write failed"),
+                          ("PytorchStreamWriter failed", "write failed"), ("unexpected pos", "write failed"))
+
+
+def write_failure_reason(e: BaseException) -> str | None:
+    """The short reason of a failed write on a full / read-only / forbidden disk: an OSError with one of
+    DISK_ERRNOS, or a library's own exception carrying one (_WRITE_FAILURE_MARKERS); None for anything else
+    (a bug, which keeps its traceback)."""
+    if isinstance(e, OSError):
+        return os_error_reason(e) if e.errno in DISK_ERRNOS else None
+    msg = str(e)
+    return next((why for marker, why in _WRITE_FAILURE_MARKERS if marker in msg), None)
 
 
 def os_error_reason(e: OSError) -> str:

@@ -148,6 +148,19 @@ def fingerprint(meta: dict, arrays: dict | None = None) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def dataset_fingerprint(path) -> str | None:
+    """The fingerprint of the dataset at `path` without validating or reading its data (meta.json and the
+    arrays' .npy headers); None if there is no readable dataset there. What a driver (sweep, two_stage)
+    compares with a finished run's recorded data_fingerprint before reusing the run."""
+    path = Path(path)
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+        arrays = {k: np.load(path / f"{k}.npy", mmap_mode="r") for k in ARRAY_SPECS}
+    except (OSError, ValueError):
+        return None
+    return fingerprint(meta, arrays) if isinstance(meta, dict) else None
+
+
 def _hidden_copies(path: Path, kind: str) -> list[Path]:
     """The .<name>.<kind>-* entries save_histories makes beside `path`, oldest first."""
     return sorted(path.parent.glob(f".{path.name}.{kind}-*"), key=lambda p: p.lstat().st_mtime)

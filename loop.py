@@ -20,7 +20,6 @@ Multi-process rules (docs/design.md §8):
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import signal
@@ -35,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from atomic_io import atomic_write_text, os_error_reason
+from atomic_io import DISK_ERRNOS, atomic_write_text, os_error_reason
 from config_check import Rule, check_value, flag, integer, number, one_of, text
 from model.config import ConfigError
 from rundir import (
@@ -339,7 +338,7 @@ def _fit_in_run_dir(task: Task, s: LoopSettings, run_dir: Path, config: dict, ac
     except KeyboardInterrupt:
         raise Interrupted(_interrupted_msg(run_dir, s)) from None
     except OSError as e:
-        if e.errno not in _DISK_ERRNOS:
+        if e.errno not in DISK_ERRNOS:
             raise
         what = f"{e.filename}" if e.filename else f"a file in {run_dir}"
         raise RunDirError(f"cannot access {what} ({os_error_reason(e)}); nothing complete was lost (the "
@@ -371,10 +370,6 @@ def _catch_ctrl_c():
         raise KeyboardInterrupt
 
     return signal.signal(signal.SIGINT, on_sigint)
-
-
-# Write failures that are the machine's state, not a bug: reported in one line.
-_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _interrupted_msg(run_dir: Path, s: LoopSettings) -> str:

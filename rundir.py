@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason
+from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason, write_failure_reason
 
 if TYPE_CHECKING:
     from loop import LoopSettings
@@ -100,6 +100,44 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 
     walk(a, b, "")
     return out
+
+
+def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool, fix: str,
+              fingerprint: str | None = None, encoder: Path | None = None) -> str:
+    """What a driver (experiments/sweep.py, two_stage.py) does with a stage's run dir before launching it:
+    'reuse' (done.json, the same config identity, steps, data and encoder), 'resume' (checkpoints, no
+    done.json), 'fresh', or 'overwrite' (force). A run dir holding another config, trained on other data
+    (`fingerprint`: the dataset's now) or, for a finished stage 2, from an encoder file written after the
+    run started (`encoder`: stage 1 was redone since) is refused with RunDirError, ending in `fix` (the
+    driver's way to redo it). Pure: reads only."""
+    run_dir = Path(run_dir)
+    if force:
+        return "overwrite" if (run_dir / "config.json").exists() else "fresh"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a folder: remove it, or {fix}")
+    saved = None
+    if (run_dir / "config.json").exists():
+        saved = _read_json(run_dir / "config.json", f"the {what} run's config", f"remove that run dir, or {fix}")
+        if identity(saved) != identity(want):
+            diff = "; ".join(differing_keys(saved, want)[:6])
+            raise RunDirError(f"{run_dir} holds a {what} run with another config ({diff}): {fix}")
+        was = saved.get(FINGERPRINT_KEY)
+        if fingerprint and was and was != fingerprint:
+            raise RunDirError(f"{run_dir} holds a {what} run trained on other data (data fingerprint {was} -> "
+                              f"{fingerprint}: the dataset was re-collected or data_path points elsewhere): {fix}")
+    if (run_dir / "done.json").exists():
+        done = _read_json(run_dir / "done.json", f"the {what} run's summary", f"remove it, or {fix}")
+        if saved is None:
+            raise RunDirError(f"{run_dir} has a done.json but no config.json (not a finished run): {fix}")
+        if int(done.get("global_step", -1)) != want_steps:
+            raise RunDirError(f"{run_dir} finished a {what} run at step {done.get('global_step')}, not the "
+                              f"{want_steps} steps asked: {fix}")
+        enc = Path(encoder) if encoder else None
+        if enc is not None and enc.is_file() and enc.stat().st_mtime > (run_dir / "config.json").stat().st_mtime:
+            raise RunDirError(f"{run_dir} finished a {what} run from an older {enc.name} (stage 1 was redone "
+                              f"after it started): {fix}")
+        return "reuse"
+    return "resume" if checkpoints(run_dir) else "fresh"
 
 
 def _is_complete(ck: Path) -> bool:
@@ -343,10 +381,13 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
     acc.wait_for_everyone()
     try:
         acc.save_state(str(tmp))
-    except OSError as e:  # disk full / read-only: drop the partial save, keep every complete checkpoint
-        if acc.is_main_process:
+    except Exception as e:  # disk full / read-only: torch and safetensors raise their own exception types
+        why = write_failure_reason(e)
+        if why is None:  # not the disk: a bug, with its traceback
+            raise
+        if acc.is_main_process:  # drop the partial save, keep every complete checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
-        raise RunDirError(f"cannot write checkpoint {final} ({os_error_reason(e)}); the earlier checkpoints "
+        raise RunDirError(f"cannot write checkpoint {final} ({why}); the earlier checkpoints "
                           f"are intact: free space or fix the permissions, then continue with resume=true") from None
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -13,8 +13,11 @@ stage-1 checkpoint reaches stage 2 as `model.pretrained_encoder_path=...`.
 Free overrides (`key=value`) go to every stage whose config has that key (so `experiment=quick` or
 `env=darkroom_hard` reach all of them, `pretrain_lr=...` only stage 1, `max_steps=...` only stage 2). Prefix
 one with a stage name to target it alone: `train:lr=1e-4`, `pretrain:seed=3`, `collect:source.n_stream=20`,
-`evaluate:n_episodes=200`. A stage that already finished (its run dir has done.json) is reused; pass
---force to redo it.
+`evaluate:n_episodes=200`. `seed` reaches the training stages only (collect's seed is data_seed's) and
+`run_name` stage 2 only; target the others with a prefix (`collect:seed=3`, `pretrain:run_name=x`).
+A stage that already finished is reused only if its run dir holds the same config (identity), steps and
+data fingerprint and, for stage 2, was trained from the current encoder (rundir.run_state, as in
+experiments/sweep.py); a run dir holding another run is refused in one line. Pass --force to redo it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,14 @@ from hydra_cli import REPO, abspath
 STAGES = {"collect": "collect", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate"}
 SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": "train.py",
            "evaluate": "evaluate.py"}
+
+
+# Shared keys that mean one thing for some stages only; the others take them with a stage prefix alone
+# (`collect:seed=3`, `pretrain:run_name=x`). `seed` is the training seed: collect's seed is its data_seed's
+# (a shared seed=1 next to data_seed=5 wrote data/...-seed5 with a meta.json saying seed 1). `run_name`
+# names the stage-2 run: in stage 1 as well it put both stages into one run dir, and stage 2 found
+# stage 1's done.json and was skipped.
+SHARED_KEY_STAGES = {"seed": ("pretrain", "train", "evaluate"), "run_name": ("train",)}
 
 
 class PipelineError(RuntimeError):
@@ -105,6 +116,8 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
             continue
         took = False
         for s, cfg in bases.items():
+            if s not in SHARED_KEY_STAGES.get(o.split("=", 1)[0].lstrip("+~"), STAGES):
+                continue
             r = route_override(cfg, o)
             if r is not None:
                 routed[s].append(r)
@@ -149,14 +162,30 @@ def run_stage(stage: str, overrides: list[str], a) -> None:
         raise SystemExit(rc)
 
 
-def _continue_flags(run_dir: Path, force: bool) -> list[str]:
+def stage_state(run_dir: Path, cfg, steps: int, what: str, force: bool, fp: str | None, encoder: Path | None,
+                fix: str) -> str:
+    """rundir.run_state, the rule experiments/sweep.py reuses runs by too: a finished stage is reused only
+    with the same config identity, steps, data fingerprint and (stage 2) encoder; a run dir of another run
+    is refused in one line."""
+    from omegaconf import OmegaConf
+
+    import rundir
+
+    if force:  # overwrite=true whatever the run dir holds (also what a --dry-run prints)
+        return "overwrite"
+    try:
+        return rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), steps, what, False, fix, fp,
+                                encoder)
+    except rundir.RunDirError as e:
+        raise PipelineError(str(e)) from None
+
+
+def _continue_flags(run_dir: Path, state: str) -> list[str]:
     """An interrupted stage (checkpoints, no done.json) resumes; --force starts it over."""
-    if force:
-        return ["overwrite=true"]
-    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").glob("step-*")):
+    if state == "resume":
         print(f"[resume] {run_dir} has checkpoints but no done.json: resuming it")
         return ["resume=true"]
-    return []
+    return ["overwrite=true"] if state == "overwrite" else []
 
 
 def _abs(p: str) -> Path:
@@ -175,21 +204,25 @@ def _read_json(path: Path) -> dict:
 
 
 def dataset_mismatch(meta: dict, ccfg) -> list[str]:
-    """What differs between an existing dataset's meta.json and the collect config this pipeline would
-    use: env, source settings and seeds ("key: dataset -> asked")."""
-    from omegaconf import OmegaConf
+    """What differs between an existing dataset's meta.json and the collect config (a DictConfig or plain
+    dict) that would make it now: env, source settings and seeds ("key: dataset -> asked"). The one check
+    of this pipeline and of experiments/sweep.py; keys a dataset does not record (collected before they
+    existed) are not compared."""
+    from omegaconf import DictConfig, OmegaConf
 
-    want = OmegaConf.to_container(ccfg, resolve=True)
+    want = OmegaConf.to_container(ccfg, resolve=True) if isinstance(ccfg, DictConfig) else ccfg
     out = []
     for group in ("env", "source"):
         have, ask = meta.get(group) or {}, want.get(group) or {}
-        out += [f"{group}.{k}: {have.get(k)!r} -> {ask.get(k)!r}" for k in sorted(set(have) | set(ask), key=str)
+        out += [f"{group}.{k}: {have.get(k)!r} -> {ask.get(k)!r}" for k in sorted(have, key=str)
                 if have.get(k) != ask.get(k)]
     out += [f"{k}: {meta.get(k)!r} -> {want.get(k)!r}" for k in ("seed", "data_seed") if meta.get(k) != want.get(k)]
     return out
 
 
 def main(argv=None) -> dict:
+    from histories import dataset_fingerprint
+
     a = parse_args(argv)
     routed = split_overrides(a.overrides)
     out: dict = {}
@@ -219,14 +252,20 @@ def main(argv=None) -> dict:
     out["data_path"] = str(data_path)
 
     # 2. stage 1
+    fp = dataset_fingerprint(data_path)  # None before a dry run's collect: nothing to compare yet
     ckpt = a.pretrained_path
+    if ckpt and not a.dry_run and not _abs(ckpt).is_file():
+        raise PipelineError(f"--pretrained-path {ckpt}: no such file (give a stage-1 run's encoder-pretrained-*.pt, "
+                            f"or leave the flag out to run stage 1)")
     if not a.train_only and not ckpt:
         pcfg = compose("pretrain", routed["pretrain"])
         prun = _abs(pcfg.run_dir)
-        if (prun / "done.json").is_file() and not a.force:
-            print(f"[pretrain] already complete in {prun}; reusing it (--force to redo)")
+        state = stage_state(prun, pcfg, int(pcfg.pretrain_steps), "stage-1", a.force, fp, None,
+                            "pass --force to redo it, or pretrain:run_name=<another name>")
+        if state == "reuse":
+            print(f"[pretrain] already complete in {prun} with this config; reusing it (--force to redo)")
         else:
-            run_stage("pretrain", routed["pretrain"] + _continue_flags(prun, a.force), a)
+            run_stage("pretrain", routed["pretrain"] + _continue_flags(prun, state), a)
         ckpt = str(prun / "encoder-pretrained-final.pt")
         out["pretrain_run_dir"] = str(prun)
         if (prun / "done.json").is_file():
@@ -245,11 +284,14 @@ def main(argv=None) -> dict:
             tr.append("model.freeze_encoder=true")
     elif a.freeze_encoder:
         raise PipelineError("--freeze-encoder needs a pretrained encoder (run stage 1 or pass --pretrained-path)")
-    trun = _abs(compose("train", tr).run_dir)
-    if (trun / "done.json").is_file() and not a.force:
-        print(f"[train] already complete in {trun}; reusing it (--force to redo)")
+    tcfg = compose("train", tr)
+    trun = _abs(tcfg.run_dir)
+    state = stage_state(trun, tcfg, int(tcfg.max_steps), "stage-2", a.force, fp, _abs(ckpt) if ckpt else None,
+                        "pass --force to redo it, or train:run_name=<another name>")
+    if state == "reuse":
+        print(f"[train] already complete in {trun} with this config; reusing it (--force to redo)")
     else:
-        run_stage("train", tr + _continue_flags(trun, a.force), a)
+        run_stage("train", tr + _continue_flags(trun, state), a)
     out["train_run_dir"] = str(trun)
 
     # 4. evaluation

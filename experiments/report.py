@@ -4,9 +4,12 @@
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
-experiments/sweep.py calls `write(out)` when a multirun ends. It reads <out>/sweep.json (the command),
-the job records <out>/jobs/*.json (arm, seed, budget, window, env, run dir, wall seconds; one per run,
-written by the jobs) and every run dir's config.json, done.json and <out_name>.json (evaluate.py). The
+experiments/sweep.py calls `write(out)` when a multirun ends. It reads <out>/sweep.json (the command, the
+planned jobs, the evaluations), the job records <out>/jobs/*.json (arm, seed, budget, window, env, identity,
+wall seconds; one per run, written by the jobs) and every run dir's config.json, done.json and
+<out_name>.json (evaluate.py). The report covers every planned or recorded job, finds its run dir inside
+`out` (a moved out dir reports its own runs) and takes its state from the run dir, not from the record
+(report_jobs: done, missing, failed, running, interrupted, non-finite; Status lists those not done). The
 experiment (the record's `sweep`) picks the report function: REPORTS[name](out, jobs, info) -> the
 report dict, written by that function; adding an experiment is adding one here.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import math
 import os
 import statistics
 import sys
@@ -56,6 +60,141 @@ def read_json(path: Path) -> dict | None:
 def load_jobs(out: Path) -> list[dict]:
     recs = [read_json(p) for p in sorted((Path(out) / "jobs").glob("*.json"))]
     return [r for r in recs if r]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The jobs a report covers: the planned ones (sweep.json) and the recorded ones, each with its run dir in
+# this out dir and a status read from that run dir (the records are not trusted for it)
+# ---------------------------------------------------------------------------------------------------------
+DONE = "done"
+
+
+def run_dir_of(out: Path, rec: dict) -> Path:
+    """A job's run dir: <out>/runs/<name> (an out dir moved or copied elsewhere reports its own runs, not
+    those at the recorded absolute path), else the recorded path when only that exists (records copied
+    from the folder the runs live in, as results/memory-quick's)."""
+    recorded = Path(rec.get("run_dir") or "")
+    mine = Path(out) / "runs" / recorded.name
+    return recorded if not mine.exists() and recorded.is_absolute() and recorded.exists() else mine
+
+
+def _held(path: Path) -> bool:
+    """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs)."""
+    import fcntl
+
+    from atomic_io import PathLock
+
+    try:
+        fd = os.open(PathLock(path).file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _finite(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return True
+
+
+def run_status(out: Path, rec: dict, evals) -> str:
+    """done, or why a run is not in the table: running (its job holds its lock), failed, interrupted (a
+    record left 'running' or 'interrupted' by a killed job), missing (not trained or not evaluated yet),
+    non-finite (a NaN / inf in done.json or an evaluation's test summary). The run dir decides; the record
+    only says why it is unfinished."""
+    rd = Path(rec["run_dir"])
+    done = read_json(rd / "done.json")
+    evs = [read_json(rd / f"{e}.json") for e in evals]
+    if done is None or any(ev is None for ev in evs):
+        state = "missing"
+    elif not _finite(done) or not all(_finite(_split_summary(rd, e)[1]) for e in evals):
+        state = "non-finite"
+    else:
+        state = DONE
+    if _held(Path(out) / "jobs" / rd.name):
+        return "running"
+    if rec.get("status") == "failed":
+        return "failed"
+    if rec.get("status") in ("running", "interrupted") and state == "missing":
+        return "interrupted"
+    return state
+
+
+def _arm_file(arm: str) -> dict:
+    return _read_yaml(ROOT / "experiments" / "conf" / "arm" / f"{arm}.yaml")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(OmegaConf.load(path))
+    except (OSError, ValueError, ImportError):
+        return {}
+
+
+# What a report function already keeps apart; the other run-identity dimensions are added to the arm name
+# when the jobs differ in them, so runs of another budget, window, env or sweep config never share a cell.
+SEPARATES = {"compare": (), "memory": ("env", "window"), "pretrain-budget": ("budget",)}
+
+
+def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
+    """The job records plus a record for every planned job that has none (sweep.json's `planned`), each
+    with its run dir resolved in this out dir (run_dir_of) and its `run_status`; train jobs of more than one
+    run identity get their arm qualified (SEPARATES)."""
+    out = Path(out)
+    recs = [dict(r) for r in load_jobs(out)]
+    have = {Path(r.get("run_dir", "")).name for r in recs}
+    ident = (info.get("identity") or {}).get("hash")
+    for j in info.get("planned") or []:
+        if j["run"] not in have:
+            arm = _arm_file(j["arm"])
+            recs.append({"kind": "train", "sweep": info.get("sweep"), "arm": j["arm"], "seed": j["seed"],
+                         "label": arm.get("label", j["arm"]), "encoder": arm.get("encoder"), "budget": j["budget"],
+                         "window": j["window"], "env": j["env"], "experiment": info.get("experiment"),
+                         "run_dir": str(out / "runs" / j["run"]), "status": "planned", "identity": ident})
+    evals = info.get("evals") or ["eval"]
+    for r in recs:
+        r["run_dir"] = str(run_dir_of(out, r))
+        if r.get("kind") == "train":
+            r["run_status"] = run_status(out, r, evals)
+    tj = [r for r in recs if r.get("kind") == "train"]
+    dims = [d for d in ("env", "window", "budget", "identity")
+            if d not in SEPARATES.get(name, ()) and len({r.get(d) for r in tj}) > 1]
+    for r in tj if dims else ():
+        tag = {"env": str(r["env"] or "preset-env"), "window": f"w{r['window']}", "budget": f"b{r['budget']}"}
+        r["arm_name"] = r["arm"]
+        r["arm"] = "-".join([tag[d] for d in dims if d in tag] + [r["arm"]]
+                            + [f"id{str(r.get('identity'))[:6]}"] * ("identity" in dims))
+    return recs
+
+
+def status_fields(tj: list[dict], missing: list[str]) -> dict:
+    """The report's complete / missing / run_status: every train job the report covers must be `done`
+    (run_status) and have its numbers (`missing`, the table function's own finding)."""
+    status = {Path(r["run_dir"]).name: r.get("run_status", DONE) for r in tj}
+    for m in missing:
+        status[m] = status.get(m) if status.get(m, DONE) != DONE else "missing"
+    bad = sorted(n for n, st in status.items() if st != DONE)
+    return {"complete": not bad, "missing": bad, "run_status": {n: status[n] for n in bad}}
+
+
+def status_line(rep: dict) -> str:
+    if rep["complete"]:
+        return "complete"
+    st = rep.get("run_status") or {}
+    return "INCOMPLETE: " + ", ".join(f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
 
 
 def _arm_rank(arm: str) -> tuple:
@@ -267,7 +406,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
                   f"window {mc.get('seg_len')} steps + {mc.get('n_latent')} latents")
         label = next(r["label"] for r in tj if r["arm"] == arm)
         results[arm] = {"label": label, "memory": memory, "mean": mean, "std": std, "n": n, "per_seed": per_seed}
-    missing = [f"{arm}-seed{s}" for arm in arms for s, p in results[arm]["per_seed"].items() if not p["complete"]]
+    missing = [Path(r["run_dir"]).name for r in tj if not results[r["arm"]]["per_seed"][str(r["seed"])]["complete"]]
     ref = COMPARE_REFERENCE if COMPARE_REFERENCE in results else None
     paired = {} if ref is None else {
         arm: {k: stats.paired({s: p["metrics"][k] for s, p in results[arm]["per_seed"].items()},
@@ -275,7 +414,10 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
                               COMPARE_METRICS[k][1]) for k in COMPARE_PAIRED}
         for arm in arms if arm != ref}
     tc = next((c for c in cfgs.values() if c), {})
-    budget = f"{tc.get('max_steps')} optimizer steps x batch {tc.get('batch_size')}, lr {tc.get('lr')} (every arm)"
+    budgets = {arm: f"{c.get('max_steps')} optimizer steps x batch {c.get('batch_size')}, lr {c.get('lr')}"
+               for arm, c in cfgs.items() if c}
+    budget = (f"{next(iter(budgets.values()))} (every arm)" if len(set(budgets.values())) <= 1 else
+              "; ".join(f"`{arm}`: {b}" for arm, b in budgets.items()))
     pc, pretrain_runs = _stage1(jobs)
     if pc:
         budget += f"; stage 1: {pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}"
@@ -297,7 +439,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
         "long_eval": {**_eval_settings(tj, "eval_long"), "last_k": first("long_last_k"),
                       "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
         "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in COMPARE_METRICS.items()},
-        "complete": not missing, "missing": missing,
+        **status_fields(tj, missing),
         "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"],
         "results": results, "runs": runs, "pretrain_runs": pretrain_runs,
         "paired_vs": ref, "paired": paired, "machine": machine(),
@@ -324,7 +466,7 @@ def compare_markdown(rep: dict) -> str:
              f"- **Budget:** {rep['budget']}",
              (f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample std over training seeds; "
               "a cell marked (n=k) averages only the k seeds whose runs finished)"),
-             f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}",
+             f"- **Status:** {status_line(rep)}",
              "", "| metric | " + " | ".join(f"`{arm}`" for arm in arms) + " |", "|---|" + "---|" * len(arms)]
     lines.append("| memory | " + " | ".join(res[arm]["memory"] for arm in arms) + " |")
     for k, (label, better, fmt) in COMPARE_METRICS.items():
@@ -499,7 +641,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
             row["compute_stage2_step_equiv"] = (n + row["stage1_steps"] * ratio) if ratio else None
             row["per_seed"] = per_seed
             rows.append(row)
-            missing += [f"b{n}-{arm}-seed{s}" for s, p in per_seed.items() if not p["complete"]]
+            missing += [Path(r["run_dir"]).name for r in mine if not per_seed[str(r["seed"])]["complete"]]
     first = next((p for r in rows for p in r["per_seed"].values() if p["complete"]), {})
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     tc = (read_json(Path(tj[0]["run_dir"]) / "config.json") or {}) if tj else {}
@@ -514,7 +656,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
         "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
                  f"{_fmt(first.get('optimal_mean'), '.2f')}"),
         "stage1_cost_per_step_vs_stage2": ratio, "machine": machine(),
-        "complete": not missing, "missing": missing,
+        **status_fields(tj, missing),
         "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"],
         "rows": rows, "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
         "timings_s": wall,
@@ -558,7 +700,7 @@ def budget_markdown(rep: dict) -> str:
              (f"- **Compute:** stage-2-step equivalents; one stage-1 step costs "
               f"{_fmt(rep['stage1_cost_per_step_vs_stage2'], '.2f')} stage-2 steps (measured wall time per "
               f"step, median over this sweep's runs)"),
-             f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}", "",
+             f"- **Status:** {status_line(rep)}", "",
              "| arm | stage-2 steps | stage-1 steps | compute | " + " | ".join(
                  f"{lab} ({b} is better)" for lab, b, _ in BUDGET_METRICS.values()) + " |",
              "|---|---|---|---|" + "---|" * len(BUDGET_METRICS)]
@@ -747,7 +889,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     rep = {"format_version": 2, "date": _now(), "command": info.get("command", "?"), "experiment": experiment,
            "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}",
            "machine": machine(), "seeds": sorted({r["seed"] for r in tj}), "datasets": data,
-           "complete": not missing, "missing": missing,
+           **status_fields(tj, missing),
            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"],
            "rows": rows, "timings_s": timings(jobs, out)}
     atomic_write_text(out / "summary.json", json.dumps(rep, indent=1, default=str))
@@ -767,7 +909,7 @@ def memory_markdown(rep: dict) -> str:
              f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
              f"- **Command:** `{rep['command']}`",
              f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample sd (n = seeds))",
-             f"- **Status:** {'complete' if rep['complete'] else 'INCOMPLETE: ' + ', '.join(rep['missing'])}", "",
+             f"- **Status:** {status_line(rep)}", "",
              "Test goals unless marked val (validation goals: where designs are chosen).", "",
              "| env | arm | window | " + " | ".join(f"{h} ({b} is better)" for _, h, _, b in MEMORY_COLUMNS)
              + " | memory probe all − k1 (nats, 95 % CI) |",
@@ -863,11 +1005,18 @@ def sweep_name(out: Path, jobs: list[dict]) -> str:
 
 
 def write(out: Path) -> dict:
-    """Write the report of the sweep in `out` from its job records and run dirs; returns the report dict."""
+    """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (report_jobs);
+    returns the report dict. A disk that cannot take the report files is a ReportError line."""
+    from atomic_io import os_error_reason
+
     out = Path(out)
-    jobs = load_jobs(out)
-    name = sweep_name(out, jobs)
-    rep = REPORTS[name](out, jobs, read_json(out / "sweep.json") or {})
+    info = read_json(out / "sweep.json") or {}
+    name = sweep_name(out, load_jobs(out))
+    try:
+        rep = REPORTS[name](out, report_jobs(out, name, info), info)
+    except OSError as e:
+        raise ReportError(f"cannot write the report into {out} ({os_error_reason(e)}: {e.filename or ''}): free "
+                          f"space or fix the permissions, then run python experiments/report.py {out}") from None
     rep["sweep"] = name
     return rep
 

@@ -466,3 +466,94 @@ def test_only_project_errors_become_one_line():
     assert all(e.__module__.split(".")[0] in {"histories", "loop", "rundir", "model", "hydra_cli", "evaluate"} for e in errs)
     assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
     assert collect.ConfigError is ConfigError
+
+
+# -- issue 25: what a driver (sweep, two_stage) reuses, and disk full in torch's save paths ---------------
+def test_run_state_reuses_on_content_only(finished, tmp_path):
+    """rundir.run_state, shared by experiments/sweep.py and two_stage.py: a finished run is reused only with
+    the same config identity, steps, data fingerprint and (stage 2) an encoder no newer than the run."""
+    from histories import dataset_fingerprint
+
+    run = tmp_path / "run"
+    shutil.copytree(finished / "runs" / "done", run)
+    want = json.loads((run / "config.json").read_text())
+    fp = dataset_fingerprint(finished / "data")
+    assert fp == want[rundir.FINGERPRINT_KEY]
+    assert rundir.run_state(run, want, 2, "stage-2", False, "FIX", fp) == "reuse"
+    assert rundir.run_state(run, want, 2, "stage-2", True, "FIX", fp) == "overwrite"
+    _raises(rundir.RunDirError, r"holds a stage-2 run with another config \(lr \(.* -> 0.5\)\): FIX",
+            rundir.run_state, run, {**want, "lr": 0.5}, 2, "stage-2", False, "FIX", fp)
+    _raises(rundir.RunDirError, r"trained on other data \(data fingerprint [0-9a-f]+ -> ffff: the dataset was "
+            r"re-collected or data_path points elsewhere\): FIX", rundir.run_state, run, want, 2, "stage-2", False,
+            "FIX", "ffff")
+    _raises(rundir.RunDirError, r"finished a stage-2 run at step 2, not the 3 steps asked: FIX",
+            rundir.run_state, run, want, 3, "stage-2", False, "FIX", fp)
+    enc = tmp_path / "encoder-pretrained-final.pt"
+    enc.write_bytes(b"x")
+    os.utime(enc, (time.time() + 5, time.time() + 5))  # stage 1 redone after this run started
+    _raises(rundir.RunDirError, r"from an older encoder-pretrained-final.pt \(stage 1 was redone after it started\)",
+            rundir.run_state, run, want, 2, "stage-2", False, "FIX", fp, enc)
+    os.utime(enc, (time.time() - 3600, time.time() - 3600))
+    assert rundir.run_state(run, want, 2, "stage-2", False, "FIX", fp, enc) == "reuse"
+    (run / "done.json").unlink()
+    assert rundir.run_state(run, want, 2, "stage-2", False, "FIX", fp) == "resume"  # its step-2 checkpoint
+
+
+def test_disk_full_in_torch_save_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save into a full disk raises RuntimeError, which no OSError handler catches (model.pt and
+    encoder checkpoints were tracebacks); /dev/full fails every write with ENOSPC, like a full disk."""
+    import atomic_io
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(atomic_io.os, "fdopen", lambda fd, mode: (os.close(fd), real_fdopen(
+        os.open("/dev/full", os.O_WRONLY), mode))[1])
+    with pytest.raises(OSError) as ei:
+        atomic_io.atomic_torch_save({"w": torch.zeros(1000)}, tmp_path / "model.pt")
+    assert ei.value.errno == errno.ENOSPC and ei.value.filename == str(tmp_path / "model.pt")
+    assert not list(tmp_path.iterdir())  # no temp file left
+
+
+def test_checkpoint_save_on_a_full_disk_is_one_line_whatever_the_library_raises(tmp_path):
+    class Acc:
+        is_main_process, num_processes = True, 1
+
+        def wait_for_everyone(self):
+            pass
+
+        def save_state(self, path):
+            Path(path).mkdir(parents=True)
+            raise self.error
+
+    # what torch.save and safetensors raise on a full disk (measured on a full tmpfs), not OSError
+    from safetensors import SafetensorError
+
+    for err, why in ((RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598"),
+                      "write failed"),
+                     (SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+                      "no space left on device")):
+        acc = Acc()
+        acc.error = err
+        _raises(rundir.RunDirError, rf"cannot write checkpoint .*step-00000004 \({why}\); the earlier checkpoints "
+                r"are intact", rundir.save_checkpoint, acc, tmp_path, 4, 2)
+        assert not rundir.leftovers(tmp_path)
+
+    acc.error = RuntimeError("CUDA error: an illegal memory access")  # a bug, not a disk: keeps its traceback
+    with pytest.raises(RuntimeError, match="illegal memory"):
+        rundir.save_checkpoint(acc, tmp_path, 6, 2)
+
+
+def test_disk_full_writing_model_pt_is_one_line(tiny, tmp_path, monkeypatch, one_thread):
+    """The end of stage 2 on a full disk (torch.save's RuntimeError used to escape as a traceback)."""
+    import atomic_io
+
+    real_save, real_fdopen = atomic_io.atomic_torch_save, os.fdopen
+
+    def full_save(obj, path):
+        with monkeypatch.context() as m:
+            m.setattr(atomic_io.os, "fdopen", lambda fd, mode: (os.close(fd), real_fdopen(
+                os.open("/dev/full", os.O_WRONLY), mode))[1])
+            return real_save(obj, path)
+
+    monkeypatch.setattr(train, "atomic_torch_save", full_save)
+    _raises(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was lost",
+            train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))

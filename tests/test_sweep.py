@@ -106,10 +106,27 @@ def test_compare_sweep_basic_launcher_and_reuse(tmp_path, tiny):
     assert r3.returncode == 0 and "Does pretraining help?" in r3.stdout, r3.stderr
     assert json.loads((out / "table.json").read_text())["results"] == rep["results"]
 
-    # the same out with another training config is refused for that run, with one line, at exit 1
+    # the same out with another training config is refused up front, in one line, and rewrites nothing: not the
+    # records, sweep.json or the report (issue 25: they used to show the new command and lr over the old runs)
+    kept = {p: p.read_bytes() for p in [out / "sweep.json", out / "table.json", out / "table.md",
+                                        *(out / "jobs").glob("*.json")]}
     r4 = sweep(tmp_path, tiny.data_path, "arm=scratch", "seed=0", "max_steps=8", "lr=0.01", *LONG)
-    assert r4.returncode == 1 and "another config" in r4.stderr and "lr (0.001 -> 0.01)" in r4.stderr
-    assert r4.stderr.strip().splitlines()[-1].startswith("error: 1 run(s) did not finish (scratch-seed0)")
+    assert r4.returncode == 2 and len(r4.stderr.strip().splitlines()) == 1, r4.stderr
+    assert "another sweep configuration (train.lr (0.001 -> 0.01)): pass out=" in r4.stderr
+    assert {p: p.read_bytes() for p in kept} == kept
+
+    # stage 1 redone behind the sweep's back (other weights in the encoder file): the finished pretrained run
+    # is not reused as if it had been trained from them (it used to be, checked on config identity alone)
+    import torch
+
+    ck = torch.load(pre / "encoder-pretrained-final.pt", weights_only=False)
+    for t in ck["encoder_state_dict"].values():
+        t.add_(1.0)
+    torch.save(ck, pre / "encoder-pretrained-final.pt")
+    r5 = sweep(tmp_path, tiny.data_path, "arm=scratch,pretrained_ft", "seed=0", "max_steps=8", *LONG)
+    assert r5.returncode == 1 and "[reuse] train:scratch-seed0" in r5.stdout, r5.stdout[-2000:] + r5.stderr
+    assert ("pretrained_ft-seed0 was trained from another encoder-pretrained-final.pt than" in r5.stderr
+            and "(stage 1 was redone since): pass force=true" in r5.stderr), r5.stderr
 
 
 @pytest.mark.slow
@@ -244,6 +261,18 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
                            capture_output=True, text=True, timeout=120, check=False)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / "runs").exists()
+    # an out= that names a file, or a folder under one, was a NotADirectoryError traceback from Hydra
+    (tmp_path / "afile").write_text("")
+    for out in ("afile", "afile/sub"):
+        r = subprocess.run([sys.executable, str(SWEEP), "-m", f"out={tmp_path / out}", "arm=ad"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=120, check=False)
+        assert r.returncode == 2 and r.stderr.strip() == (f"error: out={tmp_path / out}: {tmp_path / 'afile'} is a "
+                                                          f"file, not a folder: choose another out="), r.stderr
+    # `--cfg job` (results/README.md) prints the job's config: its value is no override to parse
+    r = subprocess.run([sys.executable, str(SWEEP), "--cfg", "job", "arm=ad", "seed=1", "train:lr=1e-4"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert r.returncode == 0 and "seed: 1" in r.stdout and "train:lr=1e-4" in r.stdout, r.stderr
+    assert not (tmp_path / "results").exists()
     r = subprocess.run([sys.executable, str(REPORT), str(tmp_path)], capture_output=True, text=True, check=False)
     assert r.returncode == 2 and r.stderr.startswith("error:") and "no sweep runs" in r.stderr, r.stderr
 
@@ -307,3 +336,196 @@ def test_kept_window_arm_keeps_the_window_and_folds_as_much(name, memory):
         assert cfg.sampler.schedule == "rollout" and mcfg.latent_update == "gated"
         opts = HistoryBatches._cfg_options(cfg, cfg.sampler)
         assert opts["schedule"] == "rollout" and opts["memory"] == memory and opts["carry_slots"] == 3
+
+
+# ---- issue 25: a sweep never reuses, mixes or mislabels results ------------------------------------------
+def _sw():
+    sys.path.insert(0, str(REPO))
+    from experiments import sweep as sw
+
+    return sw
+
+
+def test_memory_sweep_takes_its_own_defaults():
+    """sweep/memory.yaml's env and window were overridden by sweep.yaml's nulls (_self_ came last): AD w and
+    3w trained with the same window and gave identical results."""
+    from hydra_cli import compose_config
+
+    conf = str(REPO / "experiments" / "conf")
+    cfg = compose_config("sweep", ["sweep=memory"], config_dir=conf)
+    assert (cfg.env, cfg.window) == ("darkroom", 40)
+    cfg = compose_config("sweep", ["sweep=memory", "window=20", "env=darkroom_hard"], config_dir=conf)
+    assert (cfg.env, cfg.window) == ("darkroom_hard", 20)  # the command line still wins
+    assert compose_config("sweep", [], config_dir=conf).window is None
+
+
+def test_one_identity_per_out_dir(tmp_path):
+    """A rerun with other stage settings (lr, experiment, stage-1 budget, another sweep) into the same out is
+    refused in one line naming the keys and an out= to use, and writes nothing; seed, arm, budget, window and
+    env are not part of it (they name the runs)."""
+    sw = _sw()
+    out = tmp_path / "O"
+
+    def ident(user=(), experiment="quick", env=None, name="compare", evals=None):
+        routed = sw.route(list(user), [], experiment, env)
+        return sw.out_identity(name, experiment, evals or {"eval": {}}, routed, env)
+
+    base = ident()
+    h = sw.check_identity(out, base, claim=True)
+    before = (out / "sweep.json").read_text()
+    assert json.loads(before)["identity"] == {"hash": h, "config": base}
+    assert sw.check_identity(out, ident(env="darkroom_hard"), claim=True) == h  # env: a run name, not the out's
+    cases = ((ident(["train:lr=1e-4"]), r"train.lr \(0.001 -> 0.0001\)"),
+             (ident(["pretrain:pretrain_steps=40"]), r"pretrain.pretrain_steps \(\d+ -> 40\)"),
+             (ident(experiment="full"), r"experiment \('quick' -> 'full'\)"),
+             (ident(name="memory", evals={"eval": {"n_episodes": 100}}), r"sweep \('compare' -> 'memory'\)"))
+    for new, keys in cases:
+        with pytest.raises(sw.SweepError, match=rf"{out} holds the runs of another sweep configuration \(.*{keys}.*\): "
+                           rf"pass out={out}-[0-9a-f]{{8}} to run these settings in a folder of their own"):
+            sw.check_identity(out, new, claim=True)
+    assert (out / "sweep.json").read_text() == before
+
+
+def test_one_dataset_per_out_dir(tmp_path):
+    """A re-collected dataset (or another data_path=) behind an out dir's runs is refused, not mixed in."""
+    sw = _sw()
+    out = tmp_path / "O"
+    sw.check_dataset_identity(out, None, tmp_path / "d", "aaaa")
+    sw.check_dataset_identity(out, None, tmp_path / "d", "aaaa")
+    sw.check_dataset_identity(out, "darkroom_hard", tmp_path / "h", "cccc")  # another env: its own dataset
+    with pytest.raises(sw.SweepError, match=r"trained on dataset .*d \(fingerprint aaaa\) but .*d2 now holds "
+                                            r"fingerprint bbbb .*choose another out="):
+        sw.check_dataset_identity(out, None, tmp_path / "d2", "bbbb")
+
+
+def test_eval_reuse_compares_every_setting_env_included(tmp_path):
+    """EVAL_KEYS lacked env.*: an eval with reward_mode=once reused the every_step one."""
+    from tests.conftest import compose as hydra_compose
+
+    sw = _sw()
+    rd = tmp_path / "run"
+    rd.mkdir()
+    (rd / "model.pt").write_bytes(b"x")
+    (rd / "done.json").write_text(json.dumps({"global_step": 4}))
+    from omegaconf import OmegaConf
+
+    def want(*ov):
+        return OmegaConf.to_container(hydra_compose("evaluate", ["run_dir=x", "n_episodes=3", *ov]), resolve=True)
+
+    had = {**want("env_from_run=false"), "run_dir": str(rd), "progress": False}  # paths / cadence do not count
+    (rd / "eval.json").write_text(json.dumps({"global_step": 4, "config": had}))
+    assert sw.eval_reusable(rd, "eval", want("env_from_run=false"))
+    assert not sw.eval_reusable(rd, "eval", want("env_from_run=false", "env.reward_mode=once"))
+    assert not sw.eval_reusable(rd, "eval", want("env_from_run=false", "teacher_forced=false"))
+
+
+def test_planned_jobs_are_the_sweepers_product():
+    from omegaconf import OmegaConf
+
+    sw = _sw()
+    cfg = OmegaConf.create({"seed": 0, "budget": None, "window": 40, "env": "darkroom", "hydra": {
+        "sweeper": {"params": {"arm": "ad,ad_3w,scratch", "seed": "0,1,2"}},
+        "overrides": {"task": ["arm=ad,ad_3w", "seed=0,1", "overrides=[\"train:lr=1\"]"]}, "runtime": {"choices": {"arm": "scratch"}}}})
+    jobs = sw.planned_jobs(cfg)
+    assert [j["run"] for j in jobs] == ["darkroom-w40-ad-seed0", "darkroom-w40-ad-seed1", "darkroom-w40-ad_3w-seed0",
+                                        "darkroom-w40-ad_3w-seed1"]
+    assert jobs[0] == {"arm": "ad", "seed": 0, "budget": None, "window": 40, "env": "darkroom",
+                       "run": "darkroom-w40-ad-seed0"}
+
+
+def test_report_error_at_the_end_of_a_sweep_fails_it(tmp_path, monkeypatch):
+    """A ReportError in the multirun-end callback used to become a Hydra warning: exit 0, no report."""
+    from omegaconf import OmegaConf
+
+    sw = _sw()
+    out = tmp_path / "O"
+    (out / "jobs").mkdir(parents=True)
+    for name, sweep in (("a", "compare"), ("b", "memory")):
+        (out / "jobs" / f"{name}.json").write_text(json.dumps({"kind": "train", "sweep": sweep, "run_dir": name}))
+    monkeypatch.setattr(sw, "STATUS", {})
+    sw.Report().on_multirun_end(OmegaConf.create({"out": str(out), "report": True}))
+    assert "the report failed" in sw.STATUS["error"] and "runs of several sweeps" in sw.STATUS["error"]
+
+
+def test_disk_full_in_a_job_record_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    sw = _sw()
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(sw, "atomic_write_text", full)
+    with pytest.raises(sw.SweepError, match=r"cannot write .*jobs/x.json \(no space left on device\)"):
+        sw.record(tmp_path, "x", status="running")
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_sweep_is_one_line_and_recorded(tmp_path, tiny):
+    """SIGINT (Ctrl-C) mid-training: exit 130 with one line, the job's record says interrupted, the report
+    marks it so, and the same command resumes it."""
+    import signal
+    import time
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    full_env.pop("CAD_TEST_KILL_AT", None)
+    args = ["arm=scratch", "seed=0", "max_steps=150", "checkpoint_every=2", *LONG]
+    cmd = [sys.executable, str(SWEEP), "-m", f"out={tmp_path / 'out'}", *TINY, f"data_path={tiny.data_path}", *args]
+    p = subprocess.Popen(cmd, cwd=tmp_path, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    ck = tmp_path / "out" / "runs" / "scratch-seed0" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ck.is_dir() and any(ck.glob("step-*"))) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole foreground process group
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 130, err
+    assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)") and "Traceback" not in err, err
+    rec = json.loads((tmp_path / "out" / "jobs" / "scratch-seed0.json").read_text())
+    assert rec["status"] == "interrupted"
+    sys.path.insert(0, str(REPO))
+    from experiments import report
+
+    rep = report.write(tmp_path / "out")
+    assert rep["run_status"] == {"scratch-seed0": "interrupted"}
+    r = sweep(tmp_path, tiny.data_path, *args[:2], "max_steps=150", "checkpoint_every=200", *LONG)
+    assert r.returncode == 0 and "[start] train:scratch-seed0 (resume)" in r.stdout, r.stdout[-2000:] + r.stderr
+
+
+def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
+    """A read-only or full disk under out= (simulated: as root a chmod does not stop writes)."""
+    import errno
+    import tempfile
+
+    sw = _sw()
+
+    def ro(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkstemp", ro)
+    with pytest.raises(sw.SweepError, match=r"out=.*O is not writable \(read-only file system\): choose another out="):
+        sw.check_out(tmp_path / "O")
+
+
+@pytest.mark.slow
+def test_two_concurrent_sweeps_into_one_out(tmp_path, tiny):
+    """Two sweeps with other lrs started together into one out: one claims it, the other is refused in one
+    line before writing anything; the report shows the winner's command and lr only (both used to exit 0, one
+    printing the other's command and lr)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    full_env.pop("CAD_TEST_KILL_AT", None)
+    procs = {lr: subprocess.Popen([sys.executable, str(SWEEP), "-m", f"out={tmp_path / 'out'}", *TINY,
+                                   f"data_path={tiny.data_path}", "arm=scratch", "seed=0", "max_steps=4", *LONG,
+                                   f"train:lr={lr}"], cwd=tmp_path, env=full_env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for lr in ("0.001", "0.002")}
+    res = {lr: (p.communicate(timeout=600), p.returncode) for lr, p in procs.items()}
+    won = [lr for lr, (_, rc) in res.items() if rc == 0]
+    lost = [lr for lr, (_, rc) in res.items() if rc == 2]
+    assert len(won) == 1 and len(lost) == 1, res
+    err = res[lost[0]][0][1]
+    assert "another sweep configuration (train.lr" in err and len(err.strip().splitlines()) == 1, err
+    rep = json.loads((tmp_path / "out" / "table.json").read_text())
+    assert f"train:lr={won[0]}" in rep["command"] and rep["complete"]
+    rec = json.loads((tmp_path / "out" / "jobs" / "scratch-seed0.json").read_text())
+    assert rec["overrides"]["train"][-1] == f"lr={won[0]}"
+    assert json.loads((tmp_path / "out" / "runs" / "scratch-seed0" / "config.json").read_text())["lr"] == float(won[0])

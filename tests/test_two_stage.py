@@ -78,7 +78,7 @@ def test_pretrain_only_then_full_pipeline_then_reuse(ws, tiny, capfd):
     stdout = capfd.readouterr().out
     cmds = commands(stdout)
     assert list(cmds) == ["train", "evaluate"]
-    assert f"[pretrain] already complete in {ws / PRETRAIN_RUN}; reusing it" in stdout
+    assert f"[pretrain] already complete in {ws / PRETRAIN_RUN} with this config; reusing it" in stdout
     assert out["train_run_dir"] == str(trun) and out["encoder_checkpoint"] == str(ckpt)
     assert json.loads((trun / "config.json").read_text())["model"]["pretrained_encoder_path"] == str(ckpt)
     assert f"model.pretrained_encoder_path={ckpt}" in cmds["train"]
@@ -100,6 +100,21 @@ def test_pretrain_only_then_full_pipeline_then_reuse(ws, tiny, capfd):
     assert f"[pretrain] already complete in {ws / PRETRAIN_RUN}" in stdout
     assert f"[train] already complete in {trun}" in stdout
     assert stamps == {p: p.stat().st_mtime_ns for p in stamps}
+
+    # Reuse is on content, not on "done.json exists" (issue 25): another lr is refused in one line instead of
+    # reporting the lr 1e-3 model; so is a missing --pretrained-path; nothing is rewritten.
+    with pytest.raises(two_stage.PipelineError, match=r"holds a stage-2 run with another config \(lr \(0.0003 -> "
+                       r"0.0001\)\): pass --force to redo it, or train:run_name="):
+        two_stage.main(["--no-eval", *args, "train:lr=1e-4"])
+    with pytest.raises(two_stage.PipelineError, match=r"--pretrained-path nope.pt: no such file"):
+        two_stage.main(["--train-only", "--pretrained-path", "nope.pt", *args])
+    # stage 1 redone (--force --pretrain-only): the stage-2 run made from the old encoder is not reused
+    two_stage.main(["--pretrain-only", "--force", *args])
+    with pytest.raises(two_stage.PipelineError, match=r"from an older encoder-pretrained-final.pt \(stage 1 was "
+                       r"redone after it started\): pass --force"):
+        two_stage.main(args + ["--no-eval"])
+    capfd.readouterr()
+    assert stamps[trun / "done.json"] == (trun / "done.json").stat().st_mtime_ns
 
 
 @pytest.mark.slow
@@ -179,6 +194,19 @@ def test_stage_prefix_beats_shared_override():
     assert (pre.warmup_steps, pre.model.n_latent) == (7, 4)
     assert (tr.warmup_steps, tr.model.n_latent) == (2, 6)
     assert all("seed=1" in routed[s] for s in ("pretrain", "train", "evaluate"))
+
+
+def test_seed_and_run_name_reach_only_the_stages_they_mean():
+    """seed=1 next to data_seed=5 wrote data/...-seed5 with a meta.json saying seed 1; run_name=X put both
+    training stages into one run dir (stage 2 then found stage 1's done.json). A stage prefix still targets them."""
+    routed = two_stage.split_overrides(["seed=1", "data_seed=5", "run_name=X", "collect:seed=3",
+                                        "pretrain:run_name=P"])
+    assert "seed=1" not in routed["collect"] and routed["collect"][-1] == "seed=3"
+    assert "seed=1" in routed["pretrain"] and "seed=1" in routed["train"]
+    assert "run_name=X" in routed["train"] and "run_name=X" not in routed["pretrain"]
+    assert two_stage.compose("collect", routed["collect"][:-1]).seed == 5  # collect's seed follows data_seed
+    assert two_stage.compose("pretrain", routed["pretrain"]).run_dir == "runs/P"
+    assert two_stage.compose("train", routed["train"]).run_dir == "runs/X"
 
 
 def test_stage2_run_dirs_never_collide(tmp_path):
