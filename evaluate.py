@@ -31,13 +31,14 @@ import config_check as cc
 import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
 from env import BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from errors import UserError
 from hydra_cli import abspath
 from transition import pack
 
 FORMAT_VERSION = 1
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad evaluation input (config, checkpoint contents); the message says what is wrong and the fix."""
 
 

@@ -44,6 +44,7 @@ import numpy as np
 
 import transition
 from atomic_io import fsync_dir, os_error_reason
+from errors import UserError
 
 FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
 SPLITS = ("train", "val", "test")
@@ -59,7 +60,7 @@ ARRAY_SPECS = {
 ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed", "n_val_goals")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset is missing, malformed or incompatible. The message is one actionable line."""
 
 

@@ -22,6 +22,8 @@ import os
 import sys
 from pathlib import Path
 
+from errors import UserError
+
 REPO = Path(__file__).resolve().parent  # the repository: the scripts and config/
 CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
@@ -87,7 +89,7 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
-class UnknownKeyError(ValueError):
+class UnknownKeyError(UserError, ValueError):
     """A command-line key that exists in no config group (typo), or an override Hydra cannot apply."""
 
 
@@ -105,16 +107,10 @@ def report(e: BaseException) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The project's user-facing error classes: their messages are one actionable line. Deliberately not
-    ValueError / OSError in general: those come from bugs and from libraries too, and keep a traceback."""
-    from evaluate import EvalError
-    from histories import DatasetError
-    from loop import NonFiniteLossError, RunDirError
-    from model.checkpoint import EncoderCheckpointError
-    from model.config import ConfigError
-
-    return (DatasetError, EncoderCheckpointError, ConfigError, RunDirError, NonFiniteLossError,
-            UnknownKeyError, EvalError)
+    """The project's user-facing error classes: errors.UserError, which every project error derives from (its
+    message is one actionable line). Deliberately not ValueError / OSError in general: those come from bugs and
+    from libraries too, and keep a traceback."""
+    return (UserError,)
 
 
 def compose_config(config_name: str, overrides: list[str], config_dir: str = CONFIG_DIR):
@@ -200,8 +196,8 @@ def run(config_name: str, module: str) -> None:
 
             hydra_cli.run("train", "train")   # compose config/train.yaml, run train.main(cfg)
 
-    `module` is imported by name and ITS main runs, not the __main__ copy's: the error classes user_errors()
-    catches are the importable module's (evaluate.EvalError; a __main__.EvalError would be another class)."""
+    `module` is imported by name and ITS main runs, not the __main__ copy's (a __main__ copy would define
+    its own classes beside the importable module's)."""
     import importlib
 
     import hydra

@@ -36,6 +36,7 @@ from torch import nn
 
 from atomic_io import DISK_ERRNOS, atomic_write_text, os_error_reason
 from config_check import Rule, check_value, flag, integer, number, one_of, text
+from errors import UserError
 from model.config import ConfigError
 from rundir import (
     RunDirError,
@@ -49,7 +50,7 @@ from rundir import (
 )
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; the run stops instead of writing garbage."""
 
 

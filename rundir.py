@@ -40,15 +40,22 @@ import signal
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason, write_failure_reason
-
-if TYPE_CHECKING:
-    from loop import LoopSettings
+from errors import UserError
 
 
-class RunDirError(RuntimeError):
+class RunSettings(Protocol):
+    """What plan_run_dir reads of a loop's settings (loop.LoopSettings has them): no import of the loop."""
+
+    checkpoint_every: int
+    overwrite: bool
+    resume: bool
+    resume_from: str | None
+
+
+class RunDirError(UserError, RuntimeError):
     """The output run directory cannot be used as asked (holds another run, or nothing to resume), or a
     checkpoint cannot be resumed from."""
 
@@ -200,7 +207,7 @@ def _resolve_resume_from(arg: str) -> Path:
     return ck
 
 
-def plan_run_dir(run_dir: Path, cfg: dict, s: LoopSettings) -> RunPlan:
+def plan_run_dir(run_dir: Path, cfg: dict, s: RunSettings) -> RunPlan:
     """Decide whether to start fresh, start over or resume; refuse to clobber anything that is not this run.
     Pure (reads only), so every rank reaches the same decision before the main process writes."""
     run_dir = Path(run_dir)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from errors import UserError
 from hydra_cli import REPO, abspath
 
 STAGES = {"collect": "collect", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate"}
@@ -44,7 +45,7 @@ SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": 
 SHARED_KEY_STAGES = {"seed": ("pretrain", "train", "evaluate"), "run_name": ("train",)}
 
 
-class PipelineError(RuntimeError):
+class PipelineError(UserError, RuntimeError):
     pass
 
 

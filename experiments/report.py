@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from atomic_io import atomic_write, atomic_write_text
+from errors import UserError
 from experiments import stats
 
 # Arms in table order (others follow alphabetically); their colours in the plots.
@@ -45,7 +46,7 @@ COLORS = {"ad": "tab:gray", "ad_3w": "tab:purple", "ad_10w": "black", "scratch":
 SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
 
 
-class ReportError(RuntimeError):
+class ReportError(UserError, RuntimeError):
     """Nothing to report from the given folder; one line."""
 
 

@@ -69,6 +69,7 @@ if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/
 from hydra.errors import CompactHydraException
 
 from atomic_io import PathLock, atomic_write_text
+from errors import UserError
 from experiments.report import read_json
 from hydra_cli import flatten
 
@@ -86,7 +87,7 @@ FIX = "pass force=true to redo it, or choose another out="
 PER_RUN = ("arm", "seed", "budget", "window", "env")
 
 
-class SweepError(CompactHydraException):
+class SweepError(UserError, CompactHydraException):
     """Bad input or a run directory that cannot be reused as asked; Hydra prints it as one line."""
 
 

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from atomic_io import atomic_torch_save
+from errors import UserError
 from model.config import ARCH_KEY_DEFAULTS, ENCODER_ARCH_KEYS, ModelConfig
 
 REQUIRED_KEYS = ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict", "global_step", "config")
 
 
-class EncoderCheckpointError(ValueError):
+class EncoderCheckpointError(UserError, ValueError):
     """A pretrained-encoder checkpoint that cannot be used; the message names the file and the fix."""
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from errors import UserError
+
 # Keys that fix the shapes of encoder + shared embedding weights. Anything else (dropout, depth weights,
 # learning rates) may differ between the two stages.
 ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len",
@@ -19,7 +21,7 @@ ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer
 ARCH_KEY_DEFAULTS = {"latent_update": "replace", "state_features": "scalar", "keep_recent": 0}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """An impossible or inconsistent configuration; the message says which key and how to fix it."""
 
 

@@ -461,9 +461,21 @@ def test_read_only_run_dir_is_one_line(tiny, finished, tmp_path, monkeypatch, on
 
 def test_only_project_errors_become_one_line():
     """A ValueError / FileNotFoundError from a library (or a bug) keeps its traceback."""
+    from errors import UserError
+    from experiments.report import ReportError
+    from experiments.sweep import SweepError
+    from histories import DatasetError
+    from loop import NonFiniteLossError, RunDirError
+    from model.checkpoint import EncoderCheckpointError
+    from two_stage import PipelineError
+
     errs = hydra_cli.user_errors()
-    assert ValueError not in errs and FileNotFoundError not in errs and OSError not in errs
-    assert all(e.__module__.split(".")[0] in {"histories", "loop", "rundir", "model", "hydra_cli", "evaluate"} for e in errs)
+    assert errs == (UserError,)
+    assert not any(issubclass(e, UserError) for e in (ValueError, FileNotFoundError, OSError, RuntimeError))
+    # every project error class is a UserError (so the CLI catches it without naming it)
+    for cls in (DatasetError, EncoderCheckpointError, ConfigError, RunDirError, NonFiniteLossError,
+                hydra_cli.UnknownKeyError, evaluate.EvalError, ReportError, SweepError, PipelineError):
+        assert issubclass(cls, UserError), cls
     assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
     assert collect.ConfigError is ConfigError
 
