@@ -65,14 +65,10 @@ class DatasetError(UserError, ValueError):
 
 
 def _plain(cfg) -> dict:
-    """DictConfig or mapping -> plain dict (so this module does not require omegaconf)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-        if isinstance(cfg, DictConfig):
-            return OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency, but keep the module standalone
-        pass
-    return dict(cfg)
+    """DictConfig or mapping -> plain dict."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def _recollect_hint(path: Path, env_name: str, overwrite: bool = True) -> str:

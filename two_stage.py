@@ -32,7 +32,7 @@ from pathlib import Path
 from errors import UserError
 from hydra_cli import REPO, abspath
 
-STAGES = {"collect": "collect", "pretrain": "pretrain", "train": "train", "evaluate": "evaluate"}
+STAGES = ("collect", "pretrain", "train", "evaluate")  # in pipeline order
 SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": "train.py",
            "evaluate": "evaluate.py"}
 
@@ -127,9 +127,9 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
             raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
     for s in STAGES:
         routed[s] += only[s]  # Hydra applies overrides in order: `train:lr=1e-4` beats a shared `lr=1e-3`
-    for s, cfg_name in STAGES.items():  # bad values / syntax fail here, before any stage runs
+    for s in STAGES:  # bad values / syntax fail here, before any stage runs
         try:
-            rewrite_overrides(cfg_name, routed[s])
+            rewrite_overrides(s, routed[s])
         except UnknownKeyError as e:
             raise PipelineError(f"[{s}] {e}") from None
     return routed
@@ -139,7 +139,7 @@ def compose(stage: str, overrides: list[str]):
     """The composed config a stage's script would see for these overrides (short keys rewritten)."""
     from hydra_cli import compose_config, rewrite_overrides
 
-    return compose_config(STAGES[stage], rewrite_overrides(STAGES[stage], overrides))
+    return compose_config(stage, rewrite_overrides(stage, overrides))
 
 
 def command(stage: str, overrides: list[str], a) -> list[str]:

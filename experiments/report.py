@@ -212,6 +212,13 @@ def _fmt(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def sweep_commands(info: dict) -> str:
+    """Every sweep command that wrote into this out dir (sweep.json `commands`, oldest first), joined by ' ; '
+    (one out dir may be filled by several sweeps of the same configuration: other arms or seeds)."""
+    cmds = info.get("commands") or ([info["command"]] if info.get("command") else [])
+    return " ; ".join(cmds) or "?"
+
+
 def machine() -> str:
     """What measured: host, cores and torch (a report's provenance line)."""
     import platform
@@ -430,7 +437,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
     devices = {p.get("eval_device") for res in results.values() for p in res["per_seed"].values()}
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     rep = {
-        "format_version": 1, "date": _now(), "command": info.get("command", "?"), "cwd": info.get("cwd"),
+        "format_version": 1, "date": _now(), "command": sweep_commands(info), "cwd": info.get("cwd"),
         "experiment": experiment,
         "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment} on {device_label(devices)}",
         "arms": arms, "seeds": seeds, "budget": budget,
@@ -648,7 +655,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
     tc = (read_json(Path(tj[0]["run_dir"]) / "config.json") or {}) if tj else {}
     devices = {p.get("device") for r in rows for p in r["per_seed"].values()}
     rep = {
-        "format_version": 1, "date": _now(), "command": info.get("command", "?"), "experiment": experiment,
+        "format_version": 1, "date": _now(), "command": sweep_commands(info), "experiment": experiment,
         "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment} on {device_label(devices)}",
         "arms": arms, "seeds": seeds, "budgets": budgets, "dataset": str(tc.get("data_path")),
         "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
@@ -887,7 +894,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     data = {r["env"]: dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for env, d in data.items():
         d["source_search_use_test"] = source_search_use(d["path"]) if d.get("n_steps") else None
-    rep = {"format_version": 2, "date": _now(), "command": info.get("command", "?"), "experiment": experiment,
+    rep = {"format_version": 2, "date": _now(), "command": sweep_commands(info), "experiment": experiment,
            "scale": f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}",
            "machine": machine(), "seeds": sorted({r["seed"] for r in tj}), "datasets": data,
            **status_fields(tj, missing),

@@ -67,6 +67,7 @@ if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/
     sys.path.insert(0, str(ROOT))
 
 from hydra.errors import CompactHydraException
+from hydra.experimental.callback import Callback
 
 from atomic_io import PathLock, atomic_write_text
 from errors import UserError
@@ -147,21 +148,6 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
         return two_stage.split_overrides(groups + list(defaults) + list(user))
     except two_stage.PipelineError as e:
         raise SweepError(str(e)) from None
-
-
-def evaluate_overrides(routed_eval: list[str]) -> list[str]:
-    """evaluate.py's overrides with the experiment preset spelled out as the evaluate keys it sets
-    (n_episodes=40 seeds_per_goal=4 for quick) instead of `experiment=<name>`: a preset is @package _global_
-    and also carries keys evaluate.yaml lacks (quick's data_path interpolates ${data_seed}), which
-    hydra_cli's up-front resolve check rejects. The user's own evaluate overrides come after and win."""
-    is_exp = [_key(o) == "experiment" for o in routed_eval]
-    if not any(is_exp):
-        return list(routed_eval)
-    others = [o for o, e in zip(routed_eval, is_exp) if not e]
-    base = flatten(compose("evaluate", others + ["run_dir=x"]))
-    preset = flatten(compose("evaluate", routed_eval + ["run_dir=x"]))
-    spelled = [f"{k}={json.dumps(v)}" for k, v in preset.items() if k in base and base[k] != v and k != "run_dir"]
-    return spelled + others
 
 
 def run_name(arm: str, seed: int | None, budget, window, env) -> str:
@@ -614,7 +600,7 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
     else:
         flags = {"resume": ["resume=true"], "overwrite": ["overwrite=true"]}.get(state, [])
         wall["train"] = job.run(f"train:{name}", "train", plan.ov + flags, name, state, rd / "done.json")
-    eval_base = evaluate_overrides(routed["evaluate"])
+    eval_base = routed["evaluate"]  # the preset reaches evaluate.py as experiment=<name> (its evaluate slice)
     for out_name, settings in cfg.sweep.evals.items():
         ev_extra = [f"{k}={json.dumps(v)}" for k, v in plain(settings).items()]
         keys = {_key(o) for o in ev_extra}  # the eval's own settings replace the preset's
@@ -630,10 +616,6 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
 # ---------------------------------------------------------------------------------------------------------
 # The report at the end of a multirun (a Hydra callback)
 # ---------------------------------------------------------------------------------------------------------
-try:
-    from hydra.experimental.callback import Callback
-except ImportError:  # pragma: no cover -- hydra-core >= 1.1 has it
-    Callback = object
 
 
 STATUS: dict = {}  # what the multirun's end left for _entry: {"error": one line} when runs did not finish
@@ -678,7 +660,11 @@ class Report(Callback):
             old = read_json(out / "sweep.json") or {}
             planned = {j["run"]: j for j in old.get("planned") or []}  # earlier sweeps into this out stay planned
             planned.update({j["run"]: j for j in planned_jobs(config)})
-            info = {**old, "sweep": config.sweep.name, "experiment": config.experiment, "command": shlex.join(argv),
+            cmd = shlex.join(argv)
+            commands = list(old.get("commands") or ([old["command"]] if old.get("command") else []))
+            commands += [] if cmd in commands else [cmd]  # every sweep that filled this out dir, oldest first
+            info = {**old, "sweep": config.sweep.name, "experiment": config.experiment, "command": cmd,
+                    "commands": commands,
                     "cwd": str(Path.cwd()), "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                     "started_unix": time.time(), "launcher": config.hydra.runtime.choices.get("hydra/launcher"),
                     "evals": list(config.sweep.evals), "planned": sorted(planned.values(), key=lambda j: j["run"])}

@@ -135,3 +135,10 @@ def test_disk_full_while_writing_the_report_is_one_line(killed, monkeypatch):
     monkeypatch.setattr(report, "atomic_write_text", full)
     with pytest.raises(report.ReportError, match=r"cannot write the report into .*O \(no space left on device"):
         report.write(killed)
+
+
+def test_the_report_names_every_sweep_command_that_filled_the_out_dir():
+    assert report.sweep_commands({"commands": ["python a arm=ad", "python a arm=kept"], "command": "python a arm=kept"}
+                                 ) == "python a arm=ad ; python a arm=kept"
+    assert report.sweep_commands({"command": "python a"}) == "python a"  # sweep.json written before `commands`
+    assert report.sweep_commands({}) == "?"
