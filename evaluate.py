@@ -476,6 +476,7 @@ KEY_RULES = {
     "use_cache": cc.flag(),
     "seed": cc.integer(0),
     "device": cc.text(note="auto, cpu, cuda or cuda:N"),
+    "cpu_threads": cc.integer(1, 1024, null=True, note="torch CPU threads; null = torch's default"),
     "out_name": cc.text(),
     "tensorboard": cc.flag(),
     "progress": cc.flag(),
@@ -517,6 +518,8 @@ def main(cfg: DictConfig) -> dict:
     Returns the report written to eval.json plus 'json_path' and 'png_path'."""
     t0 = time.perf_counter()
     _check_cfg(cfg)
+    if cfg.get("cpu_threads"):
+        torch.set_num_threads(int(cfg.cpu_threads))
     run_dir = Path(abspath(cfg.run_dir))
     device = resolve_device(str(cfg.device))
     model, run_cfg, global_step = load_trained_model(run_dir, device)

@@ -34,7 +34,7 @@ train with accelerate=true), its output appended to <out>/logs/<run>.log:
    (resume=true) if it has checkpoints; refused if it holds another config or was trained on other data
    (force=true redoes it);
 4. evaluate.py per sweep.evals entry (<run>/<out_name>.json), reused if it matches the finished model and
-   every evaluate setting (EVAL_IGNORED aside: paths, device, logging).
+   every evaluate setting (EVAL_IGNORED aside: paths, device, threads, logging).
 The job's record <out>/jobs/<run>.json says what it is (arm, seed, budget, ..., identity, data fingerprint),
 its status and the wall seconds of every process; it is written only once the run-state check passed (a
 refusal goes to <out>/refused/<run>.json), and the job holds a lock beside it while it runs. sweep.json also
@@ -79,7 +79,7 @@ RESERVED = {"seed", "run_dir", "run_name", "resume", "resume_from", "overwrite",
             "model.pretrained_encoder_path", "model.freeze_encoder", "pretrained_encoder_path", "freeze_encoder"}
 # evaluate.py keys that do not change an evaluation's numbers; every other key (env.* included) must equal
 # the eval json's own config for it to be reused.
-EVAL_IGNORED = {"run_dir", "out_name", "progress", "tensorboard", "device"}
+EVAL_IGNORED = {"run_dir", "out_name", "progress", "tensorboard", "device", "cpu_threads"}
 ENCODER_FILE = "encoder-pretrained-final.pt"
 # How a sweep's refusal of a run dir ends (rundir.run_state's `fix`).
 FIX = "pass force=true to redo it, or choose another out="
