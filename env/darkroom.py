@@ -90,12 +90,26 @@ def goal_splits(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0, n_va
     (early stopping, presets, ablations) is made on it. 'train' is the rest. n_val_goals=0 gives DICP's
     split unchanged with an empty 'val'.
     """
-    train, test = goal_split(grid_size, train_frac, seed)
+    return carve_splits(*goal_split(grid_size, train_frac, seed), n_val_goals)
+
+
+def carve_splits(train: list, test: list, n_val_goals: int = 0, max_train_tasks: int | None = None
+                 ) -> dict[str, list]:
+    """{'train', 'val', 'test'} from a shuffled train list and the test list (any task type; Darkroom and
+    Dark Key-to-Door share it): 'val' = the LAST n_val_goals of `train`, 'train' = the rest, optionally
+    only its first max_train_tasks (a smaller training set drawn from the same seeded order; the
+    validation and test tasks do not move)."""
     n_val = int(n_val_goals)
     if not 0 <= n_val < len(train):
         raise ValueError(f"env.n_val_goals={n_val_goals} must be in [0, {len(train) - 1}] (there are "
                          f"{len(train)} train goals to carve the validation goals from)")
-    return {"train": train[:len(train) - n_val], "val": train[len(train) - n_val:], "test": test}
+    rest = train[:len(train) - n_val]
+    if max_train_tasks is not None:
+        if not 1 <= int(max_train_tasks) <= len(rest):
+            raise ValueError(f"env.max_train_tasks={max_train_tasks} must be in [1, {len(rest)}] (the train "
+                             f"tasks left after carving {n_val} validation tasks), or null for all")
+        rest = rest[:int(max_train_tasks)]
+    return {"train": rest, "val": train[len(train) - n_val:], "test": test}
 
 
 def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
@@ -115,6 +129,7 @@ class BatchedDarkroom:
     """
 
     n_actions = N_ACTIONS
+    n_phases = 1  # no hidden progress the source algorithm conditions on (BatchedKeyToDoor has 3)
 
     def __init__(self, goals, grid_size: int = 9, horizon: int = 20, reward_mode: str = "every_step",
                  device: str | torch.device = "cpu"):
