@@ -148,9 +148,9 @@ class BatchedDarkroom:
 
     @classmethod
     def from_cfg(cls, env_cfg, goals, device: str | torch.device = "cpu") -> BatchedDarkroom:
-        """Build from an `env` config node (config/env/*.yaml): grid_size, horizon, reward_mode."""
-        return cls(goals, grid_size=env_cfg.grid_size, horizon=env_cfg.horizon,
-                   reward_mode=env_cfg.reward_mode, device=device)
+        """Build from an `env` config node (config/env/*.yaml) or a plain dict: grid_size, horizon, reward_mode."""
+        return cls(goals, grid_size=env_cfg["grid_size"], horizon=env_cfg["horizon"],
+                   reward_mode=env_cfg["reward_mode"], device=device)
 
     def _set_goals(self, goals) -> None:
         goals = torch.as_tensor(goals, dtype=torch.long, device=self.device)
