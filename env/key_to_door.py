@@ -36,7 +36,7 @@ from functools import cache
 
 import torch
 
-from env.darkroom import ACTION_DELTAS, N_ACTIONS, start_state
+from env.darkroom import ACTION_DELTAS, N_ACTIONS, GridWorld, start_state
 
 KEY_TO_DOOR = "key_to_door"  # the env.reward_mode value that selects this env
 TASK_DIM = 4                 # (key_x, key_y, door_x, door_y)
@@ -100,9 +100,10 @@ def optimal_return(task: Sequence[int], grid_size: int = 9, horizon: int = 50) -
     return float(d1 <= horizon) + float(d1 + d2 <= horizon)
 
 
-class BatchedKeyToDoor:
+class BatchedKeyToDoor(GridWorld):
     """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device. Same interface as
-    BatchedDarkroom (reset / step / optimal_returns / from_cfg / n_envs / t / horizon / states):
+    BatchedDarkroom (reset / step / optimal_returns / from_cfg / n_envs / t / horizon / states; `goals`
+    holds the tasks):
 
     tasks: LongTensor[E, 4] (kx, ky, dx, dy) or anything torch.as_tensor accepts.
     reset() -> states LongTensor[E, 2]
@@ -113,21 +114,13 @@ class BatchedKeyToDoor:
     never see it (their transitions hold positions and rewards only).
     """
 
-    n_actions = N_ACTIONS
     n_phases = N_PHASES
+    goal_width = TASK_DIM
+    goal_what = "key-to-door tasks (key_x, key_y, door_x, door_y)"
+    reward_mode = KEY_TO_DOOR
 
     def __init__(self, tasks, grid_size: int = 9, horizon: int = 50, device: str | torch.device = "cpu"):
-        if grid_size < 1 or horizon < 1:
-            raise ValueError(f"grid_size={grid_size} and horizon={horizon} must both be >= 1")
-        self.grid_size = int(grid_size)
-        self.horizon = int(horizon)
-        self.reward_mode = KEY_TO_DOOR
-        self.device = torch.device(device)
-        self.deltas = torch.tensor(ACTION_DELTAS, dtype=torch.long, device=self.device)
-        self.start = torch.tensor(start_state(self.grid_size), dtype=torch.long, device=self.device)
-        self._set_tasks(tasks)
-        self.t = 0
-        self.states: torch.Tensor | None = None  # None until the first reset()
+        super().__init__(tasks, grid_size, horizon, device)
         self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
         self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
 
@@ -136,28 +129,17 @@ class BatchedKeyToDoor:
         """Build from an `env` config node (config/env/dark_key_to_door.yaml): grid_size, horizon."""
         return cls(tasks, grid_size=env_cfg["grid_size"], horizon=env_cfg["horizon"], device=device)
 
-    def _set_tasks(self, tasks) -> None:
-        tasks = torch.as_tensor(tasks, dtype=torch.long, device=self.device)
-        if tasks.ndim != 2 or tasks.shape[1] != TASK_DIM:
-            raise ValueError(f"key-to-door tasks must have shape [E, 4] (key_x, key_y, door_x, door_y), "
-                             f"got {tuple(tasks.shape)}")
-        if tasks.numel() and (tasks.min() < 0 or tasks.max() >= self.grid_size):
-            raise ValueError(f"key and door cells must lie in [0, {self.grid_size - 1}]^2, got values outside")
-        self.tasks = tasks.clone()
-        self.keys, self.doors = self.tasks[:, :2], self.tasks[:, 2:]
+    def _set_goals(self, goals) -> None:
+        super()._set_goals(goals)
+        self.keys, self.doors = self.goals[:, :2], self.goals[:, 2:]
 
     @property
-    def goals(self) -> torch.Tensor:
-        """The tasks under the name the callers of either env use (goals.npy holds them)."""
-        return self.tasks
-
-    @property
-    def n_envs(self) -> int:
-        return self.tasks.shape[0]
+    def tasks(self) -> torch.Tensor:
+        return self.goals
 
     def optimal_returns(self) -> torch.Tensor:
         """float32[E]: optimal_return of each environment's task."""
-        vals = [optimal_return(t, self.grid_size, self.horizon) for t in self.tasks.tolist()]
+        vals = [optimal_return(t, self.grid_size, self.horizon) for t in self.goals.tolist()]
         return torch.tensor(vals, dtype=torch.float32, device=self.device)
 
     def phase(self) -> torch.Tensor:
@@ -166,33 +148,19 @@ class BatchedKeyToDoor:
 
     def reset(self, tasks=None) -> torch.Tensor:
         """Start a new episode in every environment (optionally with new tasks; E may change)."""
-        if tasks is not None:
-            self._set_tasks(tasks)
-        self.t = 0
-        self.states = self.start.expand(self.n_envs, 2).clone()
+        states = self._reset_states(tasks)
         self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
         self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return self.states.clone()
+        return states
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
-        if self.states is None:
-            raise RuntimeError("BatchedKeyToDoor.step() before reset(): call reset() first")
-        if self.t >= self.horizon:
-            raise RuntimeError(f"episode is over (horizon {self.horizon} reached): call reset() first")
-        actions = torch.as_tensor(actions, device=self.device)
-        if actions.shape != (self.n_envs,):
-            raise ValueError(f"actions must have shape [{self.n_envs}], got {tuple(actions.shape)}")
-        if actions.numel() and (actions.min() < 0 or actions.max() >= N_ACTIONS):
-            raise ValueError(f"actions must be integers in [0, {N_ACTIONS - 1}]")
-        next_states = (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
+        next_states = self._move(actions)
         # DICP's if / elif: the key pays if not yet held; otherwise the door pays if the key was held
         # BEFORE this step and the door is still closed. So one step never pays both.
         got_key = ~self.has_key & (next_states == self.keys).all(dim=-1)
         got_door = self.has_key & ~self.door_opened & (next_states == self.doors).all(dim=-1)
         self.has_key = self.has_key | got_key
         self.door_opened = self.door_opened | got_door
-        self.states = next_states
-        self.t += 1
-        done = torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        done = self._advance(next_states)
         return next_states.clone(), (got_key | got_door).to(torch.float32), done

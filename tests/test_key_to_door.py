@@ -7,7 +7,6 @@ do not need it). The optimum is checked against dynamic programming written here
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -29,22 +28,11 @@ from env import (
     task_split,
 )
 from env.key_to_door import from_dicp_action, optimal_return, to_dicp_action
+from tests.tooling.dicp_key_to_door_fixture import decode_actions, digest, trajectory_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((ROOT / "tests" / "data" / "dicp_key_to_door.json").read_text())
 DICP_DELTAS = {0: (1, 0), 1: (-1, 0), 2: (0, 1), 3: (0, -1), 4: (0, 0)}  # their step(): 0 +x 1 -x 2 +y 3 -y else stay
-
-
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, separators=(",", ":")).encode()).hexdigest()
-
-
-def _decode(code: str, length: int) -> list[int]:
-    n, out = int(code, 16), []
-    for _ in range(length):
-        n, a = divmod(n, 5)
-        out.append(a)
-    return out[::-1]
 
 
 def env_cfg():
@@ -65,7 +53,7 @@ def test_task_split_is_dicps():
     train, test = task_split(c["grid_size"], c["train_env_ratio"], c["env_split_seed"])
     assert (len(train), len(test)) == (sp["n_train"], sp["n_test"]) == (6233, 328)
     assert [list(t) for t in test] == sp["test"]
-    assert _digest(train) == sp["train_sha256"] and _digest(test) == sp["test_sha256"]
+    assert digest(train) == sp["train_sha256"] and digest(test) == sp["test_sha256"]
     cfg = env_cfg()  # the shipped config is DICP's split, with validation / train subset carved from train
     s = splits_from_cfg(cfg)
     assert s["test"] == test and s["val"] == train[len(train) - cfg.n_val_goals:]
@@ -79,14 +67,14 @@ def test_replays_dicp_episodes_step_for_step():
     assert len(rows) >= 1000 and len({tuple(r[0]) for r in rows}) >= 1000
     env = BatchedKeyToDoor([r[0] for r in rows], grid_size=FIXTURE["config"]["grid_size"], horizon=h)
     env.reset()
-    actions = torch.tensor([_decode(r[1], h) for r in rows])
+    actions = torch.tensor([decode_actions(r[1], h) for r in rows])
     steps = [env.step(actions[:, t]) for t in range(h)]
     states = torch.stack([s for s, _, _ in steps], 1)
     rewards = torch.stack([r for _, r, _ in steps], 1)
     dones = torch.stack([d for _, _, d in steps], 1)
     paid = [torch.nonzero(rewards[e]).flatten().tolist() for e in range(len(rows))]
     assert paid == [r[2] for r in rows]
-    got = [_digest(states[e].tolist() + [dones[e].long().tolist()])[:8] for e in range(len(rows))]
+    got = [trajectory_digest(states[e].tolist(), dones[e].tolist()) for e in range(len(rows))]
     assert got == [r[3] for r in rows]
     totals = rewards.sum(1).long().tolist()
     assert [totals.count(k) for k in (0, 1, 2)] == FIXTURE["counts"]["returns_0_1_2"]
