@@ -20,8 +20,11 @@ Actions are the project's Darkroom set (0 stay, 1 +x, 2 -x, 3 +y, 4 -y; walls cl
 
     ours = (dicp + 1) % 5        dicp = (ours - 1) % 5        (to_dicp_action / from_dicp_action)
 
-and nothing else differs (tests/test_key_to_door.py replays DICP's own trajectories, recorded in
-tests/data/dicp_key_to_door.json by benchmarks/dicp_key_to_door_fixture.py).
+and nothing else differs in states, rewards or episode ends (tests/test_key_to_door.py replays DICP's own
+trajectories, recorded in tests/data/dicp_key_to_door.json by tests/tooling/dicp_key_to_door_fixture.py). One
+interface difference: DICP's gymnasium env returns its time-limit end as both `terminated` and `truncated`;
+our gymnasium view ('DarkKeyToDoor-v0') reports it as `truncated` only, as for Darkroom (the horizon is a
+time limit, which is also how the source algorithm bootstraps).
 
 Selected by `env.reward_mode: key_to_door` (config/env/dark_key_to_door.yaml): the reward rule is what
 sets this family apart, and keeping it in reward_mode leaves every Darkroom config and dataset unchanged.
