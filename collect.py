@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 import config_check as cc
 from atomic_io import PathLock, os_error_reason
-from env import N_ACTIONS, SPLITS, BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from env import N_ACTIONS, SPLITS, is_key_to_door, make_batched_env, splits_from_cfg, task_optimal_return
 from histories import (
     FORMAT_VERSION,
     DatasetError,
@@ -61,16 +61,24 @@ def epsilon_at(t: int, src) -> float:
 def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: int,
                         device: str = "cpu", progress: bool = True, n_train: int | None = None
                         ) -> dict[str, np.ndarray]:
-    """Run vectorised tabular Q-learning, one independent learner per row of `goals` [N, 2].
+    """Run vectorised tabular Q-learning, one independent learner per row of `goals` [N, task_dim].
 
     Returns uint8 arrays states [N, T, 2], actions [N, T], rewards [N, T], next_states [N, T, 2].
     `n_train` (first rows = train goals) only selects which streams the progress bar's return shows.
+    The learner's state is the cell, plus the env's hidden progress where it has one (Dark Key-to-Door:
+    env.phase() = key held / door opened, so S = 3 G^2): the source may see it, the histories do not.
     """
     device = torch.device(device)
     G, H, A = int(env_cfg.grid_size), int(env_cfg.horizon), N_ACTIONS
-    N, S = goals.shape[0], G * G
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    env = BatchedDarkroom.from_cfg(env_cfg, goals, device)
+    env = make_batched_env(env_cfg, goals, device)
+    n_phases = int(env.n_phases)
+    N, S = goals.shape[0], G * G * n_phases
+
+    def state_rows(s):  # row of each learner's current state in Q
+        cell = s[:, 0] * G + s[:, 1]
+        return row0 + (cell if n_phases == 1 else env.phase() * (G * G) + cell)
+
     # One table, rows n*S + s hold Q(s, .) of learner n: a step gathers N rows with index_select
     # (several times faster than advanced indexing on CPU) and writes N entries with index_copy_.
     Q = torch.full((N * S, A), float(src.q_init), dtype=torch.float32, device=device)
@@ -96,7 +104,7 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
     s = env.reset()
     bar = tqdm(range(n_steps), desc="collect", unit="step", disable=not progress, mininterval=0.5)
     for t in bar:
-        rows = row0 + s[:, 0] * G + s[:, 1]
+        rows = state_rows(s)
         q = Q.index_select(0, rows)  # [N, A]
         # One uniform draw per stream and slot: [:, :A] random tie-break scores (greedy = argmax over
         # the maximal entries, else argmax would always pick 'stay' on fresh states), [:, A] the
@@ -106,7 +114,7 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
         rand_a = (u[:, A + 1] * A).long().clamp_(max=A - 1)
         a = torch.where(u[:, A] < epsilon_at(t, src), rand_a, greedy)
         ns, r, _ = env.step(a)
-        next_rows = row0 + ns[:, 0] * G + ns[:, 1]
+        next_rows = state_rows(ns)  # the phase after this step
         td_update(rows, a, r, next_rows, cur=q.gather(1, a[:, None]).squeeze(1))
         buf_s[t], buf_ns[t], buf_a[t], buf_r[t] = s, ns, a, r
         episode.append((rows, a, r, next_rows))
@@ -173,7 +181,7 @@ def random_policy_return(goals: list, env_cfg, n_rep: int = 100, seed: int = 0) 
     if not goals:
         return float("nan")
     gen = torch.Generator().manual_seed(seed)
-    env = BatchedDarkroom.from_cfg(env_cfg, torch.tensor(goals).repeat_interleave(n_rep, 0))
+    env = make_batched_env(env_cfg, torch.tensor(goals).repeat_interleave(n_rep, 0))
     env.reset()
     total = torch.zeros(env.n_envs)
     for _ in range(env.horizon):
@@ -186,12 +194,23 @@ def _split_summary(ret: np.ndarray, goals: list, env_cfg, seed: int) -> dict:
     """First-episode / last-5-episode mean return of one split vs random and optimal."""
     if ret.shape[0] == 0:
         return {}
-    opt = float(np.mean([optimal_return(g, env_cfg.grid_size, env_cfg.horizon, env_cfg.reward_mode)
-                         for g in goals]))
+    opt = float(np.mean([task_optimal_return(env_cfg, g) for g in goals]))
     last5 = float(ret[:, -5:].mean())
-    return {"first_episode": float(ret[:, 0].mean()), "last5": last5, "optimal": opt,
-            "random": random_policy_return(goals, env_cfg, seed=seed),
-            "last5_frac_optimal": last5 / opt if opt > 0 else float("nan")}
+    out = {"first_episode": float(ret[:, 0].mean()), "last5": last5, "optimal": opt,
+           "random": random_policy_return(goals, env_cfg, seed=seed),
+           "last5_frac_optimal": last5 / opt if opt > 0 else float("nan")}
+    for name, curve in found_curves(ret, env_cfg).items():  # Dark Key-to-Door: key / door found
+        out[f"{name}_first_episode"], out[f"{name}_last5"] = curve[0], float(np.mean(curve[-5:]))
+    return out
+
+
+def found_curves(ret: np.ndarray, env_cfg) -> dict[str, list[float]]:
+    """Dark Key-to-Door: per episode, the fraction of histories that found the key / opened the door
+    ({'key_found': [...], 'door_found': [...]}; {} for Darkroom). Read off the returns exactly: the door
+    pays only after the key, so an episode's first reward is the key and its second the door."""
+    if not is_key_to_door(env_cfg):
+        return {}
+    return {"key_found": (ret >= 1).mean(0).tolist(), "door_found": (ret >= 2).mean(0).tolist()}
 
 
 def _check_cfg(cfg: DictConfig) -> None:
@@ -231,7 +250,7 @@ def main(cfg: DictConfig) -> dict:
 def _collect(cfg: DictConfig, path: str) -> dict:
     check_can_write(path, bool(cfg.overwrite))   # fail before any work, not after it
     env_cfg, src = cfg.env, cfg.source
-    splits = goal_splits_from_cfg(env_cfg)
+    splits = splits_from_cfg(env_cfg)
     # Train goals get n_stream histories each (the training data); validation and test goals get
     # n_stream_eval each: they are only scored (held-out loss, stage-1 diagnostics), never trained on.
     per_goal = {"train": int(src.n_stream), "val": int(src.n_stream_eval), "test": int(src.n_stream_eval)}
@@ -250,7 +269,7 @@ def _collect(cfg: DictConfig, path: str) -> dict:
     finally:
         torch.set_num_threads(prev_threads)
     wall = time.perf_counter() - t0
-    arrays["goals"] = goals.numpy().astype(np.uint8)
+    arrays["goals"] = goals.numpy().astype(np.uint8)  # [N, 2] goal cells, or [N, 4] key-to-door tasks
 
     ret = episode_returns(arrays["rewards"], env_cfg.horizon)
     summary = {
@@ -273,12 +292,15 @@ def _collect(cfg: DictConfig, path: str) -> dict:
         "return_curve": ret[:n_train].mean(0).tolist(),
         **{f"return_curve_{k}": ret[r["start"]:r["stop"]].mean(0).tolist() if r["stop"] > r["start"] else []
            for k, r in ranges.items() if k != "train"},
+        # Dark Key-to-Door only: the source's key / door found fractions per episode, per split
+        **({"found_curves": {k: found_curves(ret[r["start"]:r["stop"]], env_cfg) for k, r in ranges.items()
+                             if r["stop"] > r["start"]}} if is_key_to_door(env_cfg) else {}),
         "summary": summary,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     save_histories(path, arrays, meta, overwrite=bool(cfg.overwrite))
     summary["data_path"] = path
-    print_summary(summary)
+    print_summary(summary, meta["return_curve"])
     tr = summary["train"]
     if tr and tr["last5"] < tr["random"] + NOT_LEARNING_FRAC * (tr["optimal"] - tr["random"]):
         print(f"warning: the source did not learn: its last-5-episode return {tr['last5']:.2f} is close to a "
@@ -287,7 +309,7 @@ def _collect(cfg: DictConfig, path: str) -> dict:
     return summary
 
 
-def print_summary(s: dict) -> None:
+def print_summary(s: dict, train_curve: list | None = None) -> None:
     print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_val_histories']:,} "
           f"val, {s['n_test_histories']:,} test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
           f"({s['transitions_per_s'] / 1e6:.2f} M/s) -> {s['data_path']}")
@@ -297,6 +319,17 @@ def print_summary(s: dict) -> None:
         if r:
             print(f"{split + ' goals':<12}{r['random']:>9.2f}{r['first_episode']:>10.2f}{r['last5']:>11.2f}"
                   f"{r['optimal']:>9.2f}{r['last5_frac_optimal']:>11.3f}")
+    if any("key_found_first_episode" in s[split] for split in SPLITS if s[split]):
+        print(f"{'found frac':<12}{'key ep 1':>9}{'key last5':>10}{'door ep 1':>11}{'door last5':>11}")
+        for split in SPLITS:
+            r = s[split]
+            if r:
+                print(f"{split + ' goals':<12}{r['key_found_first_episode']:>9.2f}{r['key_found_last5']:>10.2f}"
+                      f"{r['door_found_first_episode']:>11.2f}{r['door_found_last5']:>11.2f}")
+    curve = train_curve
+    if curve:  # the source's own learning curve on the train goals, at a few episodes
+        marks = sorted({1, 2, 5, 10, 20, 50, 100, len(curve)} & set(range(1, len(curve) + 1)))
+        print("train return by episode: " + "  ".join(f"{e}: {curve[e - 1]:.2f}" for e in marks))
 
 
 if __name__ == "__main__":

@@ -181,10 +181,11 @@ ENV_RULES = {
     "env.grid_size": integer(2, 256, note="states are stored as uint8; a 1x1 grid has nothing to learn"),
     "env.horizon": integer(1, 100_000, note="steps per episode"),
     "env.n_actions": one_of(5, note="the Darkroom's fixed action set"),
-    "env.reward_mode": one_of("every_step", "once"),
+    "env.reward_mode": one_of("every_step", "once", "key_to_door", note="key_to_door: Dark Key-to-Door"),
     "env.train_frac": number(0, 1, lo_open=True, note="fraction of goals used for training"),
     "env.split_seed": integer(0),
     "env.n_val_goals": integer(0, note="validation goals carved out of the train goals"),
+    "env.max_train_tasks": integer(1, null=True, note="the first n train tasks of the seeded order; null = all"),
 }
 
 MODEL_RULES = {

@@ -1,6 +1,7 @@
 """In-context evaluation (docs/design.md §7): can a frozen model *learn* a new task from its own history?
 
-Every (goal x seed) environment is batched into one BatchedDarkroom and stepped in lockstep: one
+Every (goal x seed) environment is batched into one batched env (env.make_batched_env: BatchedDarkroom, or
+BatchedKeyToDoor where a "goal" is a (key, door) task) and stepped in lockstep: one
 `model.act` and one `model.observe` per environment step for all of them. Episodes run back to back
 (the env resets at the horizon) while the model's memory is kept, so any improvement of the return
 over episodes is in-context RL; the weights never change. CompressedAD's memory per step is constant
@@ -30,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 import config_check as cc
 import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
-from env import BatchedDarkroom, goal_splits_from_cfg, optimal_return
+from env import make_batched_env, splits_from_cfg, task_optimal_return
 from errors import UserError
 from hydra_cli import abspath
 from transition import pack
@@ -64,7 +65,9 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
     Pass an unwrapped model (accelerator.unwrap_model): DDP wrappers do not forward init_rollout/act.
 
     Returns numpy arrays 'returns' float64 [n_goals, seeds_per_goal, n_episodes] and 'optimal' float64
-    [n_goals] (per-goal optimal episode return), plus 'goals', 'horizon', 'n_env_steps', 'wall_s'.
+    [n_goals] (per-goal optimal episode return), plus 'goals', 'horizon', 'n_env_steps', 'wall_s', and
+    'events' ({} for Darkroom; Dark Key-to-Door: 'key_found' / 'door_found' bool [n_goals, seeds_per_goal,
+    n_episodes], read from the env's hidden progress at each episode's end).
     record=True also returns the rollout as data: 'trans' long [n_envs, T, 6] (the transitions taken, in
     the histories' packed layout) and 'action_logp' float [n_envs, T] (log-probability the model gave the
     action it took) — what teacher_forced.py must reproduce from 'trans' alone.
@@ -73,7 +76,7 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
         raise EvalError(f"n_episodes={n_episodes} and seeds_per_goal={seeds_per_goal} must both be >= 1")
     if len(goals) == 0:
         raise EvalError("incontext_rollout got no goals: pass at least one (x, y) goal cell")
-    grid, horizon, mode = int(env_cfg["grid_size"]), int(env_cfg["horizon"]), env_cfg["reward_mode"]
+    grid, horizon = int(env_cfg["grid_size"]), int(env_cfg["horizon"])
     model_grid = getattr(getattr(model, "cfg", None), "grid_size", grid)
     if model_grid != grid:
         raise EvalError(f"model was built for grid_size={model_grid} but env.grid_size={grid}: "
@@ -83,7 +86,8 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
     n_goals = len(goals)
     n_envs = n_goals * seeds_per_goal
     env_goals = torch.tensor(goals, dtype=torch.long).repeat_interleave(seeds_per_goal, dim=0)
-    env = BatchedDarkroom(env_goals, grid_size=grid, horizon=horizon, reward_mode=mode, device=device)
+    env = make_batched_env(env_cfg, env_goals, device=device)
+    track = hasattr(env, "door_opened")  # BatchedKeyToDoor: record key found / door opened per episode
     # A dedicated generator on the rollout device: multinomial needs one on the same device as probs.
     gen = torch.Generator(device=device).manual_seed(int(seed))
 
@@ -96,6 +100,7 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
             st = model.init_rollout(n_envs, device, use_cache=use_cache)
             # Accumulate on the device and copy once at the end: no host sync per step.
             returns = torch.zeros(n_envs, n_episodes, dtype=torch.float32, device=device)
+            found = torch.zeros(2, n_envs, n_episodes, dtype=torch.bool, device=device) if track else None
             rec_trans, rec_logp = [], []
             episodes = range(n_episodes)
             if progress:
@@ -118,16 +123,22 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
                         rec_logp.append(torch.log_softmax(logits.float(), -1).gather(1, actions[:, None])[:, 0])
                     returns[:, ep] += rewards
                     states = next_states
+                if track:
+                    found[0, :, ep], found[1, :, ep] = env.has_key, env.door_opened
                 if progress:
                     episodes.set_postfix(mean_return=f"{returns[:, ep].mean().item():.2f}")
     finally:
         if was_training:
             model.train()
-    opt = [optimal_return(g, grid, horizon, mode) for g in goals]
+    opt = [task_optimal_return(env_cfg, g) for g in goals]
+    shape = (n_goals, seeds_per_goal, n_episodes)
+    events = {"key_found": found[0].cpu().numpy().reshape(shape),
+              "door_found": found[1].cpu().numpy().reshape(shape)} if track else {}
     extra = {"trans": torch.stack(rec_trans, 1).cpu(), "action_logp": torch.stack(rec_logp, 1).cpu()} if record else {}
     return {**extra,
         "returns": returns.cpu().double().numpy().reshape(n_goals, seeds_per_goal, n_episodes),
         "optimal": np.asarray(opt, dtype=np.float64),
+        "events": events,
         "goals": goals,
         "horizon": horizon,
         "n_env_steps": n_envs * n_episodes * horizon,
@@ -140,9 +151,9 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
 # ---------------------------------------------------------------------------------------------------------
 def eval_goals(env_cfg, n_train_goals: int, seed: int) -> dict[str, list]:
     """{'test': the held-out test goals, 'val': the validation goals, 'train': a fixed sample of n_train_goals
-    train goals} (env.goal_splits_from_cfg). The train sample is drawn with its own seeded rng (never the
+    train goals} (env.splits_from_cfg; a goal is a key-to-door task there). The train sample is drawn with its own seeded rng (never the
     global one) and sorted for readability. Empty splits are left out."""
-    splits = goal_splits_from_cfg(env_cfg)
+    splits = splits_from_cfg(env_cfg)
     train = splits["train"]
     rng = np.random.default_rng(seed)
     n = min(n_train_goals, len(train))
@@ -177,7 +188,9 @@ def learning_speed(curve, optimal_mean: float) -> dict:
 
 def search_and_use(returns, optimal) -> dict:
     """Splits in-context learning into finding the goal and using what was found, per rollout stream (goal,
-    seed), an episode "finds" the goal when its return is > 0 (Darkroom pays only on the goal cell):
+    seed), an episode "finds" the goal when its return is > 0 (Darkroom pays only on the goal cell; in Dark
+    Key-to-Door the first reward is the key, so "found" means the key was found: the door has its own
+    fractions, `event_metrics`):
       found_goal_frac                 fraction of streams that found the goal at least once
       episodes_to_first_goal          mean 1-based episode of the first find, over the streams that found it
       return_after_found_normalized   mean return / that goal's optimal over every episode AFTER the first find
@@ -202,7 +215,19 @@ def search_and_use(returns, optimal) -> dict:
     }
 
 
-def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> dict:
+def event_metrics(events: dict, k: int) -> dict:
+    """Dark Key-to-Door's per-episode events (incontext_rollout's 'events': name -> bool [n_goals, n_seeds,
+    n_episodes]) as fractions of rollout streams: <name>_curve per episode, <name>_first (episode 1),
+    <name>_last_k (mean over the last k episodes). Names: key_found, door_found."""
+    out = {}
+    for name, ev in (events or {}).items():
+        curve = np.asarray(ev, dtype=np.float64).mean(axis=(0, 1))
+        out.update({f"{name}_curve": curve.tolist(), f"{name}_first": float(curve[0]),
+                    f"{name}_last_k": float(curve[-k:].mean())})
+    return out
+
+
+def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None, events: dict | None = None) -> dict:
     """Scalar metrics and curves of a rollout. Plain Python floats/lists (JSON-ready).
 
     returns [n_goals, n_seeds, n_episodes]; optimal [n_goals]. Means are over goals and seeds; "std" is
@@ -221,6 +246,9 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
       found_goal_frac, episodes_to_first_goal, return_after_found_normalized: search vs use (`search_and_use`)
       reward_per_step           mean_return / horizon: the reward rate of the whole rollout, learning included;
       reward_per_step_last_k    last_k_mean / horizon. Both only when horizon is given.
+      key_found_* / door_found_*  Dark Key-to-Door (pass incontext_rollout's 'events'): fraction of streams that
+                                found the key / opened the door, per episode, in episode 1 and over the last k
+                                (`event_metrics`)
     """
     r = np.asarray(returns, dtype=np.float64)
     opt = np.asarray(optimal, dtype=np.float64)
@@ -256,6 +284,7 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None) -> 
     if horizon is not None:
         out["reward_per_step"] = mean / horizon
         out["reward_per_step_last_k"] = last / horizon
+    out.update(event_metrics(events, k))
     return out
 
 
@@ -270,6 +299,8 @@ def eval_scalars(summary: dict, split: str) -> dict[str, float]:
       eval/auc_<split>_normalized     area under the normalised return curve (learning speed)
       eval/episodes_to_0.8_<split>    first episode whose 5-episode mean reaches 0.8 x optimal (absent if
                                       never reached: an absent point, not a fake number)
+      eval/key_found_<split>, eval/door_found_<split>   Dark Key-to-Door: fraction of rollouts that found the
+                                      key / opened the door, mean over the last k episodes
     """
     k = summary["last_k"]
     tags = {
@@ -280,6 +311,8 @@ def eval_scalars(summary: dict, split: str) -> dict[str, float]:
         f"eval/reward_per_step_{split}": summary.get("reward_per_step"),
         f"eval/auc_{split}_normalized": summary.get("auc_normalized"),
         f"eval/episodes_to_0.8_{split}": summary.get("episodes_to_0.8"),
+        f"eval/key_found_{split}": summary.get("key_found_last_k"),
+        f"eval/door_found_{split}": summary.get("door_found_last_k"),
     }
     return {t: float(v) for t, v in tags.items() if v is not None}
 
@@ -367,11 +400,13 @@ def _run_histories(cfg: DictConfig, run_cfg: dict, env_cfg: dict):
 def source_reference(meta: dict, split: str, optimal_mean: float) -> dict | None:
     """The source algorithm's own learning curve on the split's goals (mean over its histories, from the
     dataset's meta.json) with the same learning-speed metrics, as the yardstick of in-context learning.
-    None if the dataset has no histories for that split (the train sample uses the train-goal curve)."""
+    None if the dataset has no histories for that split (the train sample uses the train-goal curve).
+    Dark Key-to-Door datasets add the source's key_found / door_found curves (collect.found_curves)."""
     curve = meta.get("return_curve" if split == "train" else f"return_curve_{split}")
     if not curve:
         return None
-    return {"curve": list(curve), **learning_speed(curve, optimal_mean)}
+    found = {f"{k}_curve": list(v) for k, v in (meta.get("found_curves") or {}).get(split, {}).items()}
+    return {"curve": list(curve), **learning_speed(curve, optimal_mean), **found}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,9 +423,10 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9.5, 4.2))
+    found = any("key_found_curve" in res["summary"] for res in results.values())  # Dark Key-to-Door
+    fig = Figure(figsize=(9.5, 7.4 if found else 4.2))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax = fig.add_subplot(2, 1, 1) if found else fig.add_subplot()
     colors = {"test": "tab:blue", "val": "tab:green", "train": "tab:orange"}
     for split, res in results.items():
         s = res["summary"]
@@ -410,8 +446,31 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
     ax.set_title(title, fontsize=9, wrap=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
+    if found:
+        _plot_found(fig.add_subplot(2, 1, 2), results, colors)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
+
+
+def _plot_found(ax, results: dict, colors: dict) -> None:
+    """Dark Key-to-Door panel: per episode, the fraction of rollouts that found the key (solid) and opened the
+    door (dashed); the source algorithm's own fractions dotted (key) / dash-dotted (door)."""
+    for split, res in results.items():
+        s, c, src = res["summary"], colors.get(split), res.get("source") or {}
+        for name, style, src_style in (("key_found", "-", ":"), ("door_found", "--", "-.")):
+            if f"{name}_curve" not in s:
+                continue
+            y = np.asarray(s[f"{name}_curve"])
+            ax.plot(np.arange(1, len(y) + 1), y, color=c, linestyle=style, label=f"{split}: {name.replace('_', ' ')}")
+            if f"{name}_curve" in src:
+                y = np.asarray(src[f"{name}_curve"])
+                ax.plot(np.arange(1, len(y) + 1), y, color=c, linestyle=src_style, linewidth=1,
+                        label=f"{split}: source, {name.replace('_', ' ')}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel("episode (in context, frozen weights)")
+    ax.set_ylabel("fraction of rollouts")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:
@@ -448,6 +507,9 @@ def print_table(results: dict) -> None:
         print(f"{split:<9} {s['n_goals']:>5} {s['n_seeds']:>5} {s['first_episode']:>7.2f} {s['last_k_mean']:>7.2f} "
               f"{s['last_k_std']:>7.2f} {s['optimal_mean']:>7.2f} {fmt(s['last_k_normalized'], '.3f'):>6} "
               f"{fmt(s['episodes_to_0.8'], 'd'):>7} {fmt(s['auc_normalized'], '.3f'):>6}")
+        if "key_found_curve" in s:
+            print(f"{'  found':<9} key {s['key_found_first']:.2f} -> {s['key_found_last_k']:.2f}, door "
+                  f"{s['door_found_first']:.2f} -> {s['door_found_last_k']:.2f} (episode 1 -> last {k})")
         src = res.get("source")
         if src:
             c = src["curve"]
@@ -543,7 +605,7 @@ def main(cfg: DictConfig) -> dict:
         ro = incontext_rollout(model, env_cfg, split_goals, int(cfg.n_episodes), int(cfg.seeds_per_goal), device,
                                seed=int(cfg.seed), sample=bool(cfg.sample), use_cache=bool(cfg.use_cache),
                                progress=bool(cfg.progress))
-        summary = summarize(ro["returns"], ro["optimal"], int(cfg.last_k), ro["horizon"])
+        summary = summarize(ro["returns"], ro["optimal"], int(cfg.last_k), ro["horizon"], events=ro["events"])
         per_goal = [{"goal": list(g), "optimal": float(o), "curve": ro["returns"][i].mean(axis=0).tolist(),
                      "last_k_mean": float(ro["returns"][i, :, -summary["last_k"]:].mean())}
                     for i, (g, o) in enumerate(zip(ro["goals"], ro["optimal"]))]

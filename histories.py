@@ -6,7 +6,8 @@ A dataset is a folder (default `data/${env.name}-seed${data_seed}`) of memory-ma
     actions.npy      uint8 [N, T]      0 stay, 1 +x, 2 -x, 3 +y, 4 -y
     rewards.npy      uint8 [N, T]      0 / 1
     next_states.npy  uint8 [N, T, 2]   (x, y) after the step
-    goals.npy        uint8 [N, 2]      the goal of history i
+    goals.npy        uint8 [N, 2]      the goal of history i (Dark Key-to-Door: [N, 4], its task
+                                       (key_x, key_y, door_x, door_y); env.task_dim)
 
 plus meta.json (format_version, env config, goal splits, source algorithm + settings, seeds, history
 layout, per-episode return curves, summary). History i is one stream of the source algorithm on one
@@ -54,10 +55,12 @@ ARRAY_SPECS = {
     "actions": ("NT", ()),
     "rewards": ("NT", ()),
     "next_states": ("NT", (2,)),
-    "goals": ("N", (2,)),
+    "goals": ("N", (2,)),  # (2,) for Darkroom; env.task_dim(env) in general (4 for Dark Key-to-Door)
 }
-# Env config keys that must agree between a dataset and the run that reads it.
-ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed", "n_val_goals")
+# Env config keys that must agree between a dataset and the run that reads it (an env without
+# max_train_tasks, e.g. Darkroom, reads None on both sides).
+ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed", "n_val_goals",
+            "max_train_tasks")
 
 
 class DatasetError(UserError, ValueError):
@@ -84,7 +87,7 @@ class Histories:
     actions: np.ndarray      # uint8 [N, T]
     rewards: np.ndarray      # uint8 [N, T]
     next_states: np.ndarray  # uint8 [N, T, 2]
-    goals: np.ndarray        # uint8 [N, 2]
+    goals: np.ndarray        # uint8 [N, 2] (Darkroom goal) or [N, 4] (key-to-door task)
     meta: dict = field(repr=False)
 
     @property
@@ -117,7 +120,7 @@ class Histories:
 def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
     """The on-disk layout of a dataset: (goals int64 [N, 2] of every history, in order; meta["split"];
     meta["histories"]). splits = {'train': [...], 'val': [...], 'test': [...]} goal lists (e.g.
-    env.goal_splits_from_cfg); per_goal = histories per goal of each split. Splits come in SPLITS order,
+    env.splits_from_cfg; a goal may be a key-to-door task of 4 numbers); per_goal = histories per goal of each split. Splits come in SPLITS order,
     goal-major, so each split's histories are one contiguous range."""
     goals, ranges, start = [], {}, 0
     for split in SPLITS:
@@ -126,7 +129,8 @@ def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
         ranges[split] = {"start": start, "stop": len(goals)}
         start = len(goals)
     split_meta = {f"{k}_goals": [list(x) for x in splits.get(k, [])] for k in SPLITS}
-    return np.asarray(goals, dtype=np.int64).reshape(-1, 2), split_meta, ranges
+    width = len(goals[0]) if goals else 2
+    return np.asarray(goals, dtype=np.int64).reshape(-1, width), split_meta, ranges
 
 
 # The meta.json keys that say what a dataset holds (not when or how fast it was made).
@@ -225,8 +229,11 @@ def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
         if arrays[name].dtype != np.uint8:
             raise DatasetError(f"{where}/{name}.npy has dtype {arrays[name].dtype}, expected uint8: "
                                f"re-collect with {hint}")
+    from env.tasks import task_dim  # local: keep `import histories` light for tools
+
     N, T = arrays["actions"].shape[:2] if arrays["actions"].ndim == 2 else (-1, -1)
     for name, (lead, tail) in ARRAY_SPECS.items():
+        tail = (task_dim(env),) if name == "goals" else tail
         want = ((N, T) if lead == "NT" else (N,)) + tail
         if arrays[name].shape != want or N < 0:
             raise DatasetError(f"{where}/{name}.npy has shape {arrays[name].shape}, expected {want} "
@@ -291,7 +298,7 @@ def load_histories(path, env_cfg) -> Histories:
     actions < n_actions, rewards in {0, 1}; the splits in meta match goal_splits(env) and every
     history's goal lies in its split. Raises DatasetError (one line: what is wrong + how to fix it).
     """
-    from env.darkroom import goal_splits_from_cfg  # local: keep `import histories` light for tools
+    from env.tasks import splits_from_cfg  # local: keep `import histories` light for tools
 
     path = Path(path)
     env_cfg = _plain(env_cfg)
@@ -315,11 +322,11 @@ def load_histories(path, env_cfg) -> Histories:
         raise DatasetError(f"{meta_file} is not valid JSON ({e}): re-collect with {hint}") from None
     _check_meta(meta, path, name)
     _check_env(meta["env"], env_cfg, path)
-    want = goal_splits_from_cfg(env_cfg)
+    want = splits_from_cfg(env_cfg)
     split = meta["split"]
     if any([tuple(g) for g in split[f"{k}_goals"]] != want[k] for k in SPLITS):
-        raise DatasetError(f"dataset {path} lists goal splits that differ from goal_splits(grid_size, "
-                           f"train_frac, split_seed, n_val_goals) of the run: re-collect with {hint}")
+        raise DatasetError(f"dataset {path} lists goal splits that differ from the run's (env.splits_from_cfg: "
+                           f"grid_size, train_frac, split_seed, n_val_goals, max_train_tasks): re-collect with {hint}")
     arrays = {k: _load_npy(path / f"{k}.npy", hint) for k in ARRAY_SPECS}
     _check_arrays(arrays, meta, path)
     return Histories(path=path, meta=meta, **arrays)

@@ -131,7 +131,8 @@ class ActionPredictionTask:
                     continue
                 r = incontext_rollout(net, self.cfg.env, goals[name], e.n_episodes, e.seeds_per_goal,
                                       run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
-                out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"]), name))
+                out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"],
+                                                  events=r["events"]), name))
             net.train()
             run.log(out, step)
         run.accelerator.wait_for_everyone()

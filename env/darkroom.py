@@ -90,12 +90,26 @@ def goal_splits(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0, n_va
     (early stopping, presets, ablations) is made on it. 'train' is the rest. n_val_goals=0 gives DICP's
     split unchanged with an empty 'val'.
     """
-    train, test = goal_split(grid_size, train_frac, seed)
+    return carve_splits(*goal_split(grid_size, train_frac, seed), n_val_goals)
+
+
+def carve_splits(train: list, test: list, n_val_goals: int = 0, max_train_tasks: int | None = None
+                 ) -> dict[str, list]:
+    """{'train', 'val', 'test'} from a shuffled train list and the test list (any task type; Darkroom and
+    Dark Key-to-Door share it): 'val' = the LAST n_val_goals of `train`, 'train' = the rest, optionally
+    only its first max_train_tasks (a smaller training set drawn from the same seeded order; the
+    validation and test tasks do not move)."""
     n_val = int(n_val_goals)
     if not 0 <= n_val < len(train):
         raise ValueError(f"env.n_val_goals={n_val_goals} must be in [0, {len(train) - 1}] (there are "
                          f"{len(train)} train goals to carve the validation goals from)")
-    return {"train": train[:len(train) - n_val], "val": train[len(train) - n_val:], "test": test}
+    rest = train[:len(train) - n_val]
+    if max_train_tasks is not None:
+        if not 1 <= int(max_train_tasks) <= len(rest):
+            raise ValueError(f"env.max_train_tasks={max_train_tasks} must be in [1, {len(rest)}] (the train "
+                             f"tasks left after carving {n_val} validation tasks), or null for all")
+        rest = rest[:int(max_train_tasks)]
+    return {"train": rest, "val": train[len(train) - n_val:], "test": test}
 
 
 def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
@@ -106,24 +120,22 @@ def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
                        int(n_val))
 
 
-class BatchedDarkroom:
-    """E Darkroom environments (any mix of goals) as tensors on one device.
-
-    goals: LongTensor[E, 2] (or anything torch.as_tensor accepts), one goal cell per environment.
-    reset() -> states LongTensor[E, 2]
-    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
-    """
+class GridWorld:
+    """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
+    start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
+    and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule in
+    step() (self._move -> reward -> self._advance) and what reset() clears besides the positions."""
 
     n_actions = N_ACTIONS
+    n_phases = 1  # hidden progress states the source algorithm may condition on (1: none)
+    goal_width = 2  # numbers per goal / task
+    goal_what = "goals"  # how errors name them
 
-    def __init__(self, goals, grid_size: int = 9, horizon: int = 20, reward_mode: str = "every_step",
-                 device: str | torch.device = "cpu"):
-        _check_reward_mode(reward_mode)
+    def __init__(self, goals, grid_size: int, horizon: int, device: str | torch.device = "cpu"):
         if grid_size < 1 or horizon < 1:
             raise ValueError(f"grid_size={grid_size} and horizon={horizon} must both be >= 1")
         self.grid_size = int(grid_size)
         self.horizon = int(horizon)
-        self.reward_mode = reward_mode
         self.device = torch.device(device)
         self.deltas = torch.tensor(ACTION_DELTAS, dtype=torch.long, device=self.device)
         self.start = torch.tensor(start_state(self.grid_size), dtype=torch.long, device=self.device)
@@ -131,23 +143,65 @@ class BatchedDarkroom:
         self.t = 0
         self.states: torch.Tensor | None = None  # None until the first reset()
 
-    @classmethod
-    def from_cfg(cls, env_cfg, goals, device: str | torch.device = "cpu") -> BatchedDarkroom:
-        """Build from an `env` config node (config/env/*.yaml): grid_size, horizon, reward_mode."""
-        return cls(goals, grid_size=env_cfg.grid_size, horizon=env_cfg.horizon,
-                   reward_mode=env_cfg.reward_mode, device=device)
-
     def _set_goals(self, goals) -> None:
         goals = torch.as_tensor(goals, dtype=torch.long, device=self.device)
-        if goals.ndim != 2 or goals.shape[1] != 2:
-            raise ValueError(f"goals must have shape [E, 2], got {tuple(goals.shape)}")
+        if goals.ndim != 2 or goals.shape[1] != self.goal_width:
+            raise ValueError(f"{self.goal_what} must have shape [E, {self.goal_width}], got {tuple(goals.shape)}")
         if goals.numel() and (goals.min() < 0 or goals.max() >= self.grid_size):
-            raise ValueError(f"goals must lie in [0, {self.grid_size - 1}]^2, got values outside")
+            raise ValueError(f"{self.goal_what} must lie in [0, {self.grid_size - 1}]^2, got values outside")
         self.goals = goals.clone()
 
     @property
     def n_envs(self) -> int:
         return self.goals.shape[0]
+
+    def _reset_states(self, goals) -> torch.Tensor:
+        if goals is not None:
+            self._set_goals(goals)
+        self.t = 0
+        self.states = self.start.expand(self.n_envs, 2).clone()
+        return self.states.clone()
+
+    def _move(self, actions) -> torch.Tensor:
+        """Check the actions and return the next states (walls clip: a move off the grid leaves the
+        coordinate unchanged)."""
+        if self.states is None:
+            raise RuntimeError(f"{type(self).__name__}.step() before reset(): call reset() first")
+        if self.t >= self.horizon:
+            raise RuntimeError(f"episode is over (horizon {self.horizon} reached): call reset() first")
+        actions = torch.as_tensor(actions, device=self.device)
+        if actions.shape != (self.n_envs,):
+            raise ValueError(f"actions must have shape [{self.n_envs}], got {tuple(actions.shape)}")
+        if actions.numel() and (actions.min() < 0 or actions.max() >= N_ACTIONS):
+            raise ValueError(f"actions must be integers in [0, {N_ACTIONS - 1}]")
+        return (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
+
+    def _advance(self, next_states: torch.Tensor) -> torch.Tensor:
+        """Commit the step; returns done bool[E] (the horizon is reached)."""
+        self.states = next_states
+        self.t += 1
+        return torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+
+
+class BatchedDarkroom(GridWorld):
+    """E Darkroom environments (any mix of goals) as tensors on one device.
+
+    goals: LongTensor[E, 2] (or anything torch.as_tensor accepts), one goal cell per environment.
+    reset() -> states LongTensor[E, 2]
+    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
+    """
+
+    def __init__(self, goals, grid_size: int = 9, horizon: int = 20, reward_mode: str = "every_step",
+                 device: str | torch.device = "cpu"):
+        _check_reward_mode(reward_mode)
+        self.reward_mode = reward_mode
+        super().__init__(goals, grid_size, horizon, device)
+
+    @classmethod
+    def from_cfg(cls, env_cfg, goals, device: str | torch.device = "cpu") -> BatchedDarkroom:
+        """Build from an `env` config node (config/env/*.yaml) or a plain dict: grid_size, horizon, reward_mode."""
+        return cls(goals, grid_size=env_cfg["grid_size"], horizon=env_cfg["horizon"],
+                   reward_mode=env_cfg["reward_mode"], device=device)
 
     def optimal_returns(self) -> torch.Tensor:
         """float32[E]: optimal_return of each environment's goal."""
@@ -157,34 +211,19 @@ class BatchedDarkroom:
 
     def reset(self, goals=None) -> torch.Tensor:
         """Start a new episode in every environment (optionally with new goals; E may change)."""
-        if goals is not None:
-            self._set_goals(goals)
-        self.t = 0
-        self.states = self.start.expand(self.n_envs, 2).clone()
+        states = self._reset_states(goals)
         # 'once' mode: whether the goal has already paid out in this episode.
         self.reached = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return self.states.clone()
+        return states
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
-        if self.states is None:
-            raise RuntimeError("BatchedDarkroom.step() before reset(): call reset() first")
-        if self.t >= self.horizon:
-            raise RuntimeError(f"episode is over (horizon {self.horizon} reached): call reset() first")
-        actions = torch.as_tensor(actions, device=self.device)
-        if actions.shape != (self.n_envs,):
-            raise ValueError(f"actions must have shape [{self.n_envs}], got {tuple(actions.shape)}")
-        if actions.numel() and (actions.min() < 0 or actions.max() >= N_ACTIONS):
-            raise ValueError(f"actions must be integers in [0, {N_ACTIONS - 1}]")
-        # Walls clip: a move off the grid leaves the coordinate unchanged.
-        next_states = (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
+        next_states = self._move(actions)
         at_goal = (next_states == self.goals).all(dim=-1)
         if self.reward_mode == "once":
             paid = at_goal & ~self.reached
             self.reached = self.reached | at_goal
         else:
             paid = at_goal
-        self.states = next_states
-        self.t += 1
-        done = torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        done = self._advance(next_states)
         return next_states.clone(), paid.to(torch.float32), done

@@ -1,4 +1,4 @@
-"""Single-environment gymnasium view of Darkroom, registered as 'Darkroom-v0'.
+"""Single-environment gymnasium views of Darkroom ('Darkroom-v0') and Dark Key-to-Door ('DarkKeyToDoor-v0').
 
 A thin wrapper: it owns a BatchedDarkroom with E = 1 and converts tensors to gymnasium's types, so the
 dynamics exist in exactly one place (env/darkroom.py). Use it for interop with gymnasium tooling; the
@@ -11,6 +11,10 @@ project's own code steps BatchedDarkroom directly (many environments per call).
 The episode ends by time limit only, so `terminated` is always False and `truncated` becomes True at
 the horizon. Goal: the `goal` constructor argument, overridden per episode by `reset(options={"goal":
 (x, y)})`; with neither, a goal is drawn uniformly from all cells with the env's seeded np_random.
+
+'DarkKeyToDoor-v0' (KeyToDoorGymEnv) is the same wrapper over a BatchedKeyToDoor: its task is
+`task=(key_x, key_y, door_x, door_y)` (or options={"task": ...}), horizon 50 by default, and info also
+reports `has_key` / `door_opened` (the observation, as in the batched env, is the position only).
 """
 
 from __future__ import annotations
@@ -23,8 +27,10 @@ import torch
 from gymnasium import spaces
 
 from env.darkroom import N_ACTIONS, BatchedDarkroom
+from env.key_to_door import TASK_DIM, BatchedKeyToDoor
 
 ENV_ID = "Darkroom-v0"
+KEY_TO_DOOR_ENV_ID = "DarkKeyToDoor-v0"
 
 
 class DarkroomGymEnv(gymnasium.Env):
@@ -36,16 +42,20 @@ class DarkroomGymEnv(gymnasium.Env):
             raise ValueError(f"render_mode {render_mode!r} not supported: use None or 'ansi'")
         self.grid_size, self.horizon, self.reward_mode = int(grid_size), int(horizon), reward_mode
         self.render_mode = render_mode
-        self._fixed_goal = None if goal is None else (int(goal[0]), int(goal[1]))
+        self._fixed_goal = None if goal is None else tuple(int(v) for v in goal)
         self.observation_space = spaces.MultiDiscrete([self.grid_size, self.grid_size])
         self.action_space = spaces.Discrete(N_ACTIONS)
         # Built here (validates goal / reward_mode early); reset() re-targets it to the episode's goal.
-        self._env = BatchedDarkroom([self._fixed_goal or (0, 0)], self.grid_size, self.horizon,
-                                    self.reward_mode)
+        self._env = self._batched([self._fixed_goal or (0,) * self._task_dim])
         self._obs: np.ndarray | None = None
 
+    _task_dim = 2  # numbers per goal (KeyToDoorGymEnv: per task)
+
+    def _batched(self, goals):
+        return BatchedDarkroom(goals, self.grid_size, self.horizon, self.reward_mode)
+
     @property
-    def goal(self) -> tuple[int, int]:
+    def goal(self) -> tuple[int, ...]:
         return tuple(self._env.goals[0].tolist())
 
     def _info(self) -> dict:
@@ -55,8 +65,8 @@ class DarkroomGymEnv(gymnasium.Env):
         super().reset(seed=seed)
         goal = (options or {}).get("goal", self._fixed_goal)
         if goal is None:
-            goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=2))
-        states = self._env.reset(goals=[tuple(goal)])
+            goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=self._task_dim))
+        states = self._env.reset([tuple(goal)])
         self._obs = states[0].numpy().astype(np.int64)
         return self._obs.copy(), self._info()
 
@@ -83,7 +93,44 @@ class DarkroomGymEnv(gymnasium.Env):
         return "\n".join(rows) + "\n"
 
 
+class KeyToDoorGymEnv(DarkroomGymEnv):
+    """'DarkKeyToDoor-v0': DarkroomGymEnv's wrapper over a BatchedKeyToDoor (E = 1); the goal is the task
+    (key_x, key_y, door_x, door_y), given as `task=` (or `goal=`) and per episode as options={"task": ...}."""
+
+    _task_dim = TASK_DIM
+
+    def __init__(self, task=None, grid_size: int = 9, horizon: int = 50, render_mode: str | None = None,
+                 goal=None):
+        super().__init__(goal=task if task is not None else goal, grid_size=grid_size, horizon=horizon,
+                         reward_mode="key_to_door", render_mode=render_mode)
+
+    def _batched(self, goals):
+        return BatchedKeyToDoor(goals, self.grid_size, self.horizon)
+
+    def _info(self) -> dict:
+        return {"task": self.goal, "t": self._env.t, "has_key": bool(self._env.has_key[0]),
+                "door_opened": bool(self._env.door_opened[0])}
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        options = dict(options or {})
+        if "task" in options:
+            options["goal"] = options.pop("task")
+        return super().reset(seed=seed, options=options)
+
+    def render(self):
+        """'ansi': A = agent, K = key (until held), D = door (x = column, y = row)."""
+        if self.render_mode != "ansi" or self._obs is None:
+            return None
+        kx, ky, dx, dy = self.goal
+        marks = {(dx, dy): "D"} | ({} if self._env.has_key[0] else {(kx, ky): "K"}) | {tuple(self._obs): "A"}
+        return "\n".join("".join(marks.get((x, y), ".") for x in range(self.grid_size))
+                         for y in range(self.grid_size)) + "\n"
+
+
 def register_gym_env() -> None:
-    """Register 'Darkroom-v0' once (importing `env` calls this; re-imports are harmless)."""
+    """Register 'Darkroom-v0' and 'DarkKeyToDoor-v0' once (importing `env` calls this; re-imports are
+    harmless)."""
     if ENV_ID not in gymnasium.registry:
         gymnasium.register(id=ENV_ID, entry_point="env.gym_env:DarkroomGymEnv")
+    if KEY_TO_DOOR_ENV_ID not in gymnasium.registry:
+        gymnasium.register(id=KEY_TO_DOOR_ENV_ID, entry_point="env.gym_env:KeyToDoorGymEnv")

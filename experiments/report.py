@@ -789,7 +789,7 @@ def source_search_use(data_path: str | None) -> dict | None:
     if not meta:
         return None
     from collect import episode_returns
-    from env import optimal_return
+    from env import task_optimal_return
     from evaluate import search_and_use
     from histories import load_histories
     from transition import REWARD
@@ -800,7 +800,7 @@ def source_search_use(data_path: str | None) -> dict | None:
     if len(idx) == 0:
         return None
     ret = episode_returns(h.transitions(idx)[..., REWARD], int(env["horizon"]))
-    opt = [optimal_return(g, int(env["grid_size"]), int(env["horizon"]), env["reward_mode"]) for g in h.goals[idx]]
+    opt = [task_optimal_return(env, g) for g in h.goals[idx]]
     return search_and_use(ret[:, None, :], opt)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import collect
@@ -48,6 +49,12 @@ def test_default_config():
     assert cfg.data_path == "data/darkroom-seed0" and cfg.seed == cfg.data_seed == 0
     assert (cfg.source.n_stream, cfg.source.n_steps, cfg.source.n_stream_eval) == (100, 1000, 10)
     assert cfg.overwrite is False and cfg.device == "cpu" and cfg.env.name == "darkroom"
+    # an env's own source settings (config/source/<env>.yaml) come before the preset's collect slice
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
+        kd = compose("collect", overrides=["env=dark_key_to_door"]).source
+        quick = compose("collect", overrides=["env=dark_key_to_door", "experiment=quick"]).source
+    assert (kd.n_steps, kd.q_init, kd.gamma, kd.n_stream, kd.eps_decay_steps) == (2500, 1.0, 0.95, 100, 500)
+    assert (quick.n_steps, quick.q_init, quick.n_stream, quick.eps_decay_steps) == (2500, 1.0, 20, 200)
 
 
 def test_arrays_shapes_dtypes_and_layout(collected):
@@ -175,3 +182,33 @@ def test_cli_resolves_relative_paths_and_refuses_existing_dataset(collected, tmp
     assert lines[0] == (f"error: a dataset already exists at {tmp_path / 'data' / 'ds'}: pass overwrite=true "
                         f"to replace it, or choose another data_path / data_seed")
     assert (path / "actions.npy").read_bytes() == before
+
+
+def test_key_to_door_source_learns_every_task_and_its_histories_follow_the_rules(tmp_path, capsys):
+    """env=dark_key_to_door with its own source settings (config/source/dark_key_to_door.yaml): 30 train tasks
+    x 2 streams x 50 episodes. Its histories are legal key-to-door episodes (the door pays only after the
+    key, each at most once), positions only, and the source reaches >= 0.9 of every task's optimum."""
+    from env import BatchedKeyToDoor
+
+    cfg = cfg_for(tmp_path / "kd", "env=dark_key_to_door", "env.max_train_tasks=30", "env.n_val_goals=2",
+                  "source.n_stream=2", "source.n_stream_eval=0", "source.eps_decay_steps=500", "source.n_steps=2500")
+    assert (cfg.source.q_init, cfg.source.gamma) == (1.0, 0.95)  # from the env's source file
+    s = collect.main(cfg)
+    out = capsys.readouterr().out
+    assert "key ep 1" in out and "train return by episode: 1:" in out
+    h = load_histories(tmp_path / "kd", cfg.env)
+    tr = s["train"]
+    assert tr["optimal"] == 2.0 and abs(tr["first_episode"] - tr["random"]) < 0.2
+    assert tr["last5_frac_optimal"] >= 0.9 and tr["key_found_last5"] >= 0.95 and tr["door_found_first_episode"] < 0.2
+    ret = collect.episode_returns(np.asarray(h.rewards), 50)             # [60, 50]
+    per_task = ret[:, -5:].reshape(30, 2, 5).mean(axis=(1, 2))
+    assert per_task.min() >= 1.5                                         # every task is learnt, not just most
+    assert np.allclose(h.meta["found_curves"]["train"]["door_found"], (ret >= 2).mean(0))
+    # replay every history's actions in the env: the stored states and rewards are exactly its own
+    a = np.asarray(h.actions).astype(np.int64)
+    env = BatchedKeyToDoor(np.asarray(h.goals).astype(np.int64))
+    for ep in range(a.shape[1] // 50):
+        env.reset()
+        for t in range(ep * 50, ep * 50 + 50):
+            ns, r, _ = env.step(torch.from_numpy(a[:, t]))
+            assert np.array_equal(ns.numpy(), h.next_states[:, t]) and np.array_equal(r.numpy(), h.rewards[:, t])

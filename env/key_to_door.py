@@ -1,0 +1,169 @@
+"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU).
+
+The second grid world of Algorithm Distillation (Laskin et al. 2022) and DICP (Son et al. 2025,
+github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py), with DICP's rules: a G x G grid (9),
+start at the centre, horizon 50, two invisible cells per task, a key and a door. The step that first lands
+on the key pays 1 (the agent now holds it); a later step that lands on the door while holding the key pays 1
+(once). At most 2 per episode. The observation is the position alone: nothing says whether the key is held,
+so a learner must remember it from its own rewards. The key pays only on a step that lands on it, even when
+it lies on the start cell (take 'stay'), and a door on the key's cell pays one step later at the earliest
+(DICP's if / elif: one reward per step).
+
+A task is (key_x, key_y, door_x, door_y). Tasks = all G^4 (key, door) pairs (key == door included),
+listed as DICP does (key row-major outer, door row-major inner), shuffled with Python's random seeded with
+`split_seed` (DICP: env_split_seed 4) and split round(G^4 * train_frac) train (DICP: train_env_ratio 0.95,
+6,233 train / 328 test for G = 9); the validation tasks are carved from the END of the train list as for
+Darkroom (env.darkroom.carve_splits).
+
+Actions are the project's Darkroom set (0 stay, 1 +x, 2 -x, 3 +y, 4 -y; walls clip). DICP orders them
+0 +x, 1 -x, 2 +y, 3 -y, 4 stay, so
+
+    ours = (dicp + 1) % 5        dicp = (ours - 1) % 5        (to_dicp_action / from_dicp_action)
+
+and nothing else differs in states, rewards or episode ends (tests/test_key_to_door.py replays DICP's own
+trajectories, recorded in tests/data/dicp_key_to_door.json by tests/tooling/dicp_key_to_door_fixture.py). One
+interface difference: DICP's gymnasium env returns its time-limit end as both `terminated` and `truncated`;
+our gymnasium view ('DarkKeyToDoor-v0') reports it as `truncated` only, as for Darkroom (the horizon is a
+time limit, which is also how the source algorithm bootstraps).
+
+Selected by `env.reward_mode: key_to_door` (config/env/dark_key_to_door.yaml): the reward rule is what
+sets this family apart, and keeping it in reward_mode leaves every Darkroom config and dataset unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Sequence
+from functools import cache
+
+import torch
+
+from env.darkroom import ACTION_DELTAS, N_ACTIONS, GridWorld, start_state
+
+KEY_TO_DOOR = "key_to_door"  # the env.reward_mode value that selects this env
+TASK_DIM = 4                 # (key_x, key_y, door_x, door_y)
+N_PHASES = 3                 # hidden progress within an episode: 0 no key, 1 key held, 2 door opened
+
+
+def to_dicp_action(a: int) -> int:
+    """Our action id -> DICP's (0 +x, 1 -x, 2 +y, 3 -y, 4 stay)."""
+    return (int(a) - 1) % N_ACTIONS
+
+
+def from_dicp_action(a: int) -> int:
+    """DICP's action id -> ours (0 stay, 1 +x, 2 -x, 3 +y, 4 -y)."""
+    return (int(a) + 1) % N_ACTIONS
+
+
+def task_split(grid_size: int = 9, train_frac: float = 0.95, seed: int = 4
+               ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
+    """DICP's train/test split of all G^4 (key, door) tasks (sample_dark_key_to_door): tasks listed with
+    the key outer and the door inner, both row-major, shuffled by a Mersenne Twister seeded with `seed`
+    (the same permutation as `random.seed(seed); random.shuffle(tasks)`, without touching the global RNG),
+    the first round(G^4 * train_frac) train."""
+    if not 0.0 < train_frac <= 1.0:
+        raise ValueError(f"train_frac={train_frac} must be in (0, 1]")
+    g = range(grid_size)
+    tasks = [(i, j, k, m) for i in g for j in g for k in g for m in g]
+    random.Random(seed).shuffle(tasks)
+    n_train = round(grid_size ** 4 * train_frac)
+    return tasks[:n_train], tasks[n_train:]
+
+
+@cache
+def _bfs_steps(a: tuple[int, int], b: tuple[int, int], grid_size: int) -> int:
+    """Fewest steps (>= 1: a reward is paid on a step that LANDS on b) from cell a to cell b under the env's
+    own moves (ACTION_DELTAS, walls clip). Breadth-first search, so it stays exact if the moves change."""
+    frontier, dist = deque([a]), {a: 0}
+    while frontier:
+        c = frontier.popleft()
+        for dx, dy in ACTION_DELTAS:
+            n = (min(max(c[0] + dx, 0), grid_size - 1), min(max(c[1] + dy, 0), grid_size - 1))
+            if n == b:
+                return dist[c] + 1
+            if n not in dist:
+                dist[n] = dist[c] + 1
+                frontier.append(n)
+    raise ValueError(f"cell {b} is unreachable from {a} on a {grid_size}x{grid_size} grid")
+
+
+def optimal_return(task: Sequence[int], grid_size: int = 9, horizon: int = 50) -> float:
+    """Best achievable episode return of `task` = (kx, ky, dx, dy) from the centre start, exactly.
+
+    The door pays only after the key, and reaching the key sooner never hurts (the agent can wait with
+    'stay'), so an optimal episode walks a shortest path to the key (d1 = BFS steps, >= 1) and then one to
+    the door (d2, >= 1): return = [d1 <= H] + [d1 + d2 <= H]. (For G = 9, H = 50: d1 + d2 <= 8 + 16, so 2
+    for every task.) tests/test_key_to_door.py checks this against dynamic programming over (cell, phase).
+    """
+    start = start_state(grid_size)
+    key, door = (int(task[0]), int(task[1])), (int(task[2]), int(task[3]))
+    d1 = _bfs_steps(start, key, int(grid_size))
+    d2 = _bfs_steps(key, door, int(grid_size))
+    return float(d1 <= horizon) + float(d1 + d2 <= horizon)
+
+
+class BatchedKeyToDoor(GridWorld):
+    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device. Same interface as
+    BatchedDarkroom (reset / step / optimal_returns / from_cfg / n_envs / t / horizon / states; `goals`
+    holds the tasks):
+
+    tasks: LongTensor[E, 4] (kx, ky, dx, dy) or anything torch.as_tensor accepts.
+    reset() -> states LongTensor[E, 2]
+    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
+
+    The hidden progress is public: `has_key` / `door_opened` bool[E] (this episode), and `phase()` =
+    has_key + door_opened in {0, 1, 2}. The source algorithm may condition on it (collect.py); the learners
+    never see it (their transitions hold positions and rewards only).
+    """
+
+    n_phases = N_PHASES
+    goal_width = TASK_DIM
+    goal_what = "key-to-door tasks (key_x, key_y, door_x, door_y)"
+    reward_mode = KEY_TO_DOOR
+
+    def __init__(self, tasks, grid_size: int = 9, horizon: int = 50, device: str | torch.device = "cpu"):
+        super().__init__(tasks, grid_size, horizon, device)
+        self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
+        self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
+
+    @classmethod
+    def from_cfg(cls, env_cfg, tasks, device: str | torch.device = "cpu") -> BatchedKeyToDoor:
+        """Build from an `env` config node (config/env/dark_key_to_door.yaml): grid_size, horizon."""
+        return cls(tasks, grid_size=env_cfg["grid_size"], horizon=env_cfg["horizon"], device=device)
+
+    def _set_goals(self, goals) -> None:
+        super()._set_goals(goals)
+        self.keys, self.doors = self.goals[:, :2], self.goals[:, 2:]
+
+    @property
+    def tasks(self) -> torch.Tensor:
+        return self.goals
+
+    def optimal_returns(self) -> torch.Tensor:
+        """float32[E]: optimal_return of each environment's task."""
+        vals = [optimal_return(t, self.grid_size, self.horizon) for t in self.goals.tolist()]
+        return torch.tensor(vals, dtype=torch.float32, device=self.device)
+
+    def phase(self) -> torch.Tensor:
+        """LongTensor[E]: 0 before the key, 1 holding it, 2 after the door (private to the source)."""
+        return self.has_key.long() + self.door_opened.long()
+
+    def reset(self, tasks=None) -> torch.Tensor:
+        """Start a new episode in every environment (optionally with new tasks; E may change)."""
+        states = self._reset_states(tasks)
+        self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
+        self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
+        return states
+
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
+        next_states = self._move(actions)
+        # DICP's if / elif: the key pays if not yet held; otherwise the door pays if the key was held
+        # BEFORE this step and the door is still closed. So one step never pays both.
+        got_key = ~self.has_key & (next_states == self.keys).all(dim=-1)
+        got_door = self.has_key & ~self.door_opened & (next_states == self.doors).all(dim=-1)
+        self.has_key = self.has_key | got_key
+        self.door_opened = self.door_opened | got_door
+        done = self._advance(next_states)
+        return next_states.clone(), (got_key | got_door).to(torch.float32), done
