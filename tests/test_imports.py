@@ -27,7 +27,9 @@ def module_graph() -> dict[str, set[str]]:
                 targets = [base] + [f"{base}.{a.name}" for a in node.names]
             else:
                 continue
-            deps |= {t for t in targets if t in names and t != mod}
+            # a submodule naming its own parent package (`from env import darkroom` inside env/) is Python's
+            # package mechanics, not a dependency: the parent is always imported first
+            deps |= {t for t in targets if t in names and t != mod and not mod.startswith(t + ".")}
         graph[mod] = deps
     return graph
 
