@@ -56,6 +56,7 @@ import datetime as _dt
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -371,6 +372,10 @@ class Job:
                     p.wait()
                 raise
         dt = time.perf_counter() - t0
+        if rc in (130, -signal.SIGINT):
+            # The child took Ctrl-C (exit 130) before this process's own KeyboardInterrupt surfaced (the
+            # signal reaches the whole process group; which handler runs first is a race): the same interrupt.
+            raise KeyboardInterrupt
         if rc != 0 or not expect.exists():
             why = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}" if rc else f"no {expect.name} written"
             raise SweepError(f"{name} failed ({why}); last lines in {log}:{_tail(log)}")
