@@ -73,6 +73,9 @@ _VOLATILE_KEYS = {"resume", "resume_from", "overwrite", "max_steps", "num_worker
 _PATH_KEYS = {"run_dir", "run_name", "data_path", "model.pretrained_encoder_path"}
 FINGERPRINT_KEY = "data_fingerprint"  # histories.fingerprint of the training data, set by the scripts
 _NOT_IDENTITY = _VOLATILE_KEYS | _PATH_KEYS | {FINGERPRINT_KEY}
+# Keys added after runs existed, with the value that is what a run saved before the key did: an absent key
+# and this value are the same run (a new option's default keeps old runs' meaning, and they stay reusable).
+LATER_KEY_DEFAULTS = {"model.keep_recent": 0, "sampler.memory": "exact"}
 
 # checkpoints/step-N: a complete checkpoint (half-written ones are .tmp-step-N, pruned ones .old-step-N)
 CHECKPOINT_RE = re.compile(r"step-(\d+)")
@@ -93,16 +96,22 @@ def identity(cfg: dict, ignore: Iterable[str] = ()) -> dict:
 
 
 def differing_keys(a: dict, b: dict) -> list[str]:
-    """Dotted paths where two configs differ (keys that are not part of a run's identity ignored)."""
+    """Dotted paths where two configs differ (keys that are not part of a run's identity ignored; a key of
+    LATER_KEY_DEFAULTS absent on one side equals its default on the other)."""
     out = []
 
+    def same_later_key(key: str, x, y) -> bool:
+        return key in LATER_KEY_DEFAULTS and "<absent>" in (x, y) and LATER_KEY_DEFAULTS[key] in (x, y)
+
     def walk(x, y, prefix):
+        if isinstance(x, dict) or isinstance(y, dict):  # a whole group absent on one side: compare its keys
+            x, y = ({} if v == "<absent>" else v for v in (x, y))
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y), key=str):
                 if f"{prefix}{k}" in _NOT_IDENTITY:
                     continue
                 walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{prefix}{k}.")
-        elif x != y:
+        elif x != y and not same_later_key(prefix[:-1], x, y):
             out.append(f"{prefix[:-1]} ({x!r} -> {y!r})")
 
     walk(a, b, "")

@@ -198,6 +198,13 @@ def test_run_dir_and_data_path_spelled_or_moved_differently_are_the_same_run(tin
     saved = json.loads((moved / "config.json").read_text())
     assert rundir.differing_keys(saved, {**saved, "run_dir": "/x", "data_path": "/y", "run_name": "z"}) == []
     assert rundir.differing_keys(saved, {**saved, "lr": 0.5}) == [f"lr ({saved['lr']!r} -> 0.5)"]
+    # A key added after a run was saved: absent equals the default that keeps the old behaviour, and only that
+    old = {**saved, "model": {k: v for k, v in saved["model"].items() if k != "keep_recent"},
+           "sampler": {k: v for k, v in saved["sampler"].items() if k != "memory"}}
+    assert saved["model"]["keep_recent"] == 0 and saved["sampler"]["memory"] == "exact"
+    assert rundir.differing_keys(old, saved) == [] and rundir.differing_keys(saved, old) == []
+    kept = {**saved, "model": {**saved["model"], "keep_recent": 2}}
+    assert rundir.differing_keys(old, kept) == ["model.keep_recent ('<absent>' -> 2)"]
 
 
 # -- 4. every key validated at startup --------------------------------------------------------------------
