@@ -84,37 +84,43 @@ CHECKPOINT_RE = re.compile(r"step-(\d+)")
 KILL_ENV = "CAD_TEST_KILL_AT"
 
 
+def with_later_defaults(cfg: dict) -> dict:
+    """cfg with every LATER_KEY_DEFAULTS key its group lacks set to its default (a copy where one is added)."""
+    out = dict(cfg)
+    for key, default in LATER_KEY_DEFAULTS.items():
+        group, name = key.split(".")
+        if isinstance(out.get(group), dict) and name not in out[group]:
+            out[group] = {**out[group], name: default}
+    return out
+
+
 def identity(cfg: dict, ignore: Iterable[str] = ()) -> dict:
-    """The config minus volatile keys, paths and the data fingerprint (dotted names reach nested keys)."""
+    """The config minus volatile keys, paths and the data fingerprint (dotted names reach nested keys); keys
+    added later count with their default where absent."""
     skip = _NOT_IDENTITY | set(ignore)
 
     def strip(d: dict, prefix: str) -> dict:
         return {k: strip(v, f"{prefix}{k}.") if isinstance(v, dict) else v
                 for k, v in d.items() if f"{prefix}{k}" not in skip}
 
-    return strip(cfg, "")
+    return strip(with_later_defaults(cfg), "")
 
 
 def differing_keys(a: dict, b: dict) -> list[str]:
-    """Dotted paths where two configs differ (keys that are not part of a run's identity ignored; a key of
-    LATER_KEY_DEFAULTS absent on one side equals its default on the other)."""
+    """Dotted paths where two configs differ (keys that are not part of a run's identity ignored; keys added
+    later count with their default where absent)."""
     out = []
 
-    def same_later_key(key: str, x, y) -> bool:
-        return key in LATER_KEY_DEFAULTS and "<absent>" in (x, y) and LATER_KEY_DEFAULTS[key] in (x, y)
-
     def walk(x, y, prefix):
-        if isinstance(x, dict) or isinstance(y, dict):  # a whole group absent on one side: compare its keys
-            x, y = ({} if v == "<absent>" else v for v in (x, y))
         if isinstance(x, dict) and isinstance(y, dict):
             for k in sorted(set(x) | set(y), key=str):
                 if f"{prefix}{k}" in _NOT_IDENTITY:
                     continue
                 walk(x.get(k, "<absent>"), y.get(k, "<absent>"), f"{prefix}{k}.")
-        elif x != y and not same_later_key(prefix[:-1], x, y):
+        elif x != y:
             out.append(f"{prefix[:-1]} ({x!r} -> {y!r})")
 
-    walk(a, b, "")
+    walk(with_later_defaults(a), with_later_defaults(b), "")
     return out
 
 

@@ -204,7 +204,7 @@ def test_run_dir_and_data_path_spelled_or_moved_differently_are_the_same_run(tin
     assert saved["model"]["keep_recent"] == 0 and saved["sampler"]["memory"] == "exact"
     assert rundir.differing_keys(old, saved) == [] and rundir.differing_keys(saved, old) == []
     kept = {**saved, "model": {**saved["model"], "keep_recent": 2}}
-    assert rundir.differing_keys(old, kept) == ["model.keep_recent ('<absent>' -> 2)"]
+    assert rundir.differing_keys(old, kept) == ["model.keep_recent (0 -> 2)"]  # absent reads as its default
 
 
 # -- 4. every key validated at startup --------------------------------------------------------------------
