@@ -927,6 +927,13 @@ def memory_markdown(rep: dict) -> str:
         mp = r["memory_probe"]
         probe = "–" if mp is None else stats.fmt_paired(mp["all_minus_k1"], ".4f")
         lines.append(f"| {r['env']} | `{r['arm']}` | {window_label(r)} | " + " | ".join(cells) + f" | {probe} |")
+    for env, d in rep["datasets"].items():
+        su = d.get("source_search_use_test")
+        if su and su.get("episodes_to_first_goal") is not None:
+            have = {"episodes_to_first_goal": su["episodes_to_first_goal"], "found_goal_frac": su["found_goal_frac"],
+                    "return_after_found": su["return_after_found_normalized"]}
+            cells = [_fmt(have[k], fmt) if k in have else "–" for k, _, fmt, _ in MEMORY_COLUMNS]
+            lines.append(f"| {env} | source (its own histories) | – | " + " | ".join(cells) + " | – |")
     if any(r.get("goal_readout") for r in rep["rows"]):
         lines += ["", ("**What the memory holds** (goal_readout.py, test goals: accuracy of a linear readout of "
                        "the goal cell from the latents, after the first find minus the constant guess and minus "
@@ -937,13 +944,6 @@ def memory_markdown(rep: dict) -> str:
             lines.append(f"| {r['env']} | `{r['arm']}` | {window_label(r)} | "
                          + " | ".join(stats.fmt_paired(g[n], ".3f") if n in g else "–"
                                       for n, _, _ in GOAL_READOUT_GAPS) + " |")
-    for env, d in rep["datasets"].items():
-        su = d.get("source_search_use_test")
-        if su and su.get("episodes_to_first_goal") is not None:
-            have = {"episodes_to_first_goal": su["episodes_to_first_goal"], "found_goal_frac": su["found_goal_frac"],
-                    "return_after_found": su["return_after_found_normalized"]}
-            cells = [_fmt(have[k], fmt) if k in have else "–" for k, _, fmt, _ in MEMORY_COLUMNS]
-            lines.append(f"| {env} | source (its own histories) | – | " + " | ".join(cells) + " | – |")
     lines += ["", "**What each arm paid** (mean over seeds; training: this process's steps, from done.json):", "",
               "| env | arm | window | steps | " + " | ".join(h for _, h, _ in COMPUTE_COLUMNS) + " | device |",
               "|---|---|---|---|" + "---|" * (len(COMPUTE_COLUMNS) + 1)]
