@@ -193,6 +193,17 @@ def _identity_refusal(out: Path, old: dict, new: dict, h: str) -> str:
             f"out={out}-{h[:8]} to run these settings in a folder of their own (or rerun with the old ones)")
 
 
+def _same_but_later_keys(old: dict, new: dict) -> bool:
+    """An identity recorded before a key existed (rundir.LATER_KEY_DEFAULTS: '<stage>.<group>.<key>' absent)
+    equals a new one that has the key at its backward-compatible default, as for a run's own config."""
+    import rundir
+
+    filled = {**old, **{k: v for k, v in new.items() if k not in old and "." in k
+                        and k.split(".", 1)[1] in rundir.LATER_KEY_DEFAULTS
+                        and v == rundir.LATER_KEY_DEFAULTS[k.split(".", 1)[1]]}}
+    return identity_hash(filled) == identity_hash(new)
+
+
 def check_identity(out: Path, ident: dict, claim: bool) -> str:
     """The identity hash; SweepError if <out>/sweep.json records another. claim: record it when none is
     recorded yet (under a lock: concurrent sweeps into one out agree on one identity)."""
@@ -200,7 +211,7 @@ def check_identity(out: Path, ident: dict, claim: bool) -> str:
 
     def check(info: dict) -> bool:
         old = info.get("identity") or {}
-        if old and old.get("hash") != h:
+        if old and old.get("hash") != h and not _same_but_later_keys(old.get("config") or {}, ident):
             raise SweepError(_identity_refusal(out, old.get("config") or {}, ident, h))
         return bool(old)
 

@@ -384,6 +384,15 @@ def test_one_identity_per_out_dir(tmp_path):
                            rf"pass out={out}-[0-9a-f]{{8}} to run these settings in a folder of their own"):
             sw.check_identity(out, new, claim=True)
     assert (out / "sweep.json").read_text() == before
+    # an identity recorded before a key existed (rundir.LATER_KEY_DEFAULTS) is the same one when the key
+    # comes at its backward-compatible default, and only then
+    older = tmp_path / "older"
+    recorded = {k: v for k, v in base.items() if not k.endswith(("sampler.memory", "model.keep_recent"))}
+    assert recorded != base and base["train.sampler.memory"] == "exact"
+    sw._write(older / "sweep.json", json.dumps({"identity": {"hash": sw.identity_hash(recorded), "config": recorded}}))
+    assert sw.check_identity(older, base, claim=True) == h
+    with pytest.raises(sw.SweepError, match=r"train.sampler.memory \('<absent>' -> 'carry'\)"):
+        sw.check_identity(older, {**base, "train.sampler.memory": "carry"}, claim=True)
 
 
 def test_one_dataset_per_out_dir(tmp_path):
