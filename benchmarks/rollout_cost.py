@@ -17,6 +17,8 @@ all alike):
                  --kept-seg-len S2 (default seg_len), each fold takes the oldest S2 - K steps and keeps K,
                  whose K tokens are re-encoded after the new latent prefix. Results then go to
                  rollout_cost_kept.json (the default run's rollout_cost.json keeps its meaning).
+  ad_long        (--ad-long-context N > 0 only) AD with a sliding window of N steps, e.g. 3w: the arm the
+                 kept window must match in return at <= 1/2 its rollout cost (issue 22's moonshot)
 Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; the env
 and the action choice are not timed, only model.act(...) + model.observe(...) under torch.inference_mode.
 
@@ -98,6 +100,9 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
     if "kept" in models:
         model_of["cad_kept"] = models["kept"]
         st["cad_kept"] = models["kept"].init_rollout(a.n_envs, dev, use_cache=True)
+    if "ad_long" in models:
+        model_of["ad_long"] = models["ad_long"]
+        st["ad_long"] = models["ad_long"].init_rollout(a.n_envs, dev)
     methods = tuple(st)
     times = {m: {h: np.zeros(w[1] - w[0]) for h, w in wins.items()} for m in methods}
     t_end = max(w[1] for w in wins.values())
@@ -160,6 +165,8 @@ def main() -> None:
     p.add_argument("--keep-recent", type=int, default=0,
                    help="> 0: also time cad_kept, CompressedAD with model.keep_recent=K (writes rollout_cost_kept.json)")
     p.add_argument("--kept-seg-len", type=int, default=None, help="cad_kept's raw window (default: seg_len)")
+    p.add_argument("--ad-long-context", type=int, default=0,
+                   help="> 0: also time ad_long, AD with this sliding window (e.g. 3w = 60 beside --seg-len 20)")
     add_arch_args(p)
     a = p.parse_args()
     dev = pick_device(a.device)
@@ -177,7 +184,7 @@ def main() -> None:
     seg = int(cad_m.seg_len)
     cycle = seg
     methods = BASE_METHODS
-    kept_m = None
+    kept_m = long_m = None
     if a.keep_recent:
         s2 = a.kept_seg_len or seg
         kept_m, _ = model_cfgs("ad_compressed_dr", [*arch_overrides(a), f"model.seg_len={s2}",
@@ -185,6 +192,10 @@ def main() -> None:
         models["kept"] = build_model(kept_m, env_cfg).to(dev).eval()  # validates keep_recent < seg_len
         cycle = math.lcm(seg, s2 - a.keep_recent)
         methods = (*BASE_METHODS, "cad_kept")
+    if a.ad_long_context:
+        long_m, _ = model_cfgs("ad_dr", [*arch_overrides(a), f"model.context_len={a.ad_long_context}"])
+        models["ad_long"] = build_model(long_m, env_cfg).to(dev).eval()
+        methods = (*methods, "ad_long")
     span = a.cycles * cycle
     wins = windows(sorted(a.lengths), span)
 
@@ -209,6 +220,9 @@ def main() -> None:
         if kept_m is not None:
             res[h]["cad_kept_over_ad"] = median(c["cad_kept"] / c["ad"])
             res[h]["cad_kept_over_cad_cached"] = median(c["cad_kept"] / c["cad_cached"])
+        for m in ("cad_cached", "cad_kept"):
+            if "ad_long" in c and m in c:
+                res[h][f"{m}_over_ad_long"] = median(c[m] / c["ad_long"])
     h_lo, h_hi = min(wins), max(wins)
     summary = {"flatness_cad_cached": median(cycles("cad_cached", h_hi) / cycles("cad_cached", h_lo)), "flatness_lengths": [h_lo, h_hi],
                "flatness_cad_recompute": median(cycles("cad_recompute", h_hi) / cycles("cad_recompute", h_lo)),
@@ -222,20 +236,30 @@ def main() -> None:
     if kept_m is not None:
         summary["flatness_cad_kept"] = median(cycles("cad_kept", h_hi) / cycles("cad_kept", h_lo))
         summary["flatness_cad_kept_vs_ad"] = res[h_hi]["cad_kept_over_ad"] / res[h_lo]["cad_kept_over_ad"]
+    if "ad_long" in models:
+        m = "cad_kept" if kept_m is not None else "cad_cached"
+        summary[f"{m}_over_ad_long_worst"] = max(r[f"{m}_over_ad_long"] for r in res.values())
+        summary["goal_cad_kept_over_ad_long"] = "<= 0.5"
 
     print(f"rollout_cost: device={dev} threads={torch.get_num_threads()} E={a.n_envs} repeats={a.repeats} "
           f"window={span} steps ({a.cycles} x {cycle}-step cycles) per length; d_model={cad_m.d_model} "
           f"n_layer={cad_m.n_layer} enc_n_layer={cad_m.enc_n_layer} n_latent={cad_m.n_latent} "
           f"AD context_len={ad_m.context_len}; wall {wall:.0f} s")
     kept = kept_m is not None
+    along = "ad_long" in models
+    if along:
+        print(f"ad_long: AD context_len={a.ad_long_context}")
     if kept:
         print(f"cad_kept: seg_len={kept_m.seg_len} keep_recent={kept_m.keep_recent} (folds {models['kept'].cfg.fold_len} "
               f"steps at a time)")
     print_table(["history h", "steps timed", "cad_cached ms", "cad_recompute ms", "ad ms", "cached/ad",
-                 "recompute/cached"] + (["cad_kept ms", "kept/ad"] if kept else []),
+                 "recompute/cached"] + (["cad_kept ms", "kept/ad"] if kept else [])
+                 + (["ad_long ms", ("kept" if kept else "cached") + "/ad_long"] if along else []),
                 [[f"{h:,}", f"[{r['window'][0]}, {r['window'][1]})", r["cad_cached_ms"], r["cad_recompute_ms"],
                   r["ad_ms"], r["cad_cached_over_ad"], r["recompute_over_cached"]]
-                 + ([r["cad_kept_ms"], r["cad_kept_over_ad"]] if kept else []) for h, r in res.items()])
+                 + ([r["cad_kept_ms"], r["cad_kept_over_ad"]] if kept else [])
+                 + ([r["ad_long_ms"], r[("cad_kept" if kept else "cad_cached") + "_over_ad_long"]] if along else [])
+                 for h, r in res.items()])
     worst = summary["cad_cached_over_ad_worst"]
     print(f"flatness cad_cached {h_hi:,}/{h_lo:,} = {summary['flatness_cad_cached']:.2f}x  "
           f"(cad_recompute {summary['flatness_cad_recompute']:.2f}x, ad {summary['flatness_ad']:.2f}x); "
@@ -244,7 +268,12 @@ def main() -> None:
     if kept:
         print(f"flatness cad_kept {h_hi:,}/{h_lo:,} = {summary['flatness_cad_kept']:.2f}x; relative to AD: "
               f"{summary['flatness_cad_kept_vs_ad']:.2f}x")
-    model_block = {"cad": plain(cad_m), "ad": plain(ad_m)} | ({"kept": plain(kept_m)} if kept else {})
+    if along:
+        m = "cad_kept" if kept else "cad_cached"
+        worst = summary[f"{m}_over_ad_long_worst"]
+        print(f"{m} / ad_long (worst length) = {worst:.2f}x  (goal <= 0.5x: {'met' if worst <= 0.5 else 'MISSED'})")
+    model_block = ({"cad": plain(cad_m), "ad": plain(ad_m)} | ({"kept": plain(kept_m)} if kept else {})
+                   | ({"ad_long": plain(long_m)} if along else {}))
     out = write_json("rollout_cost_kept" if kept else "rollout_cost", {
         "run": run_info(dev, "fp32", a.n_envs, None), "settings": vars(a), "model": model_block, "machine": machine_info(dev),
         "per_length": {str(h): r for h, r in res.items()}, "summary": summary, "wall_seconds": wall}, a.out_dir)

@@ -19,7 +19,8 @@ SMALL_ARCH = ["--d-model", "32", "--n-head", "2", "--n-layer", "1", "--enc-n-lay
 RUNS = {  # results name -> command line after `python benchmarks/<script>`
     "train_throughput": ["train_throughput.py", "--quick"],
     "rollout_cost": ["rollout_cost.py", "--quick"],
-    "rollout_cost_kept": ["rollout_cost.py", "--quick", "--keep-recent", "10", "--kept-seg-len", "40"],
+    "rollout_cost_kept": ["rollout_cost.py", "--quick", "--keep-recent", "10", "--kept-seg-len", "40",
+                          "--ad-long-context", "60"],
     "dataset_speed": ["dataset_speed.py", "--quick"],
     "train_position_cost": ["train_position_cost.py", "--quick"],
     "collect_speed": ["collect_speed.py", "--quick"],
@@ -68,6 +69,10 @@ def test_benchmarks_quick_mode(tmp_path):
     assert kept["model"]["kept"]["keep_recent"] == 10 and kept["model"]["kept"]["seg_len"] == 40
     assert all(r["cad_kept_ms"] > 0 for r in kept["per_length"].values())
     assert len(kept["per_length"]["100"]["cycles_ms"]["cad_kept"]) == 1  # one lcm(80, 30)-step cycle
+    assert kept["model"]["ad_long"]["context_len"] == 60  # AD 3w, timed in the same cycles
+    assert all(r["ad_long_ms"] > 0 and r["cad_kept_over_ad_long"] > 0 for r in kept["per_length"].values())
+    assert kept["summary"]["cad_kept_over_ad_long_worst"] == max(
+        r["cad_kept_over_ad_long"] for r in kept["per_length"].values())
 
 
 @pytest.mark.slow
