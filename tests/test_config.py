@@ -1,8 +1,11 @@
-"""The configuration layout (docs/design.md §12): each script composes only its own slice of an experiment
-preset, old command-line spellings still work, and a stage's run identity depends on its own keys only."""
+"""The configuration layout (docs/design.md §12): a preset is one folder with one file per stage it changes,
+each key of it differing from the stage's own value; each script composes only its own files of a preset, old
+command-line spellings still work, and a stage's run identity depends on its own keys only."""
 
 from __future__ import annotations
 
+import functools
+import re
 import shutil
 from pathlib import Path
 
@@ -15,7 +18,12 @@ import rundir
 from hydra_cli import CONFIG_DIR, compose_config, flatten, rewrite_overrides
 
 STAGES = ("collect", "pretrain", "train", "evaluate")
-PRESETS = ("quick", "full")
+PRESETS = ("quick", "mid", "full")
+EXPERIMENT_DIR = Path(CONFIG_DIR) / "experiment"
+# A preset's file per stage: experiment/<name>/<file>.yaml -> (the scripts that compose it, where its keys land)
+PRESET_FILES = {"collect": (("collect",), ""), "pretrain": (("pretrain",), ""), "train": (("train",), ""),
+                "evaluate": (("evaluate",), ""), "model": (("pretrain", "train"), "model."),
+                "sampler": (("pretrain", "train"), "sampler.")}
 
 
 def leaves(cfg) -> dict:
@@ -30,6 +38,49 @@ def test_a_preset_adds_no_key_the_stage_does_not_declare(stage, preset):
     with_preset = leaves(compose_config(stage, [f"experiment={preset}"]))
     assert sorted(set(with_preset) - set(base)) == []
     assert set(base) - set(with_preset) == set()
+
+
+def test_a_preset_is_one_folder_with_one_file_per_stage():
+    """`ls config/experiment/<name>/` shows all of a preset: a file per stage it changes, nothing else;
+    <name>.yaml beside it only names it (Hydra's choice), none.yaml has no folder."""
+    named = {f.stem for f in EXPERIMENT_DIR.glob("*.yaml")}
+    folders = {d.name for d in EXPERIMENT_DIR.iterdir() if d.is_dir()}
+    assert named == folders | {"none"} and set(PRESETS) <= folders
+    for name in named:
+        assert set(OmegaConf.load(EXPERIMENT_DIR / f"{name}.yaml")) == set(), f"{name}.yaml only names the preset"
+    for d in folders:
+        assert {f.name for f in (EXPERIMENT_DIR / d).iterdir()} <= {f"{s}.yaml" for s in PRESET_FILES}, d
+
+
+@functools.cache
+def _composed(stage: str, preset: str, model: str | None) -> dict:
+    groups = [f"model={model}"] if model else []
+    return flatten(OmegaConf.to_container(compose_config(stage, [f"experiment={preset}", *groups]), resolve=False))
+
+
+PRESET_FILE_PATHS = sorted(str(f.relative_to(EXPERIMENT_DIR)) for f in EXPERIMENT_DIR.glob("*/*.yaml"))
+
+
+@pytest.mark.parametrize("path", PRESET_FILE_PATHS)
+def test_every_key_of_a_preset_file_reaches_its_stage_and_differs_from_its_default(path):
+    """Each key a preset file sets lands in every script that composes the file, and differs from what that
+    script has without it (its own config, or for mid the quick file it starts from) for some training model:
+    a key equal to its default would silently stop following that default when it is edited."""
+    name, kind = path[:-len(".yaml")].split("/")
+    raw = OmegaConf.load(EXPERIMENT_DIR / path)
+    parents = [m[1] for d in raw.pop("defaults", []) if (m := re.fullmatch(rf"/experiment/(\w+)/{kind}@_here_", str(d)))]
+    own = flatten(OmegaConf.to_container(raw, resolve=False))
+    assert own or parents, f"{path} changes nothing"
+    stages, prefix = PRESET_FILES[kind]
+    for key, value in own.items():
+        differs = False
+        for stage in stages:
+            for model in ("ad_compressed_dr", "ad_dr") if stage == "train" else (None,):
+                assert _composed(stage, name, model)[prefix + key] == value, (stage, model, key)
+                base = _composed(stage, parents[0] if parents else "none", model)
+                assert prefix + key in base, f"{path}: {key} is not a {stage} key"
+                differs |= base[prefix + key] != value
+        assert differs, f"{path}: {key}={value!r} repeats its default: delete it from the preset"
 
 
 def test_quick_preset_values_per_stage():
@@ -79,7 +130,7 @@ def test_editing_an_evaluate_value_leaves_training_identities_alone(tmp_path):
     """An evaluate-only preset value used to be part of every training run's config.json, so changing it
     made existing runs "different runs" (refused on resume). Now only evaluate sees it."""
     cdir = _config_copy(tmp_path)
-    f = cdir / "experiment" / "evaluate" / "quick.yaml"
+    f = cdir / "experiment" / "quick" / "evaluate.yaml"
     f.write_text(f.read_text().replace("n_episodes: 40", "n_episodes: 77"))
     assert compose_config("evaluate", ["experiment=quick"], str(cdir)).n_episodes == 77
     for stage in ("train", "pretrain"):
@@ -88,7 +139,7 @@ def test_editing_an_evaluate_value_leaves_training_identities_alone(tmp_path):
             after = loop.to_plain(compose_config(stage, ["experiment=quick", *groups], str(cdir)))
             assert rundir.identity(before) == rundir.identity(after), stage
     # ... while a value the stage reads still changes it (the identity is not blind).
-    g = cdir / "experiment" / "train" / "quick.yaml"
+    g = cdir / "experiment" / "quick" / "train.yaml"
     g.write_text(g.read_text().replace("lr: 0.001", "lr: 0.002"))
     before = loop.to_plain(compose_config("train", ["experiment=quick"]))
     after = loop.to_plain(compose_config("train", ["experiment=quick"], str(cdir)))
