@@ -56,3 +56,12 @@ def test_every_relative_link_in_the_docs_resolves():
             if not m.group(1).startswith(("http://", "https://")) and not (ROOT / doc).parent.joinpath(m.group(1)).exists():
                 broken.append(f"{doc}: {m.group(1)}")
     assert broken == []
+
+
+def test_the_readme_stays_a_front_door():
+    """README.md is what a new user reads first: what it is, the two commands, a map, links (issue 24: <= 200
+    lines); measurements and their discussion belong in results/README.md, mechanics in docs/."""
+    from experiments.docs_tables import ROOT
+
+    n = len((ROOT / "README.md").read_text().splitlines())
+    assert n <= 200, f"README.md has {n} lines: move detail into docs/ or results/README.md"
