@@ -1,6 +1,6 @@
 """The plots of the sweep reports (experiments/report.py): return curves over seeds and the budget curve.
 
-Each function draws one report dict into a PNG, written atomically; `color(arm)` is the arm's plot colour
+Each function draws one report dict into a PNG, written atomically; `arm_color(arm)` is the arm's plot colour
 (report.arm_color: the arm files' `color`). Matplotlib is imported here only, with the Agg canvas (no display).
 """
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from atomic_io import atomic_write
+from experiments.runs import arm_color, window_label
 
 
 def _figure(size, rows: int, cols: int):
@@ -62,14 +63,14 @@ def _curve_axes(ax, title: str, src, n_episodes, opt, ep_hist=None) -> None:
         ax.legend(fontsize=8, loc="best")
 
 
-def compare_plot(path: Path, rep: dict, color) -> None:
+def compare_plot(path: Path, rep: dict) -> None:
     fig, axes = _figure((13, 4.6), 1, 2)
     for ax, key, ev in ((axes[0, 0], "curve", rep["eval"]), (axes[0, 1], "long_curve", rep["long_eval"])):
         smooth = 1
         for arm in rep["arms"]:
             curves = [p[key] for p in rep["results"][arm]["per_seed"].values() if p.get(key)]
             if curves:
-                smooth = _curve_band(ax, curves, color(arm), arm, 100 if key == "long_curve" else None)
+                smooth = _curve_band(ax, curves, arm_color(arm), arm, 100 if key == "long_curve" else None)
         title = f"{'long rollout' if key == 'long_curve' else 'held-out goals'}, {ev['n_episodes']} episodes"
         _curve_axes(ax, title + (f" ({smooth}-episode moving average)" if smooth > 1 else ""),
                     rep["dataset"].get("source_curve_test"), ev["n_episodes"], rep["eval"].get("optimal_mean"),
@@ -77,7 +78,7 @@ def compare_plot(path: Path, rep: dict, color) -> None:
     _save(fig, path, f"Does pretraining help? {rep['scale']}, {rep['date']}", 110)
 
 
-def budget_plot(path: Path, rep: dict, color, ylabels: dict) -> None:
+def budget_plot(path: Path, rep: dict, ylabels: dict) -> None:
     """Test NLL and return against stage-2 steps and against total compute, one line per arm."""
     fig, axes = _figure((12, 8), 2, 2)
     for i, key in enumerate(("heldout_loss_same_position", "return_last5")):
@@ -88,7 +89,7 @@ def budget_plot(path: Path, rep: dict, color, ylabels: dict) -> None:
                        if r["arm"] == arm and r[xkey] is not None and r[key] is not None]
                 if pts:
                     x, y, e = map(np.asarray, zip(*pts))
-                    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=color(arm), label=arm)
+                    ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=arm_color(arm), label=arm)
             ax.set_xscale("log")
             ax.set_xlabel("stage-2 steps" if j == 0 else "total compute (stage-2-step equivalents, incl. stage 1)")
             ax.set_ylabel(ylabels[key])
@@ -98,7 +99,7 @@ def budget_plot(path: Path, rep: dict, color, ylabels: dict) -> None:
     _save(fig, path, f"Does pretraining help? {rep['scale']}, {rep['date']}", 100)
 
 
-def memory_plot(path: Path, rep: dict, color, window_label) -> None:
+def memory_plot(path: Path, rep: dict) -> None:
     """One panel per env: each row's test-goal return curve over seeds, labelled with its window."""
     envs = sorted({r["env"] for r in rep["rows"]}) or ["-"]
     fig, axes = _figure((6.5 * len(envs), 4.6), 1, len(envs))
@@ -107,7 +108,7 @@ def memory_plot(path: Path, rep: dict, color, window_label) -> None:
         for r in (r for r in rep["rows"] if r["env"] == env):
             curves = [p["curve"] for p in r["per_seed"].values() if p.get("curve")]
             if curves:
-                _curve_band(ax, curves, color(r["arm"]), f"{r['arm']} (window {window_label(r)})")
+                _curve_band(ax, curves, arm_color(r["arm"]), f"{r['arm']} (window {window_label(r)})")
                 opt = opt or next(p["optimal_mean"] for p in r["per_seed"].values() if p.get("curve"))
         n_ep = next((p["n_episodes"] for r in rep["rows"] for p in r["per_seed"].values() if p.get("n_episodes")), None)
         _curve_axes(ax, f"{env}: held-out goals, {n_ep} episodes",
