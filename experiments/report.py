@@ -86,8 +86,6 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
                         **{f: {k: d.loc[arm, k][s] for k in COMPARE_METRICS}
                            for f, s in (("mean", "mean"), ("std", "sd"), ("n", "n"))},
                         "per_seed": dict(zip(g["seed"], g["run"]))}
-    per_run = list(df["run"]) if len(df) else []
-    missing = [Path(r["run_dir"]).name for r in per_run if not r["complete"]]
     ref = COMPARE_REFERENCE if COMPARE_REFERENCE in results else None
     paired = {} if ref is None else {
         arm: stats.paired_records({s: p["metrics"] for s, p in results[arm]["per_seed"].items()},
@@ -95,7 +93,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
                                   {k: COMPARE_METRICS[k][1] for k in COMPARE_PAIRED}) for arm in arms if arm != ref}
     budgets = {arm: f"{c.get('max_steps')} optimizer steps x batch {c.get('batch_size')}, lr {c.get('lr')}"
                for arm, c in cfgs.items() if c}
-    budget = (f"{next(iter(budgets.values()))} (every arm)" if len(set(budgets.values())) <= 1 else
+    budget = (f"{next(iter(budgets.values()), 'no run')} (every arm)" if len(set(budgets.values())) <= 1 else
               "; ".join(f"`{arm}`: {b}" for arm, b in budgets.items()))
     pc, pretrain_runs = runs.stage1(jobs)
     if pc:
@@ -105,11 +103,12 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
         return next((p[key] for a in arms for p in results[a]["per_seed"].values() if p.get(key)), None)
 
     def settings(name):  # an evaluation's settings, from the first run that has that evaluation
-        c = next((r[name]["config"] for r in (df["rec"] if len(df) else []) if r[name]), None)
+        c = next((r[name]["config"] for r in df["rec"] if r[name]), None)
         return {"n_episodes": c and c["n_episodes"], "seeds_per_goal": c and c["seeds_per_goal"]}
 
     tail = first("long_tail_episodes")
-    rep = {"format_version": 1, **runs.provenance(tj, info, missing, {p.get("eval_device") for p in per_run}),
+    devices = {p.get("eval_device") for p in df["run"]}
+    rep = {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
            "cwd": info.get("cwd"), "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budget": budget,
            "dataset": runs.dataset_info(next((c for c in cfgs.values() if c), {}).get("data_path")),
            "eval": {**settings("eval"), "last_k": first("eval_last_k"), "n_test_goals": first("n_test_goals"),
@@ -117,9 +116,11 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
            "long_eval": {**settings("eval_long"), "last_k": first("long_last_k"),
                          "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
            "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in COMPARE_METRICS.items()},
-           "results": results, "runs": {f"{a}-seed{r['seed']}": r["run_dir"] for a in arms for r in tj if r["arm"] == a},
+           "results": results,
+           "runs": {f"{a}-seed{r['seed']}": r["run_dir"] for a in arms for r in tj if r["arm"] == a},
            "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
-           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": runs.timings(jobs)}
+           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
+           "timings_s": runs.timings(jobs)}
     atomic_write_text(out / "table.json", json.dumps(rep, indent=1, default=str))
     atomic_write_text(out / "table.md", compare_markdown(rep))
     plots.compare_plot(out / "curves.png", rep)
@@ -139,7 +140,8 @@ def compare_markdown(rep: dict) -> str:
         cells = {arm: stats.fmt_describe({"mean": means[arm], "sd": res[arm]["std"][k], "n": res[arm]["n"][k]}, fmt)
                  for arm in arms}
         rows.append({"metric": f"{label} ({better} is better)",
-                     **{f"`{a}`": f"**{c}**" if best is not None and means[a] == best else c for a, c in cells.items()}})
+                     **{f"`{a}`": f"**{c}**" if best is not None and means[a] == best else c
+                        for a, c in cells.items()}})
     lines = _header(rep, "Does pretraining help? CompressedAD comparison",
                     f"- **Dataset:** `{rep['dataset']['path']}` ({rep['dataset'].get('summary', '')})",
                     f"- **Budget:** {rep['budget']}",
@@ -199,12 +201,12 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
                         for x, s in (("", "mean"), ("_std", "sd"), ("_n", "n"))},
                      "compute_stage2_step_equiv": (n + s1 * ratio) if ratio else None,
                      "per_seed": dict(zip(g["seed"], g["run"]))})
-    missing = [Path(p["run_dir"]).name for p in (df["run"] if len(df) else []) if not p["complete"]]
     first = next((p for r in rows for p in r["per_seed"].values() if p["complete"]), {})
     tc = (read_json(Path(tj[0]["run_dir"]) / "config.json") or {}) if tj else {}
-    rep = {"format_version": 1, **runs.provenance(tj, info, missing, {p.get("device") for r in rows
-                                                                 for p in r["per_seed"].values()}),
-           "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budgets": sorted({r["stage2_steps"] for r in rows}),
+    devices = {p.get("device") for r in rows for p in r["per_seed"].values()}
+    rep = {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+           "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
+           "budgets": sorted({r["stage2_steps"] for r in rows}),
            "dataset": str(tc.get("data_path")),
            "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
                       + ", ".join(f"{k} {pc[k]}" for k in runs.STAGE1_MODEL_KEYS if pc.get(k) is not None)
@@ -237,7 +239,8 @@ def verdict(rep: dict) -> list[str]:
 
 def budget_markdown(rep: dict) -> str:
     table = md_table([{"arm": f"`{r['arm']}`", "stage-2 steps": str(r["stage2_steps"]),
-                       "stage-1 steps": str(r["stage1_steps"]), "compute": _fmt(r["compute_stage2_step_equiv"], ".0f"),
+                       "stage-1 steps": str(r["stage1_steps"]),
+                       "compute": _fmt(r["compute_stage2_step_equiv"], ".0f"),
                        **{f"{lab} ({b} is better)": stats.fmt_describe(
                            {"mean": r[k], "sd": r[f"{k}_std"], "n": r[f"{k}_n"]}, fmt)
                           for k, (lab, b, fmt) in BUDGET_METRICS.items()}} for r in rep["rows"]])
@@ -317,7 +320,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     by = ["sweep_env", "sweep_window", "arm"]
     d = runs.describe(df, by, [c[0] for c in MEMORY_COLUMNS + COMPUTE_COLUMNS])
     rows = []
-    for (env, w, arm), g in (df.groupby(by, sort=False) if len(df) else ()):
+    for (env, w, arm), g in df.groupby(by, sort=False):
         per_seed = dict(zip(g["seed"], g["run"]))
         first = next((p for p in per_seed.values() if p["complete"]), g["run"].iloc[0])
         # all − k1 within each run (paired by construction); lower is better: the history beyond the last
@@ -326,14 +329,16 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
         gaps = {name: stats.interval(p[a] - p[b] for p in per_seed.values() if p[a] is not None and p[b] is not None)
                 for name, a, b in GOAL_READOUT_GAPS}
         rows.append({"env": first["env"] or env, "sweep_window": int(w), "arm": arm, "window": first["window"],
-                     "keep_recent": first["keep_recent"], "seeds": [int(s) for s, p in per_seed.items() if p["complete"]],
+                     "keep_recent": first["keep_recent"],
+                     "seeds": [int(s) for s, p in per_seed.items() if p["complete"]],
                      "stats": d.loc[(env, w, arm)].to_dict(), "memory_probe": None if not gap["n"] else {
                          "k1": stats.describe(p["probe_k1"] for p in per_seed.values()),
                          "all": stats.describe(p["probe_all"] for p in per_seed.values()),
                          "all_minus_k1": {**gap, "verdict": stats.verdict(gap["lo"], gap["hi"], better="lower")}},
                      "goal_readout": {n: {**gi, "verdict": stats.verdict(gi["lo"], gi["hi"], "higher")}
                                       for n, gi in gaps.items() if gi["n"]},
-                     "steps": first["steps"], "device": runs.device_label({first["device"]}) if first["device"] else None,
+                     "steps": first["steps"],
+                     "device": runs.device_label({first["device"]}) if first["device"] else None,
                      "label": g["job"].iloc[0].get("label"), "per_seed": per_seed})
     better = {k: b for k, _, _, b in MEMORY_COLUMNS}
     for row in rows:  # paired differences to the reference arm of the same env and sweep window
@@ -345,10 +350,10 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     data = {r["env"]: runs.dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for d_ in data.values():
         d_["source_search_use_test"] = source_search_use(d_["path"]) if d_.get("n_steps") else None
-    missing = [Path(p["run_dir"]).name for p in (df["run"] if len(df) else []) if not p["complete"]]
-    prov = runs.provenance(tj, info, missing)
+    prov = runs.provenance(tj, info, runs.unfinished(df))
     rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
-           "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows, "timings_s": runs.timings(jobs)}
+           "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
+           "timings_s": runs.timings(jobs)}
     atomic_write_text(out / "summary.json", json.dumps(rep, indent=1, default=str))
     atomic_write_text(out / "table.md", memory_markdown(rep))
     plots.memory_plot(out / "curves.png", rep)

@@ -157,6 +157,13 @@ def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
     return recs
 
 
+def train_jobs(jobs: list[dict]) -> list[dict]:
+    """The train jobs in table order: env, window, budget, arm (arm_rank), seed."""
+    return sorted((r for r in jobs if r.get("kind") == "train"),
+                  key=lambda r: (r.get("env") or "", r.get("window") or 0, r.get("budget") or 0,
+                                 arm_rank(r["arm"]), r["seed"]))
+
+
 def status_fields(tj: list[dict], missing: list[str]) -> dict:
     """The report's complete / missing / run_status: every train job the report covers must be `done`
     (run_status) and have its numbers (`missing`, the table function's own finding)."""
@@ -175,6 +182,9 @@ def status_line(rep: dict) -> str:
     return "INCOMPLETE: " + ", ".join(f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
 
 
+# ---------------------------------------------------------------------------------------------------------
+# A report's provenance: its commands, machine, dataset, timings and stage-1 settings
+# ---------------------------------------------------------------------------------------------------------
 def sweep_commands(info: dict) -> str:
     """Every sweep command that wrote into this out dir (sweep.json `commands`, oldest first), joined by ' ; '
     (one out dir may be filled by several sweeps of the same configuration: other arms or seeds)."""
@@ -195,8 +205,10 @@ def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> 
     """The fields every report starts with: date, command, experiment, its scale (on which device), status."""
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     scale = f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}"
+    if devices is not None:
+        scale += f" on {device_label(devices)}"
     return {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": sweep_commands(info),
-            "experiment": experiment, "scale": scale + (f" on {device_label(devices)}" if devices is not None else ""),
+            "experiment": experiment, "scale": scale,
             "machine": machine(), **status_fields(tj, missing)}
 
 
@@ -227,12 +239,6 @@ def timings(jobs: list[dict]) -> dict:
     eval:<run>, pretrain:seed<s>)."""
     return {f"{stage}:seed{r['seed']}" if stage == "pretrain" else f"{stage}:{Path(r['run_dir']).name}": s
             for r in jobs for stage, s in (r.get("wall_s") or {}).items()}
-
-
-def train_jobs(jobs: list[dict]) -> list[dict]:
-    return sorted((r for r in jobs if r.get("kind") == "train"),
-                  key=lambda r: (r.get("env") or "", r.get("window") or 0, r.get("budget") or 0,
-                                 arm_rank(r["arm"]), r["seed"]))
 
 
 # The stage-1 objective as a report names it (model keys of the stage-1 run's config; None = not in that run).
@@ -266,13 +272,9 @@ def step_cost_ratio(jobs: list[dict], wall: dict) -> float | None:
     return statistics.median(s1) / statistics.median(s2) if s1 and s2 else None
 
 
-def window_label(row: dict) -> str:
-    """The raw window a row's decoder sees: AD's context, CompressedAD's seg_len, with the kept part."""
-    keep = row.get("keep_recent") or 0
-    return f"{row['window']} (keeps {keep})" if keep else str(row["window"])
-
-
-
+# ---------------------------------------------------------------------------------------------------------
+# The table of runs: one row per job, the numbers of its run dir in the report's per-seed schema
+# ---------------------------------------------------------------------------------------------------------
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one TensorBoard scalar tag across the run's event files (purged steps dropped)."""
     import logging
@@ -298,7 +300,8 @@ def run_record(run_dir: Path) -> dict:
     ev, evl = read_json(run_dir / "eval.json") or {}, read_json(run_dir / "eval_long.json") or {}
     mc, s, sl = cfg.get("model") or {}, split_summary(ev), split_summary(evl)
     timed, ts = (evl, sl) if sl else (ev, s)
-    wall, horizon = ((timed.get("splits") or {}).get("test") or {}).get("wall_s"), (timed.get("env") or {}).get("horizon")
+    wall = ((timed.get("splits") or {}).get("test") or {}).get("wall_s")
+    horizon = (timed.get("env") or {}).get("horizon")
     probe = (done.get("heldout_test") or {}).get("memory_probe") or {}
     comp, gr = done.get("compute") or {}, (done.get("goal_readout") or {}).get("test") or {}
     lps = comp.get("labels_per_step")
@@ -340,7 +343,13 @@ def run_table(tj: list[dict], project) -> pd.DataFrame:
         rows.append({**p.get("metrics", p), "arm": r["arm"], "seed": str(r["seed"]), "budget": r.get("budget"),
                      "sweep_env": r.get("env") or "", "sweep_window": r.get("window") or 0, "job": r, "rec": rec,
                      "run": p})
-    return pd.DataFrame(rows, columns=None if rows else ["arm", "seed", "budget", "sweep_env", "sweep_window"])
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["arm", "seed", "budget", "sweep_env",
+                                                                  "sweep_window", "job", "rec", "run"])
+
+
+def unfinished(df: pd.DataFrame) -> list[str]:
+    """The run dirs of the table whose numbers are not all there (the projection's `complete`)."""
+    return [Path(p["run_dir"]).name for p in df["run"] if not p["complete"]]
 
 
 def describe(df: pd.DataFrame, by, keys) -> pd.DataFrame:
@@ -359,8 +368,8 @@ def compare_run(rec: dict) -> dict:
     lo = len(c) - max(1, len(c) // 5)  # the long rollout's last 20% of episodes (400..499 of 500)
     tail = sum(c[lo:]) / len(c[lo:]) if c else None
     m = {**{f"train_loss_action_{k[:-1]}": v for k, (_, v) in near.items()},
-         "heldout_loss_same_position": rec["tf_loss_test"], "heldout_acc_same_position": rec["done"].get(
-             "heldout_test", {}).get("acc"), "return_first": s.get("first_episode"),
+         "heldout_loss_same_position": rec["tf_loss_test"], "heldout_acc_same_position": (rec["done"].get(
+             "heldout_test") or {}).get("acc"), "return_first": s.get("first_episode"),
          "return_last5": s.get("last_k_mean"), "return_last5_normalized": s.get("last_k_normalized"),
          "reward_per_step": s.get("reward_per_step"), "long_return_last5": sl.get("last_k_mean"),
          "long_return_tail": tail, "long_return_tail_normalized": tail / sl["optimal_mean"]
@@ -388,3 +397,9 @@ def budget_run(rec: dict) -> dict:
 def memory_run(rec: dict) -> dict:
     """A run's memory-table numbers (summary.json's per-seed schema): the record without the whole files."""
     return {k: v for k, v in rec.items() if k not in WHOLE}
+
+
+def window_label(row: dict) -> str:
+    """The raw window a row's decoder sees: AD's context, CompressedAD's seg_len, with the kept part."""
+    keep = row.get("keep_recent") or 0
+    return f"{row['window']} (keeps {keep})" if keep else str(row["window"])
