@@ -8,7 +8,7 @@ experiments/sweep.py calls `write(out)` when a multirun ends. The runs the repor
 their numbers are one pandas table (experiments/runs.py: run_table, one row per job); a report groups it
 into mean ± sd (n) per arm and paired differences to a reference arm with 95 % t-intervals
 (experiments/stats.py), writes its record (summary.json or table.json: per-seed numbers, provenance,
-status) and table.md (md_table: DataFrame.to_markdown) and a plot (experiments/plots.py). The experiment
+status) and table.md (md_table) and a plot (experiments/plots.py). The experiment
 (the record's `sweep`) picks the report function: REPORTS[name](out, jobs, info) -> the report dict,
 written by that function; adding an experiment is adding one here.
 """
@@ -24,8 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pandas as pd
-
 from atomic_io import atomic_write_text
 from errors import UserError
 from experiments import plots, runs, stats
@@ -37,8 +35,12 @@ class ReportError(UserError, RuntimeError):
 
 
 def md_table(rows: list[dict]) -> str:
-    """A markdown table of rows {header: cell} (cells already formatted: tabulate must not re-parse them)."""
-    return pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) if rows else "(no rows)"
+    """The markdown table of every report: rows {header: cell} (cells formatted), the first row's headers.
+    Unpadded (not DataFrame.to_markdown's aligned columns): a committed table.md then changes only where a
+    number does."""
+    head = list(rows[0]) if rows else ["(no rows)"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows])
 
 
 def _fmt(v, fmt: str) -> str:
