@@ -154,3 +154,9 @@ def test_arms_are_in_their_files_order_and_an_arm_without_a_file_still_reports(t
     md = (out / "table.md").read_text()
     assert md.index("`ad`") < md.index("`scratch`") < md.index("`my_arm`")
     assert (out / "budget.png").stat().st_size > 0
+
+
+def test_every_table_is_one_unpadded_pipe_table():
+    """md_table renders every report table: a committed table.md changes only where a number does."""
+    assert report.md_table([{"arm": "`ad`", "n": "1"}, {"arm": "`scratch`", "n": "–"}]) == (
+        "| arm | n |\n|---|---|\n| `ad` | 1 |\n| `scratch` | – |")
