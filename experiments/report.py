@@ -47,6 +47,14 @@ def _fmt(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
+def _save(out: Path, rep: dict, record: str, markdown, plot, png: str) -> dict:
+    """A report's files: its record (JSON), table.md and its plot."""
+    atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
+    atomic_write_text(out / "table.md", markdown(rep))
+    plot(out / png, rep)
+    return rep
+
+
 def _header(rep: dict, title: str, *lines: str) -> list[str]:
     return [f"# {title} ({rep['experiment']})", "", f"- **Scale:** {rep['scale']}",
             f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
@@ -123,10 +131,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
            "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
            "timings_s": runs.timings(jobs)}
-    atomic_write_text(out / "table.json", json.dumps(rep, indent=1, default=str))
-    atomic_write_text(out / "table.md", compare_markdown(rep))
-    plots.compare_plot(out / "curves.png", rep)
-    return rep
+    return _save(out, rep, "table.json", compare_markdown, plots.compare_plot, "curves.png")
 
 
 def compare_markdown(rep: dict) -> str:
@@ -217,10 +222,9 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
                     f"{_fmt(first.get('optimal_mean'), '.2f')}"),
            "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": wall}
-    atomic_write_text(out / "summary.json", json.dumps(rep, indent=1, default=str))
-    atomic_write_text(out / "table.md", budget_markdown(rep))
-    plots.budget_plot(out / "budget.png", rep, {k: v[0] for k, v in BUDGET_METRICS.items()})
-    return rep
+    ylabels = {k: v[0] for k, v in BUDGET_METRICS.items()}
+    return _save(out, rep, "summary.json", budget_markdown, lambda path, rep: plots.budget_plot(path, rep, ylabels),
+                 "budget.png")
 
 
 def verdict(rep: dict) -> list[str]:
@@ -356,10 +360,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
            "timings_s": runs.timings(jobs)}
-    atomic_write_text(out / "summary.json", json.dumps(rep, indent=1, default=str))
-    atomic_write_text(out / "table.md", memory_markdown(rep))
-    plots.memory_plot(out / "curves.png", rep)
-    return rep
+    return _save(out, rep, "summary.json", memory_markdown, plots.memory_plot, "curves.png")
 
 
 def memory_markdown(rep: dict) -> str:
