@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 from atomic_io import atomic_write_text
 from experiments import stats
-from experiments.report import MEMORY_REFERENCE, window_label
+from experiments.report import MEMORY_REFERENCE, md_table, window_label
 
 DOCS = ("README.md", "results/README.md", "docs/design.md")
 BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)
@@ -51,64 +51,57 @@ def _provenance(rep: dict, record: str, doc: str) -> str:
 def memory_headline(rep: dict) -> str:
     """The memory table's headline: per arm the test-goal return, its paired difference to AD with the same
     window, learning speed, search vs use, the validation return and what the arm paid."""
-    lines = [(f"| env | arm | window | return / optimal, last 5 (test) | − `{MEMORY_REFERENCE}` [95 % CI], verdict "
-             "| episodes to 0.8 (seeds reaching it) | return after found | val: return / optimal | test NLL "
-             "| labels / step | training min | rollout ms / step |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = []
     for r in rep["rows"]:
         s = r["stats"]
         pr = (r.get("paired") or {}).get("return_last5_norm")
         wall = (s.get("train_wall_s") or {}).get("mean")
-        lines.append(" | ".join([
-            f"| {r['env']}", f"`{r['arm']}`", window_label(r), _f(s["return_last5_norm"], ".3f"),
-            stats.fmt_paired(pr, ".3f") if pr else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
-            _f(s["episodes_to_0.8"], ".0f"), _f(s["return_after_found"], ".2f"), _f(s["return_last5_norm_val"], ".3f"),
-            _f(s["tf_loss_test"], ".3f"),
-            "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
-            "–" if wall is None else f"{wall / 60:.1f}",
-            "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"]) + " |")
-    return "\n".join(lines)
+        rows.append({
+            "env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
+            "return / optimal, last 5 (test)": _f(s["return_last5_norm"], ".3f"),
+            f"− `{MEMORY_REFERENCE}` [95 % CI], verdict": stats.fmt_paired(pr, ".3f") if pr
+            else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
+            "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"),
+            "return after found": _f(s["return_after_found"], ".2f"),
+            "val: return / optimal": _f(s["return_last5_norm_val"], ".3f"), "test NLL": _f(s["tf_loss_test"], ".3f"),
+            "labels / step": "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
+            "training min": "–" if wall is None else f"{wall / 60:.1f}",
+            "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"})
+    return md_table(rows)
 
 
 def memory_probe(rep: dict) -> str:
     """What the memory holds, per compressed arm: the NLL probe and the goal-cell readout, with intervals."""
-    lines = [("| env | arm | window | NLL probe: all − k1 (nats) | goal readout: after find − constant "
-             "| after find − before find | goal readout acc. after find |"), "|---|---|---|---|---|---|---|"]
+    rows = []
     for r in rep["rows"]:
         mp, g = r.get("memory_probe"), r.get("goal_readout") or {}
         if mp is None and not g:
             continue
-        lines.append(" | ".join([
-            f"| {r['env']}", f"`{r['arm']}`", window_label(r),
-            stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
-            stats.fmt_paired(g["after_minus_constant"], ".3f") if "after_minus_constant" in g else "–",
-            stats.fmt_paired(g["after_minus_before"], ".3f") if "after_minus_before" in g else "–",
-            _f(r["stats"].get("goal_acc_after"), ".3f")]) + " |")
-    return "\n".join(lines)
+        rows.append({"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
+                     "NLL probe: all − k1 (nats)": stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
+                     **{h: stats.fmt_paired(g[k], ".3f") if k in g else "–" for k, h in (
+                         ("after_minus_constant", "goal readout: after find − constant"),
+                         ("after_minus_before", "after find − before find"))},
+                     "goal readout acc. after find": _f(r["stats"].get("goal_acc_after"), ".3f")})
+    return md_table(rows)
 
 
 def budget_paired(rep: dict) -> str:
     """The budget curve as paired differences: per stage-2 budget, each arm minus scratch (same seed) on the
     test NLL and the last-5 return / optimal, from the record's per-seed numbers."""
-    rows = {(r["arm"], r["stage2_steps"]): r for r in rep["rows"]}
+    by = {(r["arm"], r["stage2_steps"]): r for r in rep["rows"]}
     keys = (("heldout_loss_same_position", "test NLL, same positions", "lower", ".3f"),
             ("return_last5", "return, last 5 episodes", "higher", ".2f"))
-    lines = ["| stage-2 steps | arm | stage-1 steps | " + " | ".join(
-                 f"{lab}: mean ± sd (n) | − scratch [95 % CI], verdict ({b} is better)" for _, lab, b, _ in keys) + " |",
-             "|---|---|---|" + "---|---|" * len(keys)]
-    for (arm, n), r in rows.items():
-        ref = rows.get(("scratch", n))
-        cells = []
-        for k, _, better, fmt in keys:
-            cells.append(_f(stats.describe(p.get(k) for p in r["per_seed"].values()), fmt))
-            if arm == "scratch" or ref is None:
-                cells.append("(reference)" if arm == "scratch" else "–")
-            else:
-                cells.append(stats.fmt_paired(stats.paired({s: p.get(k) for s, p in r["per_seed"].items()},
-                                                           {s: p.get(k) for s, p in ref["per_seed"].items()},
-                                                           better), fmt))
-        lines.append(f"| {n} | `{arm}` | {r['stage1_steps']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    rows = []
+    for (arm, n), r in by.items():
+        ref = by.get(("scratch", n))
+        pr = stats.paired_records(r["per_seed"], ref["per_seed"], {k: b for k, _, b, _ in keys}) if ref else {}
+        rows.append({"stage-2 steps": n, "arm": f"`{arm}`", "stage-1 steps": r["stage1_steps"]})
+        for k, lab, better, fmt in keys:
+            rows[-1][f"{lab}: mean ± sd (n)"] = _f(stats.describe(p.get(k) for p in r["per_seed"].values()), fmt)
+            rows[-1][f"− scratch [95 % CI], verdict ({better} is better)"] = (
+                "(reference)" if arm == "scratch" else "–" if ref is None else stats.fmt_paired(pr[k], fmt))
+    return md_table(rows)
 
 
 KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "budget-paired": budget_paired}

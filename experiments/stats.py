@@ -138,3 +138,10 @@ def fmt_paired(p: dict, fmt: str) -> str:
         return f"{format(p['diff'], '+' + fmt)} (n={p['n']}, no interval)"
     return (f"{format(p['diff'], '+' + fmt)} [{format(p['lo'], '+' + fmt)}, {format(p['hi'], '+' + fmt)}], "
             f"{p['verdict']} (n={p['n']})")
+
+
+def paired_records(x: Mapping, ref: Mapping, better: Mapping, level: float = LEVEL) -> dict:
+    """{metric: paired(...)} for per-seed records {seed: {metric: value}} of an arm and its reference arm,
+    `better` naming each metric compared and its good direction ('higher' / 'lower')."""
+    return {k: paired({s: r.get(k) for s, r in x.items()}, {s: r.get(k) for s, r in ref.items()}, b, level)
+            for k, b in better.items()}

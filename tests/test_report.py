@@ -137,8 +137,26 @@ def test_disk_full_while_writing_the_report_is_one_line(killed, monkeypatch):
         report.write(killed)
 
 
-def test_the_report_names_every_sweep_command_that_filled_the_out_dir():
-    assert report.sweep_commands({"commands": ["python a arm=ad", "python a arm=kept"], "command": "python a arm=kept"}
-                                 ) == "python a arm=ad ; python a arm=kept"
-    assert report.sweep_commands({"command": "python a"}) == "python a"  # sweep.json written before `commands`
-    assert report.sweep_commands({}) == "?"
+def test_arms_are_in_their_files_order_and_an_arm_without_a_file_still_reports(tmp_path):
+    """Table order is the arm files' `order` (ad before scratch), whatever the jobs' order; an arm with no
+    file in experiments/conf/arm (a renamed or local one) is reported after them, in the plot's fallback colour."""
+    out = tmp_path / "O"
+    arms = ("my_arm", "scratch", "ad")
+    _sweep(out, [(a, s, 4) for a in arms for s in (0, 1)])
+    for a in arms:
+        for s in (0, 1):
+            _run(out, f"b4-{a}-seed{s}", ret=3.0 + s)
+            _record(out, f"b4-{a}-seed{s}", a, s, 4)
+    rep = report.write(out)
+    assert rep["complete"] and rep["arms"] == ["ad", "scratch", "my_arm"]
+    assert [r["arm"] for r in rep["rows"]] == ["ad", "scratch", "my_arm"]
+    assert rep["rows"][2]["return_last5"] == 3.5 and rep["rows"][2]["return_last5_n"] == 2
+    md = (out / "table.md").read_text()
+    assert md.index("`ad`") < md.index("`scratch`") < md.index("`my_arm`")
+    assert (out / "budget.png").stat().st_size > 0
+
+
+def test_every_table_is_one_unpadded_pipe_table():
+    """md_table renders every report table: a committed table.md changes only where a number does."""
+    assert report.md_table([{"arm": "`ad`", "n": "1"}, {"arm": "`scratch`", "n": "–"}]) == (
+        "| arm | n |\n|---|---|\n| `ad` | 1 |\n| `scratch` | – |")

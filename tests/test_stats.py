@@ -66,3 +66,12 @@ def test_cells_show_n_and_the_interval():
     p = stats.paired({0: 1.1, 1: 1.9, 2: 3.05}, {0: 1.0, 1: 2.0, 2: 3.0}, "higher")
     assert stats.fmt_paired(p, ".2f").endswith("no difference detected (n=3)")
     assert "no interval" in stats.fmt_paired(stats.paired({0: 1.0}, {0: 0.5}), ".2f")
+
+
+def test_paired_records_compares_each_named_metric_of_per_seed_records():
+    x = {"0": {"a": 1.1, "b": 5.0}, "1": {"a": 2.2, "b": None}, "2": {"a": 3.3, "b": 4.0}}
+    ref = {"0": {"a": 1.0, "b": 6.0}, "1": {"a": 2.0, "b": 6.0}, "2": {"a": 3.0, "b": 6.0}}
+    p = stats.paired_records(x, ref, {"a": "higher", "b": "lower"})
+    assert set(p) == {"a", "b"}
+    assert p["a"] == stats.paired({s: r["a"] for s, r in x.items()}, {s: r["a"] for s, r in ref.items()}, "higher")
+    assert p["b"]["pairs"] == ["0", "2"] and p["b"]["diff"] == pytest.approx(-1.5) and p["b"]["n"] == 2

@@ -1,0 +1,405 @@
+"""The runs of a sweep's out dir as one table: the jobs a report covers, the state of each run dir, the
+numbers every report reads from it, and the provenance of a report (experiments/report.py groups this table
+into its reports; experiments/plots.py draws them).
+
+The jobs are sweep.json's planned ones and the records <out>/jobs/*.json (report_jobs); each run dir is
+<out>/runs/<name> (a moved out dir reports its own runs) and its state comes from the run dir, not from the
+record (run_status). run_table makes one row per job: its arm, seed, budget, env and window, and the numbers
+run_record reads from the run dir. Arms are declared in experiments/conf/arm/<arm>.yaml: label, table order
+(`order`) and plot colour (`color`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import stats
+
+ROOT = Path(__file__).resolve().parents[1]
+SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
+DONE = "done"
+TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
+WHOLE = ("config", "done", "eval", "eval_long")  # run_record's whole files (the reports keep numbers only)
+
+
+def read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(Path(path).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def load_jobs(out: Path) -> list[dict]:
+    return [r for r in (read_json(p) for p in sorted((Path(out) / "jobs").glob("*.json"))) if r]
+
+
+@functools.cache
+def arm_file(arm: str) -> dict:
+    """experiments/conf/arm/<arm>.yaml (label, order, color, the sweep's keys); {} for a name without a
+    file (an arm qualified by report_jobs, such as b20-scratch, or one whose file is gone)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "conf" / "arm" / f"{arm}.yaml"))
+    except (OSError, ValueError):
+        return {}
+
+
+def arm_rank(arm: str) -> tuple:
+    """Table order: the arm files' `order`, then the arms without one alphabetically."""
+    order = arm_file(arm).get("order")
+    return (order, "") if order is not None else (math.inf, arm)
+
+
+def arm_color(arm: str) -> str:
+    return arm_file(arm).get("color", "tab:brown")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The jobs a report covers: the planned ones (sweep.json) and the recorded ones, each with its run dir in
+# this out dir and a status read from that run dir (the records are not trusted for it)
+# ---------------------------------------------------------------------------------------------------------
+def _held(path: Path) -> bool:
+    """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs)."""
+    import fcntl
+
+    from atomic_io import PathLock
+
+    try:
+        fd = os.open(PathLock(path).file, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _finite(x) -> bool:
+    if isinstance(x, float):
+        return math.isfinite(x)
+    if isinstance(x, (dict, list)):
+        return all(_finite(v) for v in (x.values() if isinstance(x, dict) else x))
+    return True
+
+
+def split_summary(ev: dict, split: str = "test") -> dict:
+    """An evaluation's summary of one split ({} when absent)."""
+    return ((ev.get("splits") or {}).get(split) or {}).get("summary") or {}
+
+
+def run_status(out: Path, rec: dict, evals) -> str:
+    """done, or why a run is not in the table: running (its job holds its lock), failed, interrupted (a
+    record left 'running' or 'interrupted' by a killed job), missing (not trained or not evaluated yet),
+    non-finite (a NaN / inf in done.json or an evaluation's test summary). The run dir decides; the record
+    only says why it is unfinished."""
+    rd = Path(rec["run_dir"])
+    done, evs = read_json(rd / "done.json"), [read_json(rd / f"{e}.json") for e in evals]
+    if done is None or any(ev is None for ev in evs):
+        state = "missing"
+    else:
+        state = DONE if _finite(done) and all(_finite(split_summary(ev)) for ev in evs) else "non-finite"
+    if _held(Path(out) / "jobs" / rd.name):
+        return "running"
+    if rec.get("status") == "failed":
+        return "failed"
+    if rec.get("status") in ("running", "interrupted") and state == "missing":
+        return "interrupted"
+    return state
+
+
+# What a report function already keeps apart; the other run-identity dimensions are added to the arm name
+# when the jobs differ in them, so runs of another budget, window, env or sweep config never share a cell.
+SEPARATES = {"compare": (), "memory": ("env", "window"), "pretrain-budget": ("budget",)}
+
+
+def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
+    """The job records plus a record for every planned job that has none (sweep.json's `planned`), each
+    with its run dir in this out dir (<out>/runs/<name>: a moved or copied out dir reports its own runs) and
+    its `run_status`; train jobs of more than one run identity get their arm qualified (SEPARATES)."""
+    out = Path(out)
+    recs = [dict(r) for r in load_jobs(out)]
+    have = {Path(r.get("run_dir", "")).name for r in recs}
+    ident = (info.get("identity") or {}).get("hash")
+    for j in info.get("planned") or []:
+        if j["run"] not in have:
+            arm = arm_file(j["arm"])
+            recs.append({"kind": "train", "sweep": info.get("sweep"), "arm": j["arm"], "seed": j["seed"],
+                         "label": arm.get("label", j["arm"]), "encoder": arm.get("encoder"), "budget": j["budget"],
+                         "window": j["window"], "env": j["env"], "experiment": info.get("experiment"),
+                         "run_dir": j["run"], "status": "planned", "identity": ident})
+    evals = info.get("evals") or ["eval"]
+    for r in recs:
+        r["run_dir"] = str(out / "runs" / Path(r.get("run_dir") or "").name)
+        if r.get("kind") == "train":
+            r["run_status"] = run_status(out, r, evals)
+    tj = [r for r in recs if r.get("kind") == "train"]
+    dims = [d for d in ("env", "window", "budget", "identity")
+            if d not in SEPARATES.get(name, ()) and len({r.get(d) for r in tj}) > 1]
+    for r in tj if dims else ():
+        tag = {"env": str(r["env"] or "preset-env"), "window": f"w{r['window']}", "budget": f"b{r['budget']}"}
+        r["arm_name"] = r["arm"]
+        r["arm"] = "-".join([tag[d] for d in dims if d in tag] + [r["arm"]]
+                            + [f"id{str(r.get('identity'))[:6]}"] * ("identity" in dims))
+    return recs
+
+
+def train_jobs(jobs: list[dict]) -> list[dict]:
+    """The train jobs in table order: env, window, budget, arm (arm_rank), seed."""
+    return sorted((r for r in jobs if r.get("kind") == "train"),
+                  key=lambda r: (r.get("env") or "", r.get("window") or 0, r.get("budget") or 0,
+                                 arm_rank(r["arm"]), r["seed"]))
+
+
+def status_fields(tj: list[dict], missing: list[str]) -> dict:
+    """The report's complete / missing / run_status: every train job the report covers must be `done`
+    (run_status) and have its numbers (`missing`, the table function's own finding)."""
+    status = {Path(r["run_dir"]).name: r.get("run_status", DONE) for r in tj}
+    for m in missing:
+        status[m] = status.get(m) if status.get(m, DONE) != DONE else "missing"
+    bad = sorted(n for n, st in status.items() if st != DONE)
+    return {"complete": not bad, "missing": bad, "run_status": {n: status[n] for n in bad},
+            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
+
+
+def status_line(rep: dict) -> str:
+    if rep["complete"]:
+        return "complete"
+    st = rep.get("run_status") or {}
+    return "INCOMPLETE: " + ", ".join(f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A report's provenance: its commands, machine, dataset, timings and stage-1 settings
+# ---------------------------------------------------------------------------------------------------------
+def sweep_commands(info: dict) -> str:
+    """Every sweep command that wrote into this out dir (sweep.json `commands`, oldest first), joined by ' ; '
+    (one out dir may be filled by several sweeps of the same configuration: other arms or seeds)."""
+    cmds = info.get("commands") or ([info["command"]] if info.get("command") else [])
+    return " ; ".join(cmds) or "?"
+
+
+def machine() -> str:
+    """What measured: host, cores and torch (a report's provenance line)."""
+    import platform
+
+    import torch
+
+    return f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}"
+
+
+def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
+    """The fields every report starts with: date, command, experiment, its scale (on which device), status."""
+    experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
+    scale = f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}"
+    if devices is not None:
+        scale += f" on {device_label(devices)}"
+    return {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": sweep_commands(info),
+            "experiment": experiment, "scale": scale,
+            "machine": machine(), **status_fields(tj, missing)}
+
+
+def device_label(devices: set) -> str:
+    if any(str(d).startswith("cuda") for d in devices if d):
+        try:
+            import torch
+
+            return f"GPU ({torch.cuda.get_device_name(0)})"
+        except Exception:  # noqa: BLE001 -- only a label
+            return "GPU"
+    return f"a {os.cpu_count()}-core CPU"
+
+
+def dataset_info(data_path: str | None) -> dict:
+    meta = (read_json(Path(data_path) / "meta.json") if data_path else None) or {}
+    env = meta.get("env", {})
+    ep_hist = meta["n_steps"] // env["horizon"] if meta.get("n_steps") and env.get("horizon") else None
+    n_train = len(meta.get("split", {}).get("train_goals", []))
+    return {"path": str(data_path), "n_stream": meta.get("n_stream"), "n_steps": meta.get("n_steps"),
+            "episodes_per_history": ep_hist, "env": env.get("name"), "source_curve_test": meta.get("return_curve_test"),
+            "summary": f"{env.get('name')}, {n_train} train goals x {meta.get('n_stream')} streams x "
+                       f"{meta.get('n_steps')} steps"}
+
+
+def timings(jobs: list[dict]) -> dict:
+    """{process name: wall seconds} from the job records, the names the sweep prints (train:<run>,
+    eval:<run>, pretrain:seed<s>)."""
+    return {f"{stage}:seed{r['seed']}" if stage == "pretrain" else f"{stage}:{Path(r['run_dir']).name}": s
+            for r in jobs for stage, s in (r.get("wall_s") or {}).items()}
+
+
+# The stage-1 objective as a report names it (model keys of the stage-1 run's config; None = not in that run).
+STAGE1_MODEL_KEYS = ("recon_loss", "recon_decoder", "recon_linear_readout", "recon_task_weight", "state_features",
+                     "n_latent", "pretrain_slot_init")
+
+
+def stage1(jobs: list[dict]) -> tuple[dict | None, dict]:
+    """(stage-1 budget {pretrain_steps, pretrain_batch_size, pretrain_lr} and objective of a stage-1 run's
+    config.json, {seed: run dir}) of the pretrain runs of this sweep."""
+    runs = {str(r["seed"]): r["run_dir"] for r in jobs if r.get("kind") == "pretrain"}
+    for rd in runs.values():
+        cfg = read_json(Path(rd) / "config.json")
+        if cfg:
+            model = cfg.get("model") or {}
+            return ({k: cfg.get(k) for k in ("pretrain_steps", "pretrain_batch_size", "pretrain_lr")}
+                    | {k: model.get(k) for k in STAGE1_MODEL_KEYS}), runs
+    return None, runs
+
+
+def step_cost_ratio(jobs: list[dict], wall: dict) -> float | None:
+    """Stage-1 wall seconds per step / stage-2 wall seconds per step, medians over this sweep's runs
+    (`wall`: timings())."""
+    s1, s2 = [], []
+    for r in jobs:
+        key = "pretrain" if r.get("kind") == "pretrain" else "train"
+        name = f"seed{r['seed']}" if key == "pretrain" else Path(r["run_dir"]).name
+        t, done = wall.get(f"{key}:{name}"), read_json(Path(r["run_dir"]) / "done.json") or {}
+        if t and done.get("global_step"):
+            (s1 if key == "pretrain" else s2).append(t / done["global_step"])
+    return statistics.median(s1) / statistics.median(s2) if s1 and s2 else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The table of runs: one row per job, the numbers of its run dir in the report's per-seed schema
+# ---------------------------------------------------------------------------------------------------------
+def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of one TensorBoard scalar tag across the run's event files (purged steps dropped)."""
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its per-file INFO lines, in Hydra's log too
+    if not tb_dir.is_dir():
+        return []
+    acc = EventAccumulator(str(tb_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    if tag not in acc.Tags().get("scalars", []):
+        return []
+    return sorted({int(e.step): float(e.value) for e in acc.Scalars(tag)}.items())  # a resumed step: the newest
+
+
+def run_record(run_dir: Path) -> dict:
+    """Every number a report reads from one run dir (None where a file or field is missing): done.json
+    (train.py: the same-position NLLs, memory probe, goal readout, compute), the test and val summaries of
+    eval.json and eval_long.json (evaluate.py). rollout_ms_per_step: wall ms per rollout step of the longest
+    eval (all held-out goals x rollouts in lockstep, one model call each)."""
+    cfg, done = read_json(run_dir / "config.json") or {}, read_json(run_dir / "done.json") or {}
+    ev, evl = read_json(run_dir / "eval.json") or {}, read_json(run_dir / "eval_long.json") or {}
+    mc, s, sl = cfg.get("model") or {}, split_summary(ev), split_summary(evl)
+    timed, ts = (evl, sl) if sl else (ev, s)
+    wall = ((timed.get("splits") or {}).get("test") or {}).get("wall_s")
+    horizon = (timed.get("env") or {}).get("horizon")
+    probe = (done.get("heldout_test") or {}).get("memory_probe") or {}
+    comp, gr = done.get("compute") or {}, (done.get("goal_readout") or {}).get("test") or {}
+    lps = comp.get("labels_per_step")
+    return {"episodes_to_first_goal": s.get("episodes_to_first_goal"), "found_goal_frac": s.get("found_goal_frac"),
+            "return_after_found": s.get("return_after_found_normalized"), "tf_loss_test": done.get("tf_loss_test"),
+            "tf_loss_val": done.get("tf_loss_val"), "return_last5_norm": s.get("last_k_normalized"),
+            "return_last5_norm_long": sl.get("last_k_normalized"),
+            "return_last5_norm_val": split_summary(ev, "val").get("last_k_normalized"),
+            "labels_per_step": lps, "train_wall_s": comp.get("train_wall_s"),
+            "goal_acc_after": (gr.get("after_find") or {}).get("acc"),
+            "goal_acc_before": (gr.get("before_find") or {}).get("acc"),
+            "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
+            "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
+            "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
+            "keep_recent": mc.get("keep_recent") or 0,  # kept raw window (CompressedAD folds seg_len - K)
+            "env": (cfg.get("env") or {}).get("name"),
+            "return_last5": s.get("last_k_mean"), "episodes_to_0.8": s.get("episodes_to_0.8"),
+            "return_last5_long": sl.get("last_k_mean"), "episodes_to_0.8_long": sl.get("episodes_to_0.8"),
+            "curve": s.get("curve"), "optimal_mean": s.get("optimal_mean"),
+            "probe_k1": probe.get("k1"), "probe_all": probe.get("all"),
+            "probe_gap": probe["all"] - probe["k1"] if probe.get("all") is not None and probe.get("k1") is not None
+            else None,
+            "rollout_ms_per_step": (1000 * wall / (ts["n_episodes"] * horizon)
+                                    if wall and horizon and ts.get("n_episodes") else None),
+            "steps": done.get("global_step"), "device": ev.get("device"), "n_episodes": s.get("n_episodes"),
+            "complete": bool(done) and bool(s), "data_path": cfg.get("data_path"), "run_dir": str(run_dir),
+            "config": cfg, "done": done, "eval": ev, "eval_long": evl}
+
+
+def run_table(tj: list[dict], project) -> pd.DataFrame:
+    """The table of runs: one row per train job (in the jobs' order, train_jobs) with the job's arm, seed
+    (a string: the records' per-seed key), budget, env and sweep window, `rec` (its run_record) and `run`
+    (project(rec): the report's per-seed schema), whose numbers (those under "metrics" if it has them) are
+    also columns."""
+    rows = []
+    for r in tj:
+        rec = run_record(Path(r["run_dir"]))
+        p = project(rec)
+        rows.append({**p.get("metrics", p), "arm": r["arm"], "seed": str(r["seed"]), "budget": r.get("budget"),
+                     "sweep_env": r.get("env") or "", "sweep_window": r.get("window") or 0, "job": r, "rec": rec,
+                     "run": p})
+    return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["arm", "seed", "budget", "sweep_env",
+                                                                  "sweep_window", "job", "rec", "run"])
+
+
+def unfinished(df: pd.DataFrame) -> list[str]:
+    """The run dirs of the table whose numbers are not all there (the projection's `complete`)."""
+    return [Path(p["run_dir"]).name for p in df["run"] if not p["complete"]]
+
+
+def describe(df: pd.DataFrame, by, keys) -> pd.DataFrame:
+    """stats.describe ({mean, sd, n}) of each column in `keys` per group of `by`, groups in first-seen order."""
+    return df.groupby(by, sort=False)[list(keys)].agg(stats.describe) if len(df) else pd.DataFrame()
+
+
+def compare_run(rec: dict) -> dict:
+    """A run's compare numbers (table.json's per-seed schema); absent ones (run or eval missing) are None.
+    Train losses: train/loss_action at the logged step nearest to each of TRAIN_FRACS of max_steps."""
+    max_steps, s, sl = rec["config"].get("max_steps"), split_summary(rec["eval"]), split_summary(rec["eval_long"])
+    loss = read_scalars(Path(rec["run_dir"]) / "tb", "train/loss_action") if max_steps else []
+    near = {f"{int(f * 100)}%": min(loss, key=lambda sv, f=f: (abs(sv[0] - f * max_steps), sv[0])) if loss
+            else (None, None) for f in TRAIN_FRACS}
+    c = sl.get("curve") or []
+    lo = len(c) - max(1, len(c) // 5)  # the long rollout's last 20% of episodes (400..499 of 500)
+    tail = sum(c[lo:]) / len(c[lo:]) if c else None
+    m = {**{f"train_loss_action_{k[:-1]}": v for k, (_, v) in near.items()},
+         "heldout_loss_same_position": rec["tf_loss_test"], "heldout_acc_same_position": (rec["done"].get(
+             "heldout_test") or {}).get("acc"), "return_first": s.get("first_episode"),
+         "return_last5": s.get("last_k_mean"), "return_last5_normalized": s.get("last_k_normalized"),
+         "reward_per_step": s.get("reward_per_step"), "long_return_last5": sl.get("last_k_mean"),
+         "long_return_tail": tail, "long_return_tail_normalized": tail / sl["optimal_mean"]
+         if c and sl["optimal_mean"] > 0 else None, "long_reward_per_step": sl.get("reward_per_step")}
+    out = {"metrics": m, "run_dir": rec["run_dir"], "complete": all(v is not None for v in m.values()),
+           "train_loss_steps": {k: st for k, (st, _) in near.items()}, "global_step": rec["steps"]}
+    if s:
+        out.update(curve=s["curve"], optimal_mean=s["optimal_mean"], eval_last_k=s["last_k"],
+                   n_test_goals=s["n_goals"], eval_device=rec["device"])
+    if sl:
+        out.update(long_curve=c, long_tail_episodes=[lo + 1, len(c)], long_last_k=sl["last_k"],
+                   long_n_seeds_per_goal=sl["n_seeds"])
+    return out
+
+
+def budget_run(rec: dict) -> dict:
+    """A run's budget-curve numbers (summary.json's per-seed schema)."""
+    return {"heldout_loss_same_position": rec["tf_loss_test"],
+            **{k: rec[k] for k in ("return_last5", "return_last5_norm", "return_last5_norm_val", "tf_loss_val")},
+            "compute": rec["done"].get("compute"), "episodes_to_0.8": rec["episodes_to_0.8"],
+            "complete": rec["complete"], "optimal_mean": rec["optimal_mean"], "n_episodes": rec["n_episodes"],
+            "last_k": split_summary(rec["eval"]).get("last_k"), "device": rec["device"], "run_dir": rec["run_dir"]}
+
+
+def memory_run(rec: dict) -> dict:
+    """A run's memory-table numbers (summary.json's per-seed schema): the record without the whole files."""
+    return {k: v for k, v in rec.items() if k not in WHOLE}
+
+
+def window_label(row: dict) -> str:
+    """The raw window a row's decoder sees: AD's context, CompressedAD's seg_len, with the kept part."""
+    keep = row.get("keep_recent") or 0
+    return f"{row['window']} (keeps {keep})" if keep else str(row["window"])

@@ -1,0 +1,52 @@
+"""experiments/runs.py: the table of runs the reports read, the arm declarations it orders and colours them
+by, and the provenance a report records."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from experiments import runs
+
+ARM_FILES = sorted((REPO / "experiments" / "conf" / "arm").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("arm_file", ARM_FILES, ids=lambda p: p.stem)
+def test_every_arm_file_declares_its_label_order_and_colour(arm_file):
+    from matplotlib.colors import is_color_like
+
+    arm = runs.arm_file(arm_file.stem)
+    assert isinstance(arm["label"], str) and arm["label"]
+    assert isinstance(arm["order"], int) and is_color_like(arm["color"]), arm
+    assert runs.arm_color(arm_file.stem) == arm["color"]
+
+
+def test_arm_order_is_declared_once_per_arm_and_unknown_arms_come_last():
+    orders = [runs.arm_file(p.stem)["order"] for p in ARM_FILES]
+    assert len(set(orders)) == len(orders), "two arm files declare the same order"
+    ranked = sorted(["zz_local", "scratch", "ad", "aa_local"], key=runs.arm_rank)
+    assert ranked == ["ad", "scratch", "aa_local", "zz_local"]  # declared by order, then the rest by name
+    assert runs.arm_file("aa_local") == {} and runs.arm_color("aa_local") == "tab:brown"
+
+
+def test_describe_groups_the_table_in_first_seen_order_dropping_missing_values():
+    df = pd.DataFrame({"arm": ["b", "a", "b", "b"], "x": [1.0, None, 3.0, math.nan]})
+    d = runs.describe(df, "arm", ["x"])
+    assert list(d.index) == ["b", "a"]
+    assert d.loc["b", "x"] == {"mean": 2.0, "sd": math.sqrt(2.0), "n": 2}
+    assert d.loc["a", "x"] == {"mean": None, "sd": None, "n": 0}
+    assert runs.describe(df.iloc[:0], "arm", ["x"]).empty  # no runs: no groups, no error
+
+
+def test_the_report_names_every_sweep_command_that_filled_the_out_dir():
+    assert runs.sweep_commands({"commands": ["python a arm=ad", "python a arm=kept"], "command": "python a arm=kept"}
+                               ) == "python a arm=ad ; python a arm=kept"
+    assert runs.sweep_commands({"command": "python a"}) == "python a"  # sweep.json written before `commands`
+    assert runs.sweep_commands({}) == "?"
