@@ -353,7 +353,7 @@ def test_two_stage_refuses_a_dataset_collected_with_other_settings(tiny, tmp_pat
 
     monkeypatch.chdir(tmp_path)
     base = ["--dry-run", f"data_path={tiny.data_path}"]
-    _raises(two_stage.PipelineError, r"was collected with other settings than asked \(source.n_stream: 4 -> 3\): "
+    _raises(DatasetError, r"was collected with other settings than asked \(source.n_stream: 4 -> 3\): "
             r"pass collect:overwrite=true", two_stage.main, [*base, "collect:source.n_stream=3", "source.n_steps=200"])
     two_stage.main([*base, "--pretrain-only"])  # defaults differ from the tiny data: reused, but said
     assert "[collect] note: the dataset at" in capsys.readouterr().out

@@ -277,6 +277,21 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "no sweep runs" in r.stderr, r.stderr
 
 
+def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs():
+    """The sweep routes like two_stage.py (issue 24): data_seed=2 reaches collect and both training stages (the job
+    then gives them collect's data_path); no stage gets a seed from the overrides (the job sets the training seed;
+    collect's follows data_seed, evaluate keeps its own)."""
+    sw = _sw()
+    routed = sw.route(["data_seed=2"], [], "quick", None)
+    assert not any(sw._key(o) == "seed" for ov in routed.values() for o in ov)
+    c = {s: sw.compose(s, routed[s] + (["run_dir=x"] if s == "evaluate" else [])) for s in routed}
+    assert (c["collect"]["seed"], c["collect"]["data_path"]) == (2, "data/darkroom-quick-seed2")
+    assert all(c[s]["data_seed"] == 2 and c[s]["data_path"] == "data/darkroom-quick-seed2" for s in ("pretrain", "train"))
+    assert (c["evaluate"]["seed"], c["evaluate"]["data_path"]) == (0, None)
+    with pytest.raises(sw.SweepError, match="sets seed itself"):
+        sw.route(["collect:seed=1"], [], "quick", None)
+
+
 def test_accelerate_launch_per_job(tmp_path):
     """accelerate=true: pretrain / train go through `accelerate launch` with the repository's config (or
     the given one), --num_processes, and a rendezvous port of their own per job (parallel jobs on one
