@@ -1,42 +1,33 @@
 """Experiment sweeps on Hydra's multirun: one job = one stage-2 run, any Hydra launcher (docs/design.md §10, 17).
 
     python experiments/sweep.py -m                                    # sweep=compare: 5 arms x seeds 0 1 2
-    python experiments/sweep.py -m sweep=pretrain_budget              # 3 arms x budgets 200 500 1200 x 3 seeds
     python experiments/sweep.py -m sweep=memory experiment=mid window=20 arm=ad,ad_3w seed=0,1 \\
         hydra/launcher=joblib hydra.launcher.n_jobs=2 omp_threads=1
     python experiments/sweep.py -m arm=scratch,pretrained_ft seed=0 train:lr=1e-4 model.d_model=32
     python experiments/sweep.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu \\
-        hydra.launcher.gpus_per_node=4 hydra.launcher.timeout_min=600 accelerate=true num_processes=4 experiment=full
-    python experiments/report.py results/compare-quick                # rewrite the report from the run dirs
+        hydra.launcher.gpus_per_node=4 accelerate=true num_processes=4 experiment=full
 
-Config: experiments/conf/sweep.yaml (the keys), conf/sweep/<name>.yaml (an experiment: the arms, seeds and
-budgets it sweeps, its evaluations, its stage defaults), conf/arm/<name>.yaml (an arm: its stage-2 overrides,
-whether it starts from this seed's stage-1 encoder).
-
-A job runs every stage as its own process (`python <script>.py`, or `accelerate launch` with accelerate=true),
-its output appended to <out>/logs/<run>.log, and takes every decision from the disk:
-0. the out dir's identity (every stage's composed config without the keys that name a run: PER_RUN) and its
-   dataset per env are claimed in <out>/sweep.json by the first sweep; other settings are refused in one line;
-1. the dataset: collected once under a lock beside it, else checked (rundir.check_dataset, as in two_stage.py);
-2. stage 1 if the arm starts from an encoder: <out>/runs/pretrain-seed<s>, produced once under a lock;
-3. stage 2 in <out>/runs/<run>/: reused, resumed or refused by rundir.run_state (two_stage.py's rule too), a
-   finished one only if trained from the current stage-1 encoder (its hash in the job record);
-4. evaluate.py per sweep.evals entry, reused if it matches the model and every setting (EVAL_IGNORED aside).
-Its record <out>/jobs/<run>.json is written once the run-state check passed (a refusal before that goes to
-<out>/refused/<run>.json); sweep.json lists the commands and the planned jobs; experiments/report.py reads
-them. Ctrl-C: exit 130, the running jobs recorded as interrupted; the same command again resumes them.
+Config: experiments/conf/sweep.yaml (the keys), conf/sweep/<name>.yaml (an experiment: arms, seeds, budgets,
+evaluations, stage defaults), conf/arm/<name>.yaml (an arm: stage-2 overrides, stage-1 encoder or not).
+A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk: the dataset
+(collected once under a lock, else rundir.check_dataset), this seed's stage 1 (<out>/runs/pretrain-seed<s>,
+made once under a lock), stage 2 (<out>/runs/<run>) and its evaluations (sweep.evals): each reused, resumed
+or refused by rundir.run_state, the rule of two_stage.py too. <out>/sweep.json holds the out dir's identity
+and dataset (other settings are refused in one line), the commands and planned jobs; <out>/jobs/<run>.json
+each job's record; experiments/report.py reads them. Ctrl-C: exit 130; the same command again resumes.
 
 Stage overrides: every `key=value` that is not the sweep's own (conf/sweep.yaml, arm=, sweep=, hydra...)
 reaches every stage whose config has the key (two_stage.split_overrides); `stage:key=value` targets one.
 `seed` is the training seed of stage 1 and stage 2 (as in two_stage.py); collect's follows `data_seed=`, which
-picks the dataset for every stage; evaluate keeps its own. The job sets seed, run_dir, data_path, max_steps
-(budget), resume/overwrite and the encoder path itself.
+picks the dataset of every stage; evaluate keeps its own. The job sets seed, run_dir, data_path, max_steps
+(budget=), resume/overwrite and the encoder path itself.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import itertools
 import json
 import os
 import shlex
@@ -51,15 +42,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/ first, not the repository
     sys.path.insert(0, str(ROOT))
 
-from hydra.errors import CompactHydraException
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
 import rundir
 import two_stage
-from atomic_io import DISK_ERRNOS, PathLock, atomic_write_text, os_error_reason
+from atomic_io import PathLock
 from errors import UserError
-from hydra_cli import flatten
+from experiments import outdir
+from experiments.outdir import Held, SweepError, record
+from hydra_cli import abspath, compose_config, flatten
 from rundir import read_json
 
 # Keys a job sets per run; a free override of them would silently be overridden, so refuse it.
@@ -74,10 +67,6 @@ FIX = "pass force=true to redo it, or choose another out="  # how a sweep's refu
 # the out dir's identity (out_identity). env is one too: `env=darkroom,darkroom_hard` is one memory sweep.
 PER_RUN = ("arm", "seed", "budget", "window", "env")
 STATUS: dict = {}  # what the multirun's end left for _entry: {"error": one line} when runs did not finish
-
-
-class SweepError(UserError, CompactHydraException):
-    """Bad input or a run directory that cannot be reused as asked; Hydra prints it as one line."""
 
 
 def _key(o: str) -> str:
@@ -122,9 +111,6 @@ def run_name(arm: str, seed: int | None, budget, window, env) -> str:
     return "-".join(parts + [arm] + ([f"seed{seed}"] if seed is not None else []))
 
 
-# ---------------------------------------------------------------------------------------------------------
-# One identity and one dataset per out dir
-# ---------------------------------------------------------------------------------------------------------
 def out_identity(sweep_name: str, experiment: str, evals, routed: dict, env: str | None) -> dict:
     """{dotted key: value}: the sweep, its evaluations and the identity (rundir.identity) of every stage's
     composed config for these routed overrides, without the PER_RUN keys (no arm, budget or window is in
@@ -140,118 +126,13 @@ def out_identity(sweep_name: str, experiment: str, evals, routed: dict, env: str
     return ident
 
 
-def identity_hash(ident: dict) -> str:
-    return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
-def _same_but_later_keys(old: dict, new: dict) -> bool:
-    """An identity recorded before a key existed (rundir.LATER_KEY_DEFAULTS: '<stage>.<group>.<key>' absent)
-    equals a new one that has the key at its backward-compatible default, as for a run's own config."""
-    later = rundir.LATER_KEY_DEFAULTS
-    filled = {**old, **{k: v for k, v in new.items() if k not in old and "." in k
-                        and k.split(".", 1)[1] in later and v == later[k.split(".", 1)[1]]}}
-    return identity_hash(filled) == identity_hash(new)
-
-
-def check_identity(out: Path, ident: dict, claim: bool) -> str:
-    """The identity hash; SweepError if <out>/sweep.json records another. claim: record it when none is
-    recorded yet (under a lock: concurrent sweeps into one out agree on one identity)."""
-    h = identity_hash(ident)
-
-    def check(info: dict) -> bool:
-        old = info.get("identity") or {}
-        was = old.get("config") or {}
-        if old and old.get("hash") != h and not _same_but_later_keys(was, ident):
-            diff = [f"{k} ({was.get(k, '<absent>')!r} -> {ident.get(k, '<absent>')!r})"
-                    for k in sorted(set(was) | set(ident), key=str) if was.get(k, "<absent>") != ident.get(k, "<absent>")]
-            more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
-            raise SweepError(f"{out} holds the runs of another sweep configuration ({'; '.join(diff[:6])}{more}): "
-                             f"pass out={out}-{h[:8]} to run these settings in a folder of their own (or rerun "
-                             f"with the old ones)")
-        return bool(old)
-
-    if check(read_json(out / "sweep.json") or {}) or not claim:
-        return h
-    with Held(out / "sweep.json"):
-        info = read_json(out / "sweep.json") or {}
-        if not check(info):
-            _write(out / "sweep.json", json.dumps({**info, "identity": {"hash": h, "config": ident}}, indent=1))
-    return h
-
-
-def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str | None) -> None:
-    """An out dir's runs of one env are all trained on one dataset (its fingerprint, in sweep.json): a
-    re-collected dataset or another data_path= is refused, not mixed into the table."""
-    if fp is None:
-        return
-    with Held(out / "sweep.json"):
-        info = read_json(out / "sweep.json") or {}
-        was = (info.get("datasets") or {}).get(env or "-")
-        if was and was["fingerprint"] != fp:
-            raise SweepError(f"{out} holds runs trained on dataset {was['path']} (fingerprint {was['fingerprint']}) "
-                             f"but {data_path} now holds fingerprint {fp} (re-collected, or another data_path=): "
-                             f"choose another out= for this dataset, or restore that one")
-        if not was:
-            datasets = {**(info.get("datasets") or {}), env or "-": {"fingerprint": fp, "path": str(data_path)}}
-            _write(out / "sweep.json", json.dumps({**info, "datasets": datasets}, indent=1))
-
-
-def disk_error(e: OSError, path: Path) -> SweepError:
-    """A full, read-only or forbidden disk as one line; any other OSError is re-raised (a bug)."""
-    if e.errno not in DISK_ERRNOS:
-        raise e
-    return SweepError(f"cannot write {e.filename or path} ({os_error_reason(e)}): free space or fix the "
-                      f"permissions, then run the same command again (finished runs are reused)")
-
-
-def _write(path: Path, text: str) -> None:
-    try:
-        atomic_write_text(path, text)
-    except OSError as e:
-        raise disk_error(e, path) from None
-
-
-def check_out(out: Path) -> None:
-    """out must be a folder this process can write (not a file, not on a read-only or full disk): one line
-    before Hydra creates <out>/hydra/ or a job writes anything."""
-    import tempfile
-
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise SweepError(f"out={out}: {p} is a file, not a folder: choose another out=")
-            break
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise SweepError(f"out={out} is not writable ({os_error_reason(e)}): choose another out= or fix its "
-                         f"permissions") from None
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A job's child processes and records
-# ---------------------------------------------------------------------------------------------------------
-class Held:
-    """PathLock beside `path` (<parent>/.<name>.sweep.lock), waited for: parallel jobs that need the same
-    dataset or stage-1 run produce it once; the others wait here and then find it finished."""
-
-    def __init__(self, path: Path):
-        self.lock = PathLock(path.parent / f"{path.name}.sweep")
-
-    def __enter__(self):
-        said = False
-        while (holder := self.lock.acquire()) is not None:
-            if not said:
-                print(f"[wait]  {self.lock.path.name[:-6]} is being produced by {holder}", flush=True)
-                said = True
-            time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
+def claim(cfg, out: Path) -> tuple[dict, str]:
+    """The routed stage overrides and the out dir's identity hash, claimed in <out>/sweep.json (refused in one line
+    if out is no writable folder or holds another sweep configuration)."""
+    routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, cfg.budget)
+    outdir.check_out(out)
+    ident = out_identity(cfg.sweep.name, cfg.experiment, cfg.sweep.evals, routed, cfg.env)
+    return routed, outdir.check_identity(out, ident, claim=True)
 
 
 class Job:
@@ -312,35 +193,6 @@ class Job:
         return dt
 
 
-def record(out: Path, name: str, **fields) -> dict:
-    """Merge `fields` into <out>/jobs/<name>.json (wall_s entries add up over attempts)."""
-    path = out / "jobs" / f"{name}.json"
-    rec = read_json(path) or {}
-    wall = rec.get("wall_s", {})
-    for k, v in fields.pop("wall_s", {}).items():
-        wall[k] = round(wall.get(k, 0.0) + v, 1)
-    rec.update(fields, wall_s=wall, updated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-               updated_unix=time.time())
-    _write(path, json.dumps(rec, indent=1, default=str))
-    return rec
-
-
-def _failed(out: Path, name: str, error: str, claimed: bool, status: str = "failed") -> None:
-    """Say why a job failed; record it in its job record, or, for a job refused before its run-state check
-    passed (its record and run left as they were), in <out>/refused/<name>.json for this multirun's end."""
-    print(f"error: [{name}] {error}", file=sys.stderr, flush=True)
-    try:
-        if claimed:
-            record(out, name, status=status, error=error)
-        else:
-            atomic_write_text(out / "refused" / f"{name}.json", json.dumps({"error": error, "unix": time.time()}))
-    except (SweepError, OSError) as e:  # the disk that failed the job may fail its record too
-        print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# One job
-# ---------------------------------------------------------------------------------------------------------
 def ensure_dataset(job: Job, routed: dict) -> Path:
     """The dataset collect's config names: collected once under a lock (collect:overwrite=true: once per
     sweep), else checked against that config (rundir.check_dataset)."""
@@ -360,14 +212,6 @@ def ensure_dataset(job: Job, routed: dict) -> Path:
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
     return data_path
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | None) -> Path:
@@ -426,17 +270,14 @@ def run_job(cfg) -> dict:
         if (budget is not None and budget < 1) or (window is not None and window < 1) or seed < 0:
             raise SweepError(f"budget={budget}, window={window}, seed={seed}: budget and window must be >= 1, "
                              f"seed >= 0")
-        check_out(out)
+        routed, ident = claim(cfg, out)
         job = Job(cfg, out, cwd, int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None)
-        routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, budget)
-        ident = check_identity(out, out_identity(cfg.sweep.name, cfg.experiment, cfg.sweep.evals, routed, cfg.env),
-                               claim=True)
         holder = lock.acquire()
         if holder:
             raise SweepError(f"{name} is being run by another sweep into {out} ({holder}): wait for it to finish")
         data_path = ensure_dataset(job, routed)
         fp = dataset_fingerprint(data_path)
-        check_dataset_identity(out, cfg.env, data_path, fp)
+        outdir.check_dataset_identity(out, cfg.env, data_path, fp)
         plan = plan_train(cfg, routed, data_path, rd, out, fp)
         record(out, name, **base, status="running", error=None, overrides=routed, identity=ident,
                data_fingerprint=fp)
@@ -445,15 +286,15 @@ def run_job(cfg) -> dict:
         record(out, name, status="done", wall_s=wall)
         return {"run": name, "status": "done"}
     except (UserError, OSError) as e:
-        err = disk_error(e, out) if isinstance(e, OSError) else e  # other OSErrors are bugs: traceback
-        _failed(out, name, str(err), claimed)
+        err = outdir.disk_error(e, out) if isinstance(e, OSError) else e  # other OSErrors are bugs: traceback
+        outdir.failed(out, name, str(err), claimed)
         if hc.mode != RunMode.MULTIRUN:
             raise (err if isinstance(err, SweepError) else SweepError(str(err))) from None
         return {"run": name, "status": "failed", "error": str(err)}
     except KeyboardInterrupt:
         if claimed:
-            _failed(out, name, "interrupted (Ctrl-C): run the same command again to resume it", True,
-                    status="interrupted")
+            outdir.failed(out, name, "interrupted (Ctrl-C): run the same command again to resume it", True,
+                          status="interrupted")
         raise
     finally:
         lock.release()
@@ -489,7 +330,7 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
         # only if it was trained from that very encoder file (its hash in the job record), not from one
         # stage 1 has replaced since
         ensure_stage1(job, routed, plan.data_path, int(cfg.seed), plan.fp)
-        sha = file_sha256(plan.encoder)
+        sha = hashlib.sha256(plan.encoder.read_bytes()).hexdigest()[:16]
         had = (read_json(job.out / "jobs" / f"{name}.json") or {}).get("encoder_sha256")
         if state == "reuse" and had is None:  # a record from before the hashes, or a lost one: file dates decide
             rundir.run_state(rd, plan.want, plan.steps, "stage-2", False, FIX, plan.fp, plan.encoder)
@@ -532,10 +373,6 @@ def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
 def planned_jobs(config) -> list[dict]:
     """The jobs this multirun launches (the basic sweeper's product of hydra.sweeper.params and the command
     line's overrides, the command line winning), each as {arm, seed, budget, window, env, run}."""
-    import itertools
-
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     axes: dict = {}
     for o in OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task)):
@@ -559,35 +396,17 @@ class Report(Callback):
     whose report failed, is reported through STATUS, and _entry exits 1 with one line.)"""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        out = _out_dir(config)
         task = [o for o in config.hydra.overrides.task if _key(o) != "overrides"]
-        cmd = shlex.join(["python", "experiments/sweep.py", "-m", *task, *config.overrides])  # as typed
-        with Held(out / "sweep.json"):
-            old = read_json(out / "sweep.json") or {}
-            planned = {j["run"]: j for j in old.get("planned") or []}  # earlier sweeps into this out stay planned
-            planned.update({j["run"]: j for j in planned_jobs(config)})
-            commands = list(old.get("commands") or ([old["command"]] if old.get("command") else []))
-            _write(out / "sweep.json", json.dumps({
-                **old, "sweep": config.sweep.name, "experiment": config.experiment, "command": cmd,
-                "commands": commands + ([] if cmd in commands else [cmd]),  # every sweep into this out, oldest first
-                "cwd": str(Path.cwd()), "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-                "started_unix": time.time(), "launcher": config.hydra.runtime.choices.get("hydra/launcher"),
-                "evals": list(config.sweep.evals), "planned": sorted(planned.values(), key=lambda j: j["run"])},
-                indent=1))
+        outdir.start(Path(abspath(config.out)), shlex.join(["python", "experiments/sweep.py", "-m", *task,
+                                                            *config.overrides]),  # as typed
+                     planned_jobs(config), sweep=config.sweep.name, experiment=config.experiment,
+                     launcher=config.hydra.runtime.choices.get("hydra/launcher"), evals=list(config.sweep.evals))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from experiments import report
 
-        out = _out_dir(config)
-        started = (read_json(out / "sweep.json") or {}).get("started_unix", 0.0)
-        # the jobs that failed or were refused in this sweep
-        recs = [r for p in sorted((out / "jobs").glob("*.json")) if (r := read_json(p))]
-        failed = [r for r in recs if r.get("kind") == "train" and r.get("status") == "failed"
-                  and r.get("updated_unix", 0.0) >= started]
-        refused = [(p.stem, r["error"]) for p in sorted((out / "refused").glob("*.json"))
-                   if (r := read_json(p)) and r.get("unix", 0.0) >= started]
-        errors = [r["error"] for r in failed] + [e for _, e in refused]
-        bad = {Path(r["run_dir"]).name for r in failed} | {n for n, _ in refused}
+        out = Path(abspath(config.out))
+        bad, errors = outdir.failures(out, (read_json(out / "sweep.json") or {}).get("started_unix", 0.0))
         rep_error = None
         if config.report:
             try:
@@ -602,11 +421,6 @@ class Report(Callback):
                 ([f"{len(bad)} run(s) did not finish ({', '.join(sorted(bad))})"] if bad else [])
                 + ([f"first error: {errors[0]}"] if errors else []) + ([rep_error] if rep_error else [])
                 + ["fix and rerun the same command (finished runs are reused)"])
-
-
-def _out_dir(config) -> Path:
-    out = Path(str(config.out)).expanduser()
-    return out if out.is_absolute() else Path.cwd() / out
 
 
 def sweep_argv(argv: list[str]) -> list[str]:
@@ -627,35 +441,15 @@ def sweep_argv(argv: list[str]) -> list[str]:
     return keep
 
 
-# Hydra's flags that take a value (`--cfg job`, `-p model`, ...): the value is no override.
-_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn", "--config-dir",
-                "-cd", "--info", "-i", "--experimental-rerun"}
-
-
-def hydra_overrides(argv: list[str]) -> list[str]:
-    """The overrides among a Hydra command line: no flags, and not the values of the flags that take one."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a.startswith("-"):
-            skip = a in _VALUE_FLAGS
-        else:
-            out.append(a)
-    return out
-
-
 def precheck(argv: list[str]) -> None:
     """Route the stage overrides once before any job starts, so a typo fails in one line up front (every
     job routes them again); check `out` and claim the out dir's identity, before Hydra or a job writes into
     it (a concurrent sweep with other settings is then refused at its start). Skipped where the preset or
     the sweep is itself swept (several identities: each job checks its own)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from hydra_cli import compose_config
-
     try:
-        parsed = OverridesParser.create().parse_overrides(hydra_overrides(argv))
+        # the overrides: not the flags (-m, --cfg job, ...), nor their values (which have no `=`)
+        parsed = OverridesParser.create().parse_overrides([a for a in argv if a.startswith("~") or "=" in a
+                                                           and not a.startswith("-")])
         if any(o.is_sweep_override() and o.key_or_group in ("experiment", "sweep") for o in parsed):
             return
         cfg = compose_config("sweep", [o.input_line for o in parsed if not o.is_sweep_override()
@@ -665,10 +459,7 @@ def precheck(argv: list[str]) -> None:
         raise SweepError(" ".join(str(e).split())) from None
     if "--cfg" in argv or "-c" in argv:  # printing a config (--cfg job) runs nothing and writes nothing
         return
-    routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, cfg.budget)
-    out = Path(str(cfg.out)).expanduser().absolute()
-    check_out(out)
-    check_identity(out, out_identity(cfg.sweep.name, cfg.experiment, cfg.sweep.evals, routed, cfg.env), claim=True)
+    claim(cfg, Path(abspath(cfg.out)))
 
 
 def _entry() -> None:
