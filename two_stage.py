@@ -173,14 +173,16 @@ def _abs(p: str) -> Path:
     return Path(abspath(p))  # the scripts' one path rule (hydra_cli.abspath)
 
 
-def run_unless_done(stage: str, overrides: list[str], steps_key: str, a, encoder: Path | None = None) -> Path:
+def run_unless_done(stage: str, overrides: list[str], steps_key: str, a, fp: str | None,
+                    encoder: Path | None = None) -> Path:
     """Run a training stage unless its run dir holds it finished: rundir.run_state decides (reuse, resume, start
-    or refuse in one line), the rule experiments/sweep.py follows too. Returns the run dir."""
+    or refuse in one line; fp: the dataset's fingerprint), the rule experiments/sweep.py follows too. Returns
+    the run dir."""
     cfg = compose(stage, overrides)
     run_dir = _abs(cfg.run_dir)
     state = rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), int(cfg[steps_key]),
                              "stage-1" if stage == "pretrain" else "stage-2", a.force,
-                             f"pass --force to redo it, or {stage}:run_name=<another name>", a.fingerprint, encoder)
+                             f"pass --force to redo it, or {stage}:run_name=<another name>", fp, encoder)
     if state == "reuse":
         print(f"[{stage}] already complete in {run_dir} with this config; reusing it (--force to redo)")
         return run_dir
@@ -216,13 +218,13 @@ def main(argv=None) -> dict:
     out["data_path"] = str(data_path)
 
     # 2. stage 1
-    a.fingerprint = dataset_fingerprint(data_path)  # None before a dry run's collect: nothing to compare yet
+    fp = dataset_fingerprint(data_path)  # None before a dry run's collect: nothing to compare yet
     ckpt = a.pretrained_path
     if ckpt and not a.dry_run and not _abs(ckpt).is_file():
         raise PipelineError(f"--pretrained-path {ckpt}: no such file (give a stage-1 run's encoder-pretrained-*.pt, "
                             f"or leave the flag out to run stage 1)")
     if not a.train_only and not ckpt:
-        prun = run_unless_done("pretrain", routed["pretrain"], "pretrain_steps", a)
+        prun = run_unless_done("pretrain", routed["pretrain"], "pretrain_steps", a, fp)
         ckpt = str(prun / "encoder-pretrained-final.pt")
         out["pretrain_run_dir"] = str(prun)
         if (prun / "done.json").is_file():
@@ -241,7 +243,7 @@ def main(argv=None) -> dict:
             tr.append("model.freeze_encoder=true")
     elif a.freeze_encoder:
         raise PipelineError("--freeze-encoder needs a pretrained encoder (run stage 1 or pass --pretrained-path)")
-    trun = run_unless_done("train", tr, "max_steps", a, _abs(ckpt) if ckpt else None)
+    trun = run_unless_done("train", tr, "max_steps", a, fp, _abs(ckpt) if ckpt else None)
     out["train_run_dir"] = str(trun)
 
     # 4. evaluation
