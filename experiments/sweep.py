@@ -55,7 +55,8 @@ from experiments.outdir import Held, SweepError, record
 from hydra_cli import abspath, compose_config, flatten
 from rundir import read_json
 
-# Keys a job sets per run; a free override of them would silently be overridden, so refuse it.
+# Keys a job sets per run (for the training stages and evaluate); a free override of them would silently be
+# overridden, so refuse it. collect:... targets none of them (collect:overwrite=true re-collects the dataset).
 RESERVED = {"seed", "run_dir", "run_name", "resume", "resume_from", "overwrite", "out_name",
             "model.pretrained_encoder_path", "model.freeze_encoder", "pretrained_encoder_path", "freeze_encoder"}
 # evaluate.py keys that do not change an evaluation's numbers; every other key (env.* included) must equal
@@ -93,7 +94,7 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
     for o in user:
         if "=" not in o:
             raise SweepError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
-        if _key(o) in RESERVED:
+        if _key(o) in RESERVED and not o.startswith("collect:"):  # no collect key is the job's
             raise SweepError(f"{o!r}: the sweep sets {_key(o)} itself (use seed=..., budget=..., out=..., "
                              f"force=true)")
         if _key(o) == "max_steps" and budget is not None:

@@ -289,7 +289,46 @@ def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs():
     assert all(c[s]["data_seed"] == 2 and c[s]["data_path"] == "data/darkroom-quick-seed2" for s in ("pretrain", "train"))
     assert (c["evaluate"]["seed"], c["evaluate"]["data_path"]) == (0, None)
     with pytest.raises(sw.SweepError, match="sets seed itself"):
-        sw.route(["collect:seed=1"], [], "quick", None)
+        sw.route(["train:seed=1"], [], "quick", None)
+    assert [s for s, ov in sw.route(["collect:seed=1"], [], "quick", None).items() if "seed=1" in ov] == ["collect"]
+
+
+def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, tiny, monkeypatch):
+    """ensure_dataset: a missing dataset is collected; an existing one passes rundir.check_dataset (a setting asked
+    for that it lacks is refused; a dataset given by hand that differs from the preset only is used with a
+    note); collect:overwrite=true re-collects it once per sweep, not in every job."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from histories import DatasetError
+
+    sw = _sw()
+    cfg = OmegaConf.create({"accelerate": False, "accelerate_config": None, "num_processes": None, "omp_threads": None})
+    collected = []
+
+    def job(num=None):
+        j = sw.Job(cfg, tmp_path, tmp_path, num)
+
+        def fake_collect(name, stage, overrides, log_name, note, expect):
+            collected.append(note)
+            shutil.copytree(tiny.data_path, expect.parent, dirs_exist_ok=True)
+            return 0.0
+
+        j.run = fake_collect
+        return j
+
+    data = tmp_path / "d"
+    routed = sw.route([f"data_path={data}"], [], "quick", None)
+    assert sw.ensure_dataset(job(), routed) == data and collected == ["no dataset yet"]
+    assert sw.ensure_dataset(job(), routed) == data and collected == ["no dataset yet"]  # reused, with a note
+    with pytest.raises(DatasetError, match=r"other settings than asked \(source.n_stream: 4 -> 3\)"):
+        sw.ensure_dataset(job(), sw.route([f"data_path={data}", "collect:source.n_stream=3"], [], "quick", None))
+    again = sw.route([f"data_path={data}", "collect:overwrite=true"], [], "quick", None)
+    assert sw.ensure_dataset(job(), again) == data and collected == ["no dataset yet", "overwrite"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"started_unix": 0.0}))  # a multirun that started before it
+    sw.ensure_dataset(job(num=1), again)
+    assert collected == ["no dataset yet", "overwrite"]  # already re-collected in this sweep
 
 
 def test_accelerate_launch_per_job(tmp_path):
