@@ -277,20 +277,22 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "no sweep runs" in r.stderr, r.stderr
 
 
-def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs():
+def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs(monkeypatch):
     """The sweep routes like two_stage.py (issue 24): data_seed=2 reaches collect and both training stages (the job
     then gives them collect's data_path); no stage gets a seed from the overrides (the job sets the training seed;
     collect's follows data_seed, evaluate keeps its own)."""
     sw = _sw()
     routed = sw.route(["data_seed=2"], [], "quick", None)
     assert not any(sw._key(o) == "seed" for ov in routed.values() for o in ov)
-    c = {s: sw.compose(s, routed[s] + (["run_dir=x"] if s == "evaluate" else [])) for s in routed}
+    c = {s: sw.compose(s, routed[s]) for s in ("collect", "pretrain", "train")}
     assert (c["collect"]["seed"], c["collect"]["data_path"]) == (2, "data/darkroom-quick-seed2")
     assert all(c[s]["data_seed"] == 2 and c[s]["data_path"] == "data/darkroom-quick-seed2" for s in ("pretrain", "train"))
-    assert (c["evaluate"]["seed"], c["evaluate"]["data_path"]) == (0, None)
+    assert routed["evaluate"] == ["experiment=quick"]  # evaluate reads the run's own data_path, keeps its own seed
     with pytest.raises(sw.SweepError, match="sets seed itself"):
         sw.route(["train:seed=1"], [], "quick", None)
-    assert [s for s, ov in sw.route(["collect:seed=1"], [], "quick", None).items() if "seed=1" in ov] == ["collect"]
+    monkeypatch.setattr(sw.two_stage, "split_overrides", lambda overrides: overrides)  # the refusal alone
+    assert sw.route(["collect:seed=1", "collect:overwrite=true"], [], "quick", None)[-2:] == [
+        "collect:seed=1", "collect:overwrite=true"]  # no collect key is the job's
 
 
 def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, tiny, monkeypatch):
@@ -322,9 +324,10 @@ def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, 
     routed = sw.route([f"data_path={data}"], [], "quick", None)
     assert sw.ensure_dataset(job(), routed) == data and collected == ["no dataset yet"]
     assert sw.ensure_dataset(job(), routed) == data and collected == ["no dataset yet"]  # reused, with a note
+    asked = {**routed, "collect": routed["collect"] + ["source.n_stream=3"]}  # as route puts collect:source...=3
     with pytest.raises(DatasetError, match=r"other settings than asked \(source.n_stream: 4 -> 3\)"):
-        sw.ensure_dataset(job(), sw.route([f"data_path={data}", "collect:source.n_stream=3"], [], "quick", None))
-    again = sw.route([f"data_path={data}", "collect:overwrite=true"], [], "quick", None)
+        sw.ensure_dataset(job(), asked)
+    again = {**routed, "collect": routed["collect"] + ["overwrite=true"]}
     assert sw.ensure_dataset(job(), again) == data and collected == ["no dataset yet", "overwrite"]
     (tmp_path / "sweep.json").write_text(json.dumps({"started_unix": 0.0}))  # a multirun that started before it
     sw.ensure_dataset(job(num=1), again)

@@ -211,23 +211,19 @@ def test_seed_and_run_name_reach_only_the_stages_they_mean():
 
 
 def test_seed_is_the_training_seed_and_data_seed_picks_one_dataset_for_every_stage():
-    """`two_stage.py experiment=quick seed=1` (issue 24): stages 1 and 2 train with seed 1 on the seed-0 dataset;
-    collect keeps seed 0 (with seed=1 it refused the seed-0 dataset, or collected with seed 1 into ...-seed0);
+    """`two_stage.py experiment=quick seed=1` (issue 24): stages 1 and 2 train with seed 1; collect keeps the seed
+    of its data_seed (with seed=1 it refused the seed-0 dataset, or collected with seed 1 into ...-seed0);
     evaluate keeps its own sampling seed, as in a sweep. data_seed=2 names one dataset for collect and both
     training stages; evaluate reads the run's own."""
-    def composed(*overrides):
-        routed = two_stage.split_overrides(["experiment=quick", *overrides])
-        return {s: two_stage.compose(s, routed[s]) for s in two_stage.STAGES}
-
-    for extra, data_seed in (((), 0), (("data_seed=2",), 2)):
-        c = composed("seed=1", *extra)
-        data = f"data/darkroom-quick-seed{data_seed}"
-        assert (c["collect"].seed, c["collect"].data_seed, c["collect"].data_path) == (data_seed, data_seed, data)
-        for s in ("pretrain", "train"):
-            assert (c[s].seed, c[s].data_seed, c[s].data_path) == (1, data_seed, data), s
-        assert c["pretrain"].run_dir == "runs/pretrain-encoder-darkroom-seed1"
-        assert c["train"].run_dir == "runs/ad_compressed-darkroom-seed1"
-        assert (c["evaluate"].seed, c["evaluate"].data_path) == (0, None)
+    routed = two_stage.split_overrides(["experiment=quick", "seed=1", "data_seed=2"])
+    c = {s: two_stage.compose(s, routed[s]) for s in two_stage.STAGES}
+    data = "data/darkroom-quick-seed2"
+    assert (c["collect"].seed, c["collect"].data_seed, c["collect"].data_path) == (2, 2, data)
+    for s in ("pretrain", "train"):
+        assert (c[s].seed, c[s].data_seed, c[s].data_path) == (1, 2, data), s
+    assert c["pretrain"].run_dir == "runs/pretrain-encoder-darkroom-seed1"
+    assert c["train"].run_dir == "runs/ad_compressed-darkroom-seed1"
+    assert (c["evaluate"].seed, c["evaluate"].data_path) == (0, None)
 
 
 @pytest.mark.slow
