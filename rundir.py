@@ -3,7 +3,8 @@
 `loop.fit` asks this module, before it writes anything, what to do with `run_dir` (`plan_run_dir`, pure and
 identical on every rank), carries the plan out on the main process (`apply_run_dir`), holds the folder's
 lock for the whole run (`lock_run_dir`), and saves / loads resume checkpoints (`save_checkpoint`,
-`load_checkpoint`).
+`load_checkpoint`). The drivers (two_stage.py, experiments/sweep.py) ask it whether to reuse, resume, start
+or refuse a stage's run dir (`run_state`) and whether an existing dataset is the one asked for (`check_dataset`).
 
 Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths
 (run_dir, data_path, the encoder path: a moved or differently spelled folder is the same run). What the
