@@ -3,7 +3,8 @@
 `loop.fit` asks this module, before it writes anything, what to do with `run_dir` (`plan_run_dir`, pure and
 identical on every rank), carries the plan out on the main process (`apply_run_dir`), holds the folder's
 lock for the whole run (`lock_run_dir`), and saves / loads resume checkpoints (`save_checkpoint`,
-`load_checkpoint`).
+`load_checkpoint`). The drivers (two_stage.py, experiments/sweep.py) ask it whether to reuse, resume, start
+or refuse a stage's run dir (`run_state`) and whether an existing dataset is the one asked for (`check_dataset`).
 
 Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths
 (run_dir, data_path, the encoder path: a moved or differently spelled folder is the same run). What the
@@ -133,8 +134,8 @@ def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool
     run started (`encoder`: stage 1 was redone since) is refused with RunDirError, ending in `fix` (the
     driver's way to redo it). Pure: reads only."""
     run_dir = Path(run_dir)
-    if force:
-        return "overwrite" if (run_dir / "config.json").exists() else "fresh"
+    if force:  # overwrite=true whatever the run dir holds (also what a dry run prints)
+        return "overwrite"
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} exists and is not a folder: remove it, or {fix}")
     saved = None
@@ -160,6 +161,51 @@ def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool
                               f"after it started): {fix}")
         return "reuse"
     return "resume" if checkpoints(run_dir) else "fresh"
+
+
+# The flags a driver gives a stage for each run_state: an interrupted run resumes, force starts it over.
+STATE_FLAGS = {"resume": ["resume=true"], "overwrite": ["overwrite=true"]}
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object file, or None when it is missing, unreadable or no object (a record a driver may find
+    half-written by a killed process: a missing record, not an error)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def dataset_mismatch(meta: dict, want: dict) -> list[str]:
+    """What differs between a dataset's meta.json and the plain collect config that would make it now: env,
+    source settings and seeds ("key: dataset -> asked"); keys a dataset does not record (collected before
+    they existed) are not compared."""
+    out = []
+    for group in ("env", "source"):
+        have, ask = meta.get(group) or {}, want.get(group) or {}
+        out += [f"{group}.{k}: {have.get(k)!r} -> {ask.get(k)!r}" for k in sorted(have, key=str)
+                if have.get(k) != ask.get(k)]
+    return out + [f"{k}: {meta.get(k)!r} -> {want.get(k)!r}" for k in ("seed", "data_seed") if meta.get(k) != want.get(k)]
+
+
+def check_dataset(data_path: Path, want: dict, asked: set[str], by_hand: bool) -> str | None:
+    """The drivers' one check (two_stage.py, experiments/sweep.py) before they reuse the dataset at data_path
+    for the plain collect config `want`: a difference in a setting the command line gives (`asked`: keys or
+    groups) is refused (histories.DatasetError), and so is any difference when data_path is the config's own.
+    A dataset given by hand (data_path=...) that differs from the defaults only is the user's call: the note
+    to print is returned."""
+    from histories import DatasetError
+
+    diff = dataset_mismatch(read_json(Path(data_path) / "meta.json") or {}, want)
+    refused = [d for d in diff if d.split(":")[0] in asked or d.split(".")[0] in asked] or ([] if by_hand else diff)
+    if refused:
+        raise DatasetError(f"the dataset at {data_path} was collected with other settings than asked "
+                           f"({'; '.join(refused)}): pass collect:overwrite=true to re-collect it with these, "
+                           f"or choose another data_path / data_seed")
+    return (f"the dataset at {data_path} differs from collect's config ({'; '.join(diff[:4])}"
+            f"{'; ...' if len(diff) > 4 else ''}); using it as it is (collect:overwrite=true re-collects it)"
+            if diff else None)
 
 
 def _is_complete(ck: Path) -> bool:

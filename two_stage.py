@@ -13,8 +13,9 @@ stage-1 checkpoint reaches stage 2 as `model.pretrained_encoder_path=...`.
 Free overrides (`key=value`) go to every stage whose config has that key (so `experiment=quick` or
 `env=darkroom_hard` reach all of them, `pretrain_lr=...` only stage 1, `max_steps=...` only stage 2). Prefix
 one with a stage name to target it alone: `train:lr=1e-4`, `pretrain:seed=3`, `collect:source.n_stream=20`,
-`evaluate:n_episodes=200`. `seed` reaches the training stages only (collect's seed is data_seed's) and
-`run_name` stage 2 only; target the others with a prefix (`collect:seed=3`, `pretrain:run_name=x`).
+`evaluate:n_episodes=200`. `seed=1` is the training seed of stage 1 and stage 2 (collect's follows
+`data_seed=`, which picks the dataset for every stage; evaluate keeps its own) and `run_name` names stage 2
+only; target the others with a prefix (`collect:seed=3`, `evaluate:seed=2`, `pretrain:run_name=x`).
 A stage that already finished is reused only if its run dir holds the same config (identity), steps and
 data fingerprint and, for stage 2, was trained from the current encoder (rundir.run_state, as in
 experiments/sweep.py); a run dir holding another run is refused in one line. Pass --force to redo it.
@@ -23,12 +24,14 @@ experiments/sweep.py); a run dir holding another run is refused in one line. Pas
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+import rundir
 from errors import UserError
 from hydra_cli import REPO, abspath
 
@@ -38,18 +41,21 @@ SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": 
 
 
 # Shared keys that mean one thing for some stages only; the others take them with a stage prefix alone
-# (`collect:seed=3`, `pretrain:run_name=x`). `seed` is the training seed: collect's seed is its data_seed's
-# (a shared seed=1 next to data_seed=5 wrote data/...-seed5 with a meta.json saying seed 1). `run_name`
-# names the stage-2 run: in stage 1 as well it put both stages into one run dir, and stage 2 found
-# stage 1's done.json and was skipped.
-SHARED_KEY_STAGES = {"seed": ("pretrain", "train", "evaluate"), "run_name": ("train",)}
+# (`collect:seed=3`, `evaluate:seed=2`, `pretrain:run_name=x`). `seed` is the training seed, of stage 1 and
+# stage 2, as the sweep's `seed` is (experiments/conf/sweep.yaml): collect's seed follows data_seed (a
+# shared seed=1 made collect refuse the seed-0 dataset, or collect with seed 1 into data/...-seed0), and
+# evaluate keeps its own (its rollouts' sampling seed, the same for every trained seed, as in a sweep).
+# `data_seed` (which dataset) reaches every stage that has it, and main hands the training stages the
+# data_path collect makes or checks. `run_name` names the stage-2 run: in stage 1 as well it put both
+# stages into one run dir, and stage 2 found stage 1's done.json and was skipped.
+SHARED_KEY_STAGES = {"seed": ("pretrain", "train"), "run_name": ("train",)}
 
 
 class PipelineError(UserError, RuntimeError):
     pass
 
 
-USER_ERRORS = (PipelineError,)  # one line `error: ...`, exit 2 (hydra_cli.run_args)
+USER_ERRORS = (UserError,)  # one line `error: ...`, exit 2 (hydra_cli.run_args): the run-state and dataset checks too
 
 
 def parse_args(argv=None):
@@ -163,62 +169,27 @@ def run_stage(stage: str, overrides: list[str], a) -> None:
         raise SystemExit(rc)
 
 
-def stage_state(run_dir: Path, cfg, steps: int, what: str, force: bool, fp: str | None, encoder: Path | None,
-                fix: str) -> str:
-    """rundir.run_state, the rule experiments/sweep.py reuses runs by too: a finished stage is reused only
-    with the same config identity, steps, data fingerprint and (stage 2) encoder; a run dir of another run
-    is refused in one line."""
-    from omegaconf import OmegaConf
-
-    import rundir
-
-    if force:  # overwrite=true whatever the run dir holds (also what a --dry-run prints)
-        return "overwrite"
-    try:
-        return rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), steps, what, False, fix, fp,
-                                encoder)
-    except rundir.RunDirError as e:
-        raise PipelineError(str(e)) from None
-
-
-def _continue_flags(run_dir: Path, state: str) -> list[str]:
-    """An interrupted stage (checkpoints, no done.json) resumes; --force starts it over."""
-    if state == "resume":
-        print(f"[resume] {run_dir} has checkpoints but no done.json: resuming it")
-        return ["resume=true"]
-    return ["overwrite=true"] if state == "overwrite" else []
-
-
 def _abs(p: str) -> Path:
     return Path(abspath(p))  # the scripts' one path rule (hydra_cli.abspath)
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path} is unreadable ({type(e).__name__}): delete it (or pass --force) and run "
-                            f"again") from None
-    if not isinstance(data, dict):
-        raise PipelineError(f"{path} is not a JSON object: delete it (or pass --force) and run again")
-    return data
-
-
-def dataset_mismatch(meta: dict, ccfg) -> list[str]:
-    """What differs between an existing dataset's meta.json and the collect config (a DictConfig or plain
-    dict) that would make it now: env, source settings and seeds ("key: dataset -> asked"). The one check
-    of this pipeline and of experiments/sweep.py; keys a dataset does not record (collected before they
-    existed) are not compared."""
-    from omegaconf import DictConfig, OmegaConf
-
-    want = OmegaConf.to_container(ccfg, resolve=True) if isinstance(ccfg, DictConfig) else ccfg
-    out = []
-    for group in ("env", "source"):
-        have, ask = meta.get(group) or {}, want.get(group) or {}
-        out += [f"{group}.{k}: {have.get(k)!r} -> {ask.get(k)!r}" for k in sorted(have, key=str)
-                if have.get(k) != ask.get(k)]
-    out += [f"{k}: {meta.get(k)!r} -> {want.get(k)!r}" for k in ("seed", "data_seed") if meta.get(k) != want.get(k)]
-    return out
+def run_unless_done(stage: str, overrides: list[str], steps_key: str, a, fp: str | None,
+                    encoder: Path | None = None) -> Path:
+    """Run a training stage unless its run dir holds it finished: rundir.run_state decides (reuse, resume, start
+    or refuse in one line; fp: the dataset's fingerprint), the rule experiments/sweep.py follows too. Returns
+    the run dir."""
+    cfg = compose(stage, overrides)
+    run_dir = _abs(cfg.run_dir)
+    state = rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), int(cfg[steps_key]),
+                             "stage-1" if stage == "pretrain" else "stage-2", a.force,
+                             f"pass --force to redo it, or {stage}:run_name=<another name>", fp, encoder)
+    if state == "reuse":
+        print(f"[{stage}] already complete in {run_dir} with this config; reusing it (--force to redo)")
+        return run_dir
+    if state == "resume":
+        print(f"[resume] {run_dir} has checkpoints but no done.json: resuming it")
+    run_stage(stage, overrides + rundir.STATE_FLAGS.get(state, []), a)
+    return run_dir
 
 
 def main(argv=None) -> dict:
@@ -230,23 +201,17 @@ def main(argv=None) -> dict:
     if a.pretrained_path and a.pretrain_only:
         raise PipelineError("--pretrained-path is for stage 2; it makes no sense with --pretrain-only")
 
-    # 1. data
+    # 1. data: the training stages read what collect made or checked (collect:data_path / data_seed included)
     ccfg = compose("collect", routed["collect"])
     data_path = _abs(ccfg.data_path)
+    for s in ("pretrain", "train"):
+        routed[s].insert(0, f"data_path={data_path}")  # first: a stage's own data_path= still wins
     if (data_path / "meta.json").is_file() and not ccfg.overwrite:
-        diff = dataset_mismatch(_read_json(data_path / "meta.json"), ccfg)
-        # Settings given on this command line that the dataset does not have: refuse. Differences from the
-        # config defaults only (a dataset collected earlier with its own settings): reuse it, but say so.
         asked = {o.split("=", 1)[0].lstrip("+~") for o in routed["collect"] if "=" in o}
-        explicit = [d for d in diff if d.split(":")[0] in asked or d.split(".")[0] in asked]
-        if explicit:
-            raise PipelineError(f"the dataset at {data_path} was collected with other settings than asked "
-                                f"({'; '.join(explicit)}): pass collect:overwrite=true to re-collect it with "
-                                f"these, or choose another data_path / data_seed")
-        if diff:
-            print(f"[collect] note: the dataset at {data_path} differs from collect's config "
-                  f"({'; '.join(diff[:4])}{'; ...' if len(diff) > 4 else ''}); reusing it as it is "
-                  f"(collect:overwrite=true re-collects it)")
+        note = rundir.check_dataset(data_path, OmegaConf.to_container(ccfg, resolve=True), asked,
+                                    by_hand="data_path" in asked)
+        if note:
+            print(f"[collect] note: {note}")
         print(f"[collect] dataset exists at {data_path}; reusing it")
     else:
         run_stage("collect", routed["collect"], a)
@@ -259,18 +224,11 @@ def main(argv=None) -> dict:
         raise PipelineError(f"--pretrained-path {ckpt}: no such file (give a stage-1 run's encoder-pretrained-*.pt, "
                             f"or leave the flag out to run stage 1)")
     if not a.train_only and not ckpt:
-        pcfg = compose("pretrain", routed["pretrain"])
-        prun = _abs(pcfg.run_dir)
-        state = stage_state(prun, pcfg, int(pcfg.pretrain_steps), "stage-1", a.force, fp, None,
-                            "pass --force to redo it, or pretrain:run_name=<another name>")
-        if state == "reuse":
-            print(f"[pretrain] already complete in {prun} with this config; reusing it (--force to redo)")
-        else:
-            run_stage("pretrain", routed["pretrain"] + _continue_flags(prun, state), a)
+        prun = run_unless_done("pretrain", routed["pretrain"], "pretrain_steps", a, fp)
         ckpt = str(prun / "encoder-pretrained-final.pt")
         out["pretrain_run_dir"] = str(prun)
         if (prun / "done.json").is_file():
-            out["pretrain"] = _read_json(prun / "done.json")
+            out["pretrain"] = rundir.read_json(prun / "done.json") or {}
     out["encoder_checkpoint"] = ckpt
     if a.pretrain_only:
         return out
@@ -285,22 +243,14 @@ def main(argv=None) -> dict:
             tr.append("model.freeze_encoder=true")
     elif a.freeze_encoder:
         raise PipelineError("--freeze-encoder needs a pretrained encoder (run stage 1 or pass --pretrained-path)")
-    tcfg = compose("train", tr)
-    trun = _abs(tcfg.run_dir)
-    state = stage_state(trun, tcfg, int(tcfg.max_steps), "stage-2", a.force, fp, _abs(ckpt) if ckpt else None,
-                        "pass --force to redo it, or train:run_name=<another name>")
-    if state == "reuse":
-        print(f"[train] already complete in {trun} with this config; reusing it (--force to redo)")
-    else:
-        run_stage("train", tr + _continue_flags(trun, state), a)
+    trun = run_unless_done("train", tr, "max_steps", a, fp, _abs(ckpt) if ckpt else None)
     out["train_run_dir"] = str(trun)
 
     # 4. evaluation
     if not a.no_eval:
         run_stage("evaluate", routed["evaluate"] + [f"run_dir={trun}"], a)
-        ev = trun / "eval.json"
-        if ev.is_file() and not a.dry_run:
-            out["eval"] = _read_json(ev)
+        if not a.dry_run:
+            out["eval"] = rundir.read_json(trun / "eval.json") or {}
     if not a.dry_run:
         print_report(out)
     return out

@@ -353,7 +353,7 @@ def test_two_stage_refuses_a_dataset_collected_with_other_settings(tiny, tmp_pat
 
     monkeypatch.chdir(tmp_path)
     base = ["--dry-run", f"data_path={tiny.data_path}"]
-    _raises(two_stage.PipelineError, r"was collected with other settings than asked \(source.n_stream: 4 -> 3\): "
+    _raises(DatasetError, r"was collected with other settings than asked \(source.n_stream: 4 -> 3\): "
             r"pass collect:overwrite=true", two_stage.main, [*base, "collect:source.n_stream=3", "source.n_steps=200"])
     two_stage.main([*base, "--pretrain-only"])  # defaults differ from the tiny data: reused, but said
     assert "[collect] note: the dataset at" in capsys.readouterr().out
@@ -516,6 +516,27 @@ def test_run_state_reuses_on_content_only(finished, tmp_path):
     assert rundir.run_state(run, want, 2, "stage-2", False, "FIX", fp, enc) == "reuse"
     (run / "done.json").unlink()
     assert rundir.run_state(run, want, 2, "stage-2", False, "FIX", fp) == "resume"  # its step-2 checkpoint
+
+
+def test_check_dataset_refuses_asked_settings_and_notes_a_dataset_given_by_hand(tmp_path):
+    """rundir.check_dataset, the one dataset check of two_stage.py and experiments/sweep.py (issue 24): a setting
+    the command line asks for that the dataset lacks is refused; so is any difference at the config's own
+    data_path; a dataset given by hand (data_path=...) that differs from the defaults only is a note."""
+    meta = {"env": {"name": "darkroom", "horizon": 20}, "source": {"n_stream": 4}, "seed": 0, "data_seed": 0}
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    want = {**meta, "source": {"n_stream": 20}}
+    msg = _raises(DatasetError, r"the dataset at .* was collected with other settings than asked \(source.n_stream: "
+                  r"4 -> 20\): pass collect:overwrite=true", rundir.check_dataset, tmp_path, want, {"source.n_stream"},
+                  True)
+    assert msg == _raises(DatasetError, "other settings", rundir.check_dataset, tmp_path, want, set(), False)
+    assert rundir.check_dataset(tmp_path, want, {"data_path"}, True).startswith(
+        f"the dataset at {tmp_path} differs from collect's config (source.n_stream: 4 -> 20); using it as it is")
+    assert rundir.check_dataset(tmp_path, meta, {"source.n_stream"}, False) is None
+    # a group on the command line (env=...) asks for all its keys; a key the dataset does not record is not compared
+    env = {"name": "darkroom", "horizon": 25, "key_added_later": 1}
+    _raises(DatasetError, r"\(env.horizon: 20 -> 25\)", rundir.check_dataset, tmp_path, {**meta, "env": env}, {"env"},
+            True)
+    _raises(DatasetError, r"\(seed: 0 -> 1\)", rundir.check_dataset, tmp_path, {**meta, "seed": 1}, {"seed"}, True)
 
 
 def test_disk_full_in_torch_save_is_an_oserror_naming_the_file(tmp_path, monkeypatch):

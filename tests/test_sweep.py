@@ -277,6 +277,63 @@ def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
     assert r.returncode == 2 and r.stderr.startswith("error:") and "no sweep runs" in r.stderr, r.stderr
 
 
+def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs(monkeypatch):
+    """The sweep routes like two_stage.py (issue 24): data_seed=2 reaches collect and both training stages (the job
+    then gives them collect's data_path); no stage gets a seed from the overrides (the job sets the training seed;
+    collect's follows data_seed, evaluate keeps its own)."""
+    sw = _sw()
+    routed = sw.route(["data_seed=2"], [], "quick", None)
+    assert not any(sw._key(o) == "seed" for ov in routed.values() for o in ov)
+    c = {s: sw.compose(s, routed[s]) for s in ("collect", "pretrain", "train")}
+    assert (c["collect"]["seed"], c["collect"]["data_path"]) == (2, "data/darkroom-quick-seed2")
+    assert all(c[s]["data_seed"] == 2 and c[s]["data_path"] == "data/darkroom-quick-seed2" for s in ("pretrain", "train"))
+    assert routed["evaluate"] == ["experiment=quick"]  # evaluate reads the run's own data_path, keeps its own seed
+    with pytest.raises(sw.SweepError, match="sets seed itself"):
+        sw.route(["train:seed=1"], [], "quick", None)
+    monkeypatch.setattr(sw.two_stage, "split_overrides", lambda overrides: overrides)  # the refusal alone
+    assert sw.route(["collect:seed=1", "collect:overwrite=true"], [], "quick", None)[-2:] == [
+        "collect:seed=1", "collect:overwrite=true"]  # no collect key is the job's
+
+
+def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, tiny, monkeypatch):
+    """ensure_dataset: a missing dataset is collected; an existing one passes rundir.check_dataset (a setting asked
+    for that it lacks is refused; a dataset given by hand that differs from the preset only is used with a
+    note); collect:overwrite=true re-collects it once per sweep, not in every job."""
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from histories import DatasetError
+
+    sw = _sw()
+    cfg = OmegaConf.create({"accelerate": False, "accelerate_config": None, "num_processes": None, "omp_threads": None})
+    collected = []
+
+    def job(num=None):
+        j = sw.Job(cfg, tmp_path, tmp_path, num)
+
+        def fake_collect(name, stage, overrides, log_name, note, expect):
+            collected.append(note)
+            shutil.copytree(tiny.data_path, expect.parent, dirs_exist_ok=True)
+            return 0.0
+
+        j.run = fake_collect
+        return j
+
+    data = tmp_path / "d"
+    routed = sw.route([f"data_path={data}"], [], "quick", None)
+    assert sw.ensure_dataset(job(), routed) == data and collected == ["no dataset yet"]
+    assert sw.ensure_dataset(job(), routed) == data and collected == ["no dataset yet"]  # reused, with a note
+    asked = {**routed, "collect": routed["collect"] + ["source.n_stream=3"]}  # as route puts collect:source...=3
+    with pytest.raises(DatasetError, match=r"other settings than asked \(source.n_stream: 4 -> 3\)"):
+        sw.ensure_dataset(job(), asked)
+    again = {**routed, "collect": routed["collect"] + ["overwrite=true"]}
+    assert sw.ensure_dataset(job(), again) == data and collected == ["no dataset yet", "overwrite"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"started_unix": 0.0}))  # a multirun that started before it
+    sw.ensure_dataset(job(num=1), again)
+    assert collected == ["no dataset yet", "overwrite"]  # already re-collected in this sweep
+
+
 def test_accelerate_launch_per_job(tmp_path):
     """accelerate=true: pretrain / train go through `accelerate launch` with the repository's config (or
     the given one), --num_processes, and a rendezvous port of their own per job (parallel jobs on one
@@ -359,54 +416,6 @@ def test_memory_sweep_takes_its_own_defaults():
     assert compose_config("sweep", [], config_dir=conf).window is None
 
 
-def test_one_identity_per_out_dir(tmp_path):
-    """A rerun with other stage settings (lr, experiment, stage-1 budget, another sweep) into the same out is
-    refused in one line naming the keys and an out= to use, and writes nothing; seed, arm, budget, window and
-    env are not part of it (they name the runs)."""
-    sw = _sw()
-    out = tmp_path / "O"
-
-    def ident(user=(), experiment="quick", env=None, name="compare", evals=None):
-        routed = sw.route(list(user), [], experiment, env)
-        return sw.out_identity(name, experiment, evals or {"eval": {}}, routed, env)
-
-    base = ident()
-    h = sw.check_identity(out, base, claim=True)
-    before = (out / "sweep.json").read_text()
-    assert json.loads(before)["identity"] == {"hash": h, "config": base}
-    assert sw.check_identity(out, ident(env="darkroom_hard"), claim=True) == h  # env: a run name, not the out's
-    cases = ((ident(["train:lr=1e-4"]), r"train.lr \(0.001 -> 0.0001\)"),
-             (ident(["pretrain:pretrain_steps=40"]), r"pretrain.pretrain_steps \(\d+ -> 40\)"),
-             (ident(experiment="full"), r"experiment \('quick' -> 'full'\)"),
-             (ident(name="memory", evals={"eval": {"n_episodes": 100}}), r"sweep \('compare' -> 'memory'\)"))
-    for new, keys in cases:
-        with pytest.raises(sw.SweepError, match=rf"{out} holds the runs of another sweep configuration \(.*{keys}.*\): "
-                           rf"pass out={out}-[0-9a-f]{{8}} to run these settings in a folder of their own"):
-            sw.check_identity(out, new, claim=True)
-    assert (out / "sweep.json").read_text() == before
-    # an identity recorded before a key existed (rundir.LATER_KEY_DEFAULTS) is the same one when the key
-    # comes at its backward-compatible default, and only then
-    older = tmp_path / "older"
-    recorded = {k: v for k, v in base.items() if not k.endswith(("sampler.memory", "model.keep_recent"))}
-    assert recorded != base and base["train.sampler.memory"] == "exact"
-    sw._write(older / "sweep.json", json.dumps({"identity": {"hash": sw.identity_hash(recorded), "config": recorded}}))
-    assert sw.check_identity(older, base, claim=True) == h
-    with pytest.raises(sw.SweepError, match=r"train.sampler.memory \('<absent>' -> 'carry'\)"):
-        sw.check_identity(older, {**base, "train.sampler.memory": "carry"}, claim=True)
-
-
-def test_one_dataset_per_out_dir(tmp_path):
-    """A re-collected dataset (or another data_path=) behind an out dir's runs is refused, not mixed in."""
-    sw = _sw()
-    out = tmp_path / "O"
-    sw.check_dataset_identity(out, None, tmp_path / "d", "aaaa")
-    sw.check_dataset_identity(out, None, tmp_path / "d", "aaaa")
-    sw.check_dataset_identity(out, "darkroom_hard", tmp_path / "h", "cccc")  # another env: its own dataset
-    with pytest.raises(sw.SweepError, match=r"trained on dataset .*d \(fingerprint aaaa\) but .*d2 now holds "
-                                            r"fingerprint bbbb .*choose another out="):
-        sw.check_dataset_identity(out, None, tmp_path / "d2", "bbbb")
-
-
 def test_eval_reuse_compares_every_setting_env_included(tmp_path):
     """EVAL_KEYS lacked env.*: an eval with reward_mode=once reused the every_step one."""
     from tests.conftest import compose as hydra_compose
@@ -456,19 +465,6 @@ def test_report_error_at_the_end_of_a_sweep_fails_it(tmp_path, monkeypatch):
     assert "the report failed" in sw.STATUS["error"] and "runs of several sweeps" in sw.STATUS["error"]
 
 
-def test_disk_full_in_a_job_record_is_one_line(tmp_path, monkeypatch):
-    import errno
-
-    sw = _sw()
-
-    def full(path, text):
-        raise OSError(errno.ENOSPC, "No space left on device", str(path))
-
-    monkeypatch.setattr(sw, "atomic_write_text", full)
-    with pytest.raises(sw.SweepError, match=r"cannot write .*jobs/x.json \(no space left on device\)"):
-        sw.record(tmp_path, "x", status="running")
-
-
 @pytest.mark.slow
 def test_ctrl_c_of_a_sweep_is_one_line_and_recorded(tmp_path, tiny):
     """SIGINT (Ctrl-C) mid-training: exit 130 with one line, the job's record says interrupted, the report
@@ -499,21 +495,6 @@ def test_ctrl_c_of_a_sweep_is_one_line_and_recorded(tmp_path, tiny):
     assert rep["run_status"] == {"scratch-seed0": "interrupted"}
     r = sweep(tmp_path, tiny.data_path, *args[:2], "max_steps=150", "checkpoint_every=200", *LONG)
     assert r.returncode == 0 and "[start] train:scratch-seed0 (resume)" in r.stdout, r.stdout[-2000:] + r.stderr
-
-
-def test_unwritable_out_is_one_line(tmp_path, monkeypatch):
-    """A read-only or full disk under out= (simulated: as root a chmod does not stop writes)."""
-    import errno
-    import tempfile
-
-    sw = _sw()
-
-    def ro(*a, **k):
-        raise OSError(errno.EROFS, "Read-only file system")
-
-    monkeypatch.setattr(tempfile, "mkstemp", ro)
-    with pytest.raises(sw.SweepError, match=r"out=.*O is not writable \(read-only file system\): choose another out="):
-        sw.check_out(tmp_path / "O")
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ import torch
 from conftest import REPO, TINY_MODEL
 
 import loop
+import rundir
 import two_stage
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
 
@@ -103,14 +104,14 @@ def test_pretrain_only_then_full_pipeline_then_reuse(ws, tiny, capfd):
 
     # Reuse is on content, not on "done.json exists" (issue 25): another lr is refused in one line instead of
     # reporting the lr 1e-3 model; so is a missing --pretrained-path; nothing is rewritten.
-    with pytest.raises(two_stage.PipelineError, match=r"holds a stage-2 run with another config \(lr \(0.0003 -> "
+    with pytest.raises(rundir.RunDirError, match=r"holds a stage-2 run with another config \(lr \(0.0003 -> "
                        r"0.0001\)\): pass --force to redo it, or train:run_name="):
         two_stage.main(["--no-eval", *args, "train:lr=1e-4"])
     with pytest.raises(two_stage.PipelineError, match=r"--pretrained-path nope.pt: no such file"):
         two_stage.main(["--train-only", "--pretrained-path", "nope.pt", *args])
     # stage 1 redone (--force --pretrain-only): the stage-2 run made from the old encoder is not reused
     two_stage.main(["--pretrain-only", "--force", *args])
-    with pytest.raises(two_stage.PipelineError, match=r"from an older encoder-pretrained-final.pt \(stage 1 was "
+    with pytest.raises(rundir.RunDirError, match=r"from an older encoder-pretrained-final.pt \(stage 1 was "
                        r"redone after it started\): pass --force"):
         two_stage.main(args + ["--no-eval"])
     capfd.readouterr()
@@ -193,7 +194,7 @@ def test_stage_prefix_beats_shared_override():
     pre, tr = two_stage.compose("pretrain", routed["pretrain"]), two_stage.compose("train", routed["train"])
     assert (pre.warmup_steps, pre.model.n_latent) == (7, 4)
     assert (tr.warmup_steps, tr.model.n_latent) == (2, 6)
-    assert all("seed=1" in routed[s] for s in ("pretrain", "train", "evaluate"))
+    assert all("seed=1" in routed[s] for s in ("pretrain", "train")) and "seed=1" not in routed["evaluate"]
 
 
 def test_seed_and_run_name_reach_only_the_stages_they_mean():
@@ -207,6 +208,36 @@ def test_seed_and_run_name_reach_only_the_stages_they_mean():
     assert two_stage.compose("collect", routed["collect"][:-1]).seed == 5  # collect's seed follows data_seed
     assert two_stage.compose("pretrain", routed["pretrain"]).run_dir == "runs/P"
     assert two_stage.compose("train", routed["train"]).run_dir == "runs/X"
+
+
+def test_seed_is_the_training_seed_and_data_seed_picks_one_dataset_for_every_stage():
+    """`two_stage.py experiment=quick seed=1` (issue 24): stages 1 and 2 train with seed 1; collect keeps the seed
+    of its data_seed (with seed=1 it refused the seed-0 dataset, or collected with seed 1 into ...-seed0);
+    evaluate keeps its own sampling seed, as in a sweep. data_seed=2 names one dataset for collect and both
+    training stages; evaluate reads the run's own."""
+    routed = two_stage.split_overrides(["experiment=quick", "seed=1", "data_seed=2"])
+    c = {s: two_stage.compose(s, routed[s]) for s in two_stage.STAGES}
+    data = "data/darkroom-quick-seed2"
+    assert (c["collect"].seed, c["collect"].data_seed, c["collect"].data_path) == (2, 2, data)
+    for s in ("pretrain", "train"):
+        assert (c[s].seed, c[s].data_seed, c[s].data_path) == (1, 2, data), s
+    assert c["pretrain"].run_dir == "runs/pretrain-encoder-darkroom-seed1"
+    assert c["train"].run_dir == "runs/ad_compressed-darkroom-seed1"
+    assert (c["evaluate"].seed, c["evaluate"].data_path) == (0, None)
+
+
+@pytest.mark.slow
+def test_seed_and_data_seed_reach_the_stage_commands(ws, capfd):
+    """End to end (a dry run): the printed commands carry the routing above; the training stages read the
+    dataset collect makes (its data_path, given to them)."""
+    two_stage.main(["--dry-run", "experiment=quick", "seed=1", "data_seed=3"])
+    cmds = commands(capfd.readouterr().out)
+    assert list(cmds) == ["collect", "pretrain", "train", "evaluate"]  # no dataset yet: collect first
+    assert "seed=1" not in cmds["collect"].split() and "data_seed=3" in cmds["collect"].split()
+    for s in ("pretrain", "train"):
+        assert {"seed=1", "data_seed=3", f"data_path={ws / 'data/darkroom-quick-seed3'}"} <= set(cmds[s].split()), s
+    assert "seed=1" not in cmds["evaluate"].split()
+    assert cmds["evaluate"].endswith(f"run_dir={ws / 'runs/ad_compressed-pretrained-darkroom-seed1'}")
 
 
 def test_stage2_run_dirs_never_collide(tmp_path):
