@@ -104,7 +104,19 @@ def budget_paired(rep: dict) -> str:
     return md_table(rows)
 
 
-KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "budget-paired": budget_paired}
+def memory_vs_3w(rep: dict) -> str:
+    """Each memory arm against AD with 3x the window (the moonshot bar): paired differences, same seed."""
+    from experiments.report import MEMORY_COLUMNS, MEMORY_PAIRED_3W, MEMORY_REFERENCE_3W
+
+    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
+    return md_table([{"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
+                      **{f"{heads[k][0]} − `{MEMORY_REFERENCE_3W}` ({heads[k][2]} is better)":
+                         stats.fmt_paired(r["paired_3w"][k], heads[k][1]) for k in MEMORY_PAIRED_3W}}
+                     for r in rep["rows"] if any(p["n"] for p in (r.get("paired_3w") or {}).values())])
+
+
+KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "memory-vs-3w": memory_vs_3w,
+         "budget-paired": budget_paired}
 
 
 def render(kind: str, record: str, root: Path = ROOT, doc: str = "README.md") -> str:

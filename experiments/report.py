@@ -290,6 +290,11 @@ GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const"
 MEMORY_PAIRED = ("return_last5_norm", "return_after_found", "episodes_to_first_goal", "tf_loss_test",
                  "return_last5_norm_val", "tf_loss_val")
 MEMORY_REFERENCE = "ad"  # AD with the same raw window: the arm every memory must beat
+# The second bar: AD with 3x the window (issue 22's moonshot: a memory that matches it at a fraction of its
+# rollout cost); each arm's paired differences to it, on these metrics, go to row["paired_3w"].
+MEMORY_REFERENCE_3W = "ad_3w"
+MEMORY_PAIRED_3W = ("return_last5_norm", "episodes_to_0.8", "return_last5_norm_long", "return_after_found",
+                    "return_last5_norm_val", "tf_loss_test")
 COMPUTE_COLUMNS = (  # what each arm paid (done.json's compute, this process's training steps)
     ("labels_per_step", "labels / step", ".0f"),
     ("train_wall_s", "training wall (s)", ".0f"),
@@ -347,12 +352,17 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
                      "device": runs.device_label({first["device"]}) if first["device"] else None,
                      "label": g["job"].iloc[0].get("label"), "per_seed": per_seed})
     better = {k: b for k, _, _, b in MEMORY_COLUMNS}
-    for row in rows:  # paired differences to the reference arm of the same env and sweep window
-        ref = next((r for r in rows if r["arm"] == MEMORY_REFERENCE and r["env"] == row["env"]
-                    and r["sweep_window"] == row["sweep_window"]), None)
-        row["paired_vs"] = None if ref is None or ref is row else MEMORY_REFERENCE
-        row["paired"] = {} if row["paired_vs"] is None else stats.paired_records(
+    def ref_row(row, arm):  # the reference arm's row of the same env and sweep window
+        return next((r for r in rows if r["arm"] == arm and r["env"] == row["env"]
+                     and r["sweep_window"] == row["sweep_window"] and r is not row), None)
+
+    for row in rows:  # paired differences to the reference arms
+        ref, ref3 = ref_row(row, MEMORY_REFERENCE), ref_row(row, MEMORY_REFERENCE_3W)
+        row["paired_vs"] = None if ref is None else MEMORY_REFERENCE
+        row["paired"] = {} if ref is None else stats.paired_records(
             row["per_seed"], ref["per_seed"], {k: better[k] for k in MEMORY_PAIRED})
+        row["paired_3w"] = {} if ref3 is None or row["arm"] == MEMORY_REFERENCE else stats.paired_records(
+            row["per_seed"], ref3["per_seed"], {k: better[k] for k in MEMORY_PAIRED_3W})
     data = {r["env"]: runs.dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for d_ in data.values():
         d_["source_search_use_test"] = source_search_use(d_["path"]) if d_.get("n_steps") else None
@@ -401,6 +411,12 @@ def memory_markdown(rep: dict) -> str:
                   md_table([{**ident(r), **{f"{heads[k][0]} ({heads[k][2]} is better)":
                                             stats.fmt_paired(r["paired"][k], heads[k][1]) for k in MEMORY_PAIRED}}
                             for r in rep["rows"] if r.get("paired")])]
+    if any(p["n"] for r in rep["rows"] for p in (r.get("paired_3w") or {}).values()):
+        lines += ["", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same seed "
+                       "and data; mean [95 % t-interval]):"), "",
+                  md_table([{**ident(r), **{f"{heads[k][0]} ({heads[k][2]} is better)":
+                                            stats.fmt_paired(r["paired_3w"][k], heads[k][1]) for k in MEMORY_PAIRED_3W}}
+                            for r in rep["rows"] if any(p["n"] for p in (r.get("paired_3w") or {}).values())])]
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
                    "0.8: first episode whose 5-episode mean reaches 0.8 of optimal (n counts the seeds that got "

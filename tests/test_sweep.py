@@ -218,6 +218,12 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     assert pr["n"] == 1 and pr["lo"] is None and pr["verdict"] == "n < 2"
     assert pr["diff"] == pytest.approx(rows["scratch"]["stats"]["return_last5_norm"]["mean"]
                                        - rows["ad"]["stats"]["return_last5_norm"]["mean"])
+    # ... and against AD with 3x the window (the moonshot bar); AD itself is compared with neither
+    assert rows["ad"]["paired_3w"] == {} and rows["ad_3w"]["paired_3w"] == {}
+    p3 = rows["scratch"]["paired_3w"]["return_last5_norm"]
+    assert p3["diff"] == pytest.approx(rows["scratch"]["stats"]["return_last5_norm"]["mean"]
+                                       - rows["ad_3w"]["stats"]["return_last5_norm"]["mean"])
+    assert rows["ad_3w"]["paired"]["return_last5_norm"]["n"] == 1
     assert rows["ad"]["memory_probe"] is None  # AD has no compressed memory to probe
     probe = rows["scratch"]["memory_probe"]
     assert math.isfinite(probe["k1"]["mean"]) and math.isfinite(probe["all"]["mean"])
@@ -225,7 +231,7 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     assert list((out / "hydra").rglob("*_submitted.pkl"))  # the jobs went through submitit
     md = (out / "table.md").read_text()
     assert "Memory table" in md and "| darkroom | `ad_3w` | 60 |" in md
-    assert "Paired differences" in md and "What each arm paid" in md
+    assert "Paired differences" in md and "What each arm paid" in md and "3x the window" in md
     # the source's own search vs use, scored on the dataset's test histories
     src = rep["datasets"]["darkroom"]["source_search_use_test"]
     assert 0 < src["found_goal_frac"] <= 1 and src["episodes_to_first_goal"] >= 1
