@@ -790,8 +790,8 @@ def source_search_use(data_path: str | None) -> dict | None:
         return None
     from collect import episode_returns
     from env import task_optimal_return
-    from evaluate import search_and_use
     from histories import load_histories
+    from metrics import search_and_use
     from transition import REWARD
 
     env = meta["env"]
@@ -819,7 +819,7 @@ def memory_numbers(run_dir: Path) -> dict:
     val = ((ev.get("splits") or {}).get("val") or {}).get("summary") or {}
     su = {}
     if test.get("returns") is not None:  # eval.json files written before the summary had these fields
-        from evaluate import search_and_use
+        from metrics import search_and_use
 
         su = search_and_use(test["returns"], test["optimal"])
     comp = done.get("compute") or {}

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 import teacher_forced as tf
 from env import goal_split
-from evaluate import incontext_rollout
 from model import build_model
+from rollout import incontext_rollout
 
 ENV = {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5, "reward_mode": "every_step",
        "train_frac": 0.9, "split_seed": 0}
