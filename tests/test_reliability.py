@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -27,6 +28,7 @@ import pretrain_encoder
 import rundir
 import train
 from atomic_io import PathLock
+from errors import UserError
 from histories import DatasetError, load_histories
 from model.checkpoint import EncoderCheckpointError, save_encoder_checkpoint
 from model.config import ConfigError
@@ -37,6 +39,16 @@ def _raises(exc, match, fn, *a):
         fn(*a)
     assert "\n" not in str(ei.value), str(ei.value)
     return str(ei.value)
+
+
+def _raises_cli(exc, match, fn, cfg) -> str:
+    """As _raises, for the line the CLI layer prints: a disk error during training becomes one line in
+    hydra_cli.as_user_error, not in the loop."""
+    with pytest.raises(BaseException) as ei:
+        fn(cfg)
+    err = hydra_cli.as_user_error(ei.value, cfg) if not isinstance(ei.value, UserError) else ei.value
+    assert isinstance(err, exc) and re.search(match, str(err)) and "\n" not in str(err), (ei.value, err)
+    return str(err)
 
 
 def _collect(path: Path, *overrides: str, capsys=None) -> dict:
@@ -454,11 +466,11 @@ def test_read_only_run_dir_is_one_line(tiny, finished, tmp_path, monkeypatch, on
     run = tmp_path / "run"
     shutil.copytree(finished / "runs" / "done", run)
     monkeypatch.setattr(rundir, "atomic_write_text", _oserror(errno.EROFS))
-    _raises(rundir.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
-            tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
+    _raises_cli(rundir.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
+                tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
     monkeypatch.setattr(rundir, "_remove", _oserror(errno.EACCES))
-    _raises(rundir.RunDirError, r"\(permission denied\)", train.main,
-            tiny.compose("train", "max_steps=3", "overwrite=true", data_path=finished / "data", run_dir=run))
+    _raises_cli(rundir.RunDirError, r"\(permission denied\)", train.main,
+                tiny.compose("train", "max_steps=3", "overwrite=true", data_path=finished / "data", run_dir=run))
     import tempfile
 
     monkeypatch.setattr(tempfile, "TemporaryFile", _oserror(errno.EROFS))
@@ -481,7 +493,8 @@ def test_only_project_errors_become_one_line():
     assert not any(issubclass(e, UserError) for e in (ValueError, FileNotFoundError, OSError, RuntimeError))
     # every project error class is a UserError (so the CLI catches it without naming it)
     for cls in (DatasetError, EncoderCheckpointError, ConfigError, RunDirError, NonFiniteLossError,
-                hydra_cli.UnknownKeyError, evaluate.EvalError, ReportError, SweepError, PipelineError):
+                hydra_cli.UnknownKeyError, hydra_cli.Interrupted, evaluate.EvalError, ReportError, SweepError,
+                PipelineError):
         assert issubclass(cls, UserError), cls
     assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
     assert collect.ConfigError is ConfigError
@@ -574,5 +587,5 @@ def test_disk_full_writing_model_pt_is_one_line(tiny, tmp_path, monkeypatch, one
             return real_save(obj, path)
 
     monkeypatch.setattr(train, "atomic_torch_save", full_save)
-    _raises(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was lost",
-            train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))
+    _raises_cli(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was "
+                r"lost", train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))
