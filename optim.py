@@ -1,4 +1,4 @@
-"""The optimizer and learning-rate schedule of both training stages (docs/design.md §9, item 7); `s` is a
+"""The optimizer and learning-rate schedule of both training stages (docs/design.md §10.7); `s` is a
 loop.LoopSettings."""
 
 from __future__ import annotations
