@@ -258,16 +258,17 @@ def as_user_error(e: BaseException, cfg) -> UserError | None:
 
 
 _RETRIES: list = []  # the timers of _on_ctrl_c
+CTRL_C_RETRY_S = 5.0
 
 
 def _on_ctrl_c(signum, frame):
-    """SIGINT: KeyboardInterrupt, as Python's own handler, and again every 5 s until `run` has caught one. An
+    """SIGINT: KeyboardInterrupt, as Python's own handler, and again every CTRL_C_RETRY_S until `run` has caught one. An
     interrupt raised inside a finalizer or a library callback is dropped silently, and a training once kept
     running after Ctrl-C (tests/test_reliability.py)."""
-    import _thread
     import threading
 
-    timer = threading.Timer(5.0, _thread.interrupt_main)
+    # A real signal to the main thread: it also cuts short a blocking call (sleep, a queue wait).
+    timer = threading.Timer(CTRL_C_RETRY_S, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.daemon = True
     timer.start()
     _RETRIES.append(timer)

@@ -129,6 +129,46 @@ def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, 
     assert not (tmp_path / ".race.lock").exists()
 
 
+
+def test_a_swallowed_ctrl_c_is_raised_again(monkeypatch):
+    """The CLI's SIGINT handler raises KeyboardInterrupt again until the CLI has caught one, so an interrupt that
+    a library drops on its way up still stops the run."""
+    monkeypatch.setattr(hydra_cli, "CTRL_C_RETRY_S", 0.5)
+    previous = signal.signal(signal.SIGINT, hydra_cli._on_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the first one, swallowed below as a library might
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+        assert time.perf_counter() - t0 < 5
+    finally:
+        hydra_cli._stop_retrying()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_and_disk_errors_become_one_line_in_the_cli(tiny, tmp_path):
+    """hydra_cli.as_user_error: where a training run's last checkpoint is, or that there is none yet; the plain
+    line for other scripts; a full disk in training; anything else keeps its traceback (None)."""
+    cfg = tiny.compose("train", "checkpoint_every=3", run_dir=tmp_path / "r")
+    err = hydra_cli.as_user_error(KeyboardInterrupt(), cfg)
+    assert isinstance(err, hydra_cli.Interrupted) and err.exit_code == 130
+    assert str(err) == ("interrupted before the first checkpoint (checkpoint_every=3), nothing to resume: run the "
+                        "same command again to start over")
+    ck = tmp_path / "r" / "checkpoints" / "step-00000003"
+    ck.mkdir(parents=True)
+    for name in ("loop_state.json", "optimizer.bin", "model.safetensors"):  # what rundir counts as complete
+        (ck / name).write_text("{}")
+    assert str(hydra_cli.as_user_error(KeyboardInterrupt(), cfg)) == (
+        f"interrupted; the last checkpoint is {ck} (step 3): continue with the same command plus resume=true")
+    ev = compose("evaluate", [f"run_dir={tmp_path / 'r'}"])
+    assert str(hydra_cli.as_user_error(KeyboardInterrupt(), ev)).startswith("interrupted; outputs are written")
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "x"))
+    assert isinstance(hydra_cli.as_user_error(full, cfg), rundir.RunDirError)
+    assert hydra_cli.as_user_error(full, ev) is None and hydra_cli.as_user_error(ValueError("bug"), cfg) is None
+
+
 def test_two_process_launch_on_a_locked_run_dir_fails_on_every_rank(tiny, tmp_path):
     """accelerate launch (2 gloo ranks): only the main process takes the lock (tests/test_distributed.py
     shows the ranks of one launch share it); against a lock held elsewhere every rank stops, the error is
