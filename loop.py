@@ -21,7 +21,7 @@ from torch import nn
 
 import rundir
 from atomic_io import atomic_write_text
-from config_check import COMPILE_BACKENDS, COMPILE_MODES, LOOP_RULES, check_value  # noqa: F401 (re-exported)
+from config_check import COMPILE_BACKENDS, LOOP_RULES, check_value
 from errors import UserError
 from model.config import ConfigError
 from optim import lr_lambda, make_optimizer
