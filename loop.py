@@ -63,6 +63,10 @@ class LoopSettings:
             return None
         return "default" if self.compile is True else str(self.compile)
 
+    def compile_kwargs(self) -> dict:
+        mode = self.compile_mode()
+        return {"backend": mode} if mode in COMPILE_BACKENDS else {"mode": mode}
+
     @property
     def micro_batch(self) -> int:
         """Rows of one global micro-batch: all processes together, one accumulation step."""
@@ -211,10 +215,10 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
     set_seed(s.seed, device_specific=True)  # dropout streams: seed + rank (rank 0 = a 1-process run)
     model = task.model.to(acc.device)  # (prepare would move it too) so make_optimizer sees the device
     opt = make_optimizer(model, s)
-    if mode := s.compile_mode():
+    if s.compile_mode():
         # In place (nn.Module.compile): parameter names, state_dict and checkpoints stay those of the eager
         # module, and DDP wraps it as usual. The model picks its static (mask) path while compiling.
-        model.compile(**({"backend": mode} if mode in COMPILE_BACKENDS else {"mode": mode}))
+        model.compile(**s.compile_kwargs())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s))
     model, opt, sched = acc.prepare(model, opt, sched)  # the scheduler must be prepared to be saved
     state = _LoopState()
