@@ -1,6 +1,6 @@
 """teacher_forced.py: the same-position held-out evaluation replays each model's ROLLOUT schedule exactly.
 
-The reference is a real evaluate.incontext_rollout (sampled actions, KV cache on) with record=True: scoring
+The reference is a real rollout.incontext_rollout (sampled actions, KV cache on) with record=True: scoring
 its recorded transitions through `rollout_logits` must give the log-probabilities the rollout itself gave
 the actions it took, at every step, across many compressions (CompressedAD) and a sliding window (AD).
 """
