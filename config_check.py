@@ -4,7 +4,7 @@ allowed values (ConfigError) before any data is read or anything is written:
 
     error: save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
 
-Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, SAMPLER_RULES, loop.LOOP_RULES) plus the script's
+Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, SAMPLER_RULES, LOOP_RULES) plus the script's
 own keys. tests/test_reliability.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
 script's config and fails if any key lacks a rule, so a new config key must come with its rule (add it to
 the script's table, or to MODEL_RULES / SAMPLER_RULES for a model / sampler key).
@@ -176,6 +176,49 @@ def leaf_keys(cfg, prefix: str = "") -> list[str]:
 # ---------------------------------------------------------------------------------------------------------
 # Shared tables
 # ---------------------------------------------------------------------------------------------------------
+# torch.compile modes the `compile` key accepts ("reduce-overhead" adds CUDA graphs on CUDA), and the
+# debug backend that traces the same graphs but runs them without code generation (seconds, not minutes,
+# to compile on a CPU: what the tests use).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKENDS = ("aot_eager",)
+
+# The config keys loop.LoopSettings reads (top level of train.yaml / pretrain.yaml), plus the other keys
+# every training script shares. The training scripts merge this into their table.
+LOOP_RULES = {
+    "max_steps": integer(1, note="optimizer steps"),
+    "batch_size": integer(1, note="global batch per optimizer step"),
+    "grad_accum": integer(1),
+    "lr": number(0, lo_open=True),
+    "weight_decay": number(0),
+    "adam_beta1": number(0, 1, hi_open=True, note="AdamW beta1"),
+    "adam_beta2": number(0, 1, hi_open=True, note="AdamW beta2"),
+    "warmup_steps": integer(0),
+    "min_lr_ratio": number(0, 1),
+    "grad_clip": number(0, note="0 disables clipping"),
+    "log_every": integer(1),
+    "checkpoint_every": integer(1),
+    "keep_last": integer(1),
+    "mixed_precision": one_of("no", "fp16", "bf16", note="fp16 needs a CUDA GPU"),
+    "cpu": flag(),
+    "seed": integer(0),
+    "resume": flag(),
+    "resume_from": text(null=True, note="a run dir or one of its checkpoints/step-N folders"),
+    "overwrite": flag(),
+    "progress": flag(),
+    "cpu_threads": integer(1, 1024, null=True, note="torch CPU threads; null = torch's default"),
+    "num_workers": integer(0, 256, note="DataLoader worker processes; 0 = sample in the main process"),
+    "compile": one_of(False, True, *COMPILE_MODES, *COMPILE_BACKENDS, note="torch.compile the model; "
+                      "reduce-overhead adds CUDA graphs"),
+    "data_on_device": Rule("bool", null=True, note="histories on the accelerator; null = on for CUDA when "
+                                                   "they fit"),
+    "allow_data_change": flag(note="true: resume / load an encoder even though the data's fingerprint differs"),
+    "data_seed": integer(0),
+    "data_path": text(),
+    "run_name": text(),
+    "run_dir": text(),
+}
+
+
 ENV_RULES = {
     "env.name": text(note="names the dataset folder"),
     "env.grid_size": integer(2, 256, note="states are stored as uint8; a 1x1 grid has nothing to learn"),

@@ -13,3 +13,8 @@ class UserError(Exception):
     """A user-facing error: its message is one actionable line."""
 
     exit_code = 2
+
+
+class EvalError(UserError, ValueError):
+    """Bad evaluation input (config, checkpoint contents, rollout or metric arguments); the message says what is
+    wrong and the fix. Raised by rollout.py, metrics.py and evaluate.py."""

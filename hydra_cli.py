@@ -13,12 +13,13 @@ Two things on top of plain Hydra:
    checks are identical on every rank); every rank exits 2. Only the project's own error classes
    (user_errors) count as user errors: any other exception, a ValueError from inside torch included, is
    a bug and keeps its traceback. Ctrl-C exits 130 with one line (training says where its last
-   checkpoint is).
+   checkpoint is), and a full / read-only disk during training is one line too (`as_user_error`).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -206,26 +207,77 @@ def run(config_name: str, module: str) -> None:
         sys.argv = [sys.argv[0]] + rewrite_overrides(config_name, sys.argv[1:])
     except UnknownKeyError as e:
         report(e)
-    errors = user_errors()
     main = importlib.import_module(module).main
 
     @hydra.main(config_path=CONFIG_DIR, config_name=config_name, version_base="1.3")
     def _entry(cfg):
+        previous = signal.signal(signal.SIGINT, _on_ctrl_c)  # hydra runs this in the main thread
         try:
             return main(cfg)
-        except errors as e:
-            if os.environ.get("CAD_DEBUG"):  # developers: CAD_DEBUG=1 shows the full traceback
+        except BaseException as e:
+            _stop_retrying()
+            err = e if isinstance(e, user_errors()) else as_user_error(e, cfg)
+            if err is None or os.environ.get("CAD_DEBUG"):  # developers: CAD_DEBUG=1 shows the traceback
                 raise
-            report(e)
-        except KeyboardInterrupt:  # outside a training loop (which raises loop.Interrupted instead)
-            if os.environ.get("CAD_DEBUG"):
-                raise
-            from loop import Interrupted
-
-            report(Interrupted("interrupted; outputs are written atomically, so nothing partial is left under "
-                               "a final name: run the same command again"))
+            report(err)
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     _entry()
+
+
+class Interrupted(UserError):
+    """Ctrl-C (KeyboardInterrupt); the message says how to continue."""
+
+    exit_code = 130  # the shell's convention for SIGINT
+
+
+def as_user_error(e: BaseException, cfg) -> UserError | None:
+    """The one line for an exception that is not a project error, or None (it keeps its traceback): Ctrl-C, and
+    a full / read-only disk in a training run (a config with checkpoints), whose checkpoints are intact."""
+    from atomic_io import DISK_ERRNOS, os_error_reason
+    from rundir import RunDirError, checkpoints
+
+    run_dir = Path(abspath(cfg.run_dir)) if "checkpoint_every" in cfg and cfg.get("run_dir") else None
+    if isinstance(e, KeyboardInterrupt) and run_dir is None:
+        return Interrupted("interrupted; outputs are written atomically, so nothing partial is left under a "
+                           "final name: run the same command again")
+    if isinstance(e, KeyboardInterrupt):
+        done = checkpoints(run_dir) if run_dir.is_dir() else []
+        if not done:
+            return Interrupted(f"interrupted before the first checkpoint (checkpoint_every={cfg.checkpoint_every}"
+                               f"), nothing to resume: run the same command again to start over")
+        step, ck = done[-1]
+        return Interrupted(f"interrupted; the last checkpoint is {ck} (step {step}): continue with the same "
+                           f"command plus resume=true")
+    if isinstance(e, OSError) and e.errno in DISK_ERRNOS and run_dir is not None:
+        return RunDirError(f"cannot access {e.filename or f'a file in {run_dir}'} ({os_error_reason(e)}); nothing "
+                           f"complete was lost (the checkpoints in {run_dir / 'checkpoints'} are intact): free space "
+                           f"or fix the permissions, then continue with resume=true, or choose another run_dir=...")
+    return None
+
+
+_RETRIES: list = []  # the timers of _on_ctrl_c
+CTRL_C_RETRY_S = 5.0
+
+
+def _on_ctrl_c(signum, frame):
+    """SIGINT: KeyboardInterrupt, as Python's own handler, and again every CTRL_C_RETRY_S until `run` has caught one. An
+    interrupt raised inside a finalizer or a library callback is dropped silently, and a training once kept
+    running after Ctrl-C (tests/test_reliability.py)."""
+    import threading
+
+    # A real signal to the main thread: it also cuts short a blocking call (sleep, a queue wait).
+    timer = threading.Timer(CTRL_C_RETRY_S, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
+    timer.daemon = True
+    timer.start()
+    _RETRIES.append(timer)
+    raise KeyboardInterrupt
+
+
+def _stop_retrying() -> None:
+    while _RETRIES:
+        _RETRIES.pop().cancel()
 
 
 def run_args(module: str) -> None:

@@ -118,7 +118,8 @@ class ActionPredictionTask:
     def incontext_eval(self, run, step) -> dict:
         """Rollouts with frozen weights on the validation goals and a train-goal sample (main process; the
         others wait). The test goals are left to evaluate.py: training-time figures may steer choices."""
-        from evaluate import eval_goals, eval_scalars, incontext_rollout, summarize
+        from metrics import eval_scalars, summarize
+        from rollout import eval_goals, incontext_rollout
 
         out = {}
         if run.is_main:

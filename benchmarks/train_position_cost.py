@@ -12,7 +12,7 @@ exact  the sample holds all m segments before its window: m - bptt_segments fold
 carry  the sample holds the newest min(m, bptt_segments) segments and starts from the lane's carried memory
        (attached before the timed steps, as in steady state: every memory is carried)
 
-Batches come from synthetic random-walk histories through dataset.window_specs / HistoryBatches (the same
+Batches come from synthetic random-walk histories through schedules.window_specs / HistoryBatches (the same
 gather as training). The variants run interleaved, round by round; the reported figure is the median over
 the timed rounds. Writes benchmarks/out/train_position_cost.json (train_position_cost_kept.json with
 --keep-recent > 0).
@@ -43,10 +43,11 @@ from common import (
 )
 
 import loop
-from dataset import HistoryBatches, gather_batch, window_specs
+from dataset import HistoryBatches, gather_batch
 from model import build_model
 from model.compressed_ad import LatentCarry
 from model.losses import action_loss
+from schedules import window_specs
 
 MODES = ("exact", "carry")
 

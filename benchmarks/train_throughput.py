@@ -52,6 +52,7 @@ from common import (
 )
 
 import loop
+from config_check import COMPILE_BACKENDS, COMPILE_MODES
 from dataset import HistoryBatches
 from model import build_model
 from model.losses import action_loss
@@ -77,7 +78,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds first (default 2; 3 with --compile)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="autocast dtype (train.py's "
                                                                          "mixed_precision=bf16)")
-    p.add_argument("--compile", default=None, choices=list(loop.COMPILE_MODES + loop.COMPILE_BACKENDS),
+    p.add_argument("--compile", default=None, choices=list(COMPILE_MODES + COMPILE_BACKENDS),
                    help="torch.compile both models with this mode (train.py's compile=...)")
     p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
                    help="model.static_shapes (default: on with --compile, else the yaml's value)")

@@ -304,15 +304,15 @@ COMPUTE_COLUMNS = (  # what each arm paid (done.json's compute, this process's t
 
 
 def source_search_use(data_path: str | None) -> dict | None:
-    """The source algorithm's own search vs use (evaluate.search_and_use) on the test goals' histories of the
+    """The source algorithm's own search vs use (metrics.search_and_use) on the test goals' histories of the
     dataset: the yardstick of the memory table's episodes-to-first-goal and return-after-found columns."""
     meta = read_json(Path(data_path) / "meta.json") if data_path else None
     if not meta:
         return None
     from collect import episode_returns
     from env import task_optimal_return
-    from evaluate import search_and_use
     from histories import load_histories
+    from metrics import search_and_use
     from transition import REWARD
 
     env = meta["env"]
@@ -423,7 +423,7 @@ def memory_markdown(rep: dict) -> str:
                    "there). Memory probe: same-position held-out NLL with the latents rebuilt from the whole "
                    "history minus the same with the last compressed segment only (k1), per run, with the t-interval "
                    "over seeds (negative: the memory holds something beyond its last segment); AD has none. "
-                   "Search vs use (evaluate.search_and_use, test goals): the fraction of rollout streams that ever "
+                   "Search vs use (metrics.search_and_use, test goals): the fraction of rollout streams that ever "
                    "found the goal, the first episode with a positive return, and the mean return / optimal of every "
                    "episode after it; the source row scores the dataset's own test-goal histories. NLL: train.py's "
                    "final same-position loss (done.json). Rollout ms/step: wall time per lockstep rollout step of "

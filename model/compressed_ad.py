@@ -277,7 +277,7 @@ def _pad_state(states: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCarry:
-    """sampler.memory=carry: the memory each batch row (a lane of dataset.carry_specs) carries from one
+    """sampler.memory=carry: the memory each batch row (a lane of schedules.carry_specs) carries from one
     micro-batch to the next, Transformer-XL / RMT style, so a sample's cost does not grow with its window's
     position: it folds only its newest min(m, model.bptt_segments) segments, from the memory the lane's
     previous sample left after its oldest fold (computed with the weights of that step: stale by one

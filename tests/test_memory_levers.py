@@ -1,5 +1,5 @@
 """Issue-11 lever for a memory that remembers: the gated latent update (model.latent_update=gated). Its
-equivalence between training and rollouts at depth >= 10 is in tests/test_schedule.py (parametrised with
+equivalence between training and rollouts at depth >= 10 is in tests/test_schedules.py (parametrised with
 the gated update). (The long-memory readout lever was measured worse and removed: docs/design.md §9.)"""
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -27,6 +28,7 @@ import pretrain_encoder
 import rundir
 import train
 from atomic_io import PathLock
+from errors import UserError
 from histories import DatasetError, load_histories
 from model.checkpoint import EncoderCheckpointError, save_encoder_checkpoint
 from model.config import ConfigError
@@ -37,6 +39,16 @@ def _raises(exc, match, fn, *a):
         fn(*a)
     assert "\n" not in str(ei.value), str(ei.value)
     return str(ei.value)
+
+
+def _raises_cli(exc, match, fn, cfg) -> str:
+    """As _raises, for the line the CLI layer prints: a disk error during training becomes one line in
+    hydra_cli.as_user_error, not in the loop."""
+    with pytest.raises(BaseException) as ei:
+        fn(cfg)
+    err = hydra_cli.as_user_error(ei.value, cfg) if not isinstance(ei.value, UserError) else ei.value
+    assert isinstance(err, exc) and re.search(match, str(err)) and "\n" not in str(err), (ei.value, err)
+    return str(err)
 
 
 def _collect(path: Path, *overrides: str, capsys=None) -> dict:
@@ -115,6 +127,46 @@ def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, 
                         f"continue with the same command plus resume=true")
     assert json.loads((run / "config.json").read_text())["lr"] == 0.001  # the second run wrote nothing
     assert not (tmp_path / ".race.lock").exists()
+
+
+
+def test_a_swallowed_ctrl_c_is_raised_again(monkeypatch):
+    """The CLI's SIGINT handler raises KeyboardInterrupt again until the CLI has caught one, so an interrupt that
+    a library drops on its way up still stops the run."""
+    monkeypatch.setattr(hydra_cli, "CTRL_C_RETRY_S", 0.5)
+    previous = signal.signal(signal.SIGINT, hydra_cli._on_ctrl_c)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the first one, swallowed below as a library might
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            time.sleep(10)
+        assert time.perf_counter() - t0 < 5
+    finally:
+        hydra_cli._stop_retrying()
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_and_disk_errors_become_one_line_in_the_cli(tiny, tmp_path):
+    """hydra_cli.as_user_error: where a training run's last checkpoint is, or that there is none yet; the plain
+    line for other scripts; a full disk in training; anything else keeps its traceback (None)."""
+    cfg = tiny.compose("train", "checkpoint_every=3", run_dir=tmp_path / "r")
+    err = hydra_cli.as_user_error(KeyboardInterrupt(), cfg)
+    assert isinstance(err, hydra_cli.Interrupted) and err.exit_code == 130
+    assert str(err) == ("interrupted before the first checkpoint (checkpoint_every=3), nothing to resume: run the "
+                        "same command again to start over")
+    ck = tmp_path / "r" / "checkpoints" / "step-00000003"
+    ck.mkdir(parents=True)
+    for name in ("loop_state.json", "optimizer.bin", "model.safetensors"):  # what rundir counts as complete
+        (ck / name).write_text("{}")
+    assert str(hydra_cli.as_user_error(KeyboardInterrupt(), cfg)) == (
+        f"interrupted; the last checkpoint is {ck} (step 3): continue with the same command plus resume=true")
+    ev = compose("evaluate", [f"run_dir={tmp_path / 'r'}"])
+    assert str(hydra_cli.as_user_error(KeyboardInterrupt(), ev)).startswith("interrupted; outputs are written")
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "x"))
+    assert isinstance(hydra_cli.as_user_error(full, cfg), rundir.RunDirError)
+    assert hydra_cli.as_user_error(full, ev) is None and hydra_cli.as_user_error(ValueError("bug"), cfg) is None
 
 
 def test_two_process_launch_on_a_locked_run_dir_fails_on_every_rank(tiny, tmp_path):
@@ -454,11 +506,11 @@ def test_read_only_run_dir_is_one_line(tiny, finished, tmp_path, monkeypatch, on
     run = tmp_path / "run"
     shutil.copytree(finished / "runs" / "done", run)
     monkeypatch.setattr(rundir, "atomic_write_text", _oserror(errno.EROFS))
-    _raises(rundir.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
-            tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
+    _raises_cli(rundir.RunDirError, r"\(read-only file system\); nothing complete was lost", train.main,
+                tiny.compose("train", "max_steps=3", "resume=true", data_path=finished / "data", run_dir=run))
     monkeypatch.setattr(rundir, "_remove", _oserror(errno.EACCES))
-    _raises(rundir.RunDirError, r"\(permission denied\)", train.main,
-            tiny.compose("train", "max_steps=3", "overwrite=true", data_path=finished / "data", run_dir=run))
+    _raises_cli(rundir.RunDirError, r"\(permission denied\)", train.main,
+                tiny.compose("train", "max_steps=3", "overwrite=true", data_path=finished / "data", run_dir=run))
     import tempfile
 
     monkeypatch.setattr(tempfile, "TemporaryFile", _oserror(errno.EROFS))
@@ -481,7 +533,8 @@ def test_only_project_errors_become_one_line():
     assert not any(issubclass(e, UserError) for e in (ValueError, FileNotFoundError, OSError, RuntimeError))
     # every project error class is a UserError (so the CLI catches it without naming it)
     for cls in (DatasetError, EncoderCheckpointError, ConfigError, RunDirError, NonFiniteLossError,
-                hydra_cli.UnknownKeyError, evaluate.EvalError, ReportError, SweepError, PipelineError):
+                hydra_cli.UnknownKeyError, hydra_cli.Interrupted, evaluate.EvalError, ReportError, SweepError,
+                PipelineError):
         assert issubclass(cls, UserError), cls
     assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
     assert collect.ConfigError is ConfigError
@@ -595,5 +648,5 @@ def test_disk_full_writing_model_pt_is_one_line(tiny, tmp_path, monkeypatch, one
             return real_save(obj, path)
 
     monkeypatch.setattr(train, "atomic_torch_save", full_save)
-    _raises(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was lost",
-            train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))
+    _raises_cli(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was "
+                r"lost", train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))

@@ -19,6 +19,7 @@ import torch
 
 import loop
 import rundir
+from optim import lr_lambda
 
 KILLED = -9  # subprocess returncode of a SIGKILLed child
 
@@ -128,7 +129,7 @@ def acc_state():
     acc = loop.make_accelerator(s)
     model = torch.nn.Linear(3, 2)
     opt = loop.make_optimizer(model, s)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, loop._lr_lambda(s))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s))
     model, opt, sched = acc.prepare(model, opt, sched)
     state = loop._LoopState()
     acc.register_for_checkpointing(state)

@@ -1,6 +1,6 @@
 """teacher_forced.py: the same-position held-out evaluation replays each model's ROLLOUT schedule exactly.
 
-The reference is a real evaluate.incontext_rollout (sampled actions, KV cache on) with record=True: scoring
+The reference is a real rollout.incontext_rollout (sampled actions, KV cache on) with record=True: scoring
 its recorded transitions through `rollout_logits` must give the log-probabilities the rollout itself gave
 the actions it took, at every step, across many compressions (CompressedAD) and a sliding window (AD).
 """
@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 
 import teacher_forced as tf
 from env import goal_split
-from evaluate import incontext_rollout
 from model import build_model
+from rollout import incontext_rollout
 
 ENV = {"name": "darkroom", "grid_size": 9, "horizon": 20, "n_actions": 5, "reward_mode": "every_step",
        "train_frac": 0.9, "split_seed": 0}

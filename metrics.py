@@ -1,0 +1,183 @@
+"""Metrics of in-context rollouts (docs/design.md §7): pure functions of returns arrays and learning curves,
+shared by evaluate.py, train.py's periodic eval and the experiment reports.
+
+    summarize(returns, optimal, last_k=5, horizon=None, events=None) -> dict   (the headline numbers, curves)
+    eval_scalars(summary, split) -> {tensorboard tag: value}
+    search_and_use(returns, optimal), learning_speed(curve, optimal_mean), episodes_to(curve, target)
+    source_reference(meta, split, optimal_mean): the source algorithm's own curve, scored the same way
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from errors import EvalError
+
+LEARNING_SPEED_FRACS = (0.5, 0.8, 0.9)
+MOVING_WINDOW = 5
+
+
+def episodes_to(curve, target: float, window: int = MOVING_WINDOW) -> int | None:
+    """First episode e (1-based) at which the mean return of episodes e-window+1 .. e reaches `target`;
+    only full windows count (e >= window, or the whole curve if it is shorter). None if never."""
+    c = np.asarray(curve, dtype=np.float64)
+    w = min(window, len(c))
+    if w == 0:
+        return None
+    mov = np.convolve(c, np.ones(w) / w, mode="valid")  # mov[i] = mean of c[i .. i+w-1]
+    hit = np.nonzero(mov >= target - 1e-9)[0]
+    return int(hit[0] + w) if len(hit) else None
+
+
+def learning_speed(curve, optimal_mean: float) -> dict:
+    """episodes_to_<f>: first episode whose 5-episode moving mean reaches f x optimal (None if never), for
+    f in 0.5 / 0.8 / 0.9; auc_normalized: the area under the normalised return curve, i.e. the mean over
+    episodes of return / optimal (1.0 = optimal from the first episode on)."""
+    out = {f"episodes_to_{f}": episodes_to(curve, f * optimal_mean) for f in LEARNING_SPEED_FRACS}
+    out["auc_normalized"] = float(np.mean(curve)) / optimal_mean if optimal_mean > 0 else None
+    return out
+
+
+def search_and_use(returns, optimal) -> dict:
+    """Splits in-context learning into finding the goal and using what was found, per rollout stream (goal,
+    seed), an episode "finds" the goal when its return is > 0 (Darkroom pays only on the goal cell; in Dark
+    Key-to-Door the first reward is the key, so "found" means the key was found: the door has its own
+    fractions, `event_metrics`):
+      found_goal_frac                 fraction of streams that found the goal at least once
+      episodes_to_first_goal          mean 1-based episode of the first find, over the streams that found it
+      return_after_found_normalized   mean return / that goal's optimal over every episode AFTER the first find
+                                      (streams whose first find was their last episode add nothing): how well
+                                      the learner returns to a goal it has seen — what memory is for
+    A learner that explores well but forgets scores early finds and a low return after; one that remembers but
+    explores poorly, late finds and a high return after."""
+    r = np.asarray(returns, dtype=np.float64)
+    opt = np.asarray(optimal, dtype=np.float64)
+    found = r > 0
+    any_found = found.any(axis=2)  # [G, S]
+    first = found.argmax(axis=2)  # [G, S], 0 where never found (masked by any_found)
+    after = []
+    for g, s_ in zip(*np.nonzero(any_found)):
+        rest = r[g, s_, first[g, s_] + 1:]
+        if rest.size and opt[g] > 0:
+            after.append(rest / opt[g])
+    return {
+        "found_goal_frac": float(any_found.mean()),
+        "episodes_to_first_goal": float(first[any_found].mean() + 1) if any_found.any() else None,
+        "return_after_found_normalized": float(np.concatenate(after).mean()) if after else None,
+    }
+
+
+def event_metrics(events: dict, k: int) -> dict:
+    """Dark Key-to-Door's per-episode events (incontext_rollout's 'events': name -> bool [n_goals, n_seeds,
+    n_episodes]) as fractions of rollout streams: <name>_curve per episode, <name>_first (episode 1),
+    <name>_last_k (mean over the last k episodes). Names: key_found, door_found."""
+    out = {}
+    for name, ev in (events or {}).items():
+        curve = np.asarray(ev, dtype=np.float64).mean(axis=(0, 1))
+        out.update({f"{name}_curve": curve.tolist(), f"{name}_first": float(curve[0]),
+                    f"{name}_last_k": float(curve[-k:].mean())})
+    return out
+
+
+def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None, events: dict | None = None) -> dict:
+    """Scalar metrics and curves of a rollout. Plain Python floats/lists (JSON-ready).
+
+    returns [n_goals, n_seeds, n_episodes]; optimal [n_goals]. Means are over goals and seeds; "std" is
+    the (population, ddof=0) std over seeds of the goal-averaged quantity, i.e. the seed-to-seed spread.
+    Normalised values divide by the mean optimal return over the goals (None if that is 0).
+      curve / curve_std         per-episode mean return, and its std over seeds
+      first_episode             episode-1 mean return (before any in-context learning)
+      last_k_mean / last_k_std  mean return over the last k = min(last_k, n_episodes) episodes (the headline)
+      mean_return               mean over all episodes
+      *_normalized              the above divided by optimal_mean
+      episodes_to_0.5/0.8/0.9   learning speed: first episode whose 5-episode moving mean return reaches that
+                                fraction of optimal_mean (null if never; see `episodes_to`)
+      auc_normalized            area under the normalised curve = mean_return_normalized
+      per_goal_last             last-k mean return of each goal (goal order), so a goal the model never
+                                learns is visible; per_goal_last_normalized divides by each goal's optimal
+      found_goal_frac, episodes_to_first_goal, return_after_found_normalized: search vs use (`search_and_use`)
+      reward_per_step           mean_return / horizon: the reward rate of the whole rollout, learning included;
+      reward_per_step_last_k    last_k_mean / horizon. Both only when horizon is given.
+      key_found_* / door_found_*  Dark Key-to-Door (pass incontext_rollout's 'events'): fraction of streams that
+                                found the key / opened the door, per episode, in episode 1 and over the last k
+                                (`event_metrics`)
+    """
+    r = np.asarray(returns, dtype=np.float64)
+    opt = np.asarray(optimal, dtype=np.float64)
+    if r.ndim != 3 or min(r.shape) == 0:
+        raise EvalError(f"returns must be a non-empty [n_goals, n_seeds, n_episodes] array, got {r.shape}")
+    if opt.shape != (r.shape[0],):
+        raise EvalError(f"optimal must have shape [{r.shape[0]}] (one per goal), got {opt.shape}")
+    if last_k < 1:
+        raise EvalError(f"last_k={last_k} must be >= 1")
+    k = min(int(last_k), r.shape[2])
+    per_seed = r.mean(axis=0)  # [S, N]: each seed's goal-averaged learning curve
+    curve = per_seed.mean(axis=0)
+    opt_mean = float(opt.mean())
+    first, last, mean = float(curve[0]), float(curve[-k:].mean()), float(curve.mean())
+
+    def norm(v: float) -> float | None:
+        return v / opt_mean if opt_mean > 0 else None
+
+    per_goal = r[:, :, -k:].mean(axis=(1, 2))
+    out = {
+        "n_goals": int(r.shape[0]), "n_seeds": int(r.shape[1]), "n_episodes": int(r.shape[2]), "last_k": k,
+        "curve": curve.tolist(), "curve_std": per_seed.std(axis=0).tolist(),
+        "optimal_mean": opt_mean,
+        "first_episode": first, "last_k_mean": last, "mean_return": mean,
+        "last_k_std": float(per_seed[:, -k:].mean(axis=1).std()),
+        "first_episode_normalized": norm(first), "last_k_normalized": norm(last),
+        "mean_return_normalized": norm(mean),
+        **learning_speed(curve, opt_mean),
+        **search_and_use(r, opt),
+        "per_goal_last": per_goal.tolist(),
+        "per_goal_last_normalized": [float(v / o) if o > 0 else None for v, o in zip(per_goal, opt)],
+    }
+    if horizon is not None:
+        out["reward_per_step"] = mean / horizon
+        out["reward_per_step_last_k"] = last / horizon
+    out.update(event_metrics(events, k))
+    return out
+
+
+def eval_scalars(summary: dict, split: str) -> dict[str, float]:
+    """TensorBoard tags (all under eval/) for one split ('test', 'val' or 'train'). train.py's periodic eval
+    logs these too, so both writers put the same quantity on the same chart:
+      eval/return_<split>             mean return of the last k episodes (the headline number)
+      eval/return_<split>_last<k>     the same value, with k in the name (k is clipped to n_episodes)
+      eval/return_<split>_first       episode-1 mean return (before in-context learning)
+      eval/return_<split>_normalized  last-k mean / mean optimal return
+      eval/reward_per_step_<split>    mean reward per env step over the whole rollout (needs horizon)
+      eval/auc_<split>_normalized     area under the normalised return curve (learning speed)
+      eval/episodes_to_0.8_<split>    first episode whose 5-episode mean reaches 0.8 x optimal (absent if
+                                      never reached: an absent point, not a fake number)
+      eval/key_found_<split>, eval/door_found_<split>   Dark Key-to-Door: fraction of rollouts that found the
+                                      key / opened the door, mean over the last k episodes
+    """
+    k = summary["last_k"]
+    tags = {
+        f"eval/return_{split}": summary["last_k_mean"],
+        f"eval/return_{split}_last{k}": summary["last_k_mean"],
+        f"eval/return_{split}_first": summary["first_episode"],
+        f"eval/return_{split}_normalized": summary["last_k_normalized"],
+        f"eval/reward_per_step_{split}": summary.get("reward_per_step"),
+        f"eval/auc_{split}_normalized": summary.get("auc_normalized"),
+        f"eval/episodes_to_0.8_{split}": summary.get("episodes_to_0.8"),
+        f"eval/key_found_{split}": summary.get("key_found_last_k"),
+        f"eval/door_found_{split}": summary.get("door_found_last_k"),
+    }
+    return {t: float(v) for t, v in tags.items() if v is not None}
+
+
+
+def source_reference(meta: dict, split: str, optimal_mean: float) -> dict | None:
+    """The source algorithm's own learning curve on the split's goals (mean over its histories, from the
+    dataset's meta.json) with the same learning-speed metrics, as the yardstick of in-context learning.
+    None if the dataset has no histories for that split (the train sample uses the train-goal curve).
+    Dark Key-to-Door datasets add the source's key_found / door_found curves (collect.found_curves)."""
+    curve = meta.get("return_curve" if split == "train" else f"return_curve_{split}")
+    if not curve:
+        return None
+    found = {f"{k}_curve": list(v) for k, v in (meta.get("found_curves") or {}).get(split, {}).items()}
+    return {"curve": list(curve), **learning_speed(curve, optimal_mean), **found}
+

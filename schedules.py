@@ -1,0 +1,145 @@
+"""Sample schedules: which transitions a training sample holds, decided (as index arrays, `SampleSpecs`) before
+anything is gathered. dataset.py gathers the batches from these specs; the draw order of each function defines
+the data stream, so a global batch is a pure function of (seed, k).
+
+One sample = d compressed segments followed by a decoder window, all consecutive transitions of one
+learning history (docs/design.md §4.4):
+
+    history h:  ... | seg 1 | seg 2 | ... | seg d | window | ...
+                    ^ start (uniform so that everything fits in the T steps)
+
+    d          ~ depth_weights over 0..max_depth        (default weight(d) = d + 1, i.e. 1:2:3:4)
+    len(seg i) ~ U{min_seg_len .. seg_len}             (rollout compresses at exactly seg_len; shorter
+                                                          segments make the encoder robust to it)
+    len(win)   ~ U{win_len_min .. win_len_max}         (default: both = seg_len, see below)
+
+Why full windows are the default: the decoder's loss is cross-entropy at *every* window position
+(docs/design.md §4.2), and the decoder is causal, so a window of length seg_len already carries the labels of
+every shorter prefix window (position t only sees positions <= t). Drawing shorter windows would only
+throw labels away. The AD baseline uses the same sampler with max_depth=0 and
+win_len_min = win_len_max = its context length.
+
+Schedules (config key sampler.schedule / sampler.memory): `sample_specs` (random: the distribution above),
+`rollout_specs` (rollout: cut where a rollout cuts its history), `carry_specs` (memory=carry: lanes that walk
+a history window by window); `window_specs` is the rollout geometry both of the latter use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class SampleSpecs:
+    """Where each sample of a batch lives in the histories; all arrays have leading dim B.
+
+    Segment slots are laid out right-aligned over `max_depth` slots (unused slots: length 0, start 0);
+    a batch keeps only the last D = max(depth) slots.
+    """
+
+    hist: np.ndarray       # int64 [B]             history index
+    depth: np.ndarray      # int64 [B]             number of compressed segments
+    seg_len: np.ndarray    # int64 [B, max_depth]  right-aligned segment lengths
+    seg_start: np.ndarray  # int64 [B, max_depth]  first time step of each segment
+    win_start: np.ndarray  # int64 [B]             first time step of the window
+    win_len: np.ndarray    # int64 [B]             (0 for stage-1 samples, which have no window)
+    # sampler.memory=carry only: the window's index m in its history; its m - depth older segments are
+    # folded into a memory the training task carries from the previous micro-batch (LatentCarry).
+    window: np.ndarray | None = None  # int64 [B]
+
+    def __len__(self) -> int:
+        return len(self.hist)
+
+    def rows(self, sl: slice) -> SampleSpecs:
+        return SampleSpecs(self.hist[sl], self.depth[sl], self.seg_len[sl], self.seg_start[sl],
+                           self.win_start[sl], self.win_len[sl], None if self.window is None else self.window[sl])
+
+
+def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int,
+                 depths: np.ndarray, depth_probs: np.ndarray, max_depth: int,
+                 seg_len: int, min_seg_len: int, win_len_min: int, win_len_max: int) -> SampleSpecs:
+    """Draw n sample specs at once (vectorised). The draw order is fixed: it defines the data stream.
+
+    Segment lengths are drawn for all max_depth slots and the leading (unused) ones are zeroed, so the
+    number of random draws does not depend on the depths drawn.
+    """
+    hist = pool[rng.integers(0, len(pool), size=n)]
+    depth = depths[rng.choice(len(depths), size=n, p=depth_probs)].astype(np.int64)
+    lens = rng.integers(min_seg_len, seg_len + 1, size=(n, max_depth), dtype=np.int64)
+    used = np.arange(max_depth) >= (max_depth - depth)[:, None]          # right-aligned slots
+    lens = np.where(used, lens, 0)
+    win_len = rng.integers(win_len_min, win_len_max + 1, size=n, dtype=np.int64)
+    total = lens.sum(axis=1) + win_len
+    start = rng.integers(0, n_steps - total + 1, dtype=np.int64)          # array bound: per sample
+    # Segments are consecutive: exclusive cumulative sum of the (right-aligned) lengths.
+    offsets = np.cumsum(lens, axis=1) - lens
+    seg_start = np.where(used, start[:, None] + offsets, 0)
+    win_start = start + lens.sum(axis=1)
+    return SampleSpecs(hist, depth, lens, seg_start, win_start, win_len)
+
+
+def n_rollout_windows(n_steps: int, seg_len: int, keep_recent: int = 0, max_windows: int | None = None) -> int:
+    """Full rollout windows of a T-step history: (T - S) // F + 1 with F = S - keep_recent (T // S when
+    keep_recent = 0), capped at max_windows."""
+    n_full = (n_steps - seg_len) // (seg_len - keep_recent) + 1
+    return n_full if max_windows is None else min(int(max_windows), n_full)
+
+
+def window_specs(hist: np.ndarray, window: np.ndarray, depth: np.ndarray, n_slots: int, seg_len: int,
+                 keep_recent: int = 0) -> SampleSpecs:
+    """Rollout window m = `window` of each history `hist` (steps [m*F, m*F + S), F = S - keep_recent) with its
+    newest `depth` segments (m - depth .. m - 1, each [j*F, (j+1)*F)) right-aligned over n_slots slots."""
+    f = seg_len - keep_recent
+    j = np.arange(n_slots, dtype=np.int64)[None, :] - (n_slots - depth)[:, None]  # slot's index among the used
+    used = j >= 0
+    seg_len_arr = np.where(used, f, 0).astype(np.int64)
+    seg_start = np.where(used, (window - depth)[:, None] + j, 0).astype(np.int64) * f
+    win_len = np.full(len(hist), seg_len, dtype=np.int64)
+    return SampleSpecs(hist, depth, seg_len_arr, seg_start, window * f, win_len, window)
+
+
+def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int, seg_len: int,
+                  max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
+    """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream).
+
+    A rollout starts its window empty at step 0 of the history and folds it into the latents every seg_len
+    steps, so its m-th window covers steps [m*S, (m+1)*S) and is decoded from the latents of segments
+    0 .. m-1, each exactly S = seg_len long, at fixed phases. A sample here is exactly that: window index m
+    drawn uniformly from the M = min(T // S, max_windows) windows of the history (so every history step is
+    equally likely to be labelled), preceded by all m segments from step 0. Slots are right-aligned over
+    M-1 slots; the model decides how many of the newest folds get gradients (model.bptt_segments).
+
+    keep_recent = K > 0 (the kept window): a fold takes only the oldest F = S - K transitions of the full
+    window, so window m covers steps [m*F, m*F + S), segment j is [j*F, (j+1)*F), and the history holds
+    M = (T - S) // F + 1 full windows (n_rollout_windows). Same draws in the same order for every K.
+    """
+    n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
+    hist = pool[rng.integers(0, len(pool), size=n)]
+    depth = rng.integers(0, n_win, size=n, dtype=np.int64)               # window index m = folds before it
+    return window_specs(hist, depth, depth, max(n_win - 1, 0), seg_len, keep_recent)
+
+
+def carry_specs(seed: int, k: int, n: int, pool: np.ndarray, n_steps: int, seg_len: int, n_slots: int,
+                max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
+    """Global micro-batch k of sampler.memory=carry: row i is a LANE that walks through one history window
+    by window, one window per micro-batch, Transformer-XL / RMT style, so the memory the previous
+    micro-batch built for it is the one this window needs. Lane i is at position p = k + o_i (o_i uniform
+    over 0 .. M-1, fixed per (seed, n): lanes sit at every depth at once); p // M counts its histories so
+    far, each drawn uniformly from the pool, and m = p % M is its window. The sample holds the window and
+    its newest min(m, n_slots) segments; the older m - min(m, n_slots) are the carried memory's. A pure
+    function of (seed, k, n), like every batch."""
+    n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
+    offset = np.random.default_rng([seed, 1, n]).integers(0, n_win, size=n)  # 3 words: no batch's stream
+    pos = int(k) + offset
+    lap, window = pos // n_win, (pos % n_win).astype(np.int64)
+    hist = np.array([pool[np.random.default_rng([seed, 2, i, int(r)]).integers(0, len(pool))]
+                     for i, r in enumerate(lap)], dtype=np.int64)
+    return window_specs(hist, window, np.minimum(window, n_slots), n_slots, seg_len, keep_recent)
+
+
+def default_depth_weights(depths: Sequence[int]) -> list[float]:
+    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1); docs/design.md §4.4."""
+    return [float(d + 1) for d in depths]
