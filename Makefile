@@ -19,9 +19,9 @@ install: $(VENV)/.installed
 test: install
 	$(PY) -m pytest tests
 
-# The edit-test loop: everything but the tests marked slow (about 30 s of CPU vs 4 min for the full suite).
+# The edit-test loop: everything but the tests marked slow, on 2 worker processes (pytest-xdist).
 test-fast: install
-	$(PY) -m pytest tests -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -m "not slow" -n 2 -q
 
 demo: install
 	$(PY) two_stage.py experiment=quick

@@ -12,6 +12,7 @@ from experiments import outdir as od
 from experiments import sweep as sw
 
 
+@pytest.mark.slow
 def test_one_identity_per_out_dir(tmp_path):
     """A rerun with other stage settings (lr, experiment, stage-1 budget, another sweep) into the same out is
     refused in one line naming the keys and an out= to use, and writes nothing; seed, arm, budget, window and

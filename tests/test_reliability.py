@@ -92,6 +92,7 @@ def test_training_refuses_a_locked_run_dir(tiny, tmp_path):
         held.release()
 
 
+@pytest.mark.slow
 def test_second_training_on_a_run_dir_fails_and_ctrl_c_says_how_to_resume(tiny, tmp_path):
     """Two `train.py` on one run_dir: the second fails in one line naming the first's pid, the first is
     untouched. Then Ctrl-C (SIGINT) on the first: one line naming its last checkpoint and resume=true."""
@@ -169,6 +170,7 @@ def test_ctrl_c_and_disk_errors_become_one_line_in_the_cli(tiny, tmp_path):
     assert hydra_cli.as_user_error(full, ev) is None and hydra_cli.as_user_error(ValueError("bug"), cfg) is None
 
 
+@pytest.mark.slow
 def test_two_process_launch_on_a_locked_run_dir_fails_on_every_rank(tiny, tmp_path):
     """accelerate launch (2 gloo ranks): only the main process takes the lock (tests/test_distributed.py
     shows the ranks of one launch share it); against a lock held elsewhere every rank stops, the error is
@@ -400,6 +402,7 @@ def test_collect_warns_when_the_source_does_not_learn(tmp_path, capsys):
     assert "warning: the source did not learn: its last-5-episode return" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_two_stage_refuses_a_dataset_collected_with_other_settings(tiny, tmp_path, monkeypatch, capsys):
     import two_stage
 

@@ -284,6 +284,7 @@ def test_carried_memory_with_fixed_weights_is_the_rollouts_memory(hist, keep, up
         assert torch.allclose(out["logits"][i, lo:], ref[h][m * f + lo:m * f + S], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_carried_memory_resume_equals_a_run_that_drops_the_carry_at_the_resume_step(tiny, tmp_path, monkeypatch):
     """What a resume guarantees with sampler.memory=carry: the carried memories are not in the checkpoint,
     so the first batch after a resume folds them exactly from step 0 with the current weights. A run stopped

@@ -239,6 +239,7 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_command_line_errors_are_one_line(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO))
     from experiments import sweep as sw
