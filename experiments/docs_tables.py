@@ -115,8 +115,20 @@ def memory_vs_3w(rep: dict) -> str:
                      for r in rep["rows"] if any(p["n"] for p in (r.get("paired_3w") or {}).values())])
 
 
+def memory_pairs(rep: dict) -> str:
+    """Each arm against the arm it changes in one design choice (its arm file's `pair_with`), same seed."""
+    from experiments.report import MEMORY_COLUMNS, MEMORY_PAIRED
+
+    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
+    return md_table([{"env": r["env"], "arm": f"`{r['arm']}`", "− arm": f"`{r['paired_with']['vs']}`",
+                      **{f"{heads[k][0]} ({heads[k][2]} is better)": stats.fmt_paired(r["paired_with"][k], heads[k][1])
+                         for k in MEMORY_PAIRED}}
+                     for r in rep["rows"] if r.get("paired_with")
+                     and any(p["n"] for k, p in r["paired_with"].items() if k != "vs")])
+
+
 KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "memory-vs-3w": memory_vs_3w,
-         "budget-paired": budget_paired}
+         "memory-pairs": memory_pairs, "budget-paired": budget_paired}
 
 
 def render(kind: str, record: str, root: Path = ROOT, doc: str = "README.md") -> str:

@@ -363,6 +363,10 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
             row["per_seed"], ref["per_seed"], {k: better[k] for k in MEMORY_PAIRED})
         row["paired_3w"] = {} if ref3 is None or row["arm"] == MEMORY_REFERENCE else stats.paired_records(
             row["per_seed"], ref3["per_seed"], {k: better[k] for k in MEMORY_PAIRED_3W})
+        # an arm file's `pair_with`: the arm it differs from in one design choice (e.g. the kept window)
+        other = ref_row(row, runs.arm_file(row["arm"]).get("pair_with"))
+        row["paired_with"] = None if other is None else {"vs": other["arm"], **stats.paired_records(
+            row["per_seed"], other["per_seed"], {k: better[k] for k in MEMORY_PAIRED})}
     data = {r["env"]: runs.dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for d_ in data.values():
         d_["source_search_use_test"] = source_search_use(d_["path"]) if d_.get("n_steps") else None
@@ -417,6 +421,15 @@ def memory_markdown(rep: dict) -> str:
                   md_table([{**ident(r), **{f"{heads[k][0]} ({heads[k][2]} is better)":
                                             stats.fmt_paired(r["paired_3w"][k], heads[k][1]) for k in MEMORY_PAIRED_3W}}
                             for r in rep["rows"] if any(p["n"] for p in (r.get("paired_3w") or {}).values())])]
+    pw = [r for r in rep["rows"] if r.get("paired_with") and any(
+        p["n"] for k, p in r["paired_with"].items() if k != "vs")]
+    if pw:
+        lines += ["", ("**Paired differences to the arm each one changes** (an arm file's `pair_with`: arm − that "
+                       "arm, same seed and data; mean [95 % t-interval]):"), "",
+                  md_table([{**ident(r), "− arm": f"`{r['paired_with']['vs']}`",
+                             **{f"{heads[k][0]} ({heads[k][2]} is better)":
+                                stats.fmt_paired(r["paired_with"][k], heads[k][1]) for k in MEMORY_PAIRED}}
+                            for r in pw])]
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
                    "0.8: first episode whose 5-episode mean reaches 0.8 of optimal (n counts the seeds that got "

@@ -28,6 +28,13 @@ def test_every_arm_file_declares_its_label_order_and_colour(arm_file):
     assert runs.arm_color(arm_file.stem) == arm["color"]
 
 
+def test_an_arm_is_paired_only_with_an_arm_that_exists():
+    """`pair_with` (the arm one design choice away, e.g. the kept window's K = 0 twin) names an arm file."""
+    pairs = {p.stem: runs.arm_file(p.stem).get("pair_with") for p in ARM_FILES}
+    assert pairs["rollout_gated_kept_carry"] == "rollout_gated_carry"
+    assert all((REPO / "experiments" / "conf" / "arm" / f"{o}.yaml").is_file() for o in pairs.values() if o)
+
+
 def test_arm_order_is_declared_once_per_arm_and_unknown_arms_come_last():
     orders = [runs.arm_file(p.stem)["order"] for p in ARM_FILES]
     assert len(set(orders)) == len(orders), "two arm files declare the same order"

@@ -183,7 +183,7 @@ def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
 
 
 @pytest.mark.slow
-def test_memory_sweep_submitit_local(tmp_path, tiny):
+def test_memory_sweep_submitit_local(tmp_path, tiny, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     r = sweep(tmp_path, tiny.data_path, "sweep=memory", "arm=ad,ad_3w,scratch", "seed=0", "window=20", "env=darkroom",
               "max_steps=4", "sweep.evals.eval.n_episodes=3", *LONG, "hydra/launcher=submitit_local",
@@ -237,6 +237,17 @@ def test_memory_sweep_submitit_local(tmp_path, tiny):
     assert 0 < src["found_goal_frac"] <= 1 and src["episodes_to_first_goal"] >= 1
     assert "| darkroom | source (its own histories) |" in md
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # an arm file's `pair_with` pairs the arm with the one it changes (here: scratch declared as AD 3w's variant)
+    from experiments import report, runs
+
+    arm_file = runs.arm_file
+    monkeypatch.setattr(runs, "arm_file", lambda a: {**arm_file(a), **({"pair_with": "ad_3w"} if a == "scratch" else {})})
+    rows = {row["arm"]: row for row in report.write(out)["rows"]}
+    pw = rows["scratch"]["paired_with"]
+    assert pw["vs"] == "ad_3w" and rows["ad"]["paired_with"] is None
+    assert pw["return_last5_norm"]["diff"] == pytest.approx(rows["scratch"]["stats"]["return_last5_norm"]["mean"]
+                                                            - rows["ad_3w"]["stats"]["return_last5_norm"]["mean"])
+    assert "the arm each one changes" in (out / "table.md").read_text()
 
 
 @pytest.mark.slow
