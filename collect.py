@@ -141,7 +141,7 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
 # progress, n_train) -> uint8 arrays; add new ones here.
 SOURCES = {"qlearning": qlearning_histories}
 
-# Every key of config/collect.yaml (config_check; tests/test_reliability.py keeps this table complete).
+# Every key of config/collect.yaml (config_check; tests/test_config.py keeps this table complete).
 KEY_RULES = {
     **cc.ENV_RULES,
     "seed": cc.integer(0),

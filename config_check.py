@@ -5,7 +5,7 @@ allowed values (ConfigError) before any data is read or anything is written:
     error: save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
 
 Tables are built from the shared pieces below (ENV_RULES, MODEL_RULES, SAMPLER_RULES, LOOP_RULES) plus the script's
-own keys. tests/test_reliability.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
+own keys. tests/test_config.py::test_every_config_key_has_a_rule_and_the_defaults_pass composes every
 script's config and fails if any key lacks a rule, so a new config key must come with its rule (add it to
 the script's table, or to MODEL_RULES / SAMPLER_RULES for a model / sampler key).
 

@@ -219,7 +219,7 @@ def print_table(results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
-# Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_reliability.py).
+# Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_config.py).
 KEY_RULES = {
     **cc.ENV_RULES,
     "run_dir": cc.text(note="a stage-2 run directory holding model.pt"),

@@ -264,7 +264,7 @@ CTRL_C_RETRY_S = 5.0
 def _on_ctrl_c(signum, frame):
     """SIGINT: KeyboardInterrupt, as Python's own handler, and again every CTRL_C_RETRY_S until `run` has caught one. An
     interrupt raised inside a finalizer or a library callback is dropped silently, and a training once kept
-    running after Ctrl-C (tests/test_reliability.py)."""
+    running after Ctrl-C (tests/test_hydra_cli.py)."""
     import threading
 
     # A real signal to the main thread: it also cuts short a blocking call (sleep, a queue wait).

@@ -33,7 +33,7 @@ from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
 
 # Every key of config/train.yaml and its allowed values, checked first thing in main (config_check).
-# tests/test_reliability.py fails when a key of the composed config has no rule here.
+# tests/test_config.py fails when a key of the composed config has no rule here.
 KEY_RULES = {
     **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
     "heldout_every": cc.integer(0, note="same-position loss of the validation histories every this many steps; "

@@ -26,11 +26,19 @@ seg_len 20, batch 8, a handful of steps). Use it instead of collecting your own 
 - `tb_scalars`: a function run_dir -> {tag: [(step, value), ...]} reading the run's TensorBoard events.
 - `one_thread`: torch.set_num_threads(1) for the test (restored after). The machine has 2 shared
   cores; multi-threaded torch under contention is several times slower on these tiny models.
+- `finished` (module-scoped): a root folder holding a private copy of the tiny dataset (data/) and a finished
+  2-step stage-2 run on it (runs/done, checkpoint at step 2), to resume, copy or corrupt.
+- `collect_small(path, *overrides)`: collect.main on a dataset as tiny as `tiny`'s, at `path`.
+- `raises_one_line(exc, match, fn, *args)`: fn(*args) raises `exc` matching `match` in ONE line (the message
+  a user sees); `raises_one_line_in_cli(exc, match, fn, cfg)` the same for the line the CLI error layer
+  (hydra_cli.as_user_error) prints. `oserror(errno)`: a stand-in function that fails with that OS error.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -143,3 +151,51 @@ def tb_scalars():
         return {t: [(e.step, e.value) for e in ea.Scalars(t)] for t in ea.Tags()["scalars"]}
 
     return read
+
+
+@pytest.fixture(scope="module")
+def finished(tiny, tmp_path_factory):
+    """A finished 2-step stage-2 run (checkpoint at step 2) on a private copy of the tiny dataset."""
+    import torch
+
+    import train
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rel")
+    shutil.copytree(tiny.data_path, root / "data")
+    train.main(tiny.compose("train", "max_steps=2", data_path=root / "data", run_dir=root / "runs" / "done"))
+    return root
+
+
+def collect_small(path: Path, *overrides: str) -> dict:
+    """A tiny dataset at `path` (4 streams x 200 steps per train goal unless overridden)."""
+    import collect
+
+    return collect.main(compose("collect", ["source.n_stream=4", "source.n_steps=200", "source.n_stream_eval=1",
+                                            "progress=false", f"data_path={path}", *overrides]))
+
+
+def raises_one_line(exc, match, fn, *a) -> str:
+    with pytest.raises(exc, match=match) as ei:
+        fn(*a)
+    assert "\n" not in str(ei.value), str(ei.value)
+    return str(ei.value)
+
+
+def raises_one_line_in_cli(exc, match, fn, cfg) -> str:
+    """As raises_one_line, for the line the CLI layer prints: a disk error during training becomes one line in
+    hydra_cli.as_user_error, not in the loop."""
+    import hydra_cli
+    from errors import UserError
+
+    with pytest.raises(BaseException) as ei:
+        fn(cfg)
+    err = hydra_cli.as_user_error(ei.value, cfg) if not isinstance(ei.value, UserError) else ei.value
+    assert isinstance(err, exc) and re.search(match, str(err)) and "\n" not in str(err), (ei.value, err)
+    return str(err)
+
+
+def oserror(code):
+    def fail(*a, **kw):
+        raise OSError(code, os.strerror(code))
+    return fail

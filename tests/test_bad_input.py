@@ -76,7 +76,7 @@ CLI_CASES = {
                         "is nan at step"),
     "pretrain_nothing_to_resume": ("pretrain_encoder.py", lambda t, r, f, tmp: ["resume=true", f"run_dir={tmp}/f"],
                                    "resume=true but there is no run in"),
-    # issue 14: these were tracebacks
+    # these were tracebacks once
     "cpu_threads_negative": ("train.py", lambda t, r, f, tmp: ["cpu_threads=-1", f"run_dir={tmp}/g"],
                              "cpu_threads=-1 must be null or an integer in [1, 1024]"),
     "save_every_zero": ("pretrain_encoder.py", lambda t, r, f, tmp: ["model.save_every=0", f"run_dir={tmp}/h"],

@@ -2,7 +2,8 @@
 
 Composed with Hydra's compose API from config/, run through main(cfg), read back with
 histories.load_histories. Checks the arrays against the env's dynamics, that the source learns, the
-meta.json contents, determinism, overwrite refusal (before any work), and the command line.
+meta.json contents, determinism, overwrite refusal (before any work), bad source and env values in one line,
+a warning when the source does not learn, and the command line.
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import collect_small, raises_one_line
 from hydra import compose, initialize_config_dir
 
 import collect
 from env import goal_split, optimal_return
 from histories import DatasetError, load_histories
+from model.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["source.n_stream=3", "source.n_steps=200", "source.n_stream_eval=2",
@@ -212,3 +215,24 @@ def test_key_to_door_source_learns_every_task_and_its_histories_follow_the_rules
         for t in range(ep * 50, ep * 50 + 50):
             ns, r, _ = env.step(torch.from_numpy(a[:, t]))
             assert np.array_equal(ns.numpy(), h.next_states[:, t]) and np.array_equal(r.numpy(), h.rewards[:, t])
+
+
+@pytest.mark.parametrize("override, match", [
+    ("env.horizon=0", r"env.horizon=0 must be an integer in \[1, 100000\]"),
+    ("env.grid_size=1", r"env.grid_size=1 must be an integer in \[2, 256\] \(.*a 1x1 grid has nothing to learn"),
+    ("source.lr=nan", r"source.lr=nan must be a finite number > 0 and <= 1"),
+    ("source.gamma=1", r"source.gamma=1 must be a finite number >= 0 and < 1"),
+    ("source.eps_end=2", r"source.eps_end=2 must be a finite number >= 0 and <= 1"),
+    ("num_threads=-2", r"num_threads=-2 must be an integer in \[0, 1024\]"),
+])
+def test_collect_rejects_bad_source_and_env_values(tmp_path, override, match):
+    raises_one_line(ConfigError, match, collect_small, tmp_path / "ds", override)
+    assert not list(tmp_path.iterdir())
+
+
+def test_collect_warns_when_the_source_does_not_learn(tmp_path, capsys):
+    collect_small(tmp_path / "ok", "source.n_stream=1", "source.n_steps=1000", "source.n_stream_eval=0")
+    assert "did not learn" not in capsys.readouterr().out
+    collect_small(tmp_path / "flat", "source.n_stream=1", "source.n_steps=1000", "source.n_stream_eval=0",
+             "source.lr=1e-9")
+    assert "warning: the source did not learn: its last-5-episode return" in capsys.readouterr().out

@@ -1,6 +1,8 @@
 """The configuration layout (docs/design.md §12): a preset is one folder with one file per stage it changes,
 each key of it differing from the stage's own value; each script composes only its own files of a preset, old
-command-line spellings still work, and a stage's run identity depends on its own keys only."""
+command-line spellings still work, and a stage's run identity depends on its own keys only. Every key of every
+script's config has a rule in that script's KEY_RULES table (config_check), and a bad value is refused before
+anything is written, in one line naming the key and what it may be."""
 
 from __future__ import annotations
 
@@ -10,12 +12,18 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import compose, raises_one_line
 from omegaconf import OmegaConf
 
+import collect
 import config_check as cc
+import evaluate
 import loop
+import pretrain_encoder
 import rundir
+import train
 from hydra_cli import CONFIG_DIR, compose_config, flatten, rewrite_overrides
+from model.config import ConfigError
 
 STAGES = ("collect", "pretrain", "train", "evaluate")
 PRESETS = ("quick", "mid", "full")
@@ -282,3 +290,44 @@ def test_mul_interpolation_multiplies_integers_only():
     for bad in ((2.5, 2), (True, 3), ("4", 2)):
         with pytest.raises(TypeError, match="multiplies integers"):
             mul(*bad)
+
+
+KEY_RULES_OF = {"train": train.KEY_RULES, "pretrain": pretrain_encoder.KEY_RULES, "collect": collect.KEY_RULES,
+           "evaluate": evaluate.KEY_RULES}
+
+
+@pytest.mark.parametrize("name, groups", [("train", []), ("train", ["model=ad_dr"]), ("pretrain", []),
+                                          ("collect", []), ("collect", ["env=darkroom_hard"]), ("evaluate", [])])
+def test_every_config_key_has_a_rule_and_the_defaults_pass(name, groups):
+    """A new config key must come with its rule in the script's KEY_RULES table (config_check)."""
+    from omegaconf import OmegaConf
+
+    cfg = compose(name, groups + (["run_dir=x"] if name == "evaluate" else []))
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    missing = [k for k in cc.leaf_keys(plain) if k not in KEY_RULES_OF[name]]
+    assert not missing, f"config/{name}.yaml keys without a rule in {name}'s KEY_RULES: {missing}"
+    cc.check(cfg, KEY_RULES_OF[name])
+
+
+@pytest.mark.parametrize("script, override, match", [
+    ("train", "heldout_every=-1", r"heldout_every=-1 must be an integer >= 0"),
+    ("train", "cpu_threads=-1", r"cpu_threads=-1 must be null or an integer in \[1, 1024\]"),
+    ("train", "eval.n_episodes=0", r"eval.n_episodes=0 must be an integer >= 1"),
+    ("train", "num_workers=-1", r"num_workers=-1 must be an integer in \[0, 256\]"),
+    ("train", "keep_last=0", r"keep_last=0 must be an integer >= 1"),
+    ("train", "mixed_precision=fp8", r"mixed_precision='fp8' must be one of no, fp16, bf16"),
+    ("train", "progress=3", r"progress=3 must be true or false"),
+    ("train", "model.n_latent=5000", r"model.n_latent=5000 must be an integer in \[1, 1024\]"),
+    ("train", "model.n_latent=30", r"model.n_latent=30 must be <= model.seg_len=20"),
+    ("train", "model.dropout=1.5", r"model.dropout=1.5 must be a finite number >= 0 and < 1"),
+    ("train", "adam_beta2=1.0", r"adam_beta2=1.0 must be a finite number >= 0 and < 1"),
+    ("train", "env.reward_mode=sometimes", r"env.reward_mode='sometimes' must be one of every_step, once"),
+    ("pretrain", "diag_batches=0", r"diag_batches=0 must be an integer >= 1"),
+    ("pretrain", "save_every=-5", r"save_every=-5 must be an integer >= 1"),
+    ("pretrain", "save_every=0", r"save_every=0 must be an integer >= 1"),
+    ("pretrain", "pretrain_lr=0", r"pretrain_lr=0 must be a finite number > 0"),
+])
+def test_bad_value_names_the_key_and_allowed_values(tiny, tmp_path, script, override, match):
+    main = train.main if script == "train" else pretrain_encoder.main
+    raises_one_line(ConfigError, match, main, tiny.compose(script, override, run_dir=tmp_path / "r"))
+    assert not (tmp_path / "r").exists()  # refused before a run dir existed (save_every=0 used to leave one)

@@ -2,7 +2,8 @@
 
 The synthetic transitions encode where they come from, so tests can check every gathered value
 against the source: (sx, sy) = (t % 256, t // 256) and (nsx, nsy) the same for t+1, a = history id,
-r = (t + history id) % 256 (an extra value that must line up too).
+r = (t + history id) % 256 (an extra value that must line up too). The fast-step paths are compared with the plain
+ones they replace: static-shape batches hold the same samples, and the device-side gather equals the host's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from dataset import HistoryBatches, batch_loader, collate, spec_items
+from dataset import HistoryBatches, batch_loader, collate, data_device, spec_items
 from dataset_pretrain import PretrainBatches
 from histories import FORMAT_VERSION, Histories, load_histories, save_histories
 from model.losses import lengths_mask
@@ -312,3 +313,62 @@ def test_memory_mapped_dataset_on_disk(tmp_path):
         for j in range(b["seg"].shape[1]):
             s0, n0 = specs.seg_start[i, 3 - b["seg"].shape[1] + j], b["seg_len"][i, j].item()
             assert np.array_equal(b["seg"][i, j, :n0].numpy(), h.transitions(specs.hist[i], s0, s0 + n0))
+
+
+class RandomHistories:
+    """Random Darkroom-like histories with the attributes the samplers read."""
+
+    def __init__(self, n=12, t=200, g=5, seed=0):
+        rng = np.random.default_rng(seed)
+        self.states = rng.integers(0, g, (n, t, 2), dtype=np.uint8)
+        self.next_states = rng.integers(0, g, (n, t, 2), dtype=np.uint8)
+        self.actions = rng.integers(0, 5, (n, t), dtype=np.uint8)
+        self.rewards = rng.integers(0, 2, (n, t), dtype=np.uint8)
+
+    def split_indices(self, split):
+        return np.arange(len(self.states))
+
+
+def random_stage2(static, **kw):
+    return HistoryBatches(RandomHistories(), "train", batch_size=8, seg_len=10, min_seg_len=4, max_depth=3,
+                          win_len_min=3, win_len_max=10, seed=1, static_shapes=static, **kw)
+
+
+def test_static_batches_hold_the_same_samples_with_fixed_shapes():
+    dyn, sta = random_stage2(False), random_stage2(True)
+    shapes = set()
+    for k in range(6):
+        a, b = dyn[k], sta[k]
+        shapes.add((tuple(b["seg"].shape), tuple(b["win"].shape)))
+        D, W = a["seg"].shape[1], a["win"].shape[1]
+        # Slots are right-aligned: the dynamic batch's D slots are the static batch's last D.
+        assert torch.equal(b["seg"][:, 3 - D:, :, :], a["seg"]) and not b["seg"][:, :3 - D].any()
+        assert torch.equal(b["seg_len"][:, 3 - D:], a["seg_len"]) and not b["seg_len"][:, :3 - D].any()
+        assert torch.equal(b["win"][:, :W], a["win"]) and not b["win"][:, W:].any()
+        assert torch.equal(b["win_len"], a["win_len"]) and torch.equal(b["depth"], a["depth"])
+    assert shapes == {((8, 3, 10, 6), (8, 10, 6))}
+    pre = PretrainBatches(RandomHistories(), "train", batch_size=8, seg_len=10, min_seg_len=4, static_shapes=True)
+    assert {tuple(pre[k]["seg"].shape) for k in range(4)} == {(8, 3, 10, 6)}
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_device_gather_equals_host_gather(static):
+    """The torch gather (run here on the CPU 'device') gives exactly the numpy batches, per rank too."""
+    for rank in (0, 1):
+        host = random_stage2(static, rank=rank, world_size=2)
+        dev = random_stage2(static, rank=rank, world_size=2).to_device("cpu")
+        for k in range(5):
+            a, b = host[k], dev[k]
+            assert a.keys() == b.keys()
+            for key in a:
+                assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (k, key)
+    it = batch_loader(random_stage2(static), start=3, stop=5, device="cpu")
+    got = list(it)
+    assert len(got) == 2 and torch.equal(got[0]["seg"], random_stage2(static)[3]["seg"])
+
+
+def test_data_device_setting():
+    ds = random_stage2(False)
+    assert data_device(None, "cpu", ds) is None  # default: only CUDA
+    assert data_device(True, "cpu", ds) == torch.device("cpu")
+    assert data_device(False, "cpu", ds) is None

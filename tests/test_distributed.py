@@ -2,12 +2,13 @@
 the repo's accelerate_config.yaml, for both training scripts. Checks that 2 ranks really ran, that they
 produced one run directory with one set of logs/checkpoints (rank 1 writes only its RNG state), and that
 the result matches a 1-process run with the same global batch (dropout 0, so the only difference is
-float summation order).
+float summation order). Against a run directory locked elsewhere every rank stops, with the error printed once.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from atomic_io import PathLock
 
 pytestmark = pytest.mark.slow  # subprocesses end to end: make test runs it, make test-fast skips it
 
@@ -117,3 +120,23 @@ def test_pretrain_two_processes_match_one(tiny, tmp_path, tb_scalars):
             assert _max_diff(a[part], b[part]) < 1e-4, (name, part)
     la, lb = tb_scalars(tmp_path / "one")["pretrain/loss"], tb_scalars(tmp_path / "two")["pretrain/loss"]
     assert max(abs(x - y) for (_, x), (_, y) in zip(la, lb)) < 1e-4
+
+
+@pytest.mark.slow
+def test_two_process_launch_on_a_locked_run_dir_fails_on_every_rank(tiny, tmp_path):
+    """accelerate launch (2 gloo ranks): only the main process takes the lock (tests/test_distributed.py
+    shows the ranks of one launch share it); against a lock held elsewhere every rank stops, the error is
+    printed once, and nothing hangs."""
+    from test_distributed import _launch
+
+    held = PathLock(tmp_path / "r")
+    assert held.acquire() is None
+    try:
+        p = _launch(tiny, "train.py", tiny.args("train", run_dir=tmp_path / "r"), nproc=2)
+        _, err = p.communicate(timeout=300)
+    finally:
+        held.release()
+    assert p.returncode != 0
+    errors = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(errors) == 1 and f"is in use by another training (pid {os.getpid()} on" in errors[0], err[-3000:]
+    assert not (tmp_path / "r").exists()

@@ -1,10 +1,14 @@
-"""evaluate.py: main(cfg) end to end on a tiny saved model, and its one-line errors."""
+"""evaluate.py: main(cfg) end to end on a tiny saved model, and its one-line errors (bad values, a missing GPU,
+a model whose weights are not finite)."""
 
+import shutil
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
 import torch
+from conftest import raises_one_line
 from hydra import compose, initialize_config_dir
 
 import evaluate
@@ -88,3 +92,30 @@ def test_load_rejects_an_encoder_checkpoint(tmp_path):
     torch.save({"encoder_state_dict": {}, "config": {"model": TINY}, "global_step": 1}, tmp_path / "model.pt")
     with pytest.raises(evaluate.EvalError, match="not a stage-2 model.pt"):
         evaluate.load_trained_model(tmp_path, "cpu")
+
+
+def test_evaluate_rejects_bad_values_and_names_a_missing_gpu(tmp_path, finished):
+    run = finished / "runs" / "done"
+    raises_one_line(evaluate.EvalError, r"last_k=0 must be an integer >= 1", evaluate.main,
+            conftest.compose("evaluate", [f"run_dir={run}", "last_k=0"]))
+    raises_one_line(evaluate.EvalError,
+            r"splits=\[.test., .holdout.\] must be a non-empty list of distinct values among test, val, train",
+            evaluate.main, conftest.compose("evaluate", [f"run_dir={run}", "splits=[test,holdout]"]))
+    if not torch.cuda.is_available():  # used to say "not a model.pt ... retrain"
+        msg = raises_one_line(evaluate.EvalError, r"device=cuda but this machine has 0 CUDA GPU\(s\): use device=cpu",
+                      evaluate.main, conftest.compose("evaluate", [f"run_dir={run}", "device=cuda"]))
+        assert "retrain" not in msg
+
+
+@pytest.mark.parametrize("sample", ["true", "false"])
+def test_evaluate_refuses_a_nan_model(finished, tmp_path, sample):
+    """Sampling from NaN logits used to crash in torch.multinomial; argmax wrote an all-zero eval.json."""
+    run = tmp_path / "nan"
+    shutil.copytree(finished / "runs" / "done", run)
+    ck = torch.load(run / "model.pt", weights_only=True)
+    key = min(ck["model_state_dict"])
+    ck["model_state_dict"][key].fill_(float("nan"))
+    torch.save(ck, run / "model.pt")
+    raises_one_line(evaluate.EvalError, rf"'model_state_dict.{key}' holds NaN or infinite values", evaluate.main,
+            conftest.compose("evaluate", [f"run_dir={run}", f"sample={sample}", "n_episodes=2", "progress=false"]))
+    assert not (run / "eval.json").exists()

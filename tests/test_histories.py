@@ -2,17 +2,21 @@
 
 Datasets here are small and synthetic (one random-but-valid history per goal), built in milliseconds,
 so each failure mode is tested on its own copy. Every DatasetError must be ONE line that names the
-problem and the fix.
+problem and the fix. A dataset's fingerprint follows its settings, not the time it was collected; what an
+interrupted collect leaves behind is cleaned or restored, and a full disk replaces nothing.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pytest
+from conftest import collect_small, oserror, raises_one_line
 from hydra import compose, initialize_config_dir
 
 import histories
@@ -303,3 +307,39 @@ def test_errors_do_not_modify_the_dataset(saved, tmp_path):
     one_line_error("different env config", path, dict(ENV, horizon=7))
     for f in copy.iterdir():
         assert (path / f.name).read_bytes() == f.read_bytes()
+
+
+def test_fingerprint_follows_the_settings_not_the_time(tmp_path):
+    a = load_histories(collect_small(tmp_path / "a")["data_path"], conftest.compose("collect", []).env)
+    b = load_histories(collect_small(tmp_path / "b")["data_path"], conftest.compose("collect", []).env)
+    c = load_histories(collect_small(tmp_path / "c", "source.n_stream=3")["data_path"], conftest.compose("collect", []).env)
+    assert a.meta["created"] and a.fingerprint == b.fingerprint != c.fingerprint
+    assert len(a.fingerprint) == 16
+
+
+def test_collect_cleans_temp_folders_and_restores_a_hidden_dataset(tiny, tmp_path, capsys):
+    data = tmp_path / "ds"
+    (tmp_path / ".ds.tmp-123-abc").mkdir()
+    (tmp_path / ".ds.tmp-123-abc" / "states.npy").write_bytes(b"partial")
+    shutil.copytree(tiny.data_path, tmp_path / ".ds.old-456-def")  # killed between the overwrite's two renames
+    before = (tmp_path / ".ds.old-456-def" / "actions.npy").read_bytes()
+    raises_one_line(DatasetError, r"no dataset at .*ds, but an interrupted collect left the previous one in .*\.ds\.old-456"
+            r"-def: run `python collect.py", load_histories, data, conftest.compose("collect", []).env)
+    raises_one_line(DatasetError, r"a dataset already exists at", collect_small, data)  # restored first, then not replaced
+    out = capsys.readouterr().out
+    assert "note: restored the previous dataset at" in out and "note: removed .ds.tmp-123-abc" in out
+    assert (data / "actions.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_disk_full_in_collect_keeps_the_old_dataset(tiny, tmp_path, monkeypatch):
+    import histories
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny.data_path, data)
+    before = (data / "actions.npy").read_bytes()
+    monkeypatch.setattr(histories.np, "save", oserror(errno.ENOSPC))
+    raises_one_line(DatasetError, r"cannot write the dataset .*ds \(no space left on device\); nothing was replaced",
+            collect_small, data, "overwrite=true")
+    assert (data / "actions.npy").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]

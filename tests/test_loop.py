@@ -1,15 +1,19 @@
 """loop.py: the training step without a host sync between logs, the deferred non-finite check (same one-line
 error, checkpoints stay finite), torch.compile (validated setting, same training as eager), and the process
-group destroyed at the end of an accelerate-launched fit. Resume: tests/test_resume.py; multi-process:
+group destroyed at the end of an accelerate-launched fit; settings that would be silently ignored (fp16 on the CPU)
+are refused, and a warmup longer than the run is reported. Resume: tests/test_resume.py; multi-process:
 tests/test_distributed.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from conftest import raises_one_line
 
 import loop
 import rundir
+import train
+from model.config import ConfigError
 
 
 def test_compile_setting_is_validated():
@@ -174,3 +178,12 @@ def test_fit_destroys_the_process_group(tiny, tmp_path):
             assert said.endswith("process group alive after fit: False"), said
             assert ("failed: ConfigError" in said) == bool(extra), said
         assert "destroy_process_group" not in r.stderr
+
+
+def test_fp16_on_cpu_is_refused_and_warmup_beyond_the_run_is_reported(tiny, tmp_path, capsys, one_thread):
+    if not torch.cuda.is_available():
+        raises_one_line(ConfigError, r"mixed_precision=fp16 needs a CUDA GPU but this run is on the CPU", train.main,
+                tiny.compose("train", "mixed_precision=fp16", "cpu=true", run_dir=tmp_path / "fp16"))
+        assert not (tmp_path / "fp16").exists()
+    train.main(tiny.compose("train", "max_steps=2", "warmup_steps=10", run_dir=tmp_path / "w"))
+    assert "warning: warmup_steps=10 > max_steps=2: the learning rate is still warming up" in capsys.readouterr().out

@@ -1,13 +1,18 @@
-"""Model behaviour: masks and causality, KV cache == recompute, rollout schedule == training forward."""
+"""Model behaviour: masks and causality, KV cache == recompute, rollout schedule == training forward, the gated
+latent update (model.latent_update=gated; its training == rollout equivalence at depth >= 10 is in
+tests/test_schedules.py), and static shapes (masks instead of .nonzero()) giving the dynamic path's outputs and
+gradients."""
 
 import math
 
 import pytest
 import torch
+from test_dataset import RandomHistories, random_stage2
 
+from dataset_pretrain import PretrainBatches
 from model import AD, CompressedAD, EncoderPretrainer, ModelConfig
 from model.config import ConfigError
-from model.losses import action_loss
+from model.losses import action_loss, reconstruction_loss
 
 SEG = 6
 
@@ -189,3 +194,67 @@ def test_pretrainer_output_shapes_and_depth_check():
     assert out["pred"].shape == (1, 3, SEG, cfg.feat_dim)
     with pytest.raises(ValueError, match="depth >= 1"):
         p({"seg": torch.zeros(1, 0, SEG, 6).long(), "seg_len": torch.zeros(1, 0).long()})
+
+
+def test_a_closed_gate_carries_the_latents_through_a_fold_unchanged_and_an_open_one_replaces_them():
+    S = 8  # the segment length
+    cfg = ModelConfig(grid_size=9, d_model=32, n_head=2, n_layer=1, enc_n_layer=1, n_latent=3, seg_len=S,
+                      dropout=0.0, latent_update="gated")
+    model = CompressedAD(cfg).eval()
+    seg = torch.randint(0, 5, (4, 2, S, 6))
+    seg_len = torch.full((4, 2), S)
+    with torch.no_grad():
+        first, _ = model.compress(seg[:, :1], seg_len[:, :1])
+        torch.nn.init.constant_(model.encoder.gate.bias, -50.0)  # g = 0: keep the previous latents
+        kept, _ = model.compress(seg, seg_len)
+        torch.nn.init.constant_(model.encoder.gate.bias, 50.0)  # g = 1: the plain replacement
+        replaced, _ = model.compress(seg, seg_len)
+        model.encoder.gate = None
+        plain, _ = model.compress(seg, seg_len)
+    assert torch.allclose(kept, first, atol=1e-5)  # the first fold has no previous latents: never gated
+    assert torch.allclose(replaced, plain, atol=1e-5)
+    assert not torch.allclose(kept, plain, atol=1e-3)
+
+
+def static_cfg(**kw):
+    base = {"d_model": 32, "n_head": 2, "n_layer": 1, "enc_n_layer": 1, "n_latent": 3, "seg_len": 10,
+            "context_len": 10, "dropout": 0.0, "grid_size": 5, "recon_n_layer": 1}
+    return ModelConfig(**(base | kw))
+
+
+def test_static_forward_equals_dynamic_forward():
+    """Masks instead of .nonzero(): same logits, segment logits (on used slots), loss and gradients."""
+    torch.manual_seed(0)
+    m = CompressedAD(static_cfg())
+    batch = random_stage2(True)[0]
+    assert batch["depth"].min() < 3  # a mix of depths, so unused slots exist
+    outs = []
+    for static in (False, True):
+        m.cfg.static_shapes = static
+        m.zero_grad()
+        out = m(batch)
+        loss = action_loss(out["logits"], batch, seg_logits=out["seg_logits"])
+        loss["loss"].backward()
+        outs.append((out, loss, {n: p.grad.clone() for n, p in m.named_parameters()}))
+    (o1, l1, g1), (o2, l2, g2) = outs
+    used = (torch.arange(10) < batch["seg_len"][..., None])
+    assert torch.allclose(o1["logits"], o2["logits"], atol=1e-5)
+    assert torch.allclose(o1["seg_logits"][used], o2["seg_logits"][used], atol=1e-5)
+    assert torch.allclose(o1["latents"], o2["latents"], atol=1e-5)
+    assert torch.equal(l1["n_labels"], l2["n_labels"]) and torch.allclose(l1["loss"], l2["loss"], atol=1e-6)
+    for n in g1:
+        assert torch.allclose(g1[n], g2[n], atol=1e-5), n
+
+
+def test_static_pretrainer_equals_dynamic():
+    torch.manual_seed(0)
+    m = EncoderPretrainer(static_cfg())
+    batch = PretrainBatches(RandomHistories(), "train", batch_size=8, seg_len=10, min_seg_len=4, static_shapes=True)[0]
+    preds = []
+    for static in (False, True):
+        m.cfg.static_shapes = static
+        preds.append(m(batch)["pred"])
+    mask = torch.arange(10) < batch["seg_len"][..., None]
+    assert torch.allclose(preds[0][mask], preds[1][mask], atol=1e-5)
+    assert torch.allclose(reconstruction_loss(preds[0], batch["seg"], batch["seg_len"], m.cfg),
+                          reconstruction_loss(preds[1], batch["seg"], batch["seg_len"], m.cfg), atol=1e-6)

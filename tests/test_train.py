@@ -1,17 +1,21 @@
 """Stage 2 (train.py) end to end on tiny configs: TensorBoard scalars, held-out loss, in-context eval,
-model.pt / done.json, the pretrained-encoder and auxiliary-reconstruction paths, and a learning check."""
+model.pt / done.json, the pretrained-encoder and auxiliary-reconstruction paths, the gated latent update, a
+full disk at the end of the run (one line), and a learning check."""
 
 from __future__ import annotations
 
 import json
 import math
+import os
 
+import numpy as np
 import pytest
 import torch
-from conftest import compose
+from conftest import compose, raises_one_line_in_cli
 
 import collect
 import loop
+import rundir
 import train
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
 
@@ -181,3 +185,29 @@ def test_pretrained_path_needs_compressed_model(tiny, tmp_path):
     with pytest.raises(ValueError, match="model=ad_compressed_dr"):
         train.main(cfg)
     assert not (tmp_path / "r").exists()
+
+
+def test_disk_full_writing_model_pt_is_one_line(tiny, tmp_path, monkeypatch, one_thread):
+    """The end of stage 2 on a full disk (torch.save's RuntimeError used to escape as a traceback)."""
+    import atomic_io
+
+    real_save, real_fdopen = atomic_io.atomic_torch_save, os.fdopen
+
+    def full_save(obj, path):
+        with monkeypatch.context() as m:
+            m.setattr(atomic_io.os, "fdopen", lambda fd, mode: (os.close(fd), real_fdopen(
+                os.open("/dev/full", os.O_WRONLY), mode))[1])
+            return real_save(obj, path)
+
+    monkeypatch.setattr(train, "atomic_torch_save", full_save)
+    raises_one_line_in_cli(rundir.RunDirError, r"cannot access .*model.pt \(no space left on device\); nothing complete was "
+                r"lost", train.main, tiny.compose("train", "max_steps=2", run_dir=tmp_path / "r"))
+
+
+def test_train_main_with_the_gated_update(tiny, tmp_path):
+    summary = train.main(tiny.compose("train", "sampler.schedule=rollout", "model.seg_len=8",
+                                      "sampler.min_seg_len=8", "model.bptt_segments=2",
+                                      "model.latent_update=gated", run_dir=tmp_path / "r"))
+    assert np.isfinite(summary["tf_loss_test"])
+    with pytest.raises(ValueError, match="model.latent_update='sideways'"):
+        train.main(tiny.compose("train", "model.latent_update=sideways", run_dir=tmp_path / "bad"))

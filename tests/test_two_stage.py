@@ -15,11 +15,12 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, TINY_MODEL
+from conftest import REPO, TINY_MODEL, raises_one_line
 
 import loop
 import rundir
 import two_stage
+from histories import DatasetError
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
 
 # Shared overrides; two_stage routes each one to the stages whose config has the key.
@@ -494,3 +495,18 @@ def test_ps1_wrapper_passes_options_through(tmp_path):
     ):
         assert piece in t, piece
     assert sys.executable  # same interpreter family; the wrapper picks .venv when present
+
+
+@pytest.mark.slow
+def test_two_stage_refuses_a_dataset_collected_with_other_settings(tiny, tmp_path, monkeypatch, capsys):
+    import two_stage
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--dry-run", f"data_path={tiny.data_path}"]
+    raises_one_line(DatasetError, r"was collected with other settings than asked \(source.n_stream: 4 -> 3\): "
+            r"pass collect:overwrite=true", two_stage.main, [*base, "collect:source.n_stream=3", "source.n_steps=200"])
+    two_stage.main([*base, "--pretrain-only"])  # defaults differ from the tiny data: reused, but said
+    assert "[collect] note: the dataset at" in capsys.readouterr().out
+    for n in ("-1", "0"):
+        raises_one_line(two_stage.PipelineError, rf"--num-processes {n} must be an integer >= 1", two_stage.main,
+                ["--accelerate", "--num-processes", n, *base])
