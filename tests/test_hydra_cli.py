@@ -14,9 +14,7 @@ import signal
 import time
 
 import pytest
-from conftest import (
-    compose,
-)
+from conftest import compose
 
 import collect
 import evaluate

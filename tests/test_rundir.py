@@ -25,13 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    collect_small,
-    compose,
-    oserror,
-    raises_one_line,
-    raises_one_line_in_cli,
-)
+from conftest import collect_small, compose, oserror, raises_one_line, raises_one_line_in_cli
 
 import evaluate
 import loop
