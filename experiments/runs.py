@@ -402,4 +402,6 @@ def memory_run(rec: dict) -> dict:
 def window_label(row: dict) -> str:
     """The raw window a row's decoder sees: AD's context, CompressedAD's seg_len, with the kept part."""
     keep = row.get("keep_recent") or 0
+    if row.get("window") is None:  # no run of the arm got far enough to record its config
+        return "–"
     return f"{row['window']} (keeps {keep})" if keep else str(row["window"])
