@@ -257,7 +257,7 @@ def test_stage2_run_dirs_never_collide(tmp_path):
     assert (run_dir(f"model.pretrained_encoder_path={ckpt}", "model.freeze_encoder=true")
             == "runs/ad_compressed-pretrained-frozen-darkroom-seed0")
     assert run_dir("model=ad_dr", "seed=3") == "runs/ad-darkroom-seed3"
-    # An explicit run_name still wins (compare_pretraining.py and users name their own runs).
+    # An explicit run_name still wins (sweeps and users name their own runs).
     assert run_dir(f"model.pretrained_encoder_path={ckpt}", "run_name=mine") == "runs/mine"
 
 
