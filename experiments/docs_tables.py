@@ -30,7 +30,14 @@ if str(ROOT) not in sys.path:
 
 from atomic_io import atomic_write_text
 from experiments import stats
-from experiments.report import MEMORY_REFERENCE, md_table, window_label
+from experiments.report import (
+    MEMORY_PAIRED,
+    MEMORY_PAIRED_3W,
+    MEMORY_REFERENCE,
+    md_table,
+    memory_paired_table,
+    window_label,
+)
 
 DOCS = ("README.md", "results/README.md", "docs/design.md")
 BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)
@@ -106,25 +113,12 @@ def budget_paired(rep: dict) -> str:
 
 def memory_vs_3w(rep: dict) -> str:
     """Each memory arm against AD with 3x the window (the moonshot bar): paired differences, same seed."""
-    from experiments.report import MEMORY_COLUMNS, MEMORY_PAIRED_3W, MEMORY_REFERENCE_3W
-
-    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
-    return md_table([{"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
-                      **{f"{heads[k][0]} − `{MEMORY_REFERENCE_3W}` ({heads[k][2]} is better)":
-                         stats.fmt_paired(r["paired_3w"][k], heads[k][1]) for k in MEMORY_PAIRED_3W}}
-                     for r in rep["rows"] if any(p["n"] for p in (r.get("paired_3w") or {}).values())])
+    return memory_paired_table(rep["rows"], "paired_3w", MEMORY_PAIRED_3W)
 
 
 def memory_pairs(rep: dict) -> str:
     """Each arm against the arm it changes in one design choice (its arm file's `pair_with`), same seed."""
-    from experiments.report import MEMORY_COLUMNS, MEMORY_PAIRED
-
-    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
-    return md_table([{"env": r["env"], "arm": f"`{r['arm']}`", "− arm": f"`{r['paired_with']['vs']}`",
-                      **{f"{heads[k][0]} ({heads[k][2]} is better)": stats.fmt_paired(r["paired_with"][k], heads[k][1])
-                         for k in MEMORY_PAIRED}}
-                     for r in rep["rows"] if r.get("paired_with")
-                     and any(p["n"] for k, p in r["paired_with"].items() if k != "vs")])
+    return memory_paired_table(rep["rows"], "paired_with", MEMORY_PAIRED)
 
 
 KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "memory-vs-3w": memory_vs_3w,

@@ -377,6 +377,18 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     return _save(out, rep, "summary.json", memory_markdown, plots.memory_plot, "curves.png")
 
 
+def memory_paired_table(rows: list[dict], field: str, metrics: tuple) -> str:
+    """The rows' paired differences stored in row[field] (paired_3w, or paired_with and its "vs" arm) on
+    `metrics`, for the rows with at least one complete pair; "" when none has. report.md and the docs blocks
+    (docs_tables.py) both render these tables."""
+    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
+    have = [r for r in rows if any(p["n"] for k, p in (r.get(field) or {}).items() if k != "vs")]
+    return md_table([{"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
+                      **({"− arm": f"`{r[field]['vs']}`"} if "vs" in r[field] else {}),
+                      **{f"{heads[k][0]} ({heads[k][2]} is better)": stats.fmt_paired(r[field][k], heads[k][1])
+                         for k in metrics}} for r in have]) if have else ""
+
+
 def memory_markdown(rep: dict) -> str:
     def ident(r):
         return {"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r)}
@@ -415,21 +427,14 @@ def memory_markdown(rep: dict) -> str:
                   md_table([{**ident(r), **{f"{heads[k][0]} ({heads[k][2]} is better)":
                                             stats.fmt_paired(r["paired"][k], heads[k][1]) for k in MEMORY_PAIRED}}
                             for r in rep["rows"] if r.get("paired")])]
-    if any(p["n"] for r in rep["rows"] for p in (r.get("paired_3w") or {}).values()):
+    vs_3w = memory_paired_table(rep["rows"], "paired_3w", MEMORY_PAIRED_3W)
+    if vs_3w:
         lines += ["", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same seed "
-                       "and data; mean [95 % t-interval]):"), "",
-                  md_table([{**ident(r), **{f"{heads[k][0]} ({heads[k][2]} is better)":
-                                            stats.fmt_paired(r["paired_3w"][k], heads[k][1]) for k in MEMORY_PAIRED_3W}}
-                            for r in rep["rows"] if any(p["n"] for p in (r.get("paired_3w") or {}).values())])]
-    pw = [r for r in rep["rows"] if r.get("paired_with") and any(
-        p["n"] for k, p in r["paired_with"].items() if k != "vs")]
-    if pw:
+                       "and data; mean [95 % t-interval]):"), "", vs_3w]
+    pairs = memory_paired_table(rep["rows"], "paired_with", MEMORY_PAIRED)
+    if pairs:
         lines += ["", ("**Paired differences to the arm each one changes** (an arm file's `pair_with`: arm − that "
-                       "arm, same seed and data; mean [95 % t-interval]):"), "",
-                  md_table([{**ident(r), "− arm": f"`{r['paired_with']['vs']}`",
-                             **{f"{heads[k][0]} ({heads[k][2]} is better)":
-                                stats.fmt_paired(r["paired_with"][k], heads[k][1]) for k in MEMORY_PAIRED}}
-                            for r in pw])]
+                       "arm, same seed and data; mean [95 % t-interval]):"), "", pairs]
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
                    "0.8: first episode whose 5-episode mean reaches 0.8 of optimal (n counts the seeds that got "
