@@ -313,19 +313,20 @@ def print_summary(s: dict, train_curve: list | None = None) -> None:
     print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_val_histories']:,} "
           f"val, {s['n_test_histories']:,} test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
           f"({s['transitions_per_s'] / 1e6:.2f} M/s) -> {s['data_path']}")
-    print(f"{'mean return':<12}{'random':>9}{'first ep':>10}{'last 5 ep':>11}{'optimal':>9}{'last5/opt':>11}")
-    for split in SPLITS:
-        r = s[split]
-        if r:
-            print(f"{split + ' goals':<12}{r['random']:>9.2f}{r['first_episode']:>10.2f}{r['last5']:>11.2f}"
-                  f"{r['optimal']:>9.2f}{r['last5_frac_optimal']:>11.3f}")
-    if any("key_found_first_episode" in s[split] for split in SPLITS if s[split]):
-        print(f"{'found frac':<12}{'key ep 1':>9}{'key last5':>10}{'door ep 1':>11}{'door last5':>11}")
+    def table(title: str, cols: list[tuple[str, str, int, str]]) -> None:  # (header, key, width, format)
+        print(f"{title:<12}" + "".join(f"{h:>{w}}" for h, _, w, _ in cols))
         for split in SPLITS:
-            r = s[split]
-            if r:
-                print(f"{split + ' goals':<12}{r['key_found_first_episode']:>9.2f}{r['key_found_last5']:>10.2f}"
-                      f"{r['door_found_first_episode']:>11.2f}{r['door_found_last5']:>11.2f}")
+            if s[split]:
+                print(f"{split + ' goals':<12}" + "".join(f"{s[split][k]:>{w}{f}}" for _, k, w, f in cols))
+
+    table("mean return", [("random", "random", 9, ".2f"), ("first ep", "first_episode", 10, ".2f"),
+                          ("last 5 ep", "last5", 11, ".2f"), ("optimal", "optimal", 9, ".2f"),
+                          ("last5/opt", "last5_frac_optimal", 11, ".3f")])
+    if any("key_found_first_episode" in s[split] for split in SPLITS if s[split]):
+        table("found frac", [("key ep 1", "key_found_first_episode", 9, ".2f"),
+                             ("key last5", "key_found_last5", 10, ".2f"),
+                             ("door ep 1", "door_found_first_episode", 11, ".2f"),
+                             ("door last5", "door_found_last5", 11, ".2f")])
     curve = train_curve
     if curve:  # the source's own learning curve on the train goals, at a few episodes
         marks = sorted({1, 2, 5, 10, 20, 50, 100, len(curve)} & set(range(1, len(curve) + 1)))
