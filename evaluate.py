@@ -227,6 +227,7 @@ KEY_RULES = {
     "n_episodes": cc.integer(1),
     "seeds_per_goal": cc.integer(1),
     "n_train_goals": cc.integer(0),
+    "max_heldout_goals": cc.integer(1, null=True, note="the first this many test and val goals; null = all"),
     "last_k": cc.integer(1),
     "sample": cc.flag(),
     "use_cache": cc.flag(),
@@ -288,7 +289,7 @@ def main(cfg: DictConfig) -> dict:
             if env_cfg[key] != run_cfg["env"][key]:
                 raise EvalError(f"env.{key}={env_cfg[key]} but the model was trained with "
                                 f"{run_cfg['env'][key]}: use env_from_run=true or a matching env")
-    goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed))
+    goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed), cfg.max_heldout_goals)
     hist = _run_histories(cfg, run_cfg, env_cfg) if (cfg.teacher_forced or cfg.source_curve) else None
     source = (hist.meta if hist is not None else {}) if cfg.source_curve else {}
 

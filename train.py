@@ -43,6 +43,7 @@ KEY_RULES = {
     "eval.n_episodes": cc.integer(1),
     "eval.seeds_per_goal": cc.integer(1),
     "eval.n_train_goals": cc.integer(0),
+    "eval.max_heldout_goals": cc.integer(1, null=True, note="the first this many validation goals; null = all"),
     "eval.sample": cc.flag(),
 }
 
@@ -126,7 +127,7 @@ class ActionPredictionTask:
             net = loop.unwrap(run.accelerator, run.model)
             net.eval()
             e = self.cfg.eval
-            goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed)
+            goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed, e.max_heldout_goals)
             for name in ("val", "train"):
                 if name not in goals:
                     continue

@@ -419,14 +419,11 @@ def memory_markdown(rep: dict) -> str:
               md_table([{**ident(r), "steps": str(r["steps"]),
                          **{h: _fmt(r["stats"][k]["mean"], fmt) for k, h, fmt in COMPUTE_COLUMNS},
                          "device": str(r["device"])} for r in rep["rows"]])]
-    heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
-    if any(r.get("paired") for r in rep["rows"]):
+    vs_ad = memory_paired_table(rep["rows"], "paired", MEMORY_PAIRED)
+    if vs_ad:
         lines += ["", (f"**Paired differences** (arm − `{MEMORY_REFERENCE}` with the same window, same seed and "
                        "data; mean [95 % t-interval]; the verdict is read off the interval: a difference is "
-                       "one only when its interval excludes 0):"), "",
-                  md_table([{**ident(r), **{f"{heads[k][0]} ({heads[k][2]} is better)":
-                                            stats.fmt_paired(r["paired"][k], heads[k][1]) for k in MEMORY_PAIRED}}
-                            for r in rep["rows"] if r.get("paired")])]
+                       "one only when its interval excludes 0):"), "", vs_ad]
     vs_3w = memory_paired_table(rep["rows"], "paired_3w", MEMORY_PAIRED_3W)
     if vs_3w:
         lines += ["", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same seed "

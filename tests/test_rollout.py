@@ -132,3 +132,22 @@ def test_long_rollout_constant_memory(name):
     if name == "ad_compressed":
         assert spy.st.n_compressions == 30 * 20 // TINY["seg_len"]
         assert max(c for _, c in spy.sizes) <= TINY["n_latent"] + TINY["seg_len"]
+
+
+def test_eval_goals_max_heldout_goals_keeps_the_first_test_and_val_goals():
+    """max_heldout_goals cuts the test and val splits to their first goals (the splits are already in a seeded
+    random order) and leaves the train sample alone; null keeps every goal."""
+    from env import splits_from_cfg
+    from rollout import eval_goals
+
+    dktd = {"name": "dark_key_to_door", "grid_size": 9, "horizon": 50, "n_actions": 5,
+            "reward_mode": "key_to_door", "train_frac": 0.95, "split_seed": 4, "n_val_goals": 32,
+            "max_train_tasks": 200}
+    full = splits_from_cfg(dktd)
+    assert len(full["test"]) == 328 and len(full["val"]) == 32
+    every = eval_goals(dktd, 3, seed=0)
+    cut = eval_goals(dktd, 3, seed=0, max_heldout_goals=16)
+    assert [list(g) for g in every["test"]] == [list(g) for g in full["test"]]
+    assert [list(g) for g in cut["test"]] == [list(g) for g in full["test"][:16]]
+    assert [list(g) for g in cut["val"]] == [list(g) for g in full["val"][:16]]
+    assert [list(g) for g in cut["train"]] == [list(g) for g in every["train"]] and len(cut["train"]) == 3
