@@ -363,10 +363,12 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
             row["per_seed"], ref["per_seed"], {k: better[k] for k in MEMORY_PAIRED})
         row["paired_3w"] = {} if ref3 is None or row["arm"] == MEMORY_REFERENCE else stats.paired_records(
             row["per_seed"], ref3["per_seed"], {k: better[k] for k in MEMORY_PAIRED_3W})
-        # an arm file's `pair_with`: the arm it differs from in one design choice (e.g. the kept window)
-        other = ref_row(row, runs.arm_file(row["arm"]).get("pair_with"))
-        row["paired_with"] = None if other is None else {"vs": other["arm"], **stats.paired_records(
-            row["per_seed"], other["per_seed"], {k: better[k] for k in MEMORY_PAIRED})}
+        # an arm file's `pair_with`: the arms it differs from in one design choice each (e.g. the kept window;
+        # carried vs exactly refolded memory)
+        pw = runs.arm_file(row["arm"]).get("pair_with") or []
+        others = [o for o in (ref_row(row, a) for a in ([pw] if isinstance(pw, str) else pw)) if o is not None]
+        row["paired_with"] = [{"vs": o["arm"], **stats.paired_records(
+            row["per_seed"], o["per_seed"], {k: better[k] for k in MEMORY_PAIRED})} for o in others]
     data = {r["env"]: runs.dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for d_ in data.values():
         d_["source_search_use_test"] = source_search_use(d_["path"]) if d_.get("n_steps") else None
@@ -378,15 +380,16 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
 
 
 def memory_paired_table(rows: list[dict], field: str, metrics: tuple) -> str:
-    """The rows' paired differences stored in row[field] (paired_3w, or paired_with and its "vs" arm) on
-    `metrics`, for the rows with at least one complete pair; "" when none has. report.md and the docs blocks
-    (docs_tables.py) both render these tables."""
+    """The rows' paired differences stored in row[field] (paired, paired_3w, or paired_with: a list of pairs,
+    each with its "vs" arm) on `metrics`, one table row per pair with at least one complete seed; "" when none
+    has. report.md and the docs blocks (docs_tables.py) both render these tables."""
     heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
-    have = [r for r in rows if any(p["n"] for k, p in (r.get(field) or {}).items() if k != "vs")]
+    pairs = [(r, p) for r in rows for p in (r.get(field) if isinstance(r.get(field), list) else [r.get(field) or {}])
+             if any(v["n"] for k, v in p.items() if k != "vs")]
     return md_table([{"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
-                      **({"− arm": f"`{r[field]['vs']}`"} if "vs" in r[field] else {}),
-                      **{f"{heads[k][0]} ({heads[k][2]} is better)": stats.fmt_paired(r[field][k], heads[k][1])
-                         for k in metrics}} for r in have]) if have else ""
+                      **({"− arm": f"`{p['vs']}`"} if "vs" in p else {}),
+                      **{f"{heads[k][0]} ({heads[k][2]} is better)": stats.fmt_paired(p[k], heads[k][1])
+                         for k in metrics}} for r, p in pairs]) if pairs else ""
 
 
 def memory_markdown(rep: dict) -> str:

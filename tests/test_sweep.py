@@ -243,8 +243,8 @@ def test_memory_sweep_submitit_local(tmp_path, tiny, monkeypatch):
     arm_file = runs.arm_file
     monkeypatch.setattr(runs, "arm_file", lambda a: {**arm_file(a), **({"pair_with": "ad_3w"} if a == "scratch" else {})})
     rows = {row["arm"]: row for row in report.write(out)["rows"]}
-    pw = rows["scratch"]["paired_with"]
-    assert pw["vs"] == "ad_3w" and rows["ad"]["paired_with"] is None
+    [pw] = rows["scratch"]["paired_with"]
+    assert pw["vs"] == "ad_3w" and rows["ad"]["paired_with"] == []
     assert pw["return_last5_norm"]["diff"] == pytest.approx(rows["scratch"]["stats"]["return_last5_norm"]["mean"]
                                                             - rows["ad_3w"]["stats"]["return_last5_norm"]["mean"])
     assert "the arm each one changes" in (out / "table.md").read_text()
