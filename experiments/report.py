@@ -274,7 +274,6 @@ STAGE1_SCORES = {  # done.json key of each score (model/losses.py reconstruction
     "encoder": "acc_{f}", "majority": "baseline_acc_{f}", "shuffled": "ablation_acc_{f}",
     "copy_previous": "copyprev_acc_{f}"}  # the last for the state only: what the teacher-forced prefix gives
 STAGE1_FIELDS = ("state", "action", "reward", "next_state", "exact")  # exact: the whole transition
-STAGE1_LABELS = {"exact": "whole transition"}
 STAGE1_DEPTHS = (1, 2, 3)
 
 
@@ -335,7 +334,7 @@ def stage1_markdown(rep: dict) -> list[str]:
 def stage1_table(rep: dict, split: str = "test") -> str:
     """The depth x field table of a record's stage1_diagnostics on one goal split ("" when it has none)."""
     rows = ((rep.get("stage1_diagnostics") or {}).get("splits") or {}).get(split)
-    return md_table([{"depth": r["depth"], "field": STAGE1_LABELS.get(r["field"], r["field"].replace("_", " ")),
+    return md_table([{"depth": r["depth"], "field": "whole transition" if r["field"] == "exact" else r["field"].replace("_", " "),
                       **{h: stats.fmt_describe(r[k], ".3f") for k, h in (
                           ("encoder", "encoder"), ("majority", "majority class"), ("shuffled", "shuffled latents"),
                           ("copy_previous", "copy previous (state)"))},
