@@ -320,8 +320,8 @@ def stage1_markdown(rep: dict) -> list[str]:
     miss = f"no diagnostics (done.json) in the stage-1 run of seed {', '.join(d['missing'])}" if d["missing"] else ""
     table = stage1_table(rep)
     if not table:
-        return ["", f"**What stage 1 keeps:** {miss}.", ""]
-    return ["", f"**What stage 1 keeps** (test goals, exact accuracy per field{'; ' + miss if miss else ''}):", "",
+        return [f"**What stage 1 keeps:** {miss}.", ""]
+    return [f"**What stage 1 keeps** (test goals, exact accuracy per field{'; ' + miss if miss else ''}):", "",
             table, "", (
         "Each cell: mean ± sample sd (n = seeds) of the stage-1 runs' final held-out diagnostics (done.json). "
         "Majority: the most common value of the field on the same transitions; shuffled latents: the same "
