@@ -36,6 +36,7 @@ from experiments.report import (
     MEMORY_REFERENCE,
     md_table,
     memory_paired_table,
+    stage1_table,
     window_label,
 )
 
@@ -122,7 +123,8 @@ def memory_pairs(rep: dict) -> str:
 
 
 KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "memory-vs-3w": memory_vs_3w,
-         "memory-pairs": memory_pairs, "budget-paired": budget_paired}
+         "memory-pairs": memory_pairs, "budget-paired": budget_paired,
+         "stage1-fields": lambda rep: stage1_table(rep) or "(no stage-1 diagnostics in this record)"}
 
 
 def render(kind: str, record: str, root: Path = ROOT, doc: str = "README.md") -> str:

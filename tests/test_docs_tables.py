@@ -65,3 +65,24 @@ def test_the_readme_stays_a_front_door():
 
     n = len((ROOT / "README.md").read_text().splitlines())
     assert n <= 200, f"README.md has {n} lines: move detail into docs/ or results/README.md"
+
+
+def test_the_stage1_table_is_rendered_from_its_record(tmp_path):
+    """stage1-fields renders the record's stage1_diagnostics (test goals) with report.py's own table; a block
+    whose record has none says so rather than showing an empty table."""
+    from experiments.report import stage1_table
+
+    cell = {"mean": 0.8, "sd": 0.1, "n": 3}
+    row = {"depth": 1, "field": "exact", "encoder": cell, "majority": {**cell, "mean": 0.2},
+           "shuffled": {**cell, "mean": 0.3}, "copy_previous": {"mean": None, "sd": None, "n": 0},
+           "encoder_minus_best": {"diff": 0.5, "lo": 0.3, "hi": 0.7, "n": 3, "verdict": "better"}}
+    rec = {**_memory_record(), "stage1_diagnostics": {"splits": {"test": [row], "val": [{**row, "depth": 2}]}}}
+    (tmp_path / "results" / "x").mkdir(parents=True)
+    (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(rec))
+    out = docs_tables.render("stage1-fields", "results/x/summary.json", tmp_path)
+    assert out.startswith(stage1_table(rec) + "\n\nRecord: [`results/x/summary.json`]")
+    assert ("| 1 | whole transition | 0.800 ± 0.100 (n=3) | 0.200 ± 0.100 (n=3) | 0.300 ± 0.100 (n=3) | – | "
+            "+0.500 [+0.300, +0.700], better (n=3) |") in out and "| 2 |" not in out
+    (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(_memory_record()))
+    assert docs_tables.render("stage1-fields", "results/x/summary.json", tmp_path).startswith(
+        "(no stage-1 diagnostics in this record)\n\nRecord:")

@@ -160,3 +160,103 @@ def test_every_table_is_one_unpadded_pipe_table():
     """md_table renders every report table: a committed table.md changes only where a number does."""
     assert report.md_table([{"arm": "`ad`", "n": "1"}, {"arm": "`scratch`", "n": "–"}]) == (
         "| arm | n |\n|---|---|\n| `ad` | 1 |\n| `scratch` | – |")
+
+
+# ---- what stage 1 keeps: the stage-1 runs' final diagnostics across seeds --------------------------------
+MAJORITY, SHUFFLED, COPY_PREVIOUS = (0.5, 0.6, 0.4), (0.55, 0.5, 0.45), 0.95
+
+
+def _stage1_run(out: Path, seed: int, done: bool = True) -> None:
+    """Stage 1 of one seed as pretrain_encoder.py leaves it (done.json's diagnostic keys, model/losses.py),
+    with its job record: the encoder scores 0.9 - 0.1 x seed on the test goals (0.05 less on the validation
+    goals), every field and depth."""
+    rd = out / "runs" / f"pretrain-seed{seed}"
+    rd.mkdir(parents=True)
+    (out / "jobs").mkdir(parents=True, exist_ok=True)
+    (out / "jobs" / f"pretrain-seed{seed}.json").write_text(json.dumps(
+        {"kind": "pretrain", "seed": seed, "run_dir": str(rd), "status": "done"}))
+    if not done:
+        return
+
+    def diag(enc):
+        return {f"{k}_{f}_depth{d}": v for d in (1, 2, 3) for f in ("state", "action", "reward", "next_state", "exact")
+                for k, v in (("acc", enc), ("baseline_acc", MAJORITY[seed]), ("ablation_acc", SHUFFLED[seed]))
+                } | {f"copyprev_acc_state_depth{d}": COPY_PREVIOUS for d in (1, 2, 3)}
+
+    enc = 0.9 - 0.1 * seed
+    (rd / "done.json").write_text(json.dumps({"global_step": 6, "diagnostics_split": "val", **diag(enc - 0.05),
+                                              "r2": 0.1, "test": diag(enc)}))
+
+
+def test_stage1_diagnostics_per_seed_mean_and_paired_interval(killed):
+    for s in (0, 1, 2):
+        _stage1_run(killed, s)
+    _stage1_run(killed, 3, done=False)  # a seed whose stage 1 has not finished
+    rep = report.write(killed)
+    assert json.loads((killed / "summary.json").read_text())["stage1_diagnostics"] == json.loads(
+        json.dumps(rep["stage1_diagnostics"]))
+    block = rep["stage1_diagnostics"]
+    assert block["runs"] == {str(s): str(killed / "runs" / f"pretrain-seed{s}") for s in range(4)}
+    assert block["missing"] == ["3"] and set(block["splits"]) == {"test", "val"}
+    rows = {(r["depth"], r["field"]): r for r in block["splits"]["test"]}
+    assert list(rows) == [(d, f) for d in (1, 2, 3) for f in ("state", "action", "reward", "next_state", "exact")]
+    action = rows[(2, "action")]
+    assert action["per_seed"]["1"] == {"encoder": pytest.approx(0.8), "majority": 0.6, "shuffled": 0.5,
+                                       "best_baseline": "majority"}
+    assert action["encoder"] == {"mean": pytest.approx(0.8), "sd": pytest.approx(0.1), "n": 3}
+    assert action["majority"]["mean"] == pytest.approx(0.5) and action["copy_previous"]["n"] == 0
+    # encoder − the seed's best baseline: 0.9 − 0.55, 0.8 − 0.6, 0.7 − 0.45; t(0.975, df 2) = 4.302653
+    diffs = [0.35, 0.2, 0.25]
+    mean = sum(diffs) / 3
+    half = 4.302653 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    p = action["encoder_minus_best"]
+    assert (p["diff"], p["lo"], p["hi"]) == pytest.approx((mean, mean - half, mean + half), abs=1e-6)
+    assert p["n"] == 3 and p["pairs"] == ["0", "1", "2"] and p["verdict"] == "better"
+    # the state's bar is the copied previous next state: 0.9, 0.8, 0.7 − 0.95 → an interval around −0.15
+    state = rows[(1, "state")]
+    assert {s: v["best_baseline"] for s, v in state["per_seed"].items()} == {"0": "copy_previous", "1": "copy_previous",
+                                                                             "2": "copy_previous"}
+    assert state["copy_previous"] == {"mean": pytest.approx(0.95), "sd": pytest.approx(0.0), "n": 3}
+    assert state["encoder_minus_best"]["diff"] == pytest.approx(-0.15)
+    assert state["encoder_minus_best"]["verdict"] == "no difference detected"
+    assert block["splits"]["val"][0]["encoder"]["mean"] == pytest.approx(0.75)  # done.json's top level
+    md = (killed / "table.md").read_text()
+    assert "**What stage 1 keeps** (test goals, exact accuracy per field; no diagnostics (done.json) in the " \
+           "stage-1 run of seed 3):" in md
+    assert (f"| 2 | action | 0.800 ± 0.100 (n=3) | 0.500 ± 0.100 (n=3) | 0.500 ± 0.050 (n=3) | – | "
+            f"+{mean:.3f} [+{mean - half:.3f}, +{mean + half:.3f}], better (n=3) |") in md
+    assert "| 1 | state | 0.800 ± 0.100 (n=3) | 0.500 ± 0.100 (n=3) | 0.500 ± 0.050 (n=3) | 0.950 ± 0.000 (n=3) |" in md
+
+
+def test_a_sweep_without_stage1_runs_has_no_stage1_block(killed):
+    """No stage-1 job: no block, and the report is what it was; with stage-1 runs the section is added after it."""
+    import re
+
+    rep = report.write(killed)
+    md = (killed / "table.md").read_text()
+    assert "stage1_diagnostics" not in rep and "What stage 1 keeps" not in md
+    _stage1_run(killed, 1, done=False)  # a stage-1 job that has not finished: the section says so
+    blk = report.write(killed)["stage1_diagnostics"]
+    assert (blk["runs"], blk["missing"], blk["splits"]) == ({"1": str(killed / "runs" / "pretrain-seed1")}, ["1"], {})
+    assert "\n**What stage 1 keeps:** no diagnostics (done.json) in the stage-1 run of seed 1.\n" in (
+        killed / "table.md").read_text()
+    _stage1_run(killed, 0)
+    with_s1 = report.write(killed)
+    new_md = (killed / "table.md").read_text()
+    assert {k: v for k, v in with_s1.items() if k not in ("stage1_diagnostics", "date")} == {
+        k: v for k, v in rep.items() if k != "date"}
+    undated = [re.sub(r"\*\*Date:\*\* .*", "", m) for m in (md, new_md)]
+    assert undated[1].startswith(undated[0]) and "\n**What stage 1 keeps**" in undated[1][len(undated[0]):]
+
+
+def test_a_compare_sweep_with_pretrained_arms_reports_stage1(tmp_path):
+    out = tmp_path / "O"
+    _run(out, "scratch-seed0")
+    _record(out, "scratch-seed0", "scratch", 0, None, sweep="compare")
+    _stage1_run(out, 0)
+    (out / "sweep.json").write_text(json.dumps({"sweep": "compare", "evals": ["eval"]}))
+    rep = report.write(out)
+    assert json.loads((out / "table.json").read_text())["stage1_diagnostics"]["splits"]["test"][0]["per_seed"] == {
+        "0": {"encoder": 0.9, "majority": 0.5, "shuffled": 0.55, "copy_previous": 0.95, "best_baseline": "copy_previous"}}
+    assert rep["stage1_diagnostics"]["splits"]["test"][0]["encoder_minus_best"]["lo"] is None  # one seed: no interval
+    assert "| 1 | state | 0.900 (n=1) |" in (out / "table.md").read_text()

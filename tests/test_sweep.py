@@ -176,8 +176,15 @@ def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
     ratio = rep["stage1_cost_per_step_vs_stage2"]
     assert ratio > 0 and rows[("scratch", 6)]["compute_stage2_step_equiv"] == 6
     assert rows[("pretrained_ft", 6)]["compute_stage2_step_equiv"] == pytest.approx(6 + 6 * ratio)
+    # what stage 1 keeps: read from the stage-1 run's own done.json (its test-goal diagnostics)
+    s1 = json.loads((out / "runs" / "pretrain-seed0" / "done.json").read_text())["test"]
+    row = rep["stage1_diagnostics"]["splits"]["test"][0]
+    cell = f"{row['field']}_depth{row['depth']}"
+    assert row["per_seed"]["0"]["encoder"] == s1[f"acc_{cell}"] and row["encoder"]["n"] == 1
+    assert row["per_seed"]["0"]["shuffled"] == s1[f"ablation_acc_{cell}"]
     md = (out / "table.md").read_text()
-    for s in ("What the data says", "`pretrained_ft` vs `scratch`", "sweep=pretrain_budget", "Status:** complete"):
+    for s in ("What the data says", "`pretrained_ft` vs `scratch`", "sweep=pretrain_budget", "Status:** complete",
+              "What stage 1 keeps"):
         assert s in md, s
     assert (out / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
