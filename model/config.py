@@ -16,9 +16,10 @@ from schema import Checked, ConfigError, ModelKeys, key
 # learning rates) may differ between the two stages.
 ENCODER_ARCH_KEYS = ("grid_size", "n_actions", "d_model", "n_head", "enc_n_layer", "n_latent", "seg_len",
                      "latent_update", "state_features", "keep_recent")
-# What a checkpoint written before a key joined ENCODER_ARCH_KEYS was built with. keep_recent is not a weight
-# shape but the fold length (seg_len - keep_recent) stage 1 trained the encoder on: stage 2 must fold the same.
-ARCH_KEY_DEFAULTS = {"latent_update": "replace", "state_features": "scalar", "keep_recent": 0}
+# What a checkpoint written before a key joined ENCODER_ARCH_KEYS was built with: the key's schema default. keep_recent
+# is not a weight shape but the fold length (seg_len - keep_recent) stage 1 trained the encoder on: stage 2 must fold
+# the same.
+ARCH_KEY_DEFAULTS = {k: ModelKeys.model_fields[k].default for k in ("latent_update", "state_features", "keep_recent")}
 
 
 class ModelConfig(ModelKeys, Checked):
