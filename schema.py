@@ -88,6 +88,9 @@ def subset(*choices: str) -> Any:
                      Allowed("a non-empty list of distinct values among " + ", ".join(choices))]
 
 
+_BOUNDS = ((at.Gt, ">", "gt"), (at.Ge, ">=", "ge"), (at.Lt, "<", "lt"), (at.Le, "<=", "le"))  # lower ones first
+
+
 def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
@@ -108,15 +111,12 @@ def allowed(f) -> str:
     elif t is str:
         s = "a string"
     else:
-        lo = next((f"{'>' if isinstance(m, at.Gt) else '>='} {_num(m.gt if isinstance(m, at.Gt) else m.ge)}"
-                   for m in f.metadata if isinstance(m, (at.Gt, at.Ge))), None)
-        hi = next((f"{'<' if isinstance(m, at.Lt) else '<='} {_num(m.lt if isinstance(m, at.Lt) else m.le)}"
-                   for m in f.metadata if isinstance(m, (at.Lt, at.Le))), None)
+        b = [(op, _num(getattr(m, name))) for kind, op, name in _BOUNDS for m in f.metadata if isinstance(m, kind)]
         s = "an integer" if t is int else "a finite number"
-        if t is int and lo and hi:
-            s += f" in [{lo[3:]}, {hi[3:]}]"
-        elif lo or hi:
-            s += " " + " and ".join(filter(None, (lo, hi)))
+        if t is int and [op for op, _ in b] == [">=", "<="]:
+            s += f" in [{b[0][1]}, {b[1][1]}]"
+        elif b:
+            s += " " + " and ".join(f"{op} {v}" for op, v in b)
     return f"null or {s}" if null else s
 
 
@@ -242,7 +242,7 @@ class LoopOptions(Schema):
     adam_beta1: float = key("AdamW beta1", 0.9, ge=0, lt=1)
     adam_beta2: float = key("AdamW beta2", 0.95, ge=0, lt=1)
     warmup_steps: int = key("linear warmup steps", 0, ge=0)
-    min_lr_ratio: float = key("final lr / peak lr (cosine decay)", 0.1, ge=0, le=1)
+    min_lr_ratio: float = key("final lr as a fraction of the peak lr", 0.1, ge=0, le=1)
     grad_clip: float = key("max global grad norm; 0 disables clipping", 1.0, ge=0)
     log_every: int = key("scalars every this many steps", 50, ge=1)
     checkpoint_every: int = key("accelerate save_state for resume every this many steps", 1000, ge=1)

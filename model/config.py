@@ -26,8 +26,8 @@ class ModelConfig(ModelKeys, Checked):
     """The model group (its keys, types, ranges, docs and checkpoint defaults: schema.ModelKeys) plus the env's
     grid_size and n_actions; every network in model/ reads it."""
 
-    grid_size: int = key("G: states are (x, y) in [0, G-1] (env.grid_size)", 9, ge=2, le=256)
-    n_actions: Literal[5] = key("stay, +x, -x, +y, -y (env.n_actions)", 5)
+    grid_size: int = key("G: states are (x, y) in [0, G-1]; from env.grid_size", 9, ge=2, le=256)
+    n_actions: Literal[5] = key("stay, +x, -x, +y, -y; from env.n_actions", 5)
 
     @property
     def fold_len(self) -> int:
