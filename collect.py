@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import datetime
 import time
+from typing import Literal
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-import config_check as cc
 from atomic_io import PathLock, os_error_reason
 from env import N_ACTIONS, SPLITS, is_key_to_door, make_batched_env, splits_from_cfg, task_optimal_return
 from histories import (
@@ -47,6 +47,7 @@ from histories import (
 )
 from hydra_cli import abspath
 from model.config import ConfigError  # the project's one config error class (one line, exit 2)
+from schema import EnvConfig, Schema, key
 
 
 def epsilon_at(t: int, src) -> float:
@@ -141,28 +142,37 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
 # progress, n_train) -> uint8 arrays; add new ones here.
 SOURCES = {"qlearning": qlearning_histories}
 
-# Every key of config/collect.yaml (config_check; tests/test_config.py keeps this table complete).
-KEY_RULES = {
-    **cc.ENV_RULES,
-    "seed": cc.integer(0),
-    "data_seed": cc.integer(0),
-    "data_path": cc.text(),
-    "overwrite": cc.flag(),
-    "device": cc.text(note="cpu, cuda or cuda:N"),
-    "progress": cc.flag(),
-    "num_threads": cc.integer(0, 1024, note="torch CPU threads; 0 = torch's default"),
-    "source.name": cc.one_of(*SOURCES),
-    "source.n_stream": cc.integer(1, 100_000, note="histories per train goal"),
-    "source.n_steps": cc.integer(1, note="a multiple of env.horizon"),
-    "source.n_stream_eval": cc.integer(0, 100_000, note="histories per test goal"),
-    "source.lr": cc.number(0, 1, lo_open=True, note="Q-learning step size"),
-    "source.gamma": cc.number(0, 1, hi_open=True, note="discount"),
-    "source.q_init": cc.number(note="initial Q value"),
-    "source.eps_start": cc.number(0, 1),
-    "source.eps_end": cc.number(0, 1),
-    "source.eps_decay_steps": cc.integer(0),
-    "source.replay_passes": cc.integer(0, 100),
-}
+
+class SourceConfig(Schema):
+    """collect.yaml's source: the source RL algorithm whose learning histories AD distils."""
+
+    name: Literal[tuple(SOURCES)] = key("the source algorithm: a name in collect.SOURCES")
+    n_stream: int = key("histories per train goal", ge=1, le=100_000)
+    n_steps: int = key("transitions per history; a multiple of env.horizon", ge=1)
+    n_stream_eval: int = key("histories per test goal", ge=0, le=100_000)
+    lr: float = key("Q-learning step size", gt=0, le=1)
+    gamma: float = key("discount", ge=0, lt=1)
+    q_init: float = key("initial Q value")
+    eps_start: float = key("epsilon-greedy at step 0", ge=0, le=1)
+    eps_end: float = key("epsilon floor after the decay", ge=0, le=1)
+    eps_decay_steps: int = key("linear epsilon decay length in steps", ge=0)
+    replay_passes: int = key("backward replays of each finished episode", ge=0, le=100)
+
+
+class CollectConfig(Schema):
+    """config/collect.yaml: every key collect.py reads, checked first thing in main."""
+
+    env: EnvConfig
+    seed: int = key("RNG seed of the source algorithm", ge=0)
+    data_seed: int = key("dataset identity: part of the default data_path", ge=0)
+    data_path: str = key("output folder")
+    overwrite: bool = key("replace an existing dataset at data_path")
+    device: str = key("torch device of the source: cpu, cuda or cuda:N")
+    progress: bool = key("tqdm bar over environment steps")
+    num_threads: int = key("torch CPU threads; 0 = torch's default", ge=0, le=1024)
+    source: SourceConfig
+
+
 # A source whose last-5-episode return is below random + this fraction of (optimal - random) learnt
 # (almost) nothing: its histories cannot teach in-context learning.
 NOT_LEARNING_FRAC = 0.1
@@ -216,10 +226,8 @@ def found_curves(ret: np.ndarray, env_cfg) -> dict[str, list[float]]:
 def _check_cfg(cfg: DictConfig) -> None:
     """Reject a bad config before any work (ConfigError, one line)."""
     src, env = cfg.source, cfg.env
-    if src.name not in SOURCES:
-        raise ConfigError(f"unknown source.name={src.name!r}: use one of {sorted(SOURCES)}")
-    cc.check(cfg, KEY_RULES)
-    if src.n_steps <= 0 or src.n_steps % env.horizon:
+    CollectConfig.check(cfg)
+    if src.n_steps % env.horizon:  # >= 1: the schema
         raise ConfigError(f"source.n_steps={src.n_steps} must be a positive multiple of env.horizon="
                           f"{env.horizon} (histories hold whole episodes)")
     if str(cfg.device).startswith("cuda") and not torch.cuda.is_available():

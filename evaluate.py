@@ -16,13 +16,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-import config_check as cc
 import teacher_forced
 from atomic_io import atomic_write, atomic_write_json
 from errors import EvalError
 from hydra_cli import abspath, one_line
 from metrics import eval_scalars, source_reference, summarize
 from rollout import eval_goals, incontext_rollout
+from schema import EnvConfig, Schema, key, subset
 
 FORMAT_VERSION = 1
 
@@ -219,29 +219,29 @@ def print_table(results: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------------------
-# Every key of config/evaluate.yaml and its allowed values (config_check; tests/test_config.py).
-KEY_RULES = {
-    **cc.ENV_RULES,
-    "run_dir": cc.text(note="a stage-2 run directory holding model.pt"),
-    "env_from_run": cc.flag(),
-    "n_episodes": cc.integer(1),
-    "seeds_per_goal": cc.integer(1),
-    "n_train_goals": cc.integer(0),
-    "max_heldout_goals": cc.integer(1, null=True, note="the first this many test and val goals; null = all"),
-    "last_k": cc.integer(1),
-    "sample": cc.flag(),
-    "use_cache": cc.flag(),
-    "seed": cc.integer(0),
-    "device": cc.text(note="auto, cpu, cuda or cuda:N"),
-    "cpu_threads": cc.integer(1, 1024, null=True, note="torch CPU threads; null = torch's default"),
-    "out_name": cc.text(),
-    "tensorboard": cc.flag(),
-    "progress": cc.flag(),
-    "splits": cc.subset("test", "val", "train", note="the goal sets rolled out"),
-    "teacher_forced": cc.flag(note="also the same-position loss of the run's held-out histories"),
-    "source_curve": cc.flag(note="also the source algorithm's own learning curve"),
-    "data_path": cc.text(null=True, note="the dataset; null = the run's own"),
-}
+class EvaluateConfig(Schema):
+    """config/evaluate.yaml: every key evaluate.py reads, checked first thing in main."""
+
+    env: EnvConfig
+    run_dir: str | None = key("REQUIRED: a stage-2 run directory holding model.pt")
+    env_from_run: bool = key("true: the env stored in model.pt; false: this config's env group")
+    n_episodes: int = key("episodes per environment, back to back", ge=1)
+    seeds_per_goal: int = key("rollouts (action-sampling streams) per goal", ge=1)
+    n_train_goals: int = key("size of the seeded sample of train goals in the 'train' split", ge=0)
+    max_heldout_goals: int | None = key("roll out only the first this many test and val goals; null = all", ge=1)
+    last_k: int = key("final performance = mean return of the last last_k episodes", ge=1)
+    sample: bool = key("actions ~ softmax(logits); false: argmax")
+    use_cache: bool = key("CompressedAD KV cache; false = recompute (reference)")
+    seed: int = key("seeds action sampling and the train-goal sample", ge=0)
+    device: str = key("auto, cpu, cuda or cuda:N")
+    cpu_threads: int | None = key("torch CPU threads; null = torch's default", ge=1, le=1024)
+    out_name: str = key("writes <run_dir>/<out_name>.json and .png")
+    tensorboard: bool = key("also log eval/* scalars into <run_dir>/tb")
+    progress: bool = key("tqdm bar over episodes")
+    splits: subset("test", "val", "train") = key("the goal sets rolled out")
+    teacher_forced: bool = key("also the same-position loss of the run's held-out histories")
+    source_curve: bool = key("also the source algorithm's own learning curve")
+    data_path: str | None = key("the dataset; null = the run's own")
 
 
 def _check_cfg(cfg: DictConfig) -> None:
@@ -251,7 +251,7 @@ def _check_cfg(cfg: DictConfig) -> None:
         raise EvalError("run_dir is required: python evaluate.py run_dir=runs/<name> "
                         "(a stage-2 run directory containing model.pt)")
     try:
-        cc.check(cfg, KEY_RULES)
+        EvaluateConfig.check(cfg)
     except ConfigError as e:
         raise EvalError(str(e)) from None
     if not str(cfg.out_name) or "/" in str(cfg.out_name):

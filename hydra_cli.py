@@ -28,15 +28,15 @@ from errors import UserError
 REPO = Path(__file__).resolve().parent  # the repository: the scripts and config/
 CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
-# Command-line spellings that moved and still work (docs/design.md §12): old key -> where it lives now.
+# Command-line spellings that moved and still work (docs/design.md §12): old key -> where it lives now. A table, not
+# schema field aliases: each maps a key of one group to another group or to the top level.
 KEY_ALIASES = {
-    # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml before, top level of pretrain.yaml now
+    # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml (the original notes), top level of pretrain.yaml now
     "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
     "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
     # training-sample keys: in the model group before, the sampler group (config/sampler/) now
-    **{f"model.{k}": f"sampler.{k}" for k in ("schedule", "depth_weights", "min_seg_len", "win_len_min",
-                                               "win_len_max", "max_windows", "pretrain_depth_weights",
-                                               "pretrain_depth_curriculum")},
+    **{f"model.{k}": f"sampler.{k}" for k in ("schedule", "depth_weights", "min_seg_len", "win_len_max",
+                                               "max_windows", "pretrain_depth_weights", "pretrain_depth_curriculum")},
 }
 BARE_GROUPS = ("model", "sampler")  # `key=value` with a key of one of these groups means `<group>.key=value`
 NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
@@ -178,8 +178,8 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
             top = ", ".join(sorted(k for k in cfg if k not in GROUPS))
             raise UnknownKeyError(
                 f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model and sampler keys "
-                f"are model.<name> / sampler.<name> (see config/model/, config/sampler/); add new keys with "
-                f"+{key}=...")
+                f"are model.<name> / sampler.<name> (see config/model/, config/sampler/); a new key is declared in "
+                f"the script's schema (schema.py) and set in its YAML")
         out.append(routed)
     # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
     # syntax or a value that breaks an interpolation fails here, in one line, before any work.
@@ -315,7 +315,7 @@ def abspath(p: str | Path | None) -> str | None:
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
-    """A nested config dict -> {dotted key: leaf value} (how overrides and KEY_RULES name keys)."""
+    """A nested config dict -> {dotted key: leaf value} (how overrides name keys)."""
     out = {}
     for k, v in d.items():
         if isinstance(v, dict):

@@ -21,41 +21,25 @@ from torch import nn
 
 import rundir
 from atomic_io import atomic_write_text
-from config_check import COMPILE_BACKENDS, LOOP_RULES, check_value
 from errors import UserError
 from model.config import ConfigError
 from optim import lr_lambda, make_optimizer
 from rundir import RunDirError
+from schema import COMPILE_BACKENDS, Budget, Checked, LoopOptions
 
 
 class NonFiniteLossError(UserError, RuntimeError):
     """Training produced a NaN/inf loss or gradient; the run stops instead of writing garbage."""
 
 
-@dataclass
-class LoopSettings:
-    max_steps: int
-    batch_size: int  # global batch per optimizer step, all processes and accumulation micro-steps together
-    lr: float
-    grad_accum: int = 1
-    weight_decay: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 1.0  # 0 disables clipping (the gradient norm is still computed, logged and checked)
-    log_every: int = 50
-    checkpoint_every: int = 1000
-    keep_last: int = 2
-    mixed_precision: str = "no"
-    cpu: bool = False
-    seed: int = 0
-    resume: bool = False
-    resume_from: str | None = None
-    overwrite: bool = False
-    namespace: str = "train"  # TensorBoard tag prefix: train/... or pretrain/...
-    progress: bool = True
-    compile: bool | str = False  # torch.compile the model: false | true (= "default") | a torch.compile mode
+class LoopSettings(Budget, LoopOptions, Checked):
+    """What the loop runs with: the budget and loop keys of train.yaml / pretrain.yaml (their types, ranges and
+    docs: schema.Budget, schema.LoopOptions), checked on construction."""
+
+    namespace: str = "train"  # not a config key: TensorBoard tag prefix, train/... or pretrain/...
+
+    def __init__(self, *args, **kw):  # max_steps, batch_size, lr may be positional
+        super().__init__(**dict(zip(Budget.model_fields, args)), **kw)
 
     def compile_mode(self) -> str | None:
         """None (eager) or the torch.compile mode (or debug backend, see COMPILE_BACKENDS)."""
@@ -73,12 +57,7 @@ class LoopSettings:
         return self.batch_size // self.grad_accum
 
     def validate(self) -> LoopSettings:
-        """Reject impossible values with one line naming the key and its allowed values (ConfigError)."""
-        for name in self.__dataclass_fields__:
-            if name in LOOP_RULES:
-                check_value(name, getattr(self, name), LOOP_RULES[name])
-        for name in ("lr", "weight_decay", "adam_beta1", "adam_beta2", "min_lr_ratio", "grad_clip"):
-            setattr(self, name, float(getattr(self, name)))
+        """Relations between keys (each key's own range is checked on construction), one line (ConfigError)."""
         if self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size={self.batch_size} must be divisible by grad_accum={self.grad_accum}")
         if self.resume and self.resume_from:
@@ -386,7 +365,7 @@ def unwrap(acc, model: nn.Module) -> nn.Module:
 
 def settings_from_cfg(cfg, namespace: str, **override: Any) -> LoopSettings:
     """LoopSettings from the common top-level keys of train.yaml / pretrain.yaml."""
-    names = LoopSettings.__dataclass_fields__
+    names = LoopSettings.model_fields
     kw = {k: cfg[k] for k in names if k in cfg}
     kw.update(override)
     kw["namespace"] = namespace

@@ -21,7 +21,6 @@ import os
 
 import torch
 
-import config_check as cc
 import loop
 import rundir
 from dataset import batch_loader, data_device
@@ -32,17 +31,19 @@ from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
 from model.config import ConfigError
 from model.losses import effective_rank, reconstruction_loss, reconstruction_metrics
 from model.task_targets import task_loss, task_metrics
+from schema import PretrainSamplerConfig, TrainingRun, check_model, key
 
-# Every key of config/pretrain.yaml and its allowed values, checked first thing in main (config_check).
-KEY_RULES = {
-    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
-    "pretrain_steps": cc.integer(1, note="stage-1 optimizer steps"),
-    "pretrain_batch_size": cc.integer(1, note="global batch per optimizer step"),
-    "pretrain_lr": cc.number(0, lo_open=True, note="peak AdamW learning rate"),
-    "save_every": cc.integer(1, note="write encoder-pretrained-<step>.pt every this many steps"),
-    "diag_every": cc.integer(0, note="0: diagnostics only at the end"),
-    "diag_batches": cc.integer(1),
-}
+
+class PretrainConfig(TrainingRun):
+    """config/pretrain.yaml: every key stage 1 reads (the shared ones: schema.py), checked first thing in main."""
+
+    sampler: PretrainSamplerConfig
+    pretrain_steps: int = key("stage-1 optimizer steps", ge=1)
+    pretrain_batch_size: int = key("global batch per optimizer step", ge=1)
+    pretrain_lr: float = key("peak AdamW learning rate", gt=0)
+    save_every: int = key("write encoder-pretrained-<step>.pt every this many steps", ge=1)
+    diag_every: int = key("held-out diagnostics every this many steps; 0: only at the end", ge=0)
+    diag_batches: int = key("fixed held-out batches per diagnostic", ge=1)
 
 
 class ReconstructionTask:
@@ -119,9 +120,9 @@ class ReconstructionTask:
             if "task" in out:
                 vals.update(task_metrics(out["task"], b["seg"], b["seg_len"], self.mcfg.grid_size,
                                          ablated=shuffled["task"]))
-            for key, v in vals.items():
-                sums[key] = sums.get(key, 0.0) + v
-                counts[key] = counts.get(key, 0) + 1
+            for name, v in vals.items():
+                sums[name] = sums.get(name, 0.0) + v
+                counts[name] = counts.get(name, 0) + 1
         net.train()
         # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
         return {f"{prefix}{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
@@ -154,8 +155,8 @@ class ReconstructionTask:
 
 def main(cfg) -> dict:
     """Pretrain per `cfg` (a composed config/pretrain.yaml); returns the run summary."""
-    cc.check(cfg, KEY_RULES)
-    cc.check_model(cfg.model)
+    PretrainConfig.check(cfg)
+    check_model(cfg.model)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 
-import config_check as cc
 import goal_readout
 import loop
 import rundir
@@ -31,21 +30,28 @@ from model import build_model, load_pretrained_encoder
 from model.compressed_ad import LatentCarry
 from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
+from schema import Budget, SamplerConfig, Schema, TrainingRun, check_model, key
 
-# Every key of config/train.yaml and its allowed values, checked first thing in main (config_check).
-# tests/test_config.py fails when a key of the composed config has no rule here.
-KEY_RULES = {
-    **loop.LOOP_RULES, **cc.ENV_RULES, **cc.MODEL_RULES, **cc.SAMPLER_RULES,
-    "heldout_every": cc.integer(0, note="same-position loss of the validation histories every this many steps; "
-                                        "0 = only at the end"),
-    "heldout_max_histories": cc.integer(1, null=True, note="held-out histories scored per split; null = all"),
-    "eval_every": cc.integer(0, note="0 disables in-context evaluation during training"),
-    "eval.n_episodes": cc.integer(1),
-    "eval.seeds_per_goal": cc.integer(1),
-    "eval.n_train_goals": cc.integer(0),
-    "eval.max_heldout_goals": cc.integer(1, null=True, note="the first this many validation goals; null = all"),
-    "eval.sample": cc.flag(),
-}
+
+class EvalDuringTraining(Schema):
+    """train.yaml's eval: the in-context rollouts during training (eval_every)."""
+
+    n_episodes: int = key("episodes per rollout during training", ge=1)
+    seeds_per_goal: int = key("rollouts (action-sampling streams) per goal", ge=1)
+    n_train_goals: int = key("train goals evaluated besides the validation goals", ge=0)
+    max_heldout_goals: int | None = key("only the first this many validation goals; null = all", ge=1)
+    sample: bool = key("sample actions (false: argmax)")
+
+
+class TrainConfig(Budget, TrainingRun):
+    """config/train.yaml: every key stage 2 reads (the shared ones: schema.py), checked first thing in main."""
+
+    sampler: SamplerConfig
+    heldout_every: int = key("same-position loss of the validation histories every this many steps; 0 = only at "
+                             "the end", ge=0)
+    heldout_max_histories: int | None = key("held-out histories scored per split; null = all", ge=1)
+    eval_every: int = key("in-context rollouts every this many steps; 0 disables them", ge=0)
+    eval: EvalDuringTraining
 
 
 class ActionPredictionTask:
@@ -181,8 +187,8 @@ class ActionPredictionTask:
 
 def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
-    cc.check(cfg, KEY_RULES)
-    cc.check_model(cfg.model, cfg.get("sampler"))
+    TrainConfig.check(cfg)
+    check_model(cfg.model, cfg.get("sampler"))
     plain = loop.to_plain(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))

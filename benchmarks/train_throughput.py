@@ -52,10 +52,10 @@ from common import (
 )
 
 import loop
-from config_check import COMPILE_BACKENDS, COMPILE_MODES
 from dataset import HistoryBatches
 from model import build_model
 from model.losses import action_loss
+from schema import COMPILE_BACKENDS, COMPILE_MODES
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 

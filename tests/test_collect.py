@@ -161,7 +161,7 @@ def test_refuses_to_overwrite_before_doing_any_work(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("override,match", [
     ("source.n_steps=210", r"source.n_steps=210 must be a positive multiple of env.horizon=20"),
-    ("source.name=ppo", r"unknown source.name='ppo'"),
+    ("source.name=ppo", r"source.name='ppo' must be one of qlearning"),
     ("source.n_stream=0", r"source.n_stream=0 must be an integer in \[1, 100000\]")])
 def test_bad_config_is_one_line_error(tmp_path, override, match):
     with pytest.raises(collect.ConfigError, match=match) as ei:

@@ -1,8 +1,9 @@
 """The configuration layout (docs/design.md §12): a preset is one folder with one file per stage it changes,
 each key of it differing from the stage's own value; each script composes only its own files of a preset, old
 command-line spellings still work, and a stage's run identity depends on its own keys only. Every key of every
-script's config has a rule in that script's KEY_RULES table (config_check), and a bad value is refused before
-anything is written, in one line naming the key and what it may be."""
+script's config is declared once, with its type, range and doc, in that script's schema (schema.py, `<Script>Config`),
+and an unknown key or a bad value is refused before anything is written, in one line naming the key, what it may be
+and what it means."""
 
 from __future__ import annotations
 
@@ -12,11 +13,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import compose, raises_one_line
+from conftest import raises_one_line
 from omegaconf import OmegaConf
 
 import collect
-import config_check as cc
 import evaluate
 import loop
 import pretrain_encoder
@@ -24,6 +24,7 @@ import rundir
 import train
 from hydra_cli import CONFIG_DIR, compose_config, flatten, rewrite_overrides
 from model.config import ConfigError
+from schema import Schema
 
 STAGES = ("collect", "pretrain", "train", "evaluate")
 PRESETS = ("quick", "mid", "full")
@@ -154,21 +155,6 @@ def test_editing_an_evaluate_value_leaves_training_identities_alone(tmp_path):
     assert rundir.differing_keys(before, after) == ["lr (0.001 -> 0.002)"]
 
 
-@pytest.mark.parametrize("preset", PRESETS)
-@pytest.mark.parametrize("stage", STAGES)
-def test_every_key_of_a_preset_has_a_rule_and_passes(stage, preset):
-    import collect
-    import evaluate
-    import pretrain_encoder
-    import train
-
-    rules = {"collect": collect.KEY_RULES, "pretrain": pretrain_encoder.KEY_RULES, "train": train.KEY_RULES,
-             "evaluate": evaluate.KEY_RULES}[stage]
-    cfg = compose_config(stage, [f"experiment={preset}"] + (["run_dir=x"] if stage == "evaluate" else []))
-    assert [k for k in cc.leaf_keys(OmegaConf.to_container(cfg, resolve=True)) if k not in rules] == []
-    cc.check(cfg, rules)
-
-
 # ---- the command-line keys users were first given (docs/design.md §12) ------------------------------------
 ORIGINAL_KEYS = {
     # script: [(what the user typed, where the value must land, the value)]; ORIGINAL_NOTES' keys
@@ -292,21 +278,48 @@ def test_mul_interpolation_multiplies_integers_only():
             mul(*bad)
 
 
-KEY_RULES_OF = {"train": train.KEY_RULES, "pretrain": pretrain_encoder.KEY_RULES, "collect": collect.KEY_RULES,
-           "evaluate": evaluate.KEY_RULES}
+SCHEMA_OF = {"train": train.TrainConfig, "pretrain": pretrain_encoder.PretrainConfig, "collect": collect.CollectConfig,
+             "evaluate": evaluate.EvaluateConfig}
+# Keys a schema declares that not every YAML sets: only dark_key_to_door samples its tasks, and the stage-1 model keys
+# are set by model/pretrain_encoder.yaml alone (stage 2 never reads them).
+OPTIONAL_KEYS = {"env.max_train_tasks", "model.pretrain_slot_init", "model.recon_linear_readout",
+                 "model.recon_task_weight"}
 
 
-@pytest.mark.parametrize("name, groups", [("train", []), ("train", ["model=ad_dr"]), ("pretrain", []),
-                                          ("collect", []), ("collect", ["env=darkroom_hard"]), ("evaluate", [])])
-def test_every_config_key_has_a_rule_and_the_defaults_pass(name, groups):
-    """A new config key must come with its rule in the script's KEY_RULES table (config_check)."""
-    from omegaconf import OmegaConf
+def declared(schema: type[Schema], prefix: str = "") -> dict:
+    """{dotted key: pydantic FieldInfo} of every leaf key `schema` declares."""
+    out = {}
+    for name, f in schema.model_fields.items():
+        if isinstance(f.annotation, type) and issubclass(f.annotation, Schema):
+            out |= declared(f.annotation, f"{prefix}{name}.")
+        else:
+            out[f"{prefix}{name}"] = f
+    return out
 
-    cfg = compose(name, groups + (["run_dir=x"] if name == "evaluate" else []))
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    missing = [k for k in cc.leaf_keys(plain) if k not in KEY_RULES_OF[name]]
-    assert not missing, f"config/{name}.yaml keys without a rule in {name}'s KEY_RULES: {missing}"
-    cc.check(cfg, KEY_RULES_OF[name])
+
+@pytest.mark.parametrize("preset", ("none", *PRESETS))
+@pytest.mark.parametrize("env", ("darkroom", "darkroom_hard", "dark_key_to_door"))
+@pytest.mark.parametrize("name, groups", [("train", []), ("train", ["model=ad_dr"]), ("pretrain", []), ("collect", []),
+                                          ("evaluate", ["run_dir=x"])])
+def test_every_config_key_is_declared_once_with_a_type_and_doc_and_the_presets_pass(name, groups, env, preset):
+    """Every key of every composed config (every preset, env and model) is a key of the script's schema, with a
+    type and a one-line doc; every key the schema declares is set by the YAML (the YAML holds the values, so a schema
+    default never silently decides a run); and the composed values pass."""
+    cfg = compose_config(name, [f"experiment={preset}", f"env={env}", *groups])
+    keys, fields = set(leaves(cfg)), declared(SCHEMA_OF[name])
+    assert sorted(keys - set(fields)) == [], f"config/{name}.yaml keys missing from {SCHEMA_OF[name].__name__}"
+    assert sorted(set(fields) - keys - OPTIONAL_KEYS) == [], "schema keys no YAML sets"
+    assert [k for k, f in fields.items() if f.annotation is None or not f.description] == []
+    SCHEMA_OF[name].check(cfg)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMA_OF))
+def test_an_unknown_key_is_refused_at_startup_in_one_line(name):
+    """A key added with +key=... (no YAML declares it) is refused before any work, naming the keys there are."""
+    main = {"train": train.main, "pretrain": pretrain_encoder.main, "collect": collect.main, "evaluate": evaluate.main}
+    cfg = compose_config(name, ["+env.colour=red"] + (["run_dir=x"] if name == "evaluate" else []))
+    err = evaluate.EvalError if name == "evaluate" else ConfigError
+    raises_one_line(err, r"unknown config key env.colour: the keys here are name, grid_size, horizon", main[name], cfg)
 
 
 @pytest.mark.parametrize("script, override, match", [
@@ -322,6 +335,8 @@ def test_every_config_key_has_a_rule_and_the_defaults_pass(name, groups):
     ("train", "model.dropout=1.5", r"model.dropout=1.5 must be a finite number >= 0 and < 1"),
     ("train", "adam_beta2=1.0", r"adam_beta2=1.0 must be a finite number >= 0 and < 1"),
     ("train", "env.reward_mode=sometimes", r"env.reward_mode='sometimes' must be one of every_step, once"),
+    ("train", "model.freeze_encoder=1", r"model.freeze_encoder=1 must be true or false \(encoder weights frozen"),
+    ("train", "sampler.depth_weights=[0,0]", r"sampler.depth_weights=\[0, 0\] must be null or a list of numbers >= 0"),
     ("pretrain", "diag_batches=0", r"diag_batches=0 must be an integer >= 1"),
     ("pretrain", "save_every=-5", r"save_every=-5 must be an integer >= 1"),
     ("pretrain", "save_every=0", r"save_every=0 must be an integer >= 1"),

@@ -41,6 +41,6 @@ def test_setup_check_fails_with_a_bad_override(tmp_path):
     assert r.returncode == 1, r.stdout + r.stderr
     lines = r.stdout.strip().splitlines()
     fails = [ln for ln in lines if ln.startswith("[FAIL] ")]
-    assert fails and any("n_latent=0 must be >= 1" in ln for ln in fails), r.stdout
+    assert fails and any("n_latent=0 must be an integer in [1, 1024]" in ln for ln in fails), r.stdout
     assert lines[-1].endswith("checks failed.") and "All tests passed" not in r.stdout
     assert "Traceback" not in r.stdout + r.stderr

@@ -383,11 +383,10 @@ def test_accelerate_launch_per_job(tmp_path):
 @pytest.mark.parametrize("arm_file", sorted((REPO / "experiments" / "conf" / "arm").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_every_arm_composes_into_a_valid_training_config(arm_file):
-    """An arm's stage-2 overrides must name real keys with allowed values (config_check), under both
+    """An arm's stage-2 overrides must name real keys with allowed values (train.TrainConfig), under both
     presets: a typo in an arm file would otherwise surface only when its sweep job starts."""
     from omegaconf import OmegaConf
 
-    import config_check
     import train
     from tests.conftest import compose
 
@@ -395,7 +394,7 @@ def test_every_arm_composes_into_a_valid_training_config(arm_file):
     assert {"label", "encoder", "train", "window_key", "window_mult"} <= set(arm)
     for preset in ("none", "quick"):
         cfg = compose("train", [f"experiment={preset}", *arm.train, f"{arm.window_key}=20"])
-        config_check.check(cfg, train.KEY_RULES)
+        train.TrainConfig.check(cfg)
         assert OmegaConf.select(cfg, arm.window_key) == 20
 
 
