@@ -34,11 +34,11 @@ from experiments.report import (
     MEMORY_PAIRED,
     MEMORY_PAIRED_3W,
     MEMORY_REFERENCE,
-    md_table,
     memory_paired_table,
-    stage1_table,
     window_label,
 )
+from experiments.stage1 import stage1_table
+from experiments.stats import md_table
 
 DOCS = ("README.md", "results/README.md", "docs/design.md")
 BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)

@@ -16,7 +16,6 @@ written by that function; adding an experiment is adding one here.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import sys
 from pathlib import Path
@@ -29,19 +28,12 @@ from atomic_io import atomic_write_text
 from errors import UserError
 from experiments import plots, runs, stats
 from experiments.runs import load_jobs, read_json, window_label
+from experiments.stage1 import stage1_diagnostics, stage1_markdown
+from experiments.stats import md_table
 
 
 class ReportError(UserError, RuntimeError):
     """Nothing to report from the given folder; one line."""
-
-
-def md_table(rows: list[dict]) -> str:
-    """The markdown table of every report: rows {header: cell} (cells formatted), the first row's headers.
-    Unpadded (not DataFrame.to_markdown's aligned columns): a committed table.md then changes only where a
-    number does."""
-    head = list(rows[0]) if rows else ["(no rows)"]
-    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-                     + ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows])
 
 
 def _fmt(v, fmt: str) -> str:
@@ -266,80 +258,6 @@ def budget_markdown(rep: dict) -> str:
              "history, each model with its rollout schedule). Returns: evaluate.py on the held-out goals, "
              f"{rep['eval']}. Per-seed numbers and run dirs: summary.json. Plot: budget.png."), ""] + stage1_markdown(rep)
     return "\n".join(lines)
-
-
-# What does stage 1 keep? Its per-field accuracy per depth beside three baselines (compare and pretrain-budget
-# sweeps with stage-1 runs: table.json / summary.json `stage1_diagnostics`, table.md, docs_tables stage1-fields)
-STAGE1_SCORES = {  # done.json key of each score (model/losses.py reconstruction_metrics); {f}: a field
-    "encoder": "acc_{f}", "majority": "baseline_acc_{f}", "shuffled": "ablation_acc_{f}",
-    "copy_previous": "copyprev_acc_{f}"}  # the last for the state only: what the teacher-forced prefix gives
-STAGE1_FIELDS = ("state", "action", "reward", "next_state", "exact")  # exact: the whole transition
-STAGE1_DEPTHS = (1, 2, 3)
-
-
-def stage1_diagnostics(jobs: list[dict]) -> dict:
-    """{"stage1_diagnostics": ...} when the sweep has stage-1 runs ({} otherwise): per goal split (done.json's
-    top level is its `diagnostics_split`, the validation goals; its "test" the test goals), depth and field,
-    each seed's scores, their mean ± sd (n), and the paired interval of the encoder minus the seed's best
-    baseline (stats.paired: the encoder keeps the field only when the interval is above 0)."""
-    _, rds = runs.stage1(jobs)
-    if not rds:
-        return {}
-    diags = {}  # split -> {seed: that split's diagnostics}
-    for seed, rd in sorted(rds.items(), key=lambda kv: int(kv[0])):
-        done = read_json(Path(rd) / "done.json") or {}
-        for split, diag in ((done.get("diagnostics_split"), done), ("test", done.get("test"))):
-            if split and diag:
-                diags.setdefault(split, {})[seed] = diag
-    splits = {}
-    for split, by_seed in diags.items():
-        for depth, f in itertools.product(STAGE1_DEPTHS, STAGE1_FIELDS):
-            ps, best = {}, {}  # {seed: its scores and the name of its best baseline}, {seed: that baseline's score}
-            for seed, diag in by_seed.items():
-                v = {k: diag[key] for k, t in STAGE1_SCORES.items() if (key := f"{t.format(f=f)}_depth{depth}") in diag}
-                if "encoder" in v:
-                    best[seed], name = max(((x, k) for k, x in v.items() if k != "encoder"), default=(None, None))
-                    ps[seed] = {**v, "best_baseline": name}
-            if ps:
-                splits.setdefault(split, []).append(
-                    {"depth": depth, "field": f, **{k: stats.describe(v.get(k) for v in ps.values())
-                                                    for k in STAGE1_SCORES},
-                     "encoder_minus_best": stats.paired({s: v["encoder"] for s, v in ps.items()}, best, "higher"),
-                     "per_seed": ps})
-    have = {s for rows in splits.values() for r in rows for s in r["per_seed"]}
-    return {"stage1_diagnostics": {
-        "source": "done.json of each stage-1 run (pretrain_encoder.py's diagnostics at its last step)",
-        "runs": rds, "missing": [s for s in rds if s not in have], "splits": splits}}
-
-
-def stage1_markdown(rep: dict) -> list[str]:
-    """table.md's stage-1 section: the test goals' table (stage1_table), or which seeds have no diagnostics."""
-    d = rep.get("stage1_diagnostics")
-    if d is None:
-        return []
-    miss = f"no diagnostics (done.json) in the stage-1 run of seed {', '.join(d['missing'])}" if d["missing"] else ""
-    table = stage1_table(rep)
-    if not table:
-        return [f"**What stage 1 keeps:** {miss}.", ""]
-    return [f"**What stage 1 keeps** (test goals, exact accuracy per field{'; ' + miss if miss else ''}):", "",
-            table, "", (
-        "Each cell: mean ± sample sd (n = seeds) of the stage-1 runs' final held-out diagnostics (done.json). "
-        "Majority: the most common value of the field on the same transitions; shuffled latents: the same "
-        "decoder fed another sample's latents; copy previous: the state copied from the previous transition's "
-        "next state, which the teacher-forced prefix hands the decoder. Encoder − best baseline: per seed, minus "
-        "that seed's best baseline, with the 95 % t-interval over seeds. Validation-goal figures and per-seed "
-        "numbers: the record's stage1_diagnostics."), ""]
-
-
-def stage1_table(rep: dict, split: str = "test") -> str:
-    """The depth x field table of a record's stage1_diagnostics on one goal split ("" when it has none)."""
-    rows = ((rep.get("stage1_diagnostics") or {}).get("splits") or {}).get(split)
-    return md_table([{"depth": r["depth"], "field": "whole transition" if r["field"] == "exact" else r["field"].replace("_", " "),
-                      **{h: stats.fmt_describe(r[k], ".3f") for k, h in (
-                          ("encoder", "encoder"), ("majority", "majority class"), ("shuffled", "shuffled latents"),
-                          ("copy_previous", "copy previous (state)"))},
-                      "encoder − best baseline [95 % CI], verdict": stats.fmt_paired(r["encoder_minus_best"], ".3f")}
-                     for r in rows]) if rows else ""
 
 
 # memory: AD window w / 3w vs CompressedAD window w (summary.json, table.md, curves.png)

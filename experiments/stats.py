@@ -145,3 +145,12 @@ def paired_records(x: Mapping, ref: Mapping, better: Mapping, level: float = LEV
     `better` naming each metric compared and its good direction ('higher' / 'lower')."""
     return {k: paired({s: r.get(k) for s, r in x.items()}, {s: r.get(k) for s, r in ref.items()}, b, level)
             for k, b in better.items()}
+
+
+def md_table(rows: list[dict]) -> str:
+    """The markdown table of every report: rows {header: cell} (cells formatted), the first row's headers.
+    Unpadded (not DataFrame.to_markdown's aligned columns): a committed table.md then changes only where a
+    number does."""
+    head = list(rows[0]) if rows else ["(no rows)"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(str(r[h]) for h in head) + " |" for r in rows])

@@ -70,7 +70,7 @@ def test_the_readme_stays_a_front_door():
 def test_the_stage1_table_is_rendered_from_its_record(tmp_path):
     """stage1-fields renders the record's stage1_diagnostics (test goals) with report.py's own table; a block
     whose record has none says so rather than showing an empty table."""
-    from experiments.report import stage1_table
+    from experiments.stage1 import stage1_table
 
     cell = {"mean": 0.8, "sd": 0.1, "n": 3}
     row = {"depth": 1, "field": "exact", "encoder": cell, "majority": {**cell, "mean": 0.2},
