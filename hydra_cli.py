@@ -34,9 +34,6 @@ KEY_ALIASES = {
     # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml (the original notes), top level of pretrain.yaml now
     "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
     "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
-    # training-sample keys: in the model group before, the sampler group (config/sampler/) now
-    **{f"model.{k}": f"sampler.{k}" for k in ("schedule", "depth_weights", "min_seg_len", "win_len_max",
-                                               "max_windows", "pretrain_depth_weights", "pretrain_depth_curriculum")},
 }
 BARE_GROUPS = ("model", "sampler")  # `key=value` with a key of one of these groups means `<group>.key=value`
 NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
@@ -176,8 +173,12 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
         if routed is None:
             key = a.split("=", 1)[0]
             top = ", ".join(sorted(k for k in cfg if k not in GROUPS))
+            name = key.lstrip("+~").rsplit(".", 1)[-1]  # the same name in another group (a key that moved)
+            where = [w for w in (name, "env." + name, "model." + name, "sampler." + name)
+                     if w != key.lstrip("+~") and OmegaConf.select(cfg, w, default=KeyError) is not KeyError]
+            hint = f" (did you mean {' or '.join(sorted(set(where)))}?)" if where else ""
             raise UnknownKeyError(
-                f"unknown config key '{key}' for {config_name}: top-level keys are {top}; model and sampler keys "
+                f"unknown config key '{key}' for {config_name}{hint}: top-level keys are {top}; model and sampler keys "
                 f"are model.<name> / sampler.<name> (see config/model/, config/sampler/); a new key is declared in "
                 f"the script's schema (schema.py) and set in its YAML")
         out.append(routed)

@@ -33,7 +33,7 @@ BENCH = ROOT / "benchmarks"
 SMALL_ARCH = ["--d-model", "32", "--n-head", "2", "--n-layer", "1", "--enc-n-layer", "1", "--n-latent", "4",
               "--seg-len", "20"]
 TINY_MODEL = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1",
-              "model.recon_n_layer=1", "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10"]
+              "model.recon_n_layer=1", "model.n_latent=4", "model.seg_len=20", "sampler.min_seg_len=10"]
 
 
 def plan(device: str, quick: bool, out: Path) -> dict:

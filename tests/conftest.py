@@ -54,7 +54,7 @@ PYTHON = sys.executable
 
 # Architecture shared by both stages (so a tiny stage-1 checkpoint fits a tiny stage-2 model).
 TINY_MODEL = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1",
-              "model.recon_n_layer=1", "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10"]
+              "model.recon_n_layer=1", "model.n_latent=4", "model.seg_len=20", "sampler.min_seg_len=10"]
 TINY = {
     "train": TINY_MODEL + [
         "batch_size=8", "max_steps=6", "warmup_steps=2", "log_every=2", "checkpoint_every=1000",

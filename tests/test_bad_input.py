@@ -192,7 +192,7 @@ def test_checkpoint_that_is_not_ours(tiny, tmp_path, files):
 @pytest.mark.parametrize("override, match", [
     ("model.n_head=3", r"d_model=32 must be a positive multiple of model.n_head=3"),
     ("model.seg_len=100", r"histories have only 200"),  # 3 segments of 100 + a window > 200 steps
-    ("model.min_seg_len=30", r"min_seg_len must be in \[1, seg_len=20\]"),
+    ("sampler.min_seg_len=30", r"min_seg_len must be in \[1, seg_len=20\]"),
     ("grad_accum=3", r"batch_size=8 must be divisible by grad_accum=3"),
     ("checkpoint_every=0", r"checkpoint_every=0 must be an integer >= 1"),
     ("max_steps=abc", r"max_steps='abc' must be an integer >= 1"),
@@ -215,7 +215,7 @@ def test_batch_not_divisible_by_processes(tiny, tmp_path):
 
 def test_pretrain_depth_zero(tiny, tmp_path):
     _raises(ValueError, r"max_compression_depth must be >= 1 for pretraining", pretrain_encoder.main,
-            tiny.compose("pretrain", "model.max_compression_depth=0", "model.pretrain_depth_weights=[]",
+            tiny.compose("pretrain", "model.max_compression_depth=0", "sampler.pretrain_depth_weights=[]",
                          run_dir=tmp_path / "r"))
 
 

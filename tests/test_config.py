@@ -166,11 +166,9 @@ ORIGINAL_KEYS = {
               ("lr=0.0001", "lr", 0.0001), ("n_latent=15", "model.n_latent", 15)],
     # the spellings of the previous layout, where the stage-1 budget sat in the model group
     "pretrain-old": [("model.pretrain_lr=0.0007", "pretrain_lr", 0.0007), ("model.pretrain_steps=9", "pretrain_steps", 9),
-                     ("model.pretrain_batch_size=8", "pretrain_batch_size", 8), ("model.save_every=3", "save_every", 3),
-                     ("model.pretrain_depth_weights=[1,2,3]", "sampler.pretrain_depth_weights", [1, 2, 3])],
-    # ... and where the sampler keys sat in the model group; a bare sampler key gets its prefix
-    "train-old": [("model.schedule=rollout", "sampler.schedule", "rollout"), ("model.max_windows=4", "sampler.max_windows", 4),
-                  ("model.win_len_max=30", "sampler.win_len_max", 30), ("min_seg_len=12", "sampler.min_seg_len", 12)],
+                     ("model.pretrain_batch_size=8", "pretrain_batch_size", 8), ("model.save_every=3", "save_every", 3)],
+    # a bare sampler key gets its prefix
+    "train-bare": [("min_seg_len=12", "sampler.min_seg_len", 12), ("max_windows=4", "sampler.max_windows", 4)],
 }
 
 

@@ -82,3 +82,15 @@ def test_only_project_errors_become_one_line():
         assert issubclass(cls, UserError), cls
     assert issubclass(evaluate.TrainedModelNotFoundError, evaluate.EvalError)
     assert collect.ConfigError is ConfigError
+
+
+@pytest.mark.parametrize(("typed", "hint"), [("model.schedule=rollout", "did you mean sampler.schedule?"),
+                                             ("sampler.n_latent=4", "did you mean model.n_latent?"),
+                                             ("env.lr=0.1", "did you mean lr?")])
+def test_a_key_in_the_wrong_group_is_refused_naming_where_it_lives(typed, hint):
+    """Only the original notes' spellings are aliases (KEY_ALIASES); a key typed in another group than its own
+    (e.g. the sampler keys that once sat in the model group) is refused in one line that names where it lives."""
+    with pytest.raises(hydra_cli.UnknownKeyError) as e:
+        hydra_cli.rewrite_overrides("train", [typed])
+    assert hint in str(e.value) and "\n" not in str(e.value)
+    assert not any(k.startswith(("model.schedule", "model.min_seg_len")) for k in hydra_cli.KEY_ALIASES)

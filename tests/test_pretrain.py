@@ -90,7 +90,7 @@ LEARN = [
     "log_every=25",
     "model.dropout=0.0",
     "model.max_compression_depth=1",
-    "model.pretrain_depth_weights=[1]",
+    "sampler.pretrain_depth_weights=[1]",
     "diag_batches=4",
 ]
 
@@ -576,7 +576,7 @@ def test_depth_curriculum_opens_depths_at_their_steps(tiny):
     assert [ds[k]["depth"].tolist() for k in range(10)] == [ds[k]["depth"].tolist() for k in range(10)]  # pure in k
     assert 3 in set().union(*(set(plain.global_specs(k).depth.tolist()) for k in range(4)))  # no curriculum
     # From the config: fractions of pretrain_steps; the diagnostics stream never has a curriculum.
-    cfg = tiny.compose("pretrain", "pretrain_steps=10", "model.pretrain_depth_curriculum=[0.5,0.8]")
+    cfg = tiny.compose("pretrain", "pretrain_steps=10", "sampler.pretrain_depth_curriculum=[0.5,0.8]")
     assert PretrainBatches.from_cfg(hist, cfg, batch_size=8, curriculum=True).depth_starts == [5, 8]
     assert PretrainBatches.from_cfg(hist, cfg, batch_size=8).depth_starts is None
     with pytest.raises(ValueError, match="one start"):

@@ -1,4 +1,4 @@
-"""model.schedule=rollout: training samples are cut exactly where a rollout cuts its history, so the memory a
+"""sampler.schedule=rollout: training samples are cut exactly where a rollout cuts its history, so the memory a
 training window is decoded with is built exactly as a rollout builds it — at any depth, here >= 10 folds.
 
 The chain of equalities: training forward (this file) == rollout_logits (teacher_forced replay, this file)
@@ -186,24 +186,24 @@ def test_decoder_read_memory_starts_as_the_plain_fold_and_learns_through_it(hist
 
 
 def test_train_main_with_the_rollout_schedule(tiny, tmp_path):
-    summary = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8",
+    summary = train.main(tiny.compose("train", "sampler.schedule=rollout", "model.seg_len=8", "sampler.min_seg_len=8",
                                       "model.bptt_segments=2",
                                       run_dir=tmp_path / "r"))
     assert summary["global_step"] == 6 and np.isfinite(summary["tf_loss_test"])
-    kept = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8", "model.keep_recent=3",
+    kept = train.main(tiny.compose("train", "sampler.schedule=rollout", "model.seg_len=8", "sampler.min_seg_len=8", "model.keep_recent=3",
                                    "model.bptt_segments=2", "model.latent_update=gated", run_dir=tmp_path / "k"))
     assert kept["global_step"] == 6 and np.isfinite(kept["tf_loss_test"])
-    carried = train.main(tiny.compose("train", "model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8",
+    carried = train.main(tiny.compose("train", "sampler.schedule=rollout", "model.seg_len=8", "sampler.min_seg_len=8",
                                       "model.keep_recent=3", "model.bptt_segments=1", "sampler.memory=carry",
                                       "grad_accum=2", run_dir=tmp_path / "c"))
     assert carried["global_step"] == 6 and np.isfinite(carried["tf_loss_test"])
     with pytest.raises(ConfigError, match="sampler.memory=carry needs sampler.schedule=rollout"):
-        train.main(tiny.compose("train", "model.schedule=rollout", "sampler.memory=carry", run_dir=tmp_path / "x"))
+        train.main(tiny.compose("train", "sampler.schedule=rollout", "sampler.memory=carry", run_dir=tmp_path / "x"))
     with pytest.raises(ConfigError, match="model.keep_recent=3 needs sampler.schedule=rollout"):
         train.main(tiny.compose("train", "model.keep_recent=3", run_dir=tmp_path / "random"))
     assert not (tmp_path / "random").exists()
     with pytest.raises(ValueError, match="sampler.schedule='sideways'"):
-        train.main(tiny.compose("train", "model.schedule=sideways", run_dir=tmp_path / "bad"))
+        train.main(tiny.compose("train", "sampler.schedule=sideways", run_dir=tmp_path / "bad"))
 
 
 def carry_batches(hist, **kw):
@@ -292,7 +292,7 @@ def test_carried_memory_resume_equals_a_run_that_drops_the_carry_at_the_resume_s
     step 4 (and, in general, not those of a run that kept carrying: the memory is then one fold fresher)."""
     from model.compressed_ad import LatentCarry
 
-    args = ("model.schedule=rollout", "model.seg_len=8", "model.min_seg_len=8", "model.keep_recent=3",
+    args = ("sampler.schedule=rollout", "model.seg_len=8", "sampler.min_seg_len=8", "model.keep_recent=3",
             "model.bptt_segments=1", "sampler.memory=carry", "checkpoint_every=3", "model.dropout=0.1",
             "min_lr_ratio=1")  # a constant rate after warm-up: the 3-step run's schedule is the 6-step one's
     attach = LatentCarry.attach

@@ -27,7 +27,7 @@ REPORT = REPO / "experiments" / "report.py"
 # Stage overrides, routed like two_stage.py: model.* -> pretrain + train, n_episodes / seeds_per_goal /
 # n_train_goals -> evaluate, log_every / checkpoint_every -> pretrain + train.
 TINY = ["model.d_model=32", "model.n_head=2", "model.n_layer=1", "model.enc_n_layer=1", "model.recon_n_layer=1",
-        "model.n_latent=4", "model.seg_len=20", "model.min_seg_len=10",
+        "model.n_latent=4", "model.seg_len=20", "sampler.min_seg_len=10",
         "batch_size=8", "warmup_steps=2", "log_every=2", "checkpoint_every=1000",
         "model.pretrain_steps=6", "model.pretrain_batch_size=8", "diag_batches=1",
         "n_episodes=3", "seeds_per_goal=1", "n_train_goals=1", "progress=false"]

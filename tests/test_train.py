@@ -89,7 +89,7 @@ def test_compressed_ad_end_to_end_and_learns(tiny, greedy_data, tmp_path, tb_sca
         f"eval_every={steps}",
         "model.dropout=0.0",
         "model.max_compression_depth=1",
-        "model.depth_weights=[1,2]",
+        "sampler.depth_weights=[1,2]",
         run_dir=run,
     )
     summary = train.main(cfg)
