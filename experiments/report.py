@@ -263,6 +263,7 @@ def budget_markdown(rep: dict) -> str:
 # memory: AD window w / 3w vs CompressedAD window w (summary.json, table.md, curves.png)
 MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is better); test goals unless "val"
     ("return_last5_norm", "return / optimal, last 5 of the eval", ".3f", "higher"),
+    ("return_first_norm", "return / optimal, episode 1", ".3f", "higher"),
     ("episodes_to_0.8", "episodes to 0.8 of optimal", ".1f", "lower"),
     ("return_last5_norm_long", "long rollout: return / optimal, last 5", ".3f", "higher"),
     ("episodes_to_0.8_long", "long rollout: episodes to 0.8", ".1f", "lower"),
@@ -275,6 +276,8 @@ MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is be
     ("goal_acc_after", "goal readout acc., after find", ".3f", "higher"),
     ("goal_acc_before", "goal readout acc., before find", ".3f", "higher"),
     ("goal_acc_const", "constant guess acc., after find", ".3f", "higher"),
+    ("key_found_last_k", "key found, last 5 (Key-to-Door)", ".2f", "higher"),
+    ("door_found_last_k", "door opened, last 5 (Key-to-Door)", ".2f", "higher"),
 )
 # What the memory holds (goal_readout.py, test goals): the readout after the find minus a reference, within
 # each run, with the t-interval over seeds.
@@ -390,8 +393,8 @@ def memory_markdown(rep: dict) -> str:
     def ident(r):
         return {"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r)}
 
-    main = [{**ident(r), **{f"{h} ({b} is better)": stats.fmt_describe(r["stats"][k], fmt)
-                            for k, h, fmt, b in MEMORY_COLUMNS},
+    cols = [c for c in MEMORY_COLUMNS if any((r["stats"].get(c[0]) or {}).get("n") for r in rep["rows"])]  # no run: out
+    main = [{**ident(r), **{f"{h} ({b} is better)": stats.fmt_describe(r["stats"][k], fmt) for k, h, fmt, b in cols},
              "memory probe all − k1 (nats, 95 % CI)": "–" if r["memory_probe"] is None
              else stats.fmt_paired(r["memory_probe"]["all_minus_k1"], ".4f")} for r in rep["rows"]]
     for env, d in rep["datasets"].items():
@@ -400,7 +403,7 @@ def memory_markdown(rep: dict) -> str:
             have = {"episodes_to_first_goal": su["episodes_to_first_goal"], "found_goal_frac": su["found_goal_frac"],
                     "return_after_found": su["return_after_found_normalized"]}
             main.append(dict(zip(main[0], [env, "source (its own histories)", "–"]
-                                 + [_fmt(have.get(k), fmt) for k, _, fmt, _ in MEMORY_COLUMNS] + ["–"])))
+                                 + [_fmt(have.get(k), fmt) for k, _, fmt, _ in cols] + ["–"])))
     lines = _header(rep, "Memory table",
                     f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample sd (n = seeds))")
     lines += ["Test goals unless marked val (validation goals: where designs are chosen).", "", md_table(main)]

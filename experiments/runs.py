@@ -308,6 +308,8 @@ def run_record(run_dir: Path) -> dict:
     return {"episodes_to_first_goal": s.get("episodes_to_first_goal"), "found_goal_frac": s.get("found_goal_frac"),
             "return_after_found": s.get("return_after_found_normalized"), "tf_loss_test": done.get("tf_loss_test"),
             "tf_loss_val": done.get("tf_loss_val"), "return_last5_norm": s.get("last_k_normalized"),
+            "return_first_norm": s.get("first_episode_normalized"),  # in-context improvement: last 5 vs episode 1
+            "key_found_last_k": s.get("key_found_last_k"), "door_found_last_k": s.get("door_found_last_k"),
             "return_last5_norm_long": sl.get("last_k_normalized"),
             "return_last5_norm_val": split_summary(ev, "val").get("last_k_normalized"),
             "labels_per_step": lps, "train_wall_s": comp.get("train_wall_s"),

@@ -58,3 +58,18 @@ def test_the_report_names_every_sweep_command_that_filled_the_out_dir():
                                ) == "python a arm=ad ; python a arm=kept"
     assert runs.sweep_commands({"command": "python a"}) == "python a"  # sweep.json written before `commands`
     assert runs.sweep_commands({}) == "?"
+
+
+def test_a_run_record_holds_the_first_episode_and_key_to_door_progress(tmp_path):
+    """The memory table's in-context improvement (episode 1 vs the last 5) and, on Dark Key-to-Door, the key /
+    door found fractions come from eval.json's test summary; absent fields stay None."""
+    import json
+
+    summary = {"first_episode_normalized": 0.16, "last_k_normalized": 0.2, "key_found_last_k": 0.35,
+               "door_found_last_k": 0.05}
+    (tmp_path / "eval.json").write_text(json.dumps({"splits": {"test": {"summary": summary}}}))
+    rec = runs.run_record(tmp_path)
+    assert (rec["return_first_norm"], rec["return_last5_norm"]) == (0.16, 0.2)
+    assert (rec["key_found_last_k"], rec["door_found_last_k"]) == (0.35, 0.05)
+    (tmp_path / "eval.json").write_text(json.dumps({"splits": {"test": {"summary": {"last_k_normalized": 0.5}}}}))
+    assert runs.run_record(tmp_path)["key_found_last_k"] is None

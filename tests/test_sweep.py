@@ -238,6 +238,8 @@ def test_memory_sweep_submitit_local(tmp_path, tiny, monkeypatch):
     assert list((out / "hydra").rglob("*_submitted.pkl"))  # the jobs went through submitit
     md = (out / "table.md").read_text()
     assert "Memory table" in md and "| darkroom | `ad_3w` | 60 |" in md
+    # episode 1 beside the last 5 (in-context improvement); no Key-to-Door column on Darkroom (no run has one)
+    assert "return / optimal, episode 1" in md and "Key-to-Door" not in md
     assert "Paired differences" in md and "What each arm paid" in md and "3x the window" in md
     # the source's own search vs use, scored on the dataset's test histories
     src = rep["datasets"]["darkroom"]["source_search_use_test"]
