@@ -44,7 +44,7 @@ DOCS = ("README.md", "results/README.md", "docs/design.md")
 BLOCK = re.compile(r"(<!-- generated: (\S+) (\S+) -->\n)(.*?)(<!-- end generated -->)", re.DOTALL)
 
 
-def _f(d: dict | None, fmt: str) -> str:
+def _f(d: dict | None, fmt: str) -> str:  # "–" where no run has the figure
     return stats.fmt_describe(d, fmt) if d else "–"
 
 
@@ -73,6 +73,28 @@ def memory_headline(rep: dict) -> str:
             "return after found": _f(s["return_after_found"], ".2f"),
             "val: return / optimal": _f(s["return_last5_norm_val"], ".3f"), "test NLL": _f(s["tf_loss_test"], ".3f"),
             "labels / step": "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
+            "training min": "–" if wall is None else f"{wall / 60:.1f}",
+            "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"})
+    return md_table(rows)
+
+
+def key_to_door(rep: dict) -> str:
+    """Dark Key-to-Door's memory table: per arm the return in episode 1 and in the last 5 (does it learn in
+    context?), the key-found and door-opened fractions of the last 5, the paired difference to AD w, what it paid."""
+    rows = []
+    for r in rep["rows"]:
+        s = r["stats"]
+        pr = (r.get("paired") or {}).get("return_last5_norm")
+        wall = (s.get("train_wall_s") or {}).get("mean")
+        rows.append({
+            "arm": f"`{r['arm']}`", "window": window_label(r),
+            "return / optimal, episode 1": _f(s.get("return_first_norm"), ".3f"),
+            "last 5": _f(s["return_last5_norm"], ".3f"),
+            f"last 5 − `{MEMORY_REFERENCE}` [95 % CI], verdict": stats.fmt_paired(pr, ".3f") if pr
+            else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
+            "key found, last 5": _f(s.get("key_found_last_k"), ".2f"),
+            "door opened, last 5": _f(s.get("door_found_last_k"), ".2f"),
+            "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"),
             "training min": "–" if wall is None else f"{wall / 60:.1f}",
             "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"})
     return md_table(rows)
@@ -123,7 +145,7 @@ def memory_pairs(rep: dict) -> str:
 
 
 KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "memory-vs-3w": memory_vs_3w,
-         "memory-pairs": memory_pairs, "budget-paired": budget_paired,
+         "memory-pairs": memory_pairs, "budget-paired": budget_paired, "key-to-door": key_to_door,
          "stage1-fields": lambda rep: stage1_table(rep) or "(no stage-1 diagnostics in this record)"}
 
 

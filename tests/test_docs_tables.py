@@ -86,3 +86,18 @@ def test_the_stage1_table_is_rendered_from_its_record(tmp_path):
     (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(_memory_record()))
     assert docs_tables.render("stage1-fields", "results/x/summary.json", tmp_path).startswith(
         "(no stage-1 diagnostics in this record)\n\nRecord:")
+
+
+def test_the_key_to_door_table_shows_episode_one_beside_the_last_five(tmp_path):
+    """key-to-door: does the arm learn in context (episode 1 vs the last 5) and does it open the door; a record
+    written before these figures existed renders them as '–'."""
+    (tmp_path / "results" / "x").mkdir(parents=True)
+    rec = _memory_record()
+    (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(rec))
+    old = docs_tables.render("key-to-door", "results/x/summary.json", tmp_path)
+    assert "| `ad` | 20 | – | 0.500 ± 0.100 (n=5) | (reference) | – | – |" in old
+    rec["rows"][0]["stats"] |= {"return_first_norm": {"mean": 0.16, "sd": 0.02, "n": 3},
+                                "door_found_last_k": {"mean": 0.53, "sd": 0.05, "n": 3}}
+    (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(rec))
+    new = docs_tables.render("key-to-door", "results/x/summary.json", tmp_path)
+    assert "| `ad` | 20 | 0.160 ± 0.020 (n=3) | 0.500 ± 0.100 (n=5) | (reference) | – | 0.53 ± 0.05 (n=3) |" in new
