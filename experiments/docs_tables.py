@@ -56,48 +56,44 @@ def _provenance(rep: dict, record: str, doc: str) -> str:
             + ("" if rep.get("complete") else f"; **INCOMPLETE**: {', '.join(rep.get('missing', []))}") + ".")
 
 
+def _vs_ad(r: dict) -> str:
+    """A row's paired difference to AD with the same window on the test return, or "(reference)" on AD's row."""
+    pr = (r.get("paired") or {}).get("return_last5_norm")
+    return stats.fmt_paired(pr, ".3f") if pr else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–"
+
+
+def _paid(s: dict) -> dict:
+    """What a row's arm paid: training minutes and rollout ms per step (means over seeds)."""
+    wall = (s.get("train_wall_s") or {}).get("mean")
+    return {"training min": "–" if wall is None else f"{wall / 60:.1f}",
+            "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"}
+
+
 def memory_headline(rep: dict) -> str:
     """The memory table's headline: per arm the test-goal return, its paired difference to AD with the same
     window, learning speed, search vs use, the validation return and what the arm paid."""
-    rows = []
-    for r in rep["rows"]:
-        s = r["stats"]
-        pr = (r.get("paired") or {}).get("return_last5_norm")
-        wall = (s.get("train_wall_s") or {}).get("mean")
-        rows.append({
-            "env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
-            "return / optimal, last 5 (test)": _f(s["return_last5_norm"], ".3f"),
-            f"− `{MEMORY_REFERENCE}` [95 % CI], verdict": stats.fmt_paired(pr, ".3f") if pr
-            else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
-            "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"),
-            "return after found": _f(s["return_after_found"], ".2f"),
-            "val: return / optimal": _f(s["return_last5_norm_val"], ".3f"), "test NLL": _f(s["tf_loss_test"], ".3f"),
-            "labels / step": "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
-            "training min": "–" if wall is None else f"{wall / 60:.1f}",
-            "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"})
-    return md_table(rows)
+    return md_table([{
+        "env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
+        "return / optimal, last 5 (test)": _f(s["return_last5_norm"], ".3f"),
+        f"− `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs_ad(r),
+        "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"),
+        "return after found": _f(s["return_after_found"], ".2f"),
+        "val: return / optimal": _f(s["return_last5_norm_val"], ".3f"), "test NLL": _f(s["tf_loss_test"], ".3f"),
+        "labels / step": "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
+        **_paid(s)} for r in rep["rows"] for s in [r["stats"]]])
 
 
 def key_to_door(rep: dict) -> str:
     """Dark Key-to-Door's memory table: per arm the return in episode 1 and in the last 5 (does it learn in
     context?), the key-found and door-opened fractions of the last 5, the paired difference to AD w, what it paid."""
-    rows = []
-    for r in rep["rows"]:
-        s = r["stats"]
-        pr = (r.get("paired") or {}).get("return_last5_norm")
-        wall = (s.get("train_wall_s") or {}).get("mean")
-        rows.append({
-            "arm": f"`{r['arm']}`", "window": window_label(r),
-            "return / optimal, episode 1": _f(s.get("return_first_norm"), ".3f"),
-            "last 5": _f(s["return_last5_norm"], ".3f"),
-            f"last 5 − `{MEMORY_REFERENCE}` [95 % CI], verdict": stats.fmt_paired(pr, ".3f") if pr
-            else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–",
-            "key found, last 5": _f(s.get("key_found_last_k"), ".2f"),
-            "door opened, last 5": _f(s.get("door_found_last_k"), ".2f"),
-            "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"),
-            "training min": "–" if wall is None else f"{wall / 60:.1f}",
-            "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"})
-    return md_table(rows)
+    return md_table([{
+        "arm": f"`{r['arm']}`", "window": window_label(r),
+        "return / optimal, episode 1": _f(s.get("return_first_norm"), ".3f"),
+        "last 5": _f(s["return_last5_norm"], ".3f"), f"last 5 − `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs_ad(r),
+        "key found, last 5": _f(s.get("key_found_last_k"), ".2f"),
+        "door opened, last 5": _f(s.get("door_found_last_k"), ".2f"),
+        "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"), **_paid(s)}
+        for r in rep["rows"] for s in [r["stats"]]])
 
 
 def memory_probe(rep: dict) -> str:
