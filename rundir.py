@@ -76,7 +76,8 @@ FINGERPRINT_KEY = "data_fingerprint"  # histories.fingerprint of the training da
 _NOT_IDENTITY = _VOLATILE_KEYS | _PATH_KEYS | {FINGERPRINT_KEY}
 # Keys added after runs existed, with the value that is what a run saved before the key did: an absent key
 # and this value are the same run (a new option's default keeps old runs' meaning, and they stay reusable).
-LATER_KEY_DEFAULTS = {"model.keep_recent": 0, "sampler.memory": "exact"}
+LATER_KEY_DEFAULTS = {"model.keep_recent": 0, "sampler.memory": "exact", "eval.max_heldout_goals": None,
+                      "max_heldout_goals": None}  # the last: evaluate.py's (an eval json's config, an out identity)
 
 # checkpoints/step-N: a complete checkpoint (half-written ones are .tmp-step-N, pruned ones .old-step-N)
 CHECKPOINT_RE = re.compile(r"step-(\d+)")
@@ -89,8 +90,8 @@ def with_later_defaults(cfg: dict) -> dict:
     """cfg with every LATER_KEY_DEFAULTS key its group lacks set to its default (a copy where one is added)."""
     out = dict(cfg)
     for key, default in LATER_KEY_DEFAULTS.items():
-        group, name = key.split(".")
-        if isinstance(out.get(group), dict) and name not in out[group]:
+        group, _, name = key.rpartition(".")  # a top-level key is evaluate.py's: not in a training run's config
+        if group and isinstance(out.get(group), dict) and name not in out[group]:
             out[group] = {**out[group], name: default}
     return out
 

@@ -365,7 +365,8 @@ def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
     if (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime:
         return False
     got, asked = flatten(ev.get("config") or {}), flatten(want)
-    return all(got.get(k, "<absent>") == asked[k] for k in asked if k not in EVAL_IGNORED)
+    later = rundir.LATER_KEY_DEFAULTS  # a key added after the eval ran counts with its default
+    return all(got.get(k, later.get(k, "<absent>")) == asked[k] for k in asked if k not in EVAL_IGNORED)
 
 
 # ---------------------------------------------------------------------------------------------------------

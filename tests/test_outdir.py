@@ -40,7 +40,9 @@ def test_one_identity_per_out_dir(tmp_path):
     # an identity recorded before a key existed (rundir.LATER_KEY_DEFAULTS) is the same one when the key
     # comes at its backward-compatible default, and only then
     older = tmp_path / "older"
-    recorded = {k: v for k, v in base.items() if not k.endswith(("sampler.memory", "model.keep_recent"))}
+    recorded = {k: v for k, v in base.items() if not k.endswith(("sampler.memory", "model.keep_recent",
+                                                                  "max_heldout_goals"))}
+    assert base["evaluate.max_heldout_goals"] is None and "evaluate.max_heldout_goals" not in recorded
     assert recorded != base and base["train.sampler.memory"] == "exact"
     od.write_text(older / "sweep.json", json.dumps({"identity": {"hash": od.identity_hash(recorded), "config": recorded}}))
     assert od.check_identity(older, base, claim=True) == h
