@@ -282,17 +282,24 @@ class TrainingRun(LoopOptions):
 
 
 def check_model(model_cfg, sampler_cfg=None) -> None:
-    """Relations between model keys that no single key's schema can express; with `sampler_cfg` (stage 2), also
-    those between the model and how its training samples are cut."""
-    n_latent, seg_len = model_cfg.get("n_latent"), model_cfg.get("seg_len")
+    """Relations between model keys that no single key's schema can express (one place: the startup check of a
+    composed config and ModelConfig.validate both call it); with `sampler_cfg` (stage 2), also those between
+    the model and how its training samples are cut. Keys absent from a partial config are not checked."""
+    m = {k: v for k, v in dict(model_cfg).items() if v is not None}
+    d_model, n_head, n_latent = m.get("d_model"), m.get("n_head"), m.get("n_latent")
+    seg_len, keep = m.get("seg_len"), m.get("keep_recent")
+    if isinstance(d_model, int) and isinstance(n_head, int) and (d_model <= 0 or d_model % n_head):
+        raise ConfigError(f"model.d_model={d_model} must be a positive multiple of model.n_head={n_head}")
     if isinstance(n_latent, int) and isinstance(seg_len, int) and n_latent > seg_len:
         raise ConfigError(f"model.n_latent={n_latent} must be <= model.seg_len={seg_len} (a compression folds "
                           f"seg_len transitions into n_latent tokens; more tokens than transitions is no "
                           f"compression and costs memory quadratic in n_latent)")
-    keep = model_cfg.get("keep_recent")
-    if isinstance(keep, int) and isinstance(seg_len, int) and keep >= seg_len:
-        raise ConfigError(f"model.keep_recent={keep} must be < model.seg_len={seg_len}: a fold takes the oldest "
-                          f"seg_len - keep_recent transitions of a full window, at least one")
+    if isinstance(keep, int) and isinstance(seg_len, int) and not 0 <= keep < seg_len:
+        raise ConfigError(f"model.keep_recent={keep} must be in [0, model.seg_len={seg_len}): a fold takes the "
+                          f"oldest seg_len - keep_recent transitions of a full window, at least one")
+    if m.get("recon_decoder") == "causal_fields" and m.get("recon_loss", "ce") != "ce":
+        raise ConfigError("model.recon_decoder=causal_fields predicts classes field by field: it needs "
+                          "model.recon_loss=ce")
     schedule = sampler_cfg.get("schedule", "random") if sampler_cfg is not None else "rollout"
     memory = sampler_cfg.get("memory", "exact") if sampler_cfg is not None else "exact"
     bptt = model_cfg.get("bptt_segments")

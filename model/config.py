@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from schema import Checked, ConfigError, ModelKeys, key
+from schema import Checked, ConfigError, ModelKeys, check_model, key  # noqa: F401 -- ConfigError: the model package names it
 
 # Keys that fix the shapes of encoder + shared embedding weights. Anything else (dropout, depth weights,
 # learning rates) may differ between the two stages.
@@ -59,19 +59,8 @@ class ModelConfig(ModelKeys, Checked):
         return cfg
 
     def validate(self) -> None:
-        """Relations between keys (each key's own range is checked on construction)."""
-
-        def need(ok: bool, msg: str) -> None:
-            if not ok:
-                raise ConfigError(msg)
-
-        need(self.d_model > 0 and self.d_model % self.n_head == 0,
-             f"model.d_model={self.d_model} must be a positive multiple of model.n_head={self.n_head}")
-        need(0 <= self.keep_recent < self.seg_len,
-             f"model.keep_recent={self.keep_recent} must be in [0, model.seg_len={self.seg_len}): a fold must "
-             "take at least one transition")
-        need(self.recon_decoder != "causal_fields" or self.recon_loss == "ce",
-             "model.recon_decoder=causal_fields predicts classes field by field: it needs model.recon_loss=ce")
+        """Relations between keys (each key's own range is checked on construction): schema.check_model."""
+        check_model(self.model_dump())
 
     def arch_dict(self) -> dict:
         return {k: getattr(self, k) for k in ENCODER_ARCH_KEYS}

@@ -186,6 +186,23 @@ def test_config_errors_are_clear():
         ModelConfig(d_model=30, n_head=4).validate()
 
 
+@pytest.mark.parametrize("bad, match", [
+    ({"d_model": 30, "n_head": 4}, r"model.d_model=30 must be a positive multiple of model.n_head=4"),
+    ({"n_latent": 12, "seg_len": 10, "context_len": 10}, r"model.n_latent=12 must be <= model.seg_len=10"),
+    ({"keep_recent": 10, "seg_len": 10, "context_len": 10}, r"model.keep_recent=10 must be in \[0, model.seg_len=10\)"),
+    ({"recon_decoder": "causal_fields", "recon_loss": "mse"}, r"causal_fields .* needs model.recon_loss=ce"),
+])
+def test_model_relations_are_checked_once_for_built_and_composed_configs(bad, match):
+    """schema.check_model is the one home of the relations between model keys: a composed config (a dict) and a
+    built ModelConfig are refused with the same line."""
+    from schema import check_model
+
+    with pytest.raises(ConfigError, match=match):
+        check_model(tiny_cfg().model_dump() | bad)
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_cfg(tiny_cfg().model_dump() | bad, {"grid_size": 5, "n_actions": 5})
+
+
 def test_pretrainer_output_shapes_and_depth_check():
     cfg = tiny_cfg()
     p = EncoderPretrainer(cfg)
