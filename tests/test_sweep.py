@@ -400,11 +400,13 @@ def test_every_arm_composes_into_a_valid_training_config(arm_file):
         assert OmegaConf.select(cfg, arm.window_key) == 20
 
 
-@pytest.mark.parametrize("name, memory", [("rollout_gated_kept", "exact"), ("rollout_gated_kept_carry", "carry")])
-def test_kept_window_arm_keeps_the_window_and_folds_as_much(name, memory):
+@pytest.mark.parametrize("name, memory, slots", [("rollout_gated_kept", "exact", 3),
+                                                 ("rollout_gated_kept_carry", "carry", 3),
+                                                 ("rollout_gated_kept_carry_bptt1", "carry", 1)])
+def test_kept_window_arm_keeps_the_window_and_folds_as_much(name, memory, slots):
     """experiments/conf/arm/rollout_gated_kept*.yaml: the sweep's window w sets model.keep_recent = w and
     model.seg_len follows at 2w, so the decoder always sees the last w raw transitions (issue 22); the _carry
-    arm trains with the carried memory."""
+    arms train with the carried memory (_bptt1: one fold with gradients per sample)."""
     from omegaconf import OmegaConf
 
     from dataset import HistoryBatches
@@ -418,7 +420,7 @@ def test_kept_window_arm_keeps_the_window_and_folds_as_much(name, memory):
         assert (mcfg.seg_len, mcfg.keep_recent, mcfg.fold_len) == (2 * w, w, w)
         assert cfg.sampler.schedule == "rollout" and mcfg.latent_update == "gated"
         opts = HistoryBatches._cfg_options(cfg, cfg.sampler)
-        assert opts["schedule"] == "rollout" and opts["memory"] == memory and opts["carry_slots"] == 3
+        assert opts["schedule"] == "rollout" and opts["memory"] == memory and opts["carry_slots"] == slots
 
 
 # ---- issue 25: a sweep never reuses, mixes or mislabels results ------------------------------------------
