@@ -107,15 +107,20 @@ def to_plain(cfg) -> dict:
 
 
 class _LoopState:
-    """Step counter saved with Accelerate's state (its own iteration counter is not restored on load)."""
+    """Step counter saved with Accelerate's state (its own iteration counter is not restored on load), and the
+    training wall seconds of steps 1..step summed over every process that trained them (a resumed run's cost
+    is the whole run's, not its last process's; None after resuming from a checkpoint that predates it)."""
 
-    step = 0
+    step, wall_s, t0 = 0, 0.0, None  # t0: perf_counter when this process started training
+
+    def run_wall_s(self) -> float | None:
+        return None if self.wall_s is None else self.wall_s + (time.perf_counter() - self.t0 if self.t0 else 0.0)
 
     def state_dict(self):
-        return {"step": self.step}
+        return {"step": self.step, "wall_s": self.run_wall_s()}
 
     def load_state_dict(self, sd):
-        self.step = int(sd["step"])
+        self.step, self.wall_s = int(sd["step"]), sd.get("wall_s")
 
 
 @dataclass
@@ -217,6 +222,7 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
     # a killed process logged after it, so the curves continue without duplicates.
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1) if acc.is_main_process else None
     run, start, t0 = Run(acc, run_dir, writer, s, config, model), state.step, time.perf_counter()
+    state.t0 = t0
     pbar = None
     if s.progress and acc.is_main_process:
         from tqdm import tqdm
@@ -224,9 +230,11 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
         pbar = tqdm(total=s.max_steps, initial=start, desc=s.namespace, dynamic_ncols=True, mininterval=1.0)
     labels = _loop(task, run, opt, sched, batches, state, pbar)
     # What the run paid (the reports' compute columns): labels and wall time of the steps this process
-    # trained, before the final extras (held-out scoring) and the last checkpoint.
-    compute = {"steps_trained": state.step - start, "labels_trained": labels,
-               "train_wall_s": round(time.perf_counter() - t0, 3)}
+    # trained, and the wall time of all the run's steps (run_train_wall_s: resumes included), before the final
+    # extras (held-out scoring) and the last checkpoint.
+    wall = time.perf_counter() - t0
+    compute = {"steps_trained": state.step - start, "labels_trained": labels, "train_wall_s": round(wall, 3),
+               "run_train_wall_s": None if state.wall_s is None else round(state.wall_s + wall, 3)}
     if pbar:
         pbar.close()
     return _finish(task, run, state.step, start, compute)

@@ -34,6 +34,7 @@ from experiments.report import (
     MEMORY_PAIRED,
     MEMORY_PAIRED_3W,
     MEMORY_REFERENCE,
+    MEMORY_REFERENCE_3W,
     memory_paired_table,
     window_label,
 )
@@ -63,9 +64,12 @@ def _vs_ad(r: dict) -> str:
 
 
 def _paid(s: dict) -> dict:
-    """What a row's arm paid: training minutes and rollout ms per step (means over seeds)."""
-    wall = (s.get("train_wall_s") or {}).get("mean")
-    return {"training min": "–" if wall is None else f"{wall / 60:.1f}",
+    """What a row's arm paid: training minutes and rollout ms per step (means over seeds). The training minutes
+    name their n where fewer seeds have them than have a return (a run resumed before run-wide training time
+    was recorded has none: runs.run_train_wall_s)."""
+    wall, n = (s.get("train_wall_s") or {}).get("mean"), (s.get("train_wall_s") or {}).get("n", 0)
+    short = f" (n={n})" if n < (s.get("return_last5_norm") or {}).get("n", 0) else ""
+    return {"training min": "–" if wall is None else f"{wall / 60:.1f}{short}",
             "rollout ms / step": "–" if not s["rollout_ms_per_step"]["n"] else f"{s['rollout_ms_per_step']['mean']:.1f}"}
 
 
@@ -83,13 +87,21 @@ def memory_headline(rep: dict) -> str:
         **_paid(s)} for r in rep["rows"] for s in [r["stats"]]])
 
 
+def _vs_3w(r: dict) -> str:
+    """A row's paired difference to AD with 3x the window on the test return ("(reference)" on that row)."""
+    pr = (r.get("paired_3w") or {}).get("return_last5_norm")
+    return stats.fmt_paired(pr, ".3f") if pr and pr["n"] else "(reference)" if r["arm"] == MEMORY_REFERENCE_3W else "–"
+
+
 def key_to_door(rep: dict) -> str:
     """Dark Key-to-Door's memory table: per arm the return in episode 1 and in the last 5 (does it learn in
-    context?), the key-found and door-opened fractions of the last 5, the paired difference to AD w, what it paid."""
+    context?), the key-found and door-opened fractions of the last 5, the paired differences to AD w and AD 3w,
+    what it paid."""
     return md_table([{
         "arm": f"`{r['arm']}`", "window": window_label(r),
         "return / optimal, episode 1": _f(s.get("return_first_norm"), ".3f"),
         "last 5": _f(s["return_last5_norm"], ".3f"), f"last 5 − `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs_ad(r),
+        f"last 5 − `{MEMORY_REFERENCE_3W}` [95 % CI], verdict": _vs_3w(r),
         "key found, last 5": _f(s.get("key_found_last_k"), ".2f"),
         "door opened, last 5": _f(s.get("door_found_last_k"), ".2f"),
         "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"), **_paid(s)}

@@ -312,7 +312,7 @@ def run_record(run_dir: Path) -> dict:
             "key_found_last_k": s.get("key_found_last_k"), "door_found_last_k": s.get("door_found_last_k"),
             "return_last5_norm_long": sl.get("last_k_normalized"),
             "return_last5_norm_val": split_summary(ev, "val").get("last_k_normalized"),
-            "labels_per_step": lps, "train_wall_s": comp.get("train_wall_s"),
+            "labels_per_step": lps, "train_wall_s": run_train_wall_s(done),
             "goal_acc_after": (gr.get("after_find") or {}).get("acc"),
             "goal_acc_before": (gr.get("before_find") or {}).get("acc"),
             "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
@@ -331,6 +331,16 @@ def run_record(run_dir: Path) -> dict:
             "steps": done.get("global_step"), "device": ev.get("device"), "n_episodes": s.get("n_episodes"),
             "complete": bool(done) and bool(s), "data_path": cfg.get("data_path"), "run_dir": str(run_dir),
             "config": cfg, "done": done, "eval": ev, "eval_long": evl}
+
+
+def run_train_wall_s(done: dict) -> float | None:
+    """The training wall seconds of all of a run's steps: done.json's run_train_wall_s (summed over the processes
+    that trained them), or its last process's train_wall_s when that process trained every step; None for a run
+    resumed from a checkpoint that predates the sum (its last process's seconds would undercount it)."""
+    comp = done.get("compute") or {}
+    if comp.get("run_train_wall_s") is not None:
+        return comp["run_train_wall_s"]
+    return comp.get("train_wall_s") if not done.get("resumed_from_step") else None
 
 
 def run_table(tj: list[dict], project) -> pd.DataFrame:

@@ -95,9 +95,22 @@ def test_the_key_to_door_table_shows_episode_one_beside_the_last_five(tmp_path):
     rec = _memory_record()
     (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(rec))
     old = docs_tables.render("key-to-door", "results/x/summary.json", tmp_path)
-    assert "| `ad` | 20 | – | 0.500 ± 0.100 (n=5) | (reference) | – | – |" in old
+    assert "| `ad` | 20 | – | 0.500 ± 0.100 (n=5) | (reference) | – | – | – |" in old
     rec["rows"][0]["stats"] |= {"return_first_norm": {"mean": 0.16, "sd": 0.02, "n": 3},
                                 "door_found_last_k": {"mean": 0.53, "sd": 0.05, "n": 3}}
+    diff = {"diff": 0.1, "lo": 0.05, "hi": 0.15, "sd": 0.02, "n": 3, "verdict": "better"}
+    rec["rows"] += [{**rec["rows"][0], "arm": "ad_3w", "window": 60},
+                    {**rec["rows"][0], "arm": "kept", "paired": {"return_last5_norm": diff},
+                     "paired_3w": {"return_last5_norm": diff | {"diff": -0.02, "lo": -0.05, "hi": 0.01,
+                                                                "verdict": "no difference detected"}}}]
     (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(rec))
     new = docs_tables.render("key-to-door", "results/x/summary.json", tmp_path)
-    assert "| `ad` | 20 | 0.160 ± 0.020 (n=3) | 0.500 ± 0.100 (n=5) | (reference) | – | 0.53 ± 0.05 (n=3) |" in new
+    assert "| `ad` | 20 | 0.160 ± 0.020 (n=3) | 0.500 ± 0.100 (n=5) | (reference) | – | – | 0.53 ± 0.05 (n=3) |" in new
+    # the paired differences to AD w and to AD 3w, each "(reference)" on its own row
+    assert "| `ad_3w` | 60 | 0.160 ± 0.020 (n=3) | 0.500 ± 0.100 (n=5) | – | (reference) |" in new
+    assert ("| `kept` | 20 | 0.160 ± 0.020 (n=3) | 0.500 ± 0.100 (n=5) | +0.100 [+0.050, +0.150], better (n=3) | "
+            "-0.020 [-0.050, +0.010], no difference detected (n=3) |") in new
+    # training minutes name their n where fewer seeds have them than have a return (a resumed older run)
+    rec["rows"][0]["stats"]["train_wall_s"] = {"mean": 120.0, "sd": 0.0, "n": 2}
+    (tmp_path / "results" / "x" / "summary.json").write_text(json.dumps(rec))
+    assert "| 2.0 (n=2) |" in docs_tables.render("key-to-door", "results/x/summary.json", tmp_path)

@@ -260,3 +260,18 @@ def test_a_compare_sweep_with_pretrained_arms_reports_stage1(tmp_path):
         "0": {"encoder": 0.9, "majority": 0.5, "shuffled": 0.55, "copy_previous": 0.95, "best_baseline": "copy_previous"}}
     assert rep["stage1_diagnostics"]["splits"]["test"][0]["encoder_minus_best"]["lo"] is None  # one seed: no interval
     assert "| 1 | state | 0.900 (n=1) |" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("done, wall", [
+    ({"compute": {"train_wall_s": 50.0, "run_train_wall_s": 80.0}, "resumed_from_step": 300}, 80.0),
+    ({"compute": {"train_wall_s": 50.0, "run_train_wall_s": 50.0}, "resumed_from_step": 0}, 50.0),
+    ({"compute": {"train_wall_s": 50.0}, "resumed_from_step": 0}, 50.0),  # a record from before the sum
+    ({"compute": {"train_wall_s": 50.0}, "resumed_from_step": 300}, None),  # its last process's share only
+    ({"compute": {"train_wall_s": 50.0, "run_train_wall_s": None}, "resumed_from_step": 300}, None),
+])
+def test_training_wall_is_the_whole_runs_or_none(done, wall):
+    """What a run paid in training time covers all its steps: a resumed run's last process alone would undercount
+    it, so without the run-wide sum a resumed run has no training time in the tables."""
+    from experiments.runs import run_train_wall_s
+
+    assert run_train_wall_s(done) == wall

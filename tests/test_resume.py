@@ -71,6 +71,11 @@ def test_train_killed_mid_save_resumes_bit_identical(tiny, tmp_path, tb_scalars)
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-00000008", "step-00000012"]
     done = json.loads((run_dir / "done.json").read_text())
     assert done["resumed_from_step"] == 4 and done["global_step"] == 12
+    # What the run paid counts the killed process's steps 1-4 too (saved with checkpoint 4), not only the last
+    # process's 8 steps; a run never interrupted paid what its one process did.
+    ref_c, c = json.loads((ref_dir / "done.json").read_text())["compute"], done["compute"]
+    assert ref_c["run_train_wall_s"] == ref_c["train_wall_s"] and c["steps_trained"] == 8
+    assert c["run_train_wall_s"] > c["train_wall_s"] > 0
     assert done["tf_loss_test"] == json.loads((ref_dir / "done.json").read_text())["tf_loss_test"]
     # TensorBoard continues at the right step: same steps, same values, no duplicates from the killed runs.
     for tag in ("train/loss", "heldout/loss_val", "heldout/loss_test", "eval/return_val"):
