@@ -188,8 +188,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
     arms = sorted({r["arm"] for r in tj}, key=runs.arm_rank)
     df = runs.run_table([r for r in tj if r.get("budget")], runs.budget_run)
     pc, _ = runs.stage1(jobs)
-    wall = runs.timings(jobs)
-    ratio = runs.step_cost_ratio(jobs, wall)
+    ratio = runs.step_cost_ratio(jobs)
     d = runs.describe(df, ["budget", "arm"], BUDGET_METRICS)
     rows = []
     for n, arm in sorted(((int(n), a) for n, a in d.index), key=lambda na: (na[0], runs.arm_rank(na[1]))):
@@ -214,7 +213,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
            "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
                     f"{_fmt(first.get('optimal_mean'), '.2f')}"),
            "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
-           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": wall,
+           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": runs.timings(jobs),
            **stage1_diagnostics(jobs)}
     ylabels = {k: v[0] for k, v in BUDGET_METRICS.items()}
     return _save(out, rep, "summary.json", budget_markdown, lambda path, rep: plots.budget_plot(path, rep, ylabels),
@@ -249,7 +248,7 @@ def budget_markdown(rep: dict) -> str:
                     (f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (mean ± sample std over seeds; (n=k): only "
                      "k seeds have the number, e.g. reached 0.8 of optimal)"),
                     (f"- **Compute:** stage-2-step equivalents; one stage-1 step costs "
-                     f"{_fmt(rep['stage1_cost_per_step_vs_stage2'], '.2f')} stage-2 steps (measured wall time per "
+                     f"{_fmt(rep['stage1_cost_per_step_vs_stage2'], '.2f')} stage-2 steps (measured wall time per training "
                      "step, median over this sweep's runs)"))
     lines += [table, "", ("**What the data says** (arm − scratch at the same budget, same seed; mean [95 % "
                           "t-interval]; a difference is one only when its interval excludes 0):"), ""]

@@ -259,16 +259,15 @@ def stage1(jobs: list[dict]) -> tuple[dict | None, dict]:
     return None, runs
 
 
-def step_cost_ratio(jobs: list[dict], wall: dict) -> float | None:
-    """Stage-1 wall seconds per step / stage-2 wall seconds per step, medians over this sweep's runs
-    (`wall`: timings())."""
+def step_cost_ratio(jobs: list[dict]) -> float | None:
+    """Stage-1 wall seconds per training step / stage-2 wall seconds per training step, medians over this
+    sweep's runs; each run's rate is over the steps its last process trained (done.json compute), so a resumed
+    run's rate is as right as an uninterrupted one's."""
     s1, s2 = [], []
     for r in jobs:
-        key = "pretrain" if r.get("kind") == "pretrain" else "train"
-        name = f"seed{r['seed']}" if key == "pretrain" else Path(r["run_dir"]).name
-        t, done = wall.get(f"{key}:{name}"), read_json(Path(r["run_dir"]) / "done.json") or {}
-        if t and done.get("global_step"):
-            (s1 if key == "pretrain" else s2).append(t / done["global_step"])
+        comp = (read_json(Path(r["run_dir"]) / "done.json") or {}).get("compute") or {}
+        if comp.get("train_wall_s") and comp.get("steps_trained"):
+            (s1 if r.get("kind") == "pretrain" else s2).append(comp["train_wall_s"] / comp["steps_trained"])
     return statistics.median(s1) / statistics.median(s2) if s1 and s2 else None
 
 
