@@ -414,7 +414,8 @@ def memory_markdown(rep: dict) -> str:
                                             if n in r["goal_readout"] else "–" for (n, _, _), h in
                                             zip(GOAL_READOUT_GAPS, ("after − constant", "after − before"))}}
                             for r in rep["rows"] if r.get("goal_readout")])]
-    lines += ["", "**What each arm paid** (mean over seeds; training: this process's steps, from done.json):", "",
+    lines += ["", ("**What each arm paid** (mean over the seeds that have the figure; training wall: all of a run's "
+                   "steps, resumes included — a run resumed before that was recorded has none; from done.json):"), "",
               md_table([{**ident(r), "steps": str(r["steps"]),
                          **{h: _fmt(r["stats"][k]["mean"], fmt) for k, h, fmt in COMPUTE_COLUMNS},
                          "device": str(r["device"])} for r in rep["rows"]])]
