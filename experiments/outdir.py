@@ -102,8 +102,10 @@ def _same_but_later_keys(old: dict, new: dict) -> bool:
 
 
 def check_identity(out: Path, ident: dict, claim: bool) -> str:
-    """The identity hash; SweepError if <out>/sweep.json records another. claim: record it when none is
-    recorded yet (under a lock: concurrent sweeps into one out agree on one identity)."""
+    """The out dir's identity hash: the one <out>/sweep.json records when `ident` is that configuration (also
+    when it only adds later keys at their defaults: then, with claim, its own hash is recorded as an alias, so
+    reports never split one configuration in two); SweepError if it records another. claim: record it when
+    none is recorded yet (under a lock: concurrent sweeps into one out agree on one identity)."""
     h = identity_hash(ident)
 
     def check(info: dict) -> bool:
@@ -118,13 +120,24 @@ def check_identity(out: Path, ident: dict, claim: bool) -> str:
                              f"with the old ones)")
         return bool(old)
 
-    if check(read_json(out / "sweep.json") or {}) or not claim:
+    info = read_json(out / "sweep.json") or {}
+    if check(info):
+        recorded = info["identity"]["hash"]
+        if claim and recorded != h and h not in (info["identity"].get("aliases") or []):
+            with Held(out / "sweep.json"):
+                info = read_json(out / "sweep.json") or {}
+                ids = info["identity"]
+                write_text(out / "sweep.json", json.dumps(
+                    {**info, "identity": {**ids, "aliases": sorted({*(ids.get("aliases") or []), h})}}, indent=1))
+        return recorded
+    if not claim:
         return h
     with Held(out / "sweep.json"):
         info = read_json(out / "sweep.json") or {}
         if not check(info):
             write_text(out / "sweep.json", json.dumps({**info, "identity": {"hash": h, "config": ident}}, indent=1))
-    return h
+            return h
+        return info["identity"]["hash"]
 
 
 def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str | None) -> None:

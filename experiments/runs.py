@@ -142,8 +142,11 @@ def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
                          "window": j["window"], "env": j["env"], "experiment": info.get("experiment"),
                          "run_dir": j["run"], "status": "planned", "identity": ident})
     evals = info.get("evals") or ["eval"]
+    aliases = (info.get("identity") or {}).get("aliases") or []  # one configuration recorded under a later hash
     for r in recs:
         r["run_dir"] = str(out / "runs" / Path(r.get("run_dir") or "").name)
+        if r.get("identity") in aliases:
+            r["identity"] = ident
         if r.get("kind") == "train":
             r["run_status"] = run_status(out, r, evals)
     tj = [r for r in recs if r.get("kind") == "train"]

@@ -44,8 +44,21 @@ def test_one_identity_per_out_dir(tmp_path):
                                                                   "max_heldout_goals"))}
     assert base["evaluate.max_heldout_goals"] is None and "evaluate.max_heldout_goals" not in recorded
     assert recorded != base and base["train.sampler.memory"] == "exact"
-    od.write_text(older / "sweep.json", json.dumps({"identity": {"hash": od.identity_hash(recorded), "config": recorded}}))
-    assert od.check_identity(older, base, claim=True) == h
+    was = od.identity_hash(recorded)
+    od.write_text(older / "sweep.json", json.dumps({"identity": {"hash": was, "config": recorded}}))
+    # the out dir's own hash comes back (the jobs record it, so a report never splits the configuration in
+    # two), and the newer spelling's hash is kept as its alias (for jobs that recorded it)
+    assert od.check_identity(older, base, claim=True) == was != h
+    assert json.loads((older / "sweep.json").read_text())["identity"]["aliases"] == [h]
+    assert od.check_identity(older, base, claim=True) == was
+    from experiments.runs import report_jobs
+
+    for name, hsh in (("a", was), ("b", h)):  # a job recorded under the alias joins the out dir's identity
+        od.write_text(older / "jobs" / f"{name}.json", json.dumps({
+            "kind": "train", "arm": "ad", "seed": 0 if name == "a" else 1, "budget": None, "window": 20,
+            "env": "darkroom", "run_dir": str(older / "runs" / name), "status": "done", "identity": hsh}))
+    jobs = report_jobs(older, "memory", json.loads((older / "sweep.json").read_text()))
+    assert [(j["arm"], j["identity"]) for j in jobs] == [("ad", was), ("ad", was)]
     with pytest.raises(od.SweepError, match=r"train.sampler.memory \('<absent>' -> 'carry'\)"):
         od.check_identity(older, {**base, "train.sampler.memory": "carry"}, claim=True)
 
