@@ -113,8 +113,10 @@ class _LoopState:
 
     step, wall_s, t0 = 0, 0.0, None  # t0: perf_counter when this process started training
 
-    def run_wall_s(self) -> float | None:
-        return None if self.wall_s is None else self.wall_s + (time.perf_counter() - self.t0 if self.t0 else 0.0)
+    def run_wall_s(self, now: float | None = None) -> float | None:
+        """Wall seconds of steps 1..step up to `now` (default: this moment)."""
+        now = time.perf_counter() if now is None else now
+        return None if self.wall_s is None else self.wall_s + (now - self.t0 if self.t0 is not None else 0.0)
 
     def state_dict(self):
         return {"step": self.step, "wall_s": self.run_wall_s()}
@@ -232,9 +234,10 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
     # What the run paid (the reports' compute columns): labels and wall time of the steps this process
     # trained, and the wall time of all the run's steps (run_train_wall_s: resumes included), before the final
     # extras (held-out scoring) and the last checkpoint.
-    wall = time.perf_counter() - t0
-    compute = {"steps_trained": state.step - start, "labels_trained": labels, "train_wall_s": round(wall, 3),
-               "run_train_wall_s": None if state.wall_s is None else round(state.wall_s + wall, 3)}
+    now = time.perf_counter()
+    run_wall = state.run_wall_s(now)
+    compute = {"steps_trained": state.step - start, "labels_trained": labels, "train_wall_s": round(now - t0, 3),
+               "run_train_wall_s": None if run_wall is None else round(run_wall, 3)}
     if pbar:
         pbar.close()
     return _finish(task, run, state.step, start, compute)

@@ -57,10 +57,11 @@ def _provenance(rep: dict, record: str, doc: str) -> str:
             + ("" if rep.get("complete") else f"; **INCOMPLETE**: {', '.join(rep.get('missing', []))}") + ".")
 
 
-def _vs_ad(r: dict) -> str:
-    """A row's paired difference to AD with the same window on the test return, or "(reference)" on AD's row."""
-    pr = (r.get("paired") or {}).get("return_last5_norm")
-    return stats.fmt_paired(pr, ".3f") if pr else "(reference)" if r["arm"] == MEMORY_REFERENCE else "–"
+def _vs(r: dict, field: str = "paired", reference: str = MEMORY_REFERENCE) -> str:
+    """A row's paired difference on the test return to a reference arm (row[field]: "paired" = AD with the same
+    window, "paired_3w" = AD with 3x the window), or "(reference)" on the reference's own row."""
+    pr = (r.get(field) or {}).get("return_last5_norm")
+    return stats.fmt_paired(pr, ".3f") if pr else "(reference)" if r["arm"] == reference else "–"
 
 
 def _paid(s: dict) -> dict:
@@ -79,18 +80,12 @@ def memory_headline(rep: dict) -> str:
     return md_table([{
         "env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
         "return / optimal, last 5 (test)": _f(s["return_last5_norm"], ".3f"),
-        f"− `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs_ad(r),
+        f"− `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs(r),
         "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"),
         "return after found": _f(s["return_after_found"], ".2f"),
         "val: return / optimal": _f(s["return_last5_norm_val"], ".3f"), "test NLL": _f(s["tf_loss_test"], ".3f"),
         "labels / step": "–" if not s["labels_per_step"]["n"] else f"{s['labels_per_step']['mean']:.0f}",
         **_paid(s)} for r in rep["rows"] for s in [r["stats"]]])
-
-
-def _vs_3w(r: dict) -> str:
-    """A row's paired difference to AD with 3x the window on the test return ("(reference)" on that row)."""
-    pr = (r.get("paired_3w") or {}).get("return_last5_norm")
-    return stats.fmt_paired(pr, ".3f") if pr and pr["n"] else "(reference)" if r["arm"] == MEMORY_REFERENCE_3W else "–"
 
 
 def key_to_door(rep: dict) -> str:
@@ -100,8 +95,8 @@ def key_to_door(rep: dict) -> str:
     return md_table([{
         "arm": f"`{r['arm']}`", "window": window_label(r),
         "return / optimal, episode 1": _f(s.get("return_first_norm"), ".3f"),
-        "last 5": _f(s["return_last5_norm"], ".3f"), f"last 5 − `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs_ad(r),
-        f"last 5 − `{MEMORY_REFERENCE_3W}` [95 % CI], verdict": _vs_3w(r),
+        "last 5": _f(s["return_last5_norm"], ".3f"), f"last 5 − `{MEMORY_REFERENCE}` [95 % CI], verdict": _vs(r),
+        f"last 5 − `{MEMORY_REFERENCE_3W}` [95 % CI], verdict": _vs(r, "paired_3w", MEMORY_REFERENCE_3W),
         "key found, last 5": _f(s.get("key_found_last_k"), ".2f"),
         "door opened, last 5": _f(s.get("door_found_last_k"), ".2f"),
         "episodes to 0.8 (seeds reaching it)": _f(s["episodes_to_0.8"], ".0f"), **_paid(s)}

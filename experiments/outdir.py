@@ -121,23 +121,16 @@ def check_identity(out: Path, ident: dict, claim: bool) -> str:
         return bool(old)
 
     info = read_json(out / "sweep.json") or {}
-    if check(info):
-        recorded = info["identity"]["hash"]
-        if claim and recorded != h and h not in (info["identity"].get("aliases") or []):
-            with Held(out / "sweep.json"):
-                info = read_json(out / "sweep.json") or {}
-                ids = info["identity"]
-                write_text(out / "sweep.json", json.dumps(
-                    {**info, "identity": {**ids, "aliases": sorted({*(ids.get("aliases") or []), h})}}, indent=1))
-        return recorded
-    if not claim:
-        return h
+    if not claim or (check(info) and h in (info["identity"]["hash"], *(info["identity"].get("aliases") or []))):
+        return info["identity"]["hash"] if check(info) else h
     with Held(out / "sweep.json"):
         info = read_json(out / "sweep.json") or {}
-        if not check(info):
-            write_text(out / "sweep.json", json.dumps({**info, "identity": {"hash": h, "config": ident}}, indent=1))
-            return h
-        return info["identity"]["hash"]
+        ids = info["identity"] if check(info) else {"hash": h, "config": ident}
+        if ids["hash"] != h:  # the same configuration spelled with later keys: its hash joins the aliases
+            ids = {**ids, "aliases": sorted({*(ids.get("aliases") or []), h})}
+        if ids != info.get("identity"):
+            write_text(out / "sweep.json", json.dumps({**info, "identity": ids}, indent=1))
+        return ids["hash"]
 
 
 def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str | None) -> None:
