@@ -3,19 +3,30 @@
 The memory probe (teacher_forced.py) asks whether the latents lower the action NLL; it cannot tell goal
 memory from, say, a sense of elapsed time. This asks directly: replay a history through the model's own
 rollout schedule (`init_rollout` / `observe`, the recorded transitions), take the latents after every fold,
-and fit ONE ridge regression from the flattened latents to the task's hidden coordinates (Darkroom: the goal
-cell) on training-goal histories. Score it on held-out goals, which it has never seen as targets:
+and fit a ridge regression from the flattened latents to one hidden cell of the task on training-goal
+histories. Score it on held-out goals, which it has never seen as targets:
 
-    after find   folds whose folded history already contains a rewarded step (the goal was found): a memory
-                 that keeps what it saw can name the goal here
-    before find  folds before the first reward: only elimination (cells visited without reward) helps
+    after find   folds whose folded history already holds the reward that reveals this cell: a memory that
+                 keeps what it saw can name the cell here
+    before find  folds before that reward: only elimination (cells visited without reward) helps
     constant     the training goals' mean cell, the same folds: what knowing nothing scores
 
-Metrics per group: `acc` (prediction rounded to the grid equals the goal cell), `mae` (mean absolute error
-per coordinate, in cells) and `n` (folds scored). The ridge strength is chosen on the validation goals and
+The cells (TARGETS), one readout each: Darkroom's goal, found by the first reward. Dark Key-to-Door's key,
+found by the first reward of an episode, and its door, found by the second (the door pays only once the key
+is held, env/key_to_door.py); asking for the door before it ever paid, or for both cells after the key
+alone, would be unfair questions.
+
+Metrics per group: `acc` (prediction rounded to the grid equals the cell), `mae` (mean absolute error per
+coordinate, in cells) and `n` (folds scored). The ridge strength is chosen on the validation goals and
 reported with both held-out splits. A model without compressed memory (AD) has nothing to read.
 
     report(model, hist, grid_size, device, max_train_histories, max_heldout_histories) -> dict
+        the first target's readout ({val, test, ridge_lambda, ...}, "target": its name) and each further
+        target's under its name (Key-to-Door: report["door"])
+
+A finished run's readout (done.json) is recomputed from its model.pt without retraining by
+
+    python goal_readout.py <run_dir> [<run_dir> ...]
 """
 
 from __future__ import annotations
@@ -27,6 +38,10 @@ from transition import REWARD
 
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried (x n_samples / 1000), chosen on val
 MAX_TRAIN_HISTORIES = 512  # training-goal histories the readout is fitted on (every k-th: all goals covered)
+# The hidden cells read out, by the width of a dataset's goal record: (name, its goal columns, which reward of an
+# episode reveals it: 1 = the episode's first)
+TARGETS = {2: (("goal", slice(0, 2), 1),),
+           4: (("key", slice(0, 2), 1), ("door", slice(2, 4), 2))}
 
 
 @torch.no_grad()
@@ -57,9 +72,16 @@ def fold_latents(model, trans: np.ndarray, device, histories_per_pass: int = 128
     return np.concatenate(feats), steps
 
 
-def first_find(trans: np.ndarray) -> np.ndarray:
-    """Per history, the number of transitions up to and including the first rewarded one (T + 1: never)."""
+def first_find(trans: np.ndarray, horizon: int | None = None, nth: int = 1) -> np.ndarray:
+    """Per history, the number of transitions up to and including the first one that is the nth rewarded
+    step of its episode (episodes of `horizon` steps; nth = 1: the first reward of the history; T + 1: never)."""
     r = np.asarray(trans[..., REWARD]) > 0
+    if nth > 1:
+        n, t = r.shape
+        if not horizon or t % horizon:
+            raise ValueError(f"a history of {t} steps is no whole number of {horizon}-step episodes")
+        rank = np.cumsum(r.reshape(n, t // horizon, horizon), axis=-1).reshape(n, t)
+        r = r & (rank == nth)
     return np.where(r.any(axis=1), r.argmax(axis=1) + 1, r.shape[1] + 1)
 
 
@@ -77,35 +99,53 @@ def _score(pred: np.ndarray, y: np.ndarray, grid_size: int) -> dict:
             "mae": float(np.abs(pred - y).mean()) if len(y) else None, "n": len(y)}
 
 
-def _samples(model, hist, idx, device) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(features [M, D], targets [M, C], after-find flags [M]) of every fold of histories idx."""
+def _samples(model, hist, idx, device) -> tuple[np.ndarray, dict]:
+    """(features [M, D], {target: (its cell [M, 2], after-find flags [M])}) of every fold of histories idx."""
     trans = hist.transitions(idx)
     lat, steps = fold_latents(model, trans, device)
     n, f = lat.shape[:2]
     goals = np.asarray(hist.goals[idx], dtype=np.float64).reshape(len(idx), -1)
-    after = first_find(trans)[:, None] <= steps[None, :]
-    return lat.reshape(n * f, -1), np.repeat(goals, f, axis=0), after.reshape(-1)
+    horizon = (hist.meta.get("env") or {}).get("horizon")
+    per = {name: (np.repeat(goals[:, cols], f, axis=0),
+                  (first_find(trans, horizon, nth)[:, None] <= steps[None, :]).reshape(-1))
+           for name, cols, nth in TARGETS[goals.shape[1]]}
+    return lat.reshape(n * f, -1), per
 
 
 def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_TRAIN_HISTORIES,
            max_heldout_histories: int | None = None) -> dict | None:
-    """The readout fitted on training-goal histories, scored on the validation and test goals (see the
+    """The readouts fitted on training-goal histories, scored on the validation and test goals (see the
     module docstring). None when the model has no compressed memory or a split has no histories."""
     if not hasattr(model, "encoder"):
         return None
-    tr = hist.split_indices("train")
-    tr = tr[:: max(1, -(-len(tr) // max_train_histories))]
-    held = {s: hist.split_indices(s)[:max_heldout_histories] for s in ("val", "test")}
+    # every k-th history: the histories are goal-major (several streams per goal), so a prefix would cover few goals
+    tr, held = _spread(hist.split_indices("train"), max_train_histories), \
+        {s: _spread(hist.split_indices(s), max_heldout_histories) for s in ("val", "test")}
     if len(tr) == 0 or any(len(i) == 0 for i in held.values()):
         return None
-    x, y, _ = _samples(model, hist, tr, device)
+    x, ys = _samples(model, hist, tr, device)
     if x.shape[1] == 0:
         return None
     data = {s: _samples(model, hist, i, device) for s, i in held.items()}
+    readouts = {name: _readout(x, y, {s: (xs, per[name]) for s, (xs, per) in data.items()}, grid_size)
+                for name, (y, _) in ys.items()}
+    first, *rest = readouts
+    return {**readouts[first], "target": first, **{name: {**readouts[name], "target": name} for name in rest},
+            "n_train_histories": len(tr)}
+
+
+def _spread(idx: np.ndarray, at_most: int | None) -> np.ndarray:
+    """At most `at_most` of idx, evenly spaced (all of them: None)."""
+    return idx if at_most is None else idx[:: max(1, -(-len(idx) // at_most))][:at_most]
+
+
+def _readout(x: np.ndarray, y: np.ndarray, held: dict, grid_size: int) -> dict:
+    """One cell's ridge readout: fitted on (x, y) at each strength, the strength chosen on held['val']'s
+    after-find error, scored on every held-out split {split: (features, (cells, after-find flags))}."""
 
     def scores(fit, s):
         mx, w, my = fit
-        xs, ys, after = data[s]
+        xs, (ys, after) = held[s]
         pred, const = (xs - mx) @ w + my, np.broadcast_to(my, ys.shape)
         return {"after_find": _score(pred[after], ys[after], grid_size),
                 "before_find": _score(pred[~after], ys[~after], grid_size),
@@ -114,7 +154,57 @@ def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_T
 
     fits = {lam: fit_ridge(x, y, lam * len(x) / 1000.0) for lam in LAMBDAS}
     best = min(LAMBDAS, key=lambda lam: scores(fits[lam], "val")["after_find"]["mae"] or np.inf)
-    out = {s: scores(fits[best], s) for s in held}
-    out.update(ridge_lambda=best, n_train_samples=len(x), n_train_histories=len(tr),
-               n_features=int(x.shape[1]))
-    return out
+    return {**{s: scores(fits[best], s) for s in held}, "ridge_lambda": best, "n_train_samples": len(x),
+            "n_features": int(x.shape[1])}
+
+
+def recompute(run_dir) -> dict:
+    """A finished stage-2 run's readout, recomputed from its model.pt and dataset with the run's own settings
+    (heldout_max_histories) and written into its done.json (atomically), with when and how."""
+    import datetime
+    import json
+    import platform
+    import shlex
+    import sys
+    from pathlib import Path
+
+    from atomic_io import atomic_write_json
+    from errors import UserError
+    from evaluate import load_trained_model
+    from histories import load_histories
+
+    run_dir = Path(run_dir).expanduser()
+    done_path = run_dir / "done.json"
+    if not done_path.is_file():
+        raise UserError(f"{run_dir} has no done.json: only a finished run's readout can be recomputed "
+                        f"(finish it with the command that started it)")
+    done = json.loads(done_path.read_text())
+    model, cfg, _ = load_trained_model(run_dir)
+    hist = load_histories(cfg["data_path"], cfg["env"])
+    rep = report(model, hist, int(cfg["env"]["grid_size"]), "cpu",
+                 max_heldout_histories=cfg.get("heldout_max_histories"))
+    if rep is None:
+        raise UserError(f"{run_dir}: its model has no compressed memory (or its dataset no held-out histories): "
+                        f"there is no readout to compute")
+    rep["recomputed"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         "command": shlex.join(["python", "goal_readout.py", *sys.argv[1:]]),
+                         "machine": platform.node()}
+    atomic_write_json(done_path, {**done, "goal_readout": rep}, indent=2)
+    return rep
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from errors import UserError
+
+    p = argparse.ArgumentParser(description="Recompute finished runs' goal readout (done.json) from model.pt.")
+    p.add_argument("run_dirs", nargs="+", help="stage-2 run directories (each with done.json and model.pt)")
+    for rd in p.parse_args().run_dirs:
+        try:
+            r = recompute(rd)
+        except UserError as e:
+            p.exit(2, f"error: {e}\n")
+        print(f"{rd}: " + "; ".join(f"{t['target']} acc. test after find {t['test']['after_find']['acc']}, "
+                                    f"before {t['test']['before_find']['acc']}"
+                                    for t in [r] + [v for v in r.values() if isinstance(v, dict) and "target" in v]))

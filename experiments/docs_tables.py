@@ -114,9 +114,14 @@ def memory_probe(rep: dict) -> str:
                      "NLL probe: all − k1 (nats)": stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
                      **{h: stats.fmt_paired(g[k], ".3f") if k in g else "–" for k, h in (
                          ("after_minus_constant", "goal readout: after find − constant"),
-                         ("after_minus_before", "after find − before find"))},
+                         ("after_minus_before", "after find − before find"),
+                         ("door_after_minus_constant", "door: after opened − constant"),
+                         ("door_after_minus_before", "door: after − before"))},
                      "goal readout acc. after find": _f(r["stats"].get("goal_acc_after"), ".3f")})
-    return md_table(rows)
+    # Key-to-Door's door columns only where a row has them (its first cell, the key, is the "goal" columns)
+    door = [h for h in ("door: after opened − constant", "door: after − before") if any(x[h] != "–" for x in rows)]
+    return md_table([{(k.replace("goal", "key") if door else k): v for k, v in x.items()
+                      if not k.startswith("door:") or k in door} for x in rows])
 
 
 def budget_paired(rep: dict) -> str:

@@ -275,13 +275,18 @@ MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is be
     ("goal_acc_after", "goal readout acc., after find", ".3f", "higher"),
     ("goal_acc_before", "goal readout acc., before find", ".3f", "higher"),
     ("goal_acc_const", "constant guess acc., after find", ".3f", "higher"),
+    ("door_acc_after", "door readout acc., after opened (Key-to-Door)", ".3f", "higher"),
     ("key_found_last_k", "key found, last 5 (Key-to-Door)", ".2f", "higher"),
     ("door_found_last_k", "door opened, last 5 (Key-to-Door)", ".2f", "higher"),
 )
 # What the memory holds (goal_readout.py, test goals): the readout after the find minus a reference, within
 # each run, with the t-interval over seeds.
 GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const"),
-                     ("after_minus_before", "goal_acc_after", "goal_acc_before"))
+                     ("after_minus_before", "goal_acc_after", "goal_acc_before"),
+                     # Key-to-Door's second cell (the first above is its key): found when the door first paid
+                     ("door_after_minus_constant", "door_acc_after", "door_acc_const"),
+                     ("door_after_minus_before", "door_acc_after", "door_acc_before"))
+GOAL_READOUT_HEADS = ("after − constant", "after − before", "door: after − constant", "door: after − before")
 # The paired comparisons of the memory table: each arm minus the group's reference arm, same seed.
 MEMORY_PAIRED = ("return_last5_norm", "return_after_found", "episodes_to_first_goal", "tf_loss_test",
                  "return_last5_norm_val", "tf_loss_val")
@@ -369,6 +374,9 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     for d_ in data.values():
         d_["source_search_use_test"] = source_search_use(d_["path"]) if d_.get("n_steps") else None
     prov = runs.provenance(tj, info, runs.unfinished(df))
+    redone = sorted({p["goal_readout_recomputed"]["command"] for r in rows for p in r["per_seed"].values()
+                     if p.get("goal_readout_recomputed")})
+    prov["command"] = " ; ".join([prov["command"]] + redone)  # the readouts recomputed after training too
     rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
            "timings_s": runs.timings(jobs)}
@@ -407,12 +415,15 @@ def memory_markdown(rep: dict) -> str:
                     f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample sd (n = seeds))")
     lines += ["Test goals unless marked val (validation goals: where designs are chosen).", "", md_table(main)]
     if any(r.get("goal_readout") for r in rep["rows"]):
+        heads = [(n, h) for (n, _, _), h in zip(GOAL_READOUT_GAPS, GOAL_READOUT_HEADS)
+                 if any(n in (r.get("goal_readout") or {}) for r in rep["rows"])]
         lines += ["", ("**What the memory holds** (goal_readout.py, test goals: accuracy of a linear readout of "
                        "the goal cell from the latents, after the first find minus the constant guess and minus "
-                       "the readout before the find, within each run; mean [95 % t-interval over seeds]):"), "",
+                       "the readout before the find, within each run; on Key-to-Door the first cell is the key, "
+                       "found by an episode's first reward, and the door is found by its second; mean [95 % "
+                       "t-interval over seeds]):"), "",
                   md_table([{**ident(r), **{h: stats.fmt_paired(r["goal_readout"][n], ".3f")
-                                            if n in r["goal_readout"] else "–" for (n, _, _), h in
-                                            zip(GOAL_READOUT_GAPS, ("after − constant", "after − before"))}}
+                                            if n in r["goal_readout"] else "–" for n, h in heads}}
                             for r in rep["rows"] if r.get("goal_readout")])]
     lines += ["", ("**What each arm paid** (mean over the seeds that have the figure; training wall: all of a run's "
                    "steps, resumes included — a run resumed before that was recorded has none; from done.json):"), "",

@@ -305,7 +305,9 @@ def run_record(run_dir: Path) -> dict:
     wall = ((timed.get("splits") or {}).get("test") or {}).get("wall_s")
     horizon = (timed.get("env") or {}).get("horizon")
     probe = (done.get("heldout_test") or {}).get("memory_probe") or {}
-    comp, gr = done.get("compute") or {}, (done.get("goal_readout") or {}).get("test") or {}
+    comp, gro = done.get("compute") or {}, done.get("goal_readout") or {}
+    # the first cell's readout (Darkroom's goal, Key-to-Door's key) and Key-to-Door's door (goal_readout.py)
+    gr, door = gro.get("test") or {}, (gro.get("door") or {}).get("test") or {}
     lps = comp.get("labels_per_step")
     return {"episodes_to_first_goal": s.get("episodes_to_first_goal"), "found_goal_frac": s.get("found_goal_frac"),
             "return_after_found": s.get("return_after_found_normalized"), "tf_loss_test": done.get("tf_loss_test"),
@@ -318,6 +320,9 @@ def run_record(run_dir: Path) -> dict:
             "goal_acc_after": (gr.get("after_find") or {}).get("acc"),
             "goal_acc_before": (gr.get("before_find") or {}).get("acc"),
             "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
+            **{f"door_acc_{k}": (door.get(f) or {}).get("acc") for k, f in
+               (("after", "after_find"), ("before", "before_find"), ("const", "constant_after_find"))},
+            "goal_readout_recomputed": gro.get("recomputed"),  # {date, command, machine}: goal_readout.py's CLI
             "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "keep_recent": mc.get("keep_recent") or 0,  # kept raw window (CompressedAD folds seg_len - K)

@@ -95,3 +95,93 @@ def test_train_writes_the_goal_readout_to_done_json(tiny, tmp_path, one_thread):
     for split in ("val", "test"):
         assert set(gr[split]) == {"after_find", "before_find", "constant_after_find", "constant_before_find"}
         assert 0.0 <= gr[split]["after_find"]["acc"] <= 1.0
+
+
+def test_the_nth_reward_of_an_episode_reveals_the_nth_cell():
+    trans = np.zeros((2, 8, 6), np.uint8)  # episodes of 4 steps
+    trans[0, [1, 5, 6], REWARD] = 1        # ep 0: one reward (key); ep 1: key at 5, door at 6
+    trans[1, [0, 3], REWARD] = 1           # ep 0: key at 0, door at 3
+    assert goal_readout.first_find(trans, 4, 1).tolist() == [2, 1]
+    assert goal_readout.first_find(trans, 4, 2).tolist() == [7, 4]
+    with pytest.raises(ValueError, match="whole number"):
+        goal_readout.first_find(trans, 3, 2)
+
+
+class KeyDoorMemory(RewardedCellMemory):
+    """Latents after each fold: (key found?, key cell, door found?, door cell), the key being an episode's
+    first rewarded cell and the door its second."""
+
+    def __init__(self, seg_len, horizon):
+        super().__init__(seg_len)
+        self.horizon = horizon
+
+    def init_rollout(self, n, device, use_cache=True):
+        st = super().init_rollout(n, device, use_cache)
+        st.mem, st.rank = torch.zeros(n, 1, 6), torch.zeros(n, dtype=torch.long)
+        return st
+
+    def observe(self, st, trans):
+        if st.n % self.horizon == 0:
+            st.rank[:] = 0
+        hit = trans[:, REWARD] > 0
+        st.rank += hit.long()
+        for slot, rank in ((0, 1), (3, 2)):
+            m = hit & (st.rank == rank)
+            st.mem[m, 0, slot] = 1.0
+            st.mem[m, 0, slot + 1:slot + 3] = trans[m][:, NEXT_STATE].float()
+        st.n += 1
+        if st.n % self.seg_len == 0:
+            st.latents = st.mem.clone()
+            st.n_compressions += 1
+
+
+def key_door_histories(n_per_split=30, horizon=10, n_episodes=4, seed=0):
+    """Synthetic Key-to-Door histories: each episode of a history pays at its key (step 2 or later of the
+    episode) and, from episode 1 on, at its door a few steps later."""
+    rng = np.random.default_rng(seed)
+    n, t = 3 * n_per_split, horizon * n_episodes
+    goals = rng.integers(0, 9, (n, 4))
+    trans = rng.integers(0, 9, (n, t, 6)).astype(np.uint8)
+    trans[..., REWARD] = 0
+    for i in range(n):
+        for e in range(n_episodes):
+            k = e * horizon + int(rng.integers(2, 5))
+            trans[i, k, REWARD], trans[i, k, 4:6] = 1, goals[i, :2]
+            if e:
+                d = k + int(rng.integers(1, 4))
+                trans[i, d, REWARD], trans[i, d, 4:6] = 1, goals[i, 2:]
+    ranges = {s: np.arange(j * n_per_split, (j + 1) * n_per_split) for j, s in enumerate(("train", "val", "test"))}
+    return SimpleNamespace(goals=goals, meta={"env": {"horizon": horizon}}, n_steps=t,
+                           split_indices=lambda s: ranges[s], transitions=lambda idx: trans[idx])
+
+
+def test_key_to_door_reads_the_key_after_the_first_reward_and_the_door_after_the_second():
+    hist = key_door_histories()
+    rep = goal_readout.report(KeyDoorMemory(5, 10), hist, grid_size=9, device="cpu")
+    assert rep["target"] == "key" and rep["door"]["target"] == "door"
+    for split in ("val", "test"):
+        key, door = rep[split], rep["door"][split]
+        # (ridge shrinkage: the door's readout must also undo the empty slot of the folds before it opened)
+        assert key["after_find"]["acc"] == 1.0 and door["after_find"]["acc"] > 0.9
+        # the key pays in episode 0 (steps 2-4): only the first fold (steps 1-5) can precede it; the door
+        # first pays in episode 1 (steps 13-17): the first three folds precede it
+        assert key["before_find"]["n"] <= 30 and door["before_find"]["n"] >= 2 * 30
+        assert door["before_find"]["acc"] < 0.5 and door["constant_after_find"]["acc"] < 0.5
+        assert key["after_find"]["n"] + key["before_find"]["n"] == 30 * 8
+
+
+def test_recompute_rewrites_a_finished_runs_readout_and_says_how(finished, monkeypatch):
+    from errors import UserError
+
+    run = finished / "runs" / "done"
+    before = json.loads((run / "done.json").read_text())
+    monkeypatch.setattr("sys.argv", ["goal_readout.py", str(run)])
+    rep = goal_readout.recompute(run)
+    after = json.loads((run / "done.json").read_text())
+    assert after["goal_readout"]["test"] == rep["test"] == before["goal_readout"]["test"]  # same model, same data
+    assert after["goal_readout"]["recomputed"]["command"] == f"python goal_readout.py {run}"
+    assert {k: v for k, v in after.items() if k != "goal_readout"} == {k: v for k, v in before.items()
+                                                                        if k != "goal_readout"}
+    with pytest.raises(UserError, match="no done.json") as ei:
+        goal_readout.recompute(finished / "nowhere")
+    assert "\n" not in str(ei.value)
