@@ -15,7 +15,11 @@ carry  the sample holds the newest min(m, bptt_segments) segments and starts fro
 Batches come from synthetic random-walk histories through schedules.window_specs / HistoryBatches (the same
 gather as training). The variants run interleaved, round by round; the reported figure is the median over
 the timed rounds. Writes benchmarks/out/train_position_cost.json (train_position_cost_kept.json with
---keep-recent > 0).
+--keep-recent > 0). Several --bptt values run interleaved in one run (each its own model, same init), e.g. what
+one fold of gradients saves against three at steady state:
+
+    .venv/bin/python benchmarks/train_position_cost.py --seg-len 40 --keep-recent 20 --bptt 1 3 --positions 1 10 \
+        --batch-size 64        # -> train_position_cost_kept_bptt1-3.json
 """
 
 from __future__ import annotations
@@ -71,7 +75,8 @@ def main() -> None:
                    help="window indices m (default 1 3 10 25 49; quick 1 8)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 16; quick 4)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds (default 5; quick 1)")
-    p.add_argument("--bptt", type=int, default=3, help="model.bptt_segments (folds with gradients per sample)")
+    p.add_argument("--bptt", type=int, nargs="+", default=[3],
+                   help="model.bptt_segments (folds with gradients per sample); several: compared in one run")
     p.add_argument("--keep-recent", type=int, default=0, help="model.keep_recent")
     p.add_argument("--n-steps", type=int, default=1000, help="transitions per synthetic history")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
@@ -86,24 +91,27 @@ def main() -> None:
     a.steps = a.steps or (1 if a.quick else 5)
     torch.manual_seed(0)
 
-    cfg = train_cfg("ad_compressed_dr", arch_overrides(a) + [
-        "sampler.schedule=rollout", f"model.bptt_segments={a.bptt}", f"model.keep_recent={a.keep_recent}"])
+    arms, batches = {}, {}  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
     with tempfile.TemporaryDirectory() as tmp:
-        hist = synthetic_histories(cfg.env, 16, a.n_steps, tmp)
-        ds = HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0)
-        n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
-        if max(a.positions) >= n_win:
-            p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
-        model = build_model(cfg.model, cfg.env).to(dev)
-        opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
-        carry = LatentCarry(ds)
-        batches = {}
-        for m in a.positions:
-            batches[("exact", m)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
-            b = {k: v.to(dev) for k, v in position_batch(ds, m, a.bptt, a.batch_size, 0).items()}
-            batches[("carry", m)] = carry.attach(model, b)  # the carried memory, as every later batch has it
+        for bptt in a.bptt:
+            cfg = train_cfg("ad_compressed_dr", arch_overrides(a) + [
+                "sampler.schedule=rollout", f"model.bptt_segments={bptt}", f"model.keep_recent={a.keep_recent}"])
+            hist = hist if arms else synthetic_histories(cfg.env, 16, a.n_steps, tmp)  # one dataset for all
+            ds = HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0)
+            n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
+            if max(a.positions) >= n_win:
+                p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
+            torch.manual_seed(0)  # the same initial weights for every bptt
+            model = build_model(cfg.model, cfg.env).to(dev)
+            opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
+            arms[bptt] = (model, opt, LatentCarry(ds))
+            for m in a.positions:
+                batches[("exact", m, bptt)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
+                b = {k: v.to(dev) for k, v in position_batch(ds, m, bptt, a.batch_size, 0).items()}
+                batches[("carry", m, bptt)] = arms[bptt][2].attach(model, b)  # carried, as every later batch has it
 
-    def one_step(mode: str, batch: dict) -> None:
+    def one_step(mode: str, batch: dict, bptt: int) -> None:
+        model, opt, carry = arms[bptt]
         opt.zero_grad(set_to_none=True)
         out = model(batch)
         loss = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)["loss"]
@@ -113,7 +121,7 @@ def main() -> None:
         if mode == "carry":
             carry.update(batch, out)
 
-    keys = [(mode, m) for m in a.positions for mode in MODES]
+    keys = [(mode, m, b) for b in a.bptt for m in a.positions for mode in MODES]
     times = {k: [] for k in keys}
     t_start = time.perf_counter()
     for r in range(a.steps + 1):  # round 0 warms up
@@ -121,28 +129,36 @@ def main() -> None:
             key = keys[(i + r) % len(keys)]  # rotate the order: machine noise hits all alike
             sync(dev)
             t0 = time.perf_counter()
-            one_step(key[0], batches[key])
+            one_step(key[0], batches[key], key[2])
             sync(dev)
             if r:
                 times[key].append((time.perf_counter() - t0) * 1e3)
     wall = time.perf_counter() - t_start
 
-    res = {str(m): {f"{mode}_ms": median(times[(mode, m)]) for mode in MODES} for m in a.positions}
-    for m, r in res.items():
-        r["exact_over_carry"] = r["exact_ms"] / r["carry_ms"]
+    # one bptt: {m: {exact_ms, carry_ms, exact_over_carry}}; several: each figure per bptt (…_bptt<b>_ms)
+    tag = (lambda b: "") if len(a.bptt) == 1 else (lambda b: f"_bptt{b}")
+    res = {str(m): {f"{mode}{tag(b)}_ms": median(times[(mode, m, b)]) for b in a.bptt for mode in MODES}
+           for m in a.positions}
+    for r in res.values():
+        r.update({f"exact_over_carry{tag(b)}": r[f"exact{tag(b)}_ms"] / r[f"carry{tag(b)}_ms"] for b in a.bptt})
     lo, hi = str(min(a.positions)), str(max(a.positions))
-    summary = {f"{mode}_growth_{hi}_over_{lo}": res[hi][f"{mode}_ms"] / res[lo][f"{mode}_ms"] for mode in MODES}
+    summary = {f"{mode}{tag(b)}_growth_{hi}_over_{lo}": res[hi][f"{mode}{tag(b)}_ms"] / res[lo][f"{mode}{tag(b)}_ms"]
+               for b in a.bptt for mode in MODES}
+    summary.update({f"carry_bptt{b}_over_bptt{a.bptt[0]}_at_{hi}": res[hi][f"carry{tag(b)}_ms"]
+                    / res[hi][f"carry{tag(a.bptt[0])}_ms"] for b in a.bptt[1:]})
     print(f"train_position_cost: device={dev} threads={torch.get_num_threads()} batch={a.batch_size} "
           f"seg_len={ds.seg_len} keep_recent={ds.keep_recent} bptt_segments={a.bptt} d_model={cfg.model.d_model} "
           f"n_layer={cfg.model.n_layer} n_latent={cfg.model.n_latent}; {a.steps} timed rounds; wall {wall:.0f} s")
-    print_table(["window m", "exact ms/step", "carry ms/step", "exact/carry"],
-                [[m, r["exact_ms"], r["carry_ms"], r["exact_over_carry"]] for m, r in res.items()])
-    print("growth from m={} to m={}: exact {:.2f}x, carry {:.2f}x".format(
-        lo, hi, *(summary[f"{mode}_growth_{hi}_over_{lo}"] for mode in MODES)))
-    out = write_json("train_position_cost_kept" if a.keep_recent else "train_position_cost", {
+    print_table(["window m", "bptt", "exact ms/step", "carry ms/step", "exact/carry"],
+                [[m, b, r[f"exact{tag(b)}_ms"], r[f"carry{tag(b)}_ms"], r[f"exact_over_carry{tag(b)}"]]
+                 for m, r in res.items() for b in a.bptt])
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}x")
+    name = "train_position_cost_kept" if a.keep_recent else "train_position_cost"
+    out = write_json(name + ("" if a.bptt == [3] else "_bptt" + "-".join(map(str, a.bptt))), {
         "run": run_info(dev, "fp32", a.batch_size, None), "settings": vars(a), "model": plain(cfg.model),
         "machine": machine_info(dev), "per_position": res, "summary": summary,
-        "times_ms": {f"{mode}_{m}": t for (mode, m), t in times.items()}, "wall_seconds": wall}, a.out_dir)
+        "times_ms": {f"{mode}_{m}{tag(b)}": t for (mode, m, b), t in times.items()}, "wall_seconds": wall}, a.out_dir)
     print(f"wrote {out}")
 
 

@@ -85,6 +85,19 @@ def test_train_throughput_fast_path_options(tmp_path):
     assert run["compile"] == "aot_eager" and run["dtype"] == "bf16" and run["static_shapes"] is True
 
 
+def test_train_position_cost_compares_bptt_depths_in_one_run(tmp_path):
+    """--bptt 1 3: both depths timed interleaved in one run, each figure per depth and their ratio."""
+    _finish(_start(["train_position_cost.py", "--quick", "--bptt", "1", "3", "--keep-recent", "10", *SMALL_ARCH],
+                   tmp_path))
+    rec = json.loads((tmp_path / "train_position_cost_kept_bptt1-3.json").read_text())
+    assert rec["settings"]["bptt"] == [1, 3]
+    for r in rec["per_position"].values():
+        assert {"exact_bptt1_ms", "carry_bptt1_ms", "exact_bptt3_ms", "carry_bptt3_ms"} <= set(r)
+        assert r["carry_bptt1_ms"] > 0 and r["carry_bptt3_ms"] > 0
+    assert rec["summary"]["carry_bptt3_over_bptt1_at_8"] == pytest.approx(
+        rec["per_position"]["8"]["carry_bptt3_ms"] / rec["per_position"]["8"]["carry_bptt1_ms"])
+
+
 @pytest.mark.parametrize("flag", ["--compile fastest", "--dtype fp8"])
 def test_bad_benchmark_flags_fail_clearly(tmp_path, flag):
     p = _start(["train_throughput.py", "--quick", *flag.split()], tmp_path)
