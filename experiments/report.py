@@ -304,28 +304,6 @@ COMPUTE_COLUMNS = (  # what each arm paid (done.json's compute, this process's t
 )
 
 
-def source_search_use(data_path: str | None) -> dict | None:
-    """The source algorithm's own search vs use (metrics.search_and_use) on the test goals' histories of the
-    dataset: the yardstick of the memory table's episodes-to-first-goal and return-after-found columns."""
-    meta = read_json(Path(data_path) / "meta.json") if data_path else None
-    if not meta:
-        return None
-    from collect import episode_returns
-    from env import task_optimal_return
-    from histories import load_histories
-    from metrics import search_and_use
-    from transition import REWARD
-
-    env = meta["env"]
-    h = load_histories(data_path, env)
-    idx = h.split_indices("test")
-    if len(idx) == 0:
-        return None
-    ret = episode_returns(h.transitions(idx)[..., REWARD], int(env["horizon"]))
-    opt = [task_optimal_return(env, g) for g in h.goals[idx]]
-    return search_and_use(ret[:, None, :], opt)
-
-
 def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     tj = runs.train_jobs(jobs)
     df = runs.run_table(tj, runs.memory_run)
@@ -372,7 +350,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
             row["per_seed"], o["per_seed"], {k: better[k] for k in MEMORY_PAIRED})} for o in others]
     data = {r["env"]: runs.dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for d_ in data.values():
-        d_["source_search_use_test"] = source_search_use(d_["path"]) if d_.get("n_steps") else None
+        d_["source_search_use_test"] = runs.source_search_use(d_["path"]) if d_.get("n_steps") else None
     prov = runs.provenance(tj, info, runs.unfinished(df))
     redone = sorted({p["goal_readout_recomputed"]["command"] for r in rows for p in r["per_seed"].values()
                      if p.get("goal_readout_recomputed")})

@@ -424,3 +424,25 @@ def window_label(row: dict) -> str:
     if row.get("window") is None:  # no run of the arm got far enough to record its config
         return "–"
     return f"{row['window']} (keeps {keep})" if keep else str(row["window"])
+
+
+def source_search_use(data_path: str | None) -> dict | None:
+    """The source algorithm's own search vs use (metrics.search_and_use) on the test goals' histories of the
+    dataset: the yardstick of the memory table's episodes-to-first-goal and return-after-found columns."""
+    meta = read_json(Path(data_path) / "meta.json") if data_path else None
+    if not meta:
+        return None
+    from collect import episode_returns
+    from env import task_optimal_return
+    from histories import load_histories
+    from metrics import search_and_use
+    from transition import REWARD
+
+    env = meta["env"]
+    h = load_histories(data_path, env)
+    idx = h.split_indices("test")
+    if len(idx) == 0:
+        return None
+    ret = episode_returns(h.transitions(idx)[..., REWARD], int(env["horizon"]))
+    opt = [task_optimal_return(env, g) for g in h.goals[idx]]
+    return search_and_use(ret[:, None, :], opt)
