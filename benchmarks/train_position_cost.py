@@ -91,12 +91,13 @@ def main() -> None:
     a.steps = a.steps or (1 if a.quick else 5)
     torch.manual_seed(0)
 
-    arms, batches = {}, {}  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
+    arms, batches, hist = {}, {}, None  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
     with tempfile.TemporaryDirectory() as tmp:
         for bptt in a.bptt:
             cfg = train_cfg("ad_compressed_dr", arch_overrides(a) + [
                 "sampler.schedule=rollout", f"model.bptt_segments={bptt}", f"model.keep_recent={a.keep_recent}"])
-            hist = hist if arms else synthetic_histories(cfg.env, 16, a.n_steps, tmp)  # one dataset for all
+            if hist is None:  # one dataset for every bptt
+                hist = synthetic_histories(cfg.env, 16, a.n_steps, tmp)
             ds = HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0)
             n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
             if max(a.positions) >= n_win:

@@ -547,3 +547,27 @@ def test_two_concurrent_sweeps_into_one_out(tmp_path, tiny):
     rec = json.loads((tmp_path / "out" / "jobs" / "scratch-seed0.json").read_text())
     assert rec["overrides"]["train"][-1] == f"lr={won[0]}"
     assert json.loads((tmp_path / "out" / "runs" / "scratch-seed0" / "config.json").read_text())["lr"] == float(won[0])
+
+
+def test_the_kept_budget_curve_trains_the_bptt1_arm_on_a_stage_1_that_folds_as_much():
+    """sweep=pretrain_budget_kept: stage 2 is rollout_gated_kept_carry_bptt1 at w = 20 (the arm of
+    results/memory-mid), stage 1 folds what it folds (seg_len - keep_recent) with the same gated latents, and
+    its out dir is its own while its report is the budget curve's."""
+    from omegaconf import OmegaConf
+
+    from experiments import sweep as sw
+    from model.config import ModelConfig
+    from tests.conftest import compose
+
+    conf = REPO / "experiments" / "conf"
+    sweep = OmegaConf.load(conf / "sweep" / "pretrain_budget_kept.yaml")
+    assert sweep.sweep.name == "pretrain-budget" and "kept" in OmegaConf.to_container(sweep)["out"]
+    routed = sw.route([], list(sweep.sweep.overrides), "mid", None, 500)
+    arm = OmegaConf.load(conf / "arm" / "rollout_gated_kept_carry_bptt1.yaml")
+    want = compose("train", ["experiment=mid", *arm.train, "model.keep_recent=20"])
+    got = compose("train", routed["train"])
+    for key in ("model", "sampler"):
+        assert OmegaConf.to_container(got[key], resolve=True) == OmegaConf.to_container(want[key], resolve=True), key
+    s1 = compose("pretrain", routed["pretrain"])
+    m1, m2 = ModelConfig.from_cfg(s1.model, s1.env), ModelConfig.from_cfg(got.model, got.env)
+    assert (m1.fold_len, m1.keep_recent, m1.latent_update) == (m2.fold_len, m2.keep_recent, "gated") == (20, 20, "gated")
