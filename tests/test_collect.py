@@ -58,6 +58,20 @@ def test_default_config():
         quick = compose("collect", overrides=["env=dark_key_to_door", "experiment=quick"]).source
     assert (kd.n_steps, kd.q_init, kd.gamma, kd.n_stream, kd.eps_decay_steps) == (2500, 1.0, 0.95, 100, 500)
     assert (quick.n_steps, quick.q_init, quick.n_stream, quick.eps_decay_steps) == (2500, 1.0, 20, 200)
+    with initialize_config_dir(config_dir=str(REPO / "config"), version_base="1.3"):
+        hard = compose("collect", overrides=["env=darkroom_hard", "experiment=mid"]).source
+    assert (hard.n_steps, hard.q_init, hard.gamma, hard.eps_start, hard.n_stream, hard.eps_decay_steps) == (
+        2500, 1.0, 0.95, 0.5, 20, 200)
+
+
+def test_darkroom_hard_source_learns_with_its_own_settings(tmp_path):
+    """env=darkroom_hard with config/source/darkroom_hard.yaml at the presets' epsilon decay (what the mid sweep
+    collects): from about a random policy in episode 1 to finding the goal in most of the last 5 of 50."""
+    cfg = cfg_for(tmp_path / "dh", "env=darkroom_hard", "source.n_stream=2", "source.n_stream_eval=0",
+                  "source.n_steps=2500", "source.eps_decay_steps=200")  # (TINY's are darkroom's)
+    assert (cfg.source.q_init, cfg.source.gamma, cfg.source.eps_start) == (1.0, 0.95, 0.5)  # the env's file
+    tr = collect.main(cfg)["train"]
+    assert abs(tr["first_episode"] - tr["random"]) < 0.1 and tr["last5_frac_optimal"] >= 0.85
 
 
 def test_arrays_shapes_dtypes_and_layout(collected):

@@ -571,3 +571,24 @@ def test_the_kept_budget_curve_trains_the_bptt1_arm_on_a_stage_1_that_folds_as_m
     s1 = compose("pretrain", routed["pretrain"])
     m1, m2 = ModelConfig.from_cfg(s1.model, s1.env), ModelConfig.from_cfg(got.model, got.env)
     assert (m1.fold_len, m1.keep_recent, m1.latent_update) == (m2.fold_len, m2.keep_recent, "gated") == (20, 20, "gated")
+
+
+@pytest.mark.parametrize("sweep_file", sorted((REPO / "experiments" / "conf" / "sweep").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_every_sweep_preset_composes_every_stage_of_its_arms_at_mid(sweep_file):
+    """A sweep file's stage defaults, env and window, with each arm it sweeps, compose into valid configs of
+    every stage at experiment=mid (a typo would otherwise surface only when its jobs start)."""
+    from omegaconf import OmegaConf
+
+    import train
+    from experiments import sweep as sw
+
+    conf = OmegaConf.to_container(OmegaConf.load(sweep_file))
+    params = conf["hydra"]["sweeper"]["params"]
+    routed = sw.route([], conf["sweep"]["overrides"], "mid", conf.get("env"), 5 if "budget" in params else None)
+    for stage in ("collect", "pretrain", "evaluate"):
+        sw.compose(stage, routed[stage] + (["run_dir=x"] if stage == "evaluate" else []))
+    for arm_name in str(params["arm"]).split(","):
+        arm = OmegaConf.load(REPO / "experiments" / "conf" / "arm" / f"{arm_name}.yaml")
+        window = [f"{arm.window_key}={int(conf['window']) * int(arm.window_mult)}"] if conf.get("window") else []
+        train.TrainConfig.check(OmegaConf.create(sw.compose("train", routed["train"] + list(arm.train) + window)))
