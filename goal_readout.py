@@ -24,9 +24,7 @@ reported with both held-out splits. A model without compressed memory (AD) has n
         the first target's readout ({val, test, ridge_lambda, ...}, "target": its name) and each further
         target's under its name (Key-to-Door: report["door"])
 
-A finished run's readout (done.json) is recomputed from its model.pt without retraining by
-
-    python goal_readout.py <run_dir> [<run_dir> ...]
+A finished run's readout (done.json) is recomputed from its model.pt without retraining by remeasure.py.
 """
 
 from __future__ import annotations
@@ -118,9 +116,8 @@ def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_T
     module docstring). None when the model has no compressed memory or a split has no histories."""
     if not hasattr(model, "encoder"):
         return None
-    # every k-th history: the histories are goal-major (several streams per goal), so a prefix would cover few goals
-    tr, held = _spread(hist.split_indices("train"), max_train_histories), \
-        {s: _spread(hist.split_indices(s), max_heldout_histories) for s in ("val", "test")}
+    tr = hist.split_indices("train", max_train_histories)  # spread over the goals (every k-th history)
+    held = {s: hist.split_indices(s, max_heldout_histories) for s in ("val", "test")}
     if len(tr) == 0 or any(len(i) == 0 for i in held.values()):
         return None
     x, ys = _samples(model, hist, tr, device)
@@ -132,11 +129,6 @@ def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_T
     first, *rest = readouts
     return {**readouts[first], "target": first, **{name: {**readouts[name], "target": name} for name in rest},
             "n_train_histories": len(tr)}
-
-
-def _spread(idx: np.ndarray, at_most: int | None) -> np.ndarray:
-    """At most `at_most` of idx, evenly spaced (all of them: None)."""
-    return idx if at_most is None else idx[:: max(1, -(-len(idx) // at_most))][:at_most]
 
 
 def _readout(x: np.ndarray, y: np.ndarray, held: dict, grid_size: int) -> dict:
@@ -157,54 +149,3 @@ def _readout(x: np.ndarray, y: np.ndarray, held: dict, grid_size: int) -> dict:
     return {**{s: scores(fits[best], s) for s in held}, "ridge_lambda": best, "n_train_samples": len(x),
             "n_features": int(x.shape[1])}
 
-
-def recompute(run_dir) -> dict:
-    """A finished stage-2 run's readout, recomputed from its model.pt and dataset with the run's own settings
-    (heldout_max_histories) and written into its done.json (atomically), with when and how."""
-    import datetime
-    import json
-    import platform
-    import shlex
-    import sys
-    from pathlib import Path
-
-    from atomic_io import atomic_write_json
-    from errors import UserError
-    from evaluate import load_trained_model
-    from histories import load_histories
-
-    run_dir = Path(run_dir).expanduser()
-    done_path = run_dir / "done.json"
-    if not done_path.is_file():
-        raise UserError(f"{run_dir} has no done.json: only a finished run's readout can be recomputed "
-                        f"(finish it with the command that started it)")
-    done = json.loads(done_path.read_text())
-    model, cfg, _ = load_trained_model(run_dir)
-    hist = load_histories(cfg["data_path"], cfg["env"])
-    rep = report(model, hist, int(cfg["env"]["grid_size"]), "cpu",
-                 max_heldout_histories=cfg.get("heldout_max_histories"))
-    if rep is None:
-        raise UserError(f"{run_dir}: its model has no compressed memory (or its dataset no held-out histories): "
-                        f"there is no readout to compute")
-    rep["recomputed"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                         "command": shlex.join(["python", "goal_readout.py", *sys.argv[1:]]),
-                         "machine": platform.node()}
-    atomic_write_json(done_path, {**done, "goal_readout": rep}, indent=2)
-    return rep
-
-
-if __name__ == "__main__":
-    import argparse
-
-    from errors import UserError
-
-    p = argparse.ArgumentParser(description="Recompute finished runs' goal readout (done.json) from model.pt.")
-    p.add_argument("run_dirs", nargs="+", help="stage-2 run directories (each with done.json and model.pt)")
-    for rd in p.parse_args().run_dirs:
-        try:
-            r = recompute(rd)
-        except UserError as e:
-            p.exit(2, f"error: {e}\n")
-        print(f"{rd}: " + "; ".join(f"{t['target']} acc. test after find {t['test']['after_find']['acc']}, "
-                                    f"before {t['test']['before_find']['acc']}"
-                                    for t in [r] + [v for v in r.values() if isinstance(v, dict) and "target" in v]))

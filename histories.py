@@ -98,12 +98,15 @@ class Histories:
     def n_steps(self) -> int:
         return self.actions.shape[1]
 
-    def split_indices(self, split: str) -> np.ndarray:
-        """int64 indices of the histories whose goal is in `split` ('train', 'val' or 'test')."""
+    def split_indices(self, split: str, at_most: int | None = None) -> np.ndarray:
+        """int64 indices of the histories whose goal is in `split` ('train', 'val' or 'test'); at_most: no
+        more than that many, evenly spread (every k-th): the histories are goal-major, several per goal, so
+        a prefix would cover few goals."""
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         r = self.meta["histories"][split]
-        return np.arange(r["start"], r["stop"], dtype=np.int64)
+        idx = np.arange(r["start"], r["stop"], dtype=np.int64)
+        return idx if at_most is None else idx[:: max(1, -(-len(idx) // int(at_most)))][: int(at_most)]
 
     @property
     def fingerprint(self) -> str:

@@ -137,10 +137,12 @@ def report(scores: dict[str, torch.Tensor], buckets=DEFAULT_BUCKETS) -> dict:
     return rep
 
 
-def heldout_report(model, hist, split: str, device, probe: bool = False, buckets=DEFAULT_BUCKETS) -> dict | None:
-    """Same-position evaluation of one split of a dataset (histories.Histories), in this process. None if
-    the split has no histories. probe=True adds the memory probe (models with compressed memory only)."""
-    idx = hist.split_indices(split)
+def heldout_report(model, hist, split: str, device, probe: bool = False, buckets=DEFAULT_BUCKETS,
+                   max_histories: int | None = None) -> dict | None:
+    """Same-position evaluation of one split of a dataset (histories.Histories), in this process (at most
+    max_histories of it, spread over its goals: Histories.split_indices). None if the split has no
+    histories. probe=True adds the memory probe (models with compressed memory only)."""
+    idx = hist.split_indices(split, max_histories)
     if len(idx) == 0:
         return None
     rep = report(score(model, hist.transitions(idx), device, probe=probe), buckets)

@@ -49,7 +49,8 @@ class TrainConfig(Budget, TrainingRun):
     sampler: SamplerConfig
     heldout_every: int = key("same-position loss of the validation histories every this many steps; 0 = only at "
                              "the end", ge=0)
-    heldout_max_histories: int | None = key("held-out histories scored per split; null = all", ge=1)
+    heldout_max_histories: int | None = key("held-out histories scored per split, spread over its goals; null = "
+                                            "all", ge=1)
     eval_every: int = key("in-context rollouts every this many steps; 0 disables them", ge=0)
     eval: EvalDuringTraining
 
@@ -98,9 +99,7 @@ class ActionPredictionTask:
         rollout schedule (teacher_forced.py). Each rank scores every world-th history; the per-step
         scores are gathered back into history order, so every rank gets the same report whatever the
         number of processes. None if the split has no histories."""
-        idx = self.hist.split_indices(split)
-        if self.cfg.heldout_max_histories is not None:
-            idx = idx[: int(self.cfg.heldout_max_histories)]
+        idx = self.hist.split_indices(split, self.cfg.heldout_max_histories)  # spread over the split's goals
         if len(idx) == 0:
             return None
         acc = run.accelerator

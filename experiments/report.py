@@ -352,9 +352,8 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     for d_ in data.values():
         d_["source_search_use_test"] = runs.source_search_use(d_["path"]) if d_.get("n_steps") else None
     prov = runs.provenance(tj, info, runs.unfinished(df))
-    redone = sorted({p["goal_readout_recomputed"]["command"] for r in rows for p in r["per_seed"].values()
-                     if p.get("goal_readout_recomputed")})
-    prov["command"] = " ; ".join([prov["command"]] + redone)  # the readouts recomputed after training too
+    redone = sorted({p["remeasured"]["command"] for r in rows for p in r["per_seed"].values() if p.get("remeasured")})
+    prov["command"] = " ; ".join([prov["command"]] + redone)  # the end-of-run measurements redone since too
     rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
            "timings_s": runs.timings(jobs)}

@@ -322,7 +322,7 @@ def run_record(run_dir: Path) -> dict:
             "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
             **{f"door_acc_{k}": (door.get(f) or {}).get("acc") for k, f in
                (("after", "after_find"), ("before", "before_find"), ("const", "constant_after_find"))},
-            "goal_readout_recomputed": gro.get("recomputed"),  # {date, command, machine}: goal_readout.py's CLI
+            "remeasured": done.get("remeasured"),  # {date, command, machine, fields}: remeasure.py
             "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),
             "keep_recent": mc.get("keep_recent") or 0,  # kept raw window (CompressedAD folds seg_len - K)

@@ -343,3 +343,18 @@ def test_disk_full_in_collect_keeps_the_old_dataset(tiny, tmp_path, monkeypatch)
             collect_small, data, "overwrite=true")
     assert (data / "actions.npy").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_split_indices_at_most_spreads_over_the_goals():
+    """Histories are goal-major (several per goal): a capped selection takes every k-th history, so 8 of 40
+    test histories (8 goals x 5) cover all 8 goals, not the first two."""
+    from types import SimpleNamespace
+
+    from histories import Histories
+
+    h = SimpleNamespace(meta={"histories": {"train": {"start": 0, "stop": 10}, "val": {"start": 10, "stop": 10},
+                                            "test": {"start": 10, "stop": 50}}})
+    assert Histories.split_indices(h, "test").tolist() == list(range(10, 50))
+    assert Histories.split_indices(h, "test", 8).tolist() == list(range(10, 50, 5))  # one per goal
+    assert Histories.split_indices(h, "test", 7).tolist() == list(range(10, 50, 6))[:7]
+    assert len(Histories.split_indices(h, "train", 100)) == 10 and len(Histories.split_indices(h, "val", 3)) == 0

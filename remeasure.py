@@ -1,0 +1,78 @@
+"""A finished stage-2 run's end-of-training measurements, recomputed from its model.pt without retraining.
+
+    python remeasure.py results/memory-mid-key_to_door/runs/dark_key_to_door-w50-ad-seed0 [<run_dir> ...]
+
+What train.py measures once its last step is taken — the same-position NLL of the validation and test
+histories with the memory probe (teacher_forced.py: `tf_loss_val`, `tf_loss_test`, `heldout_val`,
+`heldout_test`) and the goal readout (goal_readout.py: `goal_readout`) — computed again with today's code and
+the run's own settings (`heldout_max_histories`), on its own dataset, and written into its done.json
+(atomically) with `remeasured`: when, by which command, on which machine. For a measurement whose definition
+changed after runs were trained (Key-to-Door's readout per cell; held-out histories spread over the goals
+instead of a prefix), so that old and new runs of one table are measured alike. One process, any device the
+model fits (CPU here); the weights and everything else in done.json stay as they were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import goal_readout
+import teacher_forced
+from atomic_io import atomic_write_json
+from errors import UserError
+
+
+def remeasure(run_dir, command: str | None = None) -> dict:
+    """The run's done.json with its end-of-training measurements recomputed (and written back)."""
+    from evaluate import load_trained_model
+    from histories import load_histories
+
+    run_dir = Path(run_dir).expanduser()
+    done_path = run_dir / "done.json"
+    if not done_path.is_file():
+        raise UserError(f"{run_dir} has no done.json: only a finished run can be remeasured (finish it with the "
+                        f"command that started it)")
+    done = json.loads(done_path.read_text())
+    model, cfg, _ = load_trained_model(run_dir)
+    hist = load_histories(cfg["data_path"], cfg["env"])
+    at_most = cfg.get("heldout_max_histories")
+    new = {}
+    for split in ("val", "test"):
+        rep = teacher_forced.heldout_report(model, hist, split, "cpu", probe=True, max_histories=at_most)
+        if rep is not None:
+            new[f"tf_loss_{split}"], new[f"heldout_{split}"] = rep["loss"], rep
+    gr = goal_readout.report(model, hist, int(cfg["env"]["grid_size"]), "cpu", max_heldout_histories=at_most)
+    if gr is not None:
+        new["goal_readout"] = gr
+    new["remeasured"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         "command": command or shlex.join(["python", "remeasure.py", str(run_dir)]),
+                         "machine": platform.node(), "fields": sorted(new)}
+    done = {**done, **new}
+    atomic_write_json(done_path, done, indent=2)
+    return done
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run_dirs", nargs="+", help="finished stage-2 run directories (done.json and model.pt)")
+    a = p.parse_args(argv)
+    command = shlex.join(["python", "remeasure.py", *(argv if argv is not None else sys.argv[1:])])
+    for rd in a.run_dirs:
+        try:
+            d = remeasure(rd, command)
+        except UserError as e:
+            p.exit(2, f"error: {e}\n")
+        gr = d.get("goal_readout") or {}
+        print(f"{rd}: test NLL {d.get('tf_loss_test'):.4f}, val NLL {d.get('tf_loss_val'):.4f}"
+              + "".join(f"; {t['target']} readout after find {t['test']['after_find']['acc']}"
+                        for t in [gr, gr.get("door")] if t))
+
+
+if __name__ == "__main__":
+    main()
