@@ -394,11 +394,11 @@ def memory_markdown(rep: dict) -> str:
     if any(r.get("goal_readout") for r in rep["rows"]):
         heads = [(n, h) for (n, _, _), h in zip(GOAL_READOUT_GAPS, GOAL_READOUT_HEADS)
                  if any(n in (r.get("goal_readout") or {}) for r in rep["rows"])]
+        door = ("; on Key-to-Door the first cell is the key, found by an episode's first reward, and the door is "
+                "found by its second") if any(n.startswith("door") for n, _ in heads) else ""
         lines += ["", ("**What the memory holds** (goal_readout.py, test goals: accuracy of a linear readout of "
                        "the goal cell from the latents, after the first find minus the constant guess and minus "
-                       "the readout before the find, within each run; on Key-to-Door the first cell is the key, "
-                       "found by an episode's first reward, and the door is found by its second; mean [95 % "
-                       "t-interval over seeds]):"), "",
+                       f"the readout before the find, within each run{door}; mean [95 % t-interval over seeds]):"), "",
                   md_table([{**ident(r), **{h: stats.fmt_paired(r["goal_readout"][n], ".3f")
                                             if n in r["goal_readout"] else "–" for n, h in heads}}
                             for r in rep["rows"] if r.get("goal_readout")])]
