@@ -69,9 +69,9 @@ def main(argv=None) -> None:
         except UserError as e:
             p.exit(2, f"error: {e}\n")
         gr = d.get("goal_readout") or {}
-        print(f"{rd}: test NLL {d.get('tf_loss_test'):.4f}, val NLL {d.get('tf_loss_val'):.4f}"
-              + "".join(f"; {t['target']} readout after find {t['test']['after_find']['acc']}"
-                        for t in [gr, gr.get("door")] if t))
+        print(f"{rd}: " + "; ".join([f"{s} NLL {d[f'tf_loss_{s}']:.4f}" for s in ("test", "val") if f"tf_loss_{s}" in d]
+                                    + [f"{t['target']} readout after find {t['test']['after_find']['acc']}"
+                                       for t in [gr, gr.get("door")] if t]))
 
 
 if __name__ == "__main__":

@@ -103,25 +103,25 @@ def key_to_door(rep: dict) -> str:
         for r in rep["rows"] for s in [r["stats"]]])
 
 
+# The readout columns of memory_probe: report.GOAL_READOUT_GAPS's names, headed for the docs
+READOUT_HEADS = {"after_minus_constant": "goal readout: after find − constant",
+                 "after_minus_before": "after find − before find",
+                 "door_after_minus_constant": "door: after opened − constant", "door_after_minus_before": "door: after − before"}
+
+
 def memory_probe(rep: dict) -> str:
-    """What the memory holds, per compressed arm: the NLL probe and the goal-cell readout, with intervals."""
-    rows = []
-    for r in rep["rows"]:
-        mp, g = r.get("memory_probe"), r.get("goal_readout") or {}
-        if mp is None and not g:
-            continue
-        rows.append({"env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
-                     "NLL probe: all − k1 (nats)": stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
-                     **{h: stats.fmt_paired(g[k], ".3f") if k in g else "–" for k, h in (
-                         ("after_minus_constant", "goal readout: after find − constant"),
-                         ("after_minus_before", "after find − before find"),
-                         ("door_after_minus_constant", "door: after opened − constant"),
-                         ("door_after_minus_before", "door: after − before"))},
-                     "goal readout acc. after find": _f(r["stats"].get("goal_acc_after"), ".3f")})
-    # Key-to-Door's door columns only where a row has them (its first cell, the key, is the "goal" columns)
-    door = [h for h in ("door: after opened − constant", "door: after − before") if any(x[h] != "–" for x in rows)]
-    return md_table([{(k.replace("goal", "key") if door else k): v for k, v in x.items()
-                      if not k.startswith("door:") or k in door} for x in rows])
+    """What the memory holds, per compressed arm: the NLL probe and the goal-cell readout, with intervals; where a
+    row reads Key-to-Door's door too, its door columns, and the first cell is named the key."""
+    shown = [r for r in rep["rows"] if r.get("memory_probe") is not None or r.get("goal_readout")]
+    door = any(k.startswith("door") for r in shown for k in (r.get("goal_readout") or {}))
+    cell = "key" if door else "goal"
+    cols = [k for k in READOUT_HEADS if door or not k.startswith("door")]
+    return md_table([{
+        "env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
+        "NLL probe: all − k1 (nats)": stats.fmt_paired(mp["all_minus_k1"], ".4f") if mp else "–",
+        **{READOUT_HEADS[k].replace("goal", cell): stats.fmt_paired(g[k], ".3f") if k in g else "–" for k in cols},
+        f"{cell} readout acc. after find": _f(r["stats"].get("goal_acc_after"), ".3f")}
+        for r in shown for mp, g in [(r.get("memory_probe"), r.get("goal_readout") or {})]])
 
 
 def budget_paired(rep: dict) -> str:

@@ -121,8 +121,9 @@ def check_identity(out: Path, ident: dict, claim: bool) -> str:
         return bool(old)
 
     info = read_json(out / "sweep.json") or {}
-    if not claim or (check(info) and h in (info["identity"]["hash"], *(info["identity"].get("aliases") or []))):
-        return info["identity"]["hash"] if check(info) else h
+    known = check(info)
+    if not claim or (known and h in (info["identity"]["hash"], *(info["identity"].get("aliases") or []))):
+        return info["identity"]["hash"] if known else h
     with Held(out / "sweep.json"):
         info = read_json(out / "sweep.json") or {}
         ids = info["identity"] if check(info) else {"hash": h, "config": ident}

@@ -317,11 +317,8 @@ def run_record(run_dir: Path) -> dict:
             "return_last5_norm_long": sl.get("last_k_normalized"),
             "return_last5_norm_val": split_summary(ev, "val").get("last_k_normalized"),
             "labels_per_step": lps, "train_wall_s": run_train_wall_s(done),
-            "goal_acc_after": (gr.get("after_find") or {}).get("acc"),
-            "goal_acc_before": (gr.get("before_find") or {}).get("acc"),
-            "goal_acc_const": (gr.get("constant_after_find") or {}).get("acc"),
-            **{f"door_acc_{k}": (door.get(f) or {}).get("acc") for k, f in
-               (("after", "after_find"), ("before", "before_find"), ("const", "constant_after_find"))},
+            **{f"{cell}_acc_{k}": (rd.get(f) or {}).get("acc") for cell, rd in (("goal", gr), ("door", door))
+               for k, f in (("after", "after_find"), ("before", "before_find"), ("const", "constant_after_find"))},
             "remeasured": done.get("remeasured"),  # {date, command, machine, fields}: remeasure.py
             "labels_total": lps * done["global_step"] / 1e6 if lps and done.get("global_step") else None,
             "window": mc.get("context_len") if mc.get("name") == "ad" else mc.get("seg_len"),

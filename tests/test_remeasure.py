@@ -24,6 +24,15 @@ def test_remeasure_reproduces_a_finished_runs_measurements_and_says_how(finished
     assert untouched and all(after[k] == before[k] for k in untouched)  # compute, steps, ...
 
 
+def test_remeasure_cli_prints_one_line_per_run(finished, one_thread, capsys):
+    run = finished / "runs" / "done"
+    remeasure.main([str(run)])
+    out = capsys.readouterr().out.strip().splitlines()
+    done = json.loads((run / "done.json").read_text())
+    assert len(out) == 1 and f"test NLL {done['tf_loss_test']:.4f}" in out[0] and "goal readout after find" in out[0]
+    assert done["remeasured"]["command"] == f"python remeasure.py {run}"
+
+
 def test_remeasure_a_run_without_done_json_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as ei:
         remeasure.main([str(tmp_path / "nowhere")])
