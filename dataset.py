@@ -18,15 +18,11 @@ Determinism / distribution: batch k is a pure function of (seed, k): it is drawn
 np.random.default_rng([seed, k]) for the whole *global* batch and then each rank keeps its rows
 [rank*B/world, (rank+1)*B/world). A 2-process run therefore sees exactly the rows of the 1-process
 run (same D and W padding too, so the per-rank tensors concatenate to the global batch), and resuming
-at step k needs nothing but k. Use it as
-    DataLoader(ds, batch_size=None, sampler=range(start_step, max_steps), num_workers=...)
-(see `batch_loader`).
+at step k needs nothing but k (`batch_loader`).
 
-Sampling is vectorised: all B specs are drawn with numpy at once, and the transitions are gathered
-with one `np.take` into a packed [N*T (+1 zero row), 6] uint8 copy of the histories made at
-construction. On an accelerator the packed copy can live in device memory (`SegmentBatches.to_device`,
-config key data_on_device): then only the small spec arrays cross the bus each step and the gather runs
-on the device (`gather_batch_torch`), giving exactly the same batches.
+Sampling is vectorised: all B specs are drawn with numpy at once, and the transitions are gathered in one
+indexing op from a packed copy of the histories made at construction (`pack_transitions`), in RAM or, with
+config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
 """
 
 from __future__ import annotations
@@ -62,73 +58,40 @@ def pack_transitions(histories: Any) -> np.ndarray:
     return flat
 
 
-
-def _gather(flat: np.ndarray, n_steps: int, hist: np.ndarray, start: np.ndarray, length: np.ndarray,
-            cap: int) -> np.ndarray:
+def _gather(flat, n_steps: int, hist, start, length, cap: int):
     """Gather runs of transitions: out[..., p, :] = history[hist, start + p] for p < length, else 0.
 
-    hist/start/length broadcast to a common shape X; returns int64 [*X, cap, 6]. One `np.take` (several
-    times faster than fancy indexing) into the flat array from `pack_transitions`, whose last row is
-    zeros: padded positions point there.
-    """
-    pos = np.arange(cap, dtype=np.int64)
-    idx = np.where(pos < length[..., None], (hist * n_steps + start)[..., None] + pos, len(flat) - 1)
-    return np.take(flat, idx, axis=0).astype(np.int64)
+    hist/start/length broadcast to a common shape X; returns int64 [*X, cap, 6], numpy or torch like `flat`
+    (`pack_transitions`), whose last row is zeros: padded positions point there. On the host one `np.take`
+    (several times faster than fancy indexing, and than torch's index_select)."""
+    xp = torch if torch.is_tensor(flat) else np
+    pos = torch.arange(cap, device=flat.device) if xp is torch else np.arange(cap, dtype=np.int64)
+    idx = xp.where(pos < length[..., None], (hist * n_steps + start)[..., None] + pos, len(flat) - 1)
+    return flat[idx].long() if xp is torch else np.take(flat, idx, axis=0).astype(np.int64)
 
 
-def gather_batch(flat: np.ndarray, n_steps: int, specs: schedules.SampleSpecs, n_slots: int, S: int,
+def gather_batch(flat, n_steps: int, specs: schedules.SampleSpecs, n_slots: int, S: int,
                  W: int | None) -> dict[str, torch.Tensor]:
     """Vectorised batch from specs: keeps the last `n_slots` segment slots, pads segments to S and the
-    window to W (W=None: no window keys, as in stage 1). `flat` comes from `pack_transitions`."""
-    max_depth = specs.seg_len.shape[1]
-    seg_len = specs.seg_len[:, max_depth - n_slots:]
-    seg_start = specs.seg_start[:, max_depth - n_slots:]
-    batch = {
-        "seg": torch.from_numpy(_gather(flat, n_steps, specs.hist[:, None], seg_start, seg_len, S)),
-        "seg_len": torch.from_numpy(np.ascontiguousarray(seg_len)),
-    }
-    if W is not None:
-        batch["win"] = torch.from_numpy(_gather(flat, n_steps, specs.hist, specs.win_start, specs.win_len, W))
-        batch["win_len"] = torch.from_numpy(specs.win_len.copy())
-    batch["depth"] = torch.from_numpy(specs.depth.copy())
-    return batch
-
-
-def _spec_matrix(specs: schedules.SampleSpecs, n_slots: int) -> np.ndarray:
-    """The specs of a batch as one int64 [B, 4 + 2*n_slots] array (hist, win_start, win_len, depth,
-    seg_start..., seg_len...): one small host->device copy per batch instead of six."""
-    max_depth = specs.seg_len.shape[1]
-    return np.concatenate([specs.hist[:, None], specs.win_start[:, None], specs.win_len[:, None],
-                           specs.depth[:, None], specs.seg_start[:, max_depth - n_slots:], specs.seg_len[:, max_depth - n_slots:]],
-                          axis=1).astype(np.int64, copy=False)
-
-
-def _gather_torch(flat: torch.Tensor, n_steps: int, hist: torch.Tensor, start: torch.Tensor,
-                  length: torch.Tensor, cap: int) -> torch.Tensor:
-    """`_gather` on torch tensors (any device): same indices, same zero row for padding."""
-    pos = torch.arange(cap, dtype=torch.int64, device=flat.device)
-    idx = torch.where(pos < length[..., None], (hist * n_steps + start)[..., None] + pos, flat.shape[0] - 1)
-    return flat[idx].long()
-
-
-def gather_batch_torch(flat: torch.Tensor, n_steps: int, specs: schedules.SampleSpecs, n_slots: int, S: int,
-                       W: int | None) -> dict[str, torch.Tensor]:
-    """`gather_batch` with the packed transitions `flat` already on a device (uint8 [N*T + 1, 6]).
-
-    The spec matrix goes over in one non-blocking copy from pinned memory (on CUDA), so sampling never
-    waits for the device to finish the previous step; the batch is built where the model runs."""
-    m = torch.from_numpy(_spec_matrix(specs, n_slots))
-    if flat.device.type == "cuda":
-        m = m.pin_memory()
-    m = m.to(flat.device, non_blocking=True)
+    window to W (W=None: no window keys, as in stage 1). `flat` comes from `pack_transitions`, in RAM or
+    already on a device (`SegmentBatches.to_device`): then the specs go over as one int64 matrix in one
+    non-blocking copy from pinned memory (on CUDA), so sampling never waits for the device to finish the
+    previous step, and the batch is built where the model runs."""
+    first = specs.seg_len.shape[1] - n_slots
+    m = np.concatenate([specs.hist[:, None], specs.win_start[:, None], specs.win_len[:, None], specs.depth[:, None],
+                        specs.seg_start[:, first:], specs.seg_len[:, first:]], axis=1).astype(np.int64, copy=False)
+    if torch.is_tensor(flat):
+        m = torch.from_numpy(m)
+        m = (m.pin_memory() if flat.device.type == "cuda" else m).to(flat.device, non_blocking=True)
     hist, win_start, win_len, depth = m[:, 0], m[:, 1], m[:, 2], m[:, 3]
     seg_start, seg_len = m[:, 4:4 + n_slots], m[:, 4 + n_slots:]
-    batch = {"seg": _gather_torch(flat, n_steps, hist[:, None], seg_start, seg_len, S), "seg_len": seg_len}
+    batch = {"seg": _gather(flat, n_steps, hist[:, None], seg_start, seg_len, S), "seg_len": seg_len}
     if W is not None:
-        batch["win"] = _gather_torch(flat, n_steps, hist, win_start, win_len, W)
-        batch["win_len"] = win_len
+        batch["win"], batch["win_len"] = _gather(flat, n_steps, hist, win_start, win_len, W), win_len
     batch["depth"] = depth
-    return batch
+    if torch.is_tensor(flat):
+        return batch
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
 
 
 def spec_items(packed: np.ndarray, specs: schedules.SampleSpecs, with_window: bool = True) -> list[dict]:
@@ -200,7 +163,7 @@ class SegmentBatches(torch.utils.data.Dataset):
 
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  min_depth: int, max_depth: int, depth_weights: Sequence[float] | None,
-                 win_len_min: int, win_len_max: int, seed: int, rank: int = 0, world_size: int = 1,
+                 win_len_min: int, win_len_max: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  num_batches: int | None = None, name: str = "dataset", static_shapes: bool = False,
                  schedule: str = "random", max_windows: int | None = None, keep_recent: int = 0,
                  memory: str = "exact", carry_slots: int | None = None):
@@ -368,7 +331,7 @@ class SegmentBatches(torch.utils.data.Dataset):
 
     def to_device(self, device) -> SegmentBatches:
         """Keep a copy of the packed transitions on `device` and gather batches there from now on
-        (identical batches; see gather_batch_torch). Not for DataLoader workers: iterate in-process."""
+        (identical batches; see gather_batch). Not for DataLoader workers: iterate in-process."""
         self.flat_device = torch.from_numpy(self.flat).to(device)
         return self
 
@@ -380,10 +343,8 @@ class SegmentBatches(torch.utils.data.Dataset):
         return self._gather(specs.rows(self.rows), D, W)
 
     def _gather(self, specs: schedules.SampleSpecs, D: int, W: int | None) -> dict[str, torch.Tensor]:
-        if self.flat_device is not None:
-            batch = gather_batch_torch(self.flat_device, self.n_steps, specs, D, self.fold_len, W)
-        else:
-            batch = gather_batch(self.flat, self.n_steps, specs, D, self.fold_len, W)
+        flat = self.flat if self.flat_device is None else self.flat_device
+        batch = gather_batch(flat, self.n_steps, specs, D, self.fold_len, W)
         if self.memory == "carry":  # which memory each row needs: segments 0 .. window - depth - 1 of hist
             dev = batch["seg"].device
             batch["hist"] = torch.from_numpy(specs.hist.copy()).to(dev)
@@ -400,15 +361,13 @@ class SegmentBatches(torch.utils.data.Dataset):
         batch = gather_batch(self.flat, self.n_steps, specs, d, self.fold_len, None)
         return {"seg": batch["seg"], "seg_len": batch["seg_len"]}
 
-    def items(self, k: int) -> list[dict]:
-        """This rank's samples of batch k as per-sample dicts (loop-based; for tests and inspection)."""
-        return spec_items(self.packed, self.global_specs(k).rows(self.rows), self.with_window)
-
     def collate_items(self, k: int) -> dict[str, torch.Tensor]:
-        """`collate` of `items(k)` padded like `self[k]`; must equal self[k] (reference path)."""
+        """`collate` of this rank's samples of batch k as per-sample dicts (`spec_items`), padded like
+        `self[k]`; must equal self[k] (the loop-based reference path)."""
         specs = self.global_specs(k)
         D, W = self._padding(specs)
-        return collate(self.items(k), pad_seg_len=self.fold_len, pad_depth=D, pad_win_len=W)
+        return collate(spec_items(self.packed, specs.rows(self.rows), self.with_window), pad_seg_len=self.fold_len,
+                       pad_depth=D, pad_win_len=W)
 
 
 class HistoryBatches(SegmentBatches):
@@ -416,32 +375,23 @@ class HistoryBatches(SegmentBatches):
 
     depth_weights: one weight per depth 0..max_depth (None -> d+1, i.e. [1, 2, 3, 4] for max_depth 3).
     win_len_min / win_len_max: None -> seg_len (full windows; see module docstring).
+    Further keyword arguments (seed, rank, world_size, schedule, memory, ...): `SegmentBatches`.
     """
 
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
                  max_depth: int, depth_weights: Sequence[float] | None = None,
-                 win_len_min: int | None = None, win_len_max: int | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 static_shapes: bool = False, schedule: str = "random", max_windows: int | None = None,
-                 keep_recent: int = 0, memory: str = "exact", carry_slots: int | None = None):
-        super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=0,
-                         max_depth=max_depth, depth_weights=depth_weights,
-                         win_len_min=seg_len if win_len_min is None else win_len_min,
-                         win_len_max=seg_len if win_len_max is None else win_len_max,
-                         seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                         name="HistoryBatches", static_shapes=static_shapes, schedule=schedule,
-                         max_windows=max_windows, keep_recent=keep_recent, memory=memory,
-                         carry_slots=carry_slots)
+                 win_len_min: int | None = None, win_len_max: int | None = None, **kw: Any):
+        super().__init__(histories, split, batch_size, seg_len, min_seg_len, 0, max_depth, depth_weights,
+                         seg_len if win_len_min is None else win_len_min,
+                         seg_len if win_len_max is None else win_len_max, name="HistoryBatches", **kw)
 
     @classmethod
     def _cfg_options(cls, cfg: Any, s: Any) -> dict:
         """Stage 2's keys for `from_cfg`: sampler.{depth_weights, win_len_min, win_len_max, schedule,
         max_windows, memory} (null weights -> d+1, null window bounds -> seg_len) and, for
         sampler.memory=carry, model.bptt_segments (the folds each sample holds)."""
-        return {"depth_weights": cfg_get(s, "depth_weights", None),
-                "win_len_min": cfg_get(s, "win_len_min", None), "win_len_max": cfg_get(s, "win_len_max", None),
-                "schedule": cfg_get(s, "schedule", "random"), "max_windows": cfg_get(s, "max_windows", None),
-                "memory": cfg_get(s, "memory", "exact"),
+        return {**{k: cfg_get(s, k, None) for k in ("depth_weights", "win_len_min", "win_len_max", "max_windows")},
+                "schedule": cfg_get(s, "schedule", "random"), "memory": cfg_get(s, "memory", "exact"),
                 "carry_slots": cfg_get(cfg_get(cfg, "model"), "bptt_segments", None)}
 
 

@@ -36,13 +36,10 @@ class PretrainBatches(SegmentBatches):
     """
 
     def __init__(self, histories: Any, split: str, batch_size: int, seg_len: int, min_seg_len: int,
-                 max_depth: int = 3, depth_weights: Sequence[float] | None = None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, num_batches: int | None = None,
-                 static_shapes: bool = False, depth_starts: Sequence[int] | None = None, keep_recent: int = 0):
-        super().__init__(histories, split, batch_size, seg_len, min_seg_len, min_depth=1,
-                         max_depth=max_depth, depth_weights=depth_weights, win_len_min=0, win_len_max=0,
-                         seed=seed, rank=rank, world_size=world_size, num_batches=num_batches,
-                         name="PretrainBatches", static_shapes=static_shapes, keep_recent=keep_recent)
+                 max_depth: int = 3, depth_weights: Sequence[float] | None = None,
+                 depth_starts: Sequence[int] | None = None, **kw: Any):
+        super().__init__(histories, split, batch_size, seg_len, min_seg_len, 1, max_depth, depth_weights, 0, 0,
+                         name="PretrainBatches", **kw)
         self.depth_starts = None if depth_starts is None else [int(x) for x in depth_starts]
         if self.depth_starts is not None and (len(self.depth_starts) != max_depth - 1
                                               or any(x < 0 for x in self.depth_starts)):
