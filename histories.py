@@ -1,33 +1,24 @@
-"""Learning histories on disk: the one loading/saving API every stage uses.
+"""Learning histories on disk: the one loading/saving API every stage uses (docs/design.md §3).
 
-A dataset is a folder (default `data/${env.name}-seed${data_seed}`) of memory-mappable .npy arrays:
+A dataset is a folder (default `data/${env.name}-seed${data_seed}`) of memory-mappable uint8 .npy arrays:
 
-    states.npy       uint8 [N, T, 2]   (x, y) before the step
-    actions.npy      uint8 [N, T]      0 stay, 1 +x, 2 -x, 3 +y, 4 -y
-    rewards.npy      uint8 [N, T]      0 / 1
-    next_states.npy  uint8 [N, T, 2]   (x, y) after the step
-    goals.npy        uint8 [N, 2]      the goal of history i (Dark Key-to-Door: [N, 4], its task
-                                       (key_x, key_y, door_x, door_y); env.task_dim)
+    states.npy       [N, T, 2]   (x, y) before the step
+    actions.npy      [N, T]      0 stay, 1 +x, 2 -x, 3 +y, 4 -y
+    rewards.npy      [N, T]      0 / 1
+    next_states.npy  [N, T, 2]   (x, y) after the step
+    goals.npy        [N, 2]      the goal of history i (Dark Key-to-Door: [N, 4], its task
+                                 (key_x, key_y, door_x, door_y); env.task_dim)
 
 plus meta.json (format_version, env config, goal splits, source algorithm + settings, seeds, history
 layout, per-episode return curves, summary). History i is one stream of the source algorithm on one
-goal, T transitions long (T / horizon consecutive episodes). Layout: the train-goal histories come
-first, goal-major in split order (n_stream consecutive histories per goal), then the validation-goal
-histories, then the test-goal histories (n_stream_eval per goal each: they are only scored, never
-trained on). meta["histories"] records this as half-open ranges {"train": {"start": 0, "stop": a},
-"val": {"start": a, "stop": b}, "test": {"start": b, "stop": N}}; use `Histories.split_indices(split)`
-rather than reading it by hand. Format 2 added the validation split (env.n_val_goals); a format-1
-dataset has none and must be re-collected.
+goal, T transitions long. The train-goal histories come first, goal-major (n_stream per goal), then the
+validation- and test-goal histories (n_stream_eval per goal each: only scored, never trained on);
+meta["histories"] records the half-open range of each split (`Histories.split_indices`).
 
-load_histories validates everything a training run relies on and fails with ONE line that says what
-is wrong and how to fix it (DatasetError). save_histories writes atomically: a temp folder beside the
-target, fsync'd, then renamed, so an interrupted write never leaves a half dataset under the final name;
-`recover_leftovers` (run by collect.py before it writes) deletes the temp folders a killed write leaves and
-puts back a previous dataset that a kill between the two renames of an overwrite left hidden.
-
-`fingerprint(meta, arrays)` (also `Histories.fingerprint`) identifies a dataset's contents by what made it
-(env, split, source settings, seeds, sizes): runs record it, and resuming or loading an encoder trained on
-a dataset with another fingerprint is refused (rundir.check_same_data, model/checkpoint.py).
+load_histories fails with ONE line that says what is wrong and how to fix it (DatasetError). save_histories
+writes a temp folder beside the target and renames it, so an interrupted write never leaves a half dataset
+under the final name; `recover_leftovers` cleans up after a killed write. `fingerprint` identifies a
+dataset's contents by what made it; runs record it (rundir.check_same_data, model/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -49,14 +40,8 @@ from errors import UserError
 
 FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
 SPLITS = ("train", "val", "test")
-# name -> (trailing shape after N, or after (N, T)); all arrays are uint8.
-ARRAY_SPECS = {
-    "states": ("NT", (2,)),
-    "actions": ("NT", ()),
-    "rewards": ("NT", ()),
-    "next_states": ("NT", (2,)),
-    "goals": ("N", (2,)),  # (2,) for Darkroom; env.task_dim(env) in general (4 for Dark Key-to-Door)
-}
+# name -> shape after (N, T); goals.npy is [N, env.task_dim] instead (2, or 4 for Dark Key-to-Door). All uint8.
+ARRAY_SPECS = {"states": (2,), "actions": (), "rewards": (), "next_states": (2,), "goals": None}
 # Env config keys that must agree between a dataset and the run that reads it (an env without
 # max_train_tasks, e.g. Darkroom, reads None on both sides).
 ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_frac", "split_seed", "n_val_goals",
@@ -65,13 +50,6 @@ ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_f
 
 class DatasetError(UserError, ValueError):
     """A dataset is missing, malformed or incompatible. The message is one actionable line."""
-
-
-def _plain(cfg) -> dict:
-    """DictConfig or mapping -> plain dict."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 
 
 def _recollect_hint(path: Path, env_name: str, overwrite: bool = True) -> str:
@@ -235,9 +213,8 @@ def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
     from env.tasks import task_dim  # local: keep `import histories` light for tools
 
     N, T = arrays["actions"].shape[:2] if arrays["actions"].ndim == 2 else (-1, -1)
-    for name, (lead, tail) in ARRAY_SPECS.items():
-        tail = (task_dim(env),) if name == "goals" else tail
-        want = ((N, T) if lead == "NT" else (N,)) + tail
+    for name, tail in ARRAY_SPECS.items():
+        want = (N, task_dim(env)) if name == "goals" else (N, T, *tail)
         if arrays[name].shape != want or N < 0:
             raise DatasetError(f"{where}/{name}.npy has shape {arrays[name].shape}, expected {want} "
                                f"(from actions.npy [N, T]): re-collect with {hint}")
@@ -293,18 +270,14 @@ def _load_npy(file: Path, hint: str) -> np.ndarray:
 
 
 def load_histories(path, env_cfg) -> Histories:
-    """Open the dataset at `path` (memory-mapped, read-only) and validate it against `env_cfg`.
+    """Open the dataset at `path` (memory-mapped, read-only) and validate everything a run relies on against
+    `env_cfg`: format, env config, goal splits, files, dtypes, shapes, value ranges. Raises DatasetError."""
+    from omegaconf import DictConfig, OmegaConf
 
-    Checks, in order: the folder exists; meta.json parses and has the current format_version; the
-    dataset's env config matches the run's (every differing key named with both values); every .npy
-    opens (truncated/corrupt files caught); dtypes are uint8; shapes agree; states/goals < grid_size,
-    actions < n_actions, rewards in {0, 1}; the splits in meta match goal_splits(env) and every
-    history's goal lies in its split. Raises DatasetError (one line: what is wrong + how to fix it).
-    """
     from env.tasks import splits_from_cfg  # local: keep `import histories` light for tools
 
     path = Path(path)
-    env_cfg = _plain(env_cfg)
+    env_cfg = OmegaConf.to_container(env_cfg, resolve=True) if isinstance(env_cfg, DictConfig) else dict(env_cfg)
     name = env_cfg.get("name")
     hint = _recollect_hint(path, name)
     if not path.is_dir():
