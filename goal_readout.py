@@ -1,30 +1,16 @@
-"""What the compressed memory holds: a linear readout of the task's hidden cell(s) from the latents.
+"""What the compressed memory holds (docs/design.md §7): a linear readout of the task's hidden cell(s) from
+the latents. The NLL memory probe (teacher_forced.py) cannot tell goal memory from, say, a sense of elapsed
+time; this asks directly. A history is replayed through the model's own rollout schedule (`init_rollout` /
+`observe`), the latents after every fold are flattened, and a ridge regression to one hidden cell is fitted on
+training-goal histories (strength chosen on the validation goals) and scored on held-out goals, which it has
+never seen as targets: 'after find' (the folded history already holds the reward that reveals the cell),
+'before find' (only elimination helps) and a constant guess (the training goals' mean cell) on the same folds.
+Metrics per group: `acc` (prediction rounded to the grid equals the cell), `mae` (per coordinate, in cells),
+`n` (folds scored). A model without compressed memory (AD) has nothing to read.
 
-The memory probe (teacher_forced.py) asks whether the latents lower the action NLL; it cannot tell goal
-memory from, say, a sense of elapsed time. This asks directly: replay a history through the model's own
-rollout schedule (`init_rollout` / `observe`, the recorded transitions), take the latents after every fold,
-and fit a ridge regression from the flattened latents to one hidden cell of the task on training-goal
-histories. Score it on held-out goals, which it has never seen as targets:
-
-    after find   folds whose folded history already holds the reward that reveals this cell: a memory that
-                 keeps what it saw can name the cell here
-    before find  folds before that reward: only elimination (cells visited without reward) helps
-    constant     the training goals' mean cell, the same folds: what knowing nothing scores
-
-The cells (TARGETS), one readout each: Darkroom's goal, found by the first reward. Dark Key-to-Door's key,
-found by the first reward of an episode, and its door, found by the second (the door pays only once the key
-is held, env/key_to_door.py); asking for the door before it ever paid, or for both cells after the key
-alone, would be unfair questions.
-
-Metrics per group: `acc` (prediction rounded to the grid equals the cell), `mae` (mean absolute error per
-coordinate, in cells) and `n` (folds scored). The ridge strength is chosen on the validation goals and
-reported with both held-out splits. A model without compressed memory (AD) has nothing to read.
-
-    report(model, hist, grid_size, device, max_train_histories, max_heldout_histories) -> dict
-        the first target's readout ({val, test, ridge_lambda, ...}, "target": its name) and each further
-        target's under its name (Key-to-Door: report["door"])
-
-A finished run's readout (done.json) is recomputed from its model.pt without retraining by remeasure.py.
+TARGETS: Darkroom's goal is revealed by the first reward; Dark Key-to-Door's key by an episode's first reward,
+its door by the second (the door pays only once the key is held): asking for the door before it ever paid, or
+for both cells after the key alone, would be unfair questions. remeasure.py recomputes a finished run's readout.
 """
 
 from __future__ import annotations

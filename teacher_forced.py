@@ -1,31 +1,12 @@
-"""Same-position held-out evaluation: score every step of every held-out learning history, each model
-with exactly its rollout schedule (docs/design.md §7).
+"""Same-position held-out evaluation (docs/design.md §7.1): score every step of every held-out learning
+history, each model with exactly its rollout schedule, so that two models are compared on identical label
+positions. (A loss on sampled training windows is biased: a CompressedAD window's labels sit later in the
+history than AD's, where the source's epsilon is small and its actions easy.)
 
-Why this and not a loss on sampled training windows: a CompressedAD training window starts only after
-its compressed segments, so its labels sit later in the history than AD's, where the source's epsilon is
-small and actions are easy. Two models are compared only here, on identical steps:
-
-    for every held-out history (all goals of the split x all their streams x all T steps)
-        AD           : the action at step t from the window of the last context_len steps, read at its
-                       last position (what `AD.act` does)
-        CompressedAD : the window fills from empty and is folded into the latents every seg_len steps;
-                       the action at step t from [latents ; window so far] (what `CompressedAD.act` does)
-    score -log p(recorded action) at every step.
-
-It is a rollout without an environment (the actions are the source's), so it is batched over histories
-and costs one decoder pass per window. The per-step losses are reported as the mean over all steps and by
-history-step bucket (early steps are the source's random exploration, late ones its converged policy).
-
-The memory probe (CompressedAD only) rebuilds the latents from only the last k compressed segments
-(k = 0, 1, 2, 3) and compares with the whole history on the same steps: if 'all' is not better than
-k = 1, the compressed memory carries nothing beyond the last segment, and the report says so.
-
-Library:
-    history_nll(model, trans, device, memory_segments) -> ([N, T] per-step action NLL, [N, T] correct)
-    score(model, trans, device, probe)                 -> {"nll", "correct", "nll_k0".."nll_k3"}: per step
-    report(scores, buckets)                            -> {"loss", "acc", "buckets", "memory_probe"?, ...}
-    heldout_report(model, hist, split, device, probe)  -> report of one split of a dataset
-    scalars(report, split)                             -> TensorBoard tags (heldout/..., memory/...)
+It is a rollout without an environment (the actions are the source's), so it is batched over histories and
+costs one decoder pass per window. The memory probe (CompressedAD only) rebuilds the latents from only the
+last k compressed segments (k = 0 .. 3) and compares with the whole history on the same steps: if 'all' is
+not better than k = 1, the compressed memory carries nothing beyond the last segment, and the report says so.
 """
 
 from __future__ import annotations
@@ -45,10 +26,6 @@ PROBE_DEPTHS = (0, 1, 2, 3)
 # more than two standard errors AND by at least this much (nats per step): 0.005 nats is ~0.5% of a typical
 # held-out NLL, below which a difference is statistically visible over 40 histories but irrelevant.
 MIN_MEMORY_EFFECT = 0.005
-
-
-def bucket_name(lo: int, hi: int | None) -> str:
-    return f"{lo}-{'end' if hi is None else hi}"
 
 
 @torch.no_grad()
@@ -89,7 +66,7 @@ def nll_summary(nll: torch.Tensor, correct: torch.Tensor | None = None, buckets=
         out["acc"] = float(correct.double().mean())
     for lo, hi in buckets:
         if lo < t_len:
-            out["buckets"][bucket_name(lo, hi)] = float(nll[:, lo:hi].mean())
+            out["buckets"][f"{lo}-{'end' if hi is None else hi}"] = float(nll[:, lo:hi].mean())
     return out
 
 
@@ -177,13 +154,9 @@ def scalars(report: dict, split: str) -> dict[str, float]:
     out = {f"heldout/loss_{split}": report["loss"]}
     if "acc" in report:
         out[f"heldout/acc_{split}"] = report["acc"]
-    for name, v in report["buckets"].items():
-        out[f"heldout/loss_{split}_steps_{name}"] = v
-    probe = report.get("memory_probe")
-    if probe:
-        for name in [k for k in probe if k.startswith("k") or k == "all"]:
-            out[f"memory/loss_{name}_{split}"] = probe[name]
-    return out
+    out |= {f"heldout/loss_{split}_steps_{name}": v for name, v in report["buckets"].items()}
+    probe = report.get("memory_probe") or {}
+    return out | {f"memory/loss_{k}_{split}": v for k, v in probe.items() if k.startswith("k") or k == "all"}
 
 
 def print_report(reports: dict) -> None:
