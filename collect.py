@@ -1,27 +1,19 @@
-"""Collect learning histories: run a source RL algorithm on every goal, save what it did.
+"""Collect learning histories: run a source RL algorithm on every goal, save what it did (docs/design.md §3).
 
     python collect.py                              # darkroom, 73 train goals x 100 streams x 1000 steps
     python collect.py env=darkroom_hard ...       # source settings: see config/env/darkroom_hard.yaml
     python collect.py data_seed=1 overwrite=true
 
-Algorithm Distillation trains a transformer to predict the source's next action from the source's own
-learning history, so a history must show *learning*: episode return rising from a random policy's
-toward optimal. The source here is tabular Q-learning, run for all streams of all goals at once (one
-set of tensor ops per environment step for N = goals x streams), with:
-  * optimistic initial values (q_init): untried actions look good, so greedy play explores
-    systematically instead of dithering;
-  * epsilon-greedy exploration decaying linearly from eps_start (1.0: the first episode is a uniformly
-    random policy) to eps_end over eps_decay_steps steps;
+AD distils the source's learning, so a history must show *learning*: return rising from a random policy's
+toward optimal. The source is tabular Q-learning, vectorised over every (goal x stream), with:
+  * optimistic initial values (q_init): untried actions look good, so greedy play explores systematically;
+  * epsilon-greedy decaying linearly from eps_start (1.0: a uniformly random first episode) to eps_end;
   * random tie-breaking among greedy actions (otherwise argmax always picks 'stay' on fresh states);
-  * backward replay of each finished episode (Lin 1992): its transitions are replayed in reverse
-    order, so a reward found at the end of an episode propagates along the whole path at once.
-    Plain one-step Q-learning propagates one cell per visit and leaves the far goals (Manhattan
-    distance 6-8) unlearnt within 50 episodes (last-5 return ~75% of optimal instead of ~91%).
-    Cost: H more vectorised updates once per episode, i.e. one more update per step on average.
-The horizon is a time limit, not a terminal state, so every update bootstraps.
-
-Histories are collected for the train goals (source.n_stream each) and for the test goals
-(source.n_stream_eval each, only for a held-out loss; never trained on). Output format: histories.py.
+  * backward replay of each finished episode (Lin 1992), so a reward found at the end of an episode propagates
+    along the whole path at once: plain one-step Q-learning leaves the far goals (Manhattan distance 6-8)
+    unlearnt within 50 episodes (last-5 return ~75% of optimal instead of ~91%), for one more vectorised
+    update per step on average.
+The horizon is a time limit, not a terminal state, so every update bootstraps. Output format: histories.py.
 """
 
 from __future__ import annotations
@@ -95,10 +87,8 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
         Qf.index_copy_(0, idx, cur + lr * (target - cur))              # is a time limit, not terminal
 
     # Time-major buffers: writing step t is one contiguous row; transposed to [N, T] once at the end.
-    buf_s = torch.empty((n_steps, N, 2), dtype=torch.uint8, device=device)
-    buf_ns = torch.empty((n_steps, N, 2), dtype=torch.uint8, device=device)
-    buf_a = torch.empty((n_steps, N), dtype=torch.uint8, device=device)
-    buf_r = torch.empty((n_steps, N), dtype=torch.uint8, device=device)
+    bufs = {k: torch.empty((n_steps, N, *tail), dtype=torch.uint8, device=device)
+            for k, tail in (("states", (2,)), ("actions", ()), ("rewards", ()), ("next_states", (2,)))}
     episode = []  # (rows, a, r, next_rows) of the current episode, for backward replay
     n_show = N if n_train is None else n_train
 
@@ -117,7 +107,8 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
         ns, r, _ = env.step(a)
         next_rows = state_rows(ns)  # the phase after this step
         td_update(rows, a, r, next_rows, cur=q.gather(1, a[:, None]).squeeze(1))
-        buf_s[t], buf_ns[t], buf_a[t], buf_r[t] = s, ns, a, r
+        for buf, v in zip(bufs.values(), (s, a, r, ns)):
+            buf[t] = v
         episode.append((rows, a, r, next_rows))
         s = ns
         if env.t >= H:  # episode over for every stream (shared step counter; no device sync)
@@ -127,15 +118,11 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
             episode.clear()
             s = env.reset()
             if progress:
-                ret = buf_r[t + 1 - H:t + 1, :n_show].sum(0).float().mean().item()
+                ret = bufs["rewards"][t + 1 - H:t + 1, :n_show].sum(0).float().mean().item()
                 bar.set_postfix(ret=f"{ret:.2f}", refresh=False)
     bar.close()
 
-    def out(buf):  # [T, N, ...] -> contiguous uint8 numpy [N, T, ...]
-        return np.ascontiguousarray(buf.transpose(0, 1).cpu().numpy())
-
-    return {"states": out(buf_s), "actions": out(buf_a), "rewards": out(buf_r),
-            "next_states": out(buf_ns)}
+    return {k: np.ascontiguousarray(buf.transpose(0, 1).cpu().numpy()) for k, buf in bufs.items()}  # [N, T, ...]
 
 
 # Source algorithms by name (source.name). Each maps (goals, env_cfg, src, n_steps, seed, device,
@@ -317,7 +304,7 @@ def _collect(cfg: DictConfig, path: str) -> dict:
     return summary
 
 
-def print_summary(s: dict, train_curve: list | None = None) -> None:
+def print_summary(s: dict, curve: list | None = None) -> None:
     print(f"collected {s['n_histories']:,} histories ({s['n_train_histories']:,} train, {s['n_val_histories']:,} "
           f"val, {s['n_test_histories']:,} test) x {s['n_steps']} steps = {s['n_transitions']:,} transitions in {s['wall_s']:.1f} s "
           f"({s['transitions_per_s'] / 1e6:.2f} M/s) -> {s['data_path']}")
@@ -335,7 +322,6 @@ def print_summary(s: dict, train_curve: list | None = None) -> None:
                              ("key last5", "key_found_last5", 10, ".2f"),
                              ("door ep 1", "door_found_first_episode", 11, ".2f"),
                              ("door last5", "door_found_last5", 11, ".2f")])
-    curve = train_curve
     if curve:  # the source's own learning curve on the train goals, at a few episodes
         marks = sorted({1, 2, 5, 10, 20, 50, 100, len(curve)} & set(range(1, len(curve) + 1)))
         print("train return by episode: " + "  ".join(f"{e}: {curve[e - 1]:.2f}" for e in marks))
