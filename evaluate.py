@@ -291,7 +291,7 @@ def main(cfg: DictConfig) -> dict:
                                 f"{run_cfg['env'][key]}: use env_from_run=true or a matching env")
     goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed), cfg.max_heldout_goals)
     hist = _run_histories(cfg, run_cfg, env_cfg) if (cfg.teacher_forced or cfg.source_curve) else None
-    source = (hist.meta if hist is not None else {}) if cfg.source_curve else {}
+    source = hist.meta if cfg.source_curve else {}
 
     results = {}
     for split, split_goals in goals.items():
@@ -314,18 +314,14 @@ def main(cfg: DictConfig) -> dict:
         raise EvalError(f"no goals to evaluate in splits={list(cfg.splits)} (n_train_goals="
                         f"{cfg.n_train_goals}, env.n_val_goals={env_cfg.get('n_val_goals', 0)})")
 
-    same_position = {}
-    if cfg.teacher_forced:
-        for split in ("val", "test"):
-            rep = teacher_forced.heldout_report(model, hist, split, device, probe=True)
-            if rep is not None:
-                same_position[split] = rep
+    reps = {s: teacher_forced.heldout_report(model, hist, s, device, probe=True) for s in ("val", "test")
+            if cfg.teacher_forced}
+    same_position = {s: rep for s, rep in reps.items() if rep is not None}
     metrics = {}
     for split, res in results.items():
-        metrics.update(eval_scalars(res["summary"], split))
-    if same_position:
-        for split, rep in same_position.items():
-            metrics.update(teacher_forced.scalars(rep, split))
+        metrics |= eval_scalars(res["summary"], split)
+    for split, rep in same_position.items():
+        metrics |= teacher_forced.scalars(rep, split)
     report = {
         "format_version": FORMAT_VERSION,
         "run_dir": str(run_dir),

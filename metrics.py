@@ -1,11 +1,5 @@
-"""Metrics of in-context rollouts (docs/design.md §7): pure functions of returns arrays and learning curves,
-shared by evaluate.py, train.py's periodic eval and the experiment reports.
-
-    summarize(returns, optimal, last_k=5, horizon=None, events=None) -> dict   (the headline numbers, curves)
-    eval_scalars(summary, split) -> {tensorboard tag: value}
-    search_and_use(returns, optimal), learning_speed(curve, optimal_mean), episodes_to(curve, target)
-    source_reference(meta, split, optimal_mean): the source algorithm's own curve, scored the same way
-"""
+"""Metrics of in-context rollouts (docs/design.md §7, §11): pure functions of returns arrays and learning
+curves, shared by evaluate.py, train.py's periodic eval and the experiment reports."""
 
 from __future__ import annotations
 
@@ -55,15 +49,12 @@ def search_and_use(returns, optimal) -> dict:
     found = r > 0
     any_found = found.any(axis=2)  # [G, S]
     first = found.argmax(axis=2)  # [G, S], 0 where never found (masked by any_found)
-    after = []
-    for g, s_ in zip(*np.nonzero(any_found)):
-        rest = r[g, s_, first[g, s_] + 1:]
-        if rest.size and opt[g] > 0:
-            after.append(rest / opt[g])
+    after = any_found[..., None] & (np.arange(r.shape[2]) > first[..., None]) & (opt > 0)[:, None, None]
+    after = (r / np.where(opt > 0, opt, 1.0)[:, None, None])[after]  # in (goal, seed, episode) order
     return {
         "found_goal_frac": float(any_found.mean()),
         "episodes_to_first_goal": float(first[any_found].mean() + 1) if any_found.any() else None,
-        "return_after_found_normalized": float(np.concatenate(after).mean()) if after else None,
+        "return_after_found_normalized": float(after.mean()) if after.size else None,
     }
 
 
