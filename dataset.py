@@ -1,28 +1,19 @@
-"""Stage-2 training batches for CompressedAD and the AD baseline, cut from learning histories.
+"""Training batches of both stages, gathered from the sample specs of schedules.py (docs/design.md §4.4).
 
-What one sample holds, and how samples are drawn, is schedules.py (`SampleSpecs`, docs/design.md §4.4);
-this module gathers batches from those specs.
-
-Batch format (docs/design.md §4.4): right-padded, zero-filled, lengths carry the masks.
+Batch format: right-padded, zero-filled, lengths carry the masks.
     seg      long [B, D, S, 6]  D = max depth in the global batch (may be 0), S = seg_len
     seg_len  long [B, D]        slots RIGHT-ALIGNED: a depth-d sample uses slots D-d .. D-1
     win      long [B, W, 6]     W = max window length in the global batch
     win_len  long [B]
     depth    long [B]
+With static_shapes (config key model.static_shapes) D = max_compression_depth and W = win_len_max for every
+batch, so a compiled training step sees one input shape and never recompiles. Same samples, more padding.
 
-Static shapes (`static_shapes=True`, config key model.static_shapes): D = max_compression_depth and
-W = win_len_max for every batch (unused slots / positions are padding, masked by the lengths), so a
-compiled training step sees one input shape and never recompiles. Same samples, more padding.
-
-Determinism / distribution: batch k is a pure function of (seed, k): it is drawn from
-np.random.default_rng([seed, k]) for the whole *global* batch and then each rank keeps its rows
-[rank*B/world, (rank+1)*B/world). A 2-process run therefore sees exactly the rows of the 1-process
-run (same D and W padding too, so the per-rank tensors concatenate to the global batch), and resuming
-at step k needs nothing but k (`batch_loader`).
-
-Sampling is vectorised: all B specs are drawn with numpy at once, and the transitions are gathered in one
-indexing op from a packed copy of the histories made at construction (`pack_transitions`), in RAM or, with
-config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
+Batch k is a pure function of (seed, k): drawn from np.random.default_rng([seed, k]) for the whole *global*
+batch, of which each rank keeps its rows [rank*B/world, (rank+1)*B/world) (same padding on every rank, so the
+per-rank tensors concatenate to the global batch); resuming at step k needs nothing but k (`batch_loader`).
+The transitions are gathered in one indexing op from a packed copy of the histories (`pack_transitions`), in
+RAM or, with config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
 """
 
 from __future__ import annotations

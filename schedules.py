@@ -1,27 +1,14 @@
-"""Sample schedules: which transitions a training sample holds, decided (as index arrays, `SampleSpecs`) before
-anything is gathered. dataset.py gathers the batches from these specs; the draw order of each function defines
-the data stream, so a global batch is a pure function of (seed, k).
+"""Sample schedules (docs/design.md §4.4): which transitions a training sample holds, decided as index arrays
+(`SampleSpecs`) before anything is gathered (dataset.py). The draw order of each function defines the data
+stream, so a global batch is a pure function of (seed, k).
 
-One sample = d compressed segments followed by a decoder window, all consecutive transitions of one
-learning history (docs/design.md §4.4):
+`sample_specs` (sampler.schedule=random: d ~ depth_weights segments of random lengths, then a window, all
+consecutive in one history at a random phase), `rollout_specs` (rollout: cut where a rollout cuts its history),
+`carry_specs` (sampler.memory=carry: lanes that walk a history window by window); `window_specs` is the rollout
+geometry both of the latter use.
 
-    history h:  ... | seg 1 | seg 2 | ... | seg d | window | ...
-                    ^ start (uniform so that everything fits in the T steps)
-
-    d          ~ depth_weights over 0..max_depth        (default weight(d) = d + 1, i.e. 1:2:3:4)
-    len(seg i) ~ U{min_seg_len .. seg_len}             (rollout compresses at exactly seg_len; shorter
-                                                          segments make the encoder robust to it)
-    len(win)   ~ U{win_len_min .. win_len_max}         (default: both = seg_len, see below)
-
-Why full windows are the default: the decoder's loss is cross-entropy at *every* window position
-(docs/design.md §4.2), and the decoder is causal, so a window of length seg_len already carries the labels of
-every shorter prefix window (position t only sees positions <= t). Drawing shorter windows would only
-throw labels away. The AD baseline uses the same sampler with max_depth=0 and
-win_len_min = win_len_max = its context length.
-
-Schedules (config key sampler.schedule / sampler.memory): `sample_specs` (random: the distribution above),
-`rollout_specs` (rollout: cut where a rollout cuts its history), `carry_specs` (memory=carry: lanes that walk
-a history window by window); `window_specs` is the rollout geometry both of the latter use.
+Full windows are the default (win_len_min = win_len_max = seg_len) because the decoder is causal and its loss is
+taken at every window position: a window of seg_len already carries the labels of every shorter prefix window.
 """
 
 from __future__ import annotations
@@ -103,19 +90,11 @@ def window_specs(hist: np.ndarray, window: np.ndarray, depth: np.ndarray, n_slot
 
 def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int, seg_len: int,
                   max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
-    """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream).
-
-    A rollout starts its window empty at step 0 of the history and folds it into the latents every seg_len
-    steps, so its m-th window covers steps [m*S, (m+1)*S) and is decoded from the latents of segments
-    0 .. m-1, each exactly S = seg_len long, at fixed phases. A sample here is exactly that: window index m
-    drawn uniformly from the M = min(T // S, max_windows) windows of the history (so every history step is
-    equally likely to be labelled), preceded by all m segments from step 0. Slots are right-aligned over
-    M-1 slots; the model decides how many of the newest folds get gradients (model.bptt_segments).
-
-    keep_recent = K > 0 (the kept window): a fold takes only the oldest F = S - K transitions of the full
-    window, so window m covers steps [m*F, m*F + S), segment j is [j*F, (j+1)*F), and the history holds
-    M = (T - S) // F + 1 full windows (n_rollout_windows). Same draws in the same order for every K.
-    """
+    """n samples cut at the ROLLOUT schedule (vectorised; the draw order defines the data stream): window index
+    m uniform over the history's M = n_rollout_windows full windows (so every step is equally likely to be
+    labelled), preceded by all m segments from step 0 at the rollout's phases (`window_specs`), right-aligned
+    over M-1 slots; the model decides how many of the newest folds get gradients (model.bptt_segments). Same
+    draws in the same order for every keep_recent."""
     n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
     hist = pool[rng.integers(0, len(pool), size=n)]
     depth = rng.integers(0, n_win, size=n, dtype=np.int64)               # window index m = folds before it

@@ -1,23 +1,14 @@
-"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU).
+"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU); docs/design.md §3.
 
-Darkroom (Algorithm Distillation paper; DICP repo) is a G x G grid. The agent starts at the centre
-(G//2, G//2), sees only its own (x, y) cell, and must find an invisible goal cell. Actions:
+A G x G grid (Algorithm Distillation paper; DICP repo): the agent starts at the centre (G//2, G//2), sees only
+its own (x, y) cell and must find an invisible goal cell. Actions: 0 stay, 1 +x, 2 -x, 3 +y, 4 -y (moves into
+a wall are clipped). Reward modes: 'every_step' pays 1 on every step whose NEXT state is the goal (so staying
+on the goal keeps paying; the classic Darkroom), 'once' only the first time in an episode (darkroom_hard).
 
-    0 stay, 1 +x, 2 -x, 3 +y, 4 -y        (moves into a wall are clipped: the agent stays put)
-
-Reward modes:
-  'every_step'  r = 1 on every step whose NEXT state is the goal (so staying on the goal keeps paying);
-                the classic Darkroom.
-  'once'        r = 1 only the first time in an episode that the next state is the goal
-                (darkroom_hard: sparse, one bit of reward per episode).
-
-An episode lasts `horizon` steps. All E environments share one step counter: they are reset together,
-which is what every caller here does (the source algorithm and in-context rollouts run all streams in
-lock-step), and it keeps `step` free of per-env bookkeeping. `done` says the horizon was reached; the
-caller calls `reset()`.
-
-This module is the only implementation of the dynamics: the gymnasium view (env/gym_env.py) and the
-source algorithm (collect.py) both step a BatchedDarkroom.
+All E environments share one step counter and are reset together, which is what every caller does (the source
+algorithm and in-context rollouts run all streams in lock-step) and keeps `step` free of per-env bookkeeping;
+`done` says the horizon was reached and the caller calls `reset()`. This module is the only implementation of
+the dynamics: the gymnasium view (env/gym_env.py) and the source algorithm (collect.py) step a BatchedDarkroom.
 """
 
 from __future__ import annotations
@@ -82,14 +73,9 @@ SPLITS = ("train", "val", "test")
 
 def goal_splits(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0, n_val_goals: int = 0
                 ) -> dict[str, list[tuple[int, int]]]:
-    """The three goal splits every stage uses: {'train', 'val', 'test'}.
-
-    'test' is exactly goal_split's held-out list (DICP's 8 goals for G=9, seed 0), touched only for final
-    reported numbers. 'val' is carved out of DICP's train goals: the LAST n_val_goals of the shuffled train
-    list (already a seeded random order, so no second RNG is needed); every model-selection decision
-    (early stopping, presets, ablations) is made on it. 'train' is the rest. n_val_goals=0 gives DICP's
-    split unchanged with an empty 'val'.
-    """
+    """The three goal splits every stage uses (docs/design.md §3): 'test' is exactly goal_split's held-out list,
+    'val' the LAST n_val_goals of its shuffled train list (`carve_splits`), 'train' the rest. n_val_goals=0
+    gives DICP's split unchanged with an empty 'val'."""
     return carve_splits(*goal_split(grid_size, train_frac, seed), n_val_goals)
 
 

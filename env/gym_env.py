@@ -80,17 +80,15 @@ class DarkroomGymEnv(gymnasium.Env):
         return self._obs.copy(), float(rewards[0]), False, bool(done[0]), self._info()
 
     def render(self):
-        """'ansi': the grid as text, A = agent, G = goal (x = column, y = row)."""
+        """'ansi': the grid as text (x = column, y = row), A = agent over the `_marks` of the task."""
         if self.render_mode != "ansi" or self._obs is None:
             return None
-        gx, gy = self.goal
-        rows = []
-        for y in range(self.grid_size):
-            row = ""
-            for x in range(self.grid_size):
-                row += "A" if (x, y) == tuple(self._obs) else ("G" if (x, y) == (gx, gy) else ".")
-            rows.append(row)
-        return "\n".join(rows) + "\n"
+        marks = self._marks() | {tuple(self._obs): "A"}
+        return "\n".join("".join(marks.get((x, y), ".") for x in range(self.grid_size))
+                         for y in range(self.grid_size)) + "\n"
+
+    def _marks(self) -> dict:
+        return {self.goal: "G"}
 
 
 class KeyToDoorGymEnv(DarkroomGymEnv):
@@ -117,14 +115,9 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
             options["goal"] = options.pop("task")
         return super().reset(seed=seed, options=options)
 
-    def render(self):
-        """'ansi': A = agent, K = key (until held), D = door (x = column, y = row)."""
-        if self.render_mode != "ansi" or self._obs is None:
-            return None
+    def _marks(self) -> dict:  # K = key (until held), D = door
         kx, ky, dx, dy = self.goal
-        marks = {(dx, dy): "D"} | ({} if self._env.has_key[0] else {(kx, ky): "K"}) | {tuple(self._obs): "A"}
-        return "\n".join("".join(marks.get((x, y), ".") for x in range(self.grid_size))
-                         for y in range(self.grid_size)) + "\n"
+        return {(dx, dy): "D"} | ({} if self._env.has_key[0] else {(kx, ky): "K"})
 
 
 def register_gym_env() -> None:

@@ -1,33 +1,22 @@
-"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU).
+"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU); docs/design.md §3.
 
-The second grid world of Algorithm Distillation (Laskin et al. 2022) and DICP (Son et al. 2025,
-github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py), with DICP's rules: a G x G grid (9),
-start at the centre, horizon 50, two invisible cells per task, a key and a door. The step that first lands
-on the key pays 1 (the agent now holds it); a later step that lands on the door while holding the key pays 1
-(once). At most 2 per episode. The observation is the position alone: nothing says whether the key is held,
-so a learner must remember it from its own rewards. The key pays only on a step that lands on it, even when
-it lies on the start cell (take 'stay'), and a door on the key's cell pays one step later at the earliest
-(DICP's if / elif: one reward per step).
+The second grid world of Algorithm Distillation (Laskin et al. 2022), with the rules of DICP (Son et al. 2025,
+github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py): a G x G grid (9), start at the centre,
+horizon 50, two invisible cells per task, a key and a door. The step that first lands on the key pays 1 (the
+agent now holds it); a later step that lands on the door while holding the key pays 1 (once). The observation
+is the position alone: a learner must remember from its own rewards whether it holds the key. The key pays only
+on a step that lands on it, even on the start cell (take 'stay'), and a door on the key's cell pays one step
+later at the earliest (DICP's if / elif: one reward per step). A task is (key_x, key_y, door_x, door_y); the
+split is DICP's (`task_split`), the validation tasks carved from the END of its train list as for Darkroom.
 
-A task is (key_x, key_y, door_x, door_y). Tasks = all G^4 (key, door) pairs (key == door included),
-listed as DICP does (key row-major outer, door row-major inner), shuffled with Python's random seeded with
-`split_seed` (DICP: env_split_seed 4) and split round(G^4 * train_frac) train (DICP: train_env_ratio 0.95,
-6,233 train / 328 test for G = 9); the validation tasks are carved from the END of the train list as for
-Darkroom (env.darkroom.carve_splits).
+Actions are the project's Darkroom set (0 stay, 1 +x, 2 -x, 3 +y, 4 -y); DICP orders them 0 +x, 1 -x, 2 +y,
+3 -y, 4 stay, so ours = (dicp + 1) % 5 (to_dicp_action / from_dicp_action), and nothing else differs in states,
+rewards or episode ends (tests/test_key_to_door.py replays DICP's own trajectories, recorded in
+tests/data/dicp_key_to_door.json by tests/tooling/dicp_key_to_door_fixture.py). Our gymnasium view reports the
+time-limit end as `truncated` only (DICP: as both `terminated` and `truncated`), as for Darkroom.
 
-Actions are the project's Darkroom set (0 stay, 1 +x, 2 -x, 3 +y, 4 -y; walls clip). DICP orders them
-0 +x, 1 -x, 2 +y, 3 -y, 4 stay, so
-
-    ours = (dicp + 1) % 5        dicp = (ours - 1) % 5        (to_dicp_action / from_dicp_action)
-
-and nothing else differs in states, rewards or episode ends (tests/test_key_to_door.py replays DICP's own
-trajectories, recorded in tests/data/dicp_key_to_door.json by tests/tooling/dicp_key_to_door_fixture.py). One
-interface difference: DICP's gymnasium env returns its time-limit end as both `terminated` and `truncated`;
-our gymnasium view ('DarkKeyToDoor-v0') reports it as `truncated` only, as for Darkroom (the horizon is a
-time limit, which is also how the source algorithm bootstraps).
-
-Selected by `env.reward_mode: key_to_door` (config/env/dark_key_to_door.yaml): the reward rule is what
-sets this family apart, and keeping it in reward_mode leaves every Darkroom config and dataset unchanged.
+Selected by `env.reward_mode: key_to_door`: keeping the family in reward_mode leaves every Darkroom config and
+dataset unchanged.
 """
 
 from __future__ import annotations
@@ -135,10 +124,6 @@ class BatchedKeyToDoor(GridWorld):
     def _set_goals(self, goals) -> None:
         super()._set_goals(goals)
         self.keys, self.doors = self.goals[:, :2], self.goals[:, 2:]
-
-    @property
-    def tasks(self) -> torch.Tensor:
-        return self.goals
 
     def optimal_returns(self) -> torch.Tensor:
         """float32[E]: optimal_return of each environment's task."""
