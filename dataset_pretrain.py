@@ -1,17 +1,9 @@
-"""Stage-1 compression samples: d consecutive segments of one learning history, d in 1..max_depth.
-
-The encoder pretraining (docs/design.md §5) folds segment 1, then [latents; segment 2], ... into latents and
-reconstructs every raw transition of every segment from the final latents. So a sample is just the
-segments -- no decoder window. Depth 0 is excluded (it teaches the encoder nothing); depths are drawn
-with weights, default 2:3:4 over 1..3 (stage 2's 1:2:3:4 with depth 0 removed), segment lengths
-uniform in [min_seg_len, seg_len] exactly as in stage 2. With model.keep_recent = K > 0 stage 2 folds
-segments of F = seg_len - K transitions, and so does stage 1: lengths in [min(min_seg_len, F), F].
-
-This is the stage-2 sampler (`dataset.SegmentBatches`) with min_depth=1 and no window, so both stages
-share one implementation of sampling, padding, determinism and rank slicing. Output keys:
-    seg      long [B, D, S, 6]   right-aligned slots, zero padding
-    seg_len  long [B, D]         0 = unused slot; the reconstruction loss must mask with these lengths
-    depth    long [B]            always >= 1
+"""Stage-1 compression samples (docs/design.md §5): d consecutive segments of one learning history, d in
+1..max_depth, and no decoder window: the encoder pretraining folds the segments and reconstructs every raw
+transition from the final latents, so depth 0 would teach it nothing. It is the stage-2 sampler
+(`dataset.SegmentBatches`) with min_depth=1 and no window, so both stages share one implementation of sampling,
+padding, determinism and rank slicing; batches have the keys seg, seg_len (the reconstruction loss must mask
+with these lengths) and depth (always >= 1).
 """
 
 from __future__ import annotations
@@ -21,9 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from dataset import SegmentBatches, cfg_get, collate
-
-__all__ = ["PretrainBatches", "collate"]
+from dataset import SegmentBatches, cfg_get
 
 
 class PretrainBatches(SegmentBatches):

@@ -1,12 +1,7 @@
 """In-context rollouts (docs/design.md §7): can a frozen model *learn* a new task from its own history?
-
-Every (goal x seed) environment is batched into one batched env (env.make_batched_env: BatchedDarkroom, or
-BatchedKeyToDoor where a "goal" is a (key, door) task) and stepped in lockstep: one
-`model.act` and one `model.observe` per environment step for all of them. Episodes run back to back
-(the env resets at the horizon) while the model's memory is kept, so any improvement of the return
-over episodes is in-context RL; the weights never change. CompressedAD's memory per step is constant
-(its raw window is compressed into latents) and AD's window slides, so rollouts can run for hundreds
-of episodes. Used by evaluate.py and by train.py's periodic eval; metrics.py scores the returns.
+Every (goal x seed) environment is stepped in lockstep in one batched env, episodes back to back with the
+model's memory kept, so any rise of the return over episodes is in-context RL; the weights never change.
+Used by evaluate.py and by train.py's periodic eval; metrics.py scores the returns.
 """
 
 from __future__ import annotations

@@ -1,15 +1,12 @@
-"""The transition record, defined once (docs/design.md §4.1).
-
-A transition tau = (s, a, r, s') is stored packed as 6 integers, one column each:
+"""The transition record, defined once (docs/design.md §4.1): tau = (s, a, r, s') packed as 6 integers,
+one column each:
 
     column   0    1    2   3   4     5
     field    sx   sy   a   r   nsx   nsy
 
-Histories on disk are four arrays (histories.py); everything after loading — the packed copy the
-samplers gather from (dataset.py), the batches, the model's embedding and losses (model/), the rollout's
-records (evaluate.py) and the same-position scoring (teacher_forced.py) — uses this layout and names its
-columns through this module instead of spelling indices. It imports neither torch nor model/, so the data
-side (histories.py) and the networks can both use it.
+Everything after loading (the samplers' packed copy, the batches, the model, the rollout's records, the
+same-position scoring) names its columns through this module instead of spelling indices. It imports neither
+torch nor model/, so the data side (histories.py) and the networks can both use it.
 """
 
 from __future__ import annotations
