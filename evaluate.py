@@ -139,13 +139,14 @@ def plot_curves(path: Path, results: dict, title: str) -> None:
             src = np.asarray(res["source"]["curve"])
             ax.plot(np.arange(1, len(src) + 1), src, color=c, linestyle=":", linewidth=1.5,
                     label=f"{split}: source algorithm (its own learning)")
-    ax.set_xlabel("episode (in context, frozen weights)")
     ax.set_ylabel("episode return")
     ax.set_title(title, fontsize=9, wrap=True)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
     if found:
         _plot_found(fig.add_subplot(2, 1, 2), results, colors)
+    for ax in fig.axes:
+        ax.set_xlabel("episode (in context, frozen weights)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: curves stay visible
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"), binary=True)
 
@@ -165,10 +166,7 @@ def _plot_found(ax, results: dict, colors: dict) -> None:
                 ax.plot(np.arange(1, len(y) + 1), y, color=c, linestyle=src_style, linewidth=1,
                         label=f"{split}: source, {name.replace('_', ' ')}")
     ax.set_ylim(-0.02, 1.02)
-    ax.set_xlabel("episode (in context, frozen weights)")
     ax.set_ylabel("fraction of rollouts")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
 def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:
@@ -345,8 +343,7 @@ def main(cfg: DictConfig) -> dict:
     print(f"{report['model_name']} @ step {global_step}, {cfg.n_episodes} episodes, "
           f"{'sampled' if cfg.sample else 'greedy'} actions, {device}, {report['wall_s']:.1f}s")
     print_table(results)
-    if same_position:
-        teacher_forced.print_report(same_position)
+    teacher_forced.print_report(same_position)
     print(f"wrote {json_path} and {png_path}")
     return {**report, "json_path": str(json_path), "png_path": str(png_path)}
 

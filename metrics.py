@@ -71,28 +71,11 @@ def event_metrics(events: dict, k: int) -> dict:
 
 
 def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None, events: dict | None = None) -> dict:
-    """Scalar metrics and curves of a rollout. Plain Python floats/lists (JSON-ready).
-
-    returns [n_goals, n_seeds, n_episodes]; optimal [n_goals]. Means are over goals and seeds; "std" is
-    the (population, ddof=0) std over seeds of the goal-averaged quantity, i.e. the seed-to-seed spread.
-    Normalised values divide by the mean optimal return over the goals (None if that is 0).
-      curve / curve_std         per-episode mean return, and its std over seeds
-      first_episode             episode-1 mean return (before any in-context learning)
-      last_k_mean / last_k_std  mean return over the last k = min(last_k, n_episodes) episodes (the headline)
-      mean_return               mean over all episodes
-      *_normalized              the above divided by optimal_mean
-      episodes_to_0.5/0.8/0.9   learning speed: first episode whose 5-episode moving mean return reaches that
-                                fraction of optimal_mean (null if never; see `episodes_to`)
-      auc_normalized            area under the normalised curve = mean_return_normalized
-      per_goal_last             last-k mean return of each goal (goal order), so a goal the model never
-                                learns is visible; per_goal_last_normalized divides by each goal's optimal
-      found_goal_frac, episodes_to_first_goal, return_after_found_normalized: search vs use (`search_and_use`)
-      reward_per_step           mean_return / horizon: the reward rate of the whole rollout, learning included;
-      reward_per_step_last_k    last_k_mean / horizon. Both only when horizon is given.
-      key_found_* / door_found_*  Dark Key-to-Door (pass incontext_rollout's 'events'): fraction of streams that
-                                found the key / opened the door, per episode, in episode 1 and over the last k
-                                (`event_metrics`)
-    """
+    """Scalar metrics and curves of a rollout, plain Python floats/lists (JSON-ready): eval.json's `summary`, each
+    key listed in docs/design.md §11. returns [n_goals, n_seeds, n_episodes]; optimal [n_goals]. Means are over
+    goals and seeds; "std" is the (population, ddof=0) std over seeds of the goal-averaged quantity, i.e. the
+    seed-to-seed spread. Normalised values divide by the mean optimal return (None if that is 0); the reward
+    rates need `horizon`, the key / door fractions incontext_rollout's `events` (Dark Key-to-Door)."""
     r = np.asarray(returns, dtype=np.float64)
     opt = np.asarray(optimal, dtype=np.float64)
     if r.ndim != 3 or min(r.shape) == 0:
@@ -132,19 +115,9 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None, eve
 
 
 def eval_scalars(summary: dict, split: str) -> dict[str, float]:
-    """TensorBoard tags (all under eval/) for one split ('test', 'val' or 'train'). train.py's periodic eval
-    logs these too, so both writers put the same quantity on the same chart:
-      eval/return_<split>             mean return of the last k episodes (the headline number)
-      eval/return_<split>_last<k>     the same value, with k in the name (k is clipped to n_episodes)
-      eval/return_<split>_first       episode-1 mean return (before in-context learning)
-      eval/return_<split>_normalized  last-k mean / mean optimal return
-      eval/reward_per_step_<split>    mean reward per env step over the whole rollout (needs horizon)
-      eval/auc_<split>_normalized     area under the normalised return curve (learning speed)
-      eval/episodes_to_0.8_<split>    first episode whose 5-episode mean reaches 0.8 x optimal (absent if
-                                      never reached: an absent point, not a fake number)
-      eval/key_found_<split>, eval/door_found_<split>   Dark Key-to-Door: fraction of rollouts that found the
-                                      key / opened the door, mean over the last k episodes
-    """
+    """TensorBoard tags (all under eval/, listed in docs/design.md §11) for one split ('test', 'val' or 'train').
+    train.py's periodic eval logs these too, so both writers put the same quantity on the same chart; a value
+    that is None (e.g. episodes_to_0.8 never reached) is an absent point, not a fake number."""
     k = summary["last_k"]
     tags = {
         f"eval/return_{split}": summary["last_k_mean"],

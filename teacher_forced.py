@@ -144,13 +144,7 @@ def has_memory(model) -> bool:
 
 
 def scalars(report: dict, split: str) -> dict[str, float]:
-    """TensorBoard tags of one split's report:
-      heldout/loss_<split>                 mean action NLL over every step of every history
-      heldout/acc_<split>                  argmax accuracy over the same steps
-      heldout/loss_<split>_steps_<lo>-<hi> the same over a history-step bucket
-      memory/loss_<k>_<split>              memory probe: latents rebuilt from the last k segments only
-                                           (k0 .. k3) or from the whole history (all), same steps
-    """
+    """TensorBoard tags of one split's report (heldout/..., memory/...; docs/design.md §11)."""
     out = {f"heldout/loss_{split}": report["loss"]}
     if "acc" in report:
         out[f"heldout/acc_{split}"] = report["acc"]
