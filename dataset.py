@@ -167,7 +167,6 @@ class SegmentBatches(torch.utils.data.Dataset):
         self.flat_device: torch.Tensor | None = None  # set by to_device
         self.schedule = schedule
         self.max_windows = None if max_windows is None else int(max_windows)
-        self.split = split
         self.global_batch_size = int(batch_size)
         self.seg_len, self.min_seg_len = int(seg_len), int(min_seg_len)
         # model.keep_recent: a fold takes fold_len = seg_len - keep_recent transitions, so every compressed
@@ -180,8 +179,8 @@ class SegmentBatches(torch.utils.data.Dataset):
         self.num_batches = sys.maxsize if num_batches is None else int(num_batches)
         self.with_window = self.win_len_max > 0
         self.depths = np.arange(self.min_depth, self.max_depth + 1, dtype=np.int64)
-        if depth_weights is None:
-            depth_weights = schedules.default_depth_weights(self.depths)
+        if depth_weights is None:  # weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1)
+            depth_weights = self.depths + 1
         self.depth_weights = [float(w) for w in depth_weights]
         self._validate_settings()
 

@@ -99,10 +99,9 @@ class Histories:
 
 
 def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
-    """The on-disk layout of a dataset: (goals int64 [N, 2] of every history, in order; meta["split"];
-    meta["histories"]). splits = {'train': [...], 'val': [...], 'test': [...]} goal lists (e.g.
-    env.splits_from_cfg; a goal may be a key-to-door task of 4 numbers); per_goal = histories per goal of each split. Splits come in SPLITS order,
-    goal-major, so each split's histories are one contiguous range."""
+    """The on-disk layout of a dataset: (goals int64 [N, task_dim] of every history, in order; meta["split"];
+    meta["histories"]) from the goal lists of env.splits_from_cfg and the histories per goal of each split.
+    Splits come in SPLITS order, goal-major, so each split's histories are one contiguous range."""
     goals, ranges, start = [], {}, 0
     for split in SPLITS:
         g = [tuple(int(v) for v in x) for x in splits.get(split, [])]
@@ -154,8 +153,6 @@ def recover_leftovers(path) -> list[str]:
     hidden as .<name>.old-*), rename the previous dataset back. Returns what was done, one line each."""
     path = Path(path)
     notes = []
-    if not path.parent.is_dir():
-        return notes
     olds = _hidden_copies(path, "old")
     if not path.exists() and not path.is_symlink():
         good = [p for p in olds if (p / "meta.json").is_file()]
@@ -281,8 +278,7 @@ def load_histories(path, env_cfg) -> Histories:
     name = env_cfg.get("name")
     hint = _recollect_hint(path, name)
     if not path.is_dir():
-        hidden = [p for p in _hidden_copies(path, "old") if (p / "meta.json").is_file()] \
-            if path.parent.is_dir() else []
+        hidden = [p for p in _hidden_copies(path, "old") if (p / "meta.json").is_file()]
         if hidden:
             raise DatasetError(f"no dataset at {path}, but an interrupted collect left the previous one in "
                                f"{hidden[-1]}: run {_recollect_hint(path, name, overwrite=False)} to restore it "
@@ -328,15 +324,11 @@ def check_can_write(path, overwrite: bool = False) -> None:
 
 
 def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> Path:
-    """Write a dataset atomically; returns the final path.
-
-    `arrays` maps the five names of ARRAY_SPECS to uint8 arrays; `meta` must hold format_version, env,
-    split, histories and n_steps (validated with the same checks as loading, so a bad dataset is never
-    written). Files go to a temp folder beside `path`, each fsync'd, meta.json last; then the folder is
-    renamed onto `path`. With overwrite=True an existing dataset is first renamed aside and deleted only
-    after the new one is in place: an interruption leaves either the old dataset, or the new one, or
-    (between the two renames) none under the final name; never a mix.
-    """
+    """Write a dataset atomically, validated with the loader's checks so a bad dataset is never written; returns
+    the final path. Files go to a temp folder beside `path`, each fsync'd, meta.json last; then the folder is
+    renamed onto `path`. With overwrite=True an existing dataset is first renamed aside and deleted only after
+    the new one is in place: an interruption leaves the old dataset, or the new one, or (between the two
+    renames) none under the final name; never a mix."""
     path = Path(path)
     env_name = (meta.get("env") or {}).get("name") if isinstance(meta, dict) else None
     check_can_write(path, overwrite)

@@ -114,11 +114,10 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
 
 
 def eval_goals(env_cfg, n_train_goals: int, seed: int, max_heldout_goals: int | None = None) -> dict[str, list]:
-    """{'test': the held-out test goals, 'val': the validation goals, 'train': a fixed sample of n_train_goals
-    train goals} (env.splits_from_cfg; a goal is a key-to-door task there). The train sample is drawn with its own seeded rng (never the
-    global one) and sorted for readability. max_heldout_goals keeps the first that many test and val goals: each
-    split is already in a seeded random order, so they are a random sample of it (Dark Key-to-Door's 328 test
-    tasks x 100 episodes of 50 steps are beyond a CPU). Empty splits are left out."""
+    """{'test', 'val', 'train'} goals of env.splits_from_cfg, 'train' a fixed sample of n_train_goals of them
+    drawn with its own seeded rng (never the global one), sorted. max_heldout_goals keeps the first that many
+    test and val goals: each split is already in a seeded random order, so they are a random sample of it (Dark
+    Key-to-Door's 328 test tasks x 100 episodes of 50 steps are beyond a CPU). Empty splits are left out."""
     splits = splits_from_cfg(env_cfg)
     if max_heldout_goals is not None:
         splits = {**splits, "test": splits["test"][:max_heldout_goals], "val": splits["val"][:max_heldout_goals]}

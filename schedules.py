@@ -13,7 +13,6 @@ taken at every window position: a window of seg_len already carries the labels o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,7 +117,3 @@ def carry_specs(seed: int, k: int, n: int, pool: np.ndarray, n_steps: int, seg_l
                      for i, r in enumerate(lap)], dtype=np.int64)
     return window_specs(hist, window, np.minimum(window, n_slots), n_slots, seg_len, keep_recent)
 
-
-def default_depth_weights(depths: Sequence[int]) -> list[float]:
-    """weight(d) = d + 1: 1:2:3:4 over 0..3 (stage 2), 2:3:4 over 1..3 (stage 1); docs/design.md §4.4."""
-    return [float(d + 1) for d in depths]

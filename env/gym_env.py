@@ -1,20 +1,14 @@
-"""Single-environment gymnasium views of Darkroom ('Darkroom-v0') and Dark Key-to-Door ('DarkKeyToDoor-v0').
-
-A thin wrapper: it owns a BatchedDarkroom with E = 1 and converts tensors to gymnasium's types, so the
-dynamics exist in exactly one place (env/darkroom.py). Use it for interop with gymnasium tooling; the
-project's own code steps BatchedDarkroom directly (many environments per call).
+"""Single-environment gymnasium views of Darkroom ('Darkroom-v0') and Dark Key-to-Door ('DarkKeyToDoor-v0'):
+thin wrappers over a batched env with E = 1, so the dynamics exist in exactly one place.
 
     env = gymnasium.make("Darkroom-v0", goal=(4, 2), grid_size=9, horizon=20, reward_mode="every_step")
     obs, info = env.reset(seed=0)                  # obs = np.array([x, y]) of the start cell
     obs, r, terminated, truncated, info = env.step(1)
 
-The episode ends by time limit only, so `terminated` is always False and `truncated` becomes True at
-the horizon. Goal: the `goal` constructor argument, overridden per episode by `reset(options={"goal":
-(x, y)})`; with neither, a goal is drawn uniformly from all cells with the env's seeded np_random.
-
-'DarkKeyToDoor-v0' (KeyToDoorGymEnv) is the same wrapper over a BatchedKeyToDoor: its task is
-`task=(key_x, key_y, door_x, door_y)` (or options={"task": ...}), horizon 50 by default, and info also
-reports `has_key` / `door_opened` (the observation, as in the batched env, is the position only).
+The episode ends by time limit only: `terminated` is always False, `truncated` True at the horizon. The goal
+is the `goal` argument, overridden per episode by `reset(options={"goal": (x, y)})`; with neither, one is
+drawn uniformly with the env's seeded np_random. 'DarkKeyToDoor-v0' takes `task=(key_x, key_y, door_x,
+door_y)` (or options={"task": ...}), horizon 50 by default, and its info adds `has_key` / `door_opened`.
 """
 
 from __future__ import annotations

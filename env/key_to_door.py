@@ -93,13 +93,8 @@ def optimal_return(task: Sequence[int], grid_size: int = 9, horizon: int = 50) -
 
 
 class BatchedKeyToDoor(GridWorld):
-    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device. Same interface as
-    BatchedDarkroom (reset / step / optimal_returns / from_cfg / n_envs / t / horizon / states; `goals`
-    holds the tasks):
-
-    tasks: LongTensor[E, 4] (kx, ky, dx, dy) or anything torch.as_tensor accepts.
-    reset() -> states LongTensor[E, 2]
-    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
+    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device, with BatchedDarkroom's
+    interface; `goals` holds the tasks, LongTensor[E, 4] (kx, ky, dx, dy) or anything torch.as_tensor accepts.
 
     The hidden progress is public: `has_key` / `door_opened` bool[E] (this episode), and `phase()` =
     has_key + door_opened in {0, 1, 2}. The source algorithm may condition on it (collect.py); the learners
