@@ -330,9 +330,7 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise IndexError(f"{self.name}: batch {k} out of range [0, {self.num_batches})")
         specs = self.global_specs(k)
         D, W = self._padding(specs)
-        return self._gather(specs.rows(self.rows), D, W)
-
-    def _gather(self, specs: schedules.SampleSpecs, D: int, W: int | None) -> dict[str, torch.Tensor]:
+        specs = specs.rows(self.rows)
         flat = self.flat if self.flat_device is None else self.flat_device
         batch = gather_batch(flat, self.n_steps, specs, D, self.fold_len, W)
         if self.memory == "carry":  # which memory each row needs: segments 0 .. window - depth - 1 of hist

@@ -37,21 +37,18 @@ def pack(states, actions, rewards, next_states, out=None):
     return torch.cat(parts, dim=-1)
 
 
+# Field accessors: [..., 6] -> [..., 2] for the two states, [...] for the action and the reward.
 def state(trans):
-    """[..., 6] -> the state (sx, sy) [..., 2]."""
     return trans[..., STATE]
 
 
 def action(trans):
-    """[..., 6] -> the action [...]."""
     return trans[..., ACTION]
 
 
 def reward(trans):
-    """[..., 6] -> the reward [...]."""
     return trans[..., REWARD]
 
 
 def next_state(trans):
-    """[..., 6] -> the next state (nsx, nsy) [..., 2]."""
     return trans[..., NEXT_STATE]
