@@ -102,12 +102,12 @@ def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
     """The on-disk layout of a dataset: (goals int64 [N, task_dim] of every history, in order; meta["split"];
     meta["histories"]) from the goal lists of env.splits_from_cfg and the histories per goal of each split.
     Splits come in SPLITS order, goal-major, so each split's histories are one contiguous range."""
-    goals, ranges, start = [], {}, 0
+    goals, ranges = [], {}
     for split in SPLITS:
+        start = len(goals)
         g = [tuple(int(v) for v in x) for x in splits.get(split, [])]
         goals += [x for x in g for _ in range(int(per_goal.get(split, 0)))]
         ranges[split] = {"start": start, "stop": len(goals)}
-        start = len(goals)
     split_meta = {f"{k}_goals": [list(x) for x in splits.get(k, [])] for k in SPLITS}
     width = len(goals[0]) if goals else 2
     return np.asarray(goals, dtype=np.int64).reshape(-1, width), split_meta, ranges

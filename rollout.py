@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from env import make_batched_env, splits_from_cfg, task_optimal_return
 from errors import EvalError
@@ -68,10 +69,8 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
             returns = torch.zeros(n_envs, n_episodes, dtype=torch.float32, device=device)
             found = torch.zeros(2, n_envs, n_episodes, dtype=torch.bool, device=device) if track else None
             rec_trans, rec_logp = [], []
-            episodes = range(n_episodes)
-            if progress:
-                from tqdm import tqdm
-                episodes = tqdm(episodes, desc=f"in-context rollout ({n_envs} envs)", unit="ep", mininterval=1.0)
+            episodes = tqdm(range(n_episodes), desc=f"in-context rollout ({n_envs} envs)", unit="ep", mininterval=1.0,
+                            disable=not progress)
             for ep in episodes:
                 states = env.reset()  # the env resets, the model's memory `st` does not
                 for _ in range(horizon):
