@@ -386,10 +386,7 @@ class HistoryBatches(SegmentBatches):
 def cfg_get(node: Any, key: str, default: Any = _MISSING) -> Any:
     """cfg[key] for DictConfig / dict / attribute objects; a null value counts as missing when a
     default is given. Missing required keys raise one clear KeyError."""
-    if hasattr(node, "get") and callable(node.get):
-        value = node.get(key, None)
-    else:
-        value = getattr(node, key, None)
+    value = node.get(key, None) if callable(getattr(node, "get", None)) else getattr(node, key, None)
     if value is None:
         if default is _MISSING:
             raise KeyError(f"config key {key!r} is missing or null; set it in the config")

@@ -110,7 +110,7 @@ class GridWorld:
     """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
     start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
     and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule in
-    step() (self._move -> reward -> self._advance) and what reset() clears besides the positions."""
+    step() (self._move -> reward -> self._advance), what reset() clears besides the positions, and _optimal."""
 
     n_actions = N_ACTIONS
     n_phases = 1  # hidden progress states the source algorithm may condition on (1: none)
@@ -140,6 +140,10 @@ class GridWorld:
     @property
     def n_envs(self) -> int:
         return self.goals.shape[0]
+
+    def optimal_returns(self) -> torch.Tensor:
+        """float32[E]: the optimal return of each environment's goal / task (the subclass's `_optimal`)."""
+        return torch.tensor([self._optimal(g) for g in self.goals.tolist()], dtype=torch.float32, device=self.device)
 
     def _reset_states(self, goals) -> torch.Tensor:
         if goals is not None:
@@ -189,11 +193,8 @@ class BatchedDarkroom(GridWorld):
         return cls(goals, grid_size=env_cfg["grid_size"], horizon=env_cfg["horizon"],
                    reward_mode=env_cfg["reward_mode"], device=device)
 
-    def optimal_returns(self) -> torch.Tensor:
-        """float32[E]: optimal_return of each environment's goal."""
-        vals = [optimal_return(g, self.grid_size, self.horizon, self.reward_mode)
-                for g in self.goals.tolist()]
-        return torch.tensor(vals, dtype=torch.float32, device=self.device)
+    def _optimal(self, goal) -> float:
+        return optimal_return(goal, self.grid_size, self.horizon, self.reward_mode)
 
     def reset(self, goals=None) -> torch.Tensor:
         """Start a new episode in every environment (optionally with new goals; E may change)."""

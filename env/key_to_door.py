@@ -120,10 +120,8 @@ class BatchedKeyToDoor(GridWorld):
         super()._set_goals(goals)
         self.keys, self.doors = self.goals[:, :2], self.goals[:, 2:]
 
-    def optimal_returns(self) -> torch.Tensor:
-        """float32[E]: optimal_return of each environment's task."""
-        vals = [optimal_return(t, self.grid_size, self.horizon) for t in self.goals.tolist()]
-        return torch.tensor(vals, dtype=torch.float32, device=self.device)
+    def _optimal(self, task) -> float:
+        return optimal_return(task, self.grid_size, self.horizon)
 
     def phase(self) -> torch.Tensor:
         """LongTensor[E]: 0 before the key, 1 holding it, 2 after the door (private to the source)."""
