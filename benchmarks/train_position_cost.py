@@ -24,27 +24,12 @@ one fold of gradients saves against three at steady state:
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 
 import numpy as np
 import torch
-from common import (
-    add_arch_args,
-    add_common_args,
-    arch_overrides,
-    machine_info,
-    median,
-    pick_device,
-    plain,
-    print_table,
-    run_info,
-    sync,
-    synthetic_histories,
-    train_cfg,
-    write_json,
-)
+from common import Parser, median, plain, print_table, run_info, save, sync, synthetic_histories, train_cfg
 
 import loop
 from dataset import HistoryBatches, gather_batch
@@ -69,8 +54,7 @@ def position_batch(ds: HistoryBatches, m: int, n_slots: int, batch_size: int, se
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = Parser(__doc__)
     p.add_argument("--positions", type=int, nargs="+", default=None,
                    help="window indices m (default 1 3 10 25 49; quick 1 8)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 16; quick 4)")
@@ -79,22 +63,16 @@ def main() -> None:
                    help="model.bptt_segments (folds with gradients per sample); several: compared in one run")
     p.add_argument("--keep-recent", type=int, default=0, help="model.keep_recent")
     p.add_argument("--n-steps", type=int, default=1000, help="transitions per synthetic history")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
-    add_arch_args(p)
-    a = p.parse_args()
-    dev = pick_device(a.device)
-    if a.threads or dev.type == "cpu":
-        torch.set_num_threads(a.threads or 1)
+    a, dev = p.parse()
     a.seg_len = a.seg_len or 20  # the short-window memory setting (w = 20)
     a.positions = a.positions or ([1, 8] if a.quick else [1, 3, 10, 25, 49])
     a.batch_size = a.batch_size or (4 if a.quick else 16)
     a.steps = a.steps or (1 if a.quick else 5)
-    torch.manual_seed(0)
 
     arms, batches, hist = {}, {}, None  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
     with tempfile.TemporaryDirectory() as tmp:
         for bptt in a.bptt:
-            cfg = train_cfg("ad_compressed_dr", arch_overrides(a) + [
+            cfg = train_cfg("ad_compressed_dr", a, [
                 "sampler.schedule=rollout", f"model.bptt_segments={bptt}", f"model.keep_recent={a.keep_recent}"])
             if hist is None:  # one dataset for every bptt
                 hist = synthetic_histories(cfg.env, 16, a.n_steps, tmp)
@@ -156,11 +134,10 @@ def main() -> None:
     for k, v in summary.items():
         print(f"{k}: {v:.2f}x")
     name = "train_position_cost_kept" if a.keep_recent else "train_position_cost"
-    out = write_json(name + ("" if a.bptt == [3] else "_bptt" + "-".join(map(str, a.bptt))), {
-        "run": run_info(dev, "fp32", a.batch_size, None), "settings": vars(a), "model": plain(cfg.model),
-        "machine": machine_info(dev), "per_position": res, "summary": summary,
-        "times_ms": {f"{mode}_{m}{tag(b)}": t for (mode, m, b), t in times.items()}, "wall_seconds": wall}, a.out_dir)
-    print(f"wrote {out}")
+    save(name + ("" if a.bptt == [3] else "_bptt" + "-".join(map(str, a.bptt))), a,
+         run_info(dev, "fp32", a.batch_size, None), {
+             "model": plain(cfg.model), "per_position": res, "summary": summary,
+             "times_ms": {f"{mode}_{m}{tag(b)}": t for (mode, m, b), t in times.items()}, "wall_seconds": wall})
 
 
 if __name__ == "__main__":
