@@ -113,30 +113,18 @@ def check_transitions(s: Setup) -> str:
     return f"{s['hist'].n_histories} histories x {s['hist'].n_steps} steps"
 
 
-def _first_batch(sampler, cfg, s: Setup) -> dict:
-    """Batch 0 (4 samples) of a stage's sampler, built from that stage's composed config."""
-    return sampler.from_cfg(s["hist"], cfg, batch_size=4, seed=0)[0]
-
-
-def _finite(value, what: str):
-    import torch
-
-    if not torch.isfinite(value):
-        raise AssertionError(f"{what} is {value}")
-    return value
-
-
 def check_stage1_forward(s: Setup) -> str:
     import torch
 
     from dataset_pretrain import PretrainBatches
     from model.losses import reconstruction_loss
 
-    b = s["pre_batch"] = _first_batch(PretrainBatches, s["pre"], s)
+    b = s["pre_batch"] = PretrainBatches.from_cfg(s["hist"], s["pre"], batch_size=4, seed=0)[0]
     with torch.no_grad():
         out = s["pretrainer"](b)
-    loss = _finite(reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg),
-                   "reconstruction loss")
+    loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg)
+    if not torch.isfinite(loss):
+        raise AssertionError(f"reconstruction loss is {loss}")
     return f"depths {sorted(set(b['depth'].tolist()))}, latents {tuple(out['latents'].shape)}, loss {loss:.3f}"
 
 
@@ -146,11 +134,12 @@ def check_stage2_forward(s: Setup) -> str:
     from dataset import HistoryBatches
     from model.losses import action_loss
 
-    b = _first_batch(HistoryBatches, s["train"], s)
+    b = HistoryBatches.from_cfg(s["hist"], s["train"], batch_size=4, seed=0)[0]
     with torch.no_grad():
         logits = s["cad"](b)["logits"]
     a = action_loss(logits, b)
-    _finite(a["loss"], "action loss")
+    if not torch.isfinite(a["loss"]):
+        raise AssertionError(f"action loss is {a['loss']}")
     return f"logits {tuple(logits.shape)}, {int(a['n_labels'])} labels, loss {a['loss']:.3f}"
 
 

@@ -18,8 +18,9 @@ from __future__ import annotations
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
-from common import Parser, median, print_table, run_info, save
+from common import Parser, print_table, run_info, save
 
 QUICK = ["source.n_stream=2", "source.n_steps=200", "source.n_stream_eval=1"]
 

@@ -2,21 +2,25 @@
 
 - `train_cfg`: the exact composed Hydra config (config/train.yaml with model=ad_compressed_dr or model=ad_dr),
   so a benchmark measures what train.py would build, with the architecture flags and optional overrides.
-- `synthetic_histories`: valid Darkroom learning histories (uniform random walks of BatchedDarkroom),
-  written with `histories.save_histories` and read back with `load_histories`, i.e. through the same
-  validation a real dataset goes through. Only shapes and the depth mixture matter for timing.
+- `history_batches`: train.py's samplers over valid Darkroom learning histories (uniform random walks of
+  BatchedDarkroom), written with `histories.save_histories` and read back with `load_histories`, i.e. through
+  the same validation a real dataset goes through. Only shapes and the depth mixture matter for timing.
+- `train_step`: the optimizer step of loop.fit; `clock`: timing points after a device synchronisation.
 - `Parser`: --device, --quick, --out-dir, shared by every benchmark (tests/test_benchmarks.py
   runs each one with --quick --out-dir <tmp>, so a config change that breaks a benchmark fails the suite),
   and --threads plus the architecture flags of the model benchmarks.
-- `run_info` / `save`: the results JSON (atomic) with what its figures depend on; `sync`, `print_table`.
+- `run_info` / `save`: the results JSON (atomic) with what its figures depend on; `print_table`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -48,13 +52,17 @@ def train_cfg(model: str, a, overrides: list[str] | None = None):
     return cfg
 
 
-def synthetic_histories(env_cfg, n_hist: int, n_steps: int, tmp_dir: str, seed: int = 0,
-                        test_frac: float = 0.1):
-    """n_hist valid Darkroom histories of n_steps uniform-random-action transitions, goals drawn from
-    the train/test goal split; saved to and loaded (memory-mapped, validated) from tmp_dir/hist."""
+def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed: int = 0,
+                    test_frac: float = 0.1) -> dict:
+    """{key: HistoryBatches exactly as train.py builds them from cfgs[key] (from_cfg: null depth_weights /
+    window bounds resolved the same way, model.static_shapes honoured)}, all over one set of n_hist valid
+    Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train/test goal
+    split), saved to and loaded (validated) from a temp folder. The samplers pack the transitions in memory."""
+    from dataset import HistoryBatches
     from env.darkroom import BatchedDarkroom, goal_splits_from_cfg
     from histories import FORMAT_VERSION, load_histories, save_histories
 
+    env_cfg = next(iter(cfgs.values())).env
     splits = goal_splits_from_cfg(env_cfg)
     n_test = max(1, round(n_hist * test_frac))
     n_train = n_hist - n_test
@@ -78,14 +86,32 @@ def synthetic_histories(env_cfg, n_hist: int, n_steps: int, tmp_dir: str, seed: 
             "source": {"name": "benchmark-random-walk"}, "seed": seed, "n_stream": 1, "n_steps": n_steps,
             "histories": {"train": {"start": 0, "stop": n_train}, "val": {"start": n_train, "stop": n_train},
                           "test": {"start": n_train, "stop": n_hist}}}
-    path = Path(tmp_dir) / "hist"
-    save_histories(path, {k: v.astype(np.uint8) for k, v in arrays.items()}, meta)
-    return load_histories(path, env_plain)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_histories(Path(tmp) / "hist", {k: v.astype(np.uint8) for k, v in arrays.items()}, meta)
+        hist = load_histories(Path(tmp) / "hist", env_plain)
+        return {k: HistoryBatches.from_cfg(hist, cfg, batch_size=batch_size, seed=seed) for k, cfg in cfgs.items()}
 
 
-def sync(device) -> None:
+def clock(device) -> float:
+    """time.perf_counter() once the device's queued work is done: every timing starts and ends here."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def train_step(model, opt, batch: dict, autocast=None, **loss_kw) -> tuple[dict, dict]:
+    """One optimizer step as loop.fit / train.py take it (forward, action loss, backward, grad clip, AdamW),
+    without a host sync; returns (model output, action_loss output)."""
+    from model.losses import action_loss
+
+    opt.zero_grad(set_to_none=True)
+    with autocast or contextlib.nullcontext():
+        out = model(batch)  # CompressedAD also labels its compressed segments (model.label_segments)
+        loss = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out, **loss_kw)
+    loss["loss"].backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return out, loss
 
 
 class Parser(argparse.ArgumentParser):
@@ -156,10 +182,6 @@ def print_table(header: list[str], rows: list[list]) -> None:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
-
-
-def median(xs) -> float:
-    return float(np.median(np.asarray(xs, dtype=np.float64)))
 
 
 def plain(cfg) -> dict:

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import torch
-from common import Parser, run_info, save, sync
+from common import Parser, clock, run_info, save
 
 from dataset import HistoryBatches, batch_loader
 from dataset_pretrain import PretrainBatches
@@ -94,7 +94,7 @@ def main() -> None:
     # Device-resident gather (data_on_device): same batches, built where the model runs. Synchronised per
     # batch so the figure includes the device work.
     dds = HistoryBatches(hist, **common).to_device(dev)
-    results["stage2_on_device"] = rate(lambda k: (dds[k], sync(dev)), a.n_batches, a.batch_size) | {"device": str(dev)}
+    results["stage2_on_device"] = rate(lambda k: (dds[k], clock(dev)), a.n_batches, a.batch_size) | {"device": str(dev)}
 
     for name, r in results.items():
         if isinstance(r, dict):

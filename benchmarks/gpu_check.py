@@ -119,18 +119,13 @@ def rows_of(name: str, res: dict) -> list[tuple[str, str, str]]:
     """(part, figure, value) rows of one part's results."""
     if "variants" in res:  # train_throughput
         r, v = res["run"], res["variants"]
-        tag = f"{r['device_name']}, {r['dtype']}, compile={r['compile']}, batch {r['batch']}"
-        rows = [(name, "setting", tag)]
-        for k in ("cad_all", "ad_all"):
-            rows.append((name, f"{k} ms/step | labels/s",
-                         f"{v[k]['ms_per_step']:.2f} | {v[k]['labels_per_s']:,.0f}"))
-        return rows
+        return [(name, "setting", f"{r['device_name']}, {r['dtype']}, compile={r['compile']}, batch {r['batch']}")] + [
+            (name, f"{k} ms/step | labels/s", f"{v[k]['ms_per_step']:.2f} | {v[k]['labels_per_s']:,.0f}")
+            for k in ("cad_all", "ad_all")]
     if "per_length" in res:  # rollout_cost
-        rows = []
-        for h, x in res["per_length"].items():
-            rows.append((name, f"ms/env step at h={int(h):,} (cached | recompute | AD)",
-                         f"{x['cad_cached_ms']:.2f} | {x['cad_recompute_ms']:.2f} | {x['ad_ms']:.2f}"))
-        return rows
+        return [(name, f"ms/env step at h={int(h):,} (cached | recompute | AD)",
+                 f"{x['cad_cached_ms']:.2f} | {x['cad_recompute_ms']:.2f} | {x['ad_ms']:.2f}")
+                for h, x in res["per_length"].items()]
     p, t, ev = res["pretrain"], res["train"], res["eval"]
     test = ev["splits"]["test"]["summary"]
 
@@ -183,15 +178,13 @@ def main(argv=None) -> int:
     for name, (kind, args) in plan(a.device, a.quick, out).items():
         t0 = time.perf_counter()
         try:
-            res = run_bench(name, args, out, env) if kind == "bench" else run_pipeline(args, out, env)
-            results[name] = res
-            rows += rows_of(name, res)
+            results[name] = run_bench(name, args, out, env) if kind == "bench" else run_pipeline(args, out, env)
+            rows += rows_of(name, results[name])
         except Exception as e:  # noqa: BLE001 -- one failed part must not hide the others' figures
             failed.append(name)
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             rows.append((name, "FAILED", f"{type(e).__name__}: {str(e)[:300]}"))
-        dt = time.perf_counter() - t0
-        results.setdefault(name, {})["wall_s"] = dt
+        dt = results[name]["wall_s"] = time.perf_counter() - t0
         print(f"[{name}] {'FAILED' if name in failed else 'done'} in {dt:.0f} s", flush=True)
     total = time.perf_counter() - t_all
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"

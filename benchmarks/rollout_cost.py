@@ -44,7 +44,7 @@ import time
 
 import numpy as np
 import torch
-from common import Parser, median, plain, print_table, run_info, save, sync, train_cfg
+from common import Parser, clock, plain, print_table, run_info, save, train_cfg
 
 from env.darkroom import BatchedDarkroom, goal_split
 from model import build_model
@@ -106,14 +106,12 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
                 model.observe(s, trans)  # fast-forward: act is pure (no state) when nothing is cached
                 continue
             assert m not in cached_from or s.use_cache, f"{m} reached a timed step without its cache"
-            sync(dev)
-            t0 = time.perf_counter()
+            t0 = clock(dev)
             logits = model.act(s, states)
             if switch:
                 s.use_cache = cache_next
             model.observe(s, trans)
-            sync(dev)
-            dt = time.perf_counter() - t0
+            dt = clock(dev) - t0
             assert logits.shape == (a.n_envs, int(env_cfg.n_actions))
             for h, i in timed:
                 times[m][h][i] = dt
@@ -175,18 +173,18 @@ def main() -> None:
     res = {}
     for h, win in wins.items():
         c = {m: cycles(m, h) for m in methods}
-        res[h] = {"window": list(win), **{f"{m}_ms": median(c[m]) for m in methods},
-                  "cad_cached_over_ad": median(c["cad_cached"] / c["ad"]),
-                  "recompute_over_cached": median(c["cad_recompute"] / c["cad_cached"]),
+        res[h] = {"window": list(win), **{f"{m}_ms": np.median(c[m]) for m in methods},
+                  "cad_cached_over_ad": np.median(c["cad_cached"] / c["ad"]),
+                  "recompute_over_cached": np.median(c["cad_recompute"] / c["cad_cached"]),
                   "cycles_ms": {m: c[m].tolist() for m in methods}}
         if kept:
-            res[h]["cad_kept_over_ad"] = median(c["cad_kept"] / c["ad"])
-            res[h]["cad_kept_over_cad_cached"] = median(c["cad_kept"] / c["cad_cached"])
+            res[h]["cad_kept_over_ad"] = np.median(c["cad_kept"] / c["ad"])
+            res[h]["cad_kept_over_cad_cached"] = np.median(c["cad_kept"] / c["cad_cached"])
         if along:
-            res[h] |= {f"{m}_over_ad_long": median(c[m] / c["ad_long"]) for m in ("cad_cached", "cad_kept") if m in c}
+            res[h] |= {f"{m}_over_ad_long": np.median(c[m] / c["ad_long"]) for m in ("cad_cached", "cad_kept") if m in c}
     h_lo, h_hi = min(wins), max(wins)
     summary = {"flatness_lengths": [h_lo, h_hi],
-               **{f"flatness_{m}": median(cycles(m, h_hi) / cycles(m, h_lo)) for m in methods if m != "ad_long"},
+               **{f"flatness_{m}": np.median(cycles(m, h_hi) / cycles(m, h_lo)) for m in methods if m != "ad_long"},
                # The same, measured against AD in the same cycles: cancels load drift between the windows
                # (the two lengths are timed minutes apart on a shared machine).
                **{f"flatness_{m}_vs_ad": res[h_hi][f"{m}_over_ad"] / res[h_lo][f"{m}_over_ad"]

@@ -24,18 +24,16 @@ one fold of gradients saves against three at steady state:
 
 from __future__ import annotations
 
-import tempfile
 import time
 
 import numpy as np
 import torch
-from common import Parser, median, plain, print_table, run_info, save, sync, synthetic_histories, train_cfg
+from common import Parser, clock, history_batches, plain, print_table, run_info, save, train_cfg, train_step
 
 import loop
 from dataset import HistoryBatches, gather_batch
 from model import build_model
 from model.compressed_ad import LatentCarry
-from model.losses import action_loss
 from schedules import window_specs
 
 MODES = ("exact", "carry")
@@ -69,34 +67,26 @@ def main() -> None:
     a.batch_size = a.batch_size or (4 if a.quick else 16)
     a.steps = a.steps or (1 if a.quick else 5)
 
-    arms, batches, hist = {}, {}, None  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
-    with tempfile.TemporaryDirectory() as tmp:
-        for bptt in a.bptt:
-            cfg = train_cfg("ad_compressed_dr", a, [
-                "sampler.schedule=rollout", f"model.bptt_segments={bptt}", f"model.keep_recent={a.keep_recent}"])
-            if hist is None:  # one dataset for every bptt
-                hist = synthetic_histories(cfg.env, 16, a.n_steps, tmp)
-            ds = HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0)
-            n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
-            if max(a.positions) >= n_win:
-                p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
-            torch.manual_seed(0)  # the same initial weights for every bptt
-            model = build_model(cfg.model, cfg.env).to(dev)
-            opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
-            arms[bptt] = (model, opt, LatentCarry(ds))
-            for m in a.positions:
-                batches[("exact", m, bptt)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
-                b = {k: v.to(dev) for k, v in position_batch(ds, m, bptt, a.batch_size, 0).items()}
-                batches[("carry", m, bptt)] = arms[bptt][2].attach(model, b)  # carried, as every later batch has it
+    cfgs = {bptt: train_cfg("ad_compressed_dr", a, ["sampler.schedule=rollout", f"model.bptt_segments={bptt}",
+                                                      f"model.keep_recent={a.keep_recent}"]) for bptt in a.bptt}
+    arms, batches = {}, {}  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
+    for bptt, ds in history_batches(cfgs, 16, a.n_steps, a.batch_size).items():  # one dataset for every bptt
+        n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
+        if max(a.positions) >= n_win:
+            p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
+        torch.manual_seed(0)  # the same initial weights for every bptt
+        cfg = cfgs[bptt]
+        model = build_model(cfg.model, cfg.env).to(dev)
+        opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
+        arms[bptt] = (model, opt, LatentCarry(ds))
+        for m in a.positions:
+            batches[("exact", m, bptt)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
+            b = {k: v.to(dev) for k, v in position_batch(ds, m, bptt, a.batch_size, 0).items()}
+            batches[("carry", m, bptt)] = arms[bptt][2].attach(model, b)  # carried, as every later batch has it
 
     def one_step(mode: str, batch: dict, bptt: int) -> None:
         model, opt, carry = arms[bptt]
-        opt.zero_grad(set_to_none=True)
-        out = model(batch)
-        loss = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        out, _ = train_step(model, opt, batch)
         if mode == "carry":
             carry.update(batch, out)
 
@@ -106,17 +96,16 @@ def main() -> None:
     for r in range(a.steps + 1):  # round 0 warms up
         for i in range(len(keys)):
             key = keys[(i + r) % len(keys)]  # rotate the order: machine noise hits all alike
-            sync(dev)
-            t0 = time.perf_counter()
+            t0 = clock(dev)
             one_step(key[0], batches[key], key[2])
-            sync(dev)
+            dt = clock(dev) - t0
             if r:
-                times[key].append((time.perf_counter() - t0) * 1e3)
+                times[key].append(dt * 1e3)
     wall = time.perf_counter() - t_start
 
     # one bptt: {m: {exact_ms, carry_ms, exact_over_carry}}; several: each figure per bptt (…_bptt<b>_ms)
     tag = (lambda b: "") if len(a.bptt) == 1 else (lambda b: f"_bptt{b}")
-    res = {str(m): {f"{mode}{tag(b)}_ms": median(times[(mode, m, b)]) for b in a.bptt for mode in MODES}
+    res = {str(m): {f"{mode}{tag(b)}_ms": np.median(times[(mode, m, b)]) for b in a.bptt for mode in MODES}
            for m in a.positions}
     for r in res.values():
         r.update({f"exact_over_carry{tag(b)}": r[f"exact{tag(b)}_ms"] / r[f"carry{tag(b)}_ms"] for b in a.bptt})

@@ -29,17 +29,13 @@ Writes benchmarks/out/train_throughput.json. Timings, not assertions.
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 
 import numpy as np
 import torch
-from common import Parser, median, plain, print_table, run_info, save, sync, synthetic_histories, train_cfg
+from common import Parser, clock, history_batches, plain, print_table, run_info, save, train_cfg, train_step
 
 import loop
-from dataset import HistoryBatches
 from model import build_model
-from model.losses import action_loss
 from schema import COMPILE_BACKENDS, COMPILE_MODES
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -78,14 +74,11 @@ def main() -> None:
     cfgs = {"cad": train_cfg("ad_compressed_dr", a, static), "ad": train_cfg("ad_dr", a, static)}
     cad_m, ad_m, env = cfgs["cad"].model, cfgs["ad"].model, cfgs["cad"].env
     n_rounds = a.warmup + a.steps
-    with tempfile.TemporaryDirectory() as tmp:
-        hist = synthetic_histories(env, a.n_hist, a.n_steps, tmp)
-        # HistoryBatches exactly as train.py builds them (null depth_weights / window bounds resolved the same
-        # way, model.static_shapes honoured); a pool of distinct batches, cycled through, sampled before timing
-        # (train.py's loader samples them in ~1 ms, see dataset_speed.py).
-        ds = {k: HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0) for k, cfg in cfgs.items()}
-        batches = {k: [{n: v.to(dev) for n, v in d[i].items()} for i in range(min(n_rounds * a.inner, 32))]
-                   for k, d in ds.items()}
+    ds = history_batches(cfgs, a.n_hist, a.n_steps, a.batch_size)
+    # A pool of distinct batches, cycled through, sampled before timing (train.py's loader samples them in
+    # ~1 ms, see dataset_speed.py).
+    batches = {k: [{n: v.to(dev) for n, v in d[i].items()} for i in range(min(n_rounds * a.inner, 32))]
+               for k, d in ds.items()}
 
     models = {k: build_model(cfg.model, env).to(dev) for k, cfg in cfgs.items()}
     settings = loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=a.lr, compile=a.compile or False).validate()
@@ -101,22 +94,16 @@ def main() -> None:
         variants["cad_compress"] = ("cad", None)
 
     def one_step(key: str, batch: dict, last_only) -> torch.Tensor:
-        """One optimizer step as loop.fit takes it; returns the label count as a device tensor (no sync)."""
+        """One step of a variant; returns the label count as a device tensor (no sync)."""
         model, opt = models[key], opts[key]
-        opt.zero_grad(set_to_none=True)
-        if last_only is None:  # cad_compress diagnostic
-            with autocast:
-                latents, _ = model.compress(batch["seg"], batch["seg_len"], detach_old=model.cfg.detach_old_latents)
-            if latents is not None:
-                latents.float().sum().backward()
-            return torch.zeros((), device=dev)
+        if last_only is not None:
+            return train_step(model, opt, batch, autocast, last_only=last_only)[1]["n_labels"]
+        opt.zero_grad(set_to_none=True)  # cad_compress diagnostic
         with autocast:
-            fwd = model(batch)  # CompressedAD also labels its compressed segments (model.label_segments)
-            out = action_loss(fwd["logits"], batch, last_only=last_only, seg_logits=fwd.get("seg_logits"))
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return out["n_labels"]
+            latents, _ = model.compress(batch["seg"], batch["seg_len"], detach_old=model.cfg.detach_old_latents)
+        if latents is not None:
+            latents.float().sum().backward()
+        return torch.zeros((), device=dev)
 
     names = list(variants)
     times = {n: [] for n in names}
@@ -127,20 +114,19 @@ def main() -> None:
         for name in names[k % len(names):] + names[:k % len(names)]:  # rotate: no variant always goes first
             key, last_only = variants[name]
             # --inner steps of one variant back to back, timed together
-            sync(dev)
-            t0 = time.perf_counter()
+            t0 = clock(dev)
             n = torch.zeros((), device=dev)
             for j in range(a.inner):
                 n = n + one_step(key, batches[key][(k * a.inner + j) % len(batches[key])], last_only)
-            sync(dev)
+            dt = clock(dev) - t0
             if k >= a.warmup:
-                times[name].append((time.perf_counter() - t0) / a.inner)
+                times[name].append(dt / a.inner)
                 labels[name].append(float(n) / a.inner)
 
     t = {n: np.asarray(times[n]) for n in names}
     res, lps = {}, {}  # lps: labels/s of each round
     for n in names:
-        ms = median(t[n]) * 1e3
+        ms = np.median(t[n]) * 1e3
         res[n] = {"ms_per_step": ms, "ms_per_step_all": (t[n] * 1e3).tolist()}
         if n != "cad_compress":
             lab = np.asarray(labels[n], dtype=np.float64)
@@ -158,12 +144,12 @@ def main() -> None:
            # Compress runs the encoder on all B x D slots (unused ones are discarded by torch.where).
            "encoder_rows_used_fraction": float(depth.sum() / sum(s[0] * s[1] for s in slots))}
     summary = {
-        "labels_per_s_ratio_all_vs_last": median(ratio_loss), "goal_all_vs_last": ">= 20",
-        "cost_per_label_ratio_cad_vs_ad": median(ratio_cost), "goal_cad_vs_ad": "<= 1.5",
+        "labels_per_s_ratio_all_vs_last": np.median(ratio_loss), "goal_all_vs_last": ">= 20",
+        "cost_per_label_ratio_cad_vs_ad": np.median(ratio_cost), "goal_cad_vs_ad": "<= 1.5",
         "ratio_all_vs_last_per_round": ratio_loss.tolist(), "ratio_cad_vs_ad_per_round": ratio_cost.tolist(),
     }
     if "cad_compress" in t:
-        summary["compress_share_of_cad_step"] = median(t["cad_compress"] / t["cad_all"])
+        summary["compress_share_of_cad_step"] = np.median(t["cad_compress"] / t["cad_all"])
 
     run = run_info(dev, a.dtype, a.batch_size, a.compile)
     run["static_shapes"] = bool(cad_m.get("static_shapes", False))
