@@ -44,12 +44,14 @@ def main() -> None:
         for threads in args.threads:
             for rep in range(args.repeats):
                 ov = [f"num_threads={threads}", f"device={args.device}", *args.overrides]
-                cfg = compose_config("collect", [*ov, f"data_path={Path(tmp) / f't{threads}-r{rep}'}", "progress=false"])
+                path = Path(tmp) / f"t{threads}-r{rep}"
+                cfg = compose_config("collect", [*ov, f"data_path={path}", "progress=false"])
                 t0 = time.perf_counter()
                 s = collect.main(cfg)
                 results.append({"threads": threads, "repeat": rep, "overrides": ov, "wall_s": s["wall_s"],
                                 "total_s": time.perf_counter() - t0, "transitions": s["n_transitions"],
-                                **{k: s[k] for k in ("transitions_per_s", "train", "test", "n_histories", "n_steps")}})
+                                **{k: s[k] for k in ("transitions_per_s", "train", "test", "n_histories",
+                                                     "n_steps")}})
     print()
 
     def returns(x: dict) -> str:
@@ -57,7 +59,8 @@ def main() -> None:
 
     print_table(["run", "collect s", "total s", "transitions/s", "train first/last5/opt", "test first/last5/opt"],
                 [[f"threads={r['threads']} #{r['repeat']}", r["wall_s"], r["total_s"],
-                  f"{r['transitions_per_s'] / 1e6:.2f} M/s", returns(r["train"]), returns(r["test"])] for r in results])
+                  f"{r['transitions_per_s'] / 1e6:.2f} M/s", returns(r["train"]), returns(r["test"])]
+                 for r in results])
     by_threads = {t: median([r["wall_s"] for r in results if r["threads"] == t]) for t in args.threads}
     print(f"\nmedian collection wall time by threads: {by_threads} (budget 120 s)")
     save("collect_speed", args, run_info(args.device, "uint8", None, None), {

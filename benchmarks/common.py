@@ -61,6 +61,7 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
     from dataset import HistoryBatches
     from env.darkroom import BatchedDarkroom, goal_splits_from_cfg
     from histories import FORMAT_VERSION, load_histories, save_histories
+    from loop import to_plain
 
     env_cfg = next(iter(cfgs.values())).env
     splits = goal_splits_from_cfg(env_cfg)
@@ -69,9 +70,10 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
     rng = np.random.default_rng(seed)
     goals = np.concatenate([np.asarray(splits[k])[rng.integers(0, len(splits[k]), n)]
                             for k, n in (("train", n_train), ("test", n_test))]).astype(np.int64)
-    env = BatchedDarkroom(torch.from_numpy(goals), grid_size=int(env_cfg.grid_size), horizon=int(env_cfg.horizon),
-                          reward_mode=env_cfg.reward_mode)
-    acts = torch.randint(0, int(env_cfg.n_actions), (n_steps, n_hist), generator=torch.Generator().manual_seed(seed))
+    env = BatchedDarkroom(torch.from_numpy(goals), grid_size=int(env_cfg.grid_size),
+                          horizon=int(env_cfg.horizon), reward_mode=env_cfg.reward_mode)
+    gen = torch.Generator().manual_seed(seed)
+    acts = torch.randint(0, int(env_cfg.n_actions), (n_steps, n_hist), generator=gen)
     steps = []  # (state, reward, next state) of every step
     s = env.reset()
     for t in range(n_steps):
@@ -80,7 +82,7 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
         s = env.reset() if bool(done[0]) else ns
     arrays = dict(zip(("states", "rewards", "next_states"), (torch.stack(x, 1).numpy() for x in zip(*steps))),
                   actions=acts.T.numpy(), goals=goals)
-    env_plain = {k: env_cfg[k] for k in env_cfg}
+    env_plain = to_plain(env_cfg)
     meta = {"format_version": FORMAT_VERSION, "env": env_plain,
             "split": {f"{k}_goals": [list(x) for x in splits[k]] for k in ("train", "val", "test")},
             "source": {"name": "benchmark-random-walk"}, "seed": seed, "n_stream": 1, "n_steps": n_steps,
@@ -89,7 +91,7 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
     with tempfile.TemporaryDirectory() as tmp:
         save_histories(Path(tmp) / "hist", {k: v.astype(np.uint8) for k, v in arrays.items()}, meta)
         hist = load_histories(Path(tmp) / "hist", env_plain)
-        return {k: HistoryBatches.from_cfg(hist, cfg, batch_size=batch_size, seed=seed) for k, cfg in cfgs.items()}
+        return {k: HistoryBatches.from_cfg(hist, c, batch_size=batch_size, seed=seed) for k, c in cfgs.items()}
 
 
 def clock(device) -> float:
@@ -182,10 +184,3 @@ def print_table(header: list[str], rows: list[list]) -> None:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
         if k == 0:
             print("  ".join("-" * w for w in widths))
-
-
-def plain(cfg) -> dict:
-    """An OmegaConf node as JSON-able Python containers."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True)

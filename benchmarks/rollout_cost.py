@@ -19,8 +19,8 @@ all alike):
                  rollout_cost_kept.json (the default run's rollout_cost.json keeps its meaning).
   ad_long        (--ad-long-context N > 0 only) AD with a sliding window of N steps, e.g. 3w: the arm the
                  kept window must match in return at <= 1/2 its rollout cost (issue 22's moonshot)
-Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; the env
-and the action choice are not timed, only model.act(...) + model.observe(...) under torch.inference_mode.
+Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; only
+model.act(...) + model.observe(...) under torch.inference_mode are timed.
 
 Each history length h is timed over the window of steps [h - W/2, h + W/2) (shifted to start at 0 if
 needed) with W = --cycles * C, i.e. whole compression cycles: C = seg_len (with cad_kept: the least common
@@ -31,10 +31,8 @@ ratios are taken per cycle (methods ran interleaved) and then the median.
 Reported: the three costs at each h; flatness cad_cached(h_max) / cad_cached(h_min) (raw, and as the
 ratio of cad_cached/ad at the two lengths, which cancels load drift between windows); cad_cached / ad
 (goal <= 1.3); cad_recompute / cad_cached (what the cache buys). Writes benchmarks/out/rollout_cost.json.
-Outside the timed windows the rollout fast-forwards with observe() only (act is pure for AD and
-use_cache=False); cad_cached runs with use_cache=False there and switches the cache on at the
-compression just before each window (from then on it acts every step, as its cache holds the window's
-tokens), so its state in the window is exactly that of a fully cached rollout.
+Outside the timed windows the rollout fast-forwards with observe() only; the cached models switch their
+cache on at the compression just before each window, so their state in it is that of a fully cached rollout.
 """
 
 from __future__ import annotations
@@ -44,9 +42,10 @@ import time
 
 import numpy as np
 import torch
-from common import Parser, clock, plain, print_table, run_info, save, train_cfg
+from common import Parser, clock, print_table, run_info, save, train_cfg
 
 from env.darkroom import BatchedDarkroom, goal_split
+from loop import to_plain
 from model import build_model
 
 # method -> (model, use_cache of init_rollout; None: AD, which has none). The KV-cached CompressedADs switch
@@ -94,27 +93,25 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
         k = t % len(methods)
         for m in methods[k:] + methods[:k]:
             model, s = model_of[m], st[m]
+            cached = m in cached_from
             # The observe of step t compresses when the window is one short of full: switch the cache on
             # for that compression if step t+1 must act; off otherwise. (Set after this step's act.)
-            switch = m in cached_from and s.n_win == model.cfg.seg_len - 1
-            cache_next = m in cached_from and any(b <= t + 1 < e for b, e in cached_from[m])
-            if not timed:
-                if m in cached_from and any(b <= t < e for b, e in cached_from[m]):
-                    model.act(s, states)  # untimed: fills the cache up to the window's first step
-                if switch:
-                    s.use_cache = cache_next
-                model.observe(s, trans)  # fast-forward: act is pure (no state) when nothing is cached
-                continue
-            assert m not in cached_from or s.use_cache, f"{m} reached a timed step without its cache"
-            t0 = clock(dev)
-            logits = model.act(s, states)
+            switch = cached and s.n_win == model.cfg.seg_len - 1
+            cache_next = cached and any(b <= t + 1 < e for b, e in cached_from[m])
+            assert not (timed and cached) or s.use_cache, f"{m} reached a timed step without its cache"
+            t0 = clock(dev) if timed else None
+            # Untimed steps fast-forward with observe only (act is pure when nothing is cached), except that a
+            # cached model acts from its rollout window's start on, filling the cache up to the timed steps.
+            if timed or (cached and any(b <= t < e for b, e in cached_from[m])):
+                logits = model.act(s, states)
             if switch:
                 s.use_cache = cache_next
             model.observe(s, trans)
-            dt = clock(dev) - t0
-            assert logits.shape == (a.n_envs, int(env_cfg.n_actions))
-            for h, i in timed:
-                times[m][h][i] = dt
+            if timed:
+                dt = clock(dev) - t0
+                assert logits.shape == (a.n_envs, int(env_cfg.n_actions))
+                for h, i in timed:
+                    times[m][h][i] = dt
         states = env.reset() if bool(done[0]) else next_states
     return times
 
@@ -181,10 +178,12 @@ def main() -> None:
             res[h]["cad_kept_over_ad"] = np.median(c["cad_kept"] / c["ad"])
             res[h]["cad_kept_over_cad_cached"] = np.median(c["cad_kept"] / c["cad_cached"])
         if along:
-            res[h] |= {f"{m}_over_ad_long": np.median(c[m] / c["ad_long"]) for m in ("cad_cached", "cad_kept") if m in c}
+            res[h] |= {f"{m}_over_ad_long": np.median(c[m] / c["ad_long"])
+                       for m in ("cad_cached", "cad_kept") if m in c}
     h_lo, h_hi = min(wins), max(wins)
     summary = {"flatness_lengths": [h_lo, h_hi],
-               **{f"flatness_{m}": np.median(cycles(m, h_hi) / cycles(m, h_lo)) for m in methods if m != "ad_long"},
+               **{f"flatness_{m}": np.median(cycles(m, h_hi) / cycles(m, h_lo))
+                  for m in methods if m != "ad_long"},
                # The same, measured against AD in the same cycles: cancels load drift between the windows
                # (the two lengths are timed minutes apart on a shared machine).
                **{f"flatness_{m}_vs_ad": res[h_hi][f"{m}_over_ad"] / res[h_lo][f"{m}_over_ad"]
@@ -225,7 +224,8 @@ def main() -> None:
         worst = summary[f"{lead}_over_ad_long_worst"]
         print(f"{lead} / ad_long (worst length) = {worst:.2f}x  (goal <= 0.5x: {'met' if worst <= 0.5 else 'MISSED'})")
     save("rollout_cost_kept" if kept else "rollout_cost", a, run_info(dev, "fp32", a.n_envs, None), {
-        "model": {k: plain(cfg.model) for k, cfg in cfgs.items()}, "per_length": {str(h): r for h, r in res.items()},
+        "model": {k: to_plain(cfg.model) for k, cfg in cfgs.items()},
+        "per_length": {str(h): r for h, r in res.items()},
         "summary": summary, "wall_seconds": wall})
 
 

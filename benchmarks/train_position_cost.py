@@ -28,7 +28,7 @@ import time
 
 import numpy as np
 import torch
-from common import Parser, clock, history_batches, plain, print_table, run_info, save, train_cfg, train_step
+from common import Parser, clock, history_batches, print_table, run_info, save, train_cfg, train_step
 
 import loop
 from dataset import HistoryBatches, gather_batch
@@ -125,7 +125,7 @@ def main() -> None:
     name = "train_position_cost_kept" if a.keep_recent else "train_position_cost"
     save(name + ("" if a.bptt == [3] else "_bptt" + "-".join(map(str, a.bptt))), a,
          run_info(dev, "fp32", a.batch_size, None), {
-             "model": plain(cfg.model), "per_position": res, "summary": summary,
+             "model": loop.to_plain(cfg.model), "per_position": res, "summary": summary,
              "times_ms": {f"{mode}_{m}{tag(b)}": t for (mode, m, b), t in times.items()}, "wall_seconds": wall})
 
 

@@ -32,7 +32,7 @@ import argparse
 
 import numpy as np
 import torch
-from common import Parser, clock, history_batches, plain, print_table, run_info, save, train_cfg, train_step
+from common import Parser, clock, history_batches, print_table, run_info, save, train_cfg, train_step
 
 import loop
 from model import build_model
@@ -173,8 +173,8 @@ def main() -> None:
     if "compress_share_of_cad_step" in summary:
         print(f"breakdown: model.compress fwd+bwd alone = {res['cad_compress']['ms_per_step']:,.0f} ms = "
               f"{summary['compress_share_of_cad_step']:.0%} of a cad_all step (encoder on B x D slots)")
-    save("train_throughput", a, run, {"model": {k: plain(cfg.model) for k, cfg in cfgs.items()}, "variants": res,
-                                      "summary": summary, "depth_mixture": mix})
+    save("train_throughput", a, run, {"model": {k: loop.to_plain(cfg.model) for k, cfg in cfgs.items()},
+                                      "variants": res, "summary": summary, "depth_mixture": mix})
 
 if __name__ == "__main__":
     main()
