@@ -1,16 +1,8 @@
-"""Shared helpers of the benchmarks.
-
-- `train_cfg`: the exact composed Hydra config (config/train.yaml with model=ad_compressed_dr or model=ad_dr),
-  so a benchmark measures what train.py would build, with the architecture flags and optional overrides.
-- `history_batches`: train.py's samplers over valid Darkroom learning histories (uniform random walks of
-  BatchedDarkroom), written with `histories.save_histories` and read back with `load_histories`, i.e. through
-  the same validation a real dataset goes through. Only shapes and the depth mixture matter for timing.
-- `train_step`: the optimizer step of loop.fit; `clock`: timing points after a device synchronisation.
-- `Parser`: --device, --quick, --out-dir, shared by every benchmark (tests/test_benchmarks.py
-  runs each one with --quick --out-dir <tmp>, so a config change that breaks a benchmark fails the suite),
-  and --threads plus the architecture flags of the model benchmarks.
-- `run_info` / `save`: the results JSON (atomic) with what its figures depend on; `print_table`.
-"""
+"""Shared helpers of the benchmarks: train.py's composed configs, samplers and optimizer step (so a benchmark
+measures what training runs; only shapes and the depth mixture of the synthetic histories matter for
+timing), the flags every benchmark takes (tests/test_benchmarks.py runs each one with --quick --out-dir <tmp>,
+so a config change that breaks a benchmark fails the suite), and the results JSON with what its figures
+depend on."""
 
 from __future__ import annotations
 
@@ -52,12 +44,11 @@ def train_cfg(model: str, a, overrides: list[str] | None = None):
     return cfg
 
 
-def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed: int = 0,
-                    test_frac: float = 0.1) -> dict:
+def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed: int = 0) -> dict:
     """{key: HistoryBatches exactly as train.py builds them from cfgs[key] (from_cfg: null depth_weights /
     window bounds resolved the same way, model.static_shapes honoured)}, all over one set of n_hist valid
     Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train/test goal
-    split), saved to and loaded (validated) from a temp folder. The samplers pack the transitions in memory."""
+    split, a tenth on test goals), saved to and loaded (validated) from a temp folder. The samplers pack the transitions in memory."""
     from dataset import HistoryBatches
     from env.darkroom import BatchedDarkroom, goal_splits_from_cfg
     from histories import FORMAT_VERSION, load_histories, save_histories
@@ -65,7 +56,7 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
 
     env_cfg = next(iter(cfgs.values())).env
     splits = goal_splits_from_cfg(env_cfg)
-    n_test = max(1, round(n_hist * test_frac))
+    n_test = max(1, round(n_hist * 0.1))
     n_train = n_hist - n_test
     rng = np.random.default_rng(seed)
     goals = np.concatenate([np.asarray(splits[k])[rng.integers(0, len(splits[k]), n)]

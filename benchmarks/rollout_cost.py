@@ -155,11 +155,9 @@ def main() -> None:
     # h -> [start, stop) of `span` steps centred on h, shifted right to start at >= 0
     wins = {h: (max(0, h - span // 2), max(0, h - span // 2) + span) for h in sorted(a.lengths)}
 
-    runs = []
     t_start = time.perf_counter()
     with torch.inference_mode():
-        for r in range(a.repeats):
-            runs.append(rollout(models, env_cfg, a, dev, wins, seed=r))
+        runs = [rollout(models, env_cfg, a, dev, wins, seed=r) for r in range(a.repeats)]
     wall = time.perf_counter() - t_start
 
     # Per-cycle mean ms/step (each cycle = `cycle` consecutive steps = whole compressions of every model).

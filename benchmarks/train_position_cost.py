@@ -84,20 +84,17 @@ def main() -> None:
             b = {k: v.to(dev) for k, v in position_batch(ds, m, bptt, a.batch_size, 0).items()}
             batches[("carry", m, bptt)] = arms[bptt][2].attach(model, b)  # carried, as every later batch has it
 
-    def one_step(mode: str, batch: dict, bptt: int) -> None:
-        model, opt, carry = arms[bptt]
-        out, _ = train_step(model, opt, batch)
-        if mode == "carry":
-            carry.update(batch, out)
-
     keys = [(mode, m, b) for b in a.bptt for m in a.positions for mode in MODES]
     times = {k: [] for k in keys}
     t_start = time.perf_counter()
     for r in range(a.steps + 1):  # round 0 warms up
         for i in range(len(keys)):
             key = keys[(i + r) % len(keys)]  # rotate the order: machine noise hits all alike
+            model, opt, carry = arms[key[2]]
             t0 = clock(dev)
-            one_step(key[0], batches[key], key[2])
+            out, _ = train_step(model, opt, batches[key])
+            if key[0] == "carry":
+                carry.update(batches[key], out)
             dt = clock(dev) - t0
             if r:
                 times[key].append(dt * 1e3)

@@ -11,13 +11,11 @@ Three variants, stepped round-robin (rotating order every round) so machine nois
   cad_last  CompressedAD, same model and the SAME batches, loss on each window's last position only
             (model.losses.action_loss(last_only=True)): same compute, 1 label per sample
   ad_all    AD baseline (context_len window, depth-0 batches), every-position loss
-Model config: config/model/ad_compressed_dr.yaml / ad_dr.yaml (arch flags override both). The batches are
-train.py's (HistoryBatches.from_cfg: the real depth mixture, min_seg_len..seg_len segments), so the encoder
-cost of the hierarchical compressions is in the CompressedAD numbers. The step is train.py's: the same
-optimizer (loop.make_optimizer: fused AdamW on CUDA), autocast for --dtype bf16, torch.compile for --compile
-(in place, as loop.fit does), static shapes (model.static_shapes) with --static-shapes (default: on with
---compile), and no host sync inside the step; each variant runs --inner steps back to back per round,
-timed between two device synchronisations, so on a GPU the figure is throughput, not launch latency.
+Model config: config/model/ad_compressed_dr.yaml / ad_dr.yaml (arch flags override both). Batches and step
+are train.py's (the real depth mixture, so the encoder cost of the hierarchical compressions is in the
+CompressedAD numbers; fused AdamW on CUDA; --dtype, --compile, --static-shapes as train.py's keys), with no
+host sync inside the step; each variant runs --inner steps back to back per round, timed between two device
+synchronisations, so on a GPU the figure is throughput, not launch latency.
 
 Reported (medians over rounds; ratios are per-round ratios of interleaved steps, then the median):
   ms/step, samples/s, labels/s per variant;
