@@ -84,8 +84,6 @@ def check_models(s: Setup) -> str:
 
 def check_transitions(s: Setup) -> str:
     """Collect just enough histories (one stream per goal) to cut a deepest-depth sample from."""
-    from omegaconf import OmegaConf
-
     import collect
     from histories import load_histories
     from hydra_cli import compose_config
@@ -96,7 +94,6 @@ def check_transitions(s: Setup) -> str:
     steps = -(-steps // env.horizon) * env.horizon  # whole episodes
     cfg = compose_config("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
                                      "source.n_stream_eval=1", "progress=false"])
-    OmegaConf.set_struct(cfg, False)
     with contextlib.redirect_stdout(io.StringIO()):
         collect.main(cfg)
     s["hist"] = load_histories(f"{tmp}/data", env)
