@@ -153,9 +153,6 @@ class PathLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:  # unlink while still holding the lock: a waiter that opened the old file re-checks its inode
-            os.unlink(self.file)
-        except FileNotFoundError:
-            pass
+        self.file.unlink(missing_ok=True)  # while still holding the lock: a waiter that opened it re-checks its inode
         os.close(self.fd)
         self.fd = None

@@ -74,13 +74,9 @@ class ReconstructionTask:
         """{split: this rank's diagnostic batches}, on goals never trained on (generalisation, not recall):
         the validation goals during training (what choices may be made on); the test goals once at the end,
         for reported figures. Their own stream (seed + 1_000_003), the size of a training micro-batch."""
-        diag = {}
-        for split in ("val", "test"):
-            if len(self.hist.split_indices(split)):
-                diag[split] = self._dataset(split, rank, world, global_micro_batch, self.cfg.seed + 1_000_003)
-        if not diag:  # a dataset with no held-out goals at all: train goals, rather than nothing
-            diag["train"] = self._dataset("train", rank, world, global_micro_batch, self.cfg.seed + 1_000_003)
-        return diag
+        # a dataset with no held-out goals at all: train goals, rather than nothing
+        splits = [sp for sp in ("val", "test") if len(self.hist.split_indices(sp))] or ["train"]
+        return {sp: self._dataset(sp, rank, world, global_micro_batch, self.cfg.seed + 1_000_003) for sp in splits}
 
     def batches(self, start, rank, world, global_micro_batch):
         ds = self._dataset("train", rank, world, global_micro_batch, self.cfg.seed, curriculum=True)
