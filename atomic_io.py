@@ -75,9 +75,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getbuffer()), binary=True)
 
 
-# The errnos of a disk that cannot take a write (full, over quota, read-only, forbidden): user errors, one
-# line each; any other OSError is a bug and keeps its traceback.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# The errnos of a disk that cannot take a write (full, over quota, read-only, forbidden), with the reason user
+# errors quote: one line each; any other OSError is a bug and keeps its traceback.
+_DISK_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+DISK_ERRNOS = frozenset(_DISK_REASONS)
 
 
 # How libraries that write files themselves report a full or read-only disk instead of raising OSError
@@ -102,9 +105,7 @@ def write_failure_reason(e: BaseException) -> str | None:
 
 def os_error_reason(e: OSError) -> str:
     """A short, user-facing reason for a failed read/write ("no space left on device", ...)."""
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted", errno.ENOENT: "no such file or folder"}
+    reasons = {**_DISK_REASONS, errno.ENOENT: "no such file or folder"}
     return reasons.get(e.errno, e.strerror or type(e).__name__)
 
 

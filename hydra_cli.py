@@ -181,16 +181,10 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
 
 
 def run(config_name: str, module: str) -> None:
-    """The entry point of every script configured by Hydra (collect, pretrain_encoder, train, evaluate): the
-    script's work is its `main(cfg)` (what tests call), and its last lines are always
-
-        if __name__ == "__main__":
-            import hydra_cli
-
-            hydra_cli.run("train", "train")   # compose config/train.yaml, run train.main(cfg)
-
-    `module` is imported by name and ITS main runs, not the __main__ copy's (a __main__ copy would define
-    its own classes beside the importable module's)."""
+    """The entry point of every script configured by Hydra (collect, pretrain_encoder, train, evaluate), whose
+    work is its `main(cfg)` (what tests call): `hydra_cli.run("train", "train")` composes config/train.yaml and
+    runs train.main(cfg). `module` is imported by name and ITS main runs, not the __main__ copy's (a __main__
+    copy would define its own classes beside the importable module's)."""
     import importlib
 
     import hydra

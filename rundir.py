@@ -101,11 +101,8 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool, fix: str,
               fingerprint: str | None = None, encoder: Path | None = None) -> str:
     """What a driver (experiments/sweep.py, two_stage.py) does with a stage's run dir before launching it:
-    'reuse' (done.json, the same config identity, steps, data and encoder), 'resume' (checkpoints, no
-    done.json), 'fresh', or 'overwrite' (force). A run dir holding another config, trained on other data
-    (`fingerprint`: the dataset's now) or, for a finished stage 2, from an encoder file written after the
-    run started (`encoder`: stage 1 was redone since) is refused with RunDirError, ending in `fix` (the
-    driver's way to redo it). Pure: reads only."""
+    'reuse', 'resume', 'fresh' or 'overwrite' (force), or RunDirError ending in `fix` (the driver's way to redo
+    it); the rule is docs/design.md §6's (`fingerprint`: the dataset's now). Pure: reads only."""
     run_dir = Path(run_dir)
     if force:  # overwrite=true whatever the run dir holds (also what a dry run prints)
         return "overwrite"
@@ -151,11 +148,9 @@ def read_json(path: Path) -> dict | None:
 
 
 def check_dataset(data_path: Path, want: dict, asked: set[str], by_hand: bool) -> str | None:
-    """The drivers' one check (two_stage.py, experiments/sweep.py) before they reuse the dataset at data_path
-    for the plain collect config `want`: a difference in a setting the command line gives (`asked`: keys or
-    groups) is refused (histories.DatasetError), and so is any difference when data_path is the config's own.
-    A dataset given by hand (data_path=...) that differs from the defaults only is the user's call: the note
-    to print is returned."""
+    """The drivers' one check before they reuse the dataset at data_path for the plain collect config `want`
+    (docs/design.md §6; `asked`: the keys or groups the command line gives): histories.DatasetError, or the note
+    to print for a dataset given by hand (data_path=...) that differs from the defaults only."""
     from histories import DatasetError
 
     # env, source settings and seeds ("key: dataset -> asked"); keys a dataset does not record (collected
@@ -391,10 +386,9 @@ def _fsync_tree(root: Path) -> None:
 
 
 def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict | None = None) -> Path:
-    """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it and renames it to
-    step-N, then prunes: checkpoints newer than N (an abandoned timeline after resume_from an older one)
-    and all but the keep_last newest. The newest complete checkpoint is never deleted before its
-    successor exists. Assumes a filesystem shared by all ranks (multi-node: a shared run_dir)."""
+    """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it, renames it to step-N,
+    then prunes checkpoints newer than N (an abandoned timeline after resume_from an older one) and all but
+    the keep_last newest. Assumes a filesystem shared by all ranks (multi-node: a shared run_dir)."""
     ck_root = run_dir / "checkpoints"
     final = ck_root / f"step-{step:08d}"
     tmp = ck_root / f".tmp-step-{step:08d}"

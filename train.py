@@ -17,6 +17,7 @@ rollouts on the validation goals (evaluate.py; final test-goal numbers come from
 from __future__ import annotations
 
 import torch
+from accelerate.utils import set_seed
 
 import goal_readout
 import loop
@@ -193,7 +194,7 @@ def main(cfg) -> dict:
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
     plain[rundir.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (rundir.check_same_data)
-    loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
+    set_seed(cfg.seed)  # Python, numpy, torch: init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     m = model.cfg  # the model group, parsed once (ModelConfig)
     if m.pretrained_encoder_path:

@@ -105,20 +105,13 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     except UnknownKeyError as e:
         raise PipelineError(str(e)) from None
     for o in shared:
-        if o in groups:
-            for s in STAGES:
-                routed[s].append(o)
-            continue
-        took = False
-        for s, cfg in bases.items():
-            if s not in SHARED_KEY_STAGES.get(o.split("=", 1)[0].lstrip("+~"), STAGES):
-                continue
-            r = route_override(cfg, o)
+        stages = SHARED_KEY_STAGES.get(o.split("=", 1)[0].lstrip("+~"), STAGES)
+        took = {s: o if o in groups else route_override(bases[s], o) for s in stages}
+        if all(r is None for r in took.values()):
+            raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
+        for s, r in took.items():
             if r is not None:
                 routed[s].append(r)
-                took = True
-        if not took:
-            raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
     for s in STAGES:
         routed[s] += only[s]  # Hydra applies overrides in order: `train:lr=1e-4` beats a shared `lr=1e-3`
         try:  # bad values / syntax fail here, before any stage runs
