@@ -25,7 +25,7 @@ os.umask(_UMASK)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a folder's entries (a rename is only durable once its folder is synced)."""
+    """Persist a folder's entries (a rename is only durable once its folder is synced); a file's contents alike."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

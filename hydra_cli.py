@@ -26,11 +26,8 @@ CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
 # Command-line spellings that moved and still work (docs/design.md §12): old key -> where it lives now. A table, not
 # schema field aliases: each maps a key of one group to another group or to the top level.
-KEY_ALIASES = {
-    # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml (the original notes), top level of pretrain.yaml now
-    "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
-    "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
-}
+# The stage-1 optimisation keys: in config/model/pretrain_encoder.yaml (the original notes), top level of pretrain.yaml now.
+KEY_ALIASES = {f"model.{k}": k for k in ("pretrain_steps", "pretrain_batch_size", "pretrain_lr", "save_every")}
 BARE_GROUPS = ("model", "sampler")  # `key=value` with a key of one of these groups means `<group>.key=value`
 NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
 

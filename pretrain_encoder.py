@@ -18,6 +18,7 @@ Writes <run_dir>/encoder-pretrained-<step>.pt every save_every steps and
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 from accelerate.utils import set_seed
@@ -100,8 +101,7 @@ class ReconstructionTask:
         diag = self.diag[split or self.diag_split]
         net = loop.unwrap(run.accelerator, model)
         net.eval()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        sums, counts = Counter(), Counter()  # per key: a depth's metrics exist only where it was drawn
         for k in range(self.cfg.diag_batches):
             b = {key: v.to(run.accelerator.device) for key, v in diag[k].items()}
             out = net(b)
@@ -117,9 +117,8 @@ class ReconstructionTask:
             if "task" in out:
                 vals.update(task_metrics(out["task"], b["seg"], b["seg_len"], self.mcfg.grid_size,
                                          ablated=shuffled["task"]))
-            for name, v in vals.items():
-                sums[name] = sums.get(name, 0.0) + v
-                counts[name] = counts.get(name, 0) + 1
+            sums.update(vals)
+            counts.update(vals.keys())
         net.train()
         # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
         return {f"{prefix}{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}

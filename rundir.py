@@ -21,7 +21,7 @@ import re
 import shutil
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason, write_failure_reason
@@ -181,13 +181,8 @@ def _is_complete(ck: Path) -> bool:
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, dir), oldest first. Half-written ones live under .tmp-* names."""
     d = Path(run_dir) / "checkpoints"
-    out = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = CHECKPOINT_RE.fullmatch(p.name)
-            if m and p.is_dir() and _is_complete(p):
-                out.append((int(m.group(1)), p))
-    return sorted(out)
+    found = [(CHECKPOINT_RE.fullmatch(p.name), p) for p in d.iterdir()] if d.is_dir() else []
+    return sorted((int(m.group(1)), p) for m, p in found if m and p.is_dir() and _is_complete(p))
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
@@ -220,7 +215,6 @@ class RunPlan:
     start_step: int = 0
     wipe: bool = False  # overwrite=true on an existing run: delete its contents first
     restart: bool = False  # same run, killed before its first checkpoint: clear its partial outputs
-    notes: list[str] = field(default_factory=list)
 
 
 def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
@@ -374,17 +368,6 @@ def load_checkpoint(acc, ck: Path) -> None:
                           f"checkpoints/step-N>, or start over with overwrite=true") from None
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
 def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict | None = None) -> Path:
     """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it, renames it to step-N,
     then prunes checkpoints newer than N (an abandoned timeline after resume_from an older one) and all but
@@ -413,7 +396,9 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
     if acc.is_main_process:
         (tmp / "loop_state.json").write_text(json.dumps(
             {"step": step, "world_size": acc.num_processes, "config": config}, indent=1, default=str))
-        _fsync_tree(tmp)
+        for dirpath, _, files in os.walk(tmp):  # every file, then its folder (fsync_dir syncs either)
+            for p in [*(os.path.join(dirpath, name) for name in files), dirpath]:
+                fsync_dir(p)
         kill_point(step, "save")
         if final.exists():  # same step saved again (resume_from an older checkpoint): swap, then delete
             os.rename(final, old)
