@@ -93,6 +93,13 @@ class Task(Protocol):
         """Final extras; returns metrics merged into the run summary."""
 
 
+def seed_everything(seed: int) -> None:
+    """Python, numpy and torch RNGs; call before building a model so its init depends on the seed only."""
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed))
+
+
 def to_plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
 

@@ -21,7 +21,6 @@ import os
 from collections import Counter
 
 import torch
-from accelerate.utils import set_seed
 
 import loop
 import rundir
@@ -165,7 +164,7 @@ def main(cfg) -> dict:
         print(f"warning: model.n_latent x model.n_head = {slots} < model.seg_len={mcfg.seg_len}: the slot "
               f"initialisation gives {mcfg.seg_len - slots} positions of a full segment no head of their own, and "
               "they are read back worse (docs/design.md §5); make n_latent x n_head >= seg_len", flush=True)
-    set_seed(cfg.seed)  # Python, numpy, torch: init weights depend on the seed only (reproducible, resumable)
+    loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = EncoderPretrainer(mcfg)
     task = ReconstructionTask(cfg, model, hist)
     settings = loop.settings_from_cfg(cfg, "pretrain", max_steps=int(cfg.pretrain_steps),

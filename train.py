@@ -15,7 +15,6 @@ the end) and in-context rollouts on the validation goals (final test-goal number
 from __future__ import annotations
 
 import torch
-from accelerate.utils import set_seed
 
 import goal_readout
 import loop
@@ -190,7 +189,7 @@ def main(cfg) -> dict:
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
     plain[rundir.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (rundir.check_same_data)
-    set_seed(cfg.seed)  # Python, numpy, torch: init weights depend on the seed only (reproducible, resumable)
+    loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     m = model.cfg  # the model group, parsed once (ModelConfig)
     if m.pretrained_encoder_path:
