@@ -25,7 +25,7 @@ os.umask(_UMASK)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
-    """Persist a folder's entries (a rename is only durable once its folder is synced)."""
+    """Persist a folder's entries (a rename is only durable once its folder is synced); a file's contents alike."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,9 +75,12 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     return atomic_write(path, lambda f: f.write(buf.getbuffer()), binary=True)
 
 
-# The errnos of a disk that cannot take a write (full, over quota, read-only, forbidden): user errors, one
-# line each; any other OSError is a bug and keeps its traceback.
-DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# The errnos of a disk that cannot take a write (full, over quota, read-only, forbidden), with the reason user
+# errors quote: one line each; any other OSError is a bug and keeps its traceback.
+_DISK_REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+                 errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+                 errno.EPERM: "operation not permitted"}
+DISK_ERRNOS = frozenset(_DISK_REASONS)
 
 
 # How libraries that write files themselves report a full or read-only disk instead of raising OSError
@@ -102,9 +105,7 @@ def write_failure_reason(e: BaseException) -> str | None:
 
 def os_error_reason(e: OSError) -> str:
     """A short, user-facing reason for a failed read/write ("no space left on device", ...)."""
-    reasons = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
-               errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
-               errno.EPERM: "operation not permitted", errno.ENOENT: "no such file or folder"}
+    reasons = {**_DISK_REASONS, errno.ENOENT: "no such file or folder"}
     return reasons.get(e.errno, e.strerror or type(e).__name__)
 
 
@@ -153,9 +154,6 @@ class PathLock:
     def release(self) -> None:
         if self.fd is None:
             return
-        try:  # unlink while still holding the lock: a waiter that opened the old file re-checks its inode
-            os.unlink(self.file)
-        except FileNotFoundError:
-            pass
+        self.file.unlink(missing_ok=True)  # while still holding the lock: a waiter that opened it re-checks its inode
         os.close(self.fd)
         self.fd = None

@@ -1,23 +1,19 @@
 """The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
 
 Two things on top of plain Hydra:
-1. Short keys and old spellings. The keys people type most work bare (`pretrain_lr=0.0005`, `n_latent=15`,
-   `freeze_encoder=true`, `min_seg_len=20`, ...): a bare `key=value` that is not a top-level key but is a
-   `model.` or `sampler.` key is rewritten to `<group>.key=value`. Keys that moved keep their old spelling
-   (KEY_ALIASES: `model.pretrain_lr=...` -> `pretrain_lr=...`, `model.min_seg_len=...` ->
-   `sampler.min_seg_len=...`), here and in compose_config. A key that exists nowhere fails with one line
-   naming the known keys.
-2. Known user errors (missing dataset, bad checkpoint, impossible config, unknown key, bad override
-   syntax, unknown group option, ...) print one line `error: ...` on stderr and exit with status 2
-   instead of a traceback (CAD_DEBUG=1 shows it). Under `accelerate launch` only rank 0 prints it (the
-   checks are identical on every rank); every rank exits 2. Only the project's own error classes
-   (user_errors) count as user errors: any other exception, a ValueError from inside torch included, is
-   a bug and keeps its traceback. Ctrl-C exits 130 with one line (training says where its last
-   checkpoint is), and a full / read-only disk during training is one line too (`as_user_error`).
+1. Short keys and old spellings (docs/design.md §12): a bare `model.` / `sampler.` key works without its
+   prefix, KEY_ALIASES keep keys that moved, here and in compose_config; a key that exists nowhere fails
+   with one line naming the known keys.
+2. The project's own errors (errors.UserError) print one line `error: ...` on stderr (rank 0 only under
+   `accelerate launch`; every rank exits 2) instead of a traceback (CAD_DEBUG=1 shows it). Any other
+   exception, a ValueError from inside torch included, is a bug and keeps its traceback. Ctrl-C exits 130
+   with one line (training says where its last checkpoint is), and so does a full / read-only disk
+   during training (`as_user_error`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -30,11 +26,8 @@ CONFIG_DIR = str(REPO / "config")
 GROUPS = ("env", "model", "experiment")
 # Command-line spellings that moved and still work (docs/design.md §12): old key -> where it lives now. A table, not
 # schema field aliases: each maps a key of one group to another group or to the top level.
-KEY_ALIASES = {
-    # stage-1 optimisation keys: in config/model/pretrain_encoder.yaml (the original notes), top level of pretrain.yaml now
-    "model.pretrain_steps": "pretrain_steps", "model.pretrain_batch_size": "pretrain_batch_size",
-    "model.pretrain_lr": "pretrain_lr", "model.save_every": "save_every",
-}
+# The stage-1 optimisation keys: in config/model/pretrain_encoder.yaml (the original notes), top level of pretrain.yaml now.
+KEY_ALIASES = {f"model.{k}": k for k in ("pretrain_steps", "pretrain_batch_size", "pretrain_lr", "save_every")}
 BARE_GROUPS = ("model", "sampler")  # `key=value` with a key of one of these groups means `<group>.key=value`
 NO_PRESET = "none"  # config/experiment/none.yaml: what `experiment=null` / `~experiment` mean
 
@@ -65,12 +58,10 @@ def encoder_tag(pretrained_encoder_path, freeze_encoder) -> str:
 def mul(*factors) -> int:
     """`${mul:a,b,...}`: the product of integers, so one key can follow another at a multiple (a memory-sweep
     arm sets model.keep_recent = w and model.seg_len = ${mul:${model.keep_recent},2})."""
-    out = 1
-    for f in factors:
-        if isinstance(f, bool) or not isinstance(f, int):
-            raise TypeError(f"${{mul:...}} multiplies integers, got {f!r}")
-        out *= f
-    return out
+    bad = [f for f in factors if isinstance(f, bool) or not isinstance(f, int)]
+    if bad:
+        raise TypeError(f"${{mul:...}} multiplies integers, got {bad[0]!r}")
+    return math.prod(factors)
 
 
 def register_resolvers() -> None:
@@ -78,10 +69,9 @@ def register_resolvers() -> None:
     this module (or a script that imports it) resolves train.yaml and the arms that use them."""
     from omegaconf import OmegaConf
 
-    if not OmegaConf.has_resolver("encoder_tag"):
-        OmegaConf.register_new_resolver("encoder_tag", encoder_tag)
-    if not OmegaConf.has_resolver("mul"):
-        OmegaConf.register_new_resolver("mul", mul)
+    for name, fn in (("encoder_tag", encoder_tag), ("mul", mul)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
 
 
 register_resolvers()
@@ -93,8 +83,7 @@ class UnknownKeyError(UserError, ValueError):
 
 def one_line(e: BaseException) -> str:
     """The error's message on one line (our errors are one line already; library ones may not be)."""
-    msg = " ".join(str(e).split()) or type(e).__name__
-    return msg
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def report(e: BaseException) -> None:
@@ -105,9 +94,8 @@ def report(e: BaseException) -> None:
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
-    """The project's user-facing error classes: errors.UserError, which every project error derives from (its
-    message is one actionable line). Deliberately not ValueError / OSError in general: those come from bugs and
-    from libraries too, and keep a traceback."""
+    """The project's user-facing error classes. Deliberately not ValueError / OSError in general: those come
+    from bugs and from libraries too, and keep a traceback."""
     return (UserError,)
 
 
@@ -190,16 +178,10 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
 
 
 def run(config_name: str, module: str) -> None:
-    """The entry point of every script configured by Hydra (collect, pretrain_encoder, train, evaluate): the
-    script's work is its `main(cfg)` (what tests call), and its last lines are always
-
-        if __name__ == "__main__":
-            import hydra_cli
-
-            hydra_cli.run("train", "train")   # compose config/train.yaml, run train.main(cfg)
-
-    `module` is imported by name and ITS main runs, not the __main__ copy's (a __main__ copy would define
-    its own classes beside the importable module's)."""
+    """The entry point of every script configured by Hydra (collect, pretrain_encoder, train, evaluate), whose
+    work is its `main(cfg)` (what tests call): `hydra_cli.run("train", "train")` composes config/train.yaml and
+    runs train.main(cfg). `module` is imported by name and ITS main runs, not the __main__ copy's (a __main__
+    copy would define its own classes beside the importable module's)."""
     import importlib
 
     import hydra
@@ -282,16 +264,9 @@ def _stop_retrying() -> None:
 
 
 def run_args(module: str) -> None:
-    """The entry point of the scripts that take flags of their own (two_stage.py, test_pretrain_setup.py):
-    the same shape as `run` — `<module>.main(argv)` does the work, the file ends in
-
-        if __name__ == "__main__":
-            import hydra_cli
-
-            hydra_cli.run_args("two_stage")
-
-    An int that main returns is the exit status; the module's USER_ERRORS print one line `error: ...` and
-    exit 2, as in `run`."""
+    """The entry point of the scripts that take flags of their own (two_stage.py, test_pretrain_setup.py), as
+    `run`: `<module>.main(argv)` does the work, an int it returns is the exit status, and the module's
+    USER_ERRORS print one line `error: ...` and exit 2."""
     import importlib
 
     mod = importlib.import_module(module)

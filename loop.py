@@ -43,9 +43,7 @@ class LoopSettings(Budget, LoopOptions, Checked):
 
     def compile_mode(self) -> str | None:
         """None (eager) or the torch.compile mode (or debug backend, see COMPILE_BACKENDS)."""
-        if self.compile is False or self.compile is None:
-            return None
-        return "default" if self.compile is True else str(self.compile)
+        return None if self.compile is False else "default" if self.compile is True else self.compile
 
     def compile_kwargs(self) -> dict:
         mode = self.compile_mode()
@@ -376,8 +374,5 @@ def unwrap(acc, model: nn.Module) -> nn.Module:
 
 def settings_from_cfg(cfg, namespace: str, **override: Any) -> LoopSettings:
     """LoopSettings from the common top-level keys of train.yaml / pretrain.yaml."""
-    names = LoopSettings.model_fields
-    kw = {k: cfg[k] for k in names if k in cfg}
-    kw.update(override)
-    kw["namespace"] = namespace
-    return LoopSettings(**kw)
+    kw = {k: cfg[k] for k in LoopSettings.model_fields if k in cfg}
+    return LoopSettings(**{**kw, **override, "namespace": namespace})

@@ -18,6 +18,7 @@ Writes <run_dir>/encoder-pretrained-<step>.pt every save_every steps and
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import torch
 
@@ -74,13 +75,9 @@ class ReconstructionTask:
         """{split: this rank's diagnostic batches}, on goals never trained on (generalisation, not recall):
         the validation goals during training (what choices may be made on); the test goals once at the end,
         for reported figures. Their own stream (seed + 1_000_003), the size of a training micro-batch."""
-        diag = {}
-        for split in ("val", "test"):
-            if len(self.hist.split_indices(split)):
-                diag[split] = self._dataset(split, rank, world, global_micro_batch, self.cfg.seed + 1_000_003)
-        if not diag:  # a dataset with no held-out goals at all: train goals, rather than nothing
-            diag["train"] = self._dataset("train", rank, world, global_micro_batch, self.cfg.seed + 1_000_003)
-        return diag
+        # a dataset with no held-out goals at all: train goals, rather than nothing
+        splits = [sp for sp in ("val", "test") if len(self.hist.split_indices(sp))] or ["train"]
+        return {sp: self._dataset(sp, rank, world, global_micro_batch, self.cfg.seed + 1_000_003) for sp in splits}
 
     def batches(self, start, rank, world, global_micro_batch):
         ds = self._dataset("train", rank, world, global_micro_batch, self.cfg.seed, curriculum=True)
@@ -103,8 +100,7 @@ class ReconstructionTask:
         diag = self.diag[split or self.diag_split]
         net = loop.unwrap(run.accelerator, model)
         net.eval()
-        sums: dict[str, float] = {}
-        counts: dict[str, int] = {}
+        sums, counts = Counter(), Counter()  # per key: a depth's metrics exist only where it was drawn
         for k in range(self.cfg.diag_batches):
             b = {key: v.to(run.accelerator.device) for key, v in diag[k].items()}
             out = net(b)
@@ -120,9 +116,8 @@ class ReconstructionTask:
             if "task" in out:
                 vals.update(task_metrics(out["task"], b["seg"], b["seg_len"], self.mcfg.grid_size,
                                          ablated=shuffled["task"]))
-            for name, v in vals.items():
-                sums[name] = sums.get(name, 0.0) + v
-                counts[name] = counts.get(name, 0) + 1
+            sums.update(vals)
+            counts.update(vals.keys())
         net.train()
         # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
         return {f"{prefix}{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}

@@ -1,34 +1,16 @@
 """The run directory: what a run is, what its folder holds, and its resume checkpoints (docs/design.md §6).
 
-`loop.fit` asks this module, before it writes anything, what to do with `run_dir` (`plan_run_dir`, pure and
-identical on every rank), carries the plan out on the main process (`apply_run_dir`), holds the folder's
-lock for the whole run (`lock_run_dir`), and saves / loads resume checkpoints (`save_checkpoint`,
-`load_checkpoint`). The drivers (two_stage.py, experiments/sweep.py) ask it whether to reuse, resume, start
-or refuse a stage's run dir (`run_state`) and whether an existing dataset is the one asked for (`check_dataset`).
+Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths (a
+moved or differently spelled folder is the same run). What data_path points at is checked by content
+instead: resuming on data with another `data_fingerprint` is refused unless allow_data_change=true.
 
-Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths
-(run_dir, data_path, the encoder path: a moved or differently spelled folder is the same run). What the
-data path points at is checked by content instead: `data_fingerprint` (histories.fingerprint) is recorded
-in config.json, and resuming on data with another fingerprint is refused unless allow_data_change=true.
-
-Resume: `resume=true` continues from the newest complete checkpoint of run_dir,
-`resume_from=<run dir | checkpoints/step-N>` from a given one. A checkpoint is Accelerate's `save_state`
-(model, optimizer, scheduler, GradScaler, per-rank RNG states) plus the loop's step counter; the data
-position is the step. A run SIGKILLed at any moment and resumed ends with the same weights, bit for bit on
-CPU (tests/test_resume.py), because nothing between a checkpoint and the next step draws from the global
-RNGs differently in a resumed process (the DataLoader's seed draw is isolated; in-context evaluation uses
-its own torch.Generator) and TensorBoard drops the killed run's events past the checkpoint.
-
-Atomicity: checkpoints are written into checkpoints/.tmp-step-N, fsync'd, then renamed to step-N;
-readers only ever see step-N folders. Pruning (keep_last) runs after the rename, so the newest
-complete checkpoint is never deleted before its successor exists; a pruned checkpoint is first renamed
-to .old-step-N, so an interrupted prune never leaves a half-deleted step-N. config.json / done.json go
-through atomic_write_text (temp file + os.replace). Leftovers of a killed process (.tmp-/.old- folders,
-.<file>.*.tmp files, incomplete step-N folders) are removed, and reported, by the next start.
+Atomicity: leftovers of a killed process (.tmp-/.old- checkpoint folders, .<file>.*.tmp files, incomplete
+step-N folders) are never read, and are removed, and reported, by the next start; a pruned checkpoint is
+first renamed to .old-step-N, so an interrupted prune never leaves a half-deleted step-N.
 
 One process per run directory: the main process holds an exclusive lock (atomic_io.PathLock) on run_dir
-for the whole of fit; a second launch on the same run_dir fails at once with a line naming the holder's
-pid. The other ranks of the same launch rely on the main process's lock.
+for the whole of fit; a second launch fails at once naming the holder's pid. The other ranks of the same
+launch rely on the main process's lock.
 """
 
 from __future__ import annotations
@@ -39,21 +21,11 @@ import re
 import shutil
 import signal
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 from atomic_io import PathLock, atomic_write_text, fsync_dir, os_error_reason, write_failure_reason
 from errors import UserError
-
-
-class RunSettings(Protocol):
-    """What plan_run_dir reads of a loop's settings (loop.LoopSettings has them): no import of the loop."""
-
-    checkpoint_every: int
-    overwrite: bool
-    resume: bool
-    resume_from: str | None
 
 
 class RunDirError(UserError, RuntimeError):
@@ -129,11 +101,8 @@ def differing_keys(a: dict, b: dict) -> list[str]:
 def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool, fix: str,
               fingerprint: str | None = None, encoder: Path | None = None) -> str:
     """What a driver (experiments/sweep.py, two_stage.py) does with a stage's run dir before launching it:
-    'reuse' (done.json, the same config identity, steps, data and encoder), 'resume' (checkpoints, no
-    done.json), 'fresh', or 'overwrite' (force). A run dir holding another config, trained on other data
-    (`fingerprint`: the dataset's now) or, for a finished stage 2, from an encoder file written after the
-    run started (`encoder`: stage 1 was redone since) is refused with RunDirError, ending in `fix` (the
-    driver's way to redo it). Pure: reads only."""
+    'reuse', 'resume', 'fresh' or 'overwrite' (force), or RunDirError ending in `fix` (the driver's way to redo
+    it); the rule is docs/design.md §6's (`fingerprint`: the dataset's now). Pure: reads only."""
     run_dir = Path(run_dir)
     if force:  # overwrite=true whatever the run dir holds (also what a dry run prints)
         return "overwrite"
@@ -178,27 +147,20 @@ def read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def dataset_mismatch(meta: dict, want: dict) -> list[str]:
-    """What differs between a dataset's meta.json and the plain collect config that would make it now: env,
-    source settings and seeds ("key: dataset -> asked"); keys a dataset does not record (collected before
-    they existed) are not compared."""
-    out = []
-    for group in ("env", "source"):
-        have, ask = meta.get(group) or {}, want.get(group) or {}
-        out += [f"{group}.{k}: {have.get(k)!r} -> {ask.get(k)!r}" for k in sorted(have, key=str)
-                if have.get(k) != ask.get(k)]
-    return out + [f"{k}: {meta.get(k)!r} -> {want.get(k)!r}" for k in ("seed", "data_seed") if meta.get(k) != want.get(k)]
-
-
 def check_dataset(data_path: Path, want: dict, asked: set[str], by_hand: bool) -> str | None:
-    """The drivers' one check (two_stage.py, experiments/sweep.py) before they reuse the dataset at data_path
-    for the plain collect config `want`: a difference in a setting the command line gives (`asked`: keys or
-    groups) is refused (histories.DatasetError), and so is any difference when data_path is the config's own.
-    A dataset given by hand (data_path=...) that differs from the defaults only is the user's call: the note
-    to print is returned."""
+    """The drivers' one check before they reuse the dataset at data_path for the plain collect config `want`
+    (docs/design.md §6; `asked`: the keys or groups the command line gives): histories.DatasetError, or the note
+    to print for a dataset given by hand (data_path=...) that differs from the defaults only."""
     from histories import DatasetError
 
-    diff = dataset_mismatch(read_json(Path(data_path) / "meta.json") or {}, want)
+    # env, source settings and seeds ("key: dataset -> asked"); keys a dataset does not record (collected
+    # before they existed) are not compared
+    meta = read_json(Path(data_path) / "meta.json") or {}
+    diff = []
+    for g in ("env", "source"):
+        have, ask = meta.get(g) or {}, want.get(g) or {}
+        diff += [f"{g}.{k}: {have[k]!r} -> {ask.get(k)!r}" for k in sorted(have, key=str) if have[k] != ask.get(k)]
+    diff += [f"{k}: {meta.get(k)!r} -> {want.get(k)!r}" for k in ("seed", "data_seed") if meta.get(k) != want.get(k)]
     refused = [d for d in diff if d.split(":")[0] in asked or d.split(".")[0] in asked] or ([] if by_hand else diff)
     if refused:
         raise DatasetError(f"the dataset at {data_path} was collected with other settings than asked "
@@ -219,13 +181,8 @@ def _is_complete(ck: Path) -> bool:
 def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
     """Complete checkpoints (step, dir), oldest first. Half-written ones live under .tmp-* names."""
     d = Path(run_dir) / "checkpoints"
-    out = []
-    if d.is_dir():
-        for p in d.iterdir():
-            m = CHECKPOINT_RE.fullmatch(p.name)
-            if m and p.is_dir() and _is_complete(p):
-                out.append((int(m.group(1)), p))
-    return sorted(out)
+    found = [(CHECKPOINT_RE.fullmatch(p.name), p) for p in d.iterdir()] if d.is_dir() else []
+    return sorted((int(m.group(1)), p) for m, p in found if m and p.is_dir() and _is_complete(p))
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
@@ -238,13 +195,15 @@ def _read_json(path: Path, what: str, fix: str) -> dict:
         raise RunDirError(f"{path} ({what}) is unreadable ({type(e).__name__}): {fix}") from None
 
 
-def checkpoint_step(ck: Path) -> int:
+def _loop_state(ck: Path) -> tuple[int, dict | None]:
+    """A checkpoint's step and the run config saved with it (None in checkpoints from before it was)."""
     st = _read_json(ck / "loop_state.json", "checkpoint state", "resume from another checkpoint "
                     "(resume_from=<run_dir>/checkpoints/step-N) or start over with overwrite=true")
     try:
-        return int(st["step"])
+        step = int(st["step"])
     except (KeyError, TypeError, ValueError):
         raise RunDirError(f"{ck}/loop_state.json has no integer 'step': resume from another checkpoint") from None
+    return step, st["config"] if isinstance(st.get("config"), dict) else None
 
 
 @dataclass
@@ -256,22 +215,12 @@ class RunPlan:
     start_step: int = 0
     wipe: bool = False  # overwrite=true on an existing run: delete its contents first
     restart: bool = False  # same run, killed before its first checkpoint: clear its partial outputs
-    notes: list[str] = field(default_factory=list)
 
 
-def _resolve_resume_from(arg: str) -> Path:
-    ck = Path(arg).expanduser().resolve()
-    if not (ck / "loop_state.json").is_file() and checkpoints(ck):
-        ck = checkpoints(ck)[-1][1]  # a run directory was given: take its latest checkpoint
-    if not (ck / "loop_state.json").is_file():
-        raise RunDirError(f"resume_from={arg} is not a checkpoint (no {ck}/loop_state.json): pass a run "
-                          f"directory that has checkpoints/step-* folders, or one of those folders")
-    return ck
-
-
-def plan_run_dir(run_dir: Path, cfg: dict, s: RunSettings) -> RunPlan:
-    """Decide whether to start fresh, start over or resume; refuse to clobber anything that is not this run.
-    Pure (reads only), so every rank reaches the same decision before the main process writes."""
+def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
+    """Decide (per `s`, loop.LoopSettings) whether to start fresh, start over or resume; refuse to clobber
+    anything that is not this run. Pure (reads only), so every rank reaches the same decision before the main
+    process writes."""
     run_dir = Path(run_dir)
     plan = RunPlan(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -286,42 +235,39 @@ def plan_run_dir(run_dir: Path, cfg: dict, s: RunSettings) -> RunPlan:
     if s.overwrite:
         plan.wipe = saved is not None
         return plan
-
-    def same_run_or_raise():
-        if saved is not None and identity(saved) != identity(cfg):
-            diff = differing_keys(saved, cfg)
-            raise RunDirError(
-                f"run_dir {run_dir} already holds a different run (config differs in: {'; '.join(diff)}); "
-                f"choose another run_dir=..., or pass overwrite=true to replace it")
-
-    if s.resume_from:
-        same_run_or_raise()
-        plan.resume_ckpt = _resolve_resume_from(s.resume_from)
-        plan.start_step = checkpoint_step(plan.resume_ckpt)
-        ck_cfg = _read_json(plan.resume_ckpt / "loop_state.json", "checkpoint state", "resume from another "
-                            "checkpoint").get("config")
-        check_same_data(ck_cfg if isinstance(ck_cfg, dict) else saved, cfg, f"checkpoint {plan.resume_ckpt}")
-        return plan
+    if saved is not None and identity(saved) != identity(cfg):
+        raise RunDirError(
+            f"run_dir {run_dir} already holds a different run (config differs in: "
+            f"{'; '.join(differing_keys(saved, cfg))}); choose another run_dir=..., or pass overwrite=true to "
+            f"replace it")
     existing = checkpoints(run_dir)
-    if saved is not None:
-        same_run_or_raise()
-        if s.resume:
-            if not existing:
-                raise RunDirError(f"resume=true but {run_dir} has no complete checkpoint yet (it was stopped "
-                                  f"before checkpoint_every={s.checkpoint_every} steps): run it without resume")
-            plan.resume_ckpt = existing[-1][1]
-            plan.start_step = checkpoint_step(plan.resume_ckpt)
-            check_same_data(saved, cfg, f"run_dir {run_dir}")
-            return plan
-        if existing or (run_dir / "done.json").exists():
-            where = f"checkpoint step {existing[-1][0]}" if existing else "finished"
-            raise RunDirError(f"run_dir {run_dir} already holds this run ({where}); pass resume=true to "
+    if s.resume_from:
+        ck = Path(s.resume_from).expanduser().resolve()
+        if not (ck / "loop_state.json").is_file() and checkpoints(ck):
+            ck = checkpoints(ck)[-1][1]  # a run directory was given: take its latest checkpoint
+        if not (ck / "loop_state.json").is_file():
+            raise RunDirError(f"resume_from={s.resume_from} is not a checkpoint (no {ck}/loop_state.json): pass a "
+                              f"run directory that has checkpoints/step-* folders, or one of those folders")
+        where = f"checkpoint {ck}"
+    elif s.resume:
+        if saved is None:
+            raise RunDirError(f"resume=true but there is no run in {run_dir}: start it without resume, or fix "
+                              f"run_dir=... (or pass resume_from=<checkpoint>)")
+        if not existing:
+            raise RunDirError(f"resume=true but {run_dir} has no complete checkpoint yet (it was stopped "
+                              f"before checkpoint_every={s.checkpoint_every} steps): run it without resume")
+        ck, where = existing[-1][1], f"run_dir {run_dir}"
+    else:
+        if saved is not None and (existing or (run_dir / "done.json").exists()):
+            state = f"checkpoint step {existing[-1][0]}" if existing else "finished"
+            raise RunDirError(f"run_dir {run_dir} already holds this run ({state}); pass resume=true to "
                               f"continue it, or overwrite=true to start over")
-        plan.restart = True
+        plan.restart = saved is not None  # same run, killed before its first checkpoint
         return plan
-    if s.resume:
-        raise RunDirError(f"resume=true but there is no run in {run_dir}: start it without resume, or fix "
-                          f"run_dir=... (or pass resume_from=<checkpoint>)")
+    plan.resume_ckpt = ck
+    plan.start_step, ck_cfg = _loop_state(ck)
+    # resume_from: the data the checkpoint was trained on (a run dir's config where it predates saving it)
+    check_same_data(saved if s.resume or ck_cfg is None else ck_cfg, cfg, where)
     return plan
 
 
@@ -422,22 +368,10 @@ def load_checkpoint(acc, ck: Path) -> None:
                           f"checkpoints/step-N>, or start over with overwrite=true") from None
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
-
-
 def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict | None = None) -> Path:
-    """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it and renames it to
-    step-N, then prunes: checkpoints newer than N (an abandoned timeline after resume_from an older one)
-    and all but the keep_last newest. The newest complete checkpoint is never deleted before its
-    successor exists. Assumes a filesystem shared by all ranks (multi-node: a shared run_dir)."""
+    """save_state on every rank into checkpoints/.tmp-step-N; the main process fsyncs it, renames it to step-N,
+    then prunes checkpoints newer than N (an abandoned timeline after resume_from an older one) and all but
+    the keep_last newest. Assumes a filesystem shared by all ranks (multi-node: a shared run_dir)."""
     ck_root = run_dir / "checkpoints"
     final = ck_root / f"step-{step:08d}"
     tmp = ck_root / f".tmp-step-{step:08d}"
@@ -462,7 +396,9 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
     if acc.is_main_process:
         (tmp / "loop_state.json").write_text(json.dumps(
             {"step": step, "world_size": acc.num_processes, "config": config}, indent=1, default=str))
-        _fsync_tree(tmp)
+        for dirpath, _, files in os.walk(tmp):  # every file, then its folder (fsync_dir syncs either)
+            for p in [*(os.path.join(dirpath, name) for name in files), dirpath]:
+                fsync_dir(p)
         kill_point(step, "save")
         if final.exists():  # same step saved again (resume_from an older checkpoint): swap, then delete
             os.rename(final, old)
@@ -470,12 +406,10 @@ def save_checkpoint(acc, run_dir: Path, step: int, keep_last: int, config: dict 
         fsync_dir(ck_root)
         shutil.rmtree(old, ignore_errors=True)
         complete = checkpoints(run_dir)
-        newer = [p for st, p in complete if st > step]
-        kept = [p for st, p in complete if st <= step]
-        for p in newer + kept[:-max(1, keep_last)]:
+        kept = [p for st, p in complete if st <= step][-max(1, keep_last):]
+        for p in (p for _, p in complete if p not in kept):
             gone = p.with_name(f".old-{p.name}")  # one rename: a kill mid-delete leaves no half step-N
-            if gone.exists():
-                shutil.rmtree(gone, ignore_errors=True)
+            shutil.rmtree(gone, ignore_errors=True)
             os.rename(p, gone)
             shutil.rmtree(gone, ignore_errors=True)
     acc.wait_for_everyone()

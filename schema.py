@@ -1,14 +1,9 @@
 """The typed config schemas (pydantic): every config key is declared once, with its type, range or choices and a
-one-line doc (docs/design.md §12). A script validates its composed config first thing in main
-(`TrainConfig.check(cfg)`), so an unknown key or a bad value fails in one line that names the key, what it
-may be and what it means (ConfigError), before any data is read or anything is written:
+one-line doc (docs/design.md §12). Each script's `main` calls `<Script>Config.check(cfg)` first thing, so an
+unknown key or a bad value fails in one line that names the key (ConfigError), before anything is read or written.
 
-    error: save_every=0 must be an integer >= 1 (write encoder-pretrained-<step>.pt every this many steps)
-
-Here: the groups and keys several scripts share (env, model, sampler, the loop's). Each script's own top-level
-keys are its `<Script>Config` (collect.py, pretrain_encoder.py, train.py, evaluate.py). The YAML files hold the
-values; a schema default is only what code that builds a ModelConfig / LoopSettings itself (tests, checkpoints
-written before a key existed) gets. Relations between keys (n_latent <= seg_len, ...) are `check_model`,
+Here: the groups and keys several scripts share (env, model, sampler, the loop's); each script's own top-level
+keys are its `<Script>Config`. Relations between keys (n_latent <= seg_len, ...) are `check_model`,
 ModelConfig.validate and the scripts' own checks.
 """
 

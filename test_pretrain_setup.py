@@ -23,30 +23,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from anywhere: the repo's modules come first
 
-from hydra_cli import CONFIG_DIR
-
-
 class NotRun(Exception):
     """A check needs something an earlier check was meant to produce, and that check failed."""
 
 
 class Setup(dict):
-    """What the checks hand to each other (composed configs, models, histories, a temp folder).
+    """What the checks hand to each other (the command line's overrides, composed configs, models, histories,
+    a temp folder).
 
     A missing entry raises NotRun, so a check whose prerequisite failed reports "not run" instead of a
     KeyError of its own."""
 
-    def __init__(self, overrides: list[str], config_dir: str):
-        super().__init__()
-        self.overrides, self.config_dir = overrides, config_dir
-
     def __missing__(self, key):
         raise NotRun(key)
-
-    def compose(self, name: str, overrides: list[str]):
-        from hydra_cli import compose_config
-
-        return compose_config(name, overrides, self.config_dir)
 
 
 # ---- the checks, in the order they run; each returns a one-line detail or raises --------------------------
@@ -66,11 +55,11 @@ def check_imports(s: Setup) -> str:
 
 
 def check_configs(s: Setup) -> str:
-    from hydra_cli import rewrite_overrides
+    from hydra_cli import compose_config, rewrite_overrides
     from model.config import ENCODER_ARCH_KEYS
 
-    pre = s.compose("pretrain", rewrite_overrides("pretrain", s.overrides))
-    tr = s.compose("train", rewrite_overrides("train", s.overrides))
+    pre = compose_config("pretrain", rewrite_overrides("pretrain", s["overrides"]))
+    tr = compose_config("train", rewrite_overrides("train", s["overrides"]))
     diff = [k for k in ENCODER_ARCH_KEYS if k in tr.model and pre.model.get(k) != tr.model.get(k)]
     if diff:
         raise AssertionError(f"stage-1 and stage-2 encoder architecture differ in {diff}")
@@ -95,35 +84,20 @@ def check_models(s: Setup) -> str:
 
 def check_transitions(s: Setup) -> str:
     """Collect just enough histories (one stream per goal) to cut a deepest-depth sample from."""
-    from omegaconf import OmegaConf
-
     import collect
     from histories import load_histories
+    from hydra_cli import compose_config
 
     m, env = s["pre"].model, s["pre"].env
     s["tmp"] = tmp = tempfile.mkdtemp(prefix="cad-setup-")
     steps = (m.max_compression_depth + 1) * m.seg_len
     steps = -(-steps // env.horizon) * env.horizon  # whole episodes
-    cfg = s.compose("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
-                                "source.n_stream_eval=1", "progress=false"])
-    OmegaConf.set_struct(cfg, False)
+    cfg = compose_config("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
+                                     "source.n_stream_eval=1", "progress=false"])
     with contextlib.redirect_stdout(io.StringIO()):
         collect.main(cfg)
     s["hist"] = load_histories(f"{tmp}/data", env)
     return f"{s['hist'].n_histories} histories x {s['hist'].n_steps} steps"
-
-
-def _first_batch(sampler, cfg, s: Setup) -> dict:
-    """Batch 0 (4 samples) of a stage's sampler, built from that stage's composed config."""
-    return sampler.from_cfg(s["hist"], cfg, batch_size=4, seed=0)[0]
-
-
-def _finite(value, what: str):
-    import torch
-
-    if not torch.isfinite(value):
-        raise AssertionError(f"{what} is {value}")
-    return value
 
 
 def check_stage1_forward(s: Setup) -> str:
@@ -132,11 +106,12 @@ def check_stage1_forward(s: Setup) -> str:
     from dataset_pretrain import PretrainBatches
     from model.losses import reconstruction_loss
 
-    b = s["pre_batch"] = _first_batch(PretrainBatches, s["pre"], s)
+    b = s["pre_batch"] = PretrainBatches.from_cfg(s["hist"], s["pre"], batch_size=4, seed=0)[0]
     with torch.no_grad():
         out = s["pretrainer"](b)
-    loss = _finite(reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg),
-                   "reconstruction loss")
+    loss = reconstruction_loss(out["pred"], b["seg"], b["seg_len"], s["pretrainer"].cfg)
+    if not torch.isfinite(loss):
+        raise AssertionError(f"reconstruction loss is {loss}")
     return f"depths {sorted(set(b['depth'].tolist()))}, latents {tuple(out['latents'].shape)}, loss {loss:.3f}"
 
 
@@ -146,11 +121,12 @@ def check_stage2_forward(s: Setup) -> str:
     from dataset import HistoryBatches
     from model.losses import action_loss
 
-    b = _first_batch(HistoryBatches, s["train"], s)
+    b = HistoryBatches.from_cfg(s["hist"], s["train"], batch_size=4, seed=0)[0]
     with torch.no_grad():
         logits = s["cad"](b)["logits"]
     a = action_loss(logits, b)
-    _finite(a["loss"], "action loss")
+    if not torch.isfinite(a["loss"]):
+        raise AssertionError(f"action loss is {a['loss']}")
     return f"logits {tuple(logits.shape)}, {int(a['n_labels'])} labels, loss {a['loss']:.3f}"
 
 
@@ -200,18 +176,13 @@ def run_one(fn: Callable[[Setup], str], s: Setup) -> tuple[bool, str]:
         return False, f"{type(e).__name__}: {e} ({Path(last.filename).name}:{last.lineno})"
 
 
-def run_checks(overrides: list[str], config_dir: str = CONFIG_DIR) -> list[tuple[str, bool, str]]:
-    s = Setup(overrides, config_dir)
+def main(argv=None) -> int:
+    s = Setup(overrides=list(sys.argv[1:] if argv is None else argv))
     try:
-        return [(name, *run_one(fn, s)) for name, fn in CHECKS]
+        results = [(name, *run_one(fn, s)) for name, fn in CHECKS]
     finally:
         if "tmp" in s:
-            shutil.rmtree(s.get("tmp"), ignore_errors=True)
-
-
-def main(argv=None) -> int:
-    overrides = list(sys.argv[1:] if argv is None else argv)
-    results = run_checks(overrides)
+            shutil.rmtree(s["tmp"], ignore_errors=True)
     for name, ok, detail in results:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f" — {detail}" if detail else ""))
     failed = [r for r in results if not r[1]]

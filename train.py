@@ -7,11 +7,9 @@
                     model.freeze_encoder=true            # start from the stage-1 encoder, frozen
     accelerate launch --config_file accelerate_config.yaml train.py experiment=full
 
-Without a pretrained_encoder_path it trains from scratch exactly as before stage 1 existed. The loop
-(Accelerate, logging, the optimizer step) lives in loop.py, the run directory and checkpoints in
-rundir.py; this file only says what the model, the data and the loss are, plus the held-out evaluations that run periodically: the same-position action loss
-on the validation goals' histories (teacher_forced.py; the test goals only at the end) and in-context
-rollouts on the validation goals (evaluate.py; final test-goal numbers come from `python evaluate.py`).
+This file says what the model, the data and the loss are (the loop: loop.py), plus the held-out evaluations:
+the same-position action loss on the validation goals' histories (teacher_forced.py; the test goals only at
+the end) and in-context rollouts on the validation goals (final test-goal numbers: `python evaluate.py`).
 """
 
 from __future__ import annotations
@@ -133,9 +131,7 @@ class ActionPredictionTask:
             net.eval()
             e = self.cfg.eval
             goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed, e.max_heldout_goals)
-            for name in ("val", "train"):
-                if name not in goals:
-                    continue
+            for name in (n for n in ("val", "train") if n in goals):
                 r = incontext_rollout(net, self.cfg.env, goals[name], e.n_episodes, e.seeds_per_goal,
                                       run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
                 out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"],

@@ -67,31 +67,19 @@ def parse_args(argv=None):
     p.add_argument("--pretrained-path", default=None, help="encoder-pretrained-*.pt for stage 2 (skips stage 1)")
     p.add_argument("--freeze-encoder", action="store_true", help="stage 2 keeps the pretrained encoder frozen")
     p.add_argument("--no-eval", action="store_true", help="skip the final in-context evaluation")
-    add_launch_args(p)
-    p.add_argument("--force", action="store_true", help="redo stages that already finished (overwrite=true)")
-    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, optionally stage:key=value")
-    a = p.parse_args(argv)
-    if a.train_only and a.pretrain_only:
-        p.error("--train-only and --pretrain-only exclude each other")
-    check_launch_args(a)
-    return a
-
-
-def check_launch_args(a) -> None:
-    """--num-processes must be a usable process count (0 used to be dropped silently, -1 reached
-    accelerate launch and failed there with a traceback)."""
-    if a.num_processes is not None and a.num_processes < 1:
-        raise PipelineError(f"--num-processes {a.num_processes} must be an integer >= 1 (processes per "
-                            f"training stage under accelerate launch)")
-
-
-def add_launch_args(p: argparse.ArgumentParser) -> None:
-    """The flags `command` reads: how pretrain/train are launched (also used by experiments/)."""
     p.add_argument("--accelerate", action="store_true", help="run the training stages under accelerate launch")
     p.add_argument("--accelerate-config", default=str(REPO / "accelerate_config.yaml"),
                    help="accelerate config file (default: accelerate_config.yaml)")
     p.add_argument("--num-processes", type=int, default=None, help="accelerate launch --num_processes")
+    p.add_argument("--force", action="store_true", help="redo stages that already finished (overwrite=true)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands without running them")
+    p.add_argument("overrides", nargs="*", help="Hydra overrides key=value, optionally stage:key=value")
+    a = p.parse_args(argv)
+    # 0 used to be dropped silently, -1 reached accelerate launch and failed there with a traceback
+    if a.num_processes is not None and a.num_processes < 1:
+        raise PipelineError(f"--num-processes {a.num_processes} must be an integer >= 1 (processes per "
+                            f"training stage under accelerate launch)")
+    return a
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
@@ -117,24 +105,16 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     except UnknownKeyError as e:
         raise PipelineError(str(e)) from None
     for o in shared:
-        if o in groups:
-            for s in STAGES:
-                routed[s].append(o)
-            continue
-        took = False
-        for s, cfg in bases.items():
-            if s not in SHARED_KEY_STAGES.get(o.split("=", 1)[0].lstrip("+~"), STAGES):
-                continue
-            r = route_override(cfg, o)
+        stages = SHARED_KEY_STAGES.get(o.split("=", 1)[0].lstrip("+~"), STAGES)
+        took = {s: o if o in groups else route_override(bases[s], o) for s in stages}
+        if all(r is None for r in took.values()):
+            raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
+        for s, r in took.items():
             if r is not None:
                 routed[s].append(r)
-                took = True
-        if not took:
-            raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
     for s in STAGES:
         routed[s] += only[s]  # Hydra applies overrides in order: `train:lr=1e-4` beats a shared `lr=1e-3`
-    for s in STAGES:  # bad values / syntax fail here, before any stage runs
-        try:
+        try:  # bad values / syntax fail here, before any stage runs
             rewrite_overrides(s, routed[s])
         except UnknownKeyError as e:
             raise PipelineError(f"[{s}] {e}") from None

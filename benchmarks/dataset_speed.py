@@ -12,12 +12,11 @@ writes the numbers to benchmarks/out/dataset_speed.json (atomically). Timings, n
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 import torch
-from common import add_common_args, machine_info, pick_device, run_info, sync, write_json
+from common import Parser, clock, run_info, save
 
 from dataset import HistoryBatches, batch_loader
 from dataset_pretrain import PretrainBatches
@@ -49,8 +48,7 @@ def rate(fn, n_batches: int, batch_size: int, start: int = 0) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = Parser(__doc__, model=False)
     p.add_argument("--n-hist", type=int, default=None, help="default 7300 (the default dataset); quick 200")
     p.add_argument("--n-steps", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=128)
@@ -59,8 +57,7 @@ def main() -> None:
     p.add_argument("--max-depth", type=int, default=3)
     p.add_argument("--n-batches", type=int, default=None, help="default 200; quick 5")
     p.add_argument("--workers", type=int, default=None, help="DataLoader workers (default 2; quick 0 = skip)")
-    a = p.parse_args()
-    dev = pick_device(a.device)
+    a, dev = p.parse()
     torch.set_num_threads(1)
     a.n_hist = a.n_hist or (200 if a.quick else 7300)
     a.n_batches = a.n_batches or (5 if a.quick else 200)
@@ -75,42 +72,36 @@ def main() -> None:
     pre = PretrainBatches(hist, **common)            # default weights 2:3:4
 
     results = {
-        "run": run_info(dev, "uint8->int64", a.batch_size, None),
-        "settings": vars(a) | {"depth_weights": ds.depth_weights, "win_len": [ds.win_len_min, ds.win_len_max]},
-        "machine": machine_info(dev) | {"numpy": np.__version__},
         "construct_seconds": build_s,
         "stage2_vectorised": rate(ds.__getitem__, a.n_batches, a.batch_size),
         "stage1_vectorised": rate(pre.__getitem__, a.n_batches, a.batch_size),
         "stage2_collate_reference": rate(ds.collate_items, max(a.n_batches // 20, 3), a.batch_size),
     }
-    if a.workers > 0:
-        def through_loader(start: int) -> dict:
-            """Steady state: the clock starts when the first batch arrives (worker start-up excluded)."""
-            loader = iter(batch_loader(ds, start, start + a.n_batches + 1, num_workers=a.workers))
-            t_startup = time.perf_counter()
-            next(loader)
-            t = time.perf_counter()
-            n = sum(1 for _ in loader)
-            dt = time.perf_counter() - t
-            return {"batches": n, "seconds": dt, "batches_per_s": n / dt,
-                    "samples_per_s": n * a.batch_size / dt, "workers": a.workers,
-                    "startup_seconds": t - t_startup}
-        results["stage2_dataloader"] = through_loader(10_000)
+    if a.workers > 0:  # steady state: the clock starts when the first batch arrives (worker start-up excluded)
+        loader = iter(batch_loader(ds, 10_000, 10_000 + a.n_batches + 1, num_workers=a.workers))
+        t_startup = time.perf_counter()
+        next(loader)
+        t = time.perf_counter()
+        n = sum(1 for _ in loader)
+        dt = time.perf_counter() - t
+        results["stage2_dataloader"] = {"batches": n, "seconds": dt, "batches_per_s": n / dt,
+                                        "samples_per_s": n * a.batch_size / dt, "workers": a.workers,
+                                        "startup_seconds": t - t_startup}
 
     # Device-resident gather (data_on_device): same batches, built where the model runs. Synchronised per
     # batch so the figure includes the device work.
     dds = HistoryBatches(hist, **common).to_device(dev)
-    results["stage2_on_device"] = rate(lambda k: (dds[k], sync(dev)), a.n_batches, a.batch_size)
-    results["stage2_on_device"]["device"] = str(dev)
+    results["stage2_on_device"] = rate(lambda k: (dds[k], clock(dev)), a.n_batches, a.batch_size) | {"device": str(dev)}
 
     for name, r in results.items():
-        if isinstance(r, dict) and "samples_per_s" in r:
+        if isinstance(r, dict):
             print(f"{name:28s} {r['samples_per_s']:>12,.0f} samples/s  ({r['batches_per_s']:.1f} batches/s "
                   f"of {a.batch_size})")
     print(f"{'construct (pack arrays)':28s} {build_s:12.2f} s")
 
-    out = write_json("dataset_speed", results, a.out_dir)
-    print(f"wrote {out}")
+    save("dataset_speed", a, run_info(dev, "uint8->int64", a.batch_size, None), {
+        "settings": vars(a) | {"depth_weights": ds.depth_weights, "win_len": [ds.win_len_min, ds.win_len_max]},
+        **results})
 
 
 if __name__ == "__main__":

@@ -74,25 +74,14 @@ def plan(device: str, quick: bool, out: Path) -> dict:
     return parts
 
 
-def run_bench(name: str, args: list[str], out: Path, env: dict) -> dict:
+def run_part(name: str, kind: str, args: list[str], out: Path, env: dict) -> dict:
+    """One part in its own process (its log: <out>/logs/<name>.log); its results, read from what it wrote."""
     d = out / "bench" / name.replace(" ", "_")
-    d.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(BENCH / args[0]), *args[1:], "--out-dir", str(d)]
-    _run(name, cmd, out, env)
-    return json.loads((d / args[0].replace(".py", ".json")).read_text())
-
-
-def run_pipeline(argv: list[str], out: Path, env: dict) -> dict:
-    cmd = [sys.executable, str(ROOT / "two_stage.py"), *argv]
-    _run("pipeline", cmd, out, env)
-    res = {"pretrain": json.loads((out / "pretrain" / "done.json").read_text()),
-           "train": json.loads((out / "train" / "done.json").read_text()),
-           "eval": json.loads((out / "train" / "eval.json").read_text())}
-    res["labels_per_s"] = _tb_median(out / "train", "train/labels_per_s")
-    return res
-
-
-def _run(name: str, cmd: list[str], out: Path, env: dict) -> None:
+    if kind == "bench":
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(BENCH / args[0]), *args[1:], "--out-dir", str(d)]
+    else:
+        cmd = [sys.executable, str(ROOT / "two_stage.py"), *args]
     log = out / "logs" / f"{name.replace(' ', '_')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     print(f"[{name}] $ {' '.join(cmd)}", flush=True)
@@ -101,6 +90,11 @@ def _run(name: str, cmd: list[str], out: Path, env: dict) -> None:
     if rc != 0:
         tail = log.read_text().strip().splitlines()[-3:]
         raise RuntimeError(f"exit code {rc} (log: {log}): " + " | ".join(tail))
+    if kind == "bench":
+        return json.loads((d / args[0].replace(".py", ".json")).read_text())
+    files = {"pretrain": "pretrain/done.json", "train": "train/done.json", "eval": "train/eval.json"}
+    return {k: json.loads((out / f).read_text()) for k, f in files.items()} | {
+        "labels_per_s": _tb_median(out / "train", "train/labels_per_s")}
 
 
 def _tb_median(run_dir: Path, tag: str) -> float | None:
@@ -119,18 +113,13 @@ def rows_of(name: str, res: dict) -> list[tuple[str, str, str]]:
     """(part, figure, value) rows of one part's results."""
     if "variants" in res:  # train_throughput
         r, v = res["run"], res["variants"]
-        tag = f"{r['device_name']}, {r['dtype']}, compile={r['compile']}, batch {r['batch']}"
-        rows = [(name, "setting", tag)]
-        for k in ("cad_all", "ad_all"):
-            rows.append((name, f"{k} ms/step | labels/s",
-                         f"{v[k]['ms_per_step']:.2f} | {v[k]['labels_per_s']:,.0f}"))
-        return rows
+        return [(name, "setting", f"{r['device_name']}, {r['dtype']}, compile={r['compile']}, batch {r['batch']}")] + [
+            (name, f"{k} ms/step | labels/s", f"{v[k]['ms_per_step']:.2f} | {v[k]['labels_per_s']:,.0f}")
+            for k in ("cad_all", "ad_all")]
     if "per_length" in res:  # rollout_cost
-        rows = []
-        for h, x in res["per_length"].items():
-            rows.append((name, f"ms/env step at h={int(h):,} (cached | recompute | AD)",
-                         f"{x['cad_cached_ms']:.2f} | {x['cad_recompute_ms']:.2f} | {x['ad_ms']:.2f}"))
-        return rows
+        return [(name, f"ms/env step at h={int(h):,} (cached | recompute | AD)",
+                 f"{x['cad_cached_ms']:.2f} | {x['cad_recompute_ms']:.2f} | {x['ad_ms']:.2f}")
+                for h, x in res["per_length"].items()]
     p, t, ev = res["pretrain"], res["train"], res["eval"]
     test = ev["splits"]["test"]["summary"]
 
@@ -183,15 +172,13 @@ def main(argv=None) -> int:
     for name, (kind, args) in plan(a.device, a.quick, out).items():
         t0 = time.perf_counter()
         try:
-            res = run_bench(name, args, out, env) if kind == "bench" else run_pipeline(args, out, env)
-            results[name] = res
-            rows += rows_of(name, res)
+            results[name] = run_part(name, kind, args, out, env)
+            rows += rows_of(name, results[name])
         except Exception as e:  # noqa: BLE001 -- one failed part must not hide the others' figures
             failed.append(name)
             results[name] = {"error": f"{type(e).__name__}: {e}"}
             rows.append((name, "FAILED", f"{type(e).__name__}: {str(e)[:300]}"))
-        dt = time.perf_counter() - t0
-        results.setdefault(name, {})["wall_s"] = dt
+        dt = results[name]["wall_s"] = time.perf_counter() - t0
         print(f"[{name}] {'FAILED' if name in failed else 'done'} in {dt:.0f} s", flush=True)
     total = time.perf_counter() - t_all
     dev = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"

@@ -19,8 +19,8 @@ all alike):
                  rollout_cost_kept.json (the default run's rollout_cost.json keeps its meaning).
   ad_long        (--ad-long-context N > 0 only) AD with a sliding window of N steps, e.g. 3w: the arm the
                  kept window must match in return at <= 1/2 its rollout cost (issue 22's moonshot)
-Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; the env
-and the action choice are not timed, only model.act(...) + model.observe(...) under torch.inference_mode.
+Transitions come from the real BatchedDarkroom (random goals) driven by uniform random actions; only
+model.act(...) + model.observe(...) under torch.inference_mode are timed.
 
 Each history length h is timed over the window of steps [h - W/2, h + W/2) (shifted to start at 0 if
 needed) with W = --cycles * C, i.e. whole compression cycles: C = seg_len (with cad_kept: the least common
@@ -31,49 +31,27 @@ ratios are taken per cycle (methods ran interleaved) and then the median.
 Reported: the three costs at each h; flatness cad_cached(h_max) / cad_cached(h_min) (raw, and as the
 ratio of cad_cached/ad at the two lengths, which cancels load drift between windows); cad_cached / ad
 (goal <= 1.3); cad_recompute / cad_cached (what the cache buys). Writes benchmarks/out/rollout_cost.json.
-Outside the timed windows the rollout fast-forwards with observe() only (act is pure for AD and
-use_cache=False); cad_cached runs with use_cache=False there and switches the cache on at the
-compression just before each window (from then on it acts every step, as its cache holds the window's
-tokens), so its state in the window is exactly that of a fully cached rollout.
+Outside the timed windows the rollout fast-forwards with observe() only; the cached models switch their
+cache on at the compression just before each window, so their state in it is that of a fully cached rollout.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 
 import numpy as np
 import torch
-from common import (
-    add_arch_args,
-    add_common_args,
-    arch_overrides,
-    machine_info,
-    median,
-    model_cfgs,
-    pick_device,
-    plain,
-    print_table,
-    run_info,
-    sync,
-    write_json,
-)
+from common import Parser, clock, print_table, run_info, save, train_cfg
 
 from env.darkroom import BatchedDarkroom, goal_split
+from loop import to_plain
 from model import build_model
 
-BASE_METHODS = ("cad_cached", "cad_recompute", "ad")
-CACHED = ("cad_cached", "cad_kept")  # KV-cached CompressedADs: they switch the cache on before each window
-
-
-def windows(lengths, span: int) -> dict[int, tuple[int, int]]:
-    """h -> [start, stop) of `span` steps centred on h, shifted right to start at >= 0."""
-    out = {}
-    for h in lengths:
-        start = max(0, h - span // 2)
-        out[h] = (start, start + span)
-    return out
+# method -> (model, use_cache of init_rollout; None: AD, which has none). The KV-cached CompressedADs switch
+# the cache on before each window.
+METHODS = {"cad_cached": ("cad", True), "cad_recompute": ("cad", False), "ad": ("ad", None),
+           "cad_kept": ("kept", True), "ad_long": ("ad_long", None)}
 
 
 def window_start(cfg, t: int) -> int:
@@ -88,21 +66,14 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
     """One lockstep rollout of all methods; returns {method: {h: per-step seconds [span]}}."""
     g = int(env_cfg.grid_size)
     gen = torch.Generator().manual_seed(seed)
-    goals_all = goal_split(g, float(env_cfg.train_frac), int(env_cfg.split_seed))
-    goals_all = goals_all[0] + goals_all[1]
+    train, test = goal_split(g, float(env_cfg.train_frac), int(env_cfg.split_seed))
+    goals_all = train + test
     goals = torch.tensor([goals_all[i] for i in torch.randint(0, len(goals_all), (a.n_envs,), generator=gen)])
     env = BatchedDarkroom(goals, grid_size=g, horizon=int(env_cfg.horizon), reward_mode=env_cfg.reward_mode,
                           device=dev)
-    model_of = {"cad_cached": models["cad"], "cad_recompute": models["cad"], "ad": models["ad"]}
-    st = {"cad_cached": models["cad"].init_rollout(a.n_envs, dev, use_cache=True),
-          "cad_recompute": models["cad"].init_rollout(a.n_envs, dev, use_cache=False),
-          "ad": models["ad"].init_rollout(a.n_envs, dev)}
-    if "kept" in models:
-        model_of["cad_kept"] = models["kept"]
-        st["cad_kept"] = models["kept"].init_rollout(a.n_envs, dev, use_cache=True)
-    if "ad_long" in models:
-        model_of["ad_long"] = models["ad_long"]
-        st["ad_long"] = models["ad_long"].init_rollout(a.n_envs, dev)
+    model_of = {m: models[k] for m, (k, _) in METHODS.items() if k in models}
+    st = {m: model_of[m].init_rollout(a.n_envs, dev, **({} if c is None else {"use_cache": c}))
+          for m, (_, c) in METHODS.items() if m in model_of}
     methods = tuple(st)
     times = {m: {h: np.zeros(w[1] - w[0]) for h, w in wins.items()} for m in methods}
     t_end = max(w[1] for w in wins.values())
@@ -110,7 +81,7 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
     # that holds a timed window's first step on (its cache holds that window's tokens); before that step
     # it fast-forwards like the others.
     cached_from = {m: [(window_start(model_of[m].cfg, w[0]), w[1]) for w in wins.values()]
-                   for m in CACHED if m in st}
+                   for m in methods if METHODS[m][1]}
     for m, spans in cached_from.items():
         st[m].use_cache = any(b == 0 for b, _ in spans)
     states = env.reset()
@@ -120,145 +91,124 @@ def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
         next_states, rewards, done = env.step(acts)
         trans = torch.cat([states, acts[:, None], rewards.long()[:, None], next_states], dim=1)
         k = t % len(methods)
-        order = methods[k:] + methods[:k]
-        for m in order:
+        for m in methods[k:] + methods[:k]:
             model, s = model_of[m], st[m]
+            cached = m in cached_from
             # The observe of step t compresses when the window is one short of full: switch the cache on
             # for that compression if step t+1 must act; off otherwise. (Set after this step's act.)
-            switch = m in cached_from and s.n_win == model.cfg.seg_len - 1
-            cache_next = m in cached_from and any(b <= t + 1 < e for b, e in cached_from[m])
-            if not timed:
-                if m in cached_from and any(b <= t < e for b, e in cached_from[m]):
-                    model.act(s, states)  # untimed: fills the cache up to the window's first step
-                if switch:
-                    s.use_cache = cache_next
-                model.observe(s, trans)  # fast-forward: act is pure (no state) when nothing is cached
-                continue
-            assert m not in cached_from or s.use_cache, f"{m} reached a timed step without its cache"
-            sync(dev)
-            t0 = time.perf_counter()
-            logits = model.act(s, states)
+            switch = cached and s.n_win == model.cfg.seg_len - 1
+            cache_next = cached and any(b <= t + 1 < e for b, e in cached_from[m])
+            assert not (timed and cached) or s.use_cache, f"{m} reached a timed step without its cache"
+            t0 = clock(dev) if timed else None
+            # Untimed steps fast-forward with observe only (act is pure when nothing is cached), except that a
+            # cached model acts from its rollout window's start on, filling the cache up to the timed steps.
+            if timed or (cached and any(b <= t < e for b, e in cached_from[m])):
+                logits = model.act(s, states)
             if switch:
                 s.use_cache = cache_next
             model.observe(s, trans)
-            sync(dev)
-            dt = time.perf_counter() - t0
-            assert logits.shape == (a.n_envs, int(env_cfg.n_actions))
-            for h, i in timed:
-                times[m][h][i] = dt
+            if timed:
+                dt = clock(dev) - t0
+                assert logits.shape == (a.n_envs, int(env_cfg.n_actions))
+                for h, i in timed:
+                    times[m][h][i] = dt
         states = env.reset() if bool(done[0]) else next_states
     return times
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)  # --quick: lengths 100 300, 1 cycle, E=8, 1 repeat
+    p = Parser(__doc__)  # --quick: lengths 100 300, 1 cycle, E=8, 1 repeat
     p.add_argument("--n-envs", type=int, default=None, help="E envs stepped as a batch (default 32; quick 8)")
     p.add_argument("--lengths", type=int, nargs="+", default=None,
                    help="history lengths h (default 100 1000 10000; quick 100 300)")
     p.add_argument("--cycles", type=int, default=None, help="whole seg_len cycles per timed window (default 2; "
                                                            "quick 1)")
     p.add_argument("--repeats", type=int, default=None, help="independent rollouts (default 2; quick 1)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 on cpu: extra threads spin against other jobs on a "
-                        "shared CPU; torch's default on cuda)")
     p.add_argument("--keep-recent", type=int, default=0,
                    help="> 0: also time cad_kept, CompressedAD with model.keep_recent=K (writes rollout_cost_kept.json)")
     p.add_argument("--kept-seg-len", type=int, default=None, help="cad_kept's raw window (default: seg_len)")
     p.add_argument("--ad-long-context", type=int, default=0,
                    help="> 0: also time ad_long, AD with this sliding window (e.g. 3w = 60 beside --seg-len 20)")
-    add_arch_args(p)
-    a = p.parse_args()
-    dev = pick_device(a.device)
-    if a.threads or dev.type == "cpu":
-        torch.set_num_threads(a.threads or 1)
+    a, dev = p.parse()
     a.n_envs = a.n_envs or (8 if a.quick else 32)
     a.lengths = a.lengths or ([100, 300] if a.quick else [100, 1000, 10_000])
     a.cycles = a.cycles or (1 if a.quick else 2)
     a.repeats = a.repeats or (1 if a.quick else 2)
-    torch.manual_seed(0)
 
-    cad_m, env_cfg = model_cfgs("ad_compressed_dr", arch_overrides(a))
-    ad_m, _ = model_cfgs("ad_dr", arch_overrides(a))
-    models = {"cad": build_model(cad_m, env_cfg).to(dev).eval(), "ad": build_model(ad_m, env_cfg).to(dev).eval()}
-    seg = int(cad_m.seg_len)
-    cycle = seg
-    methods = BASE_METHODS
-    kept_m = long_m = None
-    if a.keep_recent:
-        s2 = a.kept_seg_len or seg
-        kept_m, _ = model_cfgs("ad_compressed_dr", [*arch_overrides(a), f"model.seg_len={s2}",
-                                                    f"model.keep_recent={a.keep_recent}"])
-        models["kept"] = build_model(kept_m, env_cfg).to(dev).eval()  # validates keep_recent < seg_len
-        cycle = math.lcm(seg, s2 - a.keep_recent)
-        methods = (*BASE_METHODS, "cad_kept")
+    specs = {"cad": ("ad_compressed_dr", []), "ad": ("ad_dr", [])}  # model -> (config, overrides)
+    if a.keep_recent:  # cad_kept's raw window defaults to seg_len
+        s2 = [f"model.seg_len={a.kept_seg_len}"] if a.kept_seg_len else []
+        specs["kept"] = ("ad_compressed_dr", [*s2, f"model.keep_recent={a.keep_recent}"])
     if a.ad_long_context:
-        long_m, _ = model_cfgs("ad_dr", [*arch_overrides(a), f"model.context_len={a.ad_long_context}"])
-        models["ad_long"] = build_model(long_m, env_cfg).to(dev).eval()
-        methods = (*methods, "ad_long")
+        specs["ad_long"] = ("ad_dr", [f"model.context_len={a.ad_long_context}"])
+    cfgs = {k: train_cfg(name, a, ov) for k, (name, ov) in specs.items()}
+    env_cfg = cfgs["cad"].env
+    # build_model validates keep_recent < seg_len
+    models = {k: build_model(cfg.model, env_cfg).to(dev).eval() for k, cfg in cfgs.items()}
+    kept, along = "kept" in models, "ad_long" in models
+    methods = [m for m, (k, _) in METHODS.items() if k in models]
+    cad_m, ad_m = cfgs["cad"].model, cfgs["ad"].model
+    cycle = int(cad_m.seg_len)
+    if kept:
+        cycle = math.lcm(cycle, models["kept"].cfg.fold_len)
     span = a.cycles * cycle
-    wins = windows(sorted(a.lengths), span)
+    # h -> [start, stop) of `span` steps centred on h, shifted right to start at >= 0
+    wins = {h: (max(0, h - span // 2), max(0, h - span // 2) + span) for h in sorted(a.lengths)}
 
-    runs = []
     t_start = time.perf_counter()
     with torch.inference_mode():
-        for r in range(a.repeats):
-            runs.append(rollout(models, env_cfg, a, dev, wins, seed=r))
+        runs = [rollout(models, env_cfg, a, dev, wins, seed=r) for r in range(a.repeats)]
     wall = time.perf_counter() - t_start
 
     # Per-cycle mean ms/step (each cycle = `cycle` consecutive steps = whole compressions of every model).
     def cycles(m, h):
         return np.concatenate([run[m][h].reshape(-1, cycle).mean(1) * 1e3 for run in runs])
 
+    lead = "cad_kept" if kept else "cad_cached"  # the arm measured against ad_long
     res = {}
-    for h in wins:
+    for h, win in wins.items():
         c = {m: cycles(m, h) for m in methods}
-        res[h] = {"window": list(wins[h]), **{f"{m}_ms": median(c[m]) for m in methods},
-                  "cad_cached_over_ad": median(c["cad_cached"] / c["ad"]),
-                  "recompute_over_cached": median(c["cad_recompute"] / c["cad_cached"]),
+        res[h] = {"window": list(win), **{f"{m}_ms": np.median(c[m]) for m in methods},
+                  "cad_cached_over_ad": np.median(c["cad_cached"] / c["ad"]),
+                  "recompute_over_cached": np.median(c["cad_recompute"] / c["cad_cached"]),
                   "cycles_ms": {m: c[m].tolist() for m in methods}}
-        if kept_m is not None:
-            res[h]["cad_kept_over_ad"] = median(c["cad_kept"] / c["ad"])
-            res[h]["cad_kept_over_cad_cached"] = median(c["cad_kept"] / c["cad_cached"])
-        for m in ("cad_cached", "cad_kept"):
-            if "ad_long" in c and m in c:
-                res[h][f"{m}_over_ad_long"] = median(c[m] / c["ad_long"])
+        if kept:
+            res[h]["cad_kept_over_ad"] = np.median(c["cad_kept"] / c["ad"])
+            res[h]["cad_kept_over_cad_cached"] = np.median(c["cad_kept"] / c["cad_cached"])
+        if along:
+            res[h] |= {f"{m}_over_ad_long": np.median(c[m] / c["ad_long"])
+                       for m in ("cad_cached", "cad_kept") if m in c}
     h_lo, h_hi = min(wins), max(wins)
-    summary = {"flatness_cad_cached": median(cycles("cad_cached", h_hi) / cycles("cad_cached", h_lo)), "flatness_lengths": [h_lo, h_hi],
-               "flatness_cad_recompute": median(cycles("cad_recompute", h_hi) / cycles("cad_recompute", h_lo)),
-               "flatness_ad": median(cycles("ad", h_hi) / cycles("ad", h_lo)),
+    summary = {"flatness_lengths": [h_lo, h_hi],
+               **{f"flatness_{m}": np.median(cycles(m, h_hi) / cycles(m, h_lo))
+                  for m in methods if m != "ad_long"},
                # The same, measured against AD in the same cycles: cancels load drift between the windows
                # (the two lengths are timed minutes apart on a shared machine).
-               "flatness_cad_cached_vs_ad": res[h_hi]["cad_cached_over_ad"] / res[h_lo]["cad_cached_over_ad"],
+               **{f"flatness_{m}_vs_ad": res[h_hi][f"{m}_over_ad"] / res[h_lo][f"{m}_over_ad"]
+                  for m in ("cad_cached", "cad_kept") if m in methods},
                "cad_cached_over_ad_at_max_h": res[h_hi]["cad_cached_over_ad"],
                "cad_cached_over_ad_worst": max(r["cad_cached_over_ad"] for r in res.values()),
                "goal_cad_cached_over_ad": "<= 1.3"}
-    if kept_m is not None:
-        summary["flatness_cad_kept"] = median(cycles("cad_kept", h_hi) / cycles("cad_kept", h_lo))
-        summary["flatness_cad_kept_vs_ad"] = res[h_hi]["cad_kept_over_ad"] / res[h_lo]["cad_kept_over_ad"]
-    if "ad_long" in models:
-        m = "cad_kept" if kept_m is not None else "cad_cached"
-        summary[f"{m}_over_ad_long_worst"] = max(r[f"{m}_over_ad_long"] for r in res.values())
+    if along:
+        summary[f"{lead}_over_ad_long_worst"] = max(r[f"{lead}_over_ad_long"] for r in res.values())
         summary["goal_cad_kept_over_ad_long"] = "<= 0.5"
 
     print(f"rollout_cost: device={dev} threads={torch.get_num_threads()} E={a.n_envs} repeats={a.repeats} "
           f"window={span} steps ({a.cycles} x {cycle}-step cycles) per length; d_model={cad_m.d_model} "
           f"n_layer={cad_m.n_layer} enc_n_layer={cad_m.enc_n_layer} n_latent={cad_m.n_latent} "
           f"AD context_len={ad_m.context_len}; wall {wall:.0f} s")
-    kept = kept_m is not None
-    along = "ad_long" in models
     if along:
         print(f"ad_long: AD context_len={a.ad_long_context}")
     if kept:
-        print(f"cad_kept: seg_len={kept_m.seg_len} keep_recent={kept_m.keep_recent} (folds {models['kept'].cfg.fold_len} "
-              f"steps at a time)")
+        k_m = models["kept"].cfg
+        print(f"cad_kept: seg_len={k_m.seg_len} keep_recent={k_m.keep_recent} (folds {k_m.fold_len} steps at a time)")
     print_table(["history h", "steps timed", "cad_cached ms", "cad_recompute ms", "ad ms", "cached/ad",
                  "recompute/cached"] + (["cad_kept ms", "kept/ad"] if kept else [])
-                 + (["ad_long ms", ("kept" if kept else "cached") + "/ad_long"] if along else []),
+                 + (["ad_long ms", lead.removeprefix("cad_") + "/ad_long"] if along else []),
                 [[f"{h:,}", f"[{r['window'][0]}, {r['window'][1]})", r["cad_cached_ms"], r["cad_recompute_ms"],
                   r["ad_ms"], r["cad_cached_over_ad"], r["recompute_over_cached"]]
                  + ([r["cad_kept_ms"], r["cad_kept_over_ad"]] if kept else [])
-                 + ([r["ad_long_ms"], r[("cad_kept" if kept else "cad_cached") + "_over_ad_long"]] if along else [])
+                 + ([r["ad_long_ms"], r[f"{lead}_over_ad_long"]] if along else [])
                  for h, r in res.items()])
     worst = summary["cad_cached_over_ad_worst"]
     print(f"flatness cad_cached {h_hi:,}/{h_lo:,} = {summary['flatness_cad_cached']:.2f}x  "
@@ -269,15 +219,12 @@ def main() -> None:
         print(f"flatness cad_kept {h_hi:,}/{h_lo:,} = {summary['flatness_cad_kept']:.2f}x; relative to AD: "
               f"{summary['flatness_cad_kept_vs_ad']:.2f}x")
     if along:
-        m = "cad_kept" if kept else "cad_cached"
-        worst = summary[f"{m}_over_ad_long_worst"]
-        print(f"{m} / ad_long (worst length) = {worst:.2f}x  (goal <= 0.5x: {'met' if worst <= 0.5 else 'MISSED'})")
-    model_block = ({"cad": plain(cad_m), "ad": plain(ad_m)} | ({"kept": plain(kept_m)} if kept else {})
-                   | ({"ad_long": plain(long_m)} if along else {}))
-    out = write_json("rollout_cost_kept" if kept else "rollout_cost", {
-        "run": run_info(dev, "fp32", a.n_envs, None), "settings": vars(a), "model": model_block, "machine": machine_info(dev),
-        "per_length": {str(h): r for h, r in res.items()}, "summary": summary, "wall_seconds": wall}, a.out_dir)
-    print(f"wrote {out}")
+        worst = summary[f"{lead}_over_ad_long_worst"]
+        print(f"{lead} / ad_long (worst length) = {worst:.2f}x  (goal <= 0.5x: {'met' if worst <= 0.5 else 'MISSED'})")
+    save("rollout_cost_kept" if kept else "rollout_cost", a, run_info(dev, "fp32", a.n_envs, None), {
+        "model": {k: to_plain(cfg.model) for k, cfg in cfgs.items()},
+        "per_length": {str(h): r for h, r in res.items()},
+        "summary": summary, "wall_seconds": wall})
 
 
 if __name__ == "__main__":

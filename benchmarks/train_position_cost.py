@@ -24,33 +24,16 @@ one fold of gradients saves against three at steady state:
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 
 import numpy as np
 import torch
-from common import (
-    add_arch_args,
-    add_common_args,
-    arch_overrides,
-    machine_info,
-    median,
-    pick_device,
-    plain,
-    print_table,
-    run_info,
-    sync,
-    synthetic_histories,
-    train_cfg,
-    write_json,
-)
+from common import Parser, clock, history_batches, print_table, run_info, save, train_cfg, train_step
 
 import loop
 from dataset import HistoryBatches, gather_batch
 from model import build_model
 from model.compressed_ad import LatentCarry
-from model.losses import action_loss
 from schedules import window_specs
 
 MODES = ("exact", "carry")
@@ -69,8 +52,7 @@ def position_batch(ds: HistoryBatches, m: int, n_slots: int, batch_size: int, se
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = Parser(__doc__)
     p.add_argument("--positions", type=int, nargs="+", default=None,
                    help="window indices m (default 1 3 10 25 49; quick 1 8)")
     p.add_argument("--batch-size", type=int, default=None, help="rows per step (default 16; quick 4)")
@@ -79,48 +61,28 @@ def main() -> None:
                    help="model.bptt_segments (folds with gradients per sample); several: compared in one run")
     p.add_argument("--keep-recent", type=int, default=0, help="model.keep_recent")
     p.add_argument("--n-steps", type=int, default=1000, help="transitions per synthetic history")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1 on cpu)")
-    add_arch_args(p)
-    a = p.parse_args()
-    dev = pick_device(a.device)
-    if a.threads or dev.type == "cpu":
-        torch.set_num_threads(a.threads or 1)
+    a, dev = p.parse()
     a.seg_len = a.seg_len or 20  # the short-window memory setting (w = 20)
     a.positions = a.positions or ([1, 8] if a.quick else [1, 3, 10, 25, 49])
     a.batch_size = a.batch_size or (4 if a.quick else 16)
     a.steps = a.steps or (1 if a.quick else 5)
-    torch.manual_seed(0)
 
-    arms, batches, hist = {}, {}, None  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
-    with tempfile.TemporaryDirectory() as tmp:
-        for bptt in a.bptt:
-            cfg = train_cfg("ad_compressed_dr", arch_overrides(a) + [
-                "sampler.schedule=rollout", f"model.bptt_segments={bptt}", f"model.keep_recent={a.keep_recent}"])
-            if hist is None:  # one dataset for every bptt
-                hist = synthetic_histories(cfg.env, 16, a.n_steps, tmp)
-            ds = HistoryBatches.from_cfg(hist, cfg, batch_size=a.batch_size, seed=0)
-            n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
-            if max(a.positions) >= n_win:
-                p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
-            torch.manual_seed(0)  # the same initial weights for every bptt
-            model = build_model(cfg.model, cfg.env).to(dev)
-            opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
-            arms[bptt] = (model, opt, LatentCarry(ds))
-            for m in a.positions:
-                batches[("exact", m, bptt)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
-                b = {k: v.to(dev) for k, v in position_batch(ds, m, bptt, a.batch_size, 0).items()}
-                batches[("carry", m, bptt)] = arms[bptt][2].attach(model, b)  # carried, as every later batch has it
-
-    def one_step(mode: str, batch: dict, bptt: int) -> None:
-        model, opt, carry = arms[bptt]
-        opt.zero_grad(set_to_none=True)
-        out = model(batch)
-        loss = action_loss(out["logits"], batch, seg_logits=out.get("seg_logits"), labels=out)["loss"]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if mode == "carry":
-            carry.update(batch, out)
+    cfgs = {bptt: train_cfg("ad_compressed_dr", a, ["sampler.schedule=rollout", f"model.bptt_segments={bptt}",
+                                                      f"model.keep_recent={a.keep_recent}"]) for bptt in a.bptt}
+    arms, batches = {}, {}  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
+    for bptt, ds in history_batches(cfgs, 16, a.n_steps, a.batch_size).items():  # one dataset for every bptt
+        n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
+        if max(a.positions) >= n_win:
+            p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
+        torch.manual_seed(0)  # the same initial weights for every bptt
+        cfg = cfgs[bptt]
+        model = build_model(cfg.model, cfg.env).to(dev)
+        opt = loop.make_optimizer(model, loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=3e-4).validate())
+        arms[bptt] = (model, opt, LatentCarry(ds))
+        for m in a.positions:
+            batches[("exact", m, bptt)] = {k: v.to(dev) for k, v in position_batch(ds, m, m, a.batch_size, 0).items()}
+            b = {k: v.to(dev) for k, v in position_batch(ds, m, bptt, a.batch_size, 0).items()}
+            batches[("carry", m, bptt)] = arms[bptt][2].attach(model, b)  # carried, as every later batch has it
 
     keys = [(mode, m, b) for b in a.bptt for m in a.positions for mode in MODES]
     times = {k: [] for k in keys}
@@ -128,17 +90,19 @@ def main() -> None:
     for r in range(a.steps + 1):  # round 0 warms up
         for i in range(len(keys)):
             key = keys[(i + r) % len(keys)]  # rotate the order: machine noise hits all alike
-            sync(dev)
-            t0 = time.perf_counter()
-            one_step(key[0], batches[key], key[2])
-            sync(dev)
+            model, opt, carry = arms[key[2]]
+            t0 = clock(dev)
+            out, _ = train_step(model, opt, batches[key])
+            if key[0] == "carry":
+                carry.update(batches[key], out)
+            dt = clock(dev) - t0
             if r:
-                times[key].append((time.perf_counter() - t0) * 1e3)
+                times[key].append(dt * 1e3)
     wall = time.perf_counter() - t_start
 
     # one bptt: {m: {exact_ms, carry_ms, exact_over_carry}}; several: each figure per bptt (…_bptt<b>_ms)
     tag = (lambda b: "") if len(a.bptt) == 1 else (lambda b: f"_bptt{b}")
-    res = {str(m): {f"{mode}{tag(b)}_ms": median(times[(mode, m, b)]) for b in a.bptt for mode in MODES}
+    res = {str(m): {f"{mode}{tag(b)}_ms": np.median(times[(mode, m, b)]) for b in a.bptt for mode in MODES}
            for m in a.positions}
     for r in res.values():
         r.update({f"exact_over_carry{tag(b)}": r[f"exact{tag(b)}_ms"] / r[f"carry{tag(b)}_ms"] for b in a.bptt})
@@ -156,11 +120,10 @@ def main() -> None:
     for k, v in summary.items():
         print(f"{k}: {v:.2f}x")
     name = "train_position_cost_kept" if a.keep_recent else "train_position_cost"
-    out = write_json(name + ("" if a.bptt == [3] else "_bptt" + "-".join(map(str, a.bptt))), {
-        "run": run_info(dev, "fp32", a.batch_size, None), "settings": vars(a), "model": plain(cfg.model),
-        "machine": machine_info(dev), "per_position": res, "summary": summary,
-        "times_ms": {f"{mode}_{m}{tag(b)}": t for (mode, m, b), t in times.items()}, "wall_seconds": wall}, a.out_dir)
-    print(f"wrote {out}")
+    save(name + ("" if a.bptt == [3] else "_bptt" + "-".join(map(str, a.bptt))), a,
+         run_info(dev, "fp32", a.batch_size, None), {
+             "model": loop.to_plain(cfg.model), "per_position": res, "summary": summary,
+             "times_ms": {f"{mode}_{m}{tag(b)}": t for (mode, m, b), t in times.items()}, "wall_seconds": wall})
 
 
 if __name__ == "__main__":

@@ -11,65 +11,36 @@ Three variants, stepped round-robin (rotating order every round) so machine nois
   cad_last  CompressedAD, same model and the SAME batches, loss on each window's last position only
             (model.losses.action_loss(last_only=True)): same compute, 1 label per sample
   ad_all    AD baseline (context_len window, depth-0 batches), every-position loss
-Model config: config/model/ad_compressed_dr.yaml / ad_dr.yaml (arch flags override both). The batch
-includes the real depth mixture (depth_weights, min_seg_len..seg_len segments), so the encoder cost of
-the hierarchical compressions is in the CompressedAD numbers. The step is train.py's: the same optimizer
-(loop.make_optimizer: fused AdamW on CUDA), autocast for --dtype bf16, torch.compile for --compile
-(in place, as loop.fit does), static shapes (model.static_shapes) with --static-shapes (default: on with
---compile), and no host sync inside the step; each variant runs --inner steps back to back per round,
-timed between two device synchronisations, so on a GPU the figure is throughput, not launch latency.
+Model config: config/model/ad_compressed_dr.yaml / ad_dr.yaml (arch flags override both). Batches and step
+are train.py's (the real depth mixture, so the encoder cost of the hierarchical compressions is in the
+CompressedAD numbers; fused AdamW on CUDA; --dtype, --compile, --static-shapes as train.py's keys), with no
+host sync inside the step; each variant runs --inner steps back to back per round, timed between two device
+synchronisations, so on a GPU the figure is throughput, not launch latency.
 
 Reported (medians over rounds; ratios are per-round ratios of interleaved steps, then the median):
   ms/step, samples/s, labels/s per variant;
   labels/s cad_all / cad_last   (goal >= 20x: what the every-position loss buys per step)
   cost per label cad_all / ad_all (goal <= 1.5x: what the compressor costs over AD in training)
-Writes benchmarks/out/train_throughput.json (device name, torch version, dtype, batch, compile mode in
-"run"). Timings, not assertions.
+Writes benchmarks/out/train_throughput.json. Timings, not assertions.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
-import time
 
 import numpy as np
 import torch
-from common import (
-    add_arch_args,
-    add_common_args,
-    arch_overrides,
-    machine_info,
-    median,
-    pick_device,
-    plain,
-    print_table,
-    run_info,
-    sync,
-    synthetic_histories,
-    train_cfg,
-    write_json,
-)
+from common import Parser, clock, history_batches, print_table, run_info, save, train_cfg, train_step
 
 import loop
-from dataset import HistoryBatches
 from model import build_model
-from model.losses import action_loss
 from schema import COMPILE_BACKENDS, COMPILE_MODES
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
-def make_dataset(hist, cfg, batch_size: int, seed: int) -> HistoryBatches:
-    """HistoryBatches exactly as train.py builds them (HistoryBatches.from_cfg on the composed model and sampler
-    groups: null depth_weights / window bounds resolved the same way, model.static_shapes honoured)."""
-    return HistoryBatches.from_cfg(hist, {"model": cfg.model, "sampler": cfg.sampler, "batch_size": batch_size,
-                                          "seed": seed})
-
-
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = Parser(__doc__)
     p.add_argument("--batch-size", type=int, default=None, help="samples per step (default 64 cpu, 128 cuda)")
     p.add_argument("--steps", type=int, default=None, help="timed rounds (each steps every variant --inner "
                                                           "times); default 10 cpu, 30 cuda")
@@ -82,19 +53,12 @@ def main() -> None:
                    help="torch.compile both models with this mode (train.py's compile=...)")
     p.add_argument("--static-shapes", default=None, action=argparse.BooleanOptionalAction,
                    help="model.static_shapes (default: on with --compile, else the yaml's value)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default 1 on cpu: on a shared, oversubscribed CPU extra threads "
-                        "spin against other jobs and make every op ~10x slower; torch's default on cuda)")
     p.add_argument("--no-breakdown", action="store_true",
                    help="skip the extra cad_compress variant (encoder share of the CompressedAD step)")
     p.add_argument("--n-hist", type=int, default=None, help="synthetic histories (default 64; quick 16)")
     p.add_argument("--n-steps", type=int, default=1000, help="transitions per synthetic history")
     p.add_argument("--lr", type=float, default=3e-4)
-    add_arch_args(p)
-    a = p.parse_args()
-    dev = pick_device(a.device)
-    if a.threads or dev.type == "cpu":
-        torch.set_num_threads(a.threads or 1)
+    a, dev = p.parse()
     cuda = dev.type == "cuda"
     a.batch_size = a.batch_size or (8 if a.quick else 128 if cuda else 64)
     a.steps = a.steps or (2 if a.quick else 30 if cuda else 10)
@@ -103,68 +67,41 @@ def main() -> None:
     a.n_hist = a.n_hist or (16 if a.quick else 64)
     if a.static_shapes is None and a.compile:
         a.static_shapes = True
-    torch.manual_seed(0)
 
-    overrides = arch_overrides(a) + ([f"model.static_shapes={str(a.static_shapes).lower()}"]
-                                     if a.static_shapes is not None else [])
-    cad, ad = train_cfg("ad_compressed_dr", overrides), train_cfg("ad_dr", overrides)
-    cad_m, env, ad_m = cad.model, cad.env, ad.model
+    static = [f"model.static_shapes={str(a.static_shapes).lower()}"] if a.static_shapes is not None else []
+    cfgs = {"cad": train_cfg("ad_compressed_dr", a, static), "ad": train_cfg("ad_dr", a, static)}
+    cad_m, ad_m, env = cfgs["cad"].model, cfgs["ad"].model, cfgs["cad"].env
     n_rounds = a.warmup + a.steps
-    n_batches = min(n_rounds * a.inner, 32)  # a pool of distinct batches, cycled through
-    with tempfile.TemporaryDirectory() as tmp:
-        hist = synthetic_histories(env, a.n_hist, a.n_steps, tmp)
-        cad_ds = make_dataset(hist, cad, a.batch_size, seed=0)
-        ad_ds = make_dataset(hist, ad, a.batch_size, seed=0)
-        # Batches are sampled before timing (train.py's loader samples them in ~1 ms, see dataset_speed.py).
-        cad_batches = [{k: v.to(dev) for k, v in cad_ds[k].items()} for k in range(n_batches)]
-        ad_batches = [{k: v.to(dev) for k, v in ad_ds[k].items()} for k in range(n_batches)]
+    ds = history_batches(cfgs, a.n_hist, a.n_steps, a.batch_size)
+    # A pool of distinct batches, cycled through, sampled before timing (train.py's loader samples them in
+    # ~1 ms, see dataset_speed.py).
+    batches = {k: [{n: v.to(dev) for n, v in d[i].items()} for i in range(min(n_rounds * a.inner, 32))]
+               for k, d in ds.items()}
 
-    models = {"cad": build_model(cad_m, env).to(dev), "ad": build_model(ad_m, env).to(dev)}
+    models = {k: build_model(cfg.model, env).to(dev) for k, cfg in cfgs.items()}
     settings = loop.LoopSettings(max_steps=1, batch_size=a.batch_size, lr=a.lr, compile=a.compile or False).validate()
     opts = {k: loop.make_optimizer(m, settings) for k, m in models.items()}  # fused AdamW on CUDA
     if settings.compile_mode():
         for m in models.values():
             m.compile(**settings.compile_kwargs())
     autocast = torch.autocast(dev.type, dtype=DTYPES[a.dtype], enabled=DTYPES[a.dtype] is not None)
-    variants = {  # name -> (model key, batches, last_only)
-        "cad_all": ("cad", cad_batches, False),
-        "cad_last": ("cad", cad_batches, True),
-        "ad_all": ("ad", ad_batches, False),
-    }
+    variants = {"cad_all": ("cad", False), "cad_last": ("cad", True), "ad_all": ("ad", False)}  # -> (model, last_only)
     if not a.no_breakdown:
         # Diagnostic, not a training step: model.compress alone (forward + backward of sum(latents), no
         # optimizer, eager even with --compile) on the cad batches -> the encoder's share of a cad_all step.
-        variants["cad_compress"] = ("cad", cad_batches, None)
+        variants["cad_compress"] = ("cad", None)
 
     def one_step(key: str, batch: dict, last_only) -> torch.Tensor:
-        """One optimizer step as loop.fit takes it; returns the label count as a device tensor (no sync)."""
+        """One step of a variant; returns the label count as a device tensor (no sync)."""
         model, opt = models[key], opts[key]
-        opt.zero_grad(set_to_none=True)
-        if last_only is None:  # cad_compress diagnostic
-            with autocast:
-                latents, _ = model.compress(batch["seg"], batch["seg_len"], detach_old=model.cfg.detach_old_latents)
-            if latents is not None:
-                latents.float().sum().backward()
-            return torch.zeros((), device=dev)
+        if last_only is not None:
+            return train_step(model, opt, batch, autocast, last_only=last_only)[1]["n_labels"]
+        opt.zero_grad(set_to_none=True)  # cad_compress diagnostic
         with autocast:
-            fwd = model(batch)  # CompressedAD also labels its compressed segments (model.label_segments)
-            out = action_loss(fwd["logits"], batch, last_only=last_only, seg_logits=fwd.get("seg_logits"))
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return out["n_labels"]
-
-    def train_round(name: str, k: int) -> tuple[float, float]:
-        """--inner steps of one variant back to back; (seconds per step, labels per step)."""
-        key, batches, last_only = variants[name]
-        sync(dev)
-        t0 = time.perf_counter()
-        n = torch.zeros((), device=dev)
-        for j in range(a.inner):
-            n = n + one_step(key, batches[(k * a.inner + j) % len(batches)], last_only)
-        sync(dev)
-        dt = time.perf_counter() - t0
-        return dt / a.inner, float(n) / a.inner
+            latents, _ = model.compress(batch["seg"], batch["seg_len"], detach_old=model.cfg.detach_old_latents)
+        if latents is not None:
+            latents.float().sum().backward()
+        return torch.zeros((), device=dev)
 
     names = list(variants)
     times = {n: [] for n in names}
@@ -172,43 +109,45 @@ def main() -> None:
     for m in models.values():
         m.train()
     for k in range(n_rounds):
-        order = names[k % len(names):] + names[:k % len(names)]  # rotate: no variant always goes first
-        for n in order:
-            dt, nl = train_round(n, k)
+        for name in names[k % len(names):] + names[:k % len(names)]:  # rotate: no variant always goes first
+            key, last_only = variants[name]
+            # --inner steps of one variant back to back, timed together
+            t0 = clock(dev)
+            n = torch.zeros((), device=dev)
+            for j in range(a.inner):
+                n = n + one_step(key, batches[key][(k * a.inner + j) % len(batches[key])], last_only)
+            dt = clock(dev) - t0
             if k >= a.warmup:
-                times[n].append(dt)
-                labels[n].append(nl)
+                times[name].append(dt / a.inner)
+                labels[name].append(float(n) / a.inner)
 
     t = {n: np.asarray(times[n]) for n in names}
-    lab = {n: np.asarray(labels[n], dtype=np.float64) for n in names}
-    res = {}
+    res, lps = {}, {}  # lps: labels/s of each round
     for n in names:
-        ms = median(t[n]) * 1e3
-        if n == "cad_compress":
-            res[n] = {"ms_per_step": ms, "ms_per_step_all": (t[n] * 1e3).tolist()}
-            continue
-        res[n] = {"ms_per_step": ms, "ms_per_step_all": (t[n] * 1e3).tolist(),
-                  "samples_per_s": a.batch_size / (ms / 1e3), "labels_per_step": float(lab[n].mean()),
-                  "labels_per_s": float(lab[n].mean()) / (ms / 1e3),
-                  "ms_per_1k_labels": ms / lab[n].mean() * 1e3}
+        ms = np.median(t[n]) * 1e3
+        res[n] = {"ms_per_step": ms, "ms_per_step_all": (t[n] * 1e3).tolist()}
+        if n != "cad_compress":
+            lab = np.asarray(labels[n], dtype=np.float64)
+            lps[n] = lab / t[n]
+            res[n] |= {"samples_per_s": a.batch_size / (ms / 1e3), "labels_per_step": float(lab.mean()),
+                       "labels_per_s": float(lab.mean()) / (ms / 1e3), "ms_per_1k_labels": ms / lab.mean() * 1e3}
     # Per-round ratios (the variants of one round ran back to back), then the median.
-    lps = {n: lab[n] / t[n] for n in names if n != "cad_compress"}
     ratio_loss = lps["cad_all"] / lps["cad_last"]
     ratio_cost = lps["ad_all"] / lps["cad_all"]  # cost per label = 1 / labels_per_s
-    depth = np.concatenate([b["depth"].cpu().numpy() for b in cad_batches])
-    slots = [tuple(b["seg_len"].shape) for b in cad_batches]
+    depth = np.concatenate([b["depth"].cpu().numpy() for b in batches["cad"]])
+    slots = [tuple(b["seg_len"].shape) for b in batches["cad"]]
     mix = {"mean_depth": float(depth.mean()),
            "depth_hist": np.bincount(depth, minlength=int(cad_m.max_compression_depth) + 1).tolist(),
            "mean_padded_slots_D": float(np.mean([s[1] for s in slots])),
            # Compress runs the encoder on all B x D slots (unused ones are discarded by torch.where).
            "encoder_rows_used_fraction": float(depth.sum() / sum(s[0] * s[1] for s in slots))}
     summary = {
-        "labels_per_s_ratio_all_vs_last": median(ratio_loss), "goal_all_vs_last": ">= 20",
-        "cost_per_label_ratio_cad_vs_ad": median(ratio_cost), "goal_cad_vs_ad": "<= 1.5",
+        "labels_per_s_ratio_all_vs_last": np.median(ratio_loss), "goal_all_vs_last": ">= 20",
+        "cost_per_label_ratio_cad_vs_ad": np.median(ratio_cost), "goal_cad_vs_ad": "<= 1.5",
         "ratio_all_vs_last_per_round": ratio_loss.tolist(), "ratio_cad_vs_ad_per_round": ratio_cost.tolist(),
     }
     if "cad_compress" in t:
-        summary["compress_share_of_cad_step"] = median(t["cad_compress"] / t["cad_all"])
+        summary["compress_share_of_cad_step"] = np.median(t["cad_compress"] / t["cad_all"])
 
     run = run_info(dev, a.dtype, a.batch_size, a.compile)
     run["static_shapes"] = bool(cad_m.get("static_shapes", False))
@@ -217,7 +156,7 @@ def main() -> None:
           f"batch={a.batch_size} timed rounds={a.steps} x {a.inner} steps (+{a.warmup} warm-up)  d_model={cad_m.d_model} n_layer={cad_m.n_layer} "
           f"enc_n_layer={cad_m.enc_n_layer} n_latent={cad_m.n_latent} seg_len={cad_m.seg_len} "
           f"AD context_len={ad_m.context_len}")
-    print(f"depth mixture: weights {cad_ds.depth_weights}, mean depth {mix['mean_depth']:.2f}, "
+    print(f"depth mixture: weights {ds['cad'].depth_weights}, mean depth {mix['mean_depth']:.2f}, "
           f"padded slots D {mix['mean_padded_slots_D']:.2f}, encoder rows used "
           f"{mix['encoder_rows_used_fraction']:.0%}")
     print_table(["variant", "ms/step", "samples/s", "labels/step", "labels/s", "ms/1k labels"],
@@ -229,14 +168,11 @@ def main() -> None:
           f"(goal >= 20x: {'met' if ok1 else 'MISSED'})")
     print(f"cost/label cad_all / ad_all     = {summary['cost_per_label_ratio_cad_vs_ad']:.2f}x  "
           f"(goal <= 1.5x: {'met' if ok2 else 'MISSED'})")
-    out = write_json("train_throughput", {
-        "run": run, "settings": vars(a), "model": {"cad": plain(cad_m), "ad": plain(ad_m)},
-        "machine": machine_info(dev), "variants": res, "summary": summary, "depth_mixture": mix}, a.out_dir)
     if "compress_share_of_cad_step" in summary:
         print(f"breakdown: model.compress fwd+bwd alone = {res['cad_compress']['ms_per_step']:,.0f} ms = "
               f"{summary['compress_share_of_cad_step']:.0%} of a cad_all step (encoder on B x D slots)")
-    print(f"wrote {out}")
-
+    save("train_throughput", a, run, {"model": {k: loop.to_plain(cfg.model) for k, cfg in cfgs.items()},
+                                      "variants": res, "summary": summary, "depth_mixture": mix})
 
 if __name__ == "__main__":
     main()
