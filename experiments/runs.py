@@ -69,23 +69,20 @@ def arm_color(arm: str) -> str:
 # this out dir and a status read from that run dir (the records are not trusted for it)
 # ---------------------------------------------------------------------------------------------------------
 def _held(path: Path) -> bool:
-    """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs)."""
+    """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs);
+    read-only: a report may read an out dir it cannot write."""
     import fcntl
 
     from atomic_io import PathLock
 
     try:
-        fd = os.open(PathLock(path).file, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
+        with open(PathLock(path).file) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
     except BlockingIOError:
         return True
-    finally:
-        os.close(fd)
+    except OSError:
+        return False
+    return False
 
 
 def _finite(x) -> bool:
