@@ -4,13 +4,10 @@
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
-experiments/sweep.py calls `write(out)` when a multirun ends. The runs the report covers, their states and
-their numbers are one pandas table (experiments/runs.py: run_table, one row per job); a report groups it
-into mean ± sd (n) per arm and paired differences to a reference arm with 95 % t-intervals
-(experiments/stats.py), writes its record (summary.json or table.json: per-seed numbers, provenance,
-status) and table.md (md_table) and a plot (experiments/plots.py). The experiment
-(the record's `sweep`) picks the report function: REPORTS[name](out, jobs, info) -> the report dict,
-written by that function; adding an experiment is adding one here.
+experiments/sweep.py calls `write(out)` when a multirun ends. The record's `sweep` picks the report
+(REPORTS[name]: the function that groups the table of runs, experiments/runs.py, into mean ± sd (n) per arm
+and paired 95 % t-intervals to a reference arm, experiments/stats.py, and writes the record, and the
+markdown of table.md); adding an experiment is adding one there.
 """
 
 from __future__ import annotations
@@ -38,14 +35,6 @@ class ReportError(UserError, RuntimeError):
 
 def _fmt(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
-
-
-def _save(out: Path, rep: dict, record: str, markdown, plot, png: str) -> dict:
-    """A report's files: its record (JSON), table.md and its plot."""
-    atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
-    atomic_write_text(out / "table.md", markdown(rep))
-    plot(out / png, rep)
-    return rep
 
 
 def _header(rep: dict, title: str, *lines: str) -> list[str]:
@@ -124,7 +113,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
            "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
            "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
-    return _save(out, rep, "table.json", compare_markdown, plots.compare_plot, "curves.png")
+    return rep
 
 
 def compare_markdown(rep: dict) -> str:
@@ -215,9 +204,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
            "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": runs.timings(jobs),
            **stage1_diagnostics(jobs)}
-    ylabels = {k: v[0] for k, v in BUDGET_METRICS.items()}
-    return _save(out, rep, "summary.json", budget_markdown, lambda path, rep: plots.budget_plot(path, rep, ylabels),
-                 "budget.png")
+    return rep
 
 
 def verdict(rep: dict) -> list[str]:
@@ -281,12 +268,11 @@ MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is be
 )
 # What the memory holds (goal_readout.py, test goals): the readout after the find minus a reference, within
 # each run, with the t-interval over seeds.
-GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const"),
-                     ("after_minus_before", "goal_acc_after", "goal_acc_before"),
+GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const", "after − constant"),
+                     ("after_minus_before", "goal_acc_after", "goal_acc_before", "after − before"),
                      # Key-to-Door's second cell (the first above is its key): found when the door first paid
-                     ("door_after_minus_constant", "door_acc_after", "door_acc_const"),
-                     ("door_after_minus_before", "door_acc_after", "door_acc_before"))
-GOAL_READOUT_HEADS = ("after − constant", "after − before", "door: after − constant", "door: after − before")
+                     ("door_after_minus_constant", "door_acc_after", "door_acc_const", "door: after − constant"),
+                     ("door_after_minus_before", "door_acc_after", "door_acc_before", "door: after − before"))
 # The paired comparisons of the memory table: each arm minus the group's reference arm, same seed.
 MEMORY_PAIRED = ("return_last5_norm", "return_after_found", "episodes_to_first_goal", "tf_loss_test",
                  "return_last5_norm_val", "tf_loss_val")
@@ -317,7 +303,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
         # segment helps
         gap = stats.interval(p["probe_gap"] for p in per_seed.values())
         gaps = {name: stats.interval(p[a] - p[b] for p in per_seed.values() if p[a] is not None and p[b] is not None)
-                for name, a, b in GOAL_READOUT_GAPS}
+                for name, a, b, _ in GOAL_READOUT_GAPS}
         rows.append({"env": first["env"] or env, "sweep_window": int(w), "arm": arm, "window": first["window"],
                      "keep_recent": first["keep_recent"],
                      "seeds": [int(s) for s, p in per_seed.items() if p["complete"]],
@@ -357,7 +343,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
            "timings_s": runs.timings(jobs)}
-    return _save(out, rep, "summary.json", memory_markdown, plots.memory_plot, "curves.png")
+    return rep
 
 
 def memory_paired_table(rows: list[dict], field: str, metrics: tuple) -> str:
@@ -384,15 +370,14 @@ def memory_markdown(rep: dict) -> str:
     for env, d in rep["datasets"].items():
         su = d.get("source_search_use_test")
         if su and su.get("episodes_to_first_goal") is not None:
-            have = {"episodes_to_first_goal": su["episodes_to_first_goal"], "found_goal_frac": su["found_goal_frac"],
-                    "return_after_found": su["return_after_found_normalized"]}
+            have = {**su, "return_after_found": su["return_after_found_normalized"]}
             main.append(dict(zip(main[0], [env, "source (its own histories)", "–"]
                                  + [_fmt(have.get(k), fmt) for k, _, fmt, _ in cols] + ["–"])))
     lines = _header(rep, "Memory table",
                     f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample sd (n = seeds))")
     lines += ["Test goals unless marked val (validation goals: where designs are chosen).", "", md_table(main)]
     if any(r.get("goal_readout") for r in rep["rows"]):
-        heads = [(n, h) for (n, _, _), h in zip(GOAL_READOUT_GAPS, GOAL_READOUT_HEADS)
+        heads = [(n, h) for n, _, _, h in GOAL_READOUT_GAPS
                  if any(n in (r.get("goal_readout") or {}) for r in rep["rows"])]
         door = ("; on Key-to-Door the first cell is the key, found by an episode's first reward, and the door is "
                 "found by its second") if any(n.startswith("door") for n, _ in heads) else ""
@@ -434,8 +419,11 @@ def memory_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-REPORTS = {"compare": compare, "pretrain-budget": pretrain_budget, "memory": memory}
-RENDER = {"compare": compare_markdown, "pretrain-budget": budget_markdown, "memory": memory_markdown}
+REPORTS = {  # sweep name -> (its report, the record it writes, table.md's markdown, the plot and its file)
+    "compare": (compare, "table.json", compare_markdown, plots.compare_plot, "curves.png"),
+    "pretrain-budget": (pretrain_budget, "summary.json", budget_markdown, lambda path, rep: plots.budget_plot(
+        path, rep, {k: v[0] for k, v in BUDGET_METRICS.items()}), "budget.png"),
+    "memory": (memory, "summary.json", memory_markdown, plots.memory_plot, "curves.png")}
 
 
 def sweep_name(out: Path, jobs: list[dict]) -> str:
@@ -459,8 +447,12 @@ def write(out: Path) -> dict:
     out = Path(out)
     info = read_json(out / "sweep.json") or {}
     name = sweep_name(out, load_jobs(out))
+    report, record, markdown, plot, png = REPORTS[name]
     try:
-        rep = REPORTS[name](out, runs.report_jobs(out, name, info), info)
+        rep = report(out, runs.report_jobs(out, name, info), info)
+        atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
+        atomic_write_text(out / "table.md", markdown(rep))
+        plot(out / png, rep)
     except OSError as e:
         raise ReportError(f"cannot write the report into {out} ({os_error_reason(e)}: {e.filename or ''}): free "
                           f"space or fix the permissions, then run python experiments/report.py {out}") from None
@@ -469,7 +461,7 @@ def write(out: Path) -> dict:
 
 
 def render(out: Path, rep: dict) -> str:
-    return RENDER[rep["sweep"]](rep)
+    return REPORTS[rep["sweep"]][2](rep)
 
 
 def main(argv=None) -> dict:

@@ -1,19 +1,14 @@
-"""The runs of a sweep's out dir as one table: the jobs a report covers, the state of each run dir, the
-numbers every report reads from it, and the provenance of a report (experiments/report.py groups this table
-into its reports; experiments/plots.py draws them).
-
-The jobs are sweep.json's planned ones and the records <out>/jobs/*.json (report_jobs); each run dir is
-<out>/runs/<name> (a moved out dir reports its own runs) and its state comes from the run dir, not from the
-record (run_status). run_table makes one row per job: its arm, seed, budget, env and window, and the numbers
-run_record reads from the run dir. Arms are declared in experiments/conf/arm/<arm>.yaml: label, table order
-(`order`) and plot colour (`color`).
+"""The runs of a sweep's out dir as one table (experiments/report.py groups it into its reports): the jobs a
+report covers (report_jobs: sweep.json's planned ones and the records <out>/jobs/*.json), the state of each
+run dir <out>/runs/<name> (run_status: the run dir decides, not the record), the numbers every report reads
+from it (run_record) and a report's provenance. Arms are declared in experiments/conf/arm/<arm>.yaml: label,
+table order (`order`) and plot colour (`color`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import functools
-import json
 import math
 import os
 import statistics
@@ -22,20 +17,13 @@ from pathlib import Path
 import pandas as pd
 
 from experiments import stats
+from rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
 DONE = "done"
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
 WHOLE = ("config", "done", "eval", "eval_long")  # run_record's whole files (the reports keep numbers only)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def load_jobs(out: Path) -> list[dict]:

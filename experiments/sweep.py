@@ -51,7 +51,7 @@ import two_stage
 from atomic_io import PathLock
 from errors import UserError
 from experiments import outdir
-from experiments.outdir import Held, SweepError, record
+from experiments.outdir import SweepError, held, record
 from hydra_cli import abspath, compose_config, flatten
 from rundir import read_json
 
@@ -202,7 +202,7 @@ def ensure_dataset(job: Job, routed: dict) -> Path:
     data_path = data_path if data_path.is_absolute() else (job.cwd / data_path).resolve()
     meta = data_path / "meta.json"
     if not meta.is_file() or ccfg["overwrite"]:  # no lock beside a dataset that is only read (it may be read-only)
-        with Held(data_path):
+        with held(data_path):
             if not meta.is_file() or (ccfg["overwrite"] and meta.stat().st_mtime < job.started):
                 job.run("collect", "collect", routed["collect"] + [f"data_path={data_path}"],
                         f"collect-{data_path.name}", "overwrite" if meta.is_file() else "no dataset yet", meta)
@@ -220,7 +220,7 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
     rd, name = job.out / "runs" / f"pretrain-seed{seed}", f"pretrain-seed{seed}"
     ov = routed["pretrain"] + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
     want = compose("pretrain", ov)
-    with Held(rd):
+    with held(rd):
         # force=true redoes stage 1 once per sweep: not when another job of this sweep already redid it
         redone = (rd / "done.json").is_file() and (rd / "done.json").stat().st_mtime >= job.started
         state = rundir.run_state(rd, want, int(want["pretrain_steps"]), "stage-1", bool(job.cfg.force) and not redone,
