@@ -70,11 +70,9 @@ def check_out(out: Path) -> None:
     before Hydra creates <out>/hydra/ or a job writes anything."""
     import tempfile
 
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise SweepError(f"out={out}: {p} is a file, not a folder: choose another out=")
-            break
+    p = next(p for p in (out, *out.parents) if p.exists())
+    if not p.is_dir():
+        raise SweepError(f"out={out}: {p} is a file, not a folder: choose another out=")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)

@@ -100,20 +100,19 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
 
     tail = first("long_tail_episodes")
     devices = {p.get("eval_device") for p in df["run"]}
-    rep = {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
-           "cwd": info.get("cwd"), "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budget": budget,
-           "dataset": runs.dataset_info(next((c for c in cfgs.values() if c), {}).get("data_path")),
-           "eval": {**settings("eval"), "last_k": first("eval_last_k"), "n_test_goals": first("n_test_goals"),
-                    "optimal_mean": first("optimal_mean")},
-           "long_eval": {**settings("eval_long"), "last_k": first("long_last_k"),
-                         "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
-           "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in COMPARE_METRICS.items()},
-           "results": results,
-           "runs": {f"{a}-seed{r['seed']}": r["run_dir"] for a in arms for r in tj if r["arm"] == a},
-           "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
-           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
-           "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
-    return rep
+    return {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+            "cwd": info.get("cwd"), "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budget": budget,
+            "dataset": runs.dataset_info(next((c for c in cfgs.values() if c), {}).get("data_path")),
+            "eval": {**settings("eval"), "last_k": first("eval_last_k"), "n_test_goals": first("n_test_goals"),
+                     "optimal_mean": first("optimal_mean")},
+            "long_eval": {**settings("eval_long"), "last_k": first("long_last_k"),
+                          "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
+            "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in COMPARE_METRICS.items()},
+            "results": results,
+            "runs": {f"{a}-seed{r['seed']}": r["run_dir"] for a in arms for r in tj if r["arm"] == a},
+            "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
+            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
+            "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
 
 
 def compare_markdown(rep: dict) -> str:
@@ -192,19 +191,18 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
     first = next((p for r in rows for p in r["per_seed"].values() if p["complete"]), {})
     tc = (read_json(Path(tj[0]["run_dir"]) / "config.json") or {}) if tj else {}
     devices = {p.get("device") for r in rows for p in r["per_seed"].values()}
-    rep = {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
-           "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
-           "budgets": sorted({r["stage2_steps"] for r in rows}),
-           "dataset": str(tc.get("data_path")),
-           "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
-                      + ", ".join(f"{k} {pc[k]}" for k in runs.STAGE1_MODEL_KEYS if pc.get(k) is not None)
-                      if pc else "none"),
-           "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
-                    f"{_fmt(first.get('optimal_mean'), '.2f')}"),
-           "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
-           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": runs.timings(jobs),
-           **stage1_diagnostics(jobs)}
-    return rep
+    return {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+            "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
+            "budgets": sorted({r["stage2_steps"] for r in rows}),
+            "dataset": str(tc.get("data_path")),
+            "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
+                       + ", ".join(f"{k} {pc[k]}" for k in runs.STAGE1_MODEL_KEYS if pc.get(k) is not None)
+                       if pc else "none"),
+            "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
+                     f"{_fmt(first.get('optimal_mean'), '.2f')}"),
+            "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
+            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
+            "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
 
 
 def verdict(rep: dict) -> list[str]:
@@ -340,10 +338,9 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     prov = runs.provenance(tj, info, runs.unfinished(df))
     redone = sorted({p["remeasured"]["command"] for r in rows for p in r["per_seed"].values() if p.get("remeasured")})
     prov["command"] = " ; ".join([prov["command"]] + redone)  # the end-of-run measurements redone since too
-    rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
-           "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
-           "timings_s": runs.timings(jobs)}
-    return rep
+    return {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
+            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
+            "timings_s": runs.timings(jobs)}
 
 
 def memory_paired_table(rows: list[dict], field: str, metrics: tuple) -> str:
@@ -426,19 +423,6 @@ REPORTS = {  # sweep name -> (its report, the record it writes, table.md's markd
     "memory": (memory, "summary.json", memory_markdown, plots.memory_plot, "curves.png")}
 
 
-def sweep_name(out: Path, jobs: list[dict]) -> str:
-    info = read_json(Path(out) / "sweep.json") or {}
-    names = {info.get("sweep")} | {r.get("sweep") for r in jobs if r.get("kind") == "train"}
-    names.discard(None)
-    if len(names) != 1:
-        what = "runs of several sweeps: " + ", ".join(sorted(names)) if names else "no sweep runs (no jobs/*.json)"
-        raise ReportError(f"{out}: {what}")
-    name = names.pop()
-    if name not in REPORTS:
-        raise ReportError(f"{out}: no report for sweep {name!r} (known: {', '.join(REPORTS)})")
-    return name
-
-
 def write(out: Path) -> dict:
     """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (runs.report_jobs);
     returns the report dict. A disk that cannot take the report files is a ReportError line."""
@@ -446,7 +430,13 @@ def write(out: Path) -> dict:
 
     out = Path(out)
     info = read_json(out / "sweep.json") or {}
-    name = sweep_name(out, load_jobs(out))
+    names = ({info.get("sweep")} | {r.get("sweep") for r in load_jobs(out) if r.get("kind") == "train"}) - {None}
+    if len(names) != 1:
+        what = "runs of several sweeps: " + ", ".join(sorted(names)) if names else "no sweep runs (no jobs/*.json)"
+        raise ReportError(f"{out}: {what}")
+    name = names.pop()
+    if name not in REPORTS:
+        raise ReportError(f"{out}: no report for sweep {name!r} (known: {', '.join(REPORTS)})")
     report, record, markdown, plot, png = REPORTS[name]
     try:
         rep = report(out, runs.report_jobs(out, name, info), info)

@@ -120,12 +120,11 @@ def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
     have = {Path(r.get("run_dir", "")).name for r in recs}
     ident = (info.get("identity") or {}).get("hash")
     for j in info.get("planned") or []:
-        if j["run"] not in have:
+        if j["run"] not in have:  # j: its arm, seed, budget, window, env and run name
             arm = arm_file(j["arm"])
-            recs.append({"kind": "train", "sweep": info.get("sweep"), "arm": j["arm"], "seed": j["seed"],
-                         "label": arm.get("label", j["arm"]), "encoder": arm.get("encoder"), "budget": j["budget"],
-                         "window": j["window"], "env": j["env"], "experiment": info.get("experiment"),
-                         "run_dir": j["run"], "status": "planned", "identity": ident})
+            recs.append({**j, "kind": "train", "sweep": info.get("sweep"), "label": arm.get("label", j["arm"]),
+                         "encoder": arm.get("encoder"), "experiment": info.get("experiment"), "run_dir": j["run"],
+                         "status": "planned", "identity": ident})
     evals = info.get("evals") or ["eval"]
     aliases = (info.get("identity") or {}).get("aliases") or []  # one configuration recorded under a later hash
     for r in recs:
@@ -180,24 +179,20 @@ def sweep_commands(info: dict) -> str:
     return " ; ".join(cmds) or "?"
 
 
-def machine() -> str:
-    """What measured: host, cores and torch (a report's provenance line)."""
+def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
+    """The fields every report starts with: date, command, experiment, its scale (on which device), the machine
+    that measured, status."""
     import platform
 
     import torch
 
-    return f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}"
-
-
-def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
-    """The fields every report starts with: date, command, experiment, its scale (on which device), status."""
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     scale = f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}"
     if devices is not None:
         scale += f" on {device_label(devices)}"
     return {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": sweep_commands(info),
-            "experiment": experiment, "scale": scale,
-            "machine": machine(), **status_fields(tj, missing)}
+            "experiment": experiment, "scale": scale, "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, "
+            f"{platform.machine()}, torch {torch.__version__}", **status_fields(tj, missing)}
 
 
 def device_label(devices: set) -> str:
