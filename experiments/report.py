@@ -343,10 +343,11 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
             "timings_s": runs.timings(jobs)}
 
 
-def memory_paired_table(rows: list[dict], field: str, metrics: tuple) -> str:
+def memory_paired_table(rows: list[dict], field: str) -> str:
     """The rows' paired differences stored in row[field] (paired, paired_3w, or paired_with: a list of pairs,
-    each with its "vs" arm) on `metrics`, one table row per pair with at least one complete seed; "" when none
-    has. report.md and the docs blocks (docs_tables.py) both render these tables."""
+    each with its "vs" arm), one table row per pair with at least one complete seed; "" when none has.
+    report.md and the docs blocks (docs_tables.py) both render these tables."""
+    metrics = MEMORY_PAIRED_3W if field == "paired_3w" else MEMORY_PAIRED
     heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
     pairs = [(r, p) for r in rows for p in (r.get(field) if isinstance(r.get(field), list) else [r.get(field) or {}])
              if any(v["n"] for k, v in p.items() if k != "vs")]
@@ -389,19 +390,16 @@ def memory_markdown(rep: dict) -> str:
               md_table([{**ident(r), "steps": str(r["steps"]),
                          **{h: _fmt(r["stats"][k]["mean"], fmt) for k, h, fmt in COMPUTE_COLUMNS},
                          "device": str(r["device"])} for r in rep["rows"]])]
-    vs_ad = memory_paired_table(rep["rows"], "paired", MEMORY_PAIRED)
-    if vs_ad:
-        lines += ["", (f"**Paired differences** (arm − `{MEMORY_REFERENCE}` with the same window, same seed and "
-                       "data; mean [95 % t-interval]; the verdict is read off the interval: a difference is "
-                       "one only when its interval excludes 0):"), "", vs_ad]
-    vs_3w = memory_paired_table(rep["rows"], "paired_3w", MEMORY_PAIRED_3W)
-    if vs_3w:
-        lines += ["", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same seed "
-                       "and data; mean [95 % t-interval]):"), "", vs_3w]
-    pairs = memory_paired_table(rep["rows"], "paired_with", MEMORY_PAIRED)
-    if pairs:
-        lines += ["", ("**Paired differences to the arm each one changes** (an arm file's `pair_with`: arm − that "
-                       "arm, same seed and data; mean [95 % t-interval]):"), "", pairs]
+    for field, head in (
+            ("paired", (f"**Paired differences** (arm − `{MEMORY_REFERENCE}` with the same window, same seed and "
+                        "data; mean [95 % t-interval]; the verdict is read off the interval: a difference is one "
+                        "only when its interval excludes 0):")),
+            ("paired_3w", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same "
+                           "seed and data; mean [95 % t-interval]):")),
+            ("paired_with", ("**Paired differences to the arm each one changes** (an arm file's `pair_with`: arm − "
+                             "that arm, same seed and data; mean [95 % t-interval]):"))):
+        table = memory_paired_table(rep["rows"], field)
+        lines += ["", head, "", table] if table else []
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
                    "0.8: first episode whose 5-episode mean reaches 0.8 of optimal (n counts the seeds that got "
