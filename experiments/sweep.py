@@ -12,9 +12,8 @@ evaluations, stage defaults), conf/arm/<name>.yaml (an arm: stage-2 overrides, s
 A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk: the dataset
 (collected once under a lock, else rundir.check_dataset), this seed's stage 1 (<out>/runs/pretrain-seed<s>,
 made once under a lock), stage 2 (<out>/runs/<run>) and its evaluations (sweep.evals): each reused, resumed
-or refused by rundir.run_state, the rule of two_stage.py too. <out>/sweep.json holds the out dir's identity
-and dataset (other settings are refused in one line), the commands and planned jobs; <out>/jobs/<run>.json
-each job's record; experiments/report.py reads them. Ctrl-C: exit 130; the same command again resumes.
+or refused by rundir.run_state, the rule of two_stage.py too; the out dir's records (experiments/outdir.py)
+are what experiments/report.py reads. Ctrl-C: exit 130; the same command again resumes.
 
 Stage overrides: every `key=value` that is not the sweep's own (conf/sweep.yaml, arm=, sweep=, hydra...)
 reaches every stage whose config has the key (two_stage.split_overrides); `stage:key=value` targets one.
@@ -360,9 +359,8 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
 def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
     ev, done = read_json(run_dir / f"{out_name}.json"), read_json(run_dir / "done.json")
     model = run_dir / "model.pt"
-    if ev is None or done is None or not model.is_file() or ev.get("global_step") != done.get("global_step"):
-        return False
-    if (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime:
+    if (ev is None or done is None or not model.is_file() or ev.get("global_step") != done.get("global_step")
+            or (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime):
         return False
     got, asked = flatten(ev.get("config") or {}), flatten(want)
     later = rundir.LATER_KEY_DEFAULTS  # a key added after the eval ran counts with its default
