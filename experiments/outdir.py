@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,8 +69,6 @@ def write_text(path: Path, text: str) -> None:
 def check_out(out: Path) -> None:
     """out must be a folder this process can write (not a file, not on a read-only or full disk): one line
     before Hydra creates <out>/hydra/ or a job writes anything."""
-    import tempfile
-
     p = next(p for p in (out, *out.parents) if p.exists())
     if not p.is_dir():
         raise SweepError(f"out={out}: {p} is a file, not a folder: choose another out=")

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from atomic_io import atomic_write_text
+from atomic_io import atomic_write_text, os_error_reason
 from errors import UserError
 from experiments import plots, runs, stats
 from experiments.runs import load_jobs, read_json, window_label
@@ -38,9 +38,12 @@ def _fmt(v, fmt: str) -> str:
 
 
 def _header(rep: dict, title: str, *lines: str) -> list[str]:
+    st = rep.get("run_status") or {}
+    status = "complete" if rep["complete"] else "INCOMPLETE: " + ", ".join(
+        f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
     return [f"# {title} ({rep['experiment']})", "", f"- **Scale:** {rep['scale']}",
             f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
-            f"- **Command:** `{rep['command']}`", *lines, f"- **Status:** {runs.status_line(rep)}", ""]
+            f"- **Command:** `{rep['command']}`", *lines, f"- **Status:** {status}", ""]
 
 
 # compare: does pretraining help? (table.md, table.json, curves.png)
@@ -424,8 +427,6 @@ REPORTS = {  # sweep name -> (its report, the record it writes, table.md's markd
 def write(out: Path) -> dict:
     """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (runs.report_jobs);
     returns the report dict. A disk that cannot take the report files is a ReportError line."""
-    from atomic_io import os_error_reason
-
     out = Path(out)
     info = read_json(out / "sweep.json") or {}
     names = ({info.get("sweep")} | {r.get("sweep") for r in load_jobs(out) if r.get("kind") == "train"}) - {None}

@@ -8,14 +8,18 @@ table order (`order`) and plot colour (`color`).
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import functools
+import logging
 import math
 import os
+import platform
 import statistics
 from pathlib import Path
 
 import pandas as pd
 
+from atomic_io import PathLock
 from experiments import stats
 from rundir import read_json
 
@@ -59,10 +63,6 @@ def arm_color(arm: str) -> str:
 def _held(path: Path) -> bool:
     """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs);
     read-only: a report may read an out dir it cannot write."""
-    import fcntl
-
-    from atomic_io import PathLock
-
     try:
         with open(PathLock(path).file) as f:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
@@ -162,13 +162,6 @@ def status_fields(tj: list[dict], missing: list[str]) -> dict:
             "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
 
 
-def status_line(rep: dict) -> str:
-    if rep["complete"]:
-        return "complete"
-    st = rep.get("run_status") or {}
-    return "INCOMPLETE: " + ", ".join(f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A report's provenance: its commands, machine, dataset, timings and stage-1 settings
 # ---------------------------------------------------------------------------------------------------------
@@ -182,8 +175,6 @@ def sweep_commands(info: dict) -> str:
 def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
     """The fields every report starts with: date, command, experiment, its scale (on which device), the machine
     that measured, status."""
-    import platform
-
     import torch
 
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
@@ -259,8 +250,6 @@ def step_cost_ratio(jobs: list[dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one TensorBoard scalar tag across the run's event files (purged steps dropped)."""
-    import logging
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its per-file INFO lines, in Hydra's log too

@@ -100,11 +100,9 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     summary = {"command": cmd, "date": when, "device": dev, "runs": rows}
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "summary.json", summary, indent=1)
-        atomic_write_text(out / "table.md", text + "\n")
+    if a.out:  # atomic_write makes the folder
+        atomic_write_json(Path(a.out) / "summary.json", summary, indent=1)
+        atomic_write_text(Path(a.out) / "table.md", text + "\n")
     return summary
 
 

@@ -41,8 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/ first, not the repository
     sys.path.insert(0, str(ROOT))
 
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import rundir
@@ -75,8 +79,6 @@ def _key(o: str) -> str:
 
 def compose(stage: str, overrides: list[str]) -> dict:
     """two_stage.compose as a plain dict, also inside a running Hydra job (its global state is put back)."""
-    from hydra.core.global_hydra import GlobalHydra
-
     gh = GlobalHydra.instance()
     outer = gh.hydra if gh.is_initialized() else None
     try:
@@ -245,9 +247,6 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
 
 
 def run_job(cfg) -> dict:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     from histories import dataset_fingerprint
 
     if str(ROOT) not in sys.path:  # a launcher's worker process (joblib, submitit) started elsewhere
@@ -463,8 +462,6 @@ def precheck(argv: list[str]) -> None:
 
 
 def _entry() -> None:
-    import hydra
-
     @hydra.main(config_path="conf", config_name="sweep", version_base="1.3")
     def main(cfg):
         return run_job(cfg)
