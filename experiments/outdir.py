@@ -8,16 +8,18 @@ one out dir one table. experiments/report.py reads it.
     <out>/runs/, <out>/logs/  the run dirs and the stages' output
 
 Every write is atomic (atomic_io); a full or read-only disk is one line (SweepError); parallel jobs that need
-one file or folder take turns through a lock beside it (Held).
+one file or folder take turns through a lock beside it (held).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,24 +35,20 @@ class SweepError(UserError, CompactHydraException):
     """Bad input or a run directory that cannot be reused as asked; Hydra prints it as one line."""
 
 
-class Held:
+@contextlib.contextmanager
+def held(path: Path):
     """PathLock beside `path` (<parent>/.<name>.sweep.lock), waited for: parallel jobs that need the same
     dataset or stage-1 run produce it once; the others wait here and then find it finished."""
-
-    def __init__(self, path: Path):
-        self.lock = PathLock(path.parent / f"{path.name}.sweep")
-
-    def __enter__(self):
-        said = False
-        while (holder := self.lock.acquire()) is not None:
-            if not said:
-                print(f"[wait]  {self.lock.path.name[:-6]} is being produced by {holder}", flush=True)
-                said = True
-            time.sleep(1.0)
-        return self
-
-    def __exit__(self, *exc):
-        self.lock.release()
+    lock, said = PathLock(path.parent / f"{path.name}.sweep"), False
+    while (holder := lock.acquire()) is not None:
+        if not said:
+            print(f"[wait]  {path.name} is being produced by {holder}", flush=True)
+            said = True
+        time.sleep(1.0)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def disk_error(e: OSError, path: Path) -> SweepError:
@@ -71,13 +69,9 @@ def write_text(path: Path, text: str) -> None:
 def check_out(out: Path) -> None:
     """out must be a folder this process can write (not a file, not on a read-only or full disk): one line
     before Hydra creates <out>/hydra/ or a job writes anything."""
-    import tempfile
-
-    for p in (out, *out.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise SweepError(f"out={out}: {p} is a file, not a folder: choose another out=")
-            break
+    p = next(p for p in (out, *out.parents) if p.exists())
+    if not p.is_dir():
+        raise SweepError(f"out={out}: {p} is a file, not a folder: choose another out=")
     try:
         out.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=out)
@@ -124,7 +118,7 @@ def check_identity(out: Path, ident: dict, claim: bool) -> str:
     known = check(info)
     if not claim or (known and h in (info["identity"]["hash"], *(info["identity"].get("aliases") or []))):
         return info["identity"]["hash"] if known else h
-    with Held(out / "sweep.json"):
+    with held(out / "sweep.json"):
         info = read_json(out / "sweep.json") or {}
         ids = info["identity"] if check(info) else {"hash": h, "config": ident}
         if ids["hash"] != h:  # the same configuration spelled with later keys: its hash joins the aliases
@@ -139,7 +133,7 @@ def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str 
     re-collected dataset or another data_path= is refused, not mixed into the table."""
     if fp is None:
         return
-    with Held(out / "sweep.json"):
+    with held(out / "sweep.json"):
         info = read_json(out / "sweep.json") or {}
         was = (info.get("datasets") or {}).get(env or "-")
         if was and was["fingerprint"] != fp:
@@ -154,7 +148,7 @@ def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str 
 def start(out: Path, command: str, planned: list[dict], **fields) -> None:
     """Record a sweep's start in <out>/sweep.json: `fields`, its command (`commands`: every sweep into this out
     dir, oldest first), its planned jobs (an earlier sweep's stay planned), when and where it started."""
-    with Held(out / "sweep.json"):
+    with held(out / "sweep.json"):
         old = read_json(out / "sweep.json") or {}
         jobs = {j["run"]: j for j in (old.get("planned") or []) + planned}
         commands = list(old.get("commands") or ([old["command"]] if old.get("command") else []))

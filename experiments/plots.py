@@ -15,11 +15,9 @@ from experiments.runs import arm_color, window_label
 
 
 def _figure(size, rows: int, cols: int):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: savefig picks the Agg canvas for a png itself
 
     fig = Figure(figsize=size)
-    FigureCanvasAgg(fig)
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 

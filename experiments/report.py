@@ -4,13 +4,10 @@
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
-experiments/sweep.py calls `write(out)` when a multirun ends. The runs the report covers, their states and
-their numbers are one pandas table (experiments/runs.py: run_table, one row per job); a report groups it
-into mean ± sd (n) per arm and paired differences to a reference arm with 95 % t-intervals
-(experiments/stats.py), writes its record (summary.json or table.json: per-seed numbers, provenance,
-status) and table.md (md_table) and a plot (experiments/plots.py). The experiment
-(the record's `sweep`) picks the report function: REPORTS[name](out, jobs, info) -> the report dict,
-written by that function; adding an experiment is adding one here.
+experiments/sweep.py calls `write(out)` when a multirun ends. The record's `sweep` picks the report
+(REPORTS[name]: the function that groups the table of runs, experiments/runs.py, into mean ± sd (n) per arm
+and paired 95 % t-intervals to a reference arm, experiments/stats.py, and writes the record, and the
+markdown of table.md); adding an experiment is adding one there.
 """
 
 from __future__ import annotations
@@ -24,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from atomic_io import atomic_write_text
+from atomic_io import atomic_write_text, os_error_reason
 from errors import UserError
 from experiments import plots, runs, stats
 from experiments.runs import load_jobs, read_json, window_label
@@ -40,18 +37,13 @@ def _fmt(v, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _save(out: Path, rep: dict, record: str, markdown, plot, png: str) -> dict:
-    """A report's files: its record (JSON), table.md and its plot."""
-    atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
-    atomic_write_text(out / "table.md", markdown(rep))
-    plot(out / png, rep)
-    return rep
-
-
 def _header(rep: dict, title: str, *lines: str) -> list[str]:
+    st = rep.get("run_status") or {}
+    status = "complete" if rep["complete"] else "INCOMPLETE: " + ", ".join(
+        f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
     return [f"# {title} ({rep['experiment']})", "", f"- **Scale:** {rep['scale']}",
             f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
-            f"- **Command:** `{rep['command']}`", *lines, f"- **Status:** {runs.status_line(rep)}", ""]
+            f"- **Command:** `{rep['command']}`", *lines, f"- **Status:** {status}", ""]
 
 
 # compare: does pretraining help? (table.md, table.json, curves.png)
@@ -111,20 +103,19 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
 
     tail = first("long_tail_episodes")
     devices = {p.get("eval_device") for p in df["run"]}
-    rep = {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
-           "cwd": info.get("cwd"), "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budget": budget,
-           "dataset": runs.dataset_info(next((c for c in cfgs.values() if c), {}).get("data_path")),
-           "eval": {**settings("eval"), "last_k": first("eval_last_k"), "n_test_goals": first("n_test_goals"),
-                    "optimal_mean": first("optimal_mean")},
-           "long_eval": {**settings("eval_long"), "last_k": first("long_last_k"),
-                         "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
-           "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in COMPARE_METRICS.items()},
-           "results": results,
-           "runs": {f"{a}-seed{r['seed']}": r["run_dir"] for a in arms for r in tj if r["arm"] == a},
-           "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
-           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
-           "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
-    return _save(out, rep, "table.json", compare_markdown, plots.compare_plot, "curves.png")
+    return {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+            "cwd": info.get("cwd"), "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budget": budget,
+            "dataset": runs.dataset_info(next((c for c in cfgs.values() if c), {}).get("data_path")),
+            "eval": {**settings("eval"), "last_k": first("eval_last_k"), "n_test_goals": first("n_test_goals"),
+                     "optimal_mean": first("optimal_mean")},
+            "long_eval": {**settings("eval_long"), "last_k": first("long_last_k"),
+                          "tail_episodes": f"{tail[0]}-{tail[1]}" if tail else "–"},
+            "metrics": {k: {"label": lab, "better": b} for k, (lab, b, _) in COMPARE_METRICS.items()},
+            "results": results,
+            "runs": {f"{a}-seed{r['seed']}": r["run_dir"] for a in arms for r in tj if r["arm"] == a},
+            "pretrain_runs": pretrain_runs, "paired_vs": ref, "paired": paired,
+            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
+            "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
 
 
 def compare_markdown(rep: dict) -> str:
@@ -203,21 +194,18 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
     first = next((p for r in rows for p in r["per_seed"].values() if p["complete"]), {})
     tc = (read_json(Path(tj[0]["run_dir"]) / "config.json") or {}) if tj else {}
     devices = {p.get("device") for r in rows for p in r["per_seed"].values()}
-    rep = {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
-           "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
-           "budgets": sorted({r["stage2_steps"] for r in rows}),
-           "dataset": str(tc.get("data_path")),
-           "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
-                      + ", ".join(f"{k} {pc[k]}" for k in runs.STAGE1_MODEL_KEYS if pc.get(k) is not None)
-                      if pc else "none"),
-           "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
-                    f"{_fmt(first.get('optimal_mean'), '.2f')}"),
-           "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
-           "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}), "timings_s": runs.timings(jobs),
-           **stage1_diagnostics(jobs)}
-    ylabels = {k: v[0] for k, v in BUDGET_METRICS.items()}
-    return _save(out, rep, "summary.json", budget_markdown, lambda path, rep: plots.budget_plot(path, rep, ylabels),
-                 "budget.png")
+    return {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+            "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
+            "budgets": sorted({r["stage2_steps"] for r in rows}),
+            "dataset": str(tc.get("data_path")),
+            "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
+                       + ", ".join(f"{k} {pc[k]}" for k in runs.STAGE1_MODEL_KEYS if pc.get(k) is not None)
+                       if pc else "none"),
+            "eval": (f"{first.get('n_episodes')} episodes, last {first.get('last_k')}, mean optimal return "
+                     f"{_fmt(first.get('optimal_mean'), '.2f')}"),
+            "stage1_cost_per_step_vs_stage2": ratio, "rows": rows,
+            "overrides": next((r.get("overrides") for r in tj if r.get("overrides")), {}),
+            "timings_s": runs.timings(jobs), **stage1_diagnostics(jobs)}
 
 
 def verdict(rep: dict) -> list[str]:
@@ -281,12 +269,11 @@ MEMORY_COLUMNS = (  # row key -> (table header, format, "higher" | "lower" is be
 )
 # What the memory holds (goal_readout.py, test goals): the readout after the find minus a reference, within
 # each run, with the t-interval over seeds.
-GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const"),
-                     ("after_minus_before", "goal_acc_after", "goal_acc_before"),
+GOAL_READOUT_GAPS = (("after_minus_constant", "goal_acc_after", "goal_acc_const", "after − constant"),
+                     ("after_minus_before", "goal_acc_after", "goal_acc_before", "after − before"),
                      # Key-to-Door's second cell (the first above is its key): found when the door first paid
-                     ("door_after_minus_constant", "door_acc_after", "door_acc_const"),
-                     ("door_after_minus_before", "door_acc_after", "door_acc_before"))
-GOAL_READOUT_HEADS = ("after − constant", "after − before", "door: after − constant", "door: after − before")
+                     ("door_after_minus_constant", "door_acc_after", "door_acc_const", "door: after − constant"),
+                     ("door_after_minus_before", "door_acc_after", "door_acc_before", "door: after − before"))
 # The paired comparisons of the memory table: each arm minus the group's reference arm, same seed.
 MEMORY_PAIRED = ("return_last5_norm", "return_after_found", "episodes_to_first_goal", "tf_loss_test",
                  "return_last5_norm_val", "tf_loss_val")
@@ -317,7 +304,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
         # segment helps
         gap = stats.interval(p["probe_gap"] for p in per_seed.values())
         gaps = {name: stats.interval(p[a] - p[b] for p in per_seed.values() if p[a] is not None and p[b] is not None)
-                for name, a, b in GOAL_READOUT_GAPS}
+                for name, a, b, _ in GOAL_READOUT_GAPS}
         rows.append({"env": first["env"] or env, "sweep_window": int(w), "arm": arm, "window": first["window"],
                      "keep_recent": first["keep_recent"],
                      "seeds": [int(s) for s, p in per_seed.items() if p["complete"]],
@@ -354,16 +341,16 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     prov = runs.provenance(tj, info, runs.unfinished(df))
     redone = sorted({p["remeasured"]["command"] for r in rows for p in r["per_seed"].values() if p.get("remeasured")})
     prov["command"] = " ; ".join([prov["command"]] + redone)  # the end-of-run measurements redone since too
-    rep = {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
-           "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
-           "timings_s": runs.timings(jobs)}
-    return _save(out, rep, "summary.json", memory_markdown, plots.memory_plot, "curves.png")
+    return {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
+            "seeds": sorted({r["seed"] for r in tj}), "datasets": data, **prov, "rows": rows,
+            "timings_s": runs.timings(jobs)}
 
 
-def memory_paired_table(rows: list[dict], field: str, metrics: tuple) -> str:
+def memory_paired_table(rows: list[dict], field: str) -> str:
     """The rows' paired differences stored in row[field] (paired, paired_3w, or paired_with: a list of pairs,
-    each with its "vs" arm) on `metrics`, one table row per pair with at least one complete seed; "" when none
-    has. report.md and the docs blocks (docs_tables.py) both render these tables."""
+    each with its "vs" arm), one table row per pair with at least one complete seed; "" when none has.
+    report.md and the docs blocks (docs_tables.py) both render these tables."""
+    metrics = MEMORY_PAIRED_3W if field == "paired_3w" else MEMORY_PAIRED
     heads = {k: (h, fmt, b) for k, h, fmt, b in MEMORY_COLUMNS}
     pairs = [(r, p) for r in rows for p in (r.get(field) if isinstance(r.get(field), list) else [r.get(field) or {}])
              if any(v["n"] for k, v in p.items() if k != "vs")]
@@ -384,15 +371,14 @@ def memory_markdown(rep: dict) -> str:
     for env, d in rep["datasets"].items():
         su = d.get("source_search_use_test")
         if su and su.get("episodes_to_first_goal") is not None:
-            have = {"episodes_to_first_goal": su["episodes_to_first_goal"], "found_goal_frac": su["found_goal_frac"],
-                    "return_after_found": su["return_after_found_normalized"]}
+            have = {**su, "return_after_found": su["return_after_found_normalized"]}
             main.append(dict(zip(main[0], [env, "source (its own histories)", "–"]
                                  + [_fmt(have.get(k), fmt) for k, _, fmt, _ in cols] + ["–"])))
     lines = _header(rep, "Memory table",
                     f"- **Seeds:** {', '.join(map(str, rep['seeds']))} (cells: mean ± sample sd (n = seeds))")
     lines += ["Test goals unless marked val (validation goals: where designs are chosen).", "", md_table(main)]
     if any(r.get("goal_readout") for r in rep["rows"]):
-        heads = [(n, h) for (n, _, _), h in zip(GOAL_READOUT_GAPS, GOAL_READOUT_HEADS)
+        heads = [(n, h) for n, _, _, h in GOAL_READOUT_GAPS
                  if any(n in (r.get("goal_readout") or {}) for r in rep["rows"])]
         door = ("; on Key-to-Door the first cell is the key, found by an episode's first reward, and the door is "
                 "found by its second") if any(n.startswith("door") for n, _ in heads) else ""
@@ -407,19 +393,16 @@ def memory_markdown(rep: dict) -> str:
               md_table([{**ident(r), "steps": str(r["steps"]),
                          **{h: _fmt(r["stats"][k]["mean"], fmt) for k, h, fmt in COMPUTE_COLUMNS},
                          "device": str(r["device"])} for r in rep["rows"]])]
-    vs_ad = memory_paired_table(rep["rows"], "paired", MEMORY_PAIRED)
-    if vs_ad:
-        lines += ["", (f"**Paired differences** (arm − `{MEMORY_REFERENCE}` with the same window, same seed and "
-                       "data; mean [95 % t-interval]; the verdict is read off the interval: a difference is "
-                       "one only when its interval excludes 0):"), "", vs_ad]
-    vs_3w = memory_paired_table(rep["rows"], "paired_3w", MEMORY_PAIRED_3W)
-    if vs_3w:
-        lines += ["", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same seed "
-                       "and data; mean [95 % t-interval]):"), "", vs_3w]
-    pairs = memory_paired_table(rep["rows"], "paired_with", MEMORY_PAIRED)
-    if pairs:
-        lines += ["", ("**Paired differences to the arm each one changes** (an arm file's `pair_with`: arm − that "
-                       "arm, same seed and data; mean [95 % t-interval]):"), "", pairs]
+    for field, head in (
+            ("paired", (f"**Paired differences** (arm − `{MEMORY_REFERENCE}` with the same window, same seed and "
+                        "data; mean [95 % t-interval]; the verdict is read off the interval: a difference is one "
+                        "only when its interval excludes 0):")),
+            ("paired_3w", (f"**Paired differences to AD with 3x the window** (arm − `{MEMORY_REFERENCE_3W}`, same "
+                           "seed and data; mean [95 % t-interval]):")),
+            ("paired_with", ("**Paired differences to the arm each one changes** (an arm file's `pair_with`: arm − "
+                             "that arm, same seed and data; mean [95 % t-interval]):"))):
+        table = memory_paired_table(rep["rows"], field)
+        lines += ["", head, "", table] if table else []
     lines += ["", ("Returns: evaluate.py on the held-out goals with frozen weights, sampled actions (`eval.json`; "
                    "the long rollout: `eval_long.json`), divided by the goals' mean optimal return. Episodes to "
                    "0.8: first episode whose 5-episode mean reaches 0.8 of optimal (n counts the seeds that got "
@@ -434,33 +417,31 @@ def memory_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
-REPORTS = {"compare": compare, "pretrain-budget": pretrain_budget, "memory": memory}
-RENDER = {"compare": compare_markdown, "pretrain-budget": budget_markdown, "memory": memory_markdown}
+REPORTS = {  # sweep name -> (its report, the record it writes, table.md's markdown, the plot and its file)
+    "compare": (compare, "table.json", compare_markdown, plots.compare_plot, "curves.png"),
+    "pretrain-budget": (pretrain_budget, "summary.json", budget_markdown, lambda path, rep: plots.budget_plot(
+        path, rep, {k: v[0] for k, v in BUDGET_METRICS.items()}), "budget.png"),
+    "memory": (memory, "summary.json", memory_markdown, plots.memory_plot, "curves.png")}
 
 
-def sweep_name(out: Path, jobs: list[dict]) -> str:
-    info = read_json(Path(out) / "sweep.json") or {}
-    names = {info.get("sweep")} | {r.get("sweep") for r in jobs if r.get("kind") == "train"}
-    names.discard(None)
+def write(out: Path) -> dict:
+    """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (runs.report_jobs);
+    returns the report dict. A disk that cannot take the report files is a ReportError line."""
+    out = Path(out)
+    info = read_json(out / "sweep.json") or {}
+    names = ({info.get("sweep")} | {r.get("sweep") for r in load_jobs(out) if r.get("kind") == "train"}) - {None}
     if len(names) != 1:
         what = "runs of several sweeps: " + ", ".join(sorted(names)) if names else "no sweep runs (no jobs/*.json)"
         raise ReportError(f"{out}: {what}")
     name = names.pop()
     if name not in REPORTS:
         raise ReportError(f"{out}: no report for sweep {name!r} (known: {', '.join(REPORTS)})")
-    return name
-
-
-def write(out: Path) -> dict:
-    """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (runs.report_jobs);
-    returns the report dict. A disk that cannot take the report files is a ReportError line."""
-    from atomic_io import os_error_reason
-
-    out = Path(out)
-    info = read_json(out / "sweep.json") or {}
-    name = sweep_name(out, load_jobs(out))
+    report, record, markdown, plot, png = REPORTS[name]
     try:
-        rep = REPORTS[name](out, runs.report_jobs(out, name, info), info)
+        rep = report(out, runs.report_jobs(out, name, info), info)
+        atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
+        atomic_write_text(out / "table.md", markdown(rep))
+        plot(out / png, rep)
     except OSError as e:
         raise ReportError(f"cannot write the report into {out} ({os_error_reason(e)}: {e.filename or ''}): free "
                           f"space or fix the permissions, then run python experiments/report.py {out}") from None
@@ -469,7 +450,7 @@ def write(out: Path) -> dict:
 
 
 def render(out: Path, rep: dict) -> str:
-    return RENDER[rep["sweep"]](rep)
+    return REPORTS[rep["sweep"]][2](rep)
 
 
 def main(argv=None) -> dict:

@@ -1,41 +1,33 @@
-"""The runs of a sweep's out dir as one table: the jobs a report covers, the state of each run dir, the
-numbers every report reads from it, and the provenance of a report (experiments/report.py groups this table
-into its reports; experiments/plots.py draws them).
-
-The jobs are sweep.json's planned ones and the records <out>/jobs/*.json (report_jobs); each run dir is
-<out>/runs/<name> (a moved out dir reports its own runs) and its state comes from the run dir, not from the
-record (run_status). run_table makes one row per job: its arm, seed, budget, env and window, and the numbers
-run_record reads from the run dir. Arms are declared in experiments/conf/arm/<arm>.yaml: label, table order
-(`order`) and plot colour (`color`).
+"""The runs of a sweep's out dir as one table (experiments/report.py groups it into its reports): the jobs a
+report covers (report_jobs: sweep.json's planned ones and the records <out>/jobs/*.json), the state of each
+run dir <out>/runs/<name> (run_status: the run dir decides, not the record), the numbers every report reads
+from it (run_record) and a report's provenance. Arms are declared in experiments/conf/arm/<arm>.yaml: label,
+table order (`order`) and plot colour (`color`).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import functools
-import json
+import logging
 import math
 import os
+import platform
 import statistics
 from pathlib import Path
 
 import pandas as pd
 
+from atomic_io import PathLock
 from experiments import stats
+from rundir import read_json
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
 DONE = "done"
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
 WHOLE = ("config", "done", "eval", "eval_long")  # run_record's whole files (the reports keep numbers only)
-
-
-def read_json(path: Path) -> dict | None:
-    try:
-        data = json.loads(Path(path).read_text())
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
-        return None
 
 
 def load_jobs(out: Path) -> list[dict]:
@@ -69,23 +61,16 @@ def arm_color(arm: str) -> str:
 # this out dir and a status read from that run dir (the records are not trusted for it)
 # ---------------------------------------------------------------------------------------------------------
 def _held(path: Path) -> bool:
-    """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs)."""
-    import fcntl
-
-    from atomic_io import PathLock
-
+    """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs);
+    read-only: a report may read an out dir it cannot write."""
     try:
-        fd = os.open(PathLock(path).file, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return False
+        with open(PathLock(path).file) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
     except BlockingIOError:
         return True
-    finally:
-        os.close(fd)
+    except OSError:
+        return False
+    return False
 
 
 def _finite(x) -> bool:
@@ -135,12 +120,11 @@ def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
     have = {Path(r.get("run_dir", "")).name for r in recs}
     ident = (info.get("identity") or {}).get("hash")
     for j in info.get("planned") or []:
-        if j["run"] not in have:
+        if j["run"] not in have:  # j: its arm, seed, budget, window, env and run name
             arm = arm_file(j["arm"])
-            recs.append({"kind": "train", "sweep": info.get("sweep"), "arm": j["arm"], "seed": j["seed"],
-                         "label": arm.get("label", j["arm"]), "encoder": arm.get("encoder"), "budget": j["budget"],
-                         "window": j["window"], "env": j["env"], "experiment": info.get("experiment"),
-                         "run_dir": j["run"], "status": "planned", "identity": ident})
+            recs.append({**j, "kind": "train", "sweep": info.get("sweep"), "label": arm.get("label", j["arm"]),
+                         "encoder": arm.get("encoder"), "experiment": info.get("experiment"), "run_dir": j["run"],
+                         "status": "planned", "identity": ident})
     evals = info.get("evals") or ["eval"]
     aliases = (info.get("identity") or {}).get("aliases") or []  # one configuration recorded under a later hash
     for r in recs:
@@ -178,13 +162,6 @@ def status_fields(tj: list[dict], missing: list[str]) -> dict:
             "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
 
 
-def status_line(rep: dict) -> str:
-    if rep["complete"]:
-        return "complete"
-    st = rep.get("run_status") or {}
-    return "INCOMPLETE: " + ", ".join(f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A report's provenance: its commands, machine, dataset, timings and stage-1 settings
 # ---------------------------------------------------------------------------------------------------------
@@ -195,24 +172,18 @@ def sweep_commands(info: dict) -> str:
     return " ; ".join(cmds) or "?"
 
 
-def machine() -> str:
-    """What measured: host, cores and torch (a report's provenance line)."""
-    import platform
-
+def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
+    """The fields every report starts with: date, command, experiment, its scale (on which device), the machine
+    that measured, status."""
     import torch
 
-    return f"{platform.node()}, {os.cpu_count()} CPU cores, {platform.machine()}, torch {torch.__version__}"
-
-
-def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
-    """The fields every report starts with: date, command, experiment, its scale (on which device), status."""
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     scale = f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}"
     if devices is not None:
         scale += f" on {device_label(devices)}"
     return {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": sweep_commands(info),
-            "experiment": experiment, "scale": scale,
-            "machine": machine(), **status_fields(tj, missing)}
+            "experiment": experiment, "scale": scale, "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, "
+            f"{platform.machine()}, torch {torch.__version__}", **status_fields(tj, missing)}
 
 
 def device_label(devices: set) -> str:
@@ -279,8 +250,6 @@ def step_cost_ratio(jobs: list[dict]) -> float | None:
 # ---------------------------------------------------------------------------------------------------------
 def read_scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
     """(step, value) of one TensorBoard scalar tag across the run's event files (purged steps dropped)."""
-    import logging
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its per-file INFO lines, in Hydra's log too

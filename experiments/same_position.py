@@ -27,6 +27,7 @@ import teacher_forced
 from atomic_io import atomic_write_json, atomic_write_text
 from evaluate import load_trained_model, resolve_device
 from experiments import stats
+from experiments.stats import md_table
 from histories import load_histories
 from hydra_cli import abspath
 
@@ -49,10 +50,7 @@ def table(rows: list[dict], split: str) -> list[str]:
     base = rows[0]["reports"].get(split)
     if base is None:
         return [f"(no {split} histories)"]
-    buckets = list(base["buckets"])
-    head = ["run", "model", "NLL ± se", *[f"steps {b}" for b in buckets], "acc",
-            f"− {Path(rows[0]['run_dir']).name} [95 % CI over histories], verdict"]
-    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = []
     for r in rows:
         rep = r["reports"].get(split)
         if rep is None:
@@ -66,18 +64,19 @@ def table(rows: list[dict], split: str) -> list[str]:
             teacher_forced.paired_difference(base, rep)  # refuses reports of different histories
             vs = stats.fmt_paired(stats.paired(dict(enumerate(rep["per_history"])),
                                                dict(enumerate(base["per_history"])), "lower"), ".4f")
-        cells = [Path(r["run_dir"]).name, str(r["model"]), f"{rep['loss']:.4f} ± {rep['loss_se']:.4f}",
-                 *[f"{rep['buckets'][b]:.4f}" for b in buckets], f"{rep['acc']:.3f}", vs]
-        out.append("| " + " | ".join(cells) + " |")
+        out.append({"run": Path(r["run_dir"]).name, "model": str(r["model"]),
+                    "NLL ± se": f"{rep['loss']:.4f} ± {rep['loss_se']:.4f}",
+                    **{f"steps {b}": f"{rep['buckets'][b]:.4f}" for b in base["buckets"]}, "acc": f"{rep['acc']:.3f}",
+                    f"− {Path(rows[0]['run_dir']).name} [95 % CI over histories], verdict": vs})
+    out = [md_table(out)]
     probes = [(r, r["reports"][split]["memory_probe"]) for r in rows
               if split in r["reports"] and "memory_probe" in r["reports"][split]]
     if probes:
         ks = [k for k in probes[0][1] if k.startswith("k") or k == "all"]
-        out += ["", f"Memory probe ({split}): NLL with latents rebuilt from the last k segments only",
-                "", "| run | " + " | ".join(ks) + " | all − k1 | verdict |", "|" + "---|" * (len(ks) + 3)]
-        for r, p in probes:
-            out.append(f"| {Path(r['run_dir']).name} | " + " | ".join(f"{p[k]:.4f}" for k in ks)
-                       + f" | {p['all_minus_k1']:+.4f} ± {p['all_minus_k1_se']:.4f} | {p['verdict']} |")
+        out += ["", f"Memory probe ({split}): NLL with latents rebuilt from the last k segments only", "",
+                md_table([{"run": Path(r["run_dir"]).name, **{k: f"{p[k]:.4f}" for k in ks},
+                           "all − k1": f"{p['all_minus_k1']:+.4f} ± {p['all_minus_k1_se']:.4f}",
+                           "verdict": p["verdict"]} for r, p in probes])]
     return out
 
 
@@ -101,11 +100,9 @@ def main(argv=None) -> dict:
     text = "\n".join(lines)
     print(text)
     summary = {"command": cmd, "date": when, "device": dev, "runs": rows}
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out / "summary.json", summary, indent=1)
-        atomic_write_text(out / "table.md", text + "\n")
+    if a.out:  # atomic_write makes the folder
+        atomic_write_json(Path(a.out) / "summary.json", summary, indent=1)
+        atomic_write_text(Path(a.out) / "table.md", text + "\n")
     return summary
 
 

@@ -12,9 +12,8 @@ evaluations, stage defaults), conf/arm/<name>.yaml (an arm: stage-2 overrides, s
 A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk: the dataset
 (collected once under a lock, else rundir.check_dataset), this seed's stage 1 (<out>/runs/pretrain-seed<s>,
 made once under a lock), stage 2 (<out>/runs/<run>) and its evaluations (sweep.evals): each reused, resumed
-or refused by rundir.run_state, the rule of two_stage.py too. <out>/sweep.json holds the out dir's identity
-and dataset (other settings are refused in one line), the commands and planned jobs; <out>/jobs/<run>.json
-each job's record; experiments/report.py reads them. Ctrl-C: exit 130; the same command again resumes.
+or refused by rundir.run_state, the rule of two_stage.py too; the out dir's records (experiments/outdir.py)
+are what experiments/report.py reads. Ctrl-C: exit 130; the same command again resumes.
 
 Stage overrides: every `key=value` that is not the sweep's own (conf/sweep.yaml, arm=, sweep=, hydra...)
 reaches every stage whose config has the key (two_stage.split_overrides); `stage:key=value` targets one.
@@ -42,8 +41,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/ first, not the repository
     sys.path.insert(0, str(ROOT))
 
+import hydra
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 import rundir
@@ -51,7 +54,7 @@ import two_stage
 from atomic_io import PathLock
 from errors import UserError
 from experiments import outdir
-from experiments.outdir import Held, SweepError, record
+from experiments.outdir import SweepError, held, record
 from hydra_cli import abspath, compose_config, flatten
 from rundir import read_json
 
@@ -76,8 +79,6 @@ def _key(o: str) -> str:
 
 def compose(stage: str, overrides: list[str]) -> dict:
     """two_stage.compose as a plain dict, also inside a running Hydra job (its global state is put back)."""
-    from hydra.core.global_hydra import GlobalHydra
-
     gh = GlobalHydra.instance()
     outer = gh.hydra if gh.is_initialized() else None
     try:
@@ -202,7 +203,7 @@ def ensure_dataset(job: Job, routed: dict) -> Path:
     data_path = data_path if data_path.is_absolute() else (job.cwd / data_path).resolve()
     meta = data_path / "meta.json"
     if not meta.is_file() or ccfg["overwrite"]:  # no lock beside a dataset that is only read (it may be read-only)
-        with Held(data_path):
+        with held(data_path):
             if not meta.is_file() or (ccfg["overwrite"] and meta.stat().st_mtime < job.started):
                 job.run("collect", "collect", routed["collect"] + [f"data_path={data_path}"],
                         f"collect-{data_path.name}", "overwrite" if meta.is_file() else "no dataset yet", meta)
@@ -220,7 +221,7 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
     rd, name = job.out / "runs" / f"pretrain-seed{seed}", f"pretrain-seed{seed}"
     ov = routed["pretrain"] + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
     want = compose("pretrain", ov)
-    with Held(rd):
+    with held(rd):
         # force=true redoes stage 1 once per sweep: not when another job of this sweep already redid it
         redone = (rd / "done.json").is_file() and (rd / "done.json").stat().st_mtime >= job.started
         state = rundir.run_state(rd, want, int(want["pretrain_steps"]), "stage-1", bool(job.cfg.force) and not redone,
@@ -246,9 +247,6 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
 
 
 def run_job(cfg) -> dict:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
     from histories import dataset_fingerprint
 
     if str(ROOT) not in sys.path:  # a launcher's worker process (joblib, submitit) started elsewhere
@@ -360,9 +358,8 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
 def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
     ev, done = read_json(run_dir / f"{out_name}.json"), read_json(run_dir / "done.json")
     model = run_dir / "model.pt"
-    if ev is None or done is None or not model.is_file() or ev.get("global_step") != done.get("global_step"):
-        return False
-    if (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime:
+    if (ev is None or done is None or not model.is_file() or ev.get("global_step") != done.get("global_step")
+            or (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime):
         return False
     got, asked = flatten(ev.get("config") or {}), flatten(want)
     later = rundir.LATER_KEY_DEFAULTS  # a key added after the eval ran counts with its default
@@ -465,8 +462,6 @@ def precheck(argv: list[str]) -> None:
 
 
 def _entry() -> None:
-    import hydra
-
     @hydra.main(config_path="conf", config_name="sweep", version_base="1.3")
     def main(cfg):
         return run_job(cfg)
