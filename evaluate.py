@@ -312,9 +312,8 @@ def main(cfg: DictConfig) -> dict:
         raise EvalError(f"no goals to evaluate in splits={list(cfg.splits)} (n_train_goals="
                         f"{cfg.n_train_goals}, env.n_val_goals={env_cfg.get('n_val_goals', 0)})")
 
-    reps = {s: teacher_forced.heldout_report(model, hist, s, device, probe=True) for s in ("val", "test")
-            if cfg.teacher_forced}
-    same_position = {s: rep for s, rep in reps.items() if rep is not None}
+    same_position = teacher_forced.heldout_reports(model, hist, ("val", "test") if cfg.teacher_forced else (),
+                                                   device, probe=True)
     metrics = {}
     for split, res in results.items():
         metrics |= eval_scalars(res["summary"], split)

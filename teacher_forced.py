@@ -74,7 +74,7 @@ def score(model, trans, device, probe: bool = False, depths=PROBE_DEPTHS) -> dic
     """Every per-step figure of histories trans [N, T, 6]: {'nll', 'correct'} under the full rollout
     schedule and, with probe=True (models with compressed memory only), 'nll_k<k>' with the latents
     rebuilt from only the last k segments. All [N, T] on the CPU, row i = history i, so shards computed by
-    different processes concatenate (see train.py)."""
+    different processes interleave (heldout_reports)."""
     nll, ok = history_nll(model, trans, device)
     out = {"nll": nll, "correct": ok}
     if probe and has_memory(model):
@@ -114,17 +114,32 @@ def report(scores: dict[str, torch.Tensor], buckets=DEFAULT_BUCKETS) -> dict:
     return rep
 
 
-def heldout_report(model, hist, split: str, device, probe: bool = False, buckets=DEFAULT_BUCKETS,
-                   max_histories: int | None = None) -> dict | None:
-    """Same-position evaluation of one split of a dataset (histories.Histories), in this process (at most
-    max_histories of it, spread over its goals: Histories.split_indices). None if the split has no
-    histories. probe=True adds the memory probe (models with compressed memory only)."""
-    idx = hist.split_indices(split, max_histories)
-    if len(idx) == 0:
-        return None
-    rep = report(score(model, hist.transitions(idx), device, probe=probe), buckets)
-    rep["split"] = split
-    return rep
+def heldout_reports(model, hist, splits, device, probe: bool = False, max_histories: int | None = None,
+                    accelerator=None) -> dict[str, dict]:
+    """{split: report} of the same-position evaluation of each split of a dataset (histories.Histories) that has
+    histories (at most max_histories of it, spread over its goals: Histories.split_indices). probe=True adds the
+    memory probe (models with compressed memory only). With an `accelerator` (train.py), every rank scores every
+    world-th history and the per-step scores are gathered back into history order, so every rank gets the same
+    report whatever the number of processes (a collective: call it on every rank)."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    out = {}
+    for split in splits:
+        idx = hist.split_indices(split, max_histories)
+        if len(idx) == 0:
+            continue
+        mine = idx[rank::world]
+        scores = score(model, hist.transitions(mine), device, probe=probe) if len(mine) else None
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            parts = gather_object([scores])
+            scores = {k: torch.empty(len(idx), *v.shape[1:], dtype=v.dtype) for k, v in parts[0].items()}
+            for r, part in enumerate(parts):
+                if part is not None:
+                    for k, v in part.items():
+                        scores[k][r::world] = v
+        out[split] = {**report(scores), "split": split}
+    return out
 
 
 def paired_difference(a: dict, b: dict) -> dict:

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-import goal_readout
 import loop
+import remeasure
 import rundir
 import teacher_forced
 from atomic_io import atomic_torch_save
@@ -92,33 +92,6 @@ class ActionPredictionTask:
         # n_labels: window positions (+ segment positions with model.label_segments), a device tensor
         return loss, metrics, a["n_labels"]
 
-    def same_position(self, run, split: str, probe: bool = False) -> dict | None:
-        """Teacher-forced action NLL over every step of the split's held-out histories, with the model's
-        rollout schedule (teacher_forced.py). Each rank scores every world-th history; the per-step
-        scores are gathered back into history order, so every rank gets the same report whatever the
-        number of processes. None if the split has no histories."""
-        idx = self.hist.split_indices(split, self.cfg.heldout_max_histories)  # spread over the split's goals
-        if len(idx) == 0:
-            return None
-        acc = run.accelerator
-        rank, world = acc.process_index, acc.num_processes
-        net = loop.unwrap(acc, run.model)
-        mine = idx[rank::world]
-        scores = teacher_forced.score(net, self.hist.transitions(mine), acc.device, probe=probe) if len(mine) \
-            else None
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            parts = gather_object([scores])
-            scores = {k: torch.empty(len(idx), *v.shape[1:], dtype=v.dtype) for k, v in parts[0].items()}
-            for r, part in enumerate(parts):
-                if part is not None:
-                    for k, v in part.items():
-                        scores[k][r::world] = v
-        rep = teacher_forced.report(scores)
-        rep["split"] = split
-        return rep
-
     def incontext_eval(self, run, step) -> dict:
         """Rollouts with frozen weights on the validation goals and a train-goal sample (main process; the
         others wait). The test goals are left to evaluate.py: training-time figures may steer choices."""
@@ -145,33 +118,25 @@ class ActionPredictionTask:
         final = step == run.settings.max_steps  # on_end computes and logs the final held-out losses once
         if self.cfg.heldout_every and step % self.cfg.heldout_every == 0 and not final:
             # Periodically only the validation goals: they are what model selection may look at.
-            rep = self.same_position(run, "val")
-            if rep is not None:
-                run.log(teacher_forced.scalars(rep, "val"), step)
+            for split, rep in teacher_forced.heldout_reports(
+                    loop.unwrap(run.accelerator, run.model), self.hist, ("val",), run.accelerator.device,
+                    max_histories=self.cfg.heldout_max_histories, accelerator=run.accelerator).items():
+                run.log(teacher_forced.scalars(rep, split), step)
         if self.cfg.eval_every and step % self.cfg.eval_every == 0:
             self.incontext_eval(run, step)
 
     def on_end(self, run, step):
         # Final same-position losses: validation (selection) and test (reported) goals, with the memory
-        # probe for CompressedAD. done.json keeps the full reports and the two headline figures.
-        summary = {}
-        for split in ("val", "test"):
-            rep = self.same_position(run, split, probe=True)
-            if rep is None:
-                continue
+        # probe for CompressedAD, and what the memory holds: the goal read linearly from the latents
+        # (goal_readout.py; main process only). done.json keeps the full reports and the headline figures.
+        net = loop.unwrap(run.accelerator, run.model)
+        summary = remeasure.measure(net, self.hist, self.cfg, run.accelerator.device, run.accelerator)
+        reps = {s: summary[f"heldout_{s}"] for s in ("val", "test") if f"heldout_{s}" in summary}
+        for split, rep in reps.items():
             run.log(teacher_forced.scalars(rep, split), step)
-            summary[f"tf_loss_{split}"] = rep["loss"]
-            summary[f"heldout_{split}"] = rep
-            if run.is_main:
-                teacher_forced.print_report({split: rep})
         if run.is_main:
-            net = loop.unwrap(run.accelerator, run.model)
-            # What the memory holds: the goal read linearly from the latents (goal_readout.py; main process
-            # only, no collective). None for AD.
-            gr = goal_readout.report(net, self.hist, int(self.cfg.env.grid_size), run.accelerator.device,
-                                     max_heldout_histories=self.cfg.heldout_max_histories)
-            if gr is not None:
-                summary["goal_readout"] = gr
+            teacher_forced.print_report(reps)
+            if gr := summary.get("goal_readout"):
                 run.log({f"memory/goal_acc_{k}_{sp}": gr[sp][k]["acc"] for sp in ("val", "test")
                          for k in ("after_find", "before_find", "constant_after_find")
                          if gr[sp][k]["acc"] is not None}, step)

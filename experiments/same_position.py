@@ -40,9 +40,9 @@ def score_runs(run_dirs: list[str], splits: list[str], data: str | None, device)
         if not path:
             raise SystemExit(f"error: {rd}/model.pt names no data_path: pass --data <dataset>")
         hist = load_histories(abspath(path), cfg["env"])
-        reps = {s: teacher_forced.heldout_report(model, hist, s, device, probe=True) for s in splits}
         rows.append({"run_dir": str(rd), "model": cfg["model"].get("name"), "global_step": step,
-                     "data_path": str(abspath(path)), "reports": {s: r for s, r in reps.items() if r}})
+                     "data_path": str(abspath(path)),
+                     "reports": teacher_forced.heldout_reports(model, hist, splits, device, probe=True)})
     return rows
 
 
