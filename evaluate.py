@@ -83,10 +83,6 @@ def load_trained_model(run_dir, device="cpu"):
         raise EvalError(f"{path}: its config does not describe a buildable model ({one_line(e)}): the "
                         f"file is damaged or foreign; retrain or pass another run_dir") from None
     state = ckpt["model_state_dict"]
-    # A state dict saved from a DDP / torch.compile wrapper carries a prefix on every key; strip it.
-    for prefix in ("module.", "_orig_mod."):
-        if isinstance(state, dict) and state and all(str(k).startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
     bad = weights_problem(state, model.state_dict(), "model_state_dict")
     if bad:  # e.g. NaN weights: sampling would fail and argmax would give an all-zero eval.json
         raise EvalError(f"{path}: {bad}; the model cannot be evaluated: retrain it, or evaluate another run")
@@ -117,13 +113,12 @@ def _run_histories(cfg: DictConfig, run_cfg: dict, env_cfg: dict):
 def plot_curves(path: Path, results: dict, title: str) -> None:
     """Learning curves: mean return per episode, ±1 std over seeds, dashed line at the mean optimal, dotted
     line at the source algorithm's own learning curve on those goals (when the dataset gives it)."""
-    # The object API with the Agg canvas: no pyplot, so no global backend switch in an importing process.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    # The object API (savefig picks the Agg canvas for a png): no pyplot, so no global backend switch in an
+    # importing process.
     from matplotlib.figure import Figure
 
     found = any("key_found_curve" in res["summary"] for res in results.values())  # Dark Key-to-Door
     fig = Figure(figsize=(9.5, 7.4 if found else 4.2))
-    FigureCanvasAgg(fig)
     ax = fig.add_subplot(2, 1, 1) if found else fig.add_subplot()
     colors = {"test": "tab:blue", "val": "tab:green", "train": "tab:orange"}
     for split, res in results.items():
@@ -314,11 +309,8 @@ def main(cfg: DictConfig) -> dict:
 
     same_position = teacher_forced.heldout_reports(model, hist, ("val", "test") if cfg.teacher_forced else (),
                                                    device, probe=True)
-    metrics = {}
-    for split, res in results.items():
-        metrics |= eval_scalars(res["summary"], split)
-    for split, rep in same_position.items():
-        metrics |= teacher_forced.scalars(rep, split)
+    metrics = {t: v for split, res in results.items() for t, v in eval_scalars(res["summary"], split).items()}
+    metrics |= {t: v for split, rep in same_position.items() for t, v in teacher_forced.scalars(rep, split).items()}
     report = {
         "format_version": FORMAT_VERSION,
         "run_dir": str(run_dir),

@@ -18,6 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from teacher_forced import eval_mode, has_memory
 from transition import REWARD
 
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried (x n_samples / 1000), chosen on val
@@ -33,10 +34,8 @@ def fold_latents(model, trans: np.ndarray, device, histories_per_pass: int = 128
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(latents float32 [N, F, n_latent * d] after each of the F folds of a rollout over the recorded
     transitions trans [N, T, 6], fold steps int [F]: how many transitions each fold's latents cover)."""
-    was_training = model.training
-    model.eval()
     feats, steps = [], None
-    try:
+    with eval_mode(model):
         for a in range(0, trans.shape[0], histories_per_pass):
             x = torch.as_tensor(np.asarray(trans[a:a + histories_per_pass])).to(device).long()
             st = model.init_rollout(x.shape[0], device, use_cache=False)
@@ -51,8 +50,6 @@ def fold_latents(model, trans: np.ndarray, device, histories_per_pass: int = 128
                 return np.zeros((trans.shape[0], 0, 0), np.float32), np.zeros(0, np.int64)
             feats.append(torch.stack(mine, dim=1).numpy())
             steps = np.asarray(at, dtype=np.int64)
-    finally:
-        model.train(was_training)
     return np.concatenate(feats), steps
 
 
@@ -100,7 +97,7 @@ def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_T
            max_heldout_histories: int | None = None) -> dict | None:
     """The readouts fitted on training-goal histories, scored on the validation and test goals (see the
     module docstring). None when the model has no compressed memory or a split has no histories."""
-    if not hasattr(model, "encoder"):
+    if not has_memory(model):
         return None
     tr = hist.split_indices("train", max_train_histories)  # spread over the goals (every k-th history)
     held = {s: hist.split_indices(s, max_heldout_histories) for s in ("val", "test")}

@@ -94,11 +94,11 @@ class ReconstructionTask:
         return loss + self.mcfg.recon_task_weight * task, {"task_loss": task.detach()}, n_labels
 
     @torch.no_grad()
-    def diagnostics(self, run, model, split: str | None = None, prefix: str = "pretrain/") -> dict:
+    def diagnostics(self, run, split: str | None = None) -> dict:
         """Reconstruction quality and collapse detectors on fixed batches of `split`'s goals (default: the
         validation goals), all ranks, reduced."""
         diag = self.diag[split or self.diag_split]
-        net = loop.unwrap(run.accelerator, model)
+        net = loop.unwrap(run.accelerator, run.model)
         net.eval()
         sums, counts = Counter(), Counter()  # per key: a depth's metrics exist only where it was drawn
         for k in range(self.cfg.diag_batches):
@@ -120,32 +120,29 @@ class ReconstructionTask:
             counts.update(vals.keys())
         net.train()
         # Per-depth keys exist only where that depth was drawn; reduce_means copes with ranks that differ.
-        return {f"{prefix}{k}": v for k, v in loop.reduce_means(run.accelerator, sums, counts).items()}
+        return loop.reduce_means(run.accelerator, sums, counts)
 
     def on_step(self, run, step):
         final = step == run.settings.max_steps  # on_end runs and logs the final diagnostics once
         if self.cfg.diag_every and step % self.cfg.diag_every == 0 and not final:
-            run.log(self.diagnostics(run, run.model), step)
+            run.log({f"pretrain/{k}": v for k, v in self.diagnostics(run).items()}, step)
         if step % self.cfg.save_every == 0 and run.is_main:
             save_encoder_checkpoint(run.run_dir / f"encoder-pretrained-{step}.pt",
                                     loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
 
     def on_end(self, run, step):
-        diag = self.diagnostics(run, run.model)
-        run.log(diag, step)
-        test = {}
-        if "test" in self.diag and self.diag_split != "test":  # the reported figures, logged once
-            test = self.diagnostics(run, run.model, "test", prefix="pretrain_test/")
-            run.log(test, step)
+        diag = self.diagnostics(run)
+        # the test goals: the reported figures, measured and logged once
+        test = self.diagnostics(run, "test") if "test" in self.diag and self.diag_split != "test" else {}
+        run.log({f"pretrain/{k}": v for k, v in diag.items()} | {f"pretrain_test/{k}": v for k, v in test.items()},
+                step)
         if run.is_main:
             save_encoder_checkpoint(run.run_dir / "encoder-pretrained-final.pt",
                                     loop.unwrap(run.accelerator, run.model), step, self.ckpt_config)
         run.accelerator.wait_for_everyone()
         # done.json: the validation-goal diagnostics as top-level keys, the test-goal ones under "test".
-        return {k.replace("pretrain/", ""): v for k, v in diag.items()} | {
-            "diagnostics_split": self.diag_split,
-            "test": {k.replace("pretrain_test/", ""): v for k, v in test.items()},
-            "encoder_checkpoint": str(run.run_dir / "encoder-pretrained-final.pt")}
+        return diag | {"diagnostics_split": self.diag_split, "test": test,
+                       "encoder_checkpoint": str(run.run_dir / "encoder-pretrained-final.pt")}
 
 
 def main(cfg) -> dict:

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from env import make_batched_env, splits_from_cfg, task_optimal_return
 from errors import EvalError
+from teacher_forced import eval_mode
 from transition import pack
 
 
@@ -28,7 +29,6 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
     never touched, so calling this in the middle of training keeps resumed runs bit-exact. With
     sample=False actions are argmax and the seeds of a goal are identical.
 
-    The model's train/eval mode is restored on return (train.py calls this between optimizer steps).
     Pass an unwrapped model (accelerator.unwrap_model): DDP wrappers do not forward init_rollout/act.
 
     Returns numpy arrays 'returns' float64 [n_goals, seeds_per_goal, n_episodes] and 'optimal' float64
@@ -58,43 +58,37 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
     # A dedicated generator on the rollout device: multinomial needs one on the same device as probs.
     gen = torch.Generator(device=device).manual_seed(int(seed))
 
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()  # dropout off: the weights are frozen and evaluation deterministic given the seed
     t0 = time.perf_counter()
-    try:
-        with torch.inference_mode():
-            st = model.init_rollout(n_envs, device, use_cache=use_cache)
-            # Accumulate on the device and copy once at the end: no host sync per step.
-            returns = torch.zeros(n_envs, n_episodes, dtype=torch.float32, device=device)
-            found = torch.zeros(2, n_envs, n_episodes, dtype=torch.bool, device=device) if track else None
-            rec_trans, rec_logp = [], []
-            episodes = tqdm(range(n_episodes), desc=f"in-context rollout ({n_envs} envs)", unit="ep", mininterval=1.0,
-                            disable=not progress)
-            for ep in episodes:
-                states = env.reset()  # the env resets, the model's memory `st` does not
-                for _ in range(horizon):
-                    logits = model.act(st, states)
-                    if sample:
-                        probs = torch.softmax(logits.float(), dim=-1)
-                        actions = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-                    else:
-                        actions = logits.argmax(dim=-1)
-                    next_states, rewards, _ = env.step(actions)
-                    trans = pack(states.long(), actions, rewards.long(), next_states.long())
-                    model.observe(st, trans)
-                    if record:
-                        rec_trans.append(trans)
-                        rec_logp.append(torch.log_softmax(logits.float(), -1).gather(1, actions[:, None])[:, 0])
-                    returns[:, ep] += rewards
-                    states = next_states
-                if track:
-                    found[0, :, ep], found[1, :, ep] = env.has_key, env.door_opened
-                if progress:
-                    episodes.set_postfix(mean_return=f"{returns[:, ep].mean().item():.2f}")
-    finally:
-        if was_training:
-            model.train()
+    # eval mode (dropout off): the weights are frozen and evaluation deterministic given the seed
+    with eval_mode(model), torch.inference_mode():
+        st = model.init_rollout(n_envs, device, use_cache=use_cache)
+        # Accumulate on the device and copy once at the end: no host sync per step.
+        returns = torch.zeros(n_envs, n_episodes, dtype=torch.float32, device=device)
+        found = torch.zeros(2, n_envs, n_episodes, dtype=torch.bool, device=device) if track else None
+        rec_trans, rec_logp = [], []
+        episodes = tqdm(range(n_episodes), desc=f"in-context rollout ({n_envs} envs)", unit="ep", mininterval=1.0,
+                        disable=not progress)
+        for ep in episodes:
+            states = env.reset()  # the env resets, the model's memory `st` does not
+            for _ in range(horizon):
+                logits = model.act(st, states)
+                if sample:
+                    probs = torch.softmax(logits.float(), dim=-1)
+                    actions = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+                else:
+                    actions = logits.argmax(dim=-1)
+                next_states, rewards, _ = env.step(actions)
+                trans = pack(states.long(), actions, rewards.long(), next_states.long())
+                model.observe(st, trans)
+                if record:
+                    rec_trans.append(trans)
+                    rec_logp.append(torch.log_softmax(logits.float(), -1).gather(1, actions[:, None])[:, 0])
+                returns[:, ep] += rewards
+                states = next_states
+            if track:
+                found[0, :, ep], found[1, :, ep] = env.has_key, env.door_opened
+            if progress:
+                episodes.set_postfix(mean_return=f"{returns[:, ep].mean().item():.2f}")
     opt = [task_optimal_return(env_cfg, g) for g in goals]
     shape = (n_goals, seeds_per_goal, n_episodes)
     events = {"key_found": found[0].cpu().numpy().reshape(shape),

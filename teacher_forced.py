@@ -11,6 +11,7 @@ not better than k = 1, the compressed memory carries nothing beyond the last seg
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -28,6 +29,20 @@ PROBE_DEPTHS = (0, 1, 2, 3)
 MIN_MEMORY_EFFECT = 0.005
 
 
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (dropout off) for the block and its train/eval mode restored after: the
+    measurements run between optimizer steps too. A stand-in without modes (tests) passes through."""
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        yield model
+    finally:
+        if was_training:
+            model.train()
+
+
 @torch.no_grad()
 def history_nll(model, trans, device, memory_segments: int | None = None, histories_per_pass: int = 64
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,12 +50,10 @@ def history_nll(model, trans, device, memory_segments: int | None = None, histor
 
     trans: packed transitions [N, T, 6] (numpy or tensor). Returns (nll float64 [N, T], correct bool [N, T])
     on the CPU. The model must provide `rollout_logits(trans, memory_segments)` (model/ad.py,
-    model/compressed_ad.py); its train/eval mode is restored on return."""
+    model/compressed_ad.py)."""
     trans = torch.as_tensor(np.asarray(trans) if not torch.is_tensor(trans) else trans)
-    was_training = model.training
-    model.eval()
     nll, ok = [], []
-    try:
+    with eval_mode(model):
         for a in range(0, trans.shape[0], histories_per_pass):
             x = trans[a:a + histories_per_pass].to(device).long()
             logits = model.rollout_logits(x, memory_segments=memory_segments).float()
@@ -48,8 +61,6 @@ def history_nll(model, trans, device, memory_segments: int | None = None, histor
             nll.append(F.cross_entropy(logits.flatten(0, 1), target.flatten(), reduction="none")
                        .view(target.shape).double().cpu())
             ok.append((logits.argmax(-1) == target).cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(nll), torch.cat(ok)
 
 

@@ -100,16 +100,14 @@ class ActionPredictionTask:
 
         out = {}
         if run.is_main:
-            net = loop.unwrap(run.accelerator, run.model)
-            net.eval()
             e = self.cfg.eval
             goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed, e.max_heldout_goals)
             for name in (n for n in ("val", "train") if n in goals):
-                r = incontext_rollout(net, self.cfg.env, goals[name], e.n_episodes, e.seeds_per_goal,
-                                      run.accelerator.device, seed=self.cfg.seed + step, sample=e.sample)
+                r = incontext_rollout(loop.unwrap(run.accelerator, run.model), self.cfg.env, goals[name],
+                                      e.n_episodes, e.seeds_per_goal, run.accelerator.device,
+                                      seed=self.cfg.seed + step, sample=e.sample)
                 out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"],
                                                   events=r["events"]), name))
-            net.train()
             run.log(out, step)
         run.accelerator.wait_for_everyone()
         return out
