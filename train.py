@@ -124,9 +124,8 @@ class ActionPredictionTask:
             self.incontext_eval(run, step)
 
     def on_end(self, run, step):
-        # Final same-position losses: validation (selection) and test (reported) goals, with the memory
-        # probe for CompressedAD, and what the memory holds: the goal read linearly from the latents
-        # (goal_readout.py; main process only). done.json keeps the full reports and the headline figures.
+        # done.json keeps the final measurements (remeasure.measure: the validation (selection) and test
+        # (reported) goals' same-position reports with the memory probe, the goal readout); TB their figures.
         net = loop.unwrap(run.accelerator, run.model)
         summary = remeasure.measure(net, self.hist, self.cfg, run.accelerator.device, run.accelerator)
         reps = {s: summary[f"heldout_{s}"] for s in ("val", "test") if f"heldout_{s}" in summary}
