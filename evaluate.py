@@ -287,10 +287,8 @@ def main(cfg: DictConfig) -> dict:
     source = hist.meta if cfg.source_curve else {}
 
     results = {}
-    for split, split_goals in goals.items():
-        if split not in cfg.splits:
-            continue
-        ro = incontext_rollout(model, env_cfg, split_goals, int(cfg.n_episodes), int(cfg.seeds_per_goal), device,
+    for split in (s for s in goals if s in cfg.splits):
+        ro = incontext_rollout(model, env_cfg, goals[split], int(cfg.n_episodes), int(cfg.seeds_per_goal), device,
                                seed=int(cfg.seed), sample=bool(cfg.sample), use_cache=bool(cfg.use_cache),
                                progress=bool(cfg.progress))
         summary = summarize(ro["returns"], ro["optimal"], int(cfg.last_k), ro["horizon"], events=ro["events"])

@@ -81,7 +81,7 @@ def nll_summary(nll: torch.Tensor, correct: torch.Tensor | None = None, buckets=
     return out
 
 
-def score(model, trans, device, probe: bool = False, depths=PROBE_DEPTHS) -> dict[str, torch.Tensor]:
+def score(model, trans, device, probe: bool = False) -> dict[str, torch.Tensor]:
     """Every per-step figure of histories trans [N, T, 6]: {'nll', 'correct'} under the full rollout
     schedule and, with probe=True (models with compressed memory only), 'nll_k<k>' with the latents
     rebuilt from only the last k segments. All [N, T] on the CPU, row i = history i, so shards computed by
@@ -89,7 +89,7 @@ def score(model, trans, device, probe: bool = False, depths=PROBE_DEPTHS) -> dic
     nll, ok = history_nll(model, trans, device)
     out = {"nll": nll, "correct": ok}
     if probe and has_memory(model):
-        for k in depths:
+        for k in PROBE_DEPTHS:
             out[f"nll_k{k}"] = history_nll(model, trans, device, memory_segments=k)[0]
     return out
 
@@ -182,8 +182,6 @@ def scalars(report: dict, split: str) -> dict[str, float]:
 def print_report(reports: dict) -> None:
     """One line per split, then the memory probe if present."""
     for split, rep in reports.items():
-        if rep is None:
-            continue
         b = "  ".join(f"{k}: {v:.4f}" for k, v in rep["buckets"].items())
         print(f"same-position action NLL, {split} histories ({rep['n_histories']} x {rep['n_steps']} steps): "
               f"{rep['loss']:.4f} +- {rep['loss_se']:.4f}  [{b}]")
