@@ -83,6 +83,11 @@ def load_trained_model(run_dir, device="cpu"):
         raise EvalError(f"{path}: its config does not describe a buildable model ({one_line(e)}): the "
                         f"file is damaged or foreign; retrain or pass another run_dir") from None
     state = ckpt["model_state_dict"]
+    # `accelerate launch --dynamo_backend ...` wraps the model in torch.compile, and unwrap_model keeps that
+    # wrapper by default (keep_torch_compile), so its state dict carries `_orig_mod.` on every key; strip it.
+    for prefix in ("module.", "_orig_mod."):
+        if isinstance(state, dict) and state and all(str(k).startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
     bad = weights_problem(state, model.state_dict(), "model_state_dict")
     if bad:  # e.g. NaN weights: sampling would fail and argmax would give an all-zero eval.json
         raise EvalError(f"{path}: {bad}; the model cannot be evaluated: retrain it, or evaluate another run")
