@@ -119,3 +119,18 @@ def test_evaluate_refuses_a_nan_model(finished, tmp_path, sample):
     raises_one_line(evaluate.EvalError, rf"'model_state_dict.{key}' holds NaN or infinite values", evaluate.main,
             conftest.compose("evaluate", [f"run_dir={run}", f"sample={sample}", "n_episodes=2", "progress=false"]))
     assert not (run / "eval.json").exists()
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_a_wrapped_models_state_dict_loads(finished, tmp_path, prefix):
+    """A model.pt saved through a DDP or torch.compile wrapper (accelerate's --dynamo_backend: unwrap_model keeps
+    the compile wrapper by default) has a prefix on every key; evaluation loads the same weights."""
+    run = tmp_path / "wrapped"
+    shutil.copytree(finished / "runs" / "done", run)
+    ck = torch.load(run / "model.pt", weights_only=True)
+    plain = ck["model_state_dict"]
+    ck["model_state_dict"] = {prefix + k: v for k, v in plain.items()}
+    torch.save(ck, run / "model.pt")
+    model, _, _ = evaluate.load_trained_model(run)
+    assert model.state_dict().keys() == plain.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
