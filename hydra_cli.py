@@ -100,17 +100,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def compose_config(config_name: str, overrides: list[str], config_dir: str = CONFIG_DIR):
-    """Hydra compose of <config_dir>/<config_name>.yaml, leaving no global Hydra state behind (so it can be
-    called repeatedly and before @hydra.main). Hydra/OmegaConf errors propagate."""
+    """Hydra compose of <config_dir>/<config_name>.yaml, leaving the global Hydra state as it found it (so it can
+    be called repeatedly, before @hydra.main and inside a Hydra job). Hydra/OmegaConf errors propagate."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    GlobalHydra.instance().clear()
+    gh = GlobalHydra.instance()
+    outer = gh.hydra if gh.is_initialized() else None  # inside a running Hydra job (a sweep job): put it back
+    gh.clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             return compose(config_name, overrides=[apply_alias(o) for o in overrides])
     finally:
-        GlobalHydra.instance().clear()
+        gh.clear()
+        if outer is not None:
+            gh.initialize(outer)
 
 
 def route_override(cfg, override: str) -> str | None:
@@ -134,9 +138,14 @@ def route_override(cfg, override: str) -> str | None:
     return None
 
 
+def override_key(o: str) -> str:
+    """The key an override sets: `stage:+key=value` -> `key`."""
+    return o.split("=", 1)[0].split(":", 1)[-1].lstrip("+~")
+
+
 def group_choices(args: list[str]) -> list[str]:
     """The config-group choices among `args` (env=..., model=..., experiment=...)."""
-    return [a for a in args if "=" in a and not a.startswith("-") and a.split("=", 1)[0].lstrip("+~") in GROUPS]
+    return [a for a in args if "=" in a and not a.startswith("-") and override_key(a) in GROUPS]
 
 
 def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
@@ -173,7 +182,7 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
     # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
     # syntax or a value that breaks an interpolation fails here, in one line, before any work.
     composed([a for a in out if "=" in a and not a.startswith("-")
-              and not a.split("=", 1)[0].lstrip("+~").startswith("hydra")], "bad override")
+              and not override_key(a).startswith("hydra")], "bad override")
     return out
 
 
