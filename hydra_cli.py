@@ -288,15 +288,13 @@ def run_args(module: str) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def abspath(p: str | Path | None) -> str | None:
+def abspath(p: str | Path | None, cwd: str | Path = "") -> str | None:
     """The one path rule of every script: a path given in a config or on the command line (data_path, run_dir,
-    model.pretrained_encoder_path, resume_from, --pretrained-path) means what it says from the directory you
-    launched in — no script changes directory (hydra.job.chdir: false in every config) — with ~ expanded.
-    Returns it absolute and normalised, as a string; symbolic links are kept (a data_path that is a link
-    names the link, not its target); None stays None."""
-    if p is None:
-        return None
-    return os.path.abspath(os.path.expanduser(str(p)))
+    model.pretrained_encoder_path, resume_from, --pretrained-path, a sweep's out) means what it says from the
+    directory you launched in (`cwd`, default this process's: hydra.job.chdir is false in every config), with ~
+    expanded. Returns it absolute and normalised, as a string; symbolic links are kept (a data_path that is a
+    link names the link, not its target); None stays None."""
+    return None if p is None else os.path.abspath(os.path.join(cwd, os.path.expanduser(str(p))))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

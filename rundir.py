@@ -186,13 +186,10 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        return data
-    except (OSError, ValueError, TypeError) as e:
-        raise RunDirError(f"{path} ({what}) is unreadable ({type(e).__name__}): {fix}") from None
+    data = read_json(path)
+    if data is None:
+        raise RunDirError(f"{path} ({what}) is unreadable (torn, not a JSON object, or no permission): {fix}")
+    return data
 
 
 def _loop_state(ck: Path) -> tuple[int, dict | None]:

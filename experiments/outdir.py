@@ -106,8 +106,7 @@ def check_identity(out: Path, ident: dict, claim: bool) -> str:
         old = info.get("identity") or {}
         was = old.get("config") or {}
         if old and old.get("hash") != h and not _same_but_later_keys(was, ident):
-            diff = [f"{k} ({was.get(k, '<absent>')!r} -> {ident.get(k, '<absent>')!r})"
-                    for k in sorted(set(was) | set(ident), key=str) if was.get(k, "<absent>") != ident.get(k, "<absent>")]
+            diff = rundir.differing_keys(was, ident)  # flat dicts: one "key (old -> new)" per dotted key
             more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
             raise SweepError(f"{out} holds the runs of another sweep configuration ({'; '.join(diff[:6])}{more}): "
                              f"pass out={out}-{h[:8]} to run these settings in a folder of their own (or rerun "

@@ -172,8 +172,7 @@ def ensure_dataset(job: Job, routed: dict) -> Path:
     """The dataset collect's config names: collected once under a lock (collect:overwrite=true: once per
     sweep), else checked against that config (two_stage.check_dataset)."""
     ccfg = compose("collect", routed["collect"])
-    data_path = Path(str(ccfg["data_path"])).expanduser()
-    data_path = data_path if data_path.is_absolute() else (job.cwd / data_path).resolve()
+    data_path = Path(abspath(ccfg["data_path"], job.cwd))
     meta = data_path / "meta.json"
     if not meta.is_file() or ccfg["overwrite"]:  # no lock beside a dataset that is only read (it may be read-only)
         with held(data_path):
@@ -223,8 +222,7 @@ def run_job(cfg) -> dict:
     hc = HydraConfig.get()
     arm, seed = hc.runtime.choices["arm"], int(cfg.seed)
     cwd = Path(hc.runtime.cwd)
-    out = Path(str(cfg.out)).expanduser()
-    out = out if out.is_absolute() else cwd / out
+    out = Path(abspath(cfg.out, cwd))
     budget = int(cfg.budget) if cfg.budget is not None else None
     window = int(cfg.window) if cfg.window is not None else None
     name = run_name(arm, seed, budget, window, cfg.env)
