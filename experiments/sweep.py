@@ -94,10 +94,13 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
         raise SweepError(str(e)) from None
 
 
-def run_name(arm: str, seed: int | None, budget, window, env) -> str:
-    """The run's folder name under <out>/runs; seed=None: the name of its group (every seed)."""
+def job_keys(arm, seed, budget, window, env) -> dict:
+    """A job's PER_RUN values as typed (ints, None) and its run's folder name under <out>/runs: {arm, seed,
+    budget, window, env, run}; what run_job and planned_jobs (sweep.json) agree on."""
+    arm, seed, budget, window = str(arm), int(seed), *(None if v is None else int(v) for v in (budget, window))
     parts = ([env] if env else []) + ([f"w{window}"] if window else []) + ([f"b{budget}"] if budget else [])
-    return "-".join(parts + [arm] + ([f"seed{seed}"] if seed is not None else []))
+    return {"arm": arm, "seed": seed, "budget": budget, "window": window, "env": env,
+            "run": "-".join(parts + [arm, f"seed{seed}"])}
 
 
 def out_identity(sweep_name: str, experiment: str, evals, routed: dict, env: str | None) -> dict:
@@ -220,12 +223,10 @@ def run_job(cfg) -> dict:
     if str(ROOT) not in sys.path:  # a launcher's worker process (joblib, submitit) started elsewhere
         sys.path.insert(0, str(ROOT))
     hc = HydraConfig.get()
-    arm, seed = hc.runtime.choices["arm"], int(cfg.seed)
+    j = job_keys(hc.runtime.choices["arm"], cfg.seed, cfg.budget, cfg.window, cfg.env)
+    arm, seed, budget, window, name = j["arm"], j["seed"], j["budget"], j["window"], j["run"]
     cwd = Path(hc.runtime.cwd)
     out = Path(abspath(cfg.out, cwd))
-    budget = int(cfg.budget) if cfg.budget is not None else None
-    window = int(cfg.window) if cfg.window is not None else None
-    name = run_name(arm, seed, budget, window, cfg.env)
     rd = out / "runs" / name
     base = {"kind": "train", "sweep": cfg.sweep.name, "arm": arm, "label": cfg.arm.label,
             "encoder": cfg.arm.encoder, "seed": seed, "budget": budget, "window": window, "env": cfg.env,
@@ -344,13 +345,7 @@ def planned_jobs(config) -> list[dict]:
             axes[o.get_key_element()] = [None if v in ("null", "None") else v for v in vals]
     default = {"arm": config.hydra.runtime.choices.get("arm"), "seed": config.seed, "budget": config.budget,
                "window": config.window, "env": config.env}
-    jobs = []
-    for combo in itertools.product(*axes.values()):
-        j = {**default, **dict(zip(axes, combo))}
-        j = {"arm": str(j["arm"]), "seed": int(j["seed"]), **{k: None if j[k] is None else int(j[k])
-                                                             for k in ("budget", "window")}, "env": j["env"]}
-        jobs.append({**j, "run": run_name(j["arm"], j["seed"], j["budget"], j["window"], j["env"])})
-    return jobs
+    return [job_keys(**{**default, **dict(zip(axes, combo))}) for combo in itertools.product(*axes.values())]
 
 
 class Report(Callback):
