@@ -179,12 +179,12 @@ def stage_state(stage: str, overrides: list[str], force: bool, fix: str, fp: str
     """What to do with a training stage, decided from its run dir before launching it, by two_stage.py and
     experiments/sweep.py alike: its composed config `want`, `run_dir`, rundir.run_state's `state` (reuse, resume,
     fresh, overwrite, or refused in one line ending in `fix`; fp: the dataset's fingerprint) and `overrides` to
-    launch it with (the state's flags added)."""
+    launch it with (an interrupted run resumes, force starts it over)."""
     want = OmegaConf.to_container(compose(stage, overrides), resolve=True)
     run_dir, (steps_key, what) = _abs(want["run_dir"]), TRAINING[stage]
     state = rundir.run_state(run_dir, want, int(want[steps_key]), what, force, fix, fp, encoder)
     return SimpleNamespace(want=want, run_dir=run_dir, state=state,
-                           overrides=overrides + rundir.STATE_FLAGS.get(state, []))
+                           overrides=overrides + ([f"{state}=true"] if state in ("resume", "overwrite") else []))
 
 
 def run_unless_done(stage: str, overrides: list[str], a, fp: str | None, encoder: Path | None = None) -> Path:
