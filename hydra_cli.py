@@ -4,11 +4,8 @@ Two things on top of plain Hydra:
 1. Short keys and old spellings (docs/design.md §12): a bare `model.` / `sampler.` key works without its
    prefix, KEY_ALIASES keep keys that moved, here and in compose_config; a key that exists nowhere fails
    with one line naming the known keys.
-2. The project's own errors (errors.UserError) print one line `error: ...` on stderr (rank 0 only under
-   `accelerate launch`; every rank exits 2) instead of a traceback (CAD_DEBUG=1 shows it). Any other
-   exception, a ValueError from inside torch included, is a bug and keeps its traceback. Ctrl-C exits 130
-   with one line (training says where its last checkpoint is), and so does a full / read-only disk
-   during training (`as_user_error`).
+2. The project's own errors (errors.UserError), Ctrl-C and a full / read-only disk during training print one
+   line `error: ...` instead of a traceback (`run`, `as_user_error`); any other exception is a bug and keeps it.
 """
 
 from __future__ import annotations

@@ -97,9 +97,9 @@ def _same_but_later_keys(old: dict, new: dict) -> bool:
 
 def check_identity(out: Path, ident: dict, claim: bool) -> str:
     """The out dir's identity hash: the one <out>/sweep.json records when `ident` is that configuration (also
-    when it only adds later keys at their defaults: then, with claim, its own hash is recorded as an alias, so
-    reports never split one configuration in two); SweepError if it records another. claim: record it when
-    none is recorded yet (under a lock: concurrent sweeps into one out agree on one identity)."""
+    when it only adds later keys at their defaults: with claim its own hash joins the aliases, so reports never
+    split one configuration in two); SweepError if it records another. claim: record it when none is (under a
+    lock: concurrent sweeps into one out agree on one identity)."""
     h = identity_hash(ident)
 
     def check(info: dict) -> bool:
