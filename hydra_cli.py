@@ -4,11 +4,8 @@ Two things on top of plain Hydra:
 1. Short keys and old spellings (docs/design.md §12): a bare `model.` / `sampler.` key works without its
    prefix, KEY_ALIASES keep keys that moved, here and in compose_config; a key that exists nowhere fails
    with one line naming the known keys.
-2. The project's own errors (errors.UserError) print one line `error: ...` on stderr (rank 0 only under
-   `accelerate launch`; every rank exits 2) instead of a traceback (CAD_DEBUG=1 shows it). Any other
-   exception, a ValueError from inside torch included, is a bug and keeps its traceback. Ctrl-C exits 130
-   with one line (training says where its last checkpoint is), and so does a full / read-only disk
-   during training (`as_user_error`).
+2. The project's own errors (errors.UserError), Ctrl-C and a full / read-only disk during training print one
+   line `error: ...` instead of a traceback (`run`, `as_user_error`); any other exception is a bug and keeps it.
 """
 
 from __future__ import annotations
@@ -100,17 +97,21 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def compose_config(config_name: str, overrides: list[str], config_dir: str = CONFIG_DIR):
-    """Hydra compose of <config_dir>/<config_name>.yaml, leaving no global Hydra state behind (so it can be
-    called repeatedly and before @hydra.main). Hydra/OmegaConf errors propagate."""
+    """Hydra compose of <config_dir>/<config_name>.yaml, leaving the global Hydra state as it found it (so it can
+    be called repeatedly, before @hydra.main and inside a Hydra job). Hydra/OmegaConf errors propagate."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    GlobalHydra.instance().clear()
+    gh = GlobalHydra.instance()
+    outer = gh.hydra if gh.is_initialized() else None  # inside a running Hydra job (a sweep job): put it back
+    gh.clear()
     try:
         with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
             return compose(config_name, overrides=[apply_alias(o) for o in overrides])
     finally:
-        GlobalHydra.instance().clear()
+        gh.clear()
+        if outer is not None:
+            gh.initialize(outer)
 
 
 def route_override(cfg, override: str) -> str | None:
@@ -134,9 +135,14 @@ def route_override(cfg, override: str) -> str | None:
     return None
 
 
+def override_key(o: str) -> str:
+    """The key an override sets: `stage:+key=value` -> `key`."""
+    return o.split("=", 1)[0].split(":", 1)[-1].lstrip("+~")
+
+
 def group_choices(args: list[str]) -> list[str]:
     """The config-group choices among `args` (env=..., model=..., experiment=...)."""
-    return [a for a in args if "=" in a and not a.startswith("-") and a.split("=", 1)[0].lstrip("+~") in GROUPS]
+    return [a for a in args if "=" in a and not a.startswith("-") and override_key(a) in GROUPS]
 
 
 def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
@@ -173,7 +179,7 @@ def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
     # Compose once with everything (hydra.* excluded: compose does not take them) so that bad override
     # syntax or a value that breaks an interpolation fails here, in one line, before any work.
     composed([a for a in out if "=" in a and not a.startswith("-")
-              and not a.split("=", 1)[0].lstrip("+~").startswith("hydra")], "bad override")
+              and not override_key(a).startswith("hydra")], "bad override")
     return out
 
 
@@ -279,15 +285,13 @@ def run_args(module: str) -> None:
     sys.exit(rc if isinstance(rc, int) else 0)
 
 
-def abspath(p: str | Path | None) -> str | None:
+def abspath(p: str | Path | None, cwd: str | Path = "") -> str | None:
     """The one path rule of every script: a path given in a config or on the command line (data_path, run_dir,
-    model.pretrained_encoder_path, resume_from, --pretrained-path) means what it says from the directory you
-    launched in — no script changes directory (hydra.job.chdir: false in every config) — with ~ expanded.
-    Returns it absolute and normalised, as a string; symbolic links are kept (a data_path that is a link
-    names the link, not its target); None stays None."""
-    if p is None:
-        return None
-    return os.path.abspath(os.path.expanduser(str(p)))
+    model.pretrained_encoder_path, resume_from, --pretrained-path, a sweep's out) means what it says from the
+    directory you launched in (`cwd`, default this process's: hydra.job.chdir is false in every config), with ~
+    expanded. Returns it absolute and normalised, as a string; symbolic links are kept (a data_path that is a
+    link names the link, not its target); None stays None."""
+    return None if p is None else os.path.abspath(os.path.join(cwd, os.path.expanduser(str(p))))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

@@ -106,18 +106,14 @@ def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool
     run_dir = Path(run_dir)
     if force:  # overwrite=true whatever the run dir holds (also what a dry run prints)
         return "overwrite"
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a folder: remove it, or {fix}")
-    saved = None
-    if (run_dir / "config.json").exists():
-        saved = _read_json(run_dir / "config.json", f"the {what} run's config", f"remove that run dir, or {fix}")
-        if identity(saved) != identity(want):
-            diff = "; ".join(differing_keys(saved, want)[:6])
-            raise RunDirError(f"{run_dir} holds a {what} run with another config ({diff}): {fix}")
-        was = saved.get(FINGERPRINT_KEY)
-        if fingerprint and was and was != fingerprint:
-            raise RunDirError(f"{run_dir} holds a {what} run trained on other data (data fingerprint {was} -> "
-                              f"{fingerprint}: the dataset was re-collected or data_path points elsewhere): {fix}")
+    saved = _saved_config(run_dir, fix, f"the {what} run's config")
+    if saved is not None and identity(saved) != identity(want):
+        diff = "; ".join(differing_keys(saved, want)[:6])
+        raise RunDirError(f"{run_dir} holds a {what} run with another config ({diff}): {fix}")
+    was = (saved or {}).get(FINGERPRINT_KEY)
+    if fingerprint and was and was != fingerprint:
+        raise RunDirError(f"{run_dir} holds a {what} run trained on other data (data fingerprint {was} -> "
+                          f"{fingerprint}: the dataset was re-collected or data_path points elsewhere): {fix}")
     if (run_dir / "done.json").exists():
         done = _read_json(run_dir / "done.json", f"the {what} run's summary", f"remove it, or {fix}")
         if saved is None:
@@ -131,10 +127,6 @@ def run_state(run_dir: Path, want: dict, want_steps: int, what: str, force: bool
                               f"after it started): {fix}")
         return "reuse"
     return "resume" if checkpoints(run_dir) else "fresh"
-
-
-# The flags a driver gives a stage for each run_state: an interrupted run resumes, force starts it over.
-STATE_FLAGS = {"resume": ["resume=true"], "overwrite": ["overwrite=true"]}
 
 
 def read_json(path: Path) -> dict | None:
@@ -186,13 +178,10 @@ def checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
 
 
 def _read_json(path: Path, what: str, fix: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise TypeError("not a JSON object")
-        return data
-    except (OSError, ValueError, TypeError) as e:
-        raise RunDirError(f"{path} ({what}) is unreadable ({type(e).__name__}): {fix}") from None
+    data = read_json(path)
+    if data is None:
+        raise RunDirError(f"{path} ({what}) is unreadable (torn, not a JSON object, or no permission): {fix}")
+    return data
 
 
 def _loop_state(ck: Path) -> tuple[int, dict | None]:
@@ -217,19 +206,23 @@ class RunPlan:
     restart: bool = False  # same run, killed before its first checkpoint: clear its partial outputs
 
 
+def _saved_config(run_dir: Path, fix: str, what: str = "the run's config") -> dict | None:
+    """The config.json of the run run_dir holds, None where it holds none; refused (ending in `fix`) if run_dir is a
+    file or its config unreadable."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a folder: remove it, or {fix}")
+    cfg = run_dir / "config.json"
+    return _read_json(cfg, what, f"remove that run dir, or {fix}") if cfg.is_file() else None
+
+
 def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
     """Decide (per `s`, loop.LoopSettings) whether to start fresh, start over or resume; refuse to clobber
     anything that is not this run. Pure (reads only), so every rank reaches the same decision before the main
     process writes."""
     run_dir = Path(run_dir)
     plan = RunPlan(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"run_dir {run_dir} exists and is not a folder: choose another run_dir=...")
-    saved = None
-    if (run_dir / "config.json").is_file():
-        saved = _read_json(run_dir / "config.json", "the run's config",
-                           "remove that run directory by hand or choose another run_dir=...")
-    elif run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+    saved = _saved_config(run_dir, "choose another run_dir=...")
+    if saved is None and run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise RunDirError(f"run_dir {run_dir} is not empty and holds no run (no config.json); refusing to "
                           f"write into it: choose a new or empty run_dir=...")
     if s.overwrite:

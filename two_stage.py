@@ -28,27 +28,27 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
+import hydra_cli
 import rundir
 from errors import UserError
-from hydra_cli import REPO, abspath
+from hydra_cli import REPO, UnknownKeyError, abspath, override_key, rewrite_overrides
 
 STAGES = ("collect", "pretrain", "train", "evaluate")  # in pipeline order
 SCRIPTS = {"collect": "collect.py", "pretrain": "pretrain_encoder.py", "train": "train.py",
            "evaluate": "evaluate.py"}
 
 
-# Shared keys that mean one thing for some stages only; the others take them with a stage prefix alone
-# (`collect:seed=3`, `evaluate:seed=2`, `pretrain:run_name=x`). `seed` is the training seed, of stage 1 and
-# stage 2, as the sweep's `seed` is (experiments/conf/sweep.yaml): collect's seed follows data_seed (a
-# shared seed=1 made collect refuse the seed-0 dataset, or collect with seed 1 into data/...-seed0), and
-# evaluate keeps its own (its rollouts' sampling seed, the same for every trained seed, as in a sweep).
-# `data_seed` (which dataset) reaches every stage that has it, and main hands the training stages the
-# data_path collect makes or checks. `run_name` names the stage-2 run: in stage 1 as well it put both
-# stages into one run dir, and stage 2 found stage 1's done.json and was skipped.
+# Shared keys that mean one thing for some stages only (the module docstring; experiments/sweep.py routes
+# through split_overrides too): a shared seed=1 reaching collect made it refuse the seed-0 dataset (or collect
+# with seed 1 into data/...-seed0); run_name in stage 1 as well put both stages into one run dir, and stage 2
+# found stage 1's done.json and was skipped.
 SHARED_KEY_STAGES = {"seed": ("pretrain", "train"), "run_name": ("train",)}
+# A training stage's step count and name in rundir.run_state's messages
+TRAINING = {"pretrain": ("pretrain_steps", "stage-1"), "train": ("max_steps", "stage-2")}
 
 
 class PipelineError(UserError, RuntimeError):
@@ -84,8 +84,6 @@ def parse_args(argv=None):
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     """Route each override to the stages whose config knows its key (stage:key=value -> that stage)."""
-    from hydra_cli import UnknownKeyError, group_choices, rewrite_overrides, route_override
-
     routed: dict[str, list[str]] = {s: [] for s in STAGES}
     only: dict[str, list[str]] = {s: [] for s in STAGES}  # stage:key=value, appended last so they win
     targeted = [o for o in overrides if ":" in o.split("=", 1)[0]]
@@ -95,7 +93,7 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
         if stage not in STAGES:
             raise PipelineError(f"unknown stage prefix {stage!r} in {o!r}: use one of {', '.join(STAGES)}")
         only[stage].append(kv)
-    groups = group_choices(shared)
+    groups = hydra_cli.group_choices(shared)
     # One composition per stage (with the group choices: each stage composes only its own slice of an
     # experiment preset, so the preset adds no key a stage does not read), then a lookup per key (composing per key and stage took ~15 CPU-s for a
     # typical command line). route_override is the decision hydra_cli.rewrite_overrides makes; the full
@@ -105,8 +103,8 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     except UnknownKeyError as e:
         raise PipelineError(str(e)) from None
     for o in shared:
-        stages = SHARED_KEY_STAGES.get(o.split("=", 1)[0].lstrip("+~"), STAGES)
-        took = {s: o if o in groups else route_override(bases[s], o) for s in stages}
+        stages = SHARED_KEY_STAGES.get(override_key(o), STAGES)
+        took = {s: o if o in groups else hydra_cli.route_override(bases[s], o) for s in stages}
         if all(r is None for r in took.values()):
             raise PipelineError(f"override {o!r} matches no stage's config (collect, pretrain, train, evaluate)")
         for s, r in took.items():
@@ -123,19 +121,35 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 def compose(stage: str, overrides: list[str]):
     """The composed config a stage's script would see for these overrides (short keys rewritten)."""
-    from hydra_cli import compose_config, rewrite_overrides
-
-    return compose_config(stage, rewrite_overrides(stage, overrides))
+    return hydra_cli.compose_config(stage, rewrite_overrides(stage, overrides))
 
 
-def command(stage: str, overrides: list[str], a) -> list[str]:
+def command(stage: str, overrides: list[str], a, port: int | None = None) -> list[str]:
+    """A stage's command line (port: accelerate's rendezvous port, for parallel sweep jobs on one node)."""
     script = str(REPO / SCRIPTS[stage])
-    if a.accelerate and stage in ("pretrain", "train"):
-        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", a.accelerate_config]
-        if a.num_processes is not None:
-            launch += ["--num_processes", str(a.num_processes)]
+    if a.accelerate and stage in TRAINING:
+        launch = [sys.executable, "-m", "accelerate.commands.launch"]
+        launch += ["--main_process_port", str(port)] if port is not None else []
+        launch += ["--config_file", a.accelerate_config]
+        launch += ["--num_processes", str(a.num_processes)] if a.num_processes is not None else []
         return launch + [script] + overrides
     return [sys.executable, script] + overrides
+
+
+def call(cmd: list[str], **popen) -> int:
+    """Run a stage's process to its end; its exit code. Ctrl-C reaches the child too (one process group): let
+    it finish its interrupted-run handling (train.py says where its last checkpoint is) instead of killing it
+    mid-write, as subprocess.call does."""
+    p = subprocess.Popen(cmd, **popen)
+    try:
+        return p.wait()
+    except KeyboardInterrupt:
+        try:
+            p.wait(timeout=60)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            p.kill()
+            p.wait()
+        raise
 
 
 def run_stage(stage: str, overrides: list[str], a) -> None:
@@ -143,7 +157,7 @@ def run_stage(stage: str, overrides: list[str], a) -> None:
     print(f"\n[{stage}] $ {shlex.join(cmd)}", flush=True)
     if a.dry_run:
         return
-    rc = subprocess.call(cmd, cwd=Path.cwd())
+    rc = call(cmd)
     if rc != 0:
         print(f"[{stage}] failed with exit code {rc}; stopping the pipeline", file=sys.stderr, flush=True)
         raise SystemExit(rc)
@@ -153,23 +167,37 @@ def _abs(p: str) -> Path:
     return Path(abspath(p))  # the scripts' one path rule (hydra_cli.abspath)
 
 
-def run_unless_done(stage: str, overrides: list[str], steps_key: str, a, fp: str | None,
-                    encoder: Path | None = None) -> Path:
-    """Run a training stage unless its run dir holds it finished: rundir.run_state decides (reuse, resume, start
-    or refuse in one line; fp: the dataset's fingerprint), the rule experiments/sweep.py follows too. Returns
-    the run dir."""
-    cfg = compose(stage, overrides)
-    run_dir = _abs(cfg.run_dir)
-    state = rundir.run_state(run_dir, OmegaConf.to_container(cfg, resolve=True), int(cfg[steps_key]),
-                             "stage-1" if stage == "pretrain" else "stage-2", a.force,
-                             f"pass --force to redo it, or {stage}:run_name=<another name>", fp, encoder)
-    if state == "reuse":
-        print(f"[{stage}] already complete in {run_dir} with this config; reusing it (--force to redo)")
-        return run_dir
-    if state == "resume":
-        print(f"[resume] {run_dir} has checkpoints but no done.json: resuming it")
-    run_stage(stage, overrides + rundir.STATE_FLAGS.get(state, []), a)
-    return run_dir
+def check_dataset(data_path: Path, ccfg: dict, overrides: list[str]) -> str | None:
+    """rundir.check_dataset of the dataset a collect config `ccfg` names, against collect's overrides (the keys
+    they set are asked for; a data_path= among them gives the dataset by hand); experiments/sweep.py's too."""
+    asked = {override_key(o) for o in overrides if "=" in o}
+    return rundir.check_dataset(data_path, ccfg, asked, by_hand="data_path" in asked)
+
+
+def stage_state(stage: str, overrides: list[str], force: bool, fix: str, fp: str | None,
+                encoder: Path | None = None) -> SimpleNamespace:
+    """What to do with a training stage, decided from its run dir before launching it, by two_stage.py and
+    experiments/sweep.py alike: its composed config `want`, `run_dir`, rundir.run_state's `state` (reuse, resume,
+    fresh, overwrite, or refused in one line ending in `fix`; fp: the dataset's fingerprint) and `overrides` to
+    launch it with (an interrupted run resumes, force starts it over)."""
+    want = OmegaConf.to_container(compose(stage, overrides), resolve=True)
+    run_dir, (steps_key, what) = _abs(want["run_dir"]), TRAINING[stage]
+    state = rundir.run_state(run_dir, want, int(want[steps_key]), what, force, fix, fp, encoder)
+    return SimpleNamespace(want=want, run_dir=run_dir, state=state,
+                           overrides=overrides + ([f"{state}=true"] if state in ("resume", "overwrite") else []))
+
+
+def run_unless_done(stage: str, overrides: list[str], a, fp: str | None, encoder: Path | None = None) -> Path:
+    """Run a training stage unless its run dir holds it finished (stage_state). Returns the run dir."""
+    st = stage_state(stage, overrides, a.force, f"pass --force to redo it, or {stage}:run_name=<another name>", fp,
+                     encoder)
+    if st.state == "reuse":
+        print(f"[{stage}] already complete in {st.run_dir} with this config; reusing it (--force to redo)")
+        return st.run_dir
+    if st.state == "resume":
+        print(f"[resume] {st.run_dir} has checkpoints but no done.json: resuming it")
+    run_stage(stage, st.overrides, a)
+    return st.run_dir
 
 
 def main(argv=None) -> dict:
@@ -187,9 +215,7 @@ def main(argv=None) -> dict:
     for s in ("pretrain", "train"):
         routed[s].insert(0, f"data_path={data_path}")  # first: a stage's own data_path= still wins
     if (data_path / "meta.json").is_file() and not ccfg.overwrite:
-        asked = {o.split("=", 1)[0].lstrip("+~") for o in routed["collect"] if "=" in o}
-        note = rundir.check_dataset(data_path, OmegaConf.to_container(ccfg, resolve=True), asked,
-                                    by_hand="data_path" in asked)
+        note = check_dataset(data_path, OmegaConf.to_container(ccfg, resolve=True), routed["collect"])
         if note:
             print(f"[collect] note: {note}")
         print(f"[collect] dataset exists at {data_path}; reusing it")
@@ -204,7 +230,7 @@ def main(argv=None) -> dict:
         raise PipelineError(f"--pretrained-path {ckpt}: no such file (give a stage-1 run's encoder-pretrained-*.pt, "
                             f"or leave the flag out to run stage 1)")
     if not a.train_only and not ckpt:
-        prun = run_unless_done("pretrain", routed["pretrain"], "pretrain_steps", a, fp)
+        prun = run_unless_done("pretrain", routed["pretrain"], a, fp)
         ckpt = str(prun / "encoder-pretrained-final.pt")
         out["pretrain_run_dir"] = str(prun)
         if (prun / "done.json").is_file():
@@ -223,7 +249,7 @@ def main(argv=None) -> dict:
             tr.append("model.freeze_encoder=true")
     elif a.freeze_encoder:
         raise PipelineError("--freeze-encoder needs a pretrained encoder (run stage 1 or pass --pretrained-path)")
-    trun = run_unless_done("train", tr, "max_steps", a, fp, _abs(ckpt) if ckpt else None)
+    trun = run_unless_done("train", tr, a, fp, _abs(ckpt) if ckpt else None)
     out["train_run_dir"] = str(trun)
 
     # 4. evaluation
@@ -262,6 +288,4 @@ def print_report(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    import hydra_cli
-
     hydra_cli.run_args("two_stage")

@@ -97,17 +97,16 @@ def _same_but_later_keys(old: dict, new: dict) -> bool:
 
 def check_identity(out: Path, ident: dict, claim: bool) -> str:
     """The out dir's identity hash: the one <out>/sweep.json records when `ident` is that configuration (also
-    when it only adds later keys at their defaults: then, with claim, its own hash is recorded as an alias, so
-    reports never split one configuration in two); SweepError if it records another. claim: record it when
-    none is recorded yet (under a lock: concurrent sweeps into one out agree on one identity)."""
+    when it only adds later keys at their defaults: with claim its own hash joins the aliases, so reports never
+    split one configuration in two); SweepError if it records another. claim: record it when none is (under a
+    lock: concurrent sweeps into one out agree on one identity)."""
     h = identity_hash(ident)
 
     def check(info: dict) -> bool:
         old = info.get("identity") or {}
         was = old.get("config") or {}
         if old and old.get("hash") != h and not _same_but_later_keys(was, ident):
-            diff = [f"{k} ({was.get(k, '<absent>')!r} -> {ident.get(k, '<absent>')!r})"
-                    for k in sorted(set(was) | set(ident), key=str) if was.get(k, "<absent>") != ident.get(k, "<absent>")]
+            diff = rundir.differing_keys(was, ident)  # flat dicts: one "key (old -> new)" per dotted key
             more = f"; and {len(diff) - 6} more" if len(diff) > 6 else ""
             raise SweepError(f"{out} holds the runs of another sweep configuration ({'; '.join(diff[:6])}{more}): "
                              f"pass out={out}-{h[:8]} to run these settings in a folder of their own (or rerun "

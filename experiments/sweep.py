@@ -9,17 +9,14 @@
 
 Config: experiments/conf/sweep.yaml (the keys), conf/sweep/<name>.yaml (an experiment: arms, seeds, budgets,
 evaluations, stage defaults), conf/arm/<name>.yaml (an arm: stage-2 overrides, stage-1 encoder or not).
-A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk: the dataset
-(collected once under a lock, else rundir.check_dataset), this seed's stage 1 (<out>/runs/pretrain-seed<s>,
-made once under a lock), stage 2 (<out>/runs/<run>) and its evaluations (sweep.evals): each reused, resumed
-or refused by rundir.run_state, the rule of two_stage.py too; the out dir's records (experiments/outdir.py)
-are what experiments/report.py reads. Ctrl-C: exit 130; the same command again resumes.
+A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk, as two_stage.py
+does (its check_dataset and stage_state): the dataset and this seed's stage 1 (<out>/runs/pretrain-seed<s>) are
+made once under a lock, stage 2 (<out>/runs/<run>) and its evaluations (sweep.evals) reused, resumed or refused;
+experiments/report.py reads the out dir's records (experiments/outdir.py). Ctrl-C: exit 130; rerun to resume.
 
 Stage overrides: every `key=value` that is not the sweep's own (conf/sweep.yaml, arm=, sweep=, hydra...)
-reaches every stage whose config has the key (two_stage.split_overrides); `stage:key=value` targets one.
-`seed` is the training seed of stage 1 and stage 2 (as in two_stage.py); collect's follows `data_seed=`, which
-picks the dataset of every stage; evaluate keeps its own. The job sets seed, run_dir, data_path, max_steps
-(budget=), resume/overwrite and the encoder path itself.
+is routed as two_stage.py routes it (`stage:key=value` targets one stage; seed and data_seed mean what they
+mean there). The job sets seed, run_dir, data_path, max_steps (budget=), resume/overwrite and the encoder path.
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ if str(ROOT) not in sys.path:  # `python experiments/sweep.py` puts experiments/
     sys.path.insert(0, str(ROOT))
 
 import hydra
-from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
@@ -55,7 +51,7 @@ from atomic_io import PathLock
 from errors import UserError
 from experiments import outdir
 from experiments.outdir import SweepError, held, record
-from hydra_cli import abspath, compose_config, flatten
+from hydra_cli import abspath, compose_config, flatten, override_key
 from rundir import read_json
 
 # Keys a job sets per run (for the training stages and evaluate); a free override of them would silently be
@@ -73,19 +69,9 @@ PER_RUN = ("arm", "seed", "budget", "window", "env")
 STATUS: dict = {}  # what the multirun's end left for _entry: {"error": one line} when runs did not finish
 
 
-def _key(o: str) -> str:
-    return o.split("=", 1)[0].split(":", 1)[-1].lstrip("+~")
-
-
 def compose(stage: str, overrides: list[str]) -> dict:
-    """two_stage.compose as a plain dict, also inside a running Hydra job (its global state is put back)."""
-    gh = GlobalHydra.instance()
-    outer = gh.hydra if gh.is_initialized() else None
-    try:
-        return OmegaConf.to_container(two_stage.compose(stage, overrides), resolve=True)
-    finally:
-        if outer is not None and not gh.is_initialized():
-            gh.initialize(outer)
+    """two_stage.compose as a plain dict."""
+    return OmegaConf.to_container(two_stage.compose(stage, overrides), resolve=True)
 
 
 def route(user: list[str], defaults: list[str], experiment: str, env: str | None,
@@ -95,10 +81,10 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
     for o in user:
         if "=" not in o:
             raise SweepError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
-        if _key(o) in RESERVED and not o.startswith("collect:"):  # no collect key is the job's
-            raise SweepError(f"{o!r}: the sweep sets {_key(o)} itself (use seed=..., budget=..., out=..., "
+        if override_key(o) in RESERVED and not o.startswith("collect:"):  # no collect key is the job's
+            raise SweepError(f"{o!r}: the sweep sets {override_key(o)} itself (use seed=..., budget=..., out=..., "
                              f"force=true)")
-        if _key(o) == "max_steps" and budget is not None:
+        if override_key(o) == "max_steps" and budget is not None:
             raise SweepError(f"{o!r}: this sweep's stage-2 budget is budget={budget}, not max_steps")
     groups = [f"experiment={experiment}"] + ([f"env={env}"] if env else [])
     try:
@@ -107,10 +93,13 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
         raise SweepError(str(e)) from None
 
 
-def run_name(arm: str, seed: int | None, budget, window, env) -> str:
-    """The run's folder name under <out>/runs; seed=None: the name of its group (every seed)."""
+def job_keys(arm, seed, budget, window, env) -> dict:
+    """A job's PER_RUN values as typed (ints, None) and its run's folder name under <out>/runs: {arm, seed,
+    budget, window, env, run}; what run_job and planned_jobs (sweep.json) agree on."""
+    arm, seed, budget, window = str(arm), int(seed), *(None if v is None else int(v) for v in (budget, window))
     parts = ([env] if env else []) + ([f"w{window}"] if window else []) + ([f"b{budget}"] if budget else [])
-    return "-".join(parts + [arm] + ([f"seed{seed}"] if seed is not None else []))
+    return {"arm": arm, "seed": seed, "budget": budget, "window": window, "env": env,
+            "run": "-".join(parts + [arm, f"seed{seed}"])}
 
 
 def out_identity(sweep_name: str, experiment: str, evals, routed: dict, env: str | None) -> dict:
@@ -153,11 +142,8 @@ class Job:
             self.env["OMP_NUM_THREADS"] = str(cfg.omp_threads)
 
     def command(self, stage: str, overrides: list[str]) -> list[str]:
-        cmd = two_stage.command(stage, overrides, self.launch)
-        if "accelerate.commands.launch" in cmd:  # parallel jobs must not share accelerate's rendezvous port
-            i = cmd.index("accelerate.commands.launch") + 1
-            cmd[i:i] = ["--main_process_port", str(29600 + self.num % 300)]
-        return cmd
+        # parallel jobs must not share accelerate's rendezvous port
+        return two_stage.command(stage, overrides, self.launch, port=29600 + self.num % 300)
 
     def run(self, name: str, stage: str, overrides: list[str], log_name: str, note: str, expect: Path) -> float:
         """Run one stage's script as its own process, output appended to <out>/logs/<log_name>.log; its
@@ -170,18 +156,7 @@ class Job:
         with open(log, "a") as f:  # appended: a resumed run's log keeps the interrupted attempt
             f.write(f"=== {_dt.datetime.now():%Y-%m-%d %H:%M:%S} {name} ({note})\n$ {shlex.join(cmd)}\n\n")
             f.flush()
-            p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
-            try:
-                rc = p.wait()
-            except KeyboardInterrupt:
-                # Ctrl-C reached the child too (one process group): let it finish its interrupted-run
-                # handling (train.py says where its last checkpoint is) instead of killing it mid-write.
-                try:
-                    p.wait(timeout=60)
-                except (KeyboardInterrupt, subprocess.TimeoutExpired):
-                    p.kill()
-                    p.wait()
-                raise
+            rc = two_stage.call(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd)
         if rc in (130, -signal.SIGINT):
             # The child took Ctrl-C (exit 130) before this process's own KeyboardInterrupt surfaced (the
             # signal reaches the whole process group; which handler runs first is a race): the same interrupt.
@@ -197,10 +172,9 @@ class Job:
 
 def ensure_dataset(job: Job, routed: dict) -> Path:
     """The dataset collect's config names: collected once under a lock (collect:overwrite=true: once per
-    sweep), else checked against that config (rundir.check_dataset)."""
+    sweep), else checked against that config (two_stage.check_dataset)."""
     ccfg = compose("collect", routed["collect"])
-    data_path = Path(str(ccfg["data_path"])).expanduser()
-    data_path = data_path if data_path.is_absolute() else (job.cwd / data_path).resolve()
+    data_path = Path(abspath(ccfg["data_path"], job.cwd))
     meta = data_path / "meta.json"
     if not meta.is_file() or ccfg["overwrite"]:  # no lock beside a dataset that is only read (it may be read-only)
         with held(data_path):
@@ -209,8 +183,7 @@ def ensure_dataset(job: Job, routed: dict) -> Path:
                         f"collect-{data_path.name}", "overwrite" if meta.is_file() else "no dataset yet", meta)
                 return data_path
     print(f"[reuse] dataset {data_path}", flush=True)
-    asked = {_key(o) for o in routed["collect"] if "=" in o}
-    note = rundir.check_dataset(data_path, ccfg, asked, by_hand="data_path" in asked)
+    note = two_stage.check_dataset(data_path, ccfg, routed["collect"])
     if note:
         print(f"note: {note}", file=sys.stderr, flush=True)
     return data_path
@@ -220,13 +193,11 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
     """This seed's stage-1 run, produced once (under a lock) and reused by every arm and budget."""
     rd, name = job.out / "runs" / f"pretrain-seed{seed}", f"pretrain-seed{seed}"
     ov = routed["pretrain"] + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
-    want = compose("pretrain", ov)
     with held(rd):
         # force=true redoes stage 1 once per sweep: not when another job of this sweep already redid it
         redone = (rd / "done.json").is_file() and (rd / "done.json").stat().st_mtime >= job.started
-        state = rundir.run_state(rd, want, int(want["pretrain_steps"]), "stage-1", bool(job.cfg.force) and not redone,
-                                 FIX, fp)
-        if state == "reuse":
+        st = two_stage.stage_state("pretrain", ov, bool(job.cfg.force) and not redone, FIX, fp)
+        if st.state == "reuse":
             if not (rd / ENCODER_FILE).is_file():
                 raise SweepError(f"{rd} is finished but has no {ENCODER_FILE}; pass force=true")
             print(f"[reuse] pretrain:seed{seed}", flush=True)
@@ -237,8 +208,7 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
             raise SweepError(f"stage 1 of seed {seed} failed earlier in this sweep: {rec.get('error')}")
         base = {"kind": "pretrain", "seed": seed, "run_dir": str(rd)}
         try:
-            dt = job.run(f"pretrain:seed{seed}", "pretrain", ov + rundir.STATE_FLAGS.get(state, []), name, state,
-                         rd / "done.json")
+            dt = job.run(f"pretrain:seed{seed}", "pretrain", st.overrides, name, st.state, rd / "done.json")
         except SweepError as e:
             record(job.out, name, **base, status="failed", error=str(e))
             raise
@@ -252,13 +222,10 @@ def run_job(cfg) -> dict:
     if str(ROOT) not in sys.path:  # a launcher's worker process (joblib, submitit) started elsewhere
         sys.path.insert(0, str(ROOT))
     hc = HydraConfig.get()
-    arm, seed = hc.runtime.choices["arm"], int(cfg.seed)
+    j = job_keys(hc.runtime.choices["arm"], cfg.seed, cfg.budget, cfg.window, cfg.env)
+    arm, seed, budget, window, name = j["arm"], j["seed"], j["budget"], j["window"], j["run"]
     cwd = Path(hc.runtime.cwd)
-    out = Path(str(cfg.out)).expanduser()
-    out = out if out.is_absolute() else cwd / out
-    budget = int(cfg.budget) if cfg.budget is not None else None
-    window = int(cfg.window) if cfg.window is not None else None
-    name = run_name(arm, seed, budget, window, cfg.env)
+    out = Path(abspath(cfg.out, cwd))
     rd = out / "runs" / name
     base = {"kind": "train", "sweep": cfg.sweep.name, "arm": arm, "label": cfg.arm.label,
             "encoder": cfg.arm.encoder, "seed": seed, "budget": budget, "window": window, "env": cfg.env,
@@ -315,10 +282,8 @@ def plan_train(cfg, routed: dict, data_path: Path, rd: Path, out: Path, fp: str 
         extra += [f"model.pretrained_encoder_path={encoder}"] + (["model.freeze_encoder=true"]
                                                                  if arm.encoder == "frozen" else [])
     ov = routed["train"] + extra + [f"data_path={data_path}", f"seed={seed}", f"run_dir={rd}"]
-    want = compose("train", ov)
-    steps = int(want["max_steps"])
-    state = rundir.run_state(rd, want, steps, "stage-2", bool(cfg.force), FIX, fp)
-    return SimpleNamespace(ov=ov, want=want, steps=steps, state=state, fp=fp, data_path=data_path, encoder=encoder)
+    return SimpleNamespace(**vars(two_stage.stage_state("train", ov, bool(cfg.force), FIX, fp)), fp=fp,
+                           data_path=data_path, encoder=encoder)
 
 
 def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: Path, name: str) -> dict:
@@ -332,7 +297,7 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
         sha = hashlib.sha256(plan.encoder.read_bytes()).hexdigest()[:16]
         had = (read_json(job.out / "jobs" / f"{name}.json") or {}).get("encoder_sha256")
         if state == "reuse" and had is None:  # a record from before the hashes, or a lost one: file dates decide
-            rundir.run_state(rd, plan.want, plan.steps, "stage-2", False, FIX, plan.fp, plan.encoder)
+            two_stage.stage_state("train", plan.overrides, False, FIX, plan.fp, plan.encoder)
         elif state == "reuse" and had != sha:
             raise SweepError(f"{rd} was trained from another {ENCODER_FILE} than {plan.encoder} holds now (stage 1 "
                              f"was redone since): {FIX}")
@@ -341,12 +306,11 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
     if state == "reuse":
         print(f"[reuse] train:{name}", flush=True)
     else:
-        wall["train"] = job.run(f"train:{name}", "train", plan.ov + rundir.STATE_FLAGS.get(state, []), name, state,
-                                rd / "done.json")
+        wall["train"] = job.run(f"train:{name}", "train", plan.overrides, name, state, rd / "done.json")
     for out_name, settings in cfg.sweep.evals.items():
         ev_extra = [f"{k}={json.dumps(v)}" for k, v in OmegaConf.to_container(settings, resolve=True).items()]
-        keys = {_key(o) for o in ev_extra}  # the eval's own settings replace the preset's (routed["evaluate"])
-        eov = [o for o in routed["evaluate"] if _key(o) not in keys] + ev_extra
+        keys = {override_key(o) for o in ev_extra}  # the eval's own settings replace the preset's (routed["evaluate"])
+        eov = [o for o in routed["evaluate"] if override_key(o) not in keys] + ev_extra
         if state == "reuse" and eval_reusable(rd, out_name, compose("evaluate", eov + ["run_dir=x"])):
             print(f"[reuse] {out_name}:{name}", flush=True)
             continue
@@ -380,13 +344,7 @@ def planned_jobs(config) -> list[dict]:
             axes[o.get_key_element()] = [None if v in ("null", "None") else v for v in vals]
     default = {"arm": config.hydra.runtime.choices.get("arm"), "seed": config.seed, "budget": config.budget,
                "window": config.window, "env": config.env}
-    jobs = []
-    for combo in itertools.product(*axes.values()):
-        j = {**default, **dict(zip(axes, combo))}
-        j = {"arm": str(j["arm"]), "seed": int(j["seed"]), **{k: None if j[k] is None else int(j[k])
-                                                             for k in ("budget", "window")}, "env": j["env"]}
-        jobs.append({**j, "run": run_name(j["arm"], j["seed"], j["budget"], j["window"], j["env"])})
-    return jobs
+    return [job_keys(**{**default, **dict(zip(axes, combo))}) for combo in itertools.product(*axes.values())]
 
 
 class Report(Callback):
@@ -395,7 +353,7 @@ class Report(Callback):
     whose report failed, is reported through STATUS, and _entry exits 1 with one line.)"""
 
     def on_multirun_start(self, config, **kwargs) -> None:
-        task = [o for o in config.hydra.overrides.task if _key(o) != "overrides"]
+        task = [o for o in config.hydra.overrides.task if override_key(o) != "overrides"]
         outdir.start(Path(abspath(config.out)), shlex.join(["python", "experiments/sweep.py", "-m", *task,
                                                             *config.overrides]),  # as typed
                      planned_jobs(config), sweep=config.sweep.name, experiment=config.experiment,
@@ -432,7 +390,7 @@ def sweep_argv(argv: list[str]) -> list[str]:
         head = a.split("=", 1)[0].lstrip("+~")
         own_key = ":" not in head and head.split(".")[0].split("/")[0] in own
         (keep if a.startswith("-") or "=" not in a or own_key else free).append(a)
-    if free and any(a.split("=", 1)[0].lstrip("+~") == "overrides" for a in keep):
+    if free and any(override_key(a) == "overrides" for a in keep):
         raise SweepError("give stage overrides either as key=value arguments or as overrides=[...], not both")
     if free:
         quoted = ",".join('"' + o.replace("\\", "\\\\").replace('"', '\\"') + '"' for o in free)

@@ -310,7 +310,7 @@ def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs(monkey
     collect's follows data_seed, evaluate keeps its own)."""
     sw = _sw()
     routed = sw.route(["data_seed=2"], [], "quick", None)
-    assert not any(sw._key(o) == "seed" for ov in routed.values() for o in ov)
+    assert not any(sw.override_key(o) == "seed" for ov in routed.values() for o in ov)
     c = {s: sw.compose(s, routed[s]) for s in ("collect", "pretrain", "train")}
     assert (c["collect"]["seed"], c["collect"]["data_path"]) == (2, "data/darkroom-quick-seed2")
     assert all(c[s]["data_seed"] == 2 and c[s]["data_path"] == "data/darkroom-quick-seed2" for s in ("pretrain", "train"))
