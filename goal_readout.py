@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from teacher_forced import eval_mode, has_memory
+from teacher_forced import eval_mode, has_memory, heldout_reports
 from transition import REWARD
 
 LAMBDAS = (1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried (x n_samples / 1000), chosen on val
@@ -91,6 +91,23 @@ def _samples(model, hist, idx, device) -> tuple[np.ndarray, dict]:
                   (first_find(trans, horizon, nth)[:, None] <= steps[None, :]).reshape(-1))
            for name, cols, nth in TARGETS[goals.shape[1]]}
     return lat.reshape(n * f, -1), per
+
+
+def end_of_training(model, hist, cfg, device, accelerator=None) -> dict:
+    """The measurements done.json keeps from the end of training (cfg: the run's config), written by train.py and
+    recomputed by remeasure.py: teacher_forced's same-position reports of the validation and test goals with the
+    memory probe (`tf_loss_<split>`, `heldout_<split>`) and this readout (`goal_readout`). With train.py's
+    `accelerator` the held-out reports are a collective of every rank, the readout the main process's."""
+    at_most = cfg.get("heldout_max_histories")
+    out = {}
+    for split, rep in heldout_reports(model, hist, ("val", "test"), device, probe=True, max_histories=at_most,
+                                      accelerator=accelerator).items():
+        out[f"tf_loss_{split}"], out[f"heldout_{split}"] = rep["loss"], rep
+    if accelerator is None or accelerator.is_main_process:
+        gr = report(model, hist, int(cfg["env"]["grid_size"]), device, max_heldout_histories=at_most)
+        if gr is not None:
+            out["goal_readout"] = gr
+    return out
 
 
 def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_TRAIN_HISTORIES,

@@ -23,24 +23,8 @@ import sys
 from pathlib import Path
 
 import goal_readout
-import teacher_forced
 from atomic_io import atomic_write_json
 from errors import UserError
-
-
-def measure(model, hist, cfg, device, accelerator=None) -> dict:
-    """The end-of-training measurements (done.json fields, see above; cfg: the run's config), train.py's too:
-    with its `accelerator` the held-out reports are a collective of every rank, the readout the main process's."""
-    at_most = cfg.get("heldout_max_histories")
-    out = {}
-    for split, rep in teacher_forced.heldout_reports(model, hist, ("val", "test"), device, probe=True,
-                                                     max_histories=at_most, accelerator=accelerator).items():
-        out[f"tf_loss_{split}"], out[f"heldout_{split}"] = rep["loss"], rep
-    if accelerator is None or accelerator.is_main_process:
-        gr = goal_readout.report(model, hist, int(cfg["env"]["grid_size"]), device, max_heldout_histories=at_most)
-        if gr is not None:
-            out["goal_readout"] = gr
-    return out
 
 
 def remeasure(run_dir, command: str | None = None) -> dict:
@@ -55,7 +39,7 @@ def remeasure(run_dir, command: str | None = None) -> dict:
                         f"command that started it)")
     done = json.loads(done_path.read_text())
     model, cfg, _ = load_trained_model(run_dir)
-    new = measure(model, load_histories(cfg["data_path"], cfg["env"]), cfg, "cpu")
+    new = goal_readout.end_of_training(model, load_histories(cfg["data_path"], cfg["env"]), cfg, "cpu")
     new["remeasured"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                          "command": command or shlex.join(["python", "remeasure.py", str(run_dir)]),
                          "machine": platform.node(), "fields": sorted(new)}

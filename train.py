@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
+import goal_readout
 import loop
-import remeasure
 import rundir
 import teacher_forced
 from atomic_io import atomic_torch_save
@@ -124,10 +124,10 @@ class ActionPredictionTask:
             self.incontext_eval(run, step)
 
     def on_end(self, run, step):
-        # done.json keeps the final measurements (remeasure.measure: the validation (selection) and test
+        # done.json keeps the final measurements (goal_readout.end_of_training: the validation (selection) and test
         # (reported) goals' same-position reports with the memory probe, the goal readout); TB their figures.
         net = loop.unwrap(run.accelerator, run.model)
-        summary = remeasure.measure(net, self.hist, self.cfg, run.accelerator.device, run.accelerator)
+        summary = goal_readout.end_of_training(net, self.hist, self.cfg, run.accelerator.device, run.accelerator)
         reps = {s: summary[f"heldout_{s}"] for s in ("val", "test") if f"heldout_{s}" in summary}
         for split, rep in reps.items():
             run.log(teacher_forced.scalars(rep, split), step)
