@@ -259,8 +259,8 @@ def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
         return plan
     plan.resume_ckpt = ck
     plan.start_step, ck_cfg = _loop_state(ck)
-    # resume_from: the data the checkpoint was trained on (a run dir's config where it predates saving it)
-    check_same_data(saved if s.resume or ck_cfg is None else ck_cfg, cfg, where)
+    # resume_from: the data the checkpoint was trained on (the run dir's config where it predates saving it)
+    check_same_data(ck_cfg if s.resume_from and ck_cfg is not None else saved, cfg, where)
     return plan
 
 
