@@ -15,15 +15,12 @@ goal, T transitions long. The train-goal histories come first, goal-major (n_str
 validation- and test-goal histories (n_stream_eval per goal each: only scored, never trained on);
 meta["histories"] records the half-open range of each split (`Histories.split_indices`).
 
-load_histories fails with ONE line that says what is wrong and how to fix it (DatasetError). save_histories
-writes a temp folder beside the target and renames it, so an interrupted write never leaves a half dataset
-under the final name; `recover_leftovers` cleans up after a killed write. `fingerprint` identifies a
-dataset's contents by what made it; runs record it (rundir.check_same_data, model/checkpoint.py).
+Every refusal is one DatasetError line that says how to fix it; writes are atomic (`save_histories`,
+`recover_leftovers`); runs record a dataset's `fingerprint` (rundir.check_same_data, model/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -35,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import transition
-from atomic_io import fsync_dir, os_error_reason
+from atomic_io import DISK_ERRNOS, fsync_dir, os_error_reason
 from errors import UserError
 
 FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
@@ -345,14 +342,10 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
                            f"data_path or fix the folder's permissions") from None
     try:
         for name in ARRAY_SPECS:
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            fsync_dir(tmp / f"{name}.npy")  # a file's contents alike
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        fsync_dir(tmp / "meta.json")
         fsync_dir(tmp)
         if path.exists():  # overwrite=True was checked above
             os.rename(path, old)
@@ -362,8 +355,7 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # put the previous dataset back
             os.rename(old, path)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                  errno.EPERM):
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             raise DatasetError(f"cannot write the dataset {path} ({os_error_reason(e)}); nothing was replaced "
                                f"(a previous dataset there is intact): free space or fix the permissions, "
                                f"then collect again") from None
