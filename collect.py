@@ -42,14 +42,6 @@ from model.config import ConfigError  # the project's one config error class (on
 from schema import EnvConfig, Schema, key
 
 
-def epsilon_at(t: int, src) -> float:
-    """Linear decay eps_start -> eps_end over the first eps_decay_steps steps, then constant."""
-    if src.eps_decay_steps <= 0:
-        return float(src.eps_end)
-    frac = min(1.0, t / src.eps_decay_steps)
-    return float(src.eps_start + frac * (src.eps_end - src.eps_start))
-
-
 @torch.no_grad()
 def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: int,
                         device: str = "cpu", progress: bool = True, n_train: int | None = None
@@ -90,7 +82,6 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
     bufs = {k: torch.empty((n_steps, N, *tail), dtype=torch.uint8, device=device)
             for k, tail in (("states", (2,)), ("actions", ()), ("rewards", ()), ("next_states", (2,)))}
     episode = []  # (rows, a, r, next_rows) of the current episode, for backward replay
-    n_show = N if n_train is None else n_train
 
     s = env.reset()
     bar = tqdm(range(n_steps), desc="collect", unit="step", disable=not progress, mininterval=0.5)
@@ -103,7 +94,9 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
         u = torch.rand((N, A + 2), generator=gen, device=device)
         greedy = torch.where(q == q.amax(dim=1, keepdim=True), u[:, :A], -1.0).argmax(dim=1)
         rand_a = (u[:, A + 1] * A).long().clamp_(max=A - 1)
-        a = torch.where(u[:, A] < epsilon_at(t, src), rand_a, greedy)
+        eps = (src.eps_start + min(1.0, t / src.eps_decay_steps) * (src.eps_end - src.eps_start)
+               if src.eps_decay_steps > 0 else src.eps_end)  # linear decay, then constant
+        a = torch.where(u[:, A] < eps, rand_a, greedy)
         ns, r, _ = env.step(a)
         next_rows = state_rows(ns)  # the phase after this step
         td_update(rows, a, r, next_rows, cur=q.gather(1, a[:, None]).squeeze(1))
@@ -118,7 +111,7 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
             episode.clear()
             s = env.reset()
             if progress:
-                ret = bufs["rewards"][t + 1 - H:t + 1, :n_show].sum(0).float().mean().item()
+                ret = bufs["rewards"][t + 1 - H:t + 1, :n_train].sum(0).float().mean().item()
                 bar.set_postfix(ret=f"{ret:.2f}", refresh=False)
     bar.close()
 
