@@ -9,11 +9,10 @@ Batch format: right-padded, zero-filled, lengths carry the masks.
 With static_shapes (config key model.static_shapes) D = max_compression_depth and W = win_len_max for every
 batch, so a compiled training step sees one input shape and never recompiles. Same samples, more padding.
 
-Batch k is a pure function of (seed, k): drawn from np.random.default_rng([seed, k]) for the whole *global*
-batch, of which each rank keeps its rows [rank*B/world, (rank+1)*B/world) (same padding on every rank, so the
-per-rank tensors concatenate to the global batch); resuming at step k needs nothing but k (`batch_loader`).
-The transitions are gathered in one indexing op from a packed copy of the histories (`pack_transitions`), in
-RAM or, with config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
+Batch k is a pure function of (seed, k) (docs/design.md §4.4, §10.2): each rank keeps its rows of the global
+batch, padded alike, so the per-rank tensors concatenate to it; resuming at step k needs nothing but k. The
+transitions are gathered in one indexing op from a packed copy of the histories (`pack_transitions`), in RAM or,
+with config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
 """
 
 from __future__ import annotations
@@ -185,11 +184,8 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise DatasetError(f"{name}: split {split!r} has no histories; collect data for it or use "
                              "another split")
         self.flat = pack_transitions(histories)
-        self.n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
-        self.packed = self.flat[:-1].reshape(self.n_histories, self.n_steps, N_FIELDS)   # a view
-        if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
-            raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
-                             "the histories' meta.json is inconsistent with the arrays")
+        n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
+        self.packed = self.flat[:-1].reshape(n_histories, self.n_steps, N_FIELDS)   # a view
         need = self.max_depth * self.fold_len + self.win_len_max
         if self.schedule == "rollout":
             need = self.seg_len  # at least one full window; deeper samples use what the history holds
