@@ -110,13 +110,12 @@ def end_of_training(model, hist, cfg, device, accelerator=None) -> dict:
     return out
 
 
-def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_TRAIN_HISTORIES,
-           max_heldout_histories: int | None = None) -> dict | None:
+def report(model, hist, grid_size: int, device, max_heldout_histories: int | None = None) -> dict | None:
     """The readouts fitted on training-goal histories, scored on the validation and test goals (see the
     module docstring). None when the model has no compressed memory or a split has no histories."""
     if not has_memory(model):
         return None
-    tr = hist.split_indices("train", max_train_histories)  # spread over the goals (every k-th history)
+    tr = hist.split_indices("train", MAX_TRAIN_HISTORIES)  # spread over the goals (every k-th history)
     held = {s: hist.split_indices(s, max_heldout_histories) for s in ("val", "test")}
     if len(tr) == 0 or any(len(i) == 0 for i in held.values()):
         return None
@@ -139,10 +138,8 @@ def _readout(x: np.ndarray, y: np.ndarray, held: dict, grid_size: int) -> dict:
         mx, w, my = fit
         xs, (ys, after) = held[s]
         pred, const = (xs - mx) @ w + my, np.broadcast_to(my, ys.shape)
-        return {"after_find": _score(pred[after], ys[after], grid_size),
-                "before_find": _score(pred[~after], ys[~after], grid_size),
-                "constant_after_find": _score(const[after], ys[after], grid_size),
-                "constant_before_find": _score(const[~after], ys[~after], grid_size)}
+        return {f"{kind}{when}": _score(p[m], ys[m], grid_size) for kind, p in (("", pred), ("constant_", const))
+                for when, m in (("after_find", after), ("before_find", ~after))}
 
     fits = {lam: fit_ridge(x, y, lam * len(x) / 1000.0) for lam in LAMBDAS}
     best = min(LAMBDAS, key=lambda lam: scores(fits[lam], "val")["after_find"]["mae"] or np.inf)
