@@ -33,17 +33,11 @@ def learning_speed(curve, optimal_mean: float) -> dict:
 
 
 def search_and_use(returns, optimal) -> dict:
-    """Splits in-context learning into finding the goal and using what was found, per rollout stream (goal,
-    seed), an episode "finds" the goal when its return is > 0 (Darkroom pays only on the goal cell; in Dark
-    Key-to-Door the first reward is the key, so "found" means the key was found: the door has its own
-    fractions, `event_metrics`):
-      found_goal_frac                 fraction of streams that found the goal at least once
-      episodes_to_first_goal          mean 1-based episode of the first find, over the streams that found it
-      return_after_found_normalized   mean return / that goal's optimal over every episode AFTER the first find
-                                      (streams whose first find was their last episode add nothing): how well
-                                      the learner returns to a goal it has seen — what memory is for
-    A learner that explores well but forgets scores early finds and a low return after; one that remembers but
-    explores poorly, late finds and a high return after."""
+    """Finding the goal vs using what was found (docs/design.md §7, search vs use), per rollout stream (goal,
+    seed): an episode "finds" the goal when its return is > 0 (Dark Key-to-Door: the key, whose reward comes
+    first; the door has `event_metrics`). found_goal_frac: streams that found it at least once;
+    episodes_to_first_goal: mean 1-based episode of the first find, over those; return_after_found_normalized:
+    mean return / that goal's optimal over every episode AFTER the first find (a last-episode find adds nothing)."""
     r = np.asarray(returns, dtype=np.float64)
     opt = np.asarray(optimal, dtype=np.float64)
     found = r > 0
@@ -131,7 +125,6 @@ def eval_scalars(summary: dict, split: str) -> dict[str, float]:
         f"eval/door_found_{split}": summary.get("door_found_last_k"),
     }
     return {t: float(v) for t, v in tags.items() if v is not None}
-
 
 
 def source_reference(meta: dict, split: str, optimal_mean: float) -> dict | None:
