@@ -1,16 +1,12 @@
-"""What the compressed memory holds (docs/design.md §7): a linear readout of the task's hidden cell(s) from
-the latents. The NLL memory probe (teacher_forced.py) cannot tell goal memory from, say, a sense of elapsed
-time; this asks directly. A history is replayed through the model's own rollout schedule (`init_rollout` /
-`observe`), the latents after every fold are flattened, and a ridge regression to one hidden cell is fitted on
-training-goal histories (strength chosen on the validation goals) and scored on held-out goals, which it has
-never seen as targets: 'after find' (the folded history already holds the reward that reveals the cell),
-'before find' (only elimination helps) and a constant guess (the training goals' mean cell) on the same folds.
-Metrics per group: `acc` (prediction rounded to the grid equals the cell), `mae` (per coordinate, in cells),
-`n` (folds scored). A model without compressed memory (AD) has nothing to read.
+"""What the compressed memory holds (docs/design.md §7), which the NLL memory probe (teacher_forced.py) cannot
+tell from, say, a sense of elapsed time: a ridge readout of the task's hidden cell(s) from the flattened latents
+after every fold of a replay through the model's own rollout schedule (`init_rollout` / `observe`), scored on
+held-out goals 'after find' (the folds already hold the reward that reveals the cell), 'before find' (only
+elimination helps) and as a constant guess: `acc` (rounded to the grid, equals the cell), `mae` (per coordinate,
+in cells), `n` (folds scored).
 
-TARGETS: Darkroom's goal is revealed by the first reward; Dark Key-to-Door's key by an episode's first reward,
-its door by the second (the door pays only once the key is held): asking for the door before it ever paid, or
-for both cells after the key alone, would be unfair questions. remeasure.py recomputes a finished run's readout.
+TARGETS: Dark Key-to-Door's door pays only once the key is held, so it is revealed by an episode's second reward:
+asking for it before, or for both cells after the key alone, would be unfair questions.
 """
 
 from __future__ import annotations

@@ -1,12 +1,7 @@
-"""Same-position held-out evaluation (docs/design.md §7.1): score every step of every held-out learning
-history, each model with exactly its rollout schedule, so that two models are compared on identical label
-positions. (A loss on sampled training windows is biased: a CompressedAD window's labels sit later in the
-history than AD's, where the source's epsilon is small and its actions easy.)
-
-It is a rollout without an environment (the actions are the source's), so it is batched over histories and
-costs one decoder pass per window. The memory probe (CompressedAD only) rebuilds the latents from only the
-last k compressed segments (k = 0 .. 3) and compares with the whole history on the same steps: if 'all' is
-not better than k = 1, the compressed memory carries nothing beyond the last segment, and the report says so.
+"""Same-position held-out evaluation and the memory probe (docs/design.md §7.1): every step of every held-out
+learning history scored under each model's own rollout schedule, so two models are compared on identical label
+positions. A rollout without an environment (the actions are the source's): batched over histories, one decoder
+pass per window.
 """
 
 from __future__ import annotations
