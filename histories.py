@@ -102,8 +102,7 @@ def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
     goals, ranges = [], {}
     for split in SPLITS:
         start = len(goals)
-        g = [tuple(int(v) for v in x) for x in splits.get(split, [])]
-        goals += [x for x in g for _ in range(int(per_goal.get(split, 0)))]
+        goals += [x for x in splits.get(split, []) for _ in range(int(per_goal.get(split, 0)))]
         ranges[split] = {"start": start, "stop": len(goals)}
     split_meta = {f"{k}_goals": [list(x) for x in splits.get(k, [])] for k in SPLITS}
     width = len(goals[0]) if goals else 2
@@ -181,16 +180,6 @@ def _check_meta(meta, where: Path, env_name: str) -> None:
             not all(isinstance(split.get(f"{k}_goals"), list) for k in SPLITS):
         raise DatasetError(f"{where}/meta.json needs 'env' as an object and 'split' as {{train_goals: "
                            f"[...], val_goals: [...], test_goals: [...]}}: re-collect with {hint}")
-
-
-def _check_env(meta_env: dict, env_cfg: dict, where: Path) -> None:
-    diffs = [f"{k}={meta_env.get(k)!r} (dataset) vs {env_cfg.get(k)!r} (run)"
-             for k in ENV_KEYS if meta_env.get(k) != env_cfg.get(k)]
-    if diffs:
-        raise DatasetError(
-            f"dataset {where} was collected with a different env config: {', '.join(diffs)}: run with "
-            f"the dataset's env (env=...), point data_path at a matching dataset, or re-collect with "
-            f"{_recollect_hint(where, env_cfg.get('name'))}")
 
 
 def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
@@ -290,7 +279,12 @@ def load_histories(path, env_cfg) -> Histories:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise DatasetError(f"{meta_file} is not valid JSON ({e}): re-collect with {hint}") from None
     _check_meta(meta, path, name)
-    _check_env(meta["env"], env_cfg, path)
+    diffs = [f"{k}={meta['env'].get(k)!r} (dataset) vs {env_cfg.get(k)!r} (run)"
+             for k in ENV_KEYS if meta["env"].get(k) != env_cfg.get(k)]
+    if diffs:
+        raise DatasetError(f"dataset {path} was collected with a different env config: {', '.join(diffs)}: run "
+                           f"with the dataset's env (env=...), point data_path at a matching dataset, or "
+                           f"re-collect with {hint}")
     want = splits_from_cfg(env_cfg)
     split = meta["split"]
     if any([tuple(g) for g in split[f"{k}_goals"]] != want[k] for k in SPLITS):
