@@ -260,12 +260,13 @@ def _collect(cfg: DictConfig, path: str) -> dict:
     arrays["goals"] = goals.numpy().astype(np.uint8)  # [N, 2] goal cells, or [N, 4] key-to-door tasks
 
     ret = episode_returns(arrays["rewards"], env_cfg.horizon)
+    rets = {k: ret[r["start"]:r["stop"]] for k, r in ranges.items()}  # [histories of the split, episode]
     summary = {
-        "n_histories": N, **{f"n_{k}_histories": r["stop"] - r["start"] for k, r in ranges.items()},
+        "n_histories": N, **{f"n_{k}_histories": len(v) for k, v in rets.items()},
         "n_steps": T, "n_episodes": T // env_cfg.horizon, "n_transitions": N * T,
         "wall_s": wall, "transitions_per_s": N * T / wall,
-        **{k: _split_summary(ret[r["start"]:r["stop"]], splits[k], env_cfg, int(cfg.seed) + off)
-           for k, r in ranges.items() for off in [{"train": 1, "test": 2, "val": 3}[k]]},
+        **{k: _split_summary(v, splits[k], env_cfg, int(cfg.seed) + {"train": 1, "test": 2, "val": 3}[k])
+           for k, v in rets.items()},
     }
     meta = {
         "format_version": FORMAT_VERSION,
@@ -277,12 +278,11 @@ def _collect(cfg: DictConfig, path: str) -> dict:
         "histories": ranges,
         "layout": "train histories first, goal-major in split order (n_stream per goal), then validation, "
                   "then test histories (n_stream_eval per goal each); goals.npy holds each history's goal",
-        "return_curve": ret[:n_train].mean(0).tolist(),
-        **{f"return_curve_{k}": ret[r["start"]:r["stop"]].mean(0).tolist() if r["stop"] > r["start"] else []
-           for k, r in ranges.items() if k != "train"},
+        "return_curve": rets["train"].mean(0).tolist(),
+        **{f"return_curve_{k}": v.mean(0).tolist() if len(v) else [] for k, v in rets.items() if k != "train"},
         # Dark Key-to-Door only: the source's key / door found fractions per episode, per split
-        **({"found_curves": {k: found_curves(ret[r["start"]:r["stop"]], env_cfg) for k, r in ranges.items()
-                             if r["stop"] > r["start"]}} if is_key_to_door(env_cfg) else {}),
+        **({"found_curves": {k: found_curves(v, env_cfg) for k, v in rets.items() if len(v)}}
+           if is_key_to_door(env_cfg) else {}),
         "summary": summary,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
