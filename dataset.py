@@ -186,9 +186,8 @@ class SegmentBatches(torch.utils.data.Dataset):
         self.flat = pack_transitions(histories)
         n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
         self.packed = self.flat[:-1].reshape(n_histories, self.n_steps, N_FIELDS)   # a view
-        need = self.max_depth * self.fold_len + self.win_len_max
-        if self.schedule == "rollout":
-            need = self.seg_len  # at least one full window; deeper samples use what the history holds
+        # rollout: at least one full window; deeper samples use what the history holds
+        need = self.seg_len if self.schedule == "rollout" else self.max_depth * self.fold_len + self.win_len_max
         if need > self.n_steps:
             raise ConfigError(
                 f"{name}: a sample needs up to max_depth*{'seg_len' if not self.keep_recent else 'fold_len'} + "

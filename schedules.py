@@ -44,11 +44,8 @@ class SampleSpecs:
 def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int,
                  depths: np.ndarray, depth_probs: np.ndarray, max_depth: int,
                  seg_len: int, min_seg_len: int, win_len_min: int, win_len_max: int) -> SampleSpecs:
-    """Draw n sample specs at once (vectorised). The draw order is fixed: it defines the data stream.
-
-    Segment lengths are drawn for all max_depth slots and the leading (unused) ones are zeroed, so the
-    number of random draws does not depend on the depths drawn.
-    """
+    """n random-schedule specs at once. Segment lengths are drawn for all max_depth slots and the leading
+    (unused) ones zeroed, so the number of random draws does not depend on the depths drawn."""
     hist = pool[rng.integers(0, len(pool), size=n)]
     depth = depths[rng.choice(len(depths), size=n, p=depth_probs)].astype(np.int64)
     lens = rng.integers(min_seg_len, seg_len + 1, size=(n, max_depth), dtype=np.int64)
