@@ -90,8 +90,7 @@ def spec_items(packed: np.ndarray, specs: schedules.SampleSpecs, with_window: bo
     Each item: {'seg': [array [L_i, 6] uint8, oldest first], 'win': array [w, 6] uint8}.
     """
     items = []
-    for i in range(len(specs)):
-        h = specs.hist[i]
+    for i, h in enumerate(specs.hist):
         segs = [packed[h, s:s + n] for s, n in zip(specs.seg_start[i], specs.seg_len[i]) if n > 0]
         item: dict[str, Any] = {"seg": segs}
         if with_window:
@@ -336,7 +335,7 @@ class HistoryBatches(SegmentBatches):
     """Stage-2 batches (CompressedAD; AD with max_depth=0 and a fixed window): depth 0..max_depth.
 
     depth_weights: one weight per depth 0..max_depth (None -> d+1, i.e. [1, 2, 3, 4] for max_depth 3).
-    win_len_min / win_len_max: None -> seg_len (full windows; see module docstring).
+    win_len_min / win_len_max: None -> seg_len (full windows: schedules.py says why).
     Further keyword arguments (seed, rank, world_size, schedule, memory, ...): `SegmentBatches`.
     """
 

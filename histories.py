@@ -286,8 +286,7 @@ def load_histories(path, env_cfg) -> Histories:
                            f"with the dataset's env (env=...), point data_path at a matching dataset, or "
                            f"re-collect with {hint}")
     want = splits_from_cfg(env_cfg)
-    split = meta["split"]
-    if any([tuple(g) for g in split[f"{k}_goals"]] != want[k] for k in SPLITS):
+    if any([tuple(g) for g in meta["split"][f"{k}_goals"]] != want[k] for k in SPLITS):
         raise DatasetError(f"dataset {path} lists goal splits that differ from the run's (env.splits_from_cfg: "
                            f"grid_size, train_frac, split_seed, n_val_goals, max_train_tasks): re-collect with {hint}")
     arrays = {k: _load_npy(path / f"{k}.npy", hint) for k in ARRAY_SPECS}
