@@ -42,14 +42,6 @@ from model.config import ConfigError  # the project's one config error class (on
 from schema import EnvConfig, Schema, key
 
 
-def epsilon_at(t: int, src) -> float:
-    """Linear decay eps_start -> eps_end over the first eps_decay_steps steps, then constant."""
-    if src.eps_decay_steps <= 0:
-        return float(src.eps_end)
-    frac = min(1.0, t / src.eps_decay_steps)
-    return float(src.eps_start + frac * (src.eps_end - src.eps_start))
-
-
 @torch.no_grad()
 def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: int,
                         device: str = "cpu", progress: bool = True, n_train: int | None = None
@@ -90,7 +82,6 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
     bufs = {k: torch.empty((n_steps, N, *tail), dtype=torch.uint8, device=device)
             for k, tail in (("states", (2,)), ("actions", ()), ("rewards", ()), ("next_states", (2,)))}
     episode = []  # (rows, a, r, next_rows) of the current episode, for backward replay
-    n_show = N if n_train is None else n_train
 
     s = env.reset()
     bar = tqdm(range(n_steps), desc="collect", unit="step", disable=not progress, mininterval=0.5)
@@ -103,7 +94,9 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
         u = torch.rand((N, A + 2), generator=gen, device=device)
         greedy = torch.where(q == q.amax(dim=1, keepdim=True), u[:, :A], -1.0).argmax(dim=1)
         rand_a = (u[:, A + 1] * A).long().clamp_(max=A - 1)
-        a = torch.where(u[:, A] < epsilon_at(t, src), rand_a, greedy)
+        eps = (src.eps_start + min(1.0, t / src.eps_decay_steps) * (src.eps_end - src.eps_start)
+               if src.eps_decay_steps > 0 else src.eps_end)  # linear decay, then constant
+        a = torch.where(u[:, A] < eps, rand_a, greedy)
         ns, r, _ = env.step(a)
         next_rows = state_rows(ns)  # the phase after this step
         td_update(rows, a, r, next_rows, cur=q.gather(1, a[:, None]).squeeze(1))
@@ -118,7 +111,7 @@ def qlearning_histories(goals: torch.Tensor, env_cfg, src, n_steps: int, seed: i
             episode.clear()
             s = env.reset()
             if progress:
-                ret = bufs["rewards"][t + 1 - H:t + 1, :n_show].sum(0).float().mean().item()
+                ret = bufs["rewards"][t + 1 - H:t + 1, :n_train].sum(0).float().mean().item()
                 bar.set_postfix(ret=f"{ret:.2f}", refresh=False)
     bar.close()
 
@@ -267,12 +260,13 @@ def _collect(cfg: DictConfig, path: str) -> dict:
     arrays["goals"] = goals.numpy().astype(np.uint8)  # [N, 2] goal cells, or [N, 4] key-to-door tasks
 
     ret = episode_returns(arrays["rewards"], env_cfg.horizon)
+    rets = {k: ret[r["start"]:r["stop"]] for k, r in ranges.items()}  # [histories of the split, episode]
     summary = {
-        "n_histories": N, **{f"n_{k}_histories": r["stop"] - r["start"] for k, r in ranges.items()},
+        "n_histories": N, **{f"n_{k}_histories": len(v) for k, v in rets.items()},
         "n_steps": T, "n_episodes": T // env_cfg.horizon, "n_transitions": N * T,
         "wall_s": wall, "transitions_per_s": N * T / wall,
-        **{k: _split_summary(ret[r["start"]:r["stop"]], splits[k], env_cfg, int(cfg.seed) + off)
-           for k, r in ranges.items() for off in [{"train": 1, "test": 2, "val": 3}[k]]},
+        **{k: _split_summary(v, splits[k], env_cfg, int(cfg.seed) + {"train": 1, "test": 2, "val": 3}[k])
+           for k, v in rets.items()},
     }
     meta = {
         "format_version": FORMAT_VERSION,
@@ -284,12 +278,11 @@ def _collect(cfg: DictConfig, path: str) -> dict:
         "histories": ranges,
         "layout": "train histories first, goal-major in split order (n_stream per goal), then validation, "
                   "then test histories (n_stream_eval per goal each); goals.npy holds each history's goal",
-        "return_curve": ret[:n_train].mean(0).tolist(),
-        **{f"return_curve_{k}": ret[r["start"]:r["stop"]].mean(0).tolist() if r["stop"] > r["start"] else []
-           for k, r in ranges.items() if k != "train"},
+        "return_curve": rets["train"].mean(0).tolist(),
+        **{f"return_curve_{k}": v.mean(0).tolist() if len(v) else [] for k, v in rets.items() if k != "train"},
         # Dark Key-to-Door only: the source's key / door found fractions per episode, per split
-        **({"found_curves": {k: found_curves(ret[r["start"]:r["stop"]], env_cfg) for k, r in ranges.items()
-                             if r["stop"] > r["start"]}} if is_key_to_door(env_cfg) else {}),
+        **({"found_curves": {k: found_curves(v, env_cfg) for k, v in rets.items() if len(v)}}
+           if is_key_to_door(env_cfg) else {}),
         "summary": summary,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

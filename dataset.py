@@ -9,11 +9,10 @@ Batch format: right-padded, zero-filled, lengths carry the masks.
 With static_shapes (config key model.static_shapes) D = max_compression_depth and W = win_len_max for every
 batch, so a compiled training step sees one input shape and never recompiles. Same samples, more padding.
 
-Batch k is a pure function of (seed, k): drawn from np.random.default_rng([seed, k]) for the whole *global*
-batch, of which each rank keeps its rows [rank*B/world, (rank+1)*B/world) (same padding on every rank, so the
-per-rank tensors concatenate to the global batch); resuming at step k needs nothing but k (`batch_loader`).
-The transitions are gathered in one indexing op from a packed copy of the histories (`pack_transitions`), in
-RAM or, with config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
+Batch k is a pure function of (seed, k) (docs/design.md §4.4, §10.2): each rank keeps its rows of the global
+batch, padded alike, so the per-rank tensors concatenate to it; resuming at step k needs nothing but k. The
+transitions are gathered in one indexing op from a packed copy of the histories (`pack_transitions`), in RAM or,
+with config key data_on_device, in device memory (`gather_batch`: exactly the same batches).
 """
 
 from __future__ import annotations
@@ -91,8 +90,7 @@ def spec_items(packed: np.ndarray, specs: schedules.SampleSpecs, with_window: bo
     Each item: {'seg': [array [L_i, 6] uint8, oldest first], 'win': array [w, 6] uint8}.
     """
     items = []
-    for i in range(len(specs)):
-        h = specs.hist[i]
+    for i, h in enumerate(specs.hist):
         segs = [packed[h, s:s + n] for s, n in zip(specs.seg_start[i], specs.seg_len[i]) if n > 0]
         item: dict[str, Any] = {"seg": segs}
         if with_window:
@@ -121,9 +119,7 @@ def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: 
     seg = torch.zeros(B, D, S, N_FIELDS, dtype=torch.long)
     seg_len = torch.zeros(B, D, dtype=torch.long)
     for b, s in enumerate(samples):
-        d = len(s["seg"])
-        for j, x in enumerate(s["seg"]):
-            slot = D - d + j                                          # right-aligned
+        for slot, x in enumerate(s["seg"], start=D - len(s["seg"])):  # right-aligned
             if len(x) > S:
                 raise ValueError(f"collate: segment of length {len(x)} > pad_seg_len={S}; raise pad_seg_len")
             seg[b, slot, :len(x)] = torch.as_tensor(np.asarray(x), dtype=torch.long)
@@ -137,11 +133,9 @@ def collate(samples: Sequence[dict], pad_seg_len: int | None = None, pad_depth: 
         win = torch.zeros(B, W, N_FIELDS, dtype=torch.long)
         for b, s in enumerate(samples):
             win[b, :len(s["win"])] = torch.as_tensor(np.asarray(s["win"]), dtype=torch.long)
-        batch["win"] = win
-        batch["win_len"] = torch.tensor(lens, dtype=torch.long)
+        batch["win"], batch["win_len"] = win, torch.tensor(lens, dtype=torch.long)
     batch["depth"] = torch.tensor(depths, dtype=torch.long)
     return batch
-
 
 
 class SegmentBatches(torch.utils.data.Dataset):
@@ -189,32 +183,26 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise DatasetError(f"{name}: split {split!r} has no histories; collect data for it or use "
                              "another split")
         self.flat = pack_transitions(histories)
-        self.n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
-        self.packed = self.flat[:-1].reshape(self.n_histories, self.n_steps, N_FIELDS)   # a view
-        if self.pool.min() < 0 or self.pool.max() >= self.n_histories:
-            raise DatasetError(f"{name}: split {split!r} indices out of range [0, {self.n_histories}); "
-                             "the histories' meta.json is inconsistent with the arrays")
-        need = self.max_depth * self.fold_len + self.win_len_max
-        if self.schedule == "rollout":
-            need = self.seg_len  # at least one full window; deeper samples use what the history holds
+        n_histories, self.n_steps = np.asarray(histories.states).shape[:2]
+        self.packed = self.flat[:-1].reshape(n_histories, self.n_steps, N_FIELDS)   # a view
+        # rollout: at least one full window; deeper samples use what the history holds
+        need = self.seg_len if self.schedule == "rollout" else self.max_depth * self.fold_len + self.win_len_max
         if need > self.n_steps:
             raise ConfigError(
                 f"{name}: a sample needs up to max_depth*{'seg_len' if not self.keep_recent else 'fold_len'} + "
-                f"win_len_max = {self.max_depth}*"
-                f"{self.fold_len} + {self.win_len_max} = {need} steps but histories have only "
-                f"{self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect "
-                "longer histories")
+                f"win_len_max = {self.max_depth}*{self.fold_len} + {self.win_len_max} = {need} steps but histories "
+                f"have only {self.n_steps}; lower max_compression_depth, seg_len or win_len_max, or collect longer "
+                "histories")
         self.depth_probs = np.asarray(self.depth_weights) / sum(self.depth_weights)
+        self.local_batch_size = self.global_batch_size // self.world_size  # rows of each global batch this rank gets
         self.rows = slice(self.rank * self.local_batch_size, (self.rank + 1) * self.local_batch_size)
 
     @classmethod
     def from_cfg(cls, histories: Any, cfg: Any, split: str = "train", rank: int = 0, world_size: int = 1,
                  num_batches: int | None = None, batch_size: int | None = None, seed: int | None = None,
                  **options: Any) -> SegmentBatches:
-        """The sampler a composed config describes. Reads cfg.model.{seg_len, max_compression_depth,
-        static_shapes}, cfg.sampler.min_seg_len, cfg.batch_size (the GLOBAL batch) and cfg.seed; `batch_size`
-        / `seed` given here take their place. Each stage's own keys come from `_cfg_options` (`options` go
-        to it)."""
+        """The sampler a composed config describes (cfg.batch_size is the GLOBAL batch; `batch_size` / `seed`
+        given here replace cfg's). Each stage's own keys come from `_cfg_options` (`options` go to it)."""
         m, s = cfg_get(cfg, "model"), cfg_get(cfg, "sampler")
         return cls(histories, split,
                    batch_size=cfg_get(cfg, "batch_size") if batch_size is None else batch_size,
@@ -225,11 +213,6 @@ class SegmentBatches(torch.utils.data.Dataset):
                    keep_recent=int(cfg_get(m, "keep_recent", 0)),
                    rank=rank, world_size=world_size, num_batches=num_batches,
                    **cls._cfg_options(cfg, s, **options))
-
-    @classmethod
-    def _cfg_options(cls, cfg: Any, s: Any, **options: Any) -> dict:
-        """The constructor arguments only this kind of sampler takes, from the config (`s` = cfg.sampler)."""
-        raise NotImplementedError(f"{cls.__name__} has no config reader; use HistoryBatches or PretrainBatches")
 
     # -- validation ---------------------------------------------------------------------------------
     def _validate_settings(self) -> None:
@@ -283,12 +266,6 @@ class SegmentBatches(torch.utils.data.Dataset):
             raise ConfigError(f"{n}: need 1 <= win_len_min <= win_len_max, got win_len_min="
                              f"{self.win_len_min}, win_len_max={self.win_len_max}")
 
-    # -- sizes ----------------------------------------------------------------------------------------
-    @property
-    def local_batch_size(self) -> int:
-        """Rows of each global batch that this rank gets."""
-        return self.global_batch_size // self.world_size
-
     def __len__(self) -> int:
         return self.num_batches
 
@@ -315,9 +292,7 @@ class SegmentBatches(torch.utils.data.Dataset):
         static_shapes the fixed maxima, so that every batch has the same shapes."""
         if self.static_shapes:  # every slot the schedule has (max_depth, or all windows but one: rollout)
             return specs.seg_len.shape[1], (self.win_len_max if self.with_window else None)
-        D = int(specs.depth.max())
-        W = int(specs.win_len.max()) if self.with_window else None
-        return D, W
+        return int(specs.depth.max()), (int(specs.win_len.max()) if self.with_window else None)
 
     def to_device(self, device) -> SegmentBatches:
         """Keep a copy of the packed transitions on `device` and gather batches there from now on
@@ -334,9 +309,7 @@ class SegmentBatches(torch.utils.data.Dataset):
         flat = self.flat if self.flat_device is None else self.flat_device
         batch = gather_batch(flat, self.n_steps, specs, D, self.fold_len, W)
         if self.memory == "carry":  # which memory each row needs: segments 0 .. window - depth - 1 of hist
-            dev = batch["seg"].device
-            batch["hist"] = torch.from_numpy(specs.hist.copy()).to(dev)
-            batch["window"] = torch.from_numpy(specs.window.copy()).to(dev)
+            batch |= {k: torch.tensor(getattr(specs, k), device=batch["seg"].device) for k in ("hist", "window")}
         return batch
 
     def memory_batch(self, hist: np.ndarray, n_segments: np.ndarray) -> dict[str, torch.Tensor]:
@@ -362,7 +335,7 @@ class HistoryBatches(SegmentBatches):
     """Stage-2 batches (CompressedAD; AD with max_depth=0 and a fixed window): depth 0..max_depth.
 
     depth_weights: one weight per depth 0..max_depth (None -> d+1, i.e. [1, 2, 3, 4] for max_depth 3).
-    win_len_min / win_len_max: None -> seg_len (full windows; see module docstring).
+    win_len_min / win_len_max: None -> seg_len (full windows: schedules.py says why).
     Further keyword arguments (seed, rank, world_size, schedule, memory, ...): `SegmentBatches`.
     """
 
@@ -375,9 +348,7 @@ class HistoryBatches(SegmentBatches):
 
     @classmethod
     def _cfg_options(cls, cfg: Any, s: Any) -> dict:
-        """Stage 2's keys for `from_cfg`: sampler.{depth_weights, win_len_min, win_len_max, schedule,
-        max_windows, memory} (null weights -> d+1, null window bounds -> seg_len) and, for
-        sampler.memory=carry, model.bptt_segments (the folds each sample holds)."""
+        """Stage 2's keys for `from_cfg`; model.bptt_segments: the folds a sample holds (sampler.memory=carry)."""
         return {**{k: cfg_get(s, k, None) for k in ("depth_weights", "win_len_min", "win_len_max", "max_windows")},
                 "schedule": cfg_get(s, "schedule", "random"), "memory": cfg_get(s, "memory", "exact"),
                 "carry_slots": cfg_get(cfg_get(cfg, "model"), "bptt_segments", None)}
@@ -404,15 +375,12 @@ def data_device(setting: Any, device: torch.device | str | None, dataset: Segmen
         return None
     device = torch.device(device)
     if setting is None:
-        if device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(device)
-        return device if dataset.flat.nbytes <= free // 4 else None
-    return device if bool(setting) else None
+        setting = device.type == "cuda" and dataset.flat.nbytes <= torch.cuda.mem_get_info(device)[0] // 4
+    return device if setting else None
 
 
-def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None,
-                 num_workers: int = 0, pin_memory: bool = False, device: torch.device | str | None = None):
+def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = None, num_workers: int = 0,
+                 device: torch.device | str | None = None):
     """Batches start, start+1, ..., stop-1 (resume = pass the step as start).
 
     device=None: a DataLoader (batch_size=None because each item is already a batch; workers fork-share
@@ -423,6 +391,5 @@ def batch_loader(dataset: SegmentBatches, start: int = 0, stop: int | None = Non
     if device is not None:
         dataset.to_device(device)
         return (dataset[k] for k in range(start, stop))
-    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop),
-                                       num_workers=num_workers, pin_memory=pin_memory,
+    return torch.utils.data.DataLoader(dataset, batch_size=None, sampler=range(start, stop), num_workers=num_workers,
                                        persistent_workers=num_workers > 0)

@@ -1,9 +1,6 @@
-"""Stage-1 compression samples (docs/design.md §5): d consecutive segments of one learning history, d in
-1..max_depth, and no decoder window: the encoder pretraining folds the segments and reconstructs every raw
-transition from the final latents, so depth 0 would teach it nothing. It is the stage-2 sampler
-(`dataset.SegmentBatches`) with min_depth=1 and no window, so both stages share one implementation of sampling,
-padding, determinism and rank slicing; batches have the keys seg, seg_len (the reconstruction loss must mask
-with these lengths) and depth (always >= 1).
+"""Stage-1 compression samples (docs/design.md §5): the stage-2 sampler (`dataset.SegmentBatches`) with depths
+1..max_depth and no decoder window, so both stages share one implementation of sampling, padding, determinism
+and rank slicing. Batches have the keys seg, seg_len (the reconstruction loss masks with these) and depth (>= 1).
 """
 
 from __future__ import annotations

@@ -1,16 +1,12 @@
-"""What the compressed memory holds (docs/design.md §7): a linear readout of the task's hidden cell(s) from
-the latents. The NLL memory probe (teacher_forced.py) cannot tell goal memory from, say, a sense of elapsed
-time; this asks directly. A history is replayed through the model's own rollout schedule (`init_rollout` /
-`observe`), the latents after every fold are flattened, and a ridge regression to one hidden cell is fitted on
-training-goal histories (strength chosen on the validation goals) and scored on held-out goals, which it has
-never seen as targets: 'after find' (the folded history already holds the reward that reveals the cell),
-'before find' (only elimination helps) and a constant guess (the training goals' mean cell) on the same folds.
-Metrics per group: `acc` (prediction rounded to the grid equals the cell), `mae` (per coordinate, in cells),
-`n` (folds scored). A model without compressed memory (AD) has nothing to read.
+"""What the compressed memory holds (docs/design.md §7), which the NLL memory probe (teacher_forced.py) cannot
+tell from, say, a sense of elapsed time: a ridge readout of the task's hidden cell(s) from the flattened latents
+after every fold of a replay through the model's own rollout schedule (`init_rollout` / `observe`), scored on
+held-out goals 'after find' (the folds already hold the reward that reveals the cell), 'before find' (only
+elimination helps) and as a constant guess: `acc` (rounded to the grid, equals the cell), `mae` (per coordinate,
+in cells), `n` (folds scored).
 
-TARGETS: Darkroom's goal is revealed by the first reward; Dark Key-to-Door's key by an episode's first reward,
-its door by the second (the door pays only once the key is held): asking for the door before it ever paid, or
-for both cells after the key alone, would be unfair questions. remeasure.py recomputes a finished run's readout.
+TARGETS: Dark Key-to-Door's door pays only once the key is held, so it is revealed by an episode's second reward:
+asking for it before, or for both cells after the key alone, would be unfair questions.
 """
 
 from __future__ import annotations
@@ -110,13 +106,12 @@ def end_of_training(model, hist, cfg, device, accelerator=None) -> dict:
     return out
 
 
-def report(model, hist, grid_size: int, device, max_train_histories: int = MAX_TRAIN_HISTORIES,
-           max_heldout_histories: int | None = None) -> dict | None:
+def report(model, hist, grid_size: int, device, max_heldout_histories: int | None = None) -> dict | None:
     """The readouts fitted on training-goal histories, scored on the validation and test goals (see the
     module docstring). None when the model has no compressed memory or a split has no histories."""
     if not has_memory(model):
         return None
-    tr = hist.split_indices("train", max_train_histories)  # spread over the goals (every k-th history)
+    tr = hist.split_indices("train", MAX_TRAIN_HISTORIES)  # spread over the goals (every k-th history)
     held = {s: hist.split_indices(s, max_heldout_histories) for s in ("val", "test")}
     if len(tr) == 0 or any(len(i) == 0 for i in held.values()):
         return None
@@ -139,10 +134,8 @@ def _readout(x: np.ndarray, y: np.ndarray, held: dict, grid_size: int) -> dict:
         mx, w, my = fit
         xs, (ys, after) = held[s]
         pred, const = (xs - mx) @ w + my, np.broadcast_to(my, ys.shape)
-        return {"after_find": _score(pred[after], ys[after], grid_size),
-                "before_find": _score(pred[~after], ys[~after], grid_size),
-                "constant_after_find": _score(const[after], ys[after], grid_size),
-                "constant_before_find": _score(const[~after], ys[~after], grid_size)}
+        return {f"{kind}{when}": _score(p[m], ys[m], grid_size) for kind, p in (("", pred), ("constant_", const))
+                for when, m in (("after_find", after), ("before_find", ~after))}
 
     fits = {lam: fit_ridge(x, y, lam * len(x) / 1000.0) for lam in LAMBDAS}
     best = min(LAMBDAS, key=lambda lam: scores(fits[lam], "val")["after_find"]["mae"] or np.inf)

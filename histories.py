@@ -15,15 +15,12 @@ goal, T transitions long. The train-goal histories come first, goal-major (n_str
 validation- and test-goal histories (n_stream_eval per goal each: only scored, never trained on);
 meta["histories"] records the half-open range of each split (`Histories.split_indices`).
 
-load_histories fails with ONE line that says what is wrong and how to fix it (DatasetError). save_histories
-writes a temp folder beside the target and renames it, so an interrupted write never leaves a half dataset
-under the final name; `recover_leftovers` cleans up after a killed write. `fingerprint` identifies a
-dataset's contents by what made it; runs record it (rundir.check_same_data, model/checkpoint.py).
+Every refusal is one DatasetError line that says how to fix it; writes are atomic (`save_histories`,
+`recover_leftovers`); runs record a dataset's `fingerprint` (rundir.check_same_data, model/checkpoint.py).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -35,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 import transition
-from atomic_io import fsync_dir, os_error_reason
+from atomic_io import DISK_ERRNOS, fsync_dir, os_error_reason
 from errors import UserError
 
 FORMAT_VERSION = 2  # 2: validation goal split (meta split.val_goals, histories.val)
@@ -105,8 +102,7 @@ def split_layout(splits: dict, per_goal: dict) -> tuple[np.ndarray, dict, dict]:
     goals, ranges = [], {}
     for split in SPLITS:
         start = len(goals)
-        g = [tuple(int(v) for v in x) for x in splits.get(split, [])]
-        goals += [x for x in g for _ in range(int(per_goal.get(split, 0)))]
+        goals += [x for x in splits.get(split, []) for _ in range(int(per_goal.get(split, 0)))]
         ranges[split] = {"start": start, "stop": len(goals)}
     split_meta = {f"{k}_goals": [list(x) for x in splits.get(k, [])] for k in SPLITS}
     width = len(goals[0]) if goals else 2
@@ -184,16 +180,6 @@ def _check_meta(meta, where: Path, env_name: str) -> None:
             not all(isinstance(split.get(f"{k}_goals"), list) for k in SPLITS):
         raise DatasetError(f"{where}/meta.json needs 'env' as an object and 'split' as {{train_goals: "
                            f"[...], val_goals: [...], test_goals: [...]}}: re-collect with {hint}")
-
-
-def _check_env(meta_env: dict, env_cfg: dict, where: Path) -> None:
-    diffs = [f"{k}={meta_env.get(k)!r} (dataset) vs {env_cfg.get(k)!r} (run)"
-             for k in ENV_KEYS if meta_env.get(k) != env_cfg.get(k)]
-    if diffs:
-        raise DatasetError(
-            f"dataset {where} was collected with a different env config: {', '.join(diffs)}: run with "
-            f"the dataset's env (env=...), point data_path at a matching dataset, or re-collect with "
-            f"{_recollect_hint(where, env_cfg.get('name'))}")
 
 
 def _check_arrays(arrays: dict, meta: dict, where: Path) -> None:
@@ -293,10 +279,14 @@ def load_histories(path, env_cfg) -> Histories:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise DatasetError(f"{meta_file} is not valid JSON ({e}): re-collect with {hint}") from None
     _check_meta(meta, path, name)
-    _check_env(meta["env"], env_cfg, path)
+    diffs = [f"{k}={meta['env'].get(k)!r} (dataset) vs {env_cfg.get(k)!r} (run)"
+             for k in ENV_KEYS if meta["env"].get(k) != env_cfg.get(k)]
+    if diffs:
+        raise DatasetError(f"dataset {path} was collected with a different env config: {', '.join(diffs)}: run "
+                           f"with the dataset's env (env=...), point data_path at a matching dataset, or "
+                           f"re-collect with {hint}")
     want = splits_from_cfg(env_cfg)
-    split = meta["split"]
-    if any([tuple(g) for g in split[f"{k}_goals"]] != want[k] for k in SPLITS):
+    if any([tuple(g) for g in meta["split"][f"{k}_goals"]] != want[k] for k in SPLITS):
         raise DatasetError(f"dataset {path} lists goal splits that differ from the run's (env.splits_from_cfg: "
                            f"grid_size, train_frac, split_seed, n_val_goals, max_train_tasks): re-collect with {hint}")
     arrays = {k: _load_npy(path / f"{k}.npy", hint) for k in ARRAY_SPECS}
@@ -345,14 +335,10 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
                            f"data_path or fix the folder's permissions") from None
     try:
         for name in ARRAY_SPECS:
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.save(f, np.ascontiguousarray(arrays[name]), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-        with open(tmp / "meta.json", "w") as f:
-            json.dump(meta, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            fsync_dir(tmp / f"{name}.npy")  # a file's contents alike
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        fsync_dir(tmp / "meta.json")
         fsync_dir(tmp)
         if path.exists():  # overwrite=True was checked above
             os.rename(path, old)
@@ -362,8 +348,7 @@ def save_histories(path, arrays: dict, meta: dict, overwrite: bool = False) -> P
         shutil.rmtree(tmp, ignore_errors=True)
         if old.exists() and not path.exists():  # put the previous dataset back
             os.rename(old, path)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES,
-                                                  errno.EPERM):
+        if isinstance(e, OSError) and e.errno in DISK_ERRNOS:
             raise DatasetError(f"cannot write the dataset {path} ({os_error_reason(e)}); nothing was replaced "
                                f"(a previous dataset there is intact): free space or fix the permissions, "
                                f"then collect again") from None

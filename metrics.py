@@ -33,17 +33,11 @@ def learning_speed(curve, optimal_mean: float) -> dict:
 
 
 def search_and_use(returns, optimal) -> dict:
-    """Splits in-context learning into finding the goal and using what was found, per rollout stream (goal,
-    seed), an episode "finds" the goal when its return is > 0 (Darkroom pays only on the goal cell; in Dark
-    Key-to-Door the first reward is the key, so "found" means the key was found: the door has its own
-    fractions, `event_metrics`):
-      found_goal_frac                 fraction of streams that found the goal at least once
-      episodes_to_first_goal          mean 1-based episode of the first find, over the streams that found it
-      return_after_found_normalized   mean return / that goal's optimal over every episode AFTER the first find
-                                      (streams whose first find was their last episode add nothing): how well
-                                      the learner returns to a goal it has seen — what memory is for
-    A learner that explores well but forgets scores early finds and a low return after; one that remembers but
-    explores poorly, late finds and a high return after."""
+    """Finding the goal vs using what was found (docs/design.md §7, search vs use), per rollout stream (goal,
+    seed): an episode "finds" the goal when its return is > 0 (Dark Key-to-Door: the key, whose reward comes
+    first; the door has its own fractions, `summarize`). found_goal_frac: streams that found it at least once;
+    episodes_to_first_goal: mean 1-based episode of the first find, over those; return_after_found_normalized:
+    mean return / that goal's optimal over every episode AFTER the first find (a last-episode find adds nothing)."""
     r = np.asarray(returns, dtype=np.float64)
     opt = np.asarray(optimal, dtype=np.float64)
     found = r > 0
@@ -56,18 +50,6 @@ def search_and_use(returns, optimal) -> dict:
         "episodes_to_first_goal": float(first[any_found].mean() + 1) if any_found.any() else None,
         "return_after_found_normalized": float(after.mean()) if after.size else None,
     }
-
-
-def event_metrics(events: dict, k: int) -> dict:
-    """Dark Key-to-Door's per-episode events (incontext_rollout's 'events': name -> bool [n_goals, n_seeds,
-    n_episodes]) as fractions of rollout streams: <name>_curve per episode, <name>_first (episode 1),
-    <name>_last_k (mean over the last k episodes). Names: key_found, door_found."""
-    out = {}
-    for name, ev in (events or {}).items():
-        curve = np.asarray(ev, dtype=np.float64).mean(axis=(0, 1))
-        out.update({f"{name}_curve": curve.tolist(), f"{name}_first": float(curve[0]),
-                    f"{name}_last_k": float(curve[-k:].mean())})
-    return out
 
 
 def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None, events: dict | None = None) -> dict:
@@ -110,7 +92,10 @@ def summarize(returns, optimal, last_k: int = 5, horizon: int | None = None, eve
     if horizon is not None:
         out["reward_per_step"] = mean / horizon
         out["reward_per_step_last_k"] = last / horizon
-    out.update(event_metrics(events, k))
+    for name, ev in (events or {}).items():  # key_found / door_found bool [goal, seed, episode]: stream fractions
+        frac = np.asarray(ev, dtype=np.float64).mean(axis=(0, 1))
+        out.update({f"{name}_curve": frac.tolist(), f"{name}_first": float(frac[0]),
+                    f"{name}_last_k": float(frac[-k:].mean())})
     return out
 
 
@@ -131,7 +116,6 @@ def eval_scalars(summary: dict, split: str) -> dict[str, float]:
         f"eval/door_found_{split}": summary.get("door_found_last_k"),
     }
     return {t: float(v) for t, v in tags.items() if v is not None}
-
 
 
 def source_reference(meta: dict, split: str, optimal_mean: float) -> dict | None:

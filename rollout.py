@@ -89,21 +89,19 @@ def incontext_rollout(model, env_cfg, goals: list[tuple], n_episodes: int, seeds
                 found[0, :, ep], found[1, :, ep] = env.has_key, env.door_opened
             if progress:
                 episodes.set_postfix(mean_return=f"{returns[:, ep].mean().item():.2f}")
-    opt = [task_optimal_return(env_cfg, g) for g in goals]
     shape = (n_goals, seeds_per_goal, n_episodes)
     events = {"key_found": found[0].cpu().numpy().reshape(shape),
               "door_found": found[1].cpu().numpy().reshape(shape)} if track else {}
     extra = {"trans": torch.stack(rec_trans, 1).cpu(), "action_logp": torch.stack(rec_logp, 1).cpu()} if record else {}
     return {**extra,
-        "returns": returns.cpu().double().numpy().reshape(n_goals, seeds_per_goal, n_episodes),
-        "optimal": np.asarray(opt, dtype=np.float64),
+        "returns": returns.cpu().double().numpy().reshape(shape),
+        "optimal": np.asarray([task_optimal_return(env_cfg, g) for g in goals], dtype=np.float64),
         "events": events,
         "goals": goals,
         "horizon": horizon,
         "n_env_steps": n_envs * n_episodes * horizon,
         "wall_s": time.perf_counter() - t0,
     }
-
 
 
 def eval_goals(env_cfg, n_train_goals: int, seed: int, max_heldout_goals: int | None = None) -> dict[str, list]:

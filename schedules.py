@@ -2,10 +2,8 @@
 (`SampleSpecs`) before anything is gathered (dataset.py). The draw order of each function defines the data
 stream, so a global batch is a pure function of (seed, k).
 
-`sample_specs` (sampler.schedule=random: d ~ depth_weights segments of random lengths, then a window, all
-consecutive in one history at a random phase), `rollout_specs` (rollout: cut where a rollout cuts its history),
-`carry_specs` (sampler.memory=carry: lanes that walk a history window by window); `window_specs` is the rollout
-geometry both of the latter use.
+`sample_specs` (sampler.schedule=random), `rollout_specs` (rollout) and `carry_specs` (sampler.memory=carry);
+`window_specs` is the rollout geometry both of the latter use.
 
 Full windows are the default (win_len_min = win_len_max = seg_len) because the decoder is causal and its loss is
 taken at every window position: a window of seg_len already carries the labels of every shorter prefix window.
@@ -40,18 +38,14 @@ class SampleSpecs:
         return len(self.hist)
 
     def rows(self, sl: slice) -> SampleSpecs:
-        return SampleSpecs(self.hist[sl], self.depth[sl], self.seg_len[sl], self.seg_start[sl],
-                           self.win_start[sl], self.win_len[sl], None if self.window is None else self.window[sl])
+        return SampleSpecs(**{k: None if v is None else v[sl] for k, v in vars(self).items()})
 
 
 def sample_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: int,
                  depths: np.ndarray, depth_probs: np.ndarray, max_depth: int,
                  seg_len: int, min_seg_len: int, win_len_min: int, win_len_max: int) -> SampleSpecs:
-    """Draw n sample specs at once (vectorised). The draw order is fixed: it defines the data stream.
-
-    Segment lengths are drawn for all max_depth slots and the leading (unused) ones are zeroed, so the
-    number of random draws does not depend on the depths drawn.
-    """
+    """n random-schedule specs at once. Segment lengths are drawn for all max_depth slots and the leading
+    (unused) ones zeroed, so the number of random draws does not depend on the depths drawn."""
     hist = pool[rng.integers(0, len(pool), size=n)]
     depth = depths[rng.choice(len(depths), size=n, p=depth_probs)].astype(np.int64)
     lens = rng.integers(min_seg_len, seg_len + 1, size=(n, max_depth), dtype=np.int64)
@@ -102,13 +96,10 @@ def rollout_specs(rng: np.random.Generator, n: int, pool: np.ndarray, n_steps: i
 
 def carry_specs(seed: int, k: int, n: int, pool: np.ndarray, n_steps: int, seg_len: int, n_slots: int,
                 max_windows: int | None = None, keep_recent: int = 0) -> SampleSpecs:
-    """Global micro-batch k of sampler.memory=carry: row i is a LANE that walks through one history window
-    by window, one window per micro-batch, Transformer-XL / RMT style, so the memory the previous
-    micro-batch built for it is the one this window needs. Lane i is at position p = k + o_i (o_i uniform
-    over 0 .. M-1, fixed per (seed, n): lanes sit at every depth at once); p // M counts its histories so
-    far, each drawn uniformly from the pool, and m = p % M is its window. The sample holds the window and
-    its newest min(m, n_slots) segments; the older m - min(m, n_slots) are the carried memory's. A pure
-    function of (seed, k, n), like every batch."""
+    """Global micro-batch k of sampler.memory=carry (docs/design.md §4.4, carried memory): lane i is at position
+    p = k + o_i (o_i uniform over the M windows, fixed per (seed, n)); lap p // M draws its history from the
+    pool, m = p % M is its window, and the sample holds the window and its newest min(m, n_slots) segments (the
+    older ones are the carried memory's). A pure function of (seed, k, n), like every batch."""
     n_win = n_rollout_windows(n_steps, seg_len, keep_recent, max_windows)
     offset = np.random.default_rng([seed, 1, n]).integers(0, n_win, size=n)  # 3 words: no batch's stream
     pos = int(k) + offset

@@ -1,12 +1,7 @@
-"""Same-position held-out evaluation (docs/design.md §7.1): score every step of every held-out learning
-history, each model with exactly its rollout schedule, so that two models are compared on identical label
-positions. (A loss on sampled training windows is biased: a CompressedAD window's labels sit later in the
-history than AD's, where the source's epsilon is small and its actions easy.)
-
-It is a rollout without an environment (the actions are the source's), so it is batched over histories and
-costs one decoder pass per window. The memory probe (CompressedAD only) rebuilds the latents from only the
-last k compressed segments (k = 0 .. 3) and compares with the whole history on the same steps: if 'all' is
-not better than k = 1, the compressed memory carries nothing beyond the last segment, and the report says so.
+"""Same-position held-out evaluation and the memory probe (docs/design.md §7.1): every step of every held-out
+learning history scored under each model's own rollout schedule, so two models are compared on identical label
+positions. A rollout without an environment (the actions are the source's): batched over histories, one decoder
+pass per window.
 """
 
 from __future__ import annotations
@@ -96,10 +91,8 @@ def score(model, trans, device, probe: bool = False) -> dict[str, torch.Tensor]:
 
 def report(scores: dict[str, torch.Tensor], buckets=DEFAULT_BUCKETS) -> dict:
     """Summary of `score`'s output: nll_summary of the full schedule plus, if probed, "memory_probe" =
-    {"k0": loss, ..., "all": loss, "buckets": {...}, "all_minus_k1", "all_minus_k1_se", "verdict"}.
-    The difference all - k1 is paired per history, so its standard error is that of the per-history
-    differences; 'all' counts as better only if it is lower by more than two of them and by at least
-    MIN_MEMORY_EFFECT."""
+    {"k0": loss, ..., "all": loss, "buckets": {...}, "all_minus_k1", "all_minus_k1_se", "verdict"}; the
+    verdict reads all - k1, paired per history (docs/design.md §7.1)."""
     rep = nll_summary(scores["nll"], scores.get("correct"), buckets)
     per_k = {name[4:]: v for name, v in scores.items() if name.startswith("nll_k")}
     if not per_k:
@@ -107,20 +100,19 @@ def report(scores: dict[str, torch.Tensor], buckets=DEFAULT_BUCKETS) -> dict:
     per_k["all"] = scores["nll"]
     probe = {name: float(v.mean()) for name, v in per_k.items()}
     probe["buckets"] = {name: nll_summary(v, buckets=buckets)["buckets"] for name, v in per_k.items()}
-    if "k1" in per_k:
-        diff = (per_k["all"] - per_k["k1"]).mean(dim=1)  # per history
-        d = float(diff.mean())
-        se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
-        probe["all_minus_k1"], probe["all_minus_k1_se"] = d, se
-        if d < -2 * se and d <= -MIN_MEMORY_EFFECT:
-            probe["verdict"] = (f"the whole compressed history predicts better than the last segment alone "
-                                f"(all - k1 = {d:+.4f} +- {se:.4f} nats)")
-        elif d < -2 * se:
-            probe["verdict"] = (f"the compressed memory beyond its last segment is detectable but negligible "
-                                f"(all - k1 = {d:+.4f} +- {se:.4f} nats, under {MIN_MEMORY_EFFECT} nats)")
-        else:
-            probe["verdict"] = (f"the compressed memory carries nothing measurable beyond its last segment "
-                                f"(all - k1 = {d:+.4f} +- {se:.4f} nats)")
+    diff = (per_k["all"] - per_k["k1"]).mean(dim=1)  # per history
+    d = float(diff.mean())
+    se = float(diff.std() / math.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    probe["all_minus_k1"], probe["all_minus_k1_se"] = d, se
+    if d < -2 * se and d <= -MIN_MEMORY_EFFECT:
+        probe["verdict"] = (f"the whole compressed history predicts better than the last segment alone "
+                            f"(all - k1 = {d:+.4f} +- {se:.4f} nats)")
+    elif d < -2 * se:
+        probe["verdict"] = (f"the compressed memory beyond its last segment is detectable but negligible "
+                            f"(all - k1 = {d:+.4f} +- {se:.4f} nats, under {MIN_MEMORY_EFFECT} nats)")
+    else:
+        probe["verdict"] = (f"the compressed memory carries nothing measurable beyond its last segment "
+                            f"(all - k1 = {d:+.4f} +- {se:.4f} nats)")
     rep["memory_probe"] = probe
     return rep
 
