@@ -12,9 +12,10 @@ prefix and the keep_recent kept tokens are encoded once per compression.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.compressor import Compressor
@@ -35,7 +36,6 @@ class RolloutState:
     cache: list | None = None  # per-layer (k, v) of prefix + window tokens so far
     n_compressions: int = 0
     use_cache: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class CompressedAD(Compressor):
@@ -58,79 +58,73 @@ class CompressedAD(Compressor):
         if self.memory_in is None:
             return seg_emb
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(seg_emb), state(seg))
-        h = self.decoder.hidden(tokens, prefix=None if latents is None else latents,
-                                has_prefix=None if latents is None else has)
+        h = self.decoder.hidden(tokens, prefix=latents, has_prefix=has)
         return seg_emb + self.memory_in(h)
+
+    def fold(self, latents, seg: torch.Tensor, seg_emb: torch.Tensor) -> torch.Tensor:
+        """One fold of the rollout schedule: the full segment seg [E, F, 6] (embedded: seg_emb) into the
+        latents every env has (None before the first fold)."""
+        has = torch.full(seg.shape[:1], latents is not None, dtype=torch.bool, device=seg.device)
+        full = torch.ones(seg.shape[:2], dtype=torch.bool, device=seg.device)
+        return self.encoder(latents, has, self.fold_inputs(seg_emb, seg, latents, has), full)
 
     # ---- training ------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         win, seg, seg_len = batch["win"], batch["seg"], batch["seg_len"]
-        label_segments = self.cfg.label_segments and seg.shape[1] > 0
+        b, w = win.shape[:2]
+        keep = self.cfg.keep_recent
         # Truncated backpropagation through the folds: only the newest bptt_segments slots get gradients
         # (and, with label_segments, labels); older ones are folded from the real history without a graph.
         k_bptt = self.cfg.bptt_segments
         n_old = max(0, seg.shape[1] - k_bptt) if k_bptt is not None else 0
-        label_segments = label_segments and seg.shape[1] > n_old
+        label_segments = self.cfg.label_segments and seg.shape[1] > n_old
         carried = "memory" in batch  # sampler.memory=carry: the memory before the first slot, from the last batch
         init = (batch["memory"], batch["has_memory"]) if carried else None
         latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
                                                return_prefixes=True, no_grad_slots=n_old, init=init)
-        b, w = win.shape[:2]
         # The decoder window, plus (label_segments) every used compressed segment decoded as the window it
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
         wins, prefix, has_p = [win], [latents], [has]
-        rows = None
-        static = self.static_path()
-        keep = self.cfg.keep_recent
-        if label_segments and keep:
-            # Kept window: the rollout's window j held segment j AND the keep_recent transitions after it
-            # (the start of segment j+1, or of the decoder window): slot j is decoded as seq[jF : jF + S].
-            seg = self.slot_windows(seg, win)
-        if label_segments and static:
-            # Every labelled slot decoded (unused ones are padding the loss masks by seg_len): fixed shapes.
-            s = seg.shape[2]
+        if label_segments:
+            if keep:
+                # Kept window: the rollout's window j held segment j AND the keep_recent transitions after it
+                # (the start of segment j+1, or of the decoder window): slot j is decoded as seq[jF : jF + S].
+                seg = self.slot_windows(seg, win)
+            labelled, s = seg[:, n_old:], seg.shape[2]  # [B, D', S, 6]: the slots folded with gradients
+            used = seg_len[:, n_old:] > 0  # [B, D']
+            pre_lat = torch.stack([p[0] for p in prefixes[n_old:]], dim=1)  # [B, D', n, d]: each slot's memory
+            pre_has = torch.stack([p[1] for p in prefixes[n_old:]], dim=1)  # [B, D']
+            # static: every labelled slot decoded (unused ones are padding the loss masks by seg_len), fixed
+            # shapes; else only the used (sample, slot) pairs, sample-major.
+            static = self.static_path()
+            rows = None if static else used.nonzero(as_tuple=True)
             pad = max(w, s)
-            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
-                    torch.nn.functional.pad(seg[:, n_old:].flatten(0, 1), (0, 0, 0, pad - s))]
-            prefix = [latents, torch.stack([p[0] for p in prefixes[n_old:]], dim=1).flatten(0, 1)]
-            has_p = [has, torch.stack([p[1] for p in prefixes[n_old:]], dim=1).flatten(0, 1)]
-        elif label_segments:
-            s = seg.shape[2]
-            used = seg_len > 0  # [B, D]
-            used[:, :n_old] = False  # folded without gradients: not labelled either
-            rows = used.nonzero(as_tuple=False)  # (sample, slot) pairs, sample-major
-            pad = max(w, s)
-            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
-                    torch.nn.functional.pad(seg[rows[:, 0], rows[:, 1]], (0, 0, 0, pad - s))]
-            pre_lat = torch.stack([p[0] for p in prefixes], dim=1)  # [B, D, n, d]
-            pre_has = torch.stack([p[1] for p in prefixes], dim=1)  # [B, D]
-            prefix = [latents, pre_lat[rows[:, 0], rows[:, 1]]]
-            has_p = [has, pre_has[rows[:, 0], rows[:, 1]]]
+            wins = [F.pad(win, (0, 0, 0, pad - w)), F.pad(_pick(labelled, rows), (0, 0, 0, pad - s))]
+            prefix.append(_pick(pre_lat, rows))
+            has_p.append(_pick(pre_has, rows))
         all_win = torch.cat(wins, dim=0)
         ctx = self.embed_transitions(all_win)
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), state(all_win))
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
-        if label_segments and static:
-            # [B, D, S, A]; unused slots hold the logits of padding (masked by seg_len in the loss)
-            out["seg_logits"] = logits[b:, :seg.shape[2]].reshape(b, seg.shape[1] - n_old, seg.shape[2], -1)
-        elif label_segments:
-            seg_logits = logits.new_zeros(*seg.shape[:3], logits.shape[-1])
-            seg_logits = seg_logits.index_put((rows[:, 0], rows[:, 1]), logits[b:, : seg.shape[2]])
-            # [B, D - n_old, S, A]: the newest slots (the labelled ones); unused slots are zeros, masked by
-            # seg_len in the loss (which aligns these with the batch's LAST slots)
-            out["seg_logits"] = seg_logits[:, n_old:]
+        if label_segments:
+            # [B, D', S, A], aligned with the batch's LAST D' slots; unused slots hold the logits of padding
+            # (static) or zeros, masked by seg_len in the loss
+            seg_logits = logits[b:, :s]
+            if static:
+                out["seg_logits"] = seg_logits.reshape(*used.shape, s, -1)
+            else:
+                zeros = seg_logits.new_zeros(*used.shape, s, seg_logits.shape[-1])
+                out["seg_logits"] = zeros.index_put(rows, seg_logits)
         if keep:
             # Each action is labelled once, where a rollout predicts it: a window after the history's first
             # starts with keep_recent transitions an earlier window already predicted (positions < keep).
             pos = torch.arange(w, device=win.device)
             out["win_mask"] = (pos < batch["win_len"][:, None]) & (pos >= keep * has[:, None])
             if label_segments:
-                pre_has = torch.stack([p[1] for p in prefixes[n_old:]], dim=1)  # [B, D'] slot had a memory
-                used = batch["seg_len"][:, n_old:] > 0
-                pos = torch.arange(seg.shape[2], device=win.device)
-                out["seg_target"] = action(seg[:, n_old:]).long()
+                pos = torch.arange(s, device=win.device)
+                out["seg_target"] = action(labelled).long()
                 out["seg_mask"] = used[..., None] & (pos >= keep * pre_has[..., None])
         if carried and seg.shape[1] > 0:
             # What the lane's next window needs: the memory after this sample's oldest fold (no graph).
@@ -174,35 +168,20 @@ class CompressedAD(Compressor):
         # were predicted by window m-1); segment j = steps [j*F, (j+1)*F) = the first F steps of window j.
         n_win = max(1, -(-(t_len - keep) // f))
         pad = (n_win - 1) * f + s - t_len  # the last, partial window is causal: its padding affects nothing before it
-        padded = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad))
-        if keep:
-            wins = padded.unfold(1, s, f).transpose(-1, -2)  # [N, n_win, S, 6], overlapping by keep_recent
-        else:
-            wins = padded.view(n, n_win, s, N_FIELDS)
+        padded = F.pad(trans.long(), (0, 0, 0, pad))
+        wins = padded.unfold(1, s, f).transpose(-1, -2)  # [N, n_win, S, 6], overlapping by keep_recent
         emb = self.embed_transitions(wins)  # [N, n_win, S, d]
-        full = torch.ones(n, f, dtype=torch.bool, device=trans.device)
-
-        def fold_segment(j: int, lat):
-            has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
-            return self.encoder(lat, has, self.fold_inputs(emb[:, j, :f], wins[:, j, :f], lat, has), full)
-
-        def fold(first: int, stop: int):
-            """Latents after folding segments first .. stop-1 from no memory (None if the range is empty)."""
-            lat = None
-            for j in range(first, stop):
-                lat = fold_segment(j, lat)
-            return lat
-
-        prefixes = []
-        if memory_segments is None:
-            lat = None
+        if memory_segments is None:  # window m's memory: window m-1's with segment m-1 folded in
+            prefixes = [None]
+            for m in range(n_win - 1):
+                prefixes.append(self.fold(prefixes[-1], wins[:, m, :f], emb[:, m, :f]))
+        else:  # window m's memory folded afresh from segments m-k .. m-1
+            prefixes = []
             for m in range(n_win):
+                lat = None
+                for j in range(max(0, m - int(memory_segments)), m):
+                    lat = self.fold(lat, wins[:, j, :f], emb[:, j, :f])
                 prefixes.append(lat)
-                if m < n_win - 1:
-                    lat = fold_segment(m, lat)
-        else:
-            k = int(memory_segments)
-            prefixes = [fold(max(0, m - k), m) if k > 0 else None for m in range(n_win)]
         zeros = emb.new_zeros(n, self.cfg.n_latent, emb.shape[-1])
         prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
         has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
@@ -210,9 +189,8 @@ class CompressedAD(Compressor):
                                             state(wins.flatten(0, 1)))
         logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
         logits = logits.view(n, n_win, s, -1)
-        if keep:  # each step from the window that predicts it
-            logits = torch.cat([logits[:, 0], logits[:, 1:, keep:].flatten(1, 2)], dim=1)
-        return logits.reshape(n, -1, logits.shape[-1])[:, :t_len]
+        # each step from the window that predicts it
+        return torch.cat([logits[:, 0], logits[:, 1:, keep:].flatten(1, 2)], dim=1)[:, :t_len]
 
     # ---- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -238,7 +216,7 @@ class CompressedAD(Compressor):
         tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
                                             state(win))
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=states.device)
-        return self.decoder(tokens, prefix=st.latents, has_prefix=has if st.latents is not None else None)[:, -1]
+        return self.decoder(tokens, prefix=st.latents, has_prefix=has)[:, -1]
 
     @torch.no_grad()
     def observe(self, st: RolloutState, trans: torch.Tensor) -> None:
@@ -251,12 +229,9 @@ class CompressedAD(Compressor):
     def _compress_window(self, st: RolloutState) -> None:
         """Fold the oldest fold_len transitions of the full window; the newest keep_recent stay as the start
         of the next window (positions 0 .. keep_recent-1, re-encoded after the new latent prefix)."""
-        e, f, keep = st.buffer.shape[0], self.cfg.fold_len, self.cfg.keep_recent
-        has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=st.buffer.device)
-        mask = torch.ones(e, f, dtype=torch.bool, device=st.buffer.device)
+        f, keep = self.cfg.fold_len, self.cfg.keep_recent
         seg = st.buffer[:, :f]
-        seg_in = self.fold_inputs(self.embed_transitions(seg), seg, st.latents, has)
-        st.latents = self.encoder(st.latents, has, seg_in, mask)
+        st.latents = self.fold(st.latents, seg, self.embed_transitions(seg))
         st.n_compressions += 1
         if keep:
             st.buffer[:, :keep] = st.buffer[:, f:].clone()
@@ -267,6 +242,11 @@ class CompressedAD(Compressor):
             tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(kept)),
                                                 state(kept))
             st.cache = self.decoder.extend(tokens, st.cache)
+
+
+def _pick(x: torch.Tensor, rows: tuple | None) -> torch.Tensor:
+    """x [B, D', ...] -> its (sample, slot) pairs `rows` (None: all of them) as [N, ...]."""
+    return x.flatten(0, 1) if rows is None else x[rows]
 
 
 def _pad_state(states: torch.Tensor) -> torch.Tensor:
