@@ -23,7 +23,7 @@ from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.reconstruction import ReconstructionDecoder
 from model.transformer import init_weights
-from transition import N_FIELDS, STATE, action, state
+from transition import N_FIELDS, STATE, action
 
 
 @dataclass
@@ -57,7 +57,7 @@ class CompressedAD(Compressor):
     def fold_inputs(self, seg_emb, seg, latents, has):
         if self.memory_in is None:
             return seg_emb
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(seg_emb), state(seg))
+        tokens = self.decoder.tokens(seg_emb, seg)
         h = self.decoder.hidden(tokens, prefix=latents, has_prefix=has)
         return seg_emb + self.memory_in(h)
 
@@ -92,7 +92,7 @@ class CompressedAD(Compressor):
                 seg = self.slot_windows(seg, win)
             labelled, s = seg[:, n_old:], seg.shape[2]  # [B, D', S, 6]: the slots folded with gradients
             used = seg_len[:, n_old:] > 0  # [B, D']
-            pre_lat = torch.stack([p[0] for p in prefixes[n_old:]], dim=1)  # [B, D', n, d]: each slot's memory
+            pre_lat = torch.stack([p[0] for p in prefixes[n_old:]], dim=1)  # [B, D', n, d]: slot's memory
             pre_has = torch.stack([p[1] for p in prefixes[n_old:]], dim=1)  # [B, D']
             # static: every labelled slot decoded (unused ones are padding the loss masks by seg_len), fixed
             # shapes; else only the used (sample, slot) pairs, sample-major.
@@ -103,8 +103,7 @@ class CompressedAD(Compressor):
             prefix.append(_pick(pre_lat, rows))
             has_p.append(_pick(pre_has, rows))
         all_win = torch.cat(wins, dim=0)
-        ctx = self.embed_transitions(all_win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), state(all_win))
+        tokens = self.decoder.tokens(self.embed_transitions(all_win), all_win)
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
@@ -185,8 +184,7 @@ class CompressedAD(Compressor):
         zeros = emb.new_zeros(n, self.cfg.n_latent, emb.shape[-1])
         prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
         has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(emb.flatten(0, 1)),
-                                            state(wins.flatten(0, 1)))
+        tokens = self.decoder.tokens(emb.flatten(0, 1), wins.flatten(0, 1))
         logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
         logits = logits.view(n, n_win, s, -1)
         # each step from the window that predicts it
@@ -213,8 +211,7 @@ class CompressedAD(Compressor):
             return logits
         # Recompute path (reference + benchmark): the whole window, and the prefix, every step.
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
-                                            state(win))
+        tokens = self.decoder.tokens(self.embed_transitions(win), win)
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=states.device)
         return self.decoder(tokens, prefix=st.latents, has_prefix=has)[:, -1]
 
@@ -239,8 +236,7 @@ class CompressedAD(Compressor):
         st.cache = self.decoder.prefix_cache(st.latents) if st.use_cache else None
         if st.use_cache and keep:
             kept = st.buffer[:, :keep]
-            tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(kept)),
-                                                state(kept))
+            tokens = self.decoder.tokens(self.embed_transitions(kept), kept)
             st.cache = self.decoder.extend(tokens, st.cache)
 
 
