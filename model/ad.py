@@ -62,8 +62,7 @@ class AD(TransitionEmbedding):
     @torch.no_grad()
     def act(self, st: RolloutState, states: torch.Tensor) -> torch.Tensor:
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
-        tokens = self.decoder.tokens(self.embed_transitions(win), win)
-        return self.decoder(tokens)[:, -1]
+        return self.forward({"win": win})["logits"][:, -1]
 
     @torch.no_grad()
     def observe(self, st: RolloutState, trans: torch.Tensor) -> None:

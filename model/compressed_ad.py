@@ -86,9 +86,7 @@ class CompressedAD(Compressor):
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
         wins, prefix, has_p = [win], [latents], [has]
         if label_segments:
-            if keep:
-                # Kept window: the rollout's window j held segment j AND the keep_recent transitions after it
-                # (the start of segment j+1, or of the decoder window): slot j is decoded as seq[jF : jF + S].
+            if keep:  # kept window: slot j decoded with the keep_recent transitions after it
                 seg = self.slot_windows(seg, win)
             labelled, s = seg[:, n_old:], seg.shape[2]  # [B, D', S, 6]: the slots folded with gradients
             used = seg_len[:, n_old:] > 0  # [B, D']
@@ -152,11 +150,9 @@ class CompressedAD(Compressor):
     def rollout_logits(self, trans: torch.Tensor, memory_segments: int | None = None) -> torch.Tensor:
         """Logits [N, T, n_actions] of the action at every step of recorded histories trans [N, T, 6],
         each computed exactly as a rollout (`act` / `observe`) would have computed it had it taken the
-        recorded actions: the window fills from empty, its oldest F = seg_len - keep_recent transitions are
-        folded into the latents when it holds seg_len, and the decoder sees [latents ; window so far]. Window
-        m (steps m*F .. m*F+S-1) is decoded in one causal pass from the latents of segments 0..m-1, which is
-        what the KV-cached rollout computes one token at a time (tests/test_teacher_forced.py checks the
-        equality).
+        recorded actions (docs/design.md §7.1): window m is decoded in one causal pass from the latents of
+        segments 0..m-1, which is what the KV-cached rollout computes one token at a time
+        (tests/test_teacher_forced.py checks the equality).
 
         memory_segments=k rebuilds the latents of window m from only its last k segments (m-k .. m-1,
         folded from no memory); k=0 decodes every window without latents. None = the whole history.
@@ -217,15 +213,13 @@ class CompressedAD(Compressor):
 
     @torch.no_grad()
     def observe(self, st: RolloutState, trans: torch.Tensor) -> None:
-        """Append the transition [E, 6] just taken; compress when the window is full."""
+        """Append the transition [E, 6] just taken. A full window folds its oldest fold_len transitions; the
+        newest keep_recent stay as the start of the next window (positions 0 .. keep_recent-1, re-encoded
+        after the new latent prefix)."""
         st.buffer[:, st.n_win] = trans.long()
         st.n_win += 1
-        if st.n_win == self.cfg.seg_len:
-            self._compress_window(st)
-
-    def _compress_window(self, st: RolloutState) -> None:
-        """Fold the oldest fold_len transitions of the full window; the newest keep_recent stay as the start
-        of the next window (positions 0 .. keep_recent-1, re-encoded after the new latent prefix)."""
+        if st.n_win < self.cfg.seg_len:
+            return
         f, keep = self.cfg.fold_len, self.cfg.keep_recent
         seg = st.buffer[:, :f]
         st.latents = self.fold(st.latents, seg, self.embed_transitions(seg))
@@ -253,17 +247,12 @@ def _pad_state(states: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCarry:
-    """sampler.memory=carry: the memory each batch row (a lane of schedules.carry_specs) carries from one
-    micro-batch to the next, Transformer-XL / RMT style, so a sample's cost does not grow with its window's
-    position: it folds only its newest min(m, model.bptt_segments) segments, from the memory the lane's
-    previous sample left after its oldest fold (computed with the weights of that step: stale by one
-    optimizer step per fold it went through, and without a graph).
-
-    A row whose memory is not held — the first batch after a start or a resume, or a lane that moved to
-    another history — gets it folded exactly from step 0 of its history with the current weights (what
-    sampler.memory=exact does for every sample), so the data and the first memory after a resume are a
-    pure function of (seed, step, weights); only the staleness differs from an uninterrupted run.
-    """
+    """sampler.memory=carry (docs/design.md §4.4, carried memory): the memory each batch row (a lane of
+    schedules.carry_specs) carries from one micro-batch to the next: the one the lane's previous sample left
+    after its oldest fold (stale by one optimizer step per fold it went through, and without a graph). A row
+    whose memory is not held (the first batch after a start or a resume, or a lane that moved to another
+    history) gets it folded exactly from step 0 of its history with the current weights, so the first memory
+    after a resume is a pure function of (seed, step, weights)."""
 
     def __init__(self, dataset):
         self.dataset = dataset  # the HistoryBatches the batches come from (memory_batch: the exact fold's input)
@@ -281,11 +270,10 @@ class LatentCarry:
             mem = torch.where(hit[:, None, None], self.latents.to(mem.dtype), mem)
         miss = (has & ~hit).nonzero(as_tuple=True)[0]
         if miss.numel():
-            rows = miss.cpu().numpy()
             ref = self.dataset.memory_batch(hist[miss].cpu().numpy(), need[miss].cpu().numpy())
             with torch.no_grad():
                 lat, _ = net.compress(ref["seg"].to(mem.device), ref["seg_len"].to(mem.device))
-            mem[torch.as_tensor(rows, device=mem.device)] = lat.to(mem.dtype)
+            mem[miss] = lat.to(mem.dtype)
         return {**batch, "memory": mem, "has_memory": has}
 
     def update(self, batch: dict, out: dict) -> None:
