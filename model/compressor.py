@@ -89,6 +89,7 @@ class Compressor(TransitionEmbedding):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
                 e_rows = self.fold_inputs(e_k[rows], seg[rows, k], prev, has[rows])
                 new = self.encoder(prev, has[rows], e_rows, pos[None, :] < seg_len[rows, k, None])
-                latents = torch.where(used[:, None, None], new, latents) if static else latents.index_copy(0, rows, new)
+                latents = (torch.where(used[:, None, None], new, latents) if static
+                           else latents.index_copy(0, rows, new))
             has = has | used
         return (latents, has, prefixes) if return_prefixes else (latents, has)
