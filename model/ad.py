@@ -14,7 +14,7 @@ from model.compressor import TransitionEmbedding
 from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.transformer import init_weights
-from transition import N_FIELDS, state
+from transition import N_FIELDS
 
 
 class AD(TransitionEmbedding):
@@ -25,8 +25,7 @@ class AD(TransitionEmbedding):
 
     def forward(self, batch: dict) -> dict:
         win = batch["win"]
-        ctx = self.embed_transitions(win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), state(win))
+        tokens = self.decoder.tokens(self.embed_transitions(win), win)
         return {"logits": self.decoder(tokens)}
 
     @torch.no_grad()
@@ -63,9 +62,7 @@ class AD(TransitionEmbedding):
     @torch.no_grad()
     def act(self, st: RolloutState, states: torch.Tensor) -> torch.Tensor:
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
-                                            state(win))
-        return self.decoder(tokens)[:, -1]
+        return self.forward({"win": win})["logits"][:, -1]
 
     @torch.no_grad()
     def observe(self, st: RolloutState, trans: torch.Tensor) -> None:

@@ -22,26 +22,20 @@ from atomic_io import atomic_torch_save
 from errors import UserError
 from model.config import ARCH_KEY_DEFAULTS, ENCODER_ARCH_KEYS, ModelConfig
 
-REQUIRED_KEYS = ("encoder_state_dict", "embed_context_state_dict", "embed_ln_state_dict", "global_step", "config")
+# The weights the checkpoint holds: its key -> the model attribute they belong to.
+PARTS = {"encoder_state_dict": "encoder", "embed_context_state_dict": "embed_context",
+         "embed_ln_state_dict": "embed_ln"}
+REQUIRED_KEYS = (*PARTS, "global_step", "config")
 
 
 class EncoderCheckpointError(UserError, ValueError):
     """A pretrained-encoder checkpoint that cannot be used; the message names the file and the fix."""
 
 
-def encoder_checkpoint(model: nn.Module, global_step: int, config: dict) -> dict:
-    """The contract dict for any model with .encoder, .embed_context, .embed_ln (unwrapped)."""
-    return {
-        "encoder_state_dict": model.encoder.state_dict(),
-        "embed_context_state_dict": model.embed_context.state_dict(),
-        "embed_ln_state_dict": model.embed_ln.state_dict(),
-        "global_step": int(global_step),
-        "config": config,
-    }
-
-
 def save_encoder_checkpoint(path, model: nn.Module, global_step: int, config: dict) -> None:
-    atomic_torch_save(encoder_checkpoint(model, global_step, config), path)
+    """The contract dict of any (unwrapped) model with .encoder, .embed_context, .embed_ln."""
+    ckpt = {part: getattr(model, attr).state_dict() for part, attr in PARTS.items()}
+    atomic_torch_save(ckpt | {"global_step": int(global_step), "config": config}, path)
 
 
 def read_encoder_checkpoint(path) -> dict:
@@ -130,26 +124,17 @@ def load_pretrained_encoder(model: nn.Module, path, freeze_encoder: bool = False
             f"encoder checkpoint {path} was pretrained on other data (fingerprint {was}) than this run's "
             f"data_path (fingerprint {data_fingerprint}): pretrain on this data, point data_path at the data "
             f"stage 1 used, or pass allow_data_change=true to fine-tune it on this data anyway")
-    for part, module in (("encoder_state_dict", model.encoder), ("embed_context_state_dict", model.embed_context),
-                         ("embed_ln_state_dict", model.embed_ln)):
-        bad = weights_problem(ckpt[part], module.state_dict(), part)
+    for part, attr in PARTS.items():
+        bad = weights_problem(ckpt[part], getattr(model, attr).state_dict(), part)
         if bad:
             raise EncoderCheckpointError(f"{path}: {bad}; the file is damaged or not from this model: re-run "
                                          f"stage 1 or use an earlier encoder-pretrained-<step>.pt")
-    try:
-        model.encoder.load_state_dict(ckpt["encoder_state_dict"])
-        model.embed_context.load_state_dict(ckpt["embed_context_state_dict"])
-        model.embed_ln.load_state_dict(ckpt["embed_ln_state_dict"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0]
-        raise EncoderCheckpointError(f"{path}: weights do not fit this model ({first})") from None
     if freeze_embeddings is None:
         freeze_embeddings = freeze_encoder
-    for p in model.encoder.parameters():
-        p.requires_grad_(not freeze_encoder)
-    for mod in (model.embed_context, model.embed_ln):
-        for p in mod.parameters():
-            p.requires_grad_(not freeze_embeddings)
+    # weights_problem has checked every key, shape and dtype load_state_dict checks: nothing here can fail
+    for part, attr in PARTS.items():
+        getattr(model, attr).load_state_dict(ckpt[part])
+        getattr(model, attr).requires_grad_(not (freeze_encoder if attr == "encoder" else freeze_embeddings))
     log(f"  step {ckpt['global_step']}; encoder {'frozen' if freeze_encoder else 'fine-tuned'}, "
         f"shared embeddings {'frozen' if freeze_embeddings else 'fine-tuned'}")
     return ckpt

@@ -12,9 +12,10 @@ prefix and the keep_recent kept tokens are encoded once per compression.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from model.compressor import Compressor
@@ -22,7 +23,7 @@ from model.config import ModelConfig
 from model.decoder import ActionDecoder
 from model.reconstruction import ReconstructionDecoder
 from model.transformer import init_weights
-from transition import N_FIELDS, STATE, action, state
+from transition import N_FIELDS, STATE, action
 
 
 @dataclass
@@ -35,7 +36,6 @@ class RolloutState:
     cache: list | None = None  # per-layer (k, v) of prefix + window tokens so far
     n_compressions: int = 0
     use_cache: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 class CompressedAD(Compressor):
@@ -57,80 +57,71 @@ class CompressedAD(Compressor):
     def fold_inputs(self, seg_emb, seg, latents, has):
         if self.memory_in is None:
             return seg_emb
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(seg_emb), state(seg))
-        h = self.decoder.hidden(tokens, prefix=None if latents is None else latents,
-                                has_prefix=None if latents is None else has)
+        tokens = self.decoder.tokens(seg_emb, seg)
+        h = self.decoder.hidden(tokens, prefix=latents, has_prefix=has)
         return seg_emb + self.memory_in(h)
+
+    def fold(self, latents, seg: torch.Tensor, seg_emb: torch.Tensor) -> torch.Tensor:
+        """One fold of the rollout schedule: the full segment seg [E, F, 6] (embedded: seg_emb) into the
+        latents every env has (None before the first fold)."""
+        has = torch.full(seg.shape[:1], latents is not None, dtype=torch.bool, device=seg.device)
+        full = torch.ones(seg.shape[:2], dtype=torch.bool, device=seg.device)
+        return self.encoder(latents, has, self.fold_inputs(seg_emb, seg, latents, has), full)
 
     # ---- training ------------------------------------------------------------------------------------
     def forward(self, batch: dict) -> dict:
         win, seg, seg_len = batch["win"], batch["seg"], batch["seg_len"]
-        label_segments = self.cfg.label_segments and seg.shape[1] > 0
+        b, w = win.shape[:2]
+        keep = self.cfg.keep_recent
         # Truncated backpropagation through the folds: only the newest bptt_segments slots get gradients
         # (and, with label_segments, labels); older ones are folded from the real history without a graph.
         k_bptt = self.cfg.bptt_segments
         n_old = max(0, seg.shape[1] - k_bptt) if k_bptt is not None else 0
-        label_segments = label_segments and seg.shape[1] > n_old
+        label_segments = self.cfg.label_segments and seg.shape[1] > n_old
         carried = "memory" in batch  # sampler.memory=carry: the memory before the first slot, from the last batch
         init = (batch["memory"], batch["has_memory"]) if carried else None
         latents, has, prefixes = self.compress(seg, seg_len, detach_old=self.cfg.detach_old_latents,
                                                return_prefixes=True, no_grad_slots=n_old, init=init)
-        b, w = win.shape[:2]
         # The decoder window, plus (label_segments) every used compressed segment decoded as the window it
         # was in a rollout — from the latents that preceded it. Same encoder work, (d+1)x the labels.
         wins, prefix, has_p = [win], [latents], [has]
-        rows = None
-        static = self.static_path()
-        keep = self.cfg.keep_recent
-        if label_segments and keep:
-            # Kept window: the rollout's window j held segment j AND the keep_recent transitions after it
-            # (the start of segment j+1, or of the decoder window): slot j is decoded as seq[jF : jF + S].
-            seg = self.slot_windows(seg, win)
-        if label_segments and static:
-            # Every labelled slot decoded (unused ones are padding the loss masks by seg_len): fixed shapes.
-            s = seg.shape[2]
+        if label_segments:
+            if keep:  # kept window: slot j decoded with the keep_recent transitions after it
+                seg = self.slot_windows(seg, win)
+            labelled, s = seg[:, n_old:], seg.shape[2]  # [B, D', S, 6]: the slots folded with gradients
+            used = seg_len[:, n_old:] > 0  # [B, D']
+            pre_lat = torch.stack([p[0] for p in prefixes[n_old:]], dim=1)  # [B, D', n, d]: slot's memory
+            pre_has = torch.stack([p[1] for p in prefixes[n_old:]], dim=1)  # [B, D']
+            # static: every labelled slot decoded (unused ones are padding the loss masks by seg_len), fixed
+            # shapes; else only the used (sample, slot) pairs, sample-major.
+            static = self.static_path()
+            rows = None if static else used.nonzero(as_tuple=True)
             pad = max(w, s)
-            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
-                    torch.nn.functional.pad(seg[:, n_old:].flatten(0, 1), (0, 0, 0, pad - s))]
-            prefix = [latents, torch.stack([p[0] for p in prefixes[n_old:]], dim=1).flatten(0, 1)]
-            has_p = [has, torch.stack([p[1] for p in prefixes[n_old:]], dim=1).flatten(0, 1)]
-        elif label_segments:
-            s = seg.shape[2]
-            used = seg_len > 0  # [B, D]
-            used[:, :n_old] = False  # folded without gradients: not labelled either
-            rows = used.nonzero(as_tuple=False)  # (sample, slot) pairs, sample-major
-            pad = max(w, s)
-            wins = [torch.nn.functional.pad(win, (0, 0, 0, pad - w)),
-                    torch.nn.functional.pad(seg[rows[:, 0], rows[:, 1]], (0, 0, 0, pad - s))]
-            pre_lat = torch.stack([p[0] for p in prefixes], dim=1)  # [B, D, n, d]
-            pre_has = torch.stack([p[1] for p in prefixes], dim=1)  # [B, D]
-            prefix = [latents, pre_lat[rows[:, 0], rows[:, 1]]]
-            has_p = [has, pre_has[rows[:, 0], rows[:, 1]]]
+            wins = [F.pad(win, (0, 0, 0, pad - w)), F.pad(_pick(labelled, rows), (0, 0, 0, pad - s))]
+            prefix.append(_pick(pre_lat, rows))
+            has_p.append(_pick(pre_has, rows))
         all_win = torch.cat(wins, dim=0)
-        ctx = self.embed_transitions(all_win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(ctx), state(all_win))
+        tokens = self.decoder.tokens(self.embed_transitions(all_win), all_win)
         all_prefix = None if latents is None else torch.cat(prefix, dim=0)
         logits = self.decoder(tokens, prefix=all_prefix, has_prefix=torch.cat(has_p, dim=0))
         out = {"logits": logits[:b, :w], "latents": latents, "has_latents": has}
-        if label_segments and static:
-            # [B, D, S, A]; unused slots hold the logits of padding (masked by seg_len in the loss)
-            out["seg_logits"] = logits[b:, :seg.shape[2]].reshape(b, seg.shape[1] - n_old, seg.shape[2], -1)
-        elif label_segments:
-            seg_logits = logits.new_zeros(*seg.shape[:3], logits.shape[-1])
-            seg_logits = seg_logits.index_put((rows[:, 0], rows[:, 1]), logits[b:, : seg.shape[2]])
-            # [B, D - n_old, S, A]: the newest slots (the labelled ones); unused slots are zeros, masked by
-            # seg_len in the loss (which aligns these with the batch's LAST slots)
-            out["seg_logits"] = seg_logits[:, n_old:]
+        if label_segments:
+            # [B, D', S, A], aligned with the batch's LAST D' slots; unused slots hold the logits of padding
+            # (static) or zeros, masked by seg_len in the loss
+            seg_logits = logits[b:, :s]
+            if static:
+                out["seg_logits"] = seg_logits.reshape(*used.shape, s, -1)
+            else:
+                zeros = seg_logits.new_zeros(*used.shape, s, seg_logits.shape[-1])
+                out["seg_logits"] = zeros.index_put(rows, seg_logits)
         if keep:
             # Each action is labelled once, where a rollout predicts it: a window after the history's first
             # starts with keep_recent transitions an earlier window already predicted (positions < keep).
             pos = torch.arange(w, device=win.device)
             out["win_mask"] = (pos < batch["win_len"][:, None]) & (pos >= keep * has[:, None])
             if label_segments:
-                pre_has = torch.stack([p[1] for p in prefixes[n_old:]], dim=1)  # [B, D'] slot had a memory
-                used = batch["seg_len"][:, n_old:] > 0
-                pos = torch.arange(seg.shape[2], device=win.device)
-                out["seg_target"] = action(seg[:, n_old:]).long()
+                pos = torch.arange(s, device=win.device)
+                out["seg_target"] = action(labelled).long()
                 out["seg_mask"] = used[..., None] & (pos >= keep * pre_has[..., None])
         if carried and seg.shape[1] > 0:
             # What the lane's next window needs: the memory after this sample's oldest fold (no graph).
@@ -159,11 +150,9 @@ class CompressedAD(Compressor):
     def rollout_logits(self, trans: torch.Tensor, memory_segments: int | None = None) -> torch.Tensor:
         """Logits [N, T, n_actions] of the action at every step of recorded histories trans [N, T, 6],
         each computed exactly as a rollout (`act` / `observe`) would have computed it had it taken the
-        recorded actions: the window fills from empty, its oldest F = seg_len - keep_recent transitions are
-        folded into the latents when it holds seg_len, and the decoder sees [latents ; window so far]. Window
-        m (steps m*F .. m*F+S-1) is decoded in one causal pass from the latents of segments 0..m-1, which is
-        what the KV-cached rollout computes one token at a time (tests/test_teacher_forced.py checks the
-        equality).
+        recorded actions (docs/design.md §7.1): window m is decoded in one causal pass from the latents of
+        segments 0..m-1, which is what the KV-cached rollout computes one token at a time
+        (tests/test_teacher_forced.py checks the equality).
 
         memory_segments=k rebuilds the latents of window m from only its last k segments (m-k .. m-1,
         folded from no memory); k=0 decodes every window without latents. None = the whole history.
@@ -174,45 +163,28 @@ class CompressedAD(Compressor):
         # were predicted by window m-1); segment j = steps [j*F, (j+1)*F) = the first F steps of window j.
         n_win = max(1, -(-(t_len - keep) // f))
         pad = (n_win - 1) * f + s - t_len  # the last, partial window is causal: its padding affects nothing before it
-        padded = torch.nn.functional.pad(trans.long(), (0, 0, 0, pad))
-        if keep:
-            wins = padded.unfold(1, s, f).transpose(-1, -2)  # [N, n_win, S, 6], overlapping by keep_recent
-        else:
-            wins = padded.view(n, n_win, s, N_FIELDS)
+        padded = F.pad(trans.long(), (0, 0, 0, pad))
+        wins = padded.unfold(1, s, f).transpose(-1, -2)  # [N, n_win, S, 6], overlapping by keep_recent
         emb = self.embed_transitions(wins)  # [N, n_win, S, d]
-        full = torch.ones(n, f, dtype=torch.bool, device=trans.device)
-
-        def fold_segment(j: int, lat):
-            has = torch.full((n,), lat is not None, dtype=torch.bool, device=trans.device)
-            return self.encoder(lat, has, self.fold_inputs(emb[:, j, :f], wins[:, j, :f], lat, has), full)
-
-        def fold(first: int, stop: int):
-            """Latents after folding segments first .. stop-1 from no memory (None if the range is empty)."""
-            lat = None
-            for j in range(first, stop):
-                lat = fold_segment(j, lat)
-            return lat
-
-        prefixes = []
-        if memory_segments is None:
-            lat = None
+        if memory_segments is None:  # window m's memory: window m-1's with segment m-1 folded in
+            prefixes = [None]
+            for m in range(n_win - 1):
+                prefixes.append(self.fold(prefixes[-1], wins[:, m, :f], emb[:, m, :f]))
+        else:  # window m's memory folded afresh from segments m-k .. m-1
+            prefixes = []
             for m in range(n_win):
+                lat = None
+                for j in range(max(0, m - int(memory_segments)), m):
+                    lat = self.fold(lat, wins[:, j, :f], emb[:, j, :f])
                 prefixes.append(lat)
-                if m < n_win - 1:
-                    lat = fold_segment(m, lat)
-        else:
-            k = int(memory_segments)
-            prefixes = [fold(max(0, m - k), m) if k > 0 else None for m in range(n_win)]
         zeros = emb.new_zeros(n, self.cfg.n_latent, emb.shape[-1])
         prefix = torch.stack([zeros if p is None else p for p in prefixes], dim=1)  # [N, n_win, n, d]
         has = torch.tensor([p is not None for p in prefixes], device=trans.device).expand(n, n_win)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(emb.flatten(0, 1)),
-                                            state(wins.flatten(0, 1)))
+        tokens = self.decoder.tokens(emb.flatten(0, 1), wins.flatten(0, 1))
         logits = self.decoder(tokens, prefix=prefix.flatten(0, 1), has_prefix=has.reshape(-1))
         logits = logits.view(n, n_win, s, -1)
-        if keep:  # each step from the window that predicts it
-            logits = torch.cat([logits[:, 0], logits[:, 1:, keep:].flatten(1, 2)], dim=1)
-        return logits.reshape(n, -1, logits.shape[-1])[:, :t_len]
+        # each step from the window that predicts it
+        return torch.cat([logits[:, 0], logits[:, 1:, keep:].flatten(1, 2)], dim=1)[:, :t_len]
 
     # ---- rollout -------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -235,28 +207,22 @@ class CompressedAD(Compressor):
             return logits
         # Recompute path (reference + benchmark): the whole window, and the prefix, every step.
         win = torch.cat([st.buffer[:, : st.n_win], _pad_state(states)], dim=1)
-        tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(win)),
-                                            state(win))
+        tokens = self.decoder.tokens(self.embed_transitions(win), win)
         has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=states.device)
-        return self.decoder(tokens, prefix=st.latents, has_prefix=has if st.latents is not None else None)[:, -1]
+        return self.decoder(tokens, prefix=st.latents, has_prefix=has)[:, -1]
 
     @torch.no_grad()
     def observe(self, st: RolloutState, trans: torch.Tensor) -> None:
-        """Append the transition [E, 6] just taken; compress when the window is full."""
+        """Append the transition [E, 6] just taken. A full window folds its oldest fold_len transitions; the
+        newest keep_recent stay as the start of the next window (positions 0 .. keep_recent-1, re-encoded
+        after the new latent prefix)."""
         st.buffer[:, st.n_win] = trans.long()
         st.n_win += 1
-        if st.n_win == self.cfg.seg_len:
-            self._compress_window(st)
-
-    def _compress_window(self, st: RolloutState) -> None:
-        """Fold the oldest fold_len transitions of the full window; the newest keep_recent stay as the start
-        of the next window (positions 0 .. keep_recent-1, re-encoded after the new latent prefix)."""
-        e, f, keep = st.buffer.shape[0], self.cfg.fold_len, self.cfg.keep_recent
-        has = torch.full((e,), st.latents is not None, dtype=torch.bool, device=st.buffer.device)
-        mask = torch.ones(e, f, dtype=torch.bool, device=st.buffer.device)
+        if st.n_win < self.cfg.seg_len:
+            return
+        f, keep = self.cfg.fold_len, self.cfg.keep_recent
         seg = st.buffer[:, :f]
-        seg_in = self.fold_inputs(self.embed_transitions(seg), seg, st.latents, has)
-        st.latents = self.encoder(st.latents, has, seg_in, mask)
+        st.latents = self.fold(st.latents, seg, self.embed_transitions(seg))
         st.n_compressions += 1
         if keep:
             st.buffer[:, :keep] = st.buffer[:, f:].clone()
@@ -264,9 +230,13 @@ class CompressedAD(Compressor):
         st.cache = self.decoder.prefix_cache(st.latents) if st.use_cache else None
         if st.use_cache and keep:
             kept = st.buffer[:, :keep]
-            tokens = self.decoder.window_tokens(self.decoder.prev_embeddings(self.embed_transitions(kept)),
-                                                state(kept))
+            tokens = self.decoder.tokens(self.embed_transitions(kept), kept)
             st.cache = self.decoder.extend(tokens, st.cache)
+
+
+def _pick(x: torch.Tensor, rows: tuple | None) -> torch.Tensor:
+    """x [B, D', ...] -> its (sample, slot) pairs `rows` (None: all of them) as [N, ...]."""
+    return x.flatten(0, 1) if rows is None else x[rows]
 
 
 def _pad_state(states: torch.Tensor) -> torch.Tensor:
@@ -277,17 +247,12 @@ def _pad_state(states: torch.Tensor) -> torch.Tensor:
 
 
 class LatentCarry:
-    """sampler.memory=carry: the memory each batch row (a lane of schedules.carry_specs) carries from one
-    micro-batch to the next, Transformer-XL / RMT style, so a sample's cost does not grow with its window's
-    position: it folds only its newest min(m, model.bptt_segments) segments, from the memory the lane's
-    previous sample left after its oldest fold (computed with the weights of that step: stale by one
-    optimizer step per fold it went through, and without a graph).
-
-    A row whose memory is not held — the first batch after a start or a resume, or a lane that moved to
-    another history — gets it folded exactly from step 0 of its history with the current weights (what
-    sampler.memory=exact does for every sample), so the data and the first memory after a resume are a
-    pure function of (seed, step, weights); only the staleness differs from an uninterrupted run.
-    """
+    """sampler.memory=carry (docs/design.md §4.4, carried memory): the memory each batch row (a lane of
+    schedules.carry_specs) carries from one micro-batch to the next: the one the lane's previous sample left
+    after its oldest fold (stale by one optimizer step per fold it went through, and without a graph). A row
+    whose memory is not held (the first batch after a start or a resume, or a lane that moved to another
+    history) gets it folded exactly from step 0 of its history with the current weights, so the first memory
+    after a resume is a pure function of (seed, step, weights)."""
 
     def __init__(self, dataset):
         self.dataset = dataset  # the HistoryBatches the batches come from (memory_batch: the exact fold's input)
@@ -305,11 +270,10 @@ class LatentCarry:
             mem = torch.where(hit[:, None, None], self.latents.to(mem.dtype), mem)
         miss = (has & ~hit).nonzero(as_tuple=True)[0]
         if miss.numel():
-            rows = miss.cpu().numpy()
             ref = self.dataset.memory_batch(hist[miss].cpu().numpy(), need[miss].cpu().numpy())
             with torch.no_grad():
                 lat, _ = net.compress(ref["seg"].to(mem.device), ref["seg_len"].to(mem.device))
-            mem[torch.as_tensor(rows, device=mem.device)] = lat.to(mem.dtype)
+            mem[miss] = lat.to(mem.dtype)
         return {**batch, "memory": mem, "has_memory": has}
 
     def update(self, batch: dict, out: dict) -> None:

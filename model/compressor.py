@@ -46,7 +46,7 @@ class Compressor(TransitionEmbedding):
         return bool(self.cfg.static_shapes) or torch.compiler.is_compiling()
 
     def compress(self, seg: torch.Tensor, seg_len: torch.Tensor, detach_old: bool = False,
-                 return_prefixes: bool = False, no_grad_slots: int = 0, static: bool | None = None,
+                 return_prefixes: bool = False, no_grad_slots: int = 0,
                  init: tuple[torch.Tensor, torch.Tensor] | None = None):
         """seg [B, D, S, 6], seg_len [B, D] (right-aligned slots; 0 = unused) ->
         (latents [B, n, d] or None when D == 0, has_latents bool [B]).
@@ -58,12 +58,12 @@ class Compressor(TransitionEmbedding):
         no_grad_slots=j folds the first j slots without building a graph (truncated backpropagation through
         the folds: the memory is built from the real preceding history, gradients reach only the newest
         D - j folds); the values are the same as with gradients.
-        static (None: `static_path()`): run the encoder on every row of every slot and keep its output
-        only where the slot is used (torch.where): fixed shapes, no host sync, same latents.
+        On the `static_path()` it runs the encoder on every row of every slot and keeps its output only where
+        the slot is used (torch.where): fixed shapes, no host sync, same latents.
         init=(latents [B, n, d], has [B]): the memory each sample had before its first slot (sampler.memory=carry:
         carried from the previous batch); None = no memory.
         """
-        static = self.static_path() if static is None else static
+        static = self.static_path()
         b, n_slots, s = seg.shape[:3]
         has = torch.zeros(b, dtype=torch.bool, device=seg.device) if init is None else init[1]
         prefixes = []
@@ -79,17 +79,9 @@ class Compressor(TransitionEmbedding):
         for k in range(n_slots):
             prefixes.append((latents, has))
             e_k = emb_old[:, k] if k < n_old else emb[:, k - n_old]
-            if static:
-                used = seg_len[:, k] > 0
-                prev = latents.detach() if detach_old else latents
-                with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
-                    e_k = self.fold_inputs(e_k, seg[:, k], prev, has)
-                    new = self.encoder(prev, has, e_k, pos[None, :] < seg_len[:, k, None])
-                    latents = torch.where(used[:, None, None], new, latents)
-                has = has | used
-                continue
-            rows = (seg_len[:, k] > 0).nonzero(as_tuple=True)[0]
-            if rows.numel() == 0:
+            used = seg_len[:, k] > 0
+            rows = slice(None) if static else used.nonzero(as_tuple=True)[0]  # the samples that fold slot k
+            if not static and rows.numel() == 0:
                 continue
             prev = latents[rows]
             if detach_old:
@@ -97,6 +89,7 @@ class Compressor(TransitionEmbedding):
             with torch.set_grad_enabled(torch.is_grad_enabled() and k >= n_old):
                 e_rows = self.fold_inputs(e_k[rows], seg[rows, k], prev, has[rows])
                 new = self.encoder(prev, has[rows], e_rows, pos[None, :] < seg_len[rows, k, None])
-                latents = latents.index_copy(0, rows, new)
-            has = has.index_fill(0, rows, True)
+                latents = (torch.where(used[:, None, None], new, latents) if static
+                           else latents.index_copy(0, rows, new))
+            has = has | used
         return (latents, has, prefixes) if return_prefixes else (latents, has)

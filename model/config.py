@@ -47,11 +47,9 @@ class ModelConfig(ModelKeys, Checked):
 
     @classmethod
     def from_cfg(cls, model_cfg, env_cfg) -> ModelConfig:
-        names = set(cls.model_fields)
-        kw = {k: model_cfg[k] for k in names if k in model_cfg}
-        if kw.get("aux_recon_weight") is None:  # null in a hand-written config = off
-            kw["aux_recon_weight"] = 0.0
-        kw["aux_recon_weight"] = float(kw["aux_recon_weight"])
+        kw = {k: model_cfg[k] for k in cls.model_fields if k in model_cfg}
+        w = kw.get("aux_recon_weight")
+        kw["aux_recon_weight"] = 0.0 if w is None else float(w)  # null in a hand-written config = off
         kw["grid_size"] = int(env_cfg["grid_size"])
         kw["n_actions"] = int(env_cfg["n_actions"])
         cfg = cls(**kw)

@@ -16,20 +16,18 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.transformer import EMB_STD, Block
+from transition import state
 
 
 def prefix_lm_mask(has_prefix: torch.Tensor, n_prefix: int, n_window: int) -> torch.Tensor:
     """Boolean mask [B, 1, P+W, P+W] (True = may attend) for the decoder's prefix-LM pattern."""
     b, dev = has_prefix.shape[0], has_prefix.device
     p, w = n_prefix, n_window
-    causal = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
-    mask = torch.zeros(b, p + w, p + w, dtype=torch.bool, device=dev)
-    mask[:, p:, p:] = causal
-    pre = has_prefix[:, None, None].expand(b, p + w, p)
-    mask[:, :, :p] = pre
-    mask[:, :p, p:] = False
-    eye = torch.eye(p, dtype=torch.bool, device=dev)
-    mask[:, :p, :p] |= eye  # a prefix row of a sample without latents still sees itself (no NaN)
+    mask = torch.zeros(b, p + w, p + w, dtype=torch.bool, device=dev)  # prefix rows never see the window
+    mask[:, :, :p] = has_prefix[:, None, None]
+    # a prefix row of a sample without latents still sees itself (no NaN)
+    mask[:, :p, :p] |= torch.eye(p, dtype=torch.bool, device=dev)
+    mask[:, p:, p:] = torch.ones(w, w, dtype=torch.bool, device=dev).tril()
     return mask[:, None]
 
 
@@ -65,6 +63,10 @@ class ActionDecoder(nn.Module):
         b, _, d = ctx_emb.shape
         return torch.cat([self.begin.expand(b, 1, d), ctx_emb[:, :-1]], dim=1)
 
+    def tokens(self, ctx_emb: torch.Tensor, win: torch.Tensor) -> torch.Tensor:
+        """Tokens of a whole window win [B, W, 6] (positions 0 .. W-1) whose transitions embed as ctx_emb."""
+        return self.window_tokens(self.prev_embeddings(ctx_emb), state(win))
+
     def forward(self, tokens, prefix=None, has_prefix=None):
         """Full (training / recompute) pass. tokens [B, W, d]; prefix [B, P, d] latents or None.
         Returns logits [B, W, n_actions]."""
@@ -74,45 +76,39 @@ class ActionDecoder(nn.Module):
         """The final hidden states [B, W, d] of the window tokens (what the action head reads)."""
         w = tokens.shape[1]
         if prefix is None:
-            x = self.drop(tokens)
+            x, p = tokens, 0
             mask = torch.ones(w, w, dtype=torch.bool, device=tokens.device).tril()
-            p = 0
         else:
             p = prefix.shape[1]
-            x = self.drop(torch.cat([prefix + self.prefix_pos, tokens], dim=1))
+            x = torch.cat([prefix + self.prefix_pos, tokens], dim=1)
             mask = prefix_lm_mask(has_prefix, p, w)
-        for blk in self.blocks:
-            x, _ = blk(x, mask=mask)
-        return self.ln_f(x[:, p:])
+        return self.ln_f(self._run(x, mask)[0][:, p:])
+
+    def _run(self, x: torch.Tensor, mask=None, cache=None):
+        """Dropout, then every block, x attending (under `mask`) to the per-layer (k, v) `cache` of earlier
+        positions (None: none) and to itself; returns the last block's output and the cache extended by x."""
+        x = self.drop(x)
+        new_cache = []
+        for i, blk in enumerate(self.blocks):
+            x, kv = blk(x, mask=mask, cache=None if cache is None else cache[i])
+            new_cache.append(kv)
+        return x, new_cache
 
     # ---- incremental (rollout) path -------------------------------------------------------------------
     def prefix_cache(self, prefix: torch.Tensor):
-        """Encode the latent prefix once; returns the per-layer (k, v) cache of its P positions."""
-        x = self.drop(prefix + self.prefix_pos)
-        cache = []
-        for blk in self.blocks:
-            x, kv = blk(x)  # prefix rows attend to every prefix row (all samples have latents here)
-            cache.append(kv)
-        return cache
+        """Encode the latent prefix once; returns the per-layer (k, v) cache of its P positions. Prefix rows
+        attend to every prefix row (all samples have latents here)."""
+        return self._run(prefix + self.prefix_pos)[1]
 
     def extend(self, tokens: torch.Tensor, cache):
         """Several new window tokens [E, L, d] at once, each attending to everything cached and causally to
         the new ones before it (what L calls of `step` compute). Returns the new cache."""
         p, n = cache[0][0].shape[2], tokens.shape[1]
         mask = torch.ones(n, p + n, dtype=torch.bool, device=tokens.device).tril(diagonal=p)
-        x = self.drop(tokens)
-        new_cache = []
-        for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, mask=mask, cache=cache[i])
-            new_cache.append(kv)
-        return new_cache
+        return self._run(tokens, mask, cache)[1]
 
     def step(self, token: torch.Tensor, cache):
         """One new window token [E, 1, d] attending to everything cached (prefix + earlier window tokens).
         Returns (logits [E, n_actions], new cache)."""
-        x = self.drop(token)
-        new_cache = []
-        for i, blk in enumerate(self.blocks):
-            x, kv = blk(x, cache=None if cache is None else cache[i])
-            new_cache.append(kv)
-        return self.head(self.ln_f(x[:, -1])), new_cache
+        x, cache = self._run(token, cache=cache)
+        return self.head(self.ln_f(x[:, -1])), cache

@@ -14,6 +14,7 @@ from model.compressor import Compressor
 from model.config import ModelConfig
 from model.reconstruction import ReconstructionDecoder
 from model.task_targets import TaskHead
+from model.transformer import init_weights
 
 
 class EncoderPretrainer(Compressor):
@@ -21,8 +22,6 @@ class EncoderPretrainer(Compressor):
         super().__init__(cfg)
         self.recon = ReconstructionDecoder(cfg)
         self.task = TaskHead(cfg) if cfg.recon_task_weight > 0 else None  # model/task_targets.py
-        from model.transformer import init_weights
-
         init_weights(self)
         if cfg.pretrain_slot_init:
             slot_init(self)
@@ -63,11 +62,8 @@ def _shift(n_freq: int, delta: float) -> torch.Tensor:
 @torch.no_grad()
 def slot_init(model: EncoderPretrainer, nats_per_unit: float = 1.0) -> None:
     """Initialise existing weights (no new encoder parameter: the encoder checkpoint is unchanged) so that
-    at step 0 the encoder already writes a position-addressable code and the decoder already reads it:
-    head h of latent i (in the encoder's first block) attends sharply to one slot of the segment,
-    t = (i * H + h + 0.5) / (n_latent * H), and copies that transition's content into its own block of
-    channels of latent i; reconstruction query p attends to the latent holding its slot. Everything stays
-    learnable (a starting point, not a mask); the encoder's second block keeps the default init.
+    at step 0 the encoder already writes a position-addressable code and the decoder already reads it
+    (model.pretrain_slot_init, docs/design.md §5: which head attends to which slot, and why).
 
     Channels: the last R = 2K (K = min(head_dim / 2, d / 8, 8)) carry a position code (position_code); the
     other d - R hold content, split into n_head blocks. The shared transition embedding's LayerNorm gain is

@@ -9,12 +9,14 @@ shuffled latents) and the collapse detectors (latent effective rank, latent-abla
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 import torch.nn.functional as F
 
 from model.config import ModelConfig
 from model.embeddings import featurize
-from transition import FIELD_COLUMNS, FIELDS, N_FIELDS, NEXT_STATE, action
+from transition import FIELD_COLUMNS, FIELDS, N_FIELDS, NEXT_STATE, STATE, action
 
 
 def lengths_mask(lengths: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,13 +65,8 @@ def action_loss(logits: torch.Tensor, batch: dict, last_only: bool = False,
 def field_slices(cfg: ModelConfig) -> list[slice]:
     """The 'ce' logits layout of the reconstruction heads: one slice per packed column (sx, sy, a, r, nsx, nsy)."""
     g, a = cfg.grid_size, cfg.n_actions
-    n_classes = {"sx": g, "sy": g, "a": a, "r": 2, "nsx": g, "nsy": g}
-    sizes = [n_classes[name] for name in FIELDS]  # ce head: one block of logits per packed column, in order
-    out, o = [], 0
-    for s in sizes:
-        out.append(slice(o, o + s))
-        o += s
-    return out
+    sizes = [{"sx": g, "sy": g, "a": a, "r": 2, "nsx": g, "nsy": g}[name] for name in FIELDS]  # in packed order
+    return [slice(end - size, end) for size, end in zip(sizes, accumulate(sizes))]
 
 
 # The four fields a transition is scored on: their packed columns are transition.FIELD_COLUMNS, their
@@ -144,20 +141,14 @@ def effective_rank(latents: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def majority_fields(fields: torch.Tensor, grid_size: int) -> torch.Tensor:
+def majority_fields(fields: torch.Tensor) -> torch.Tensor:
     """The majority-class predictor of a set of packed transitions [N, 6]: per field, its most common value
     (a state is one class per grid cell, so the mode is of the (x, y) pair, not of each coordinate).
-    Returns one transition [6]; ties go to the smallest class."""
+    Returns one transition [6]; ties go to the smallest class (unique sorts, argmax takes the first)."""
     out = torch.zeros(N_FIELDS, dtype=torch.long, device=fields.device)
     for cols in FIELD_COLUMNS.values():
-        code = fields[:, cols[0]].long()
-        if len(cols) == 2:
-            code = code * grid_size + fields[:, cols[1]].long()
-        mode = torch.bincount(code).argmax()
-        if len(cols) == 2:
-            out[cols[0]], out[cols[1]] = mode // grid_size, mode % grid_size
-        else:
-            out[cols[0]] = mode
+        values, counts = torch.unique(fields[:, list(cols)], dim=0, return_counts=True)
+        out[list(cols)] = values[counts.argmax()].long()
     return out
 
 
@@ -231,12 +222,11 @@ def reconstruction_metrics(pred, seg, seg_len, depth, cfg: ModelConfig, max_dept
         target, truth = target_all[sel], seg[sel].long()
         scores = field_scores(point_all[sel], fields_all[sel], target, truth, cfg)
         const = target.mean(0, keepdim=True).expand_as(target)
-        majority = majority_fields(truth, cfg.grid_size).expand_as(truth)
+        majority = majority_fields(truth).expand_as(truth)
         scores |= {f"baseline_{k}": v for k, v in field_scores(const, majority, target, truth, cfg).items()}
         scores["correlation_pooled"] = pearson(point_all[sel], target)
-        copied = copy_previous_state(seg, seg_len, majority[0, list(FIELD_COLUMNS["state"])])[sel]
-        scores["copyprev_acc_state"] = float((copied == truth[:, list(FIELD_COLUMNS["state"])]).all(-1)
-                                             .float().mean())
+        copied = copy_previous_state(seg, seg_len, majority[0, STATE])[sel]
+        scores["copyprev_acc_state"] = float((copied == truth[:, STATE]).all(-1).float().mean())
         if ablated_pred is not None:
             abl = field_scores(abl_point[sel], abl_fields[sel], target, truth, cfg)
             scores |= {f"ablation_{k}": v for k, v in abl.items() if k == "r2" or k.startswith("acc_")}

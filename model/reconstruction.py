@@ -1,25 +1,15 @@
 """ReconstructionDecoder: reads the raw transitions back out of the final latents (stage-1 objective).
 
-One query per folded transition, built from (segment age, position in segment). Two modes
-(`model.recon_decoder`):
+One query per folded transition, built from (segment age, position in segment), cross-attending to the
+latents. `model.recon_decoder` (docs/design.md §5 says why each exists and what a constant encoder gains):
 
-- 'parallel' (the seed's): queries carry no data and cross-attend to the latents only (no self-attention),
-  so every transition must be read out of the latents independently.
-- 'causal': autoregressive over the sample's folded transitions, oldest first, teacher-forced: query j also
-  gets the embedding of the *previous real* transition (across segment boundaries; a learned `begin` vector
-  for the first) and self-attends causally to the earlier queries, then cross-attends to the latents. The
-  decoder can then use what the prefix already tells (s_t = s'_{t-1} for ~95 % of Darkroom transitions), so
-  the latents need carry only what the prefix cannot predict (actions, rewards, the first state). The prefix
-  is the ground truth, never the decoder's or the encoder's output, so a constant encoder still cannot lower
-  the loss below what the prefix alone gives: the latent-ablation gap and the `ablation_*` scores (the same
-  decoder fed another sample's latents) measure exactly what the latents add.
-
+- 'parallel': the queries carry no data and do not see each other.
+- 'causal': autoregressive over the sample's folded transitions, oldest first: query j also gets the
+  embedding of the *previous real* transition (across segment boundaries; a learned `begin` vector for the
+  first; always the ground truth) and self-attends causally to the earlier queries.
 - 'causal_fields': 'causal', and inside each transition the fields are predicted in the order s, a, s', r,
-  each head also given the earlier fields of the *same* transition (field-level autoregression): the
-  true ones while training (teacher forcing), the decoder's own argmax in eval mode (`teacher_fields`), so
-  the diagnostics score a transition read out greedily: s' is right only if the decoder got s and a right
-  and knows the dynamics. The latents then need carry only what neither the prefix nor the dynamics give:
-  the actions, a segment's first state, and rewards (the goal). Needs recon_loss='ce'.
+  each head also given the earlier fields of the same transition: the true ones while training, the
+  decoder's own argmax in eval mode (`teacher_fields`). Needs recon_loss='ce'.
 
 A head predicts f(tau) ('mse') or per-field logits ('ce'). The target is always the raw transition.
 """
@@ -31,7 +21,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.embeddings import input_features
-from model.losses import field_slices
+from model.losses import field_slices, lengths_mask
 from model.transformer import EMB_STD, Block
 
 
@@ -47,7 +37,7 @@ def previous_transitions(seg: torch.Tensor, seg_len: torch.Tensor) -> tuple[torc
     oldest first, padding at the end of each slot); has_prev False for a sample's first transition."""
     b, n_slots, s = seg.shape[:3]
     flat = seg.reshape(b, n_slots * s, -1)
-    valid = (torch.arange(s, device=seg.device) < seg_len[..., None]).reshape(b, n_slots * s)
+    valid = lengths_mask(seg_len, s).reshape(b, n_slots * s)
     idx = torch.where(valid, torch.arange(n_slots * s, device=seg.device).expand(b, -1), -1)
     last = idx.cummax(dim=1).values  # latest real position <= j
     prev_idx = torch.cat([last.new_full((b, 1), -1), last[:, :-1]], dim=1)  # latest real position < j
@@ -95,9 +85,8 @@ class ReconstructionDecoder(nn.Module):
             self.head_reward = nn.Linear(d, 2)
         else:
             self.head = nn.Linear(d, recon_out_dim(cfg))
-        self.readout = None
-        if cfg.recon_linear_readout:
-            self.readout = nn.Linear(cfg.n_latent * d, self.max_segments * cfg.seg_len * recon_out_dim(cfg))
+        self.readout = (nn.Linear(cfg.n_latent * d, self.max_segments * cfg.seg_len * recon_out_dim(cfg))
+                        if cfg.recon_linear_readout else None)
 
     def forward(self, latents: torch.Tensor, seg: torch.Tensor, seg_len: torch.Tensor,
                 teacher_fields: bool | None = None) -> torch.Tensor:
@@ -118,7 +107,7 @@ class ReconstructionDecoder(nn.Module):
             emb = self.prev_ln(self.prev_embed(input_features(prev, self.cfg)))
             x = x + torch.where(has_prev[..., None], emb, self.begin)
             n = x.shape[1]
-            valid = (torch.arange(seg_size, device=seg.device) < seg_len[..., None]).reshape(b, n)
+            valid = lengths_mask(seg_len, seg_size).reshape(b, n)
             causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
             # Keys: earlier-or-same real positions; the diagonal always, so a padding row is never all-masked.
             mask = (causal & valid[:, None, :]) | torch.eye(n, dtype=torch.bool, device=seg.device)

@@ -1,10 +1,6 @@
-"""Task-relevant stage-1 targets (`model.recon_task_weight` > 0): what stage 2 needs from a memory, read
-out of the final latents beside the reconstruction.
-
-Reconstruction asks the latents for every transition, including the ε-random actions stage 2 never needs.
-An in-context learner on Darkroom needs two facts about the history it has folded: **where reward was seen**
-(the goal cell, once found) and **which cells were already searched** (exploration). This head predicts,
-from the flattened final latents of a stage-1 sample (all its folded segments):
+"""Task-relevant stage-1 targets (`model.recon_task_weight` > 0, docs/design.md §5): where reward was seen and
+which cells were searched, what an in-context learner needs from a memory, read out of the flattened final
+latents of a stage-1 sample (all its folded segments) beside the reconstruction:
 
     goal     the cell s' of the newest rewarded transition (r = 1 exactly when s' is the goal,
              env/darkroom.py), as two coordinates of G + 1 classes each (class G = "no reward seen")
@@ -15,7 +11,7 @@ from the flattened final latents of a stage-1 sample (all its folded segments):
 
 The targets come from the raw transitions only (never from the encoder), so a constant encoder cannot fake
 them: it can at best predict the class / cell frequencies. The head is a stage-1 weight, not part of the
-encoder checkpoint. docs/design.md §5.
+encoder checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
+from model.losses import lengths_mask
 from transition import NSX, NSY, REWARD, SX, SY
 
 
@@ -33,7 +30,7 @@ def task_targets(seg: torch.Tensor, seg_len: torch.Tensor, grid_size: int) -> tu
     visited bool [B, G*G])."""
     b, n_slots, s = seg.shape[:3]
     t = seg.long().reshape(b, n_slots * s, -1)
-    valid = (torch.arange(s, device=seg.device) < seg_len[..., None]).reshape(b, n_slots * s)
+    valid = lengths_mask(seg_len, s).reshape(b, n_slots * s)
     cell_s = t[..., SX] * grid_size + t[..., SY]
     cell_ns = t[..., NSX] * grid_size + t[..., NSY]
     n_cells = grid_size * grid_size
