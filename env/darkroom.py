@@ -13,6 +13,7 @@ the dynamics: the gymnasium view (env/gym_env.py) and the source algorithm (coll
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -53,19 +54,21 @@ def optimal_return(goal: Sequence[int], grid_size: int = 9, horizon: int = 20,
 
 def goal_split(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0
                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """DICP-compatible train/test split of all G*G goal cells.
+    """DICP-compatible train/test split of all G*G goal cells (`shuffled_split`). For G=9, seed 0 the 8 test
+    goals are (4,2) (5,6) (6,8) (7,2) (3,6) (0,5) (5,8) (5,4), so numbers are comparable with DICP's."""
+    return shuffled_split(grid_size, 2, train_frac, seed)
 
-    Goals are listed row-major, shuffled with Python's Mersenne-Twister seeded with `seed` (identical to
-    `random.seed(seed); random.shuffle(goals)`, but without touching the global RNG), and the first
-    round(G*G*train_frac) are train. For G=9, seed 0 the 8 test goals are
-    (4,2) (5,6) (6,8) (7,2) (3,6) (0,5) (5,8) (5,4), so numbers are comparable with DICP's.
-    """
+
+def shuffled_split(grid_size: int, width: int, train_frac: float, seed: int) -> tuple[list, list]:
+    """All G^width coordinate tuples, row-major (itertools.product's order), shuffled with Python's Mersenne
+    Twister seeded with `seed` (the permutation of `random.seed(seed); random.shuffle(...)`, without touching
+    the global RNG); the first round(G^width * train_frac) are train."""
     if not 0.0 < train_frac <= 1.0:
         raise ValueError(f"train_frac={train_frac} must be in (0, 1]")
-    goals = [(i, j) for i in range(grid_size) for j in range(grid_size)]
-    random.Random(seed).shuffle(goals)
-    n_train = round(grid_size * grid_size * train_frac)
-    return goals[:n_train], goals[n_train:]
+    tasks = list(itertools.product(range(grid_size), repeat=width))
+    random.Random(seed).shuffle(tasks)
+    n_train = round(grid_size ** width * train_frac)
+    return tasks[:n_train], tasks[n_train:]
 
 
 SPLITS = ("train", "val", "test")

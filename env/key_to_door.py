@@ -21,14 +21,13 @@ dataset unchanged.
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Sequence
 from functools import cache
 
 import torch
 
-from env.darkroom import ACTION_DELTAS, N_ACTIONS, GridWorld, start_state
+from env.darkroom import ACTION_DELTAS, N_ACTIONS, GridWorld, shuffled_split, start_state
 
 KEY_TO_DOOR = "key_to_door"  # the env.reward_mode value that selects this env
 TASK_DIM = 4                 # (key_x, key_y, door_x, door_y)
@@ -47,17 +46,9 @@ def from_dicp_action(a: int) -> int:
 
 def task_split(grid_size: int = 9, train_frac: float = 0.95, seed: int = 4
                ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
-    """DICP's train/test split of all G^4 (key, door) tasks (sample_dark_key_to_door): tasks listed with
-    the key outer and the door inner, both row-major, shuffled by a Mersenne Twister seeded with `seed`
-    (the same permutation as `random.seed(seed); random.shuffle(tasks)`, without touching the global RNG),
-    the first round(G^4 * train_frac) train."""
-    if not 0.0 < train_frac <= 1.0:
-        raise ValueError(f"train_frac={train_frac} must be in (0, 1]")
-    g = range(grid_size)
-    tasks = [(i, j, k, m) for i in g for j in g for k in g for m in g]
-    random.Random(seed).shuffle(tasks)
-    n_train = round(grid_size ** 4 * train_frac)
-    return tasks[:n_train], tasks[n_train:]
+    """DICP's train/test split of all G^4 (key, door) tasks (sample_dark_key_to_door): `shuffled_split`, so the
+    key is the outer and the door the inner coordinate pair."""
+    return shuffled_split(grid_size, TASK_DIM, train_frac, seed)
 
 
 @cache
