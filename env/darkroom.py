@@ -113,7 +113,7 @@ class GridWorld:
     """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
     start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
     and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule in
-    step() (self._move -> reward -> self._advance), what reset() clears besides the positions, and _optimal."""
+    step() (self._move -> reward -> self._advance), the per-episode progress _clear() resets, and _optimal."""
 
     n_actions = N_ACTIONS
     n_phases = 1  # hidden progress states the source algorithm may condition on (1: none)
@@ -131,6 +131,7 @@ class GridWorld:
         self._set_goals(goals)
         self.t = 0
         self.states: torch.Tensor | None = None  # None until the first reset()
+        self._clear()
 
     def _set_goals(self, goals) -> None:
         goals = torch.as_tensor(goals, dtype=torch.long, device=self.device)
@@ -148,11 +149,13 @@ class GridWorld:
         """float32[E]: the optimal return of each environment's goal / task (the subclass's `_optimal`)."""
         return torch.tensor([self._optimal(g) for g in self.goals.tolist()], dtype=torch.float32, device=self.device)
 
-    def _reset_states(self, goals) -> torch.Tensor:
+    def reset(self, goals=None) -> torch.Tensor:
+        """Start a new episode in every environment (optionally with new goals; E may change)."""
         if goals is not None:
             self._set_goals(goals)
         self.t = 0
         self.states = self.start.expand(self.n_envs, 2).clone()
+        self._clear()
         return self.states.clone()
 
     def _move(self, actions) -> torch.Tensor:
@@ -199,12 +202,9 @@ class BatchedDarkroom(GridWorld):
     def _optimal(self, goal) -> float:
         return optimal_return(goal, self.grid_size, self.horizon, self.reward_mode)
 
-    def reset(self, goals=None) -> torch.Tensor:
-        """Start a new episode in every environment (optionally with new goals; E may change)."""
-        states = self._reset_states(goals)
+    def _clear(self) -> None:
         # 'once' mode: whether the goal has already paid out in this episode.
         self.reached = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return states
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""

@@ -99,8 +99,6 @@ class BatchedKeyToDoor(GridWorld):
 
     def __init__(self, tasks, grid_size: int = 9, horizon: int = 50, device: str | torch.device = "cpu"):
         super().__init__(tasks, grid_size, horizon, device)
-        self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
 
     @classmethod
     def from_cfg(cls, env_cfg, tasks, device: str | torch.device = "cpu") -> BatchedKeyToDoor:
@@ -118,12 +116,9 @@ class BatchedKeyToDoor(GridWorld):
         """LongTensor[E]: 0 before the key, 1 holding it, 2 after the door (private to the source)."""
         return self.has_key.long() + self.door_opened.long()
 
-    def reset(self, tasks=None) -> torch.Tensor:
-        """Start a new episode in every environment (optionally with new tasks; E may change)."""
-        states = self._reset_states(tasks)
+    def _clear(self) -> None:
         self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
         self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return states
 
     def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
