@@ -1,9 +1,7 @@
-"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU); docs/design.md §3.
-
-A G x G grid (Algorithm Distillation paper; DICP repo): the agent starts at the centre (G//2, G//2), sees only
-its own (x, y) cell and must find an invisible goal cell. Actions: 0 stay, 1 +x, 2 -x, 3 +y, 4 -y (moves into
-a wall are clipped). Reward modes: 'every_step' pays 1 on every step whose NEXT state is the goal (so staying
-on the goal keeps paying; the classic Darkroom), 'once' only the first time in an episode (darkroom_hard).
+"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU); its rules (the
+Algorithm Distillation paper's; DICP repo) and goal split are docs/design.md §3. Reward modes: 'every_step' pays
+1 on every step whose NEXT state is the goal (so staying on the goal keeps paying; the classic Darkroom), 'once'
+only the first time in an episode (darkroom_hard).
 
 All E environments share one step counter and are reset together, which is what every caller does (the source
 algorithm and in-context rollouts run all streams in lock-step) and keeps `step` free of per-env bookkeeping;

@@ -1,19 +1,15 @@
-"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU); docs/design.md §3.
+"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU); its rules, task split
+and action relabelling are docs/design.md §3.
 
 The second grid world of Algorithm Distillation (Laskin et al. 2022), with the rules of DICP (Son et al. 2025,
-github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py): a G x G grid (9), start at the centre,
-horizon 50, two invisible cells per task, a key and a door. The step that first lands on the key pays 1 (the
-agent now holds it); a later step that lands on the door while holding the key pays 1 (once). The observation
-is the position alone: a learner must remember from its own rewards whether it holds the key. The key pays only
-on a step that lands on it, even on the start cell (take 'stay'), and a door on the key's cell pays one step
-later at the earliest (DICP's if / elif: one reward per step). A task is (key_x, key_y, door_x, door_y); the
-split is DICP's (`task_split`), the validation tasks carved from the END of its train list as for Darkroom.
-
-Actions are the project's Darkroom set (0 stay, 1 +x, 2 -x, 3 +y, 4 -y); DICP orders them 0 +x, 1 -x, 2 +y,
-3 -y, 4 stay, so ours = (dicp + 1) % 5 (to_dicp_action / from_dicp_action), and nothing else differs in states,
-rewards or episode ends (tests/test_key_to_door.py replays DICP's own trajectories, recorded in
-tests/data/dicp_key_to_door.json by tests/tooling/dicp_key_to_door_fixture.py). Our gymnasium view reports the
-time-limit end as `truncated` only (DICP: as both `terminated` and `truncated`), as for Darkroom.
+github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py). The observation is the position alone: a
+learner must remember from its own rewards whether it holds the key. The key pays only on a step that lands on
+it, even on the start cell (take 'stay'), and a door on the key's cell pays one step later at the earliest
+(DICP's if / elif: one reward per step). DICP orders the actions 0 +x, 1 -x, 2 +y, 3 -y, 4 stay, so ours =
+(dicp + 1) % 5 (to_dicp_action / from_dicp_action), and nothing else differs in states, rewards or episode ends
+(tests/test_key_to_door.py replays DICP's own trajectories, recorded in tests/data/dicp_key_to_door.json by
+tests/tooling/dicp_key_to_door_fixture.py). Our gymnasium view reports the time-limit end as `truncated` only
+(DICP: as both `terminated` and `truncated`), as for Darkroom.
 
 Selected by `env.reward_mode: key_to_door`: keeping the family in reward_mode leaves every Darkroom config and
 dataset unchanged.
