@@ -106,8 +106,6 @@ def main() -> None:
     names = list(variants)
     times = {n: [] for n in names}
     labels = {n: [] for n in names}
-    for m in models.values():
-        m.train()
     for k in range(n_rounds):
         for name in names[k % len(names):] + names[:k % len(names)]:  # rotate: no variant always goes first
             key, last_only = variants[name]
