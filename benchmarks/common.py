@@ -162,8 +162,9 @@ def save(name: str, a, run: dict, fields: dict) -> None:
     print(f"wrote {out}")
 
 
-def print_table(header: list[str], rows: list[list]) -> None:
-    """Floats with 3 significant digits (thousands separated when large); first column left-aligned."""
+def print_table(header: list[str], rows: list[list], left: bool = False) -> None:
+    """Floats with 3 significant digits (thousands separated when large); first column left-aligned, the others
+    right-aligned (left-aligned too with `left`)."""
     def fmt(x) -> str:
         if isinstance(x, float):
             return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
@@ -172,6 +173,7 @@ def print_table(header: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in header]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for k, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        line = "  ".join(c.ljust(w) if left or not i else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print(line.rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths))
