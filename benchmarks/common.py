@@ -61,8 +61,7 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
     rng = np.random.default_rng(seed)
     goals = np.concatenate([np.asarray(splits[k])[rng.integers(0, len(splits[k]), n)]
                             for k, n in (("train", n_train), ("test", n_test))]).astype(np.int64)
-    env = BatchedDarkroom(torch.from_numpy(goals), grid_size=int(env_cfg.grid_size),
-                          horizon=int(env_cfg.horizon), reward_mode=env_cfg.reward_mode)
+    env = BatchedDarkroom.from_cfg(env_cfg, torch.from_numpy(goals))
     gen = torch.Generator().manual_seed(seed)
     acts = torch.randint(0, int(env_cfg.n_actions), (n_steps, n_hist), generator=gen)
     steps = []  # (state, reward, next state) of every step
