@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from env.darkroom import N_ACTIONS, BatchedDarkroom
-from env.key_to_door import TASK_DIM, BatchedKeyToDoor
+from env.key_to_door import BatchedKeyToDoor
 
 ENV_ID = "Darkroom-v0"
 KEY_TO_DOOR_ENV_ID = "DarkKeyToDoor-v0"
@@ -29,6 +29,7 @@ KEY_TO_DOOR_ENV_ID = "DarkKeyToDoor-v0"
 
 class DarkroomGymEnv(gymnasium.Env):
     metadata: ClassVar[dict] = {"render_modes": ["ansi"], "render_fps": 4}
+    _batched = BatchedDarkroom  # the batched env it wraps (KeyToDoorGymEnv: BatchedKeyToDoor)
 
     def __init__(self, goal=None, grid_size: int = 9, horizon: int = 20,
                  reward_mode: str = "every_step", render_mode: str | None = None):
@@ -40,13 +41,9 @@ class DarkroomGymEnv(gymnasium.Env):
         self.observation_space = spaces.MultiDiscrete([self.grid_size, self.grid_size])
         self.action_space = spaces.Discrete(N_ACTIONS)
         # Built here (validates goal / reward_mode early); reset() re-targets it to the episode's goal.
-        self._env = self._batched([self._fixed_goal or (0,) * self._task_dim])
+        env_cfg = {"grid_size": self.grid_size, "horizon": self.horizon, "reward_mode": reward_mode}
+        self._env = self._batched.from_cfg(env_cfg, [self._fixed_goal or (0,) * self._batched.goal_width])
         self._obs: np.ndarray | None = None
-
-    _task_dim = 2  # numbers per goal (KeyToDoorGymEnv: per task)
-
-    def _batched(self, goals):
-        return BatchedDarkroom(goals, self.grid_size, self.horizon, self.reward_mode)
 
     @property
     def goal(self) -> tuple[int, ...]:
@@ -59,7 +56,7 @@ class DarkroomGymEnv(gymnasium.Env):
         super().reset(seed=seed)
         goal = (options or {}).get("goal", self._fixed_goal)
         if goal is None:
-            goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=self._task_dim))
+            goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=self._env.goal_width))
         states = self._env.reset([tuple(goal)])
         self._obs = states[0].numpy().astype(np.int64)
         return self._obs.copy(), self._info()
@@ -89,15 +86,12 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
     """'DarkKeyToDoor-v0': DarkroomGymEnv's wrapper over a BatchedKeyToDoor (E = 1); the goal is the task
     (key_x, key_y, door_x, door_y), given as `task=` (or `goal=`) and per episode as options={"task": ...}."""
 
-    _task_dim = TASK_DIM
+    _batched = BatchedKeyToDoor
 
     def __init__(self, task=None, grid_size: int = 9, horizon: int = 50, render_mode: str | None = None,
                  goal=None):
         super().__init__(goal=task if task is not None else goal, grid_size=grid_size, horizon=horizon,
                          reward_mode="key_to_door", render_mode=render_mode)
-
-    def _batched(self, goals):
-        return BatchedKeyToDoor(goals, self.grid_size, self.horizon)
 
     def _info(self) -> dict:
         return {"task": self.goal, "t": self._env.t, "has_key": bool(self._env.has_key[0]),
