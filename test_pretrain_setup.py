@@ -3,11 +3,8 @@
     python test_pretrain_setup.py                  # checks the real configs in config/
     python test_pretrain_setup.py model.n_latent=15 # ... with overrides, as you would train
 
-Checks, one line each (the list `CHECKS` at the bottom, in order): imports; both models built from the real
-Hydra configs; a forward pass of stage 1 (reconstruction) and stage 2 (actions) on real Darkroom transitions;
-a stage-1 encoder checkpoint written in the documented format and loaded into stage 2 with identical encoder
-outputs. Prints `All tests passed! ✓` and exits 0, or names each failing check and exits 1. Nothing is
-written outside a temporary folder.
+Runs the checks of `CHECKS` (at the bottom) in order, one line each, then prints `All tests passed! ✓` and
+exits 0, or names each failing check and exits 1. Nothing is written outside a temporary folder.
 """
 
 from __future__ import annotations
@@ -28,11 +25,8 @@ class NotRun(Exception):
 
 
 class Setup(dict):
-    """What the checks hand to each other (the command line's overrides, composed configs, models, histories,
-    a temp folder).
-
-    A missing entry raises NotRun, so a check whose prerequisite failed reports "not run" instead of a
-    KeyError of its own."""
+    """What the checks hand to each other (overrides, configs, models, histories, a temp folder). A missing
+    entry raises NotRun, so a check whose prerequisite failed reports "not run", not a KeyError of its own."""
 
     def __missing__(self, key):
         raise NotRun(key)
