@@ -110,8 +110,8 @@ def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
 class GridWorld:
     """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
     start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
-    and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule in
-    step() (self._move -> reward -> self._advance), the per-episode progress _clear() resets, and _optimal."""
+    and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule
+    (_reward), the per-episode progress _clear() resets, and _optimal."""
 
     n_actions = N_ACTIONS
     n_phases = 1  # hidden progress states the source algorithm may condition on (1: none)
@@ -156,9 +156,9 @@ class GridWorld:
         self._clear()
         return self.states.clone()
 
-    def _move(self, actions) -> torch.Tensor:
-        """Check the actions and return the next states (walls clip: a move off the grid leaves the
-        coordinate unchanged)."""
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply one action per environment (walls clip: a move off the grid leaves the coordinate unchanged).
+        Returns fresh tensors (safe to keep across steps)."""
         if self.states is None:
             raise RuntimeError(f"{type(self).__name__}.step() before reset(): call reset() first")
         if self.t >= self.horizon:
@@ -168,13 +168,12 @@ class GridWorld:
             raise ValueError(f"actions must have shape [{self.n_envs}], got {tuple(actions.shape)}")
         if actions.numel() and (actions.min() < 0 or actions.max() >= N_ACTIONS):
             raise ValueError(f"actions must be integers in [0, {N_ACTIONS - 1}]")
-        return (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
-
-    def _advance(self, next_states: torch.Tensor) -> torch.Tensor:
-        """Commit the step; returns done bool[E] (the horizon is reached)."""
+        next_states = (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
+        paid = self._reward(next_states)
         self.states = next_states
         self.t += 1
-        return torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        done = torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        return next_states.clone(), paid.to(torch.float32), done
 
 
 class BatchedDarkroom(GridWorld):
@@ -204,14 +203,10 @@ class BatchedDarkroom(GridWorld):
         # 'once' mode: whether the goal has already paid out in this episode.
         self.reached = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
 
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
-        next_states = self._move(actions)
+    def _reward(self, next_states: torch.Tensor) -> torch.Tensor:
         at_goal = (next_states == self.goals).all(dim=-1)
-        if self.reward_mode == "once":
-            paid = at_goal & ~self.reached
-            self.reached = self.reached | at_goal
-        else:
-            paid = at_goal
-        done = self._advance(next_states)
-        return next_states.clone(), paid.to(torch.float32), done
+        if self.reward_mode == "every_step":
+            return at_goal
+        paid = at_goal & ~self.reached  # 'once'
+        self.reached = self.reached | at_goal
+        return paid

@@ -116,14 +116,11 @@ class BatchedKeyToDoor(GridWorld):
         self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
         self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
 
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
-        next_states = self._move(actions)
+    def _reward(self, next_states: torch.Tensor) -> torch.Tensor:
         # DICP's if / elif: the key pays if not yet held; otherwise the door pays if the key was held
         # BEFORE this step and the door is still closed. So one step never pays both.
         got_key = ~self.has_key & (next_states == self.keys).all(dim=-1)
         got_door = self.has_key & ~self.door_opened & (next_states == self.doors).all(dim=-1)
         self.has_key = self.has_key | got_key
         self.door_opened = self.door_opened | got_door
-        done = self._advance(next_states)
-        return next_states.clone(), (got_key | got_door).to(torch.float32), done
+        return got_key | got_door
