@@ -50,12 +50,12 @@ def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed
     Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train/test goal
     split, a tenth on test goals), saved to and loaded (validated) from a temp folder. The samplers pack the transitions in memory."""
     from dataset import HistoryBatches
-    from env.darkroom import BatchedDarkroom, goal_splits_from_cfg
+    from env import BatchedDarkroom, splits_from_cfg
     from histories import FORMAT_VERSION, load_histories, save_histories
     from loop import to_plain
 
     env_cfg = next(iter(cfgs.values())).env
-    splits = goal_splits_from_cfg(env_cfg)
+    splits = splits_from_cfg(env_cfg)
     n_test = max(1, round(n_hist * 0.1))
     n_train = n_hist - n_test
     rng = np.random.default_rng(seed)

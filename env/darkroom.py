@@ -99,14 +99,6 @@ def carve_splits(train: list, test: list, n_val_goals: int = 0, max_train_tasks:
     return {"train": rest, "val": train[len(train) - n_val:], "test": test}
 
 
-def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
-    """goal_splits from an env config (dict or DictConfig). A config without n_val_goals (a run trained
-    before the validation split existed) has no validation goals."""
-    n_val = env_cfg.get("n_val_goals", 0) or 0
-    return goal_splits(int(env_cfg["grid_size"]), float(env_cfg["train_frac"]), int(env_cfg["split_seed"]),
-                       int(n_val))
-
-
 class GridWorld:
     """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
     start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
