@@ -150,10 +150,8 @@ def save(name: str, a, run: dict, fields: dict) -> None:
     `fields` (which may replace settings); says where."""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "numpy": np.__version__, "threads": torch.get_num_threads(), "device": run["device"]}
-    try:
+    with contextlib.suppress(OSError):  # no load average on this platform
         machine["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
     if run["device"].startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name()
     out = Path(a.out_dir or OUT_DIR) / f"{name}.json"
