@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 import sys
 import tempfile
 import traceback
@@ -83,7 +82,7 @@ def check_transitions(s: Setup) -> str:
     from hydra_cli import compose_config
 
     m, env = s["pre"].model, s["pre"].env
-    s["tmp"] = tmp = tempfile.mkdtemp(prefix="cad-setup-")
+    tmp = s["tmp"]
     steps = (m.max_compression_depth + 1) * m.seg_len
     steps = -(-steps // env.horizon) * env.horizon  # whole episodes
     cfg = compose_config("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
@@ -171,12 +170,9 @@ def run_one(fn: Callable[[Setup], str], s: Setup) -> tuple[bool, str]:
 
 
 def main(argv=None) -> int:
-    s = Setup(overrides=list(sys.argv[1:] if argv is None else argv))
-    try:
+    with tempfile.TemporaryDirectory(prefix="cad-setup-", ignore_cleanup_errors=True) as tmp:
+        s = Setup(overrides=list(sys.argv[1:] if argv is None else argv), tmp=tmp)
         results = [(name, *run_one(fn, s)) for name, fn in CHECKS]
-    finally:
-        if "tmp" in s:
-            shutil.rmtree(s["tmp"], ignore_errors=True)
     for name, ok, detail in results:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f" — {detail}" if detail else ""))
     failed = [r for r in results if not r[1]]
