@@ -30,6 +30,7 @@ KEY_TO_DOOR_ENV_ID = "DarkKeyToDoor-v0"
 class DarkroomGymEnv(gymnasium.Env):
     metadata: ClassVar[dict] = {"render_modes": ["ansi"], "render_fps": 4}
     _batched = BatchedDarkroom  # the batched env it wraps (KeyToDoorGymEnv: BatchedKeyToDoor)
+    _goal_key = "goal"  # the goal's name in info and reset's options (KeyToDoorGymEnv: "task"; "goal" also works)
 
     def __init__(self, goal=None, grid_size: int = 9, horizon: int = 20,
                  reward_mode: str = "every_step", render_mode: str | None = None):
@@ -50,11 +51,12 @@ class DarkroomGymEnv(gymnasium.Env):
         return tuple(self._env.goals[0].tolist())
 
     def _info(self) -> dict:
-        return {"goal": self.goal, "t": self._env.t}
+        return {self._goal_key: self.goal, "t": self._env.t}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        goal = (options or {}).get("goal", self._fixed_goal)
+        options = options or {}
+        goal = options.get(self._goal_key, options.get("goal", self._fixed_goal))
         if goal is None:
             goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=self._env.goal_width))
         states = self._env.reset([tuple(goal)])
@@ -87,6 +89,7 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
     (key_x, key_y, door_x, door_y), given as `task=` (or `goal=`) and per episode as options={"task": ...}."""
 
     _batched = BatchedKeyToDoor
+    _goal_key = "task"
 
     def __init__(self, task=None, grid_size: int = 9, horizon: int = 50, render_mode: str | None = None,
                  goal=None):
@@ -94,14 +97,7 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
                          reward_mode="key_to_door", render_mode=render_mode)
 
     def _info(self) -> dict:
-        return {"task": self.goal, "t": self._env.t, "has_key": bool(self._env.has_key[0]),
-                "door_opened": bool(self._env.door_opened[0])}
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        options = dict(options or {})
-        if "task" in options:
-            options["goal"] = options.pop("task")
-        return super().reset(seed=seed, options=options)
+        return super()._info() | {"has_key": bool(self._env.has_key[0]), "door_opened": bool(self._env.door_opened[0])}
 
     def _marks(self) -> dict:  # K = key (until held), D = door
         kx, ky, dx, dy = self.goal
@@ -111,7 +107,6 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
 def register_gym_env() -> None:
     """Register 'Darkroom-v0' and 'DarkKeyToDoor-v0' once (importing `env` calls this; re-imports are
     harmless)."""
-    if ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=ENV_ID, entry_point="env.gym_env:DarkroomGymEnv")
-    if KEY_TO_DOOR_ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=KEY_TO_DOOR_ENV_ID, entry_point="env.gym_env:KeyToDoorGymEnv")
+    for env_id, cls in ((ENV_ID, DarkroomGymEnv), (KEY_TO_DOOR_ENV_ID, KeyToDoorGymEnv)):
+        if env_id not in gymnasium.registry:
+            gymnasium.register(id=env_id, entry_point=f"env.gym_env:{cls.__name__}")
