@@ -45,10 +45,9 @@ def train_cfg(model: str, a, overrides: list[str] | None = None):
 
 
 def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed: int = 0) -> dict:
-    """{key: HistoryBatches exactly as train.py builds them from cfgs[key] (from_cfg: null depth_weights /
-    window bounds resolved the same way, model.static_shapes honoured)}, all over one set of n_hist valid
-    Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train/test goal
-    split, a tenth on test goals), saved to and loaded (validated) from a temp folder. The samplers pack the transitions in memory."""
+    """{key: HistoryBatches exactly as train.py builds them from cfgs[key] (from_cfg)}, all over one set of
+    n_hist valid Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train
+    split, a tenth from the test split), saved to and loaded (validated) from a temp folder."""
     from dataset import HistoryBatches
     from env import BatchedDarkroom, splits_from_cfg
     from histories import FORMAT_VERSION, load_histories, save_histories

@@ -29,7 +29,6 @@ def _check_reward_mode(reward_mode: str) -> None:
 
 
 def start_state(grid_size: int) -> tuple[int, int]:
-    """The fixed start cell: the centre of the grid."""
     return (grid_size // 2, grid_size // 2)
 
 
