@@ -100,9 +100,10 @@ def carve_splits(train: list, test: list, n_val_goals: int = 0, max_train_tasks:
 
 class GridWorld:
     """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
-    start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
-    and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule
-    (_reward), the per-episode progress _clear() resets, and _optimal."""
+    start, the five moves (walls clip), one step counter for all (reset together), the checks on goals and
+    actions, reset() -> states LongTensor[E, 2] and step(actions LongTensor[E]) -> (next_states LongTensor[E, 2],
+    rewards float32[E], done bool[E]). Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the
+    reward rule (_reward), the per-episode progress _clear() resets, and _optimal."""
 
     n_actions = N_ACTIONS
     n_phases = 1  # hidden progress states the source algorithm may condition on (1: none)
@@ -168,12 +169,8 @@ class GridWorld:
 
 
 class BatchedDarkroom(GridWorld):
-    """E Darkroom environments (any mix of goals) as tensors on one device.
-
-    goals: LongTensor[E, 2] (or anything torch.as_tensor accepts), one goal cell per environment.
-    reset() -> states LongTensor[E, 2]
-    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
-    """
+    """E Darkroom environments (any mix of goals) as tensors on one device; goals: LongTensor[E, 2] (or anything
+    torch.as_tensor accepts), one goal cell per environment."""
 
     def __init__(self, goals, grid_size: int = 9, horizon: int = 20, reward_mode: str = "every_step",
                  device: str | torch.device = "cpu"):

@@ -80,7 +80,7 @@ def optimal_return(task: Sequence[int], grid_size: int = 9, horizon: int = 50) -
 
 
 class BatchedKeyToDoor(GridWorld):
-    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device, with BatchedDarkroom's
+    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device, with GridWorld's
     interface; `goals` holds the tasks, LongTensor[E, 4] (kx, ky, dx, dy) or anything torch.as_tensor accepts.
 
     The hidden progress is public: `has_key` / `door_opened` bool[E] (this episode), and `phase()` =
