@@ -73,9 +73,8 @@ SPLITS = ("train", "val", "test")
 
 def goal_splits(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0, n_val_goals: int = 0
                 ) -> dict[str, list[tuple[int, int]]]:
-    """The three goal splits every stage uses (docs/design.md §3): 'test' is exactly goal_split's held-out list,
-    'val' the LAST n_val_goals of its shuffled train list (`carve_splits`), 'train' the rest. n_val_goals=0
-    gives DICP's split unchanged with an empty 'val'."""
+    """The three goal splits every stage uses (docs/design.md §3): goal_split's lists carved by `carve_splits`;
+    n_val_goals=0 gives DICP's split unchanged with an empty 'val'."""
     return carve_splits(*goal_split(grid_size, train_frac, seed), n_val_goals)
 
 
