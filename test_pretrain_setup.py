@@ -3,18 +3,14 @@
     python test_pretrain_setup.py                  # checks the real configs in config/
     python test_pretrain_setup.py model.n_latent=15 # ... with overrides, as you would train
 
-Checks, one line each (the list `CHECKS` at the bottom, in order): imports; both models built from the real
-Hydra configs; a forward pass of stage 1 (reconstruction) and stage 2 (actions) on real Darkroom transitions;
-a stage-1 encoder checkpoint written in the documented format and loaded into stage 2 with identical encoder
-outputs. Prints `All tests passed! ✓` and exits 0, or names each failing check and exits 1. Nothing is
-written outside a temporary folder.
+Runs the checks of `CHECKS` (at the bottom) in order, one line each, then prints `All tests passed! ✓` and
+exits 0, or names each failing check and exits 1. Nothing is written outside a temporary folder.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
-import shutil
 import sys
 import tempfile
 import traceback
@@ -28,11 +24,8 @@ class NotRun(Exception):
 
 
 class Setup(dict):
-    """What the checks hand to each other (the command line's overrides, composed configs, models, histories,
-    a temp folder).
-
-    A missing entry raises NotRun, so a check whose prerequisite failed reports "not run" instead of a
-    KeyError of its own."""
+    """What the checks hand to each other (overrides, configs, models, histories, a temp folder). A missing
+    entry raises NotRun, so a check whose prerequisite failed reports "not run", not a KeyError of its own."""
 
     def __missing__(self, key):
         raise NotRun(key)
@@ -89,7 +82,7 @@ def check_transitions(s: Setup) -> str:
     from hydra_cli import compose_config
 
     m, env = s["pre"].model, s["pre"].env
-    s["tmp"] = tmp = tempfile.mkdtemp(prefix="cad-setup-")
+    tmp = s["tmp"]
     steps = (m.max_compression_depth + 1) * m.seg_len
     steps = -(-steps // env.horizon) * env.horizon  # whole episodes
     cfg = compose_config("collect", [f"data_path={tmp}/data", "source.n_stream=1", f"source.n_steps={steps}",
@@ -177,12 +170,9 @@ def run_one(fn: Callable[[Setup], str], s: Setup) -> tuple[bool, str]:
 
 
 def main(argv=None) -> int:
-    s = Setup(overrides=list(sys.argv[1:] if argv is None else argv))
-    try:
+    with tempfile.TemporaryDirectory(prefix="cad-setup-", ignore_cleanup_errors=True) as tmp:
+        s = Setup(overrides=list(sys.argv[1:] if argv is None else argv), tmp=tmp)
         results = [(name, *run_one(fn, s)) for name, fn in CHECKS]
-    finally:
-        if "tmp" in s:
-            shutil.rmtree(s["tmp"], ignore_errors=True)
     for name, ok, detail in results:
         print(f"[{'PASS' if ok else 'FAIL'}] {name}" + (f" — {detail}" if detail else ""))
     failed = [r for r in results if not r[1]]

@@ -45,24 +45,22 @@ def train_cfg(model: str, a, overrides: list[str] | None = None):
 
 
 def history_batches(cfgs: dict, n_hist: int, n_steps: int, batch_size: int, seed: int = 0) -> dict:
-    """{key: HistoryBatches exactly as train.py builds them from cfgs[key] (from_cfg: null depth_weights /
-    window bounds resolved the same way, model.static_shapes honoured)}, all over one set of n_hist valid
-    Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train/test goal
-    split, a tenth on test goals), saved to and loaded (validated) from a temp folder. The samplers pack the transitions in memory."""
+    """{key: HistoryBatches exactly as train.py builds them from cfgs[key] (from_cfg)}, all over one set of
+    n_hist valid Darkroom histories of n_steps uniform-random-action transitions (goals drawn from the train
+    split, a tenth from the test split), saved to and loaded (validated) from a temp folder."""
     from dataset import HistoryBatches
-    from env.darkroom import BatchedDarkroom, goal_splits_from_cfg
+    from env import BatchedDarkroom, splits_from_cfg
     from histories import FORMAT_VERSION, load_histories, save_histories
     from loop import to_plain
 
     env_cfg = next(iter(cfgs.values())).env
-    splits = goal_splits_from_cfg(env_cfg)
+    splits = splits_from_cfg(env_cfg)
     n_test = max(1, round(n_hist * 0.1))
     n_train = n_hist - n_test
     rng = np.random.default_rng(seed)
     goals = np.concatenate([np.asarray(splits[k])[rng.integers(0, len(splits[k]), n)]
                             for k, n in (("train", n_train), ("test", n_test))]).astype(np.int64)
-    env = BatchedDarkroom(torch.from_numpy(goals), grid_size=int(env_cfg.grid_size),
-                          horizon=int(env_cfg.horizon), reward_mode=env_cfg.reward_mode)
+    env = BatchedDarkroom.from_cfg(env_cfg, torch.from_numpy(goals))
     gen = torch.Generator().manual_seed(seed)
     acts = torch.randint(0, int(env_cfg.n_actions), (n_steps, n_hist), generator=gen)
     steps = []  # (state, reward, next state) of every step
@@ -151,10 +149,8 @@ def save(name: str, a, run: dict, fields: dict) -> None:
     `fields` (which may replace settings); says where."""
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "numpy": np.__version__, "threads": torch.get_num_threads(), "device": run["device"]}
-    try:
+    with contextlib.suppress(OSError):  # no load average on this platform
         machine["loadavg_at_start"] = os.getloadavg()
-    except OSError:
-        pass
     if run["device"].startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name()
     out = Path(a.out_dir or OUT_DIR) / f"{name}.json"
@@ -162,8 +158,9 @@ def save(name: str, a, run: dict, fields: dict) -> None:
     print(f"wrote {out}")
 
 
-def print_table(header: list[str], rows: list[list]) -> None:
-    """Floats with 3 significant digits (thousands separated when large); first column left-aligned."""
+def print_table(header: list[str], rows: list[list], left: bool = False) -> None:
+    """Floats with 3 significant digits (thousands separated when large); first column left-aligned, the others
+    right-aligned (left-aligned too with `left`)."""
     def fmt(x) -> str:
         if isinstance(x, float):
             return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.3g}"
@@ -172,6 +169,7 @@ def print_table(header: list[str], rows: list[list]) -> None:
     cells = [[str(c) for c in header]] + [[fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for k, r in enumerate(cells):
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        line = "  ".join(c.ljust(w) if left or not i else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+        print(line.rstrip())
         if k == 0:
             print("  ".join("-" * w for w in widths))

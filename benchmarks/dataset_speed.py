@@ -37,10 +37,10 @@ class SyntheticHistories:
         return np.arange(self._n, dtype=np.int64)
 
 
-def rate(fn, n_batches: int, batch_size: int, start: int = 0) -> dict:
-    fn(start)                                        # warm-up (page-in, allocator)
+def rate(fn, n_batches: int, batch_size: int) -> dict:
+    fn(0)                                            # warm-up (page-in, allocator; a DataLoader's worker start-up)
     t0 = time.perf_counter()
-    for k in range(start + 1, start + 1 + n_batches):
+    for k in range(1, 1 + n_batches):
         fn(k)
     dt = time.perf_counter() - t0
     return {"batches": n_batches, "seconds": dt, "batches_per_s": n_batches / dt,
@@ -80,13 +80,9 @@ def main() -> None:
     if a.workers > 0:  # steady state: the clock starts when the first batch arrives (worker start-up excluded)
         loader = iter(batch_loader(ds, 10_000, 10_000 + a.n_batches + 1, num_workers=a.workers))
         t_startup = time.perf_counter()
-        next(loader)
-        t = time.perf_counter()
-        n = sum(1 for _ in loader)
-        dt = time.perf_counter() - t
-        results["stage2_dataloader"] = {"batches": n, "seconds": dt, "batches_per_s": n / dt,
-                                        "samples_per_s": n * a.batch_size / dt, "workers": a.workers,
-                                        "startup_seconds": t - t_startup}
+        r = rate(lambda k: next(loader), a.n_batches, a.batch_size)
+        results["stage2_dataloader"] = r | {"workers": a.workers,
+                                            "startup_seconds": time.perf_counter() - t_startup - r["seconds"]}
 
     # Device-resident gather (data_on_device): same batches, built where the model runs. Synchronised per
     # batch so the figure includes the device work.

@@ -138,14 +138,6 @@ def rows_of(name: str, res: dict) -> list[tuple[str, str, str]]:
     ]
 
 
-def print_table(rows: list[tuple[str, str, str]]) -> None:
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    for k, r in enumerate(rows):
-        print("  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip())
-        if k == 0:
-            print("  ".join("-" * x for x in w))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -154,6 +146,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(ROOT / "runs" / "gpu-check"), help="output folder (replaced)")
     a = p.parse_args(argv)
     import torch
+    from common import atomic_write_json, print_table  # common puts the repository on sys.path
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print("error: no CUDA device visible to torch (torch.cuda.is_available() is False); run "
@@ -185,8 +178,7 @@ def main(argv=None) -> int:
     rows.append(("total", "wall time", f"{total:.0f} s (budget 480 s on one H100)" if a.device == "cuda"
                  and not a.quick else f"{total:.0f} s"))
     print(f"\n=== gpu_check: {dev}, torch {torch.__version__}, {'quick' if a.quick else 'full'} ===")
-    print_table(rows)
-    from atomic_io import atomic_write_json
+    print_table(rows[0], rows[1:], left=True)
 
     atomic_write_json(out / "gpu_check.json", {"device": dev, "torch": torch.__version__, "quick": a.quick,
                                                 "argv": sys.argv, "total_s": total, "failed": failed,
@@ -196,5 +188,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     sys.exit(main())

@@ -64,13 +64,11 @@ def window_start(cfg, t: int) -> int:
 
 def rollout(models, env_cfg, a, dev, wins, seed: int) -> dict:
     """One lockstep rollout of all methods; returns {method: {h: per-step seconds [span]}}."""
-    g = int(env_cfg.grid_size)
     gen = torch.Generator().manual_seed(seed)
-    train, test = goal_split(g, float(env_cfg.train_frac), int(env_cfg.split_seed))
+    train, test = goal_split(int(env_cfg.grid_size), float(env_cfg.train_frac), int(env_cfg.split_seed))
     goals_all = train + test
     goals = torch.tensor([goals_all[i] for i in torch.randint(0, len(goals_all), (a.n_envs,), generator=gen)])
-    env = BatchedDarkroom(goals, grid_size=g, horizon=int(env_cfg.horizon), reward_mode=env_cfg.reward_mode,
-                          device=dev)
+    env = BatchedDarkroom.from_cfg(env_cfg, goals, dev)
     model_of = {m: models[k] for m, (k, _) in METHODS.items() if k in models}
     st = {m: model_of[m].init_rollout(a.n_envs, dev, **({} if c is None else {"use_cache": c}))
           for m, (_, c) in METHODS.items() if m in model_of}

@@ -34,7 +34,7 @@ import loop
 from dataset import HistoryBatches, gather_batch
 from model import build_model
 from model.compressed_ad import LatentCarry
-from schedules import window_specs
+from schedules import n_rollout_windows, window_specs
 
 MODES = ("exact", "carry")
 
@@ -71,7 +71,7 @@ def main() -> None:
                                                       f"model.keep_recent={a.keep_recent}"]) for bptt in a.bptt}
     arms, batches = {}, {}  # bptt -> (model, optimizer, carry); (mode, m, bptt) -> batch
     for bptt, ds in history_batches(cfgs, 16, a.n_steps, a.batch_size).items():  # one dataset for every bptt
-        n_win = (a.n_steps - ds.seg_len) // ds.fold_len + 1
+        n_win = n_rollout_windows(a.n_steps, ds.seg_len, ds.keep_recent)
         if max(a.positions) >= n_win:
             p.error(f"--positions: the histories hold windows 0..{n_win - 1}")
         torch.manual_seed(0)  # the same initial weights for every bptt

@@ -13,7 +13,6 @@ from env.darkroom import (
     BatchedDarkroom,
     goal_split,
     goal_splits,
-    goal_splits_from_cfg,
     optimal_return,
     start_state,
 )
@@ -21,6 +20,7 @@ from env.gym_env import ENV_ID, KEY_TO_DOOR_ENV_ID, DarkroomGymEnv, KeyToDoorGym
 from env.key_to_door import KEY_TO_DOOR, BatchedKeyToDoor, task_split
 from env.tasks import is_key_to_door, make_batched_env, splits_from_cfg, task_dim, task_optimal_return
 
+goal_splits_from_cfg = splits_from_cfg  # the former Darkroom-only reader: a Darkroom config gives goal_splits
 register_gym_env()
 
 __all__ = [

@@ -1,9 +1,7 @@
-"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU); docs/design.md §3.
-
-A G x G grid (Algorithm Distillation paper; DICP repo): the agent starts at the centre (G//2, G//2), sees only
-its own (x, y) cell and must find an invisible goal cell. Actions: 0 stay, 1 +x, 2 -x, 3 +y, 4 -y (moves into
-a wall are clipped). Reward modes: 'every_step' pays 1 on every step whose NEXT state is the goal (so staying
-on the goal keeps paying; the classic Darkroom), 'once' only the first time in an episode (darkroom_hard).
+"""Darkroom, batched: E grid-world environments stepped as tensors in one call (CPU or GPU); its rules (the
+Algorithm Distillation paper's; DICP repo) and goal split are docs/design.md §3. Reward modes: 'every_step' pays
+1 on every step whose NEXT state is the goal (so staying on the goal keeps paying; the classic Darkroom), 'once'
+only the first time in an episode (darkroom_hard).
 
 All E environments share one step counter and are reset together, which is what every caller does (the source
 algorithm and in-context rollouts run all streams in lock-step) and keeps `step` free of per-env bookkeeping;
@@ -13,6 +11,7 @@ the dynamics: the gymnasium view (env/gym_env.py) and the source algorithm (coll
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections.abc import Sequence
 
@@ -30,7 +29,6 @@ def _check_reward_mode(reward_mode: str) -> None:
 
 
 def start_state(grid_size: int) -> tuple[int, int]:
-    """The fixed start cell: the centre of the grid."""
     return (grid_size // 2, grid_size // 2)
 
 
@@ -53,19 +51,21 @@ def optimal_return(goal: Sequence[int], grid_size: int = 9, horizon: int = 20,
 
 def goal_split(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0
                ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
-    """DICP-compatible train/test split of all G*G goal cells.
+    """DICP-compatible train/test split of all G*G goal cells (`shuffled_split`). For G=9, seed 0 the 8 test
+    goals are (4,2) (5,6) (6,8) (7,2) (3,6) (0,5) (5,8) (5,4), so numbers are comparable with DICP's."""
+    return shuffled_split(grid_size, 2, train_frac, seed)
 
-    Goals are listed row-major, shuffled with Python's Mersenne-Twister seeded with `seed` (identical to
-    `random.seed(seed); random.shuffle(goals)`, but without touching the global RNG), and the first
-    round(G*G*train_frac) are train. For G=9, seed 0 the 8 test goals are
-    (4,2) (5,6) (6,8) (7,2) (3,6) (0,5) (5,8) (5,4), so numbers are comparable with DICP's.
-    """
+
+def shuffled_split(grid_size: int, width: int, train_frac: float, seed: int) -> tuple[list, list]:
+    """All G^width coordinate tuples, row-major (itertools.product's order), shuffled with Python's Mersenne
+    Twister seeded with `seed` (the permutation of `random.seed(seed); random.shuffle(...)`, without touching
+    the global RNG); the first round(G^width * train_frac) are train."""
     if not 0.0 < train_frac <= 1.0:
         raise ValueError(f"train_frac={train_frac} must be in (0, 1]")
-    goals = [(i, j) for i in range(grid_size) for j in range(grid_size)]
-    random.Random(seed).shuffle(goals)
-    n_train = round(grid_size * grid_size * train_frac)
-    return goals[:n_train], goals[n_train:]
+    tasks = list(itertools.product(range(grid_size), repeat=width))
+    random.Random(seed).shuffle(tasks)
+    n_train = round(grid_size ** width * train_frac)
+    return tasks[:n_train], tasks[n_train:]
 
 
 SPLITS = ("train", "val", "test")
@@ -73,9 +73,8 @@ SPLITS = ("train", "val", "test")
 
 def goal_splits(grid_size: int = 9, train_frac: float = 0.9, seed: int = 0, n_val_goals: int = 0
                 ) -> dict[str, list[tuple[int, int]]]:
-    """The three goal splits every stage uses (docs/design.md §3): 'test' is exactly goal_split's held-out list,
-    'val' the LAST n_val_goals of its shuffled train list (`carve_splits`), 'train' the rest. n_val_goals=0
-    gives DICP's split unchanged with an empty 'val'."""
+    """The three goal splits every stage uses (docs/design.md §3): goal_split's lists carved by `carve_splits`;
+    n_val_goals=0 gives DICP's split unchanged with an empty 'val'."""
     return carve_splits(*goal_split(grid_size, train_frac, seed), n_val_goals)
 
 
@@ -98,19 +97,12 @@ def carve_splits(train: list, test: list, n_val_goals: int = 0, max_train_tasks:
     return {"train": rest, "val": train[len(train) - n_val:], "test": test}
 
 
-def goal_splits_from_cfg(env_cfg) -> dict[str, list[tuple[int, int]]]:
-    """goal_splits from an env config (dict or DictConfig). A config without n_val_goals (a run trained
-    before the validation split existed) has no validation goals."""
-    n_val = env_cfg.get("n_val_goals", 0) or 0
-    return goal_splits(int(env_cfg["grid_size"]), float(env_cfg["train_frac"]), int(env_cfg["split_seed"]),
-                       int(n_val))
-
-
 class GridWorld:
     """What every batched grid world here shares: E environments on one device, a G x G grid, the centre
-    start, the five moves (walls clip), one step counter for all (reset together), and the checks on goals
-    and actions. Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the reward rule in
-    step() (self._move -> reward -> self._advance), what reset() clears besides the positions, and _optimal."""
+    start, the five moves (walls clip), one step counter for all (reset together), the checks on goals and
+    actions, reset() -> states LongTensor[E, 2] and step(actions LongTensor[E]) -> (next_states LongTensor[E, 2],
+    rewards float32[E], done bool[E]). Subclasses (BatchedDarkroom, env.key_to_door.BatchedKeyToDoor) add the
+    reward rule (_reward), the per-episode progress _clear() resets, and _optimal."""
 
     n_actions = N_ACTIONS
     n_phases = 1  # hidden progress states the source algorithm may condition on (1: none)
@@ -128,6 +120,7 @@ class GridWorld:
         self._set_goals(goals)
         self.t = 0
         self.states: torch.Tensor | None = None  # None until the first reset()
+        self._clear()
 
     def _set_goals(self, goals) -> None:
         goals = torch.as_tensor(goals, dtype=torch.long, device=self.device)
@@ -145,16 +138,18 @@ class GridWorld:
         """float32[E]: the optimal return of each environment's goal / task (the subclass's `_optimal`)."""
         return torch.tensor([self._optimal(g) for g in self.goals.tolist()], dtype=torch.float32, device=self.device)
 
-    def _reset_states(self, goals) -> torch.Tensor:
+    def reset(self, goals=None) -> torch.Tensor:
+        """Start a new episode in every environment (optionally with new goals; E may change)."""
         if goals is not None:
             self._set_goals(goals)
         self.t = 0
         self.states = self.start.expand(self.n_envs, 2).clone()
+        self._clear()
         return self.states.clone()
 
-    def _move(self, actions) -> torch.Tensor:
-        """Check the actions and return the next states (walls clip: a move off the grid leaves the
-        coordinate unchanged)."""
+    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Apply one action per environment (walls clip: a move off the grid leaves the coordinate unchanged).
+        Returns fresh tensors (safe to keep across steps)."""
         if self.states is None:
             raise RuntimeError(f"{type(self).__name__}.step() before reset(): call reset() first")
         if self.t >= self.horizon:
@@ -164,22 +159,17 @@ class GridWorld:
             raise ValueError(f"actions must have shape [{self.n_envs}], got {tuple(actions.shape)}")
         if actions.numel() and (actions.min() < 0 or actions.max() >= N_ACTIONS):
             raise ValueError(f"actions must be integers in [0, {N_ACTIONS - 1}]")
-        return (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
-
-    def _advance(self, next_states: torch.Tensor) -> torch.Tensor:
-        """Commit the step; returns done bool[E] (the horizon is reached)."""
+        next_states = (self.states + self.deltas[actions.long()]).clamp_(0, self.grid_size - 1)
+        paid = self._reward(next_states)
         self.states = next_states
         self.t += 1
-        return torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        done = torch.full((self.n_envs,), self.t >= self.horizon, dtype=torch.bool, device=self.device)
+        return next_states.clone(), paid.to(torch.float32), done
 
 
 class BatchedDarkroom(GridWorld):
-    """E Darkroom environments (any mix of goals) as tensors on one device.
-
-    goals: LongTensor[E, 2] (or anything torch.as_tensor accepts), one goal cell per environment.
-    reset() -> states LongTensor[E, 2]
-    step(actions LongTensor[E]) -> (next_states LongTensor[E, 2], rewards float32[E], done bool[E])
-    """
+    """E Darkroom environments (any mix of goals) as tensors on one device; goals: LongTensor[E, 2] (or anything
+    torch.as_tensor accepts), one goal cell per environment."""
 
     def __init__(self, goals, grid_size: int = 9, horizon: int = 20, reward_mode: str = "every_step",
                  device: str | torch.device = "cpu"):
@@ -196,21 +186,14 @@ class BatchedDarkroom(GridWorld):
     def _optimal(self, goal) -> float:
         return optimal_return(goal, self.grid_size, self.horizon, self.reward_mode)
 
-    def reset(self, goals=None) -> torch.Tensor:
-        """Start a new episode in every environment (optionally with new goals; E may change)."""
-        states = self._reset_states(goals)
+    def _clear(self) -> None:
         # 'once' mode: whether the goal has already paid out in this episode.
         self.reached = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return states
 
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
-        next_states = self._move(actions)
+    def _reward(self, next_states: torch.Tensor) -> torch.Tensor:
         at_goal = (next_states == self.goals).all(dim=-1)
-        if self.reward_mode == "once":
-            paid = at_goal & ~self.reached
-            self.reached = self.reached | at_goal
-        else:
-            paid = at_goal
-        done = self._advance(next_states)
-        return next_states.clone(), paid.to(torch.float32), done
+        if self.reward_mode == "every_step":
+            return at_goal
+        paid = at_goal & ~self.reached  # 'once'
+        self.reached = self.reached | at_goal
+        return paid

@@ -21,7 +21,7 @@ import torch
 from gymnasium import spaces
 
 from env.darkroom import N_ACTIONS, BatchedDarkroom
-from env.key_to_door import TASK_DIM, BatchedKeyToDoor
+from env.key_to_door import BatchedKeyToDoor
 
 ENV_ID = "Darkroom-v0"
 KEY_TO_DOOR_ENV_ID = "DarkKeyToDoor-v0"
@@ -29,6 +29,8 @@ KEY_TO_DOOR_ENV_ID = "DarkKeyToDoor-v0"
 
 class DarkroomGymEnv(gymnasium.Env):
     metadata: ClassVar[dict] = {"render_modes": ["ansi"], "render_fps": 4}
+    _batched = BatchedDarkroom  # the batched env it wraps (KeyToDoorGymEnv: BatchedKeyToDoor)
+    _goal_key = "goal"  # the goal's name in info and reset's options (KeyToDoorGymEnv: "task"; "goal" also works)
 
     def __init__(self, goal=None, grid_size: int = 9, horizon: int = 20,
                  reward_mode: str = "every_step", render_mode: str | None = None):
@@ -40,26 +42,23 @@ class DarkroomGymEnv(gymnasium.Env):
         self.observation_space = spaces.MultiDiscrete([self.grid_size, self.grid_size])
         self.action_space = spaces.Discrete(N_ACTIONS)
         # Built here (validates goal / reward_mode early); reset() re-targets it to the episode's goal.
-        self._env = self._batched([self._fixed_goal or (0,) * self._task_dim])
+        env_cfg = {"grid_size": self.grid_size, "horizon": self.horizon, "reward_mode": reward_mode}
+        self._env = self._batched.from_cfg(env_cfg, [self._fixed_goal or (0,) * self._batched.goal_width])
         self._obs: np.ndarray | None = None
-
-    _task_dim = 2  # numbers per goal (KeyToDoorGymEnv: per task)
-
-    def _batched(self, goals):
-        return BatchedDarkroom(goals, self.grid_size, self.horizon, self.reward_mode)
 
     @property
     def goal(self) -> tuple[int, ...]:
         return tuple(self._env.goals[0].tolist())
 
     def _info(self) -> dict:
-        return {"goal": self.goal, "t": self._env.t}
+        return {self._goal_key: self.goal, "t": self._env.t}
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
-        goal = (options or {}).get("goal", self._fixed_goal)
+        options = options or {}
+        goal = options.get(self._goal_key, options.get("goal", self._fixed_goal))
         if goal is None:
-            goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=self._task_dim))
+            goal = tuple(int(v) for v in self.np_random.integers(0, self.grid_size, size=self._env.goal_width))
         states = self._env.reset([tuple(goal)])
         self._obs = states[0].numpy().astype(np.int64)
         return self._obs.copy(), self._info()
@@ -89,25 +88,16 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
     """'DarkKeyToDoor-v0': DarkroomGymEnv's wrapper over a BatchedKeyToDoor (E = 1); the goal is the task
     (key_x, key_y, door_x, door_y), given as `task=` (or `goal=`) and per episode as options={"task": ...}."""
 
-    _task_dim = TASK_DIM
+    _batched = BatchedKeyToDoor
+    _goal_key = "task"
 
     def __init__(self, task=None, grid_size: int = 9, horizon: int = 50, render_mode: str | None = None,
                  goal=None):
         super().__init__(goal=task if task is not None else goal, grid_size=grid_size, horizon=horizon,
                          reward_mode="key_to_door", render_mode=render_mode)
 
-    def _batched(self, goals):
-        return BatchedKeyToDoor(goals, self.grid_size, self.horizon)
-
     def _info(self) -> dict:
-        return {"task": self.goal, "t": self._env.t, "has_key": bool(self._env.has_key[0]),
-                "door_opened": bool(self._env.door_opened[0])}
-
-    def reset(self, *, seed: int | None = None, options: dict | None = None):
-        options = dict(options or {})
-        if "task" in options:
-            options["goal"] = options.pop("task")
-        return super().reset(seed=seed, options=options)
+        return super()._info() | {"has_key": bool(self._env.has_key[0]), "door_opened": bool(self._env.door_opened[0])}
 
     def _marks(self) -> dict:  # K = key (until held), D = door
         kx, ky, dx, dy = self.goal
@@ -117,7 +107,6 @@ class KeyToDoorGymEnv(DarkroomGymEnv):
 def register_gym_env() -> None:
     """Register 'Darkroom-v0' and 'DarkKeyToDoor-v0' once (importing `env` calls this; re-imports are
     harmless)."""
-    if ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=ENV_ID, entry_point="env.gym_env:DarkroomGymEnv")
-    if KEY_TO_DOOR_ENV_ID not in gymnasium.registry:
-        gymnasium.register(id=KEY_TO_DOOR_ENV_ID, entry_point="env.gym_env:KeyToDoorGymEnv")
+    for env_id, cls in ((ENV_ID, DarkroomGymEnv), (KEY_TO_DOOR_ENV_ID, KeyToDoorGymEnv)):
+        if env_id not in gymnasium.registry:
+            gymnasium.register(id=env_id, entry_point=f"env.gym_env:{cls.__name__}")

@@ -1,19 +1,15 @@
-"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU); docs/design.md §3.
+"""Dark Key-to-Door, batched: E environments stepped as tensors in one call (CPU or GPU); its rules, task split
+and action relabelling are docs/design.md §3.
 
 The second grid world of Algorithm Distillation (Laskin et al. 2022), with the rules of DICP (Son et al. 2025,
-github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py): a G x G grid (9), start at the centre,
-horizon 50, two invisible cells per task, a key and a door. The step that first lands on the key pays 1 (the
-agent now holds it); a later step that lands on the door while holding the key pays 1 (once). The observation
-is the position alone: a learner must remember from its own rewards whether it holds the key. The key pays only
-on a step that lands on it, even on the start cell (take 'stay'), and a door on the key's cell pays one step
-later at the earliest (DICP's if / elif: one reward per step). A task is (key_x, key_y, door_x, door_y); the
-split is DICP's (`task_split`), the validation tasks carved from the END of its train list as for Darkroom.
-
-Actions are the project's Darkroom set (0 stay, 1 +x, 2 -x, 3 +y, 4 -y); DICP orders them 0 +x, 1 -x, 2 +y,
-3 -y, 4 stay, so ours = (dicp + 1) % 5 (to_dicp_action / from_dicp_action), and nothing else differs in states,
-rewards or episode ends (tests/test_key_to_door.py replays DICP's own trajectories, recorded in
-tests/data/dicp_key_to_door.json by tests/tooling/dicp_key_to_door_fixture.py). Our gymnasium view reports the
-time-limit end as `truncated` only (DICP: as both `terminated` and `truncated`), as for Darkroom.
+github.com/jaehyeon-son/dicp, gridworld/env/dark_key_to_door.py). The observation is the position alone: a
+learner must remember from its own rewards whether it holds the key. The key pays only on a step that lands on
+it, even on the start cell (take 'stay'), and a door on the key's cell pays one step later at the earliest
+(DICP's if / elif: one reward per step). DICP orders the actions 0 +x, 1 -x, 2 +y, 3 -y, 4 stay, so ours =
+(dicp + 1) % 5 (to_dicp_action / from_dicp_action), and nothing else differs in states, rewards or episode ends
+(tests/test_key_to_door.py replays DICP's own trajectories, recorded in tests/data/dicp_key_to_door.json by
+tests/tooling/dicp_key_to_door_fixture.py). Our gymnasium view reports the time-limit end as `truncated` only
+(DICP: as both `terminated` and `truncated`), as for Darkroom.
 
 Selected by `env.reward_mode: key_to_door`: keeping the family in reward_mode leaves every Darkroom config and
 dataset unchanged.
@@ -21,14 +17,13 @@ dataset unchanged.
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from collections.abc import Sequence
 from functools import cache
 
 import torch
 
-from env.darkroom import ACTION_DELTAS, N_ACTIONS, GridWorld, start_state
+from env.darkroom import ACTION_DELTAS, N_ACTIONS, GridWorld, shuffled_split, start_state
 
 KEY_TO_DOOR = "key_to_door"  # the env.reward_mode value that selects this env
 TASK_DIM = 4                 # (key_x, key_y, door_x, door_y)
@@ -47,17 +42,9 @@ def from_dicp_action(a: int) -> int:
 
 def task_split(grid_size: int = 9, train_frac: float = 0.95, seed: int = 4
                ) -> tuple[list[tuple[int, int, int, int]], list[tuple[int, int, int, int]]]:
-    """DICP's train/test split of all G^4 (key, door) tasks (sample_dark_key_to_door): tasks listed with
-    the key outer and the door inner, both row-major, shuffled by a Mersenne Twister seeded with `seed`
-    (the same permutation as `random.seed(seed); random.shuffle(tasks)`, without touching the global RNG),
-    the first round(G^4 * train_frac) train."""
-    if not 0.0 < train_frac <= 1.0:
-        raise ValueError(f"train_frac={train_frac} must be in (0, 1]")
-    g = range(grid_size)
-    tasks = [(i, j, k, m) for i in g for j in g for k in g for m in g]
-    random.Random(seed).shuffle(tasks)
-    n_train = round(grid_size ** 4 * train_frac)
-    return tasks[:n_train], tasks[n_train:]
+    """DICP's train/test split of all G^4 (key, door) tasks (sample_dark_key_to_door): `shuffled_split`, so the
+    key is the outer and the door the inner coordinate pair."""
+    return shuffled_split(grid_size, TASK_DIM, train_frac, seed)
 
 
 @cache
@@ -93,7 +80,7 @@ def optimal_return(task: Sequence[int], grid_size: int = 9, horizon: int = 50) -
 
 
 class BatchedKeyToDoor(GridWorld):
-    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device, with BatchedDarkroom's
+    """E Dark Key-to-Door environments (any mix of tasks) as tensors on one device, with GridWorld's
     interface; `goals` holds the tasks, LongTensor[E, 4] (kx, ky, dx, dy) or anything torch.as_tensor accepts.
 
     The hidden progress is public: `has_key` / `door_opened` bool[E] (this episode), and `phase()` =
@@ -108,8 +95,6 @@ class BatchedKeyToDoor(GridWorld):
 
     def __init__(self, tasks, grid_size: int = 9, horizon: int = 50, device: str | torch.device = "cpu"):
         super().__init__(tasks, grid_size, horizon, device)
-        self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
 
     @classmethod
     def from_cfg(cls, env_cfg, tasks, device: str | torch.device = "cpu") -> BatchedKeyToDoor:
@@ -127,21 +112,15 @@ class BatchedKeyToDoor(GridWorld):
         """LongTensor[E]: 0 before the key, 1 holding it, 2 after the door (private to the source)."""
         return self.has_key.long() + self.door_opened.long()
 
-    def reset(self, tasks=None) -> torch.Tensor:
-        """Start a new episode in every environment (optionally with new tasks; E may change)."""
-        states = self._reset_states(tasks)
+    def _clear(self) -> None:
         self.has_key = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
         self.door_opened = torch.zeros(self.n_envs, dtype=torch.bool, device=self.device)
-        return states
 
-    def step(self, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Apply one action per environment. Returns fresh tensors (safe to keep across steps)."""
-        next_states = self._move(actions)
+    def _reward(self, next_states: torch.Tensor) -> torch.Tensor:
         # DICP's if / elif: the key pays if not yet held; otherwise the door pays if the key was held
         # BEFORE this step and the door is still closed. So one step never pays both.
         got_key = ~self.has_key & (next_states == self.keys).all(dim=-1)
         got_door = self.has_key & ~self.door_opened & (next_states == self.doors).all(dim=-1)
         self.has_key = self.has_key | got_key
         self.door_opened = self.door_opened | got_door
-        done = self._advance(next_states)
-        return next_states.clone(), (got_key | got_door).to(torch.float32), done
+        return got_key | got_door
