@@ -8,7 +8,6 @@ computes the same run dir and calls `save_state` (its RNG state); only the main 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,14 +17,14 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 
 import rundir
-from atomic_io import atomic_write_text
+from atomic_io import atomic_write_json
 from errors import UserError
-from model.config import ConfigError
 from optim import lr_lambda, make_optimizer
 from rundir import RunDirError
-from schema import COMPILE_BACKENDS, Budget, Checked, LoopOptions
+from schema import COMPILE_BACKENDS, Budget, Checked, ConfigError, LoopOptions
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -223,11 +222,8 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1) if acc.is_main_process else None
     run, start, t0 = Run(acc, run_dir, writer, s, config, model), state.step, time.perf_counter()
     state.t0 = t0
-    pbar = None
-    if s.progress and acc.is_main_process:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=s.max_steps, initial=start, desc=s.namespace, dynamic_ncols=True, mininterval=1.0)
+    pbar = (tqdm(total=s.max_steps, initial=start, desc=s.namespace, dynamic_ncols=True, mininterval=1.0)
+            if s.progress and acc.is_main_process else None)
     labels = _loop(task, run, opt, sched, batches, state, pbar)
     # What the run paid (the reports' compute columns): labels and wall time of the steps this process
     # trained, and the wall time of all the run's steps (run_train_wall_s: resumes included), before the final
@@ -344,9 +340,8 @@ def _finish(task: Task, run: Run, step: int, start_step: int, compute: dict) -> 
                                                           if compute["steps_trained"] else None)}}
     summary.update(task.on_end(run, step) or {})
     if acc.is_main_process:
-        atomic_write_text(run_dir / "done.json", json.dumps(summary, indent=2, default=float))
-        writer.flush()
-        writer.close()
+        atomic_write_json(run_dir / "done.json", summary, default=float)
+        writer.close()  # flushes
     acc.wait_for_everyone()
     return summary
 
