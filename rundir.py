@@ -1,9 +1,5 @@
 """The run directory: what a run is, what its folder holds, and its resume checkpoints (docs/design.md §6).
 
-Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths (a
-moved or differently spelled folder is the same run). What data_path points at is checked by content
-instead: resuming on data with another `data_fingerprint` is refused unless allow_data_change=true.
-
 Atomicity: leftovers of a killed process (.tmp-/.old- checkpoint folders, .<file>.*.tmp files, incomplete
 step-N folders) are never read, and are removed, and reported, by the next start; a pruned checkpoint is
 first renamed to .old-step-N, so an interrupted prune never leaves a half-deleted step-N.
@@ -326,8 +322,6 @@ def lock_run_dir(acc, run_dir: Path) -> PathLock | None:
         if holder:
             err = (f"run_dir {run_dir} is in use by another training ({holder}, lock file {lock.file}): wait "
                    f"for it to finish or stop it, or choose another run_dir=...")
-        if err:
-            lock = None
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
