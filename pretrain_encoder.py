@@ -29,10 +29,9 @@ from dataset_pretrain import PretrainBatches
 from histories import load_histories
 from hydra_cli import abspath
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
-from model.config import ConfigError
 from model.losses import effective_rank, reconstruction_loss, reconstruction_metrics
 from model.task_targets import task_loss, task_metrics
-from schema import PretrainSamplerConfig, TrainingRun, check_model, key
+from schema import ConfigError, PretrainSamplerConfig, TrainingRun, check_model, key
 
 
 class PretrainConfig(TrainingRun):

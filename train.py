@@ -26,9 +26,8 @@ from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
 from model.compressed_ad import LatentCarry
-from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
-from schema import Budget, SamplerConfig, Schema, TrainingRun, check_model, key
+from schema import Budget, ConfigError, SamplerConfig, Schema, TrainingRun, check_model, key
 
 
 class EvalDuringTraining(Schema):
@@ -92,13 +91,12 @@ class ActionPredictionTask:
         # n_labels: window positions (+ segment positions with model.label_segments), a device tensor
         return loss, metrics, a["n_labels"]
 
-    def incontext_eval(self, run, step) -> dict:
+    def incontext_eval(self, run, step) -> None:
         """Rollouts with frozen weights on the validation goals and a train-goal sample (main process; the
         others wait). The test goals are left to evaluate.py: training-time figures may steer choices."""
         from metrics import eval_scalars, summarize
         from rollout import eval_goals, incontext_rollout
 
-        out = {}
         if run.is_main:
             e = self.cfg.eval
             goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed, e.max_heldout_goals)
@@ -106,11 +104,9 @@ class ActionPredictionTask:
                 r = incontext_rollout(loop.unwrap(run.accelerator, run.model), self.cfg.env, goals[name],
                                       e.n_episodes, e.seeds_per_goal, run.accelerator.device,
                                       seed=self.cfg.seed + step, sample=e.sample)
-                out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"],
-                                                  events=r["events"]), name))
-            run.log(out, step)
+                run.log(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"], events=r["events"]),
+                                     name), step)
         run.accelerator.wait_for_everyone()
-        return out
 
     def on_step(self, run, step):
         final = step == run.settings.max_steps  # on_end computes and logs the final held-out losses once
