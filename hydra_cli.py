@@ -1,11 +1,6 @@
-"""The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
-
-Two things on top of plain Hydra:
-1. Short keys and old spellings (docs/design.md §12): a bare `model.` / `sampler.` key works without its
-   prefix, KEY_ALIASES keep keys that moved, here and in compose_config; a key that exists nowhere fails
-   with one line naming the known keys.
-2. The project's own errors (errors.UserError), Ctrl-C and a full / read-only disk during training print one
-   line `error: ...` instead of a traceback (`run`, `as_user_error`); any other exception is a bug and keeps it.
+"""The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own), with two
+things on top of plain Hydra: the command-line spellings of docs/design.md §12 (bare `model.` / `sampler.` keys,
+KEY_ALIASES, one line for a key that exists nowhere) and the one-line errors of §10.15 (`run`, `as_user_error`).
 """
 
 from __future__ import annotations

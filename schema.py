@@ -1,10 +1,8 @@
-"""The typed config schemas (pydantic): every config key is declared once, with its type, range or choices and a
-one-line doc (docs/design.md §12). Each script's `main` calls `<Script>Config.check(cfg)` first thing, so an
-unknown key or a bad value fails in one line that names the key (ConfigError), before anything is read or written.
-
-Here: the groups and keys several scripts share (env, model, sampler, the loop's); each script's own top-level
-keys are its `<Script>Config`. Relations between keys (n_latent <= seg_len, ...) are `check_model`,
-ModelConfig.validate and the scripts' own checks.
+"""The typed config schemas (pydantic), each key declared once with its type, range or choices and a one-line doc,
+checked first thing by each script's `main` (`<Script>Config.check(cfg)`, docs/design.md §12). Here: the groups
+and keys several scripts share (env, model, sampler, the loop's); each script's own top-level keys are its
+`<Script>Config`. Relations between keys (n_latent <= seg_len, ...) are `check_model`, ModelConfig.validate and
+the scripts' own checks.
 """
 
 from __future__ import annotations
