@@ -84,8 +84,7 @@ class ActionPredictionTask:
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:
-            rec = reconstruction_loss(out["recon_pred"], batch["seg"], batch["seg_len"], loop.unwrap(
-                self.accelerator, model).cfg)
+            rec = reconstruction_loss(out["recon_pred"], batch["seg"], batch["seg_len"], self.model.cfg)
             metrics["loss_recon"] = rec.detach()
             loss = loss + self.aux_w * rec
         # n_labels: window positions (+ segment positions with model.label_segments), a device tensor
@@ -142,11 +141,9 @@ def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
     TrainConfig.check(cfg)
     check_model(cfg.model, cfg.get("sampler"))
-    plain = loop.to_plain(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
-    plain[rundir.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (rundir.check_same_data)
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     m = model.cfg  # the model group, parsed once (ModelConfig)
@@ -162,7 +159,8 @@ def main(cfg) -> dict:
                          "encoder; set the path to an encoder-pretrained-*.pt")
     task = ActionPredictionTask(cfg, model, hist)
     settings = loop.settings_from_cfg(cfg, "train")
-    return loop.fit(task, settings, abspath(cfg.run_dir), plain)
+    return loop.fit(task, settings, abspath(cfg.run_dir),  # resume refuses other data (rundir.check_same_data)
+                    loop.to_plain(cfg) | {rundir.FINGERPRINT_KEY: hist.fingerprint})
 
 
 if __name__ == "__main__":
