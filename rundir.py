@@ -216,14 +216,12 @@ def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
     anything that is not this run. Pure (reads only), so every rank reaches the same decision before the main
     process writes."""
     run_dir = Path(run_dir)
-    plan = RunPlan(run_dir)
     saved = _saved_config(run_dir, "choose another run_dir=...")
     if saved is None and run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise RunDirError(f"run_dir {run_dir} is not empty and holds no run (no config.json); refusing to "
                           f"write into it: choose a new or empty run_dir=...")
     if s.overwrite:
-        plan.wipe = saved is not None
-        return plan
+        return RunPlan(run_dir, wipe=saved is not None)
     if saved is not None and identity(saved) != identity(cfg):
         raise RunDirError(
             f"run_dir {run_dir} already holds a different run (config differs in: "
@@ -251,13 +249,11 @@ def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
             state = f"checkpoint step {existing[-1][0]}" if existing else "finished"
             raise RunDirError(f"run_dir {run_dir} already holds this run ({state}); pass resume=true to "
                               f"continue it, or overwrite=true to start over")
-        plan.restart = saved is not None  # same run, killed before its first checkpoint
-        return plan
-    plan.resume_ckpt = ck
-    plan.start_step, ck_cfg = _loop_state(ck)
+        return RunPlan(run_dir, restart=saved is not None)  # same run, killed before its first checkpoint
+    start, ck_cfg = _loop_state(ck)
     # resume_from: the data the checkpoint was trained on (the run dir's config where it predates saving it)
     check_same_data(ck_cfg if s.resume_from and ck_cfg is not None else saved, cfg, where)
-    return plan
+    return RunPlan(run_dir, ck, start)
 
 
 def check_same_data(saved: dict | None, cfg: dict, where: str) -> None:
