@@ -120,7 +120,6 @@ class PathLock:
 
     def __init__(self, path: str | os.PathLike):
         p = Path(path).expanduser().resolve()
-        self.path = p
         self.file = p.parent / f".{p.name}.lock"
         self.fd: int | None = None
 
