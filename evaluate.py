@@ -54,6 +54,7 @@ def load_trained_model(run_dir, device="cpu"):
     """Rebuild a stage-2 model from <run_dir>/model.pt (train.py's, docs/design.md §6): (model on `device` in
     eval mode, config dict, global_step)."""
     from model import build_model  # lazy: keeps `import evaluate` light for the env-only callers
+    from model.checkpoint import weights_problem
 
     run_dir = Path(run_dir).expanduser()
     path = run_dir / "model.pt"
@@ -69,8 +70,6 @@ def load_trained_model(run_dir, device="cpu"):
     if not isinstance(cfg, dict) or "model_state_dict" not in ckpt or not {"model", "env"} <= cfg.keys():
         raise EvalError(f"{path} lacks 'model_state_dict' or a 'config' with 'model' and 'env': "
                         "it is not a stage-2 model.pt (an encoder-pretrained-*.pt cannot be evaluated)")
-    from model.checkpoint import weights_problem
-
     if not isinstance(cfg["model"], dict) or not isinstance(cfg["env"], dict):
         raise EvalError(f"{path}: config['model'] and config['env'] must be dicts of settings: the file is "
                         f"damaged or foreign; retrain or pass another run_dir")
