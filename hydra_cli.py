@@ -180,7 +180,7 @@ def run(config_name: str, module: str) -> None:
     copy would define its own classes beside the importable module's)."""
     import hydra
 
-    try:  # before importing torch (user_errors and the module do): a typo fails in about a second
+    try:  # before importing the module (and torch with it): a typo fails in about a second
         sys.argv = [sys.argv[0]] + rewrite_overrides(config_name, sys.argv[1:])
     except UnknownKeyError as e:
         report(e)

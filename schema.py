@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import annotated_types as at
+from omegaconf import DictConfig, OmegaConf
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
@@ -29,8 +30,6 @@ class Schema(BaseModel):
     @classmethod
     def check(cls, cfg) -> None:
         """Validate a composed config (DictConfig or dict) against this schema; ConfigError names the first bad key."""
-        from omegaconf import DictConfig, OmegaConf
-
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         try:
             cls(**data)
