@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import json
 import os
 import socket
@@ -46,8 +47,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], binary: 
         os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         if isinstance(e, OSError) and e.filename is None:  # a failed f.write names no file: name ours
             e.filename = str(path)
         raise
@@ -66,8 +66,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save, atomically. Serialised in memory first: torch.save writing into a full disk raises
     RuntimeError ("PytorchStreamWriter failed writing file"), which no OSError handler catches; a plain
     write of the bytes raises the OSError (ENOSPC, EROFS, ...) the callers turn into one line."""
-    import io
-
     import torch
 
     buf = io.BytesIO()
@@ -122,7 +120,6 @@ class PathLock:
 
     def __init__(self, path: str | os.PathLike):
         p = Path(path).expanduser().resolve()
-        self.path = p
         self.file = p.parent / f".{p.name}.lock"
         self.fd: int | None = None
 

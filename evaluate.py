@@ -9,6 +9,7 @@ global_step), resolve_device(name).
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,12 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import teacher_forced
-from atomic_io import atomic_write, atomic_write_json
+from atomic_io import atomic_write, atomic_write_json, os_error_reason
 from errors import EvalError
 from hydra_cli import abspath, one_line
 from metrics import eval_scalars, source_reference, summarize
 from rollout import eval_goals, incontext_rollout
-from schema import EnvConfig, Schema, key, subset
+from schema import ConfigError, EnvConfig, Schema, key, subset
 
 FORMAT_VERSION = 1
 
@@ -50,12 +51,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_trained_model(run_dir, device="cpu"):
-    """Rebuild a stage-2 model from <run_dir>/model.pt.
-
-    model.pt (train.py) = {'model_state_dict', 'config': plain dict with 'model' and 'env', 'global_step'}.
-    Returns (model on `device` in eval mode, config dict, global_step).
-    """
+    """Rebuild a stage-2 model from <run_dir>/model.pt (train.py's, docs/design.md §6): (model on `device` in
+    eval mode, config dict, global_step)."""
     from model import build_model  # lazy: keeps `import evaluate` light for the env-only callers
+    from model.checkpoint import weights_problem
 
     run_dir = Path(run_dir).expanduser()
     path = run_dir / "model.pt"
@@ -71,9 +70,6 @@ def load_trained_model(run_dir, device="cpu"):
     if not isinstance(cfg, dict) or "model_state_dict" not in ckpt or not {"model", "env"} <= cfg.keys():
         raise EvalError(f"{path} lacks 'model_state_dict' or a 'config' with 'model' and 'env': "
                         "it is not a stage-2 model.pt (an encoder-pretrained-*.pt cannot be evaluated)")
-    from model.checkpoint import weights_problem
-    from model.config import ConfigError
-
     if not isinstance(cfg["model"], dict) or not isinstance(cfg["env"], dict):
         raise EvalError(f"{path}: config['model'] and config['env'] must be dicts of settings: the file is "
                         f"damaged or foreign; retrain or pass another run_dir")
@@ -174,16 +170,12 @@ def write_tensorboard(log_dir: Path, results: dict, global_step: int) -> None:
     episode (1-based). A new event file per call; train.py's writer may share the directory."""
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(log_dir=str(log_dir))
-    try:
+    with SummaryWriter(log_dir=str(log_dir)) as writer:  # closing flushes
         for split, res in results.items():
             for tag, v in eval_scalars(res["summary"], split).items():
                 writer.add_scalar(tag, v, global_step)
             for ep, v in enumerate(res["summary"]["curve"], start=1):
                 writer.add_scalar(f"eval/curve_{split}", v, ep)
-        writer.flush()
-    finally:
-        writer.close()
 
 
 def print_table(results: dict) -> None:
@@ -243,8 +235,6 @@ class EvaluateConfig(Schema):
 
 
 def _check_cfg(cfg: DictConfig) -> None:
-    from model.config import ConfigError
-
     if cfg.run_dir in (None, ""):
         raise EvalError("run_dir is required: python evaluate.py run_dir=runs/<name> "
                         "(a stage-2 run directory containing model.pt)")
@@ -256,9 +246,6 @@ def _check_cfg(cfg: DictConfig) -> None:
         raise EvalError(f"out_name={cfg.out_name!r} must be a plain file stem (written inside run_dir)")
     run_dir = Path(abspath(cfg.run_dir))
     if run_dir.is_dir():  # evaluate writes its outputs there: find out now, not after the rollouts
-        import tempfile
-
-        from atomic_io import os_error_reason
         try:
             with tempfile.TemporaryFile(dir=run_dir):
                 pass

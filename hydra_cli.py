@@ -1,20 +1,19 @@
-"""The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own).
-
-Two things on top of plain Hydra:
-1. Short keys and old spellings (docs/design.md §12): a bare `model.` / `sampler.` key works without its
-   prefix, KEY_ALIASES keep keys that moved, here and in compose_config; a key that exists nowhere fails
-   with one line naming the known keys.
-2. The project's own errors (errors.UserError), Ctrl-C and a full / read-only disk during training print one
-   line `error: ...` instead of a traceback (`run`, `as_user_error`); any other exception is a bug and keeps it.
+"""The thin `@hydra.main` wrapper every entry script uses (their `main(cfg)` stays testable on its own), with two
+things on top of plain Hydra: the command-line spellings of docs/design.md §12 (bare `model.` / `sampler.` keys,
+KEY_ALIASES, one line for a key that exists nowhere) and the one-line errors of §10.15 (`run`, `as_user_error`).
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from errors import UserError
 
@@ -61,17 +60,11 @@ def mul(*factors) -> int:
     return math.prod(factors)
 
 
-def register_resolvers() -> None:
-    """The `${encoder_tag:...}` and `${mul:...}` interpolations; runs on import, so every composition through
-    this module (or a script that imports it) resolves train.yaml and the arms that use them."""
-    from omegaconf import OmegaConf
-
-    for name, fn in (("encoder_tag", encoder_tag), ("mul", mul)):
-        if not OmegaConf.has_resolver(name):
-            OmegaConf.register_new_resolver(name, fn)
-
-
-register_resolvers()
+# The `${encoder_tag:...}` and `${mul:...}` interpolations, registered on import, so every composition through
+# this module (or a script that imports it) resolves train.yaml and the arms that use them.
+for _name, _fn in (("encoder_tag", encoder_tag), ("mul", mul)):
+    if not OmegaConf.has_resolver(_name):
+        OmegaConf.register_new_resolver(_name, _fn)
 
 
 class UnknownKeyError(UserError, ValueError):
@@ -118,8 +111,6 @@ def route_override(cfg, override: str) -> str | None:
     """How `override` applies to a script whose composed config is `cfg`: unchanged, respelled (an old key,
     apply_alias), rewritten to `<group>.<key>=...` (a bare key of a BARE_GROUPS group), or None when that config
     has no such key."""
-    from omegaconf import OmegaConf
-
     override = apply_alias(override)
     if override.startswith("-") or "=" not in override:
         return override
@@ -148,7 +139,6 @@ def group_choices(args: list[str]) -> list[str]:
 def rewrite_overrides(config_name: str, args: list[str]) -> list[str]:
     """Map bare model keys to `model.<key>` and reject unknown keys, using the composed config."""
     from hydra.errors import HydraException
-    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     def composed(overrides: list[str], what: str):
@@ -188,11 +178,9 @@ def run(config_name: str, module: str) -> None:
     work is its `main(cfg)` (what tests call): `hydra_cli.run("train", "train")` composes config/train.yaml and
     runs train.main(cfg). `module` is imported by name and ITS main runs, not the __main__ copy's (a __main__
     copy would define its own classes beside the importable module's)."""
-    import importlib
-
     import hydra
 
-    try:  # before importing torch (user_errors and the module do): a typo fails in about a second
+    try:  # before importing the module (and torch with it): a typo fails in about a second
         sys.argv = [sys.argv[0]] + rewrite_overrides(config_name, sys.argv[1:])
     except UnknownKeyError as e:
         report(e)
@@ -254,8 +242,6 @@ def _on_ctrl_c(signum, frame):
     """SIGINT: KeyboardInterrupt, as Python's own handler, and again every CTRL_C_RETRY_S until `run` has caught one. An
     interrupt raised inside a finalizer or a library callback is dropped silently, and a training once kept
     running after Ctrl-C (tests/test_hydra_cli.py)."""
-    import threading
-
     # A real signal to the main thread: it also cuts short a blocking call (sleep, a queue wait).
     timer = threading.Timer(CTRL_C_RETRY_S, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT))
     timer.daemon = True
@@ -273,8 +259,6 @@ def run_args(module: str) -> None:
     """The entry point of the scripts that take flags of their own (two_stage.py, test_pretrain_setup.py), as
     `run`: `<module>.main(argv)` does the work, an int it returns is the exit status, and the module's
     USER_ERRORS print one line `error: ...` and exit 2."""
-    import importlib
-
     mod = importlib.import_module(module)
     try:
         rc = mod.main(sys.argv[1:])

@@ -8,7 +8,6 @@ computes the same run dir and calls `save_state` (its RNG state); only the main 
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,14 +17,14 @@ from typing import Any, Protocol
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from tqdm import tqdm
 
 import rundir
-from atomic_io import atomic_write_text
+from atomic_io import atomic_write_json
 from errors import UserError
-from model.config import ConfigError
 from optim import lr_lambda, make_optimizer
 from rundir import RunDirError
-from schema import COMPILE_BACKENDS, Budget, Checked, LoopOptions
+from schema import COMPILE_BACKENDS, Budget, Checked, ConfigError, LoopOptions
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -111,13 +110,12 @@ class _LoopState:
 
     step, wall_s, t0 = 0, 0.0, None  # t0: perf_counter when this process started training
 
-    def run_wall_s(self, now: float | None = None) -> float | None:
-        """Wall seconds of steps 1..step up to `now` (default: this moment)."""
-        now = time.perf_counter() if now is None else now
+    def run_wall_s(self, now: float) -> float | None:
+        """Wall seconds of steps 1..step up to `now` (a perf_counter reading)."""
         return None if self.wall_s is None else self.wall_s + (now - self.t0 if self.t0 is not None else 0.0)
 
     def state_dict(self):
-        return {"step": self.step, "wall_s": self.run_wall_s()}
+        return {"step": self.step, "wall_s": self.run_wall_s(time.perf_counter())}
 
     def load_state_dict(self, sd):
         self.step, self.wall_s = int(sd["step"]), sd.get("wall_s")
@@ -223,11 +221,8 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
     writer = SummaryWriter(str(run_dir / "tb"), purge_step=state.step + 1) if acc.is_main_process else None
     run, start, t0 = Run(acc, run_dir, writer, s, config, model), state.step, time.perf_counter()
     state.t0 = t0
-    pbar = None
-    if s.progress and acc.is_main_process:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=s.max_steps, initial=start, desc=s.namespace, dynamic_ncols=True, mininterval=1.0)
+    pbar = tqdm(total=s.max_steps, initial=start, desc=s.namespace, dynamic_ncols=True, mininterval=1.0,
+                disable=not (s.progress and acc.is_main_process))
     labels = _loop(task, run, opt, sched, batches, state, pbar)
     # What the run paid (the reports' compute columns): labels and wall time of the steps this process
     # trained, and the wall time of all the run's steps (run_train_wall_s: resumes included), before the final
@@ -236,8 +231,7 @@ def _train(task: Task, s: LoopSettings, run_dir: Path, config: dict, acc) -> dic
     run_wall = state.run_wall_s(now)
     compute = {"steps_trained": state.step - start, "labels_trained": labels, "train_wall_s": round(now - t0, 3),
                "run_train_wall_s": None if run_wall is None else round(run_wall, 3)}
-    if pbar:
-        pbar.close()
+    pbar.close()
     return _finish(task, run, state.step, start, compute)
 
 
@@ -285,8 +279,7 @@ def _loop(task: Task, run: Run, opt, sched, batches, state: _LoopState, pbar) ->
         sched.step()
         opt.zero_grad(set_to_none=True)
         labels, total, state.step = labels + n_step, total + n_step, step
-        if pbar:
-            pbar.update(1)
+        pbar.update(1)
         if step % s.log_every == 0 or step == s.max_steps:
             _check_finite(bad, s)
             _log(run, sums, labels, time.perf_counter() - t_log, sched.get_last_lr()[0], gnorm, step, pbar)
@@ -313,8 +306,7 @@ def _log(run: Run, sums: dict, labels, dt: float, lr: float, gnorm: torch.Tensor
     scalars = {f"{ns}/{k}": vals[i] / max(vals[-1], 1.0) for i, k in enumerate(keys)}
     scalars.update({f"{ns}/lr": lr, f"{ns}/labels_per_s": vals[-1] / dt, f"{ns}/grad_norm": gnorm.item()})
     run.log(scalars, step)
-    if pbar:
-        pbar.set_postfix(loss=f"{scalars[f'{ns}/loss']:.4f}")
+    pbar.set_postfix(loss=f"{scalars[f'{ns}/loss']:.4f}")
 
 
 def _check_finite(bad: torch.Tensor, s: LoopSettings) -> None:
@@ -344,9 +336,8 @@ def _finish(task: Task, run: Run, step: int, start_step: int, compute: dict) -> 
                                                           if compute["steps_trained"] else None)}}
     summary.update(task.on_end(run, step) or {})
     if acc.is_main_process:
-        atomic_write_text(run_dir / "done.json", json.dumps(summary, indent=2, default=float))
-        writer.flush()
-        writer.close()
+        atomic_write_json(run_dir / "done.json", summary, default=float)
+        writer.close()  # flushes
     acc.wait_for_everyone()
     return summary
 

@@ -5,11 +5,8 @@
     python pretrain_encoder.py pretrain_lr=0.0005 n_latent=15 max_compression_depth=2
     accelerate launch --config_file accelerate_config.yaml pretrain_encoder.py
 
-Each batch holds samples of depth 1..3 (weights 2:3:4): d consecutive segments are folded hierarchically
-by the encoder with the *current* weights, and a ReconstructionDecoder reads every folded transition back
-from the final latents only. The target is the raw transition features f(tau), never anything the
-encoder produced: a constant encoder cannot lower this loss (see docs/design.md §5 and the collapse detectors
-logged here: latent effective rank and the latent-ablation gap).
+The target is the raw transitions, never anything the encoder produced, so a constant encoder cannot lower
+the loss (docs/design.md §5); the collapse detectors are logged here (latent effective rank, ablation gap).
 
 Writes <run_dir>/encoder-pretrained-<step>.pt every save_every steps and
 <run_dir>/encoder-pretrained-final.pt at the end (format: model/checkpoint.py), main process only.
@@ -29,10 +26,9 @@ from dataset_pretrain import PretrainBatches
 from histories import load_histories
 from hydra_cli import abspath
 from model import EncoderPretrainer, ModelConfig, save_encoder_checkpoint
-from model.config import ConfigError
 from model.losses import effective_rank, reconstruction_loss, reconstruction_metrics
 from model.task_targets import task_loss, task_metrics
-from schema import PretrainSamplerConfig, TrainingRun, check_model, key
+from schema import ConfigError, PretrainSamplerConfig, TrainingRun, check_model, key
 
 
 class PretrainConfig(TrainingRun):

@@ -2,14 +2,11 @@
 
     python remeasure.py results/memory-mid-key_to_door/runs/dark_key_to_door-w50-ad-seed0 [<run_dir> ...]
 
-What train.py measures once its last step is taken — the same-position NLL of the validation and test
-histories with the memory probe (teacher_forced.py: `tf_loss_val`, `tf_loss_test`, `heldout_val`,
-`heldout_test`) and the goal readout (goal_readout.py: `goal_readout`) — computed again with today's code and
-the run's own settings (`heldout_max_histories`), on its own dataset, and written into its done.json
-(atomically) with `remeasured`: when, by which command, on which machine. For a measurement whose definition
-changed after runs were trained (Key-to-Door's readout per cell; held-out histories spread over the goals
-instead of a prefix), so that old and new runs of one table are measured alike. One process, any device the
-model fits (CPU here); the weights and everything else in done.json stay as they were.
+What train.py measures once its last step is taken (goal_readout.end_of_training) computed again with today's
+code, the run's own settings and dataset, and written into its done.json (atomically) with `remeasured`
+(docs/design.md §7): for a measurement whose definition changed after runs were trained, so that old and new
+runs of one table are measured alike. One process, any device the model fits (CPU here); the weights and
+everything else in done.json stay as they were.
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
 """The run directory: what a run is, what its folder holds, and its resume checkpoints (docs/design.md §6).
 
-Run identity: a run is its config minus the volatile keys (cadence, performance knobs) and minus paths (a
-moved or differently spelled folder is the same run). What data_path points at is checked by content
-instead: resuming on data with another `data_fingerprint` is refused unless allow_data_change=true.
-
 Atomicity: leftovers of a killed process (.tmp-/.old- checkpoint folders, .<file>.*.tmp files, incomplete
 step-N folders) are never read, and are removed, and reported, by the next start; a pruned checkpoint is
 first renamed to .old-step-N, so an interrupted prune never leaves a half-deleted step-N.
@@ -220,14 +216,12 @@ def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
     anything that is not this run. Pure (reads only), so every rank reaches the same decision before the main
     process writes."""
     run_dir = Path(run_dir)
-    plan = RunPlan(run_dir)
     saved = _saved_config(run_dir, "choose another run_dir=...")
     if saved is None and run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
         raise RunDirError(f"run_dir {run_dir} is not empty and holds no run (no config.json); refusing to "
                           f"write into it: choose a new or empty run_dir=...")
     if s.overwrite:
-        plan.wipe = saved is not None
-        return plan
+        return RunPlan(run_dir, wipe=saved is not None)
     if saved is not None and identity(saved) != identity(cfg):
         raise RunDirError(
             f"run_dir {run_dir} already holds a different run (config differs in: "
@@ -255,13 +249,11 @@ def plan_run_dir(run_dir: Path, cfg: dict, s) -> RunPlan:
             state = f"checkpoint step {existing[-1][0]}" if existing else "finished"
             raise RunDirError(f"run_dir {run_dir} already holds this run ({state}); pass resume=true to "
                               f"continue it, or overwrite=true to start over")
-        plan.restart = saved is not None  # same run, killed before its first checkpoint
-        return plan
-    plan.resume_ckpt = ck
-    plan.start_step, ck_cfg = _loop_state(ck)
+        return RunPlan(run_dir, restart=saved is not None)  # same run, killed before its first checkpoint
+    start, ck_cfg = _loop_state(ck)
     # resume_from: the data the checkpoint was trained on (the run dir's config where it predates saving it)
     check_same_data(ck_cfg if s.resume_from and ck_cfg is not None else saved, cfg, where)
-    return plan
+    return RunPlan(run_dir, ck, start)
 
 
 def check_same_data(saved: dict | None, cfg: dict, where: str) -> None:
@@ -326,8 +318,6 @@ def lock_run_dir(acc, run_dir: Path) -> PathLock | None:
         if holder:
             err = (f"run_dir {run_dir} is in use by another training ({holder}, lock file {lock.file}): wait "
                    f"for it to finish or stop it, or choose another run_dir=...")
-        if err:
-            lock = None
     if acc.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 

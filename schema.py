@@ -1,10 +1,8 @@
-"""The typed config schemas (pydantic): every config key is declared once, with its type, range or choices and a
-one-line doc (docs/design.md §12). Each script's `main` calls `<Script>Config.check(cfg)` first thing, so an
-unknown key or a bad value fails in one line that names the key (ConfigError), before anything is read or written.
-
-Here: the groups and keys several scripts share (env, model, sampler, the loop's); each script's own top-level
-keys are its `<Script>Config`. Relations between keys (n_latent <= seg_len, ...) are `check_model`,
-ModelConfig.validate and the scripts' own checks.
+"""The typed config schemas (pydantic), each key declared once with its type, range or choices and a one-line doc,
+checked first thing by each script's `main` (`<Script>Config.check(cfg)`, docs/design.md §12). Here: the groups
+and keys several scripts share (env, model, sampler, the loop's); each script's own top-level keys are its
+`<Script>Config`. Relations between keys (n_latent <= seg_len, ...) are `check_model`, ModelConfig.validate and
+the scripts' own checks.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import annotated_types as at
+from omegaconf import DictConfig, OmegaConf
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 from pydantic_core import PydanticUndefined
 
@@ -31,8 +30,6 @@ class Schema(BaseModel):
     @classmethod
     def check(cls, cfg) -> None:
         """Validate a composed config (DictConfig or dict) against this schema; ConfigError names the first bad key."""
-        from omegaconf import DictConfig, OmegaConf
-
         data = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
         try:
             cls(**data)

@@ -26,9 +26,8 @@ from histories import load_histories
 from hydra_cli import abspath
 from model import build_model, load_pretrained_encoder
 from model.compressed_ad import LatentCarry
-from model.config import ConfigError
 from model.losses import action_loss, reconstruction_loss
-from schema import Budget, SamplerConfig, Schema, TrainingRun, check_model, key
+from schema import Budget, ConfigError, SamplerConfig, Schema, TrainingRun, check_model, key
 
 
 class EvalDuringTraining(Schema):
@@ -85,20 +84,18 @@ class ActionPredictionTask:
         metrics = {"loss_action": a["loss"].detach(), "acc_action": a["acc"]}
         loss = a["loss"]
         if self.aux_w > 0 and "recon_pred" in out:
-            rec = reconstruction_loss(out["recon_pred"], batch["seg"], batch["seg_len"], loop.unwrap(
-                self.accelerator, model).cfg)
+            rec = reconstruction_loss(out["recon_pred"], batch["seg"], batch["seg_len"], self.model.cfg)
             metrics["loss_recon"] = rec.detach()
             loss = loss + self.aux_w * rec
         # n_labels: window positions (+ segment positions with model.label_segments), a device tensor
         return loss, metrics, a["n_labels"]
 
-    def incontext_eval(self, run, step) -> dict:
+    def incontext_eval(self, run, step) -> None:
         """Rollouts with frozen weights on the validation goals and a train-goal sample (main process; the
         others wait). The test goals are left to evaluate.py: training-time figures may steer choices."""
         from metrics import eval_scalars, summarize
         from rollout import eval_goals, incontext_rollout
 
-        out = {}
         if run.is_main:
             e = self.cfg.eval
             goals = eval_goals(self.cfg.env, e.n_train_goals, self.cfg.seed, e.max_heldout_goals)
@@ -106,11 +103,9 @@ class ActionPredictionTask:
                 r = incontext_rollout(loop.unwrap(run.accelerator, run.model), self.cfg.env, goals[name],
                                       e.n_episodes, e.seeds_per_goal, run.accelerator.device,
                                       seed=self.cfg.seed + step, sample=e.sample)
-                out.update(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"],
-                                                  events=r["events"]), name))
-            run.log(out, step)
+                run.log(eval_scalars(summarize(r["returns"], r["optimal"], horizon=r["horizon"], events=r["events"]),
+                                     name), step)
         run.accelerator.wait_for_everyone()
-        return out
 
     def on_step(self, run, step):
         final = step == run.settings.max_steps  # on_end computes and logs the final held-out losses once
@@ -146,11 +141,9 @@ def main(cfg) -> dict:
     """Train per `cfg` (a composed config/train.yaml); returns the run summary."""
     TrainConfig.check(cfg)
     check_model(cfg.model, cfg.get("sampler"))
-    plain = loop.to_plain(cfg)
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     hist = load_histories(abspath(cfg.data_path), cfg.env)
-    plain[rundir.FINGERPRINT_KEY] = hist.fingerprint  # resume refuses other data (rundir.check_same_data)
     loop.seed_everything(cfg.seed)  # init weights depend on the seed only (reproducible, resumable)
     model = build_model(cfg.model, cfg.env)
     m = model.cfg  # the model group, parsed once (ModelConfig)
@@ -166,7 +159,8 @@ def main(cfg) -> dict:
                          "encoder; set the path to an encoder-pretrained-*.pt")
     task = ActionPredictionTask(cfg, model, hist)
     settings = loop.settings_from_cfg(cfg, "train")
-    return loop.fit(task, settings, abspath(cfg.run_dir), plain)
+    return loop.fit(task, settings, abspath(cfg.run_dir),  # resume refuses other data (rundir.check_same_data)
+                    loop.to_plain(cfg) | {rundir.FINGERPRINT_KEY: hist.fingerprint})
 
 
 if __name__ == "__main__":
