@@ -151,17 +151,6 @@ def train_jobs(jobs: list[dict]) -> list[dict]:
                                  arm_rank(r["arm"]), r["seed"]))
 
 
-def status_fields(tj: list[dict], missing: list[str]) -> dict:
-    """The report's complete / missing / run_status: every train job the report covers must be `done`
-    (run_status) and have its numbers (`missing`, the table function's own finding)."""
-    status = {Path(r["run_dir"]).name: r.get("run_status", DONE) for r in tj}
-    for m in missing:
-        status[m] = status.get(m) if status.get(m, DONE) != DONE else "missing"
-    bad = sorted(n for n, st in status.items() if st != DONE)
-    return {"complete": not bad, "missing": bad, "run_status": {n: status[n] for n in bad},
-            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A report's provenance: its commands, machine, dataset, timings and stage-1 settings
 # ---------------------------------------------------------------------------------------------------------
@@ -172,18 +161,26 @@ def sweep_commands(info: dict) -> str:
     return " ; ".join(cmds) or "?"
 
 
-def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
+def provenance(tj: list[dict], info: dict, df: pd.DataFrame, devices=None) -> dict:
     """The fields every report starts with: date, command, experiment, its scale (on which device), the machine
-    that measured, status."""
+    that measured, and its status: complete when every train job the report covers is `done` (run_status) and
+    has its numbers (the table of runs `df`: its projection's `complete`)."""
     import torch
 
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     scale = f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}"
     if devices is not None:
         scale += f" on {device_label(devices)}"
+    status = {Path(r["run_dir"]).name: r.get("run_status", DONE) for r in tj}
+    for name in (Path(p["run_dir"]).name for p in df["run"] if not p["complete"]):
+        if status.get(name, DONE) == DONE:
+            status[name] = "missing"
+    bad = sorted(n for n, st in status.items() if st != DONE)
     return {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": sweep_commands(info),
             "experiment": experiment, "scale": scale, "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, "
-            f"{platform.machine()}, torch {torch.__version__}", **status_fields(tj, missing)}
+            f"{platform.machine()}, torch {torch.__version__}", "complete": not bad, "missing": bad,
+            "run_status": {n: status[n] for n in bad},
+            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
 
 
 def device_label(devices: set) -> str:
@@ -330,11 +327,6 @@ def run_table(tj: list[dict], project) -> pd.DataFrame:
                      "run": p})
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["arm", "seed", "budget", "sweep_env",
                                                                   "sweep_window", "job", "rec", "run"])
-
-
-def unfinished(df: pd.DataFrame) -> list[str]:
-    """The run dirs of the table whose numbers are not all there (the projection's `complete`)."""
-    return [Path(p["run_dir"]).name for p in df["run"] if not p["complete"]]
 
 
 def describe(df: pd.DataFrame, by, keys) -> pd.DataFrame:

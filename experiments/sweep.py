@@ -369,7 +369,7 @@ class Report(Callback):
             try:
                 rep = report.write(out)
                 print(f"\nwrote the report into {out}", flush=True)
-                print(report.render(out, rep), flush=True)
+                print(report.render(rep), flush=True)
                 bad |= set(rep.get("missing") or [])
             except UserError as e:
                 rep_error = f"the report failed: {e}"
