@@ -1,8 +1,4 @@
-"""The plots of the sweep reports (experiments/report.py): return curves over seeds and the budget curve.
-
-Each function draws one report dict into a PNG, written atomically; `arm_color(arm)` is the arm's plot colour
-(report.arm_color: the arm files' `color`). Matplotlib is imported here only, with the Agg canvas (no display).
-"""
+"""The plots of the sweep reports (experiments/report.py): return curves over seeds and the budget curve."""
 
 from __future__ import annotations
 

@@ -66,10 +66,8 @@ def _held(path: Path) -> bool:
     try:
         with open(PathLock(path).file) as f:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+    except OSError as e:  # BlockingIOError: held; no lock file (or an unreadable one): not held
+        return isinstance(e, BlockingIOError)
     return False
 
 
@@ -82,7 +80,6 @@ def _finite(x) -> bool:
 
 
 def split_summary(ev: dict, split: str = "test") -> dict:
-    """An evaluation's summary of one split ({} when absent)."""
     return ((ev.get("splits") or {}).get(split) or {}).get("summary") or {}
 
 
