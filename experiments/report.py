@@ -4,10 +4,8 @@
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
-experiments/sweep.py calls `write(out)` when a multirun ends. The record's `sweep` picks the report
-(REPORTS[name]: the function that groups the table of runs, experiments/runs.py, into mean ± sd (n) per arm
-and paired 95 % t-intervals to a reference arm, experiments/stats.py, and writes the record, and the
-markdown of table.md); adding an experiment is adding one there.
+experiments/sweep.py calls `write(out)` when a multirun ends. The record's `sweep` picks the report in REPORTS
+(docs/design.md §2, §7): adding an experiment is adding one there.
 """
 
 from __future__ import annotations

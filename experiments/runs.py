@@ -1,8 +1,7 @@
 """The runs of a sweep's out dir as one table (experiments/report.py groups it into its reports): the jobs a
 report covers (report_jobs: sweep.json's planned ones and the records <out>/jobs/*.json), the state of each
 run dir <out>/runs/<name> (run_status: the run dir decides, not the record), the numbers every report reads
-from it (run_record) and a report's provenance. Arms are declared in experiments/conf/arm/<arm>.yaml: label,
-table order (`order`) and plot colour (`color`).
+from it (run_record) and a report's provenance. Arms: arm_file (their files, docs/design.md §10.17).
 """
 
 from __future__ import annotations
