@@ -72,9 +72,9 @@ def stage1_markdown(rep: dict) -> list[str]:
         "numbers: the record's stage1_diagnostics."), ""]
 
 
-def stage1_table(rep: dict, split: str = "test") -> str:
-    """The depth x field table of a record's stage1_diagnostics on one goal split ("" when it has none)."""
-    rows = ((rep.get("stage1_diagnostics") or {}).get("splits") or {}).get(split)
+def stage1_table(rep: dict) -> str:
+    """The depth x field table of a record's stage1_diagnostics on the test goals ("" when it has none)."""
+    rows = ((rep.get("stage1_diagnostics") or {}).get("splits") or {}).get("test")
     return md_table([{"depth": r["depth"], "field": "whole transition" if r["field"] == "exact" else r["field"].replace("_", " "),
                       **{h: stats.fmt_describe(r[k], ".3f") for k, h in (
                           ("encoder", "encoder"), ("majority", "majority class"), ("shuffled", "shuffled latents"),
