@@ -22,7 +22,6 @@ from atomic_io import PathLock
 from experiments import stats
 from rundir import read_json
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
 DONE = "done"
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
@@ -40,7 +39,7 @@ def arm_file(arm: str) -> dict:
     from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "conf" / "arm" / f"{arm}.yaml"))
+        return OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "conf" / "arm" / f"{arm}.yaml"))
     except (OSError, ValueError):
         return {}
 
