@@ -152,8 +152,7 @@ def train_jobs(jobs: list[dict]) -> list[dict]:
 def sweep_commands(info: dict) -> str:
     """Every sweep command that wrote into this out dir (sweep.json `commands`, oldest first), joined by ' ; '
     (one out dir may be filled by several sweeps of the same configuration: other arms or seeds)."""
-    cmds = info.get("commands") or ([info["command"]] if info.get("command") else [])
-    return " ; ".join(cmds) or "?"
+    return " ; ".join(info.get("commands") or [info.get("command") or "?"])
 
 
 def provenance(tj: list[dict], info: dict, df: pd.DataFrame, devices=None) -> dict:
