@@ -1,18 +1,10 @@
-"""Tables in the docs are rendered from the committed records, never typed.
+"""Tables in the docs are rendered from the committed records, never typed (docs/design.md §7).
 
-A generated block in a markdown file (README.md, results/README.md, docs/design.md) is
-
-    <!-- generated: <kind> <record> -->
-    ...rendered table...
-    <!-- end generated -->
-
-where <record> is a report's JSON under results/ (relative to the repository root) and <kind> one of KINDS.
-`python experiments/docs_tables.py` rewrites every block from its record; `--check` changes nothing and exits
-1 naming each block that differs from what its record renders (tests/test_docs_tables.py runs it, so a table
-edited by hand, or a record changed without re-rendering, fails the suite).
+A block `<!-- generated: <kind> <record> -->` ... `<!-- end generated -->` in one of DOCS is what KINDS[kind]
+renders from <record>, a report's JSON under results/ (relative to the repository root).
 
     python experiments/docs_tables.py            # re-render every block
-    python experiments/docs_tables.py --check    # verify
+    python experiments/docs_tables.py --check    # change nothing; exit 1 naming each block that differs
 """
 
 from __future__ import annotations
@@ -42,14 +34,6 @@ def _f(d: dict | None, fmt: str) -> str:  # "–" where no run has the figure
     return stats.fmt_describe(d, fmt) if d else "–"
 
 
-def _provenance(rep: dict, record: str, doc: str) -> str:
-    """The record's path (linked relative to the document), date, machine, command, seeds."""
-    link = os.path.relpath(record, os.path.dirname(doc) or ".")
-    return (f"Record: [`{record}`]({link}) — {rep.get('date', '?')}, {rep.get('machine') or 'machine not recorded'}; "
-            f"command: `{rep.get('command', '?')}`; seeds {', '.join(map(str, rep.get('seeds', [])))}"
-            + ("" if rep.get("complete") else f"; **INCOMPLETE**: {', '.join(rep.get('missing', []))}") + ".")
-
-
 def _vs(r: dict, field: str = "paired", reference: str = MEMORY_REFERENCE) -> str:
     """A row's paired difference on the test return to a reference arm (row[field]: "paired" = AD with the same
     window, "paired_3w" = AD with 3x the window), or "(reference)" on the reference's own row."""
@@ -68,8 +52,7 @@ def _paid(s: dict) -> dict:
 
 
 def memory_headline(rep: dict) -> str:
-    """The memory table's headline: per arm the test-goal return, its paired difference to AD with the same
-    window, learning speed, search vs use, the validation return and what the arm paid."""
+    """The memory table's headline: one row per arm, its columns from the record's per-arm stats."""
     return md_table([{
         "env": r["env"], "arm": f"`{r['arm']}`", "window": window_label(r),
         "return / optimal, last 5 (test)": _f(s["return_last5_norm"], ".3f"),
@@ -82,9 +65,7 @@ def memory_headline(rep: dict) -> str:
 
 
 def key_to_door(rep: dict) -> str:
-    """Dark Key-to-Door's memory table: per arm the return in episode 1 and in the last 5 (does it learn in
-    context?), the key-found and door-opened fractions of the last 5, the paired differences to AD w and AD 3w,
-    what it paid."""
+    """Dark Key-to-Door's memory table: episode 1 beside the last 5 (does an arm learn in context?)."""
     return md_table([{
         "arm": f"`{r['arm']}`", "window": window_label(r),
         "return / optimal, episode 1": _f(s.get("return_first_norm"), ".3f"),
@@ -118,8 +99,7 @@ def memory_probe(rep: dict) -> str:
 
 
 def budget_paired(rep: dict) -> str:
-    """The budget curve as paired differences: per stage-2 budget, each arm minus scratch (same seed) on the
-    test NLL and the last-5 return / optimal, from the record's per-seed numbers."""
+    """The budget curve as paired differences: per stage-2 budget, each arm minus scratch (same seed)."""
     by = {(r["arm"], r["stage2_steps"]): r for r in rep["rows"]}
     keys = (("heldout_loss_same_position", "test NLL, same positions", "lower", ".3f"),
             ("return_last5", "return, last 5 episodes", "higher", ".2f"))
@@ -145,15 +125,19 @@ KINDS = {"memory-headline": memory_headline, "memory-probe": memory_probe, "budg
 
 
 def render(kind: str, record: str, root: Path = ROOT, doc: str = "README.md") -> str:
-    """The block `kind` rendered from `record` (a path relative to the repository root) for document `doc`."""
+    """The block `kind` rendered from `record` (a path relative to the repository root) for document `doc`, with
+    its provenance: the record's path (linked relative to the document), date, machine, command, seeds."""
     if kind not in KINDS:
         raise SystemExit(f"error: unknown generated-block kind {kind!r} (known: {', '.join(KINDS)})")
-    path = root / record
     try:
-        rep = json.loads(path.read_text())
+        rep = json.loads((root / record).read_text())
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: {record}: cannot read the record a generated block names ({e})") from None
-    return KINDS[kind](rep).rstrip("\n") + "\n\n" + _provenance(rep, record, doc) + "\n"
+    link = os.path.relpath(record, os.path.dirname(doc) or ".")
+    return (KINDS[kind](rep).rstrip("\n") + f"\n\nRecord: [`{record}`]({link}) — {rep.get('date', '?')}, "
+            f"{rep.get('machine') or 'machine not recorded'}; command: `{rep.get('command', '?')}`; seeds "
+            f"{', '.join(map(str, rep.get('seeds', [])))}"
+            + ("" if rep.get("complete") else f"; **INCOMPLETE**: {', '.join(rep.get('missing', []))}") + ".\n")
 
 
 def sync(check: bool, root: Path = ROOT) -> list[str]:

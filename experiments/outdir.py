@@ -157,7 +157,7 @@ def start(out: Path, command: str, planned: list[dict], **fields) -> None:
             "started_unix": time.time(), "planned": sorted(jobs.values(), key=lambda j: j["run"])}, indent=1))
 
 
-def record(out: Path, name: str, **fields) -> dict:
+def record(out: Path, name: str, **fields) -> None:
     """Merge `fields` into <out>/jobs/<name>.json (wall_s entries add up over attempts)."""
     path = out / "jobs" / f"{name}.json"
     rec = read_json(path) or {}
@@ -167,7 +167,6 @@ def record(out: Path, name: str, **fields) -> dict:
     rec.update(fields, wall_s=wall, updated=_dt.datetime.now().astimezone().isoformat(timespec="seconds"),
                updated_unix=time.time())
     write_text(path, json.dumps(rec, indent=1, default=str))
-    return rec
 
 
 def failed(out: Path, name: str, error: str, claimed: bool, status: str = "failed") -> None:

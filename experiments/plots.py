@@ -1,8 +1,4 @@
-"""The plots of the sweep reports (experiments/report.py): return curves over seeds and the budget curve.
-
-Each function draws one report dict into a PNG, written atomically; `arm_color(arm)` is the arm's plot colour
-(report.arm_color: the arm files' `color`). Matplotlib is imported here only, with the Agg canvas (no display).
-"""
+"""The plots of the sweep reports (experiments/report.py): return curves over seeds and the budget curve."""
 
 from __future__ import annotations
 
@@ -54,8 +50,7 @@ def _curve_axes(ax, title: str, src, n_episodes, opt, ep_hist=None) -> None:
     if ep_hist and n_episodes and ep_hist <= n_episodes:
         ax.axvline(ep_hist, color="k", linestyle=":", linewidth=1, label=f"source history length ({ep_hist} ep.)")
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("episode (in context, frozen weights)")
-    ax.set_ylabel("mean return (± std over training seeds)")
+    ax.set(xlabel="episode (in context, frozen weights)", ylabel="mean return (± std over training seeds)")
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")
@@ -88,9 +83,8 @@ def budget_plot(path: Path, rep: dict, ylabels: dict) -> None:
                 if pts:
                     x, y, e = map(np.asarray, zip(*pts))
                     ax.errorbar(x, y, yerr=e, marker="o", capsize=3, color=arm_color(arm), label=arm)
-            ax.set_xscale("log")
-            ax.set_xlabel("stage-2 steps" if j == 0 else "total compute (stage-2-step equivalents, incl. stage 1)")
-            ax.set_ylabel(ylabels[key])
+            ax.set(xscale="log", ylabel=ylabels[key],
+                   xlabel="stage-2 steps" if j == 0 else "total compute (stage-2-step equivalents, incl. stage 1)")
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)

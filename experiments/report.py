@@ -4,10 +4,8 @@
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
-experiments/sweep.py calls `write(out)` when a multirun ends. The record's `sweep` picks the report
-(REPORTS[name]: the function that groups the table of runs, experiments/runs.py, into mean ± sd (n) per arm
-and paired 95 % t-intervals to a reference arm, experiments/stats.py, and writes the record, and the
-markdown of table.md); adding an experiment is adding one there.
+experiments/sweep.py calls `write(out)` when a multirun ends. The record's `sweep` picks the report in REPORTS
+(docs/design.md §2, §7): adding an experiment is adding one there.
 """
 
 from __future__ import annotations
@@ -65,8 +63,7 @@ COMPARE_REFERENCE = "scratch"  # every arm is compared with stage 2 from scratch
 COMPARE_PAIRED = ("heldout_loss_same_position", "return_last5_normalized", "long_return_tail_normalized")
 
 
-def compare(out: Path, jobs: list[dict], info: dict) -> dict:
-    tj = runs.train_jobs(jobs)
+def compare(tj: list[dict], jobs: list[dict], info: dict) -> dict:
     df = runs.run_table(tj, runs.compare_run)
     arms = sorted({r["arm"] for r in tj}, key=runs.arm_rank)
     d = runs.describe(df, "arm", COMPARE_METRICS)
@@ -103,7 +100,7 @@ def compare(out: Path, jobs: list[dict], info: dict) -> dict:
 
     tail = first("long_tail_episodes")
     devices = {p.get("eval_device") for p in df["run"]}
-    return {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+    return {"format_version": 1, **runs.provenance(tj, info, df, devices),
             "cwd": info.get("cwd"), "arms": arms, "seeds": sorted({r["seed"] for r in tj}), "budget": budget,
             "dataset": runs.dataset_info(next((c for c in cfgs.values() if c), {}).get("data_path")),
             "eval": {**settings("eval"), "last_k": first("eval_last_k"), "n_test_goals": first("n_test_goals"),
@@ -174,8 +171,7 @@ BUDGET_METRICS = {
 BUDGET_PAIRED = ("heldout_loss_same_position", "return_last5_norm", "return_last5_norm_val", "tf_loss_val")
 
 
-def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
-    tj = runs.train_jobs(jobs)
+def pretrain_budget(tj: list[dict], jobs: list[dict], info: dict) -> dict:
     arms = sorted({r["arm"] for r in tj}, key=runs.arm_rank)
     df = runs.run_table([r for r in tj if r.get("budget")], runs.budget_run)
     pc, _ = runs.stage1(jobs)
@@ -194,7 +190,7 @@ def pretrain_budget(out: Path, jobs: list[dict], info: dict) -> dict:
     first = next((p for r in rows for p in r["per_seed"].values() if p["complete"]), {})
     tc = (read_json(Path(tj[0]["run_dir"]) / "config.json") or {}) if tj else {}
     devices = {p.get("device") for r in rows for p in r["per_seed"].values()}
-    return {"format_version": 1, **runs.provenance(tj, info, runs.unfinished(df), devices),
+    return {"format_version": 1, **runs.provenance(tj, info, df, devices),
             "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
             "budgets": sorted({r["stage2_steps"] for r in rows}),
             "dataset": str(tc.get("data_path")),
@@ -291,8 +287,7 @@ COMPUTE_COLUMNS = (  # what each arm paid (done.json's compute, this process's t
 )
 
 
-def memory(out: Path, jobs: list[dict], info: dict) -> dict:
-    tj = runs.train_jobs(jobs)
+def memory(tj: list[dict], jobs: list[dict], info: dict) -> dict:
     df = runs.run_table(tj, runs.memory_run)
     by = ["sweep_env", "sweep_window", "arm"]
     d = runs.describe(df, by, [c[0] for c in MEMORY_COLUMNS + COMPUTE_COLUMNS])
@@ -338,7 +333,7 @@ def memory(out: Path, jobs: list[dict], info: dict) -> dict:
     data = {r["env"]: runs.dataset_info(next(p["data_path"] for p in r["per_seed"].values())) for r in rows}
     for d_ in data.values():
         d_["source_search_use_test"] = runs.source_search_use(d_["path"]) if d_.get("n_steps") else None
-    prov = runs.provenance(tj, info, runs.unfinished(df))
+    prov = runs.provenance(tj, info, df)
     redone = sorted({p["remeasured"]["command"] for r in rows for p in r["per_seed"].values() if p.get("remeasured")})
     prov["command"] = " ; ".join([prov["command"]] + redone)  # the end-of-run measurements redone since too
     return {"format_version": 2, **{k: prov.pop(k) for k in ("date", "command", "experiment", "scale", "machine")},
@@ -438,7 +433,8 @@ def write(out: Path) -> dict:
         raise ReportError(f"{out}: no report for sweep {name!r} (known: {', '.join(REPORTS)})")
     report, record, markdown, plot, png = REPORTS[name]
     try:
-        rep = report(out, runs.report_jobs(out, name, info), info)
+        jobs = runs.report_jobs(out, name, info)
+        rep = report(runs.train_jobs(jobs), jobs, info)
         atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
         atomic_write_text(out / "table.md", markdown(rep))
         plot(out / png, rep)
@@ -449,7 +445,7 @@ def write(out: Path) -> dict:
     return rep
 
 
-def render(out: Path, rep: dict) -> str:
+def render(rep: dict) -> str:
     return REPORTS[rep["sweep"]][2](rep)
 
 
@@ -461,7 +457,7 @@ def main(argv=None) -> dict:
         rep = write(Path(a.out))
     except ReportError as e:
         p.exit(2, f"error: {e}\n")
-    print(render(Path(a.out), rep))
+    print(render(rep))
     return rep
 
 

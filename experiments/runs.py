@@ -1,8 +1,7 @@
 """The runs of a sweep's out dir as one table (experiments/report.py groups it into its reports): the jobs a
 report covers (report_jobs: sweep.json's planned ones and the records <out>/jobs/*.json), the state of each
 run dir <out>/runs/<name> (run_status: the run dir decides, not the record), the numbers every report reads
-from it (run_record) and a report's provenance. Arms are declared in experiments/conf/arm/<arm>.yaml: label,
-table order (`order`) and plot colour (`color`).
+from it (run_record) and a report's provenance. Arms: arm_file (their files, docs/design.md §10.17).
 """
 
 from __future__ import annotations
@@ -23,7 +22,6 @@ from atomic_io import PathLock
 from experiments import stats
 from rundir import read_json
 
-ROOT = Path(__file__).resolve().parents[1]
 SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP scale"}
 DONE = "done"
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
@@ -41,7 +39,7 @@ def arm_file(arm: str) -> dict:
     from omegaconf import OmegaConf
 
     try:
-        return OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "conf" / "arm" / f"{arm}.yaml"))
+        return OmegaConf.to_container(OmegaConf.load(Path(__file__).parent / "conf" / "arm" / f"{arm}.yaml"))
     except (OSError, ValueError):
         return {}
 
@@ -66,10 +64,8 @@ def _held(path: Path) -> bool:
     try:
         with open(PathLock(path).file) as f:
             fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released when f closes
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
+    except OSError as e:  # BlockingIOError: held; no lock file (or an unreadable one): not held
+        return isinstance(e, BlockingIOError)
     return False
 
 
@@ -82,7 +78,6 @@ def _finite(x) -> bool:
 
 
 def split_summary(ev: dict, split: str = "test") -> dict:
-    """An evaluation's summary of one split ({} when absent)."""
     return ((ev.get("splits") or {}).get(split) or {}).get("summary") or {}
 
 
@@ -151,39 +146,35 @@ def train_jobs(jobs: list[dict]) -> list[dict]:
                                  arm_rank(r["arm"]), r["seed"]))
 
 
-def status_fields(tj: list[dict], missing: list[str]) -> dict:
-    """The report's complete / missing / run_status: every train job the report covers must be `done`
-    (run_status) and have its numbers (`missing`, the table function's own finding)."""
-    status = {Path(r["run_dir"]).name: r.get("run_status", DONE) for r in tj}
-    for m in missing:
-        status[m] = status.get(m) if status.get(m, DONE) != DONE else "missing"
-    bad = sorted(n for n, st in status.items() if st != DONE)
-    return {"complete": not bad, "missing": bad, "run_status": {n: status[n] for n in bad},
-            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
-
-
 # ---------------------------------------------------------------------------------------------------------
 # A report's provenance: its commands, machine, dataset, timings and stage-1 settings
 # ---------------------------------------------------------------------------------------------------------
 def sweep_commands(info: dict) -> str:
     """Every sweep command that wrote into this out dir (sweep.json `commands`, oldest first), joined by ' ; '
     (one out dir may be filled by several sweeps of the same configuration: other arms or seeds)."""
-    cmds = info.get("commands") or ([info["command"]] if info.get("command") else [])
-    return " ; ".join(cmds) or "?"
+    return " ; ".join(info.get("commands") or [info.get("command") or "?"])
 
 
-def provenance(tj: list[dict], info: dict, missing: list[str], devices=None) -> dict:
+def provenance(tj: list[dict], info: dict, df: pd.DataFrame, devices=None) -> dict:
     """The fields every report starts with: date, command, experiment, its scale (on which device), the machine
-    that measured, status."""
+    that measured, and its status: complete when every train job the report covers is `done` (run_status) and
+    has its numbers (the table of runs `df`: its projection's `complete`)."""
     import torch
 
     experiment = info.get("experiment") or (tj[0]["experiment"] if tj else "?")
     scale = f"{SCALES.get(experiment, 'custom scale')}: experiment={experiment}"
     if devices is not None:
         scale += f" on {device_label(devices)}"
+    status = {Path(r["run_dir"]).name: r.get("run_status", DONE) for r in tj}
+    for name in (Path(p["run_dir"]).name for p in df["run"] if not p["complete"]):
+        if status.get(name, DONE) == DONE:
+            status[name] = "missing"
+    bad = sorted(n for n, st in status.items() if st != DONE)
     return {"date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"), "command": sweep_commands(info),
             "experiment": experiment, "scale": scale, "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, "
-            f"{platform.machine()}, torch {torch.__version__}", **status_fields(tj, missing)}
+            f"{platform.machine()}, torch {torch.__version__}", "complete": not bad, "missing": bad,
+            "run_status": {n: status[n] for n in bad},
+            "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
 
 
 def device_label(devices: set) -> str:
@@ -330,11 +321,6 @@ def run_table(tj: list[dict], project) -> pd.DataFrame:
                      "run": p})
     return pd.DataFrame(rows) if rows else pd.DataFrame(columns=["arm", "seed", "budget", "sweep_env",
                                                                   "sweep_window", "job", "rec", "run"])
-
-
-def unfinished(df: pd.DataFrame) -> list[str]:
-    """The run dirs of the table whose numbers are not all there (the projection's `complete`)."""
-    return [Path(p["run_dir"]).name for p in df["run"] if not p["complete"]]
 
 
 def describe(df: pd.DataFrame, by, keys) -> pd.DataFrame:

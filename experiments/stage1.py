@@ -1,6 +1,5 @@
-"""What does stage 1 keep? Its per-field accuracy per depth beside three baselines, across a sweep's stage-1
-runs: the `stage1_diagnostics` block of a compare (table.json) or pretrain-budget (summary.json) record, its
-table.md section, and the docs_tables kind stage1-fields."""
+"""What does stage 1 keep? The `stage1_diagnostics` block of a sweep's record, its table.md section and the
+docs_tables kind stage1-fields (docs/design.md §5, "What stage 1 keeps")."""
 
 from __future__ import annotations
 
@@ -19,10 +18,8 @@ STAGE1_DEPTHS = (1, 2, 3)
 
 
 def stage1_diagnostics(jobs: list[dict]) -> dict:
-    """{"stage1_diagnostics": ...} when the sweep has stage-1 runs ({} otherwise): per goal split (done.json's
-    top level is its `diagnostics_split`, the validation goals; its "test" the test goals), depth and field,
-    each seed's scores, their mean ± sd (n), and the paired interval of the encoder minus the seed's best
-    baseline (stats.paired: the encoder keeps the field only when the interval is above 0)."""
+    """{"stage1_diagnostics": ...} as docs/design.md §5 describes it when the sweep has stage-1 runs ({} if
+    none); done.json's top level is its `diagnostics_split` (validation goals), its "test" the test goals."""
     _, rds = runs.stage1(jobs)
     if not rds:
         return {}
@@ -72,9 +69,9 @@ def stage1_markdown(rep: dict) -> list[str]:
         "numbers: the record's stage1_diagnostics."), ""]
 
 
-def stage1_table(rep: dict, split: str = "test") -> str:
-    """The depth x field table of a record's stage1_diagnostics on one goal split ("" when it has none)."""
-    rows = ((rep.get("stage1_diagnostics") or {}).get("splits") or {}).get(split)
+def stage1_table(rep: dict) -> str:
+    """The depth x field table of a record's stage1_diagnostics on the test goals ("" when it has none)."""
+    rows = ((rep.get("stage1_diagnostics") or {}).get("splits") or {}).get("test")
     return md_table([{"depth": r["depth"], "field": "whole transition" if r["field"] == "exact" else r["field"].replace("_", " "),
                       **{h: stats.fmt_describe(r[k], ".3f") for k, h in (
                           ("encoder", "encoder"), ("majority", "majority class"), ("shuffled", "shuffled latents"),

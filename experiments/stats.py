@@ -61,13 +61,13 @@ def t_quantile(p: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def interval(diffs: Iterable, level: float = LEVEL) -> dict:
+def interval(diffs: Iterable) -> dict:
     """Mean of the (paired) differences with its two-sided t-interval: {'diff', 'lo', 'hi', 'sd', 'n'};
     lo/hi are None for n < 2 (no interval from one pair)."""
     d = describe(diffs)
     lo = hi = None
     if d["n"] >= 2:
-        half = t_quantile(0.5 + level / 2.0, d["n"] - 1) * d["sd"] / math.sqrt(d["n"])
+        half = t_quantile(0.5 + LEVEL / 2.0, d["n"] - 1) * d["sd"] / math.sqrt(d["n"])
         lo, hi = d["mean"] - half, d["mean"] + half
     return {"diff": d["mean"], "lo": lo, "hi": hi, "sd": d["sd"], "n": d["n"]}
 
@@ -85,13 +85,13 @@ def verdict(lo: float | None, hi: float | None, better: str = "higher") -> str:
     return NO_DIFFERENCE
 
 
-def paired(x: Mapping, ref: Mapping, better: str = "higher", level: float = LEVEL) -> dict:
+def paired(x: Mapping, ref: Mapping, better: str = "higher") -> dict:
     """x − ref over the keys (seeds) both have a finite value for: the interval of `interval` plus the
     verdict words and the keys used."""
     keys = sorted(k for k in set(x) & set(ref) if finite([x[k]]) and finite([ref[k]]))
-    out = interval([float(x[k]) - float(ref[k]) for k in keys], level)
+    out = interval([float(x[k]) - float(ref[k]) for k in keys])
     return {**out, "verdict": verdict(out["lo"], out["hi"], better), "pairs": [str(k) for k in keys],
-            "level": level}
+            "level": LEVEL}
 
 
 def fmt_describe(d: dict, fmt: str) -> str:
@@ -112,10 +112,10 @@ def fmt_paired(p: dict, fmt: str) -> str:
             f"{p['verdict']} (n={p['n']})")
 
 
-def paired_records(x: Mapping, ref: Mapping, better: Mapping, level: float = LEVEL) -> dict:
+def paired_records(x: Mapping, ref: Mapping, better: Mapping) -> dict:
     """{metric: paired(...)} for per-seed records {seed: {metric: value}} of an arm and its reference arm,
     `better` naming each metric compared and its good direction ('higher' / 'lower')."""
-    return {k: paired({s: r.get(k) for s, r in x.items()}, {s: r.get(k) for s, r in ref.items()}, b, level)
+    return {k: paired({s: r.get(k) for s, r in x.items()}, {s: r.get(k) for s, r in ref.items()}, b)
             for k, b in better.items()}
 
 

@@ -9,10 +9,8 @@
 
 Config: experiments/conf/sweep.yaml (the keys), conf/sweep/<name>.yaml (an experiment: arms, seeds, budgets,
 evaluations, stage defaults), conf/arm/<name>.yaml (an arm: stage-2 overrides, stage-1 encoder or not).
-A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk, as two_stage.py
-does (its check_dataset and stage_state): the dataset and this seed's stage 1 (<out>/runs/pretrain-seed<s>) are
-made once under a lock, stage 2 (<out>/runs/<run>) and its evaluations (sweep.evals) reused, resumed or refused;
-experiments/report.py reads the out dir's records (experiments/outdir.py). Ctrl-C: exit 130; rerun to resume.
+A job runs each stage as its own process (log: <out>/logs/<run>.log) and decides from the disk (§10.17 there):
+stage 1 is <out>/runs/pretrain-seed<s>, stage 2 <out>/runs/<run>. Ctrl-C: exit 130; rerun to resume.
 
 Stage overrides: every `key=value` that is not the sweep's own (conf/sweep.yaml, arm=, sweep=, hydra...)
 is routed as two_stage.py routes it (`stage:key=value` targets one stage; seed and data_seed mean what they
@@ -70,7 +68,6 @@ STATUS: dict = {}  # what the multirun's end left for _entry: {"error": one line
 
 
 def compose(stage: str, overrides: list[str]) -> dict:
-    """two_stage.compose as a plain dict."""
     return OmegaConf.to_container(two_stage.compose(stage, overrides), resolve=True)
 
 
@@ -369,7 +366,7 @@ class Report(Callback):
             try:
                 rep = report.write(out)
                 print(f"\nwrote the report into {out}", flush=True)
-                print(report.render(out, rep), flush=True)
+                print(report.render(rep), flush=True)
                 bad |= set(rep.get("missing") or [])
             except UserError as e:
                 rep_error = f"the report failed: {e}"
