@@ -1,6 +1,5 @@
 """The report of a sweep: a reader of finished run directories (nothing is run).
 
-    python experiments/report.py results/compare-quick            # table.md, table.json, curves.png
     python experiments/report.py results/pretrain-budget-quick    # summary.json, table.md, budget.png
     python experiments/report.py results/memory-mid               # summary.json, table.md, curves.png
 
@@ -451,7 +450,7 @@ def render(rep: dict) -> str:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("out", help="the sweep's output folder (its `out`, e.g. results/compare-quick)")
+    p.add_argument("out", help="the sweep's output folder (its `out`, e.g. results/memory-mid)")
     a = p.parse_args(argv)
     try:
         rep = write(Path(a.out))
