@@ -5,6 +5,10 @@ renders from <record>, a report's JSON under results/ (relative to the repositor
 
     python experiments/docs_tables.py            # re-render every block
     python experiments/docs_tables.py --check    # change nothing; exit 1 naming each block that differs
+
+The prose around the blocks quotes paired intervals ("+0.089 [+0.045, +0.133]"); `unrecorded_intervals` lists
+each one that no record renders (a results/*/table.md or a generated block), at the precision quoted, so a
+sentence that outlived its record is caught like a stale table.
 """
 
 from __future__ import annotations
@@ -162,14 +166,41 @@ def sync(check: bool, root: Path = ROOT) -> list[str]:
     return stale
 
 
+INTERVAL = re.compile(r"([+-]?\d+\.(\d+)) \[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]")
+
+
+def unrecorded_intervals(root: Path = ROOT) -> list[str]:
+    """'file: interval' for each "d [lo, hi]" in the prose of DOCS that no record shows; a record's figure
+    rounded to the prose's decimals counts (the prose may quote -0.1323 [-0.1471, -0.1176] as -0.132 [...])."""
+    def triples(text: str) -> list[tuple[int, tuple[float, ...]]]:
+        return [(len(m.group(2)), tuple(float(m.group(i)) for i in (1, 3, 4)))
+                for m in INTERVAL.finditer(text.replace("\u2212", "-"))]
+
+    docs = {doc: (root / doc).read_text() for doc in DOCS if (root / doc).is_file()}
+    shown = triples("".join(m.group(4) for t in docs.values() for m in BLOCK.finditer(t)))
+    shown += [t for f in sorted(root.glob("results/**/table.md")) for t in triples(f.read_text())]
+    missing = []
+    for doc, text in docs.items():
+        for m in INTERVAL.finditer(BLOCK.sub("", text).replace("\u2212", "-")):
+            d, quoted = len(m.group(2)), [float(m.group(i)) for i in (1, 3, 4)]
+            if not any(dr >= d and all(abs(q - v) <= 0.5 * 10 ** -d + 1e-9 for q, v in zip(quoted, vals))
+                       for dr, vals in shown):
+                missing.append(f"{doc}: {m.group(0)}")
+    return missing
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its record")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a block differs from its record "
+                   "(a prose interval no record shows fails with or without --check)")
     a = p.parse_args(argv)
     stale = sync(a.check)
     for s in stale:
         print(("stale: " if a.check else "re-rendered: ") + s)
-    return 1 if a.check and stale else 0
+    unrecorded = unrecorded_intervals()
+    for s in unrecorded:
+        print(f"no record shows the interval the prose quotes: {s}")
+    return 1 if (a.check and stale) or unrecorded else 0
 
 
 if __name__ == "__main__":

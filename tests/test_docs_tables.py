@@ -12,6 +12,27 @@ def test_the_docs_tables_match_their_records():
     assert docs_tables.sync(check=True) == [], "run: python experiments/docs_tables.py"
 
 
+def test_every_interval_the_prose_quotes_is_in_a_record():
+    assert docs_tables.unrecorded_intervals() == []
+
+
+def test_an_interval_no_record_shows_is_named(tmp_path):
+    """A quoted interval counts when a table.md or a generated block shows it, at the quoted precision or
+    finer (rounded); a changed figure, or one quoted finer than its record, is named with its file."""
+    (tmp_path / "results" / "x").mkdir(parents=True)
+    (tmp_path / "results" / "x" / "table.md").write_text("| a | -0.1323 [-0.1471, -0.1176], better (n=3) |\n")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "design.md").write_text(
+        "<!-- generated: memory-probe results/x/summary.json -->\n| +0.089 [+0.045, +0.133] |\n"
+        "<!-- end generated -->\n")
+    ok = "kept − AD w: −0.132 [−0.147, −0.118], better; at 5,000 steps +0.089 [+0.045, +0.133] of optimal"
+    (tmp_path / "README.md").write_text(ok)
+    assert docs_tables.unrecorded_intervals(tmp_path) == []
+    (tmp_path / "README.md").write_text(ok + "; n = 2: −0.019 [−0.035, −0.003]; finer: +0.0890 [+0.0450, +0.1330]")
+    assert docs_tables.unrecorded_intervals(tmp_path) == [
+        "README.md: -0.019 [-0.035, -0.003]", "README.md: +0.0890 [+0.0450, +0.1330]"]
+
+
 def _memory_record() -> dict:
     row = {"env": "darkroom", "window": 20, "memory_probe": None, "goal_readout": {}, "paired": {},
            "stats": {k: {"mean": 0.5, "sd": 0.1, "n": 5} for k in (
