@@ -294,7 +294,8 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
         sha = hashlib.sha256(plan.encoder.read_bytes()).hexdigest()[:16]
         had = (read_json(job.out / "jobs" / f"{name}.json") or {}).get("encoder_sha256")
         if state == "reuse" and had is None:  # a record from before the hashes, or a lost one: file dates decide
-            two_stage.stage_state("train", plan.overrides, False, FIX, plan.fp, plan.encoder)
+            steps_key, what = two_stage.TRAINING["train"]  # the planned config again, not composed a second time
+            rundir.run_state(plan.run_dir, plan.want, int(plan.want[steps_key]), what, False, FIX, plan.fp, plan.encoder)
         elif state == "reuse" and had != sha:
             raise SweepError(f"{rd} was trained from another {ENCODER_FILE} than {plan.encoder} holds now (stage 1 "
                              f"was redone since): {FIX}")

@@ -127,6 +127,12 @@ def test_compare_sweep_basic_launcher_and_reuse(tmp_path, tiny):
     assert r5.returncode == 1 and "[reuse] train:scratch-seed0" in r5.stdout, r5.stdout[-2000:] + r5.stderr
     assert ("pretrained_ft-seed0 was trained from another encoder-pretrained-final.pt than" in r5.stderr
             and "(stage 1 was redone since): pass force=true" in r5.stderr), r5.stderr
+    # a record without the encoder's hash (written before the hashes, or lost): the file dates decide
+    rec = out / "jobs" / "pretrained_ft-seed0.json"
+    rec.write_text(json.dumps({k: v for k, v in json.loads(rec.read_text()).items() if k != "encoder_sha256"}))
+    r6 = sweep(tmp_path, tiny.data_path, "arm=pretrained_ft", "seed=0", "max_steps=8", *LONG)
+    assert r6.returncode == 1 and "from an older encoder-pretrained-final.pt (stage 1 was redone after it " \
+        "started): pass force=true" in r6.stderr, r6.stdout[-2000:] + r6.stderr
 
 
 @pytest.mark.slow
