@@ -169,24 +169,22 @@ def sync(check: bool, root: Path = ROOT) -> list[str]:
 INTERVAL = re.compile(r"([+-]?\d+\.(\d+)) \[([+-]?\d+\.\d+), ([+-]?\d+\.\d+)\]")
 
 
+def _intervals(text: str):
+    """(as quoted, with ASCII minus signs; decimals of the estimate; (estimate, lo, hi)) of each interval in text."""
+    for m in INTERVAL.finditer(text.replace("\u2212", "-")):
+        yield m.group(0), len(m.group(2)), tuple(float(m.group(i)) for i in (1, 3, 4))
+
+
 def unrecorded_intervals(root: Path = ROOT) -> list[str]:
     """'file: interval' for each "d [lo, hi]" in the prose of DOCS that no record shows; a record's figure
     rounded to the prose's decimals counts (the prose may quote -0.1323 [-0.1471, -0.1176] as -0.132 [...])."""
-    def triples(text: str) -> list[tuple[int, tuple[float, ...]]]:
-        return [(len(m.group(2)), tuple(float(m.group(i)) for i in (1, 3, 4)))
-                for m in INTERVAL.finditer(text.replace("\u2212", "-"))]
-
     docs = {doc: (root / doc).read_text() for doc in DOCS if (root / doc).is_file()}
-    shown = triples("".join(m.group(4) for t in docs.values() for m in BLOCK.finditer(t)))
-    shown += [t for f in sorted(root.glob("results/**/table.md")) for t in triples(f.read_text())]
-    missing = []
-    for doc, text in docs.items():
-        for m in INTERVAL.finditer(BLOCK.sub("", text).replace("\u2212", "-")):
-            d, quoted = len(m.group(2)), [float(m.group(i)) for i in (1, 3, 4)]
-            if not any(dr >= d and all(abs(q - v) <= 0.5 * 10 ** -d + 1e-9 for q, v in zip(quoted, vals))
-                       for dr, vals in shown):
-                missing.append(f"{doc}: {m.group(0)}")
-    return missing
+    records = [m.group(4) for t in docs.values() for m in BLOCK.finditer(t)]
+    records += [f.read_text() for f in sorted(root.glob("results/**/table.md"))]
+    shown = [(d, vals) for text in records for _, d, vals in _intervals(text)]
+    return [f"{doc}: {quoted}" for doc, text in docs.items() for quoted, d, vals in _intervals(BLOCK.sub("", text))
+            if not any(dr >= d and all(abs(q - v) <= 0.5 * 10 ** -d + 1e-9 for q, v in zip(vals, rv))
+                       for dr, rv in shown)]
 
 
 def main(argv=None) -> int:
