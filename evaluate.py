@@ -268,12 +268,13 @@ def main(cfg: DictConfig) -> dict:
 
     if cfg.env_from_run:
         env_cfg = dict(run_cfg["env"])
-    else:  # e.g. a longer horizon than in training; the grid fixes the model's input scaling and the split
+    else:  # e.g. a longer horizon than in training. The grid fixes the model's input scaling; the split keys fix
+        # which goals are held out: another split would report "test" on goals the model was trained on.
         env_cfg = OmegaConf.to_container(cfg.env, resolve=True)
-        for key in ("grid_size", "n_actions"):
-            if env_cfg[key] != run_cfg["env"][key]:
-                raise EvalError(f"env.{key}={env_cfg[key]} but the model was trained with "
-                                f"{run_cfg['env'][key]}: use env_from_run=true or a matching env")
+        for key in ("grid_size", "n_actions", "train_frac", "split_seed", "n_val_goals"):
+            if env_cfg.get(key) != run_cfg["env"].get(key):
+                raise EvalError(f"env.{key}={env_cfg.get(key)} but the model was trained with "
+                                f"{run_cfg['env'].get(key)}: use env_from_run=true or a matching env")
     goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed), cfg.max_heldout_goals)
     hist = _run_histories(cfg, run_cfg, env_cfg) if (cfg.teacher_forced or cfg.source_curve) else None
     source = hist.meta if cfg.source_curve else {}

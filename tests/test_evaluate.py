@@ -101,6 +101,12 @@ def test_evaluate_rejects_bad_values_and_names_a_missing_gpu(tmp_path, finished)
     raises_one_line(evaluate.EvalError,
             r"splits=\[.test., .holdout.\] must be a non-empty list of distinct values among test, val, train",
             evaluate.main, conftest.compose("evaluate", [f"run_dir={run}", "splits=[test,holdout]"]))
+    # env_from_run=false evaluates on this config's env: another goal split would call "test" goals the model
+    # was trained on (the check used to cover the grid only)
+    for key, value, trained in (("split_seed", 1, 0), ("n_val_goals", 2, 5), ("grid_size", 7, 9)):
+        raises_one_line(evaluate.EvalError, rf"env.{key}={value} but the model was trained with {trained}: "
+                        r"use env_from_run=true or a matching env", evaluate.main,
+                        conftest.compose("evaluate", [f"run_dir={run}", "env_from_run=false", f"env.{key}={value}"]))
     if not torch.cuda.is_available():  # used to say "not a model.pt ... retrain"
         msg = raises_one_line(evaluate.EvalError, r"device=cuda but this machine has 0 CUDA GPU\(s\): use device=cpu",
                       evaluate.main, conftest.compose("evaluate", [f"run_dir={run}", "device=cuda"]))
