@@ -60,9 +60,15 @@ def mul(*factors) -> int:
     return math.prod(factors)
 
 
-# The `${encoder_tag:...}` and `${mul:...}` interpolations, registered on import, so every composition through
-# this module (or a script that imports it) resolves train.yaml and the arms that use them.
-for _name, _fn in (("encoder_tag", encoder_tag), ("mul", mul)):
+def split_tag(split_seed) -> str:
+    """`${split_tag:${split_seed}}`: "" for the env's own goal split (null), else "-split<s>": what a sweep
+    appends to its out dir and its dataset's name, so two goal splits never share a folder."""
+    return "" if split_seed is None else f"-split{split_seed}"
+
+
+# The `${encoder_tag:...}`, `${mul:...}` and `${split_tag:...}` interpolations, registered on import, so every
+# composition through this module (or a script that imports it) resolves train.yaml, the arms and the sweeps.
+for _name, _fn in (("encoder_tag", encoder_tag), ("mul", mul), ("split_tag", split_tag)):
     if not OmegaConf.has_resolver(_name):
         OmegaConf.register_new_resolver(_name, _fn)
 

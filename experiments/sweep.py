@@ -49,7 +49,7 @@ from atomic_io import PathLock
 from errors import UserError
 from experiments import outdir
 from experiments.outdir import SweepError, held, record
-from hydra_cli import abspath, compose_config, flatten, override_key
+from hydra_cli import abspath, compose_config, flatten, override_key, split_tag
 from rundir import read_json
 
 # Keys a job sets per run (for the training stages and evaluate); a free override of them would silently be
@@ -72,9 +72,10 @@ def compose(stage: str, overrides: list[str]) -> dict:
 
 
 def route(user: list[str], defaults: list[str], experiment: str, env: str | None,
-          budget: int | None = None) -> dict[str, list[str]]:
-    """two_stage.split_overrides of the preset choice, the sweep's stage defaults and the user's overrides
-    (in that order: the user's win), after refusing the keys the job sets itself."""
+          budget: int | None = None, split_seed: int | None = None) -> dict[str, list[str]]:
+    """two_stage.split_overrides of the preset choice, the goal split, the sweep's stage defaults and the user's
+    overrides (in that order: the user's win), after refusing the keys the job sets itself. A split_seed goes
+    to every stage as env.split_seed, and names the dataset (dataset_for_split) unless the user gave data_path."""
     for o in user:
         if "=" not in o:
             raise SweepError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
@@ -84,10 +85,23 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
         if override_key(o) == "max_steps" and budget is not None:
             raise SweepError(f"{o!r}: this sweep's stage-2 budget is budget={budget}, not max_steps")
     groups = [f"experiment={experiment}"] + ([f"env={env}"] if env else [])
+    groups += [] if split_seed is None else [f"env.split_seed={split_seed}"]
     try:
-        return two_stage.split_overrides(groups + list(defaults) + list(user))
+        routed = two_stage.split_overrides(groups + list(defaults) + list(user))
+        if split_seed is None or any(override_key(o) == "data_path" for o in user):
+            return routed
+        data = dataset_for_split(compose("collect", routed["collect"])["data_path"], split_seed)
+        return two_stage.split_overrides(groups + [f"data_path={data}"] + list(defaults) + list(user))
     except two_stage.PipelineError as e:
         raise SweepError(str(e)) from None
+
+
+def dataset_for_split(data_path: str, split_seed: int) -> str:
+    """The preset's dataset folder for another goal split: -split<s> before its -seed<d> (data/darkroom-quick-seed0
+    -> data/darkroom-quick-split1-seed0), or at its end; collect refuses a folder that holds another split."""
+    head, sep, tail = data_path.rpartition("-seed")
+    tag = split_tag(split_seed)
+    return f"{head}{tag}{sep}{tail}" if sep and tail.isdigit() else f"{data_path}{tag}"
 
 
 def job_keys(arm, seed, budget, window, env) -> dict:
@@ -117,7 +131,8 @@ def out_identity(sweep_name: str, experiment: str, evals, routed: dict, env: str
 def claim(cfg, out: Path) -> tuple[dict, str]:
     """The routed stage overrides and the out dir's identity hash, claimed in <out>/sweep.json (refused in one line
     if out is no writable folder or holds another sweep configuration)."""
-    routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, cfg.budget)
+    routed = route(list(cfg.overrides), list(cfg.sweep.overrides), cfg.experiment, cfg.env, cfg.budget,
+                   cfg.split_seed)
     outdir.check_out(out)
     ident = out_identity(cfg.sweep.name, cfg.experiment, cfg.sweep.evals, routed, cfg.env)
     return routed, outdir.check_identity(out, ident, claim=True)
@@ -405,6 +420,9 @@ def precheck(argv: list[str]) -> None:
         # the overrides: not the flags (-m, --cfg job, ...), nor their values (which have no `=`)
         parsed = OverridesParser.create().parse_overrides([a for a in argv if a.startswith("~") or "=" in a
                                                            and not a.startswith("-")])
+        if any(o.is_sweep_override() and o.key_or_group == "split_seed" for o in parsed):
+            raise SweepError("split_seed takes one value per multirun (each split writes its own out dir and "
+                             "dataset): run the command once per split")
         if any(o.is_sweep_override() and o.key_or_group in ("experiment", "sweep") for o in parsed):
             return
         cfg = compose_config("sweep", [o.input_line for o in parsed if not o.is_sweep_override()

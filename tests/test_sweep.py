@@ -328,6 +328,41 @@ def test_data_seed_picks_one_dataset_for_every_stage_and_seed_is_the_jobs(monkey
         "collect:seed=1", "collect:overwrite=true"]  # no collect key is the job's
 
 
+def test_split_seed_routes_the_goal_split_to_every_stage_and_names_its_dataset_and_out():
+    """split_seed=1 is the other-split check in one word: every stage gets env.split_seed=1, the dataset and the
+    out dir their own -split1 folders, and the identity equals the four prefixed overrides + data_path that
+    the committed split-1 records were made with (so they are reused, not redone)."""
+    from hydra_cli import compose_config
+
+    sw = _sw()
+    assert sw.dataset_for_split("data/darkroom-quick-seed0", 1) == "data/darkroom-quick-split1-seed0"
+    assert sw.dataset_for_split("data/mine", 2) == "data/mine-split2"
+    assert sw.dataset_for_split("data/x-seedling", 0) == "data/x-seedling-split0"
+    routed = sw.route([], ["train:eval_every=0"], "mid", "darkroom", split_seed=1)
+    c = {s: sw.compose(s, routed[s] + (["run_dir=x"] if s == "evaluate" else [])) for s in routed}
+    assert all(c[s]["env"]["split_seed"] == 1 for s in c)
+    assert {c[s]["data_path"] for s in ("collect", "pretrain", "train")} == {"data/darkroom-quick-split1-seed0"}
+    long = ["collect:env.split_seed=1", "pretrain:env.split_seed=1", "train:env.split_seed=1",
+            "evaluate:env.split_seed=1", "data_path=data/darkroom-quick-split1-seed0"]
+    evals = {"eval": {"n_episodes": 100}}
+    assert sw.out_identity("memory", "mid", evals, routed, "darkroom") == sw.out_identity(
+        "memory", "mid", evals, sw.route(long, ["train:eval_every=0"], "mid", "darkroom"), "darkroom")
+    assert sw.out_identity("memory", "mid", evals, routed, "darkroom") != sw.out_identity(
+        "memory", "mid", evals, sw.route([], ["train:eval_every=0"], "mid", "darkroom"), "darkroom")
+    mine = sw.route(["data_path=data/mine"], [], "quick", None, split_seed=1)  # the user's folder wins
+    assert sw.compose("train", mine["train"])["data_path"] == "data/mine"
+
+    conf = str(REPO / "experiments" / "conf")
+    for sweep_name, out in (("memory", "results/memory-mid"), ("memory_darkroom_hard", "results/memory-mid-darkroom_hard"),
+                            ("pretrain_budget_kept", "results/pretrain-budget-kept-mid")):
+        cfg = compose_config("sweep", [f"sweep={sweep_name}", "experiment=mid"], config_dir=conf)
+        assert cfg.out == out
+        assert compose_config("sweep", [f"sweep={sweep_name}", "experiment=mid", "split_seed=1"],
+                              config_dir=conf).out == out + "-split1"
+    with pytest.raises(sw.SweepError, match="split_seed takes one value per multirun"):
+        sw.precheck(["-m", "split_seed=0,1"])
+
+
 def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, tiny, monkeypatch):
     """ensure_dataset: a missing dataset is collected; an existing one passes rundir.check_dataset (a setting asked
     for that it lacks is refused; a dataset given by hand that differs from the preset only is used with a
