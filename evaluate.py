@@ -96,16 +96,24 @@ def load_trained_model(run_dir, device="cpu"):
     return model, cfg, int(ckpt.get("global_step", 0))
 
 
-def _run_histories(cfg: DictConfig, run_cfg: dict, env_cfg: dict):
-    """The dataset the run was trained on (data_path=null) or cfg.data_path: its held-out histories give the
-    same-position loss, its meta.json the source algorithm's own learning curve. Validated against env."""
+def run_histories(run_cfg: dict, env_cfg: dict, data_path: str | None = None):
+    """The dataset the run was trained on (data_path=None) or data_path: its held-out histories give the
+    same-position loss, its meta.json the source algorithm's own learning curve. Validated against env; the
+    run's own dataset must still be the data it trained on (its recorded fingerprint), else the figures would
+    describe other histories than the run's."""
     from histories import load_histories
 
-    path = cfg.data_path if cfg.data_path else run_cfg.get("data_path")
+    path = data_path or run_cfg.get("data_path")
     if not path:
         raise EvalError("the run's config names no data_path: pass data_path=<its dataset>, or "
                         "teacher_forced=false source_curve=false")
-    return load_histories(abspath(path), env_cfg)
+    hist = load_histories(abspath(path), env_cfg)
+    was = run_cfg.get("data_fingerprint")
+    if not data_path and was and hist.fingerprint != was:
+        raise EvalError(f"{path} was re-collected since the run trained on it (data fingerprint {was} -> "
+                        f"{hist.fingerprint}): pass data_path=<the data it trained on>, or "
+                        f"teacher_forced=false source_curve=false")
+    return hist
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -276,7 +284,7 @@ def main(cfg: DictConfig) -> dict:
                 raise EvalError(f"env.{key}={env_cfg.get(key)} but the model was trained with "
                                 f"{run_cfg['env'].get(key)}: use env_from_run=true or a matching env")
     goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed), cfg.max_heldout_goals)
-    hist = _run_histories(cfg, run_cfg, env_cfg) if (cfg.teacher_forced or cfg.source_curve) else None
+    hist = run_histories(run_cfg, env_cfg, cfg.data_path) if (cfg.teacher_forced or cfg.source_curve) else None
     source = hist.meta if cfg.source_curve else {}
 
     results = {}

@@ -26,8 +26,7 @@ from errors import UserError
 
 def remeasure(run_dir, command: str | None = None) -> dict:
     """The run's done.json with its end-of-training measurements recomputed (and written back)."""
-    from evaluate import load_trained_model
-    from histories import load_histories
+    from evaluate import load_trained_model, run_histories
 
     run_dir = Path(run_dir).expanduser()
     done_path = run_dir / "done.json"
@@ -36,7 +35,7 @@ def remeasure(run_dir, command: str | None = None) -> dict:
                         f"command that started it)")
     done = json.loads(done_path.read_text())
     model, cfg, _ = load_trained_model(run_dir)
-    new = goal_readout.end_of_training(model, load_histories(cfg["data_path"], cfg["env"]), cfg, "cpu")
+    new = goal_readout.end_of_training(model, run_histories(cfg, cfg["env"]), cfg, "cpu")
     new["remeasured"] = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                          "command": command or shlex.join(["python", "remeasure.py", str(run_dir)]),
                          "machine": platform.node(), "fields": sorted(new)}

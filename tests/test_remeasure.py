@@ -39,3 +39,33 @@ def test_remeasure_a_run_without_done_json_is_one_line(tmp_path, capsys):
     assert ei.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no done.json" in err and err.count("\n") == 1
+
+
+def test_a_run_whose_dataset_was_recollected_is_refused_in_one_line(finished, one_thread, tmp_path, capsys):
+    """remeasure (and evaluate's same-position loss) read the run's data_path: a dataset re-collected there since
+    the run trained would have been measured silently, other histories under the run's name."""
+    import shutil
+
+    import torch
+
+    import evaluate
+
+    run = tmp_path / "run"
+    shutil.copytree(finished / "runs" / "done", run)
+    ckpt = torch.load(run / "model.pt", weights_only=False)
+    ckpt["config"]["data_fingerprint"] = "0" * 16  # what the run trained on: not what data_path holds now
+    torch.save(ckpt, run / "model.pt")
+    done = (run / "done.json").read_bytes()
+    with pytest.raises(SystemExit):
+        remeasure.main([str(run)])
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "was re-collected since the run trained on it (data fingerprint 0000000000000000" \
+        in err and "pass data_path=<the data it trained on>" in err, err
+    assert (run / "done.json").read_bytes() == done  # nothing written
+    from conftest import compose
+
+    with pytest.raises(evaluate.EvalError, match="re-collected since the run trained"):
+        evaluate.main(compose("evaluate", [f"run_dir={run}", "n_episodes=1", "seeds_per_goal=1", "progress=false"]))
+    # a dataset named by hand is the user's choice: no refusal
+    evaluate.main(compose("evaluate", [f"run_dir={run}", "n_episodes=1", "seeds_per_goal=1", "progress=false",
+                                       f"data_path={finished / 'data'}"]))
