@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import teacher_forced
 from atomic_io import atomic_write_json, atomic_write_text
-from evaluate import load_trained_model, resolve_device
+from errors import UserError
+from evaluate import load_trained_model, resolve_device, run_histories
 from experiments import stats
 from experiments.stats import md_table
-from histories import load_histories
 from hydra_cli import abspath
 
 
@@ -36,10 +36,8 @@ def score_runs(run_dirs: list[str], splits: list[str], data: str | None, device)
     rows = []
     for rd in run_dirs:
         model, cfg, step = load_trained_model(rd, device)
-        path = data or cfg.get("data_path")
-        if not path:
-            raise SystemExit(f"error: {rd}/model.pt names no data_path: pass --data <dataset>")
-        hist = load_histories(abspath(path), cfg["env"])
+        hist = run_histories(cfg, cfg["env"], data)  # the run's own dataset only if it still holds its data
+        path = data or cfg["data_path"]
         rows.append({"run_dir": str(rd), "model": cfg["model"].get("name"), "global_step": step,
                      "data_path": str(abspath(path)),
                      "reports": teacher_forced.heldout_reports(model, hist, splits, device, probe=True)})
@@ -90,7 +88,10 @@ def main(argv=None) -> dict:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     device = resolve_device(a.device)
-    rows = score_runs(a.run_dirs, a.split, a.data, device)
+    try:
+        rows = score_runs(a.run_dirs, a.split, a.data, device)
+    except UserError as e:  # a missing or re-collected dataset, a file that is no model.pt: one line
+        p.exit(2, f"error: {e}\n")
     when = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     cmd = "python experiments/same_position.py " + " ".join(argv if argv is not None else sys.argv[1:])

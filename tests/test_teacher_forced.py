@@ -7,6 +7,8 @@ the actions it took, at every step, across many compressions (CompressedAD) and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -99,7 +101,7 @@ def test_summary_buckets_and_verdict():
     assert tags["memory/loss_k1_val"] == 0.5 and tags["memory/loss_all_val"] == 0.4
 
 
-def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path):
+def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path, capsys):
     """experiments/same_position.py on two model.pt files of the tiny dataset: per-run figures, the paired
     difference to the first run, the memory probe of the CompressedAD run, summary.json + table.md."""
     import json
@@ -131,6 +133,16 @@ def test_same_position_experiment_compares_runs_pairwise(tiny, tmp_path):
     assert json.loads((out / "summary.json").read_text())["runs"][0]["reports"]["val"]["n_histories"] == 5
     with pytest.raises(ValueError, match="same histories"):
         tf.paired_difference(a, summary["runs"][1]["reports"]["val"])
+    # a run whose dataset was re-collected since (its recorded fingerprint differs) is refused in one line,
+    # not scored on histories it never saw under its name
+    ck = torch.load(Path(runs[1]) / "model.pt", weights_only=False)
+    ck["config"]["data_fingerprint"] = "f" * 16
+    torch.save(ck, Path(runs[1]) / "model.pt")
+    with pytest.raises(SystemExit) as ei:
+        same_position.main([*runs, "--device", "cpu"])
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "re-collected since the run trained" in err
 
 
 def test_memory_verdict_needs_a_clear_and_relevant_gain():
