@@ -284,8 +284,18 @@ def main(cfg: DictConfig) -> dict:
                 raise EvalError(f"env.{key}={env_cfg.get(key)} but the model was trained with "
                                 f"{run_cfg['env'].get(key)}: use env_from_run=true or a matching env")
     goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed), cfg.max_heldout_goals)
-    hist = run_histories(run_cfg, env_cfg, cfg.data_path) if (cfg.teacher_forced or cfg.source_curve) else None
+    # The run's own histories were collected in the run's env (a longer rollout horizon does not change them); a
+    # dataset given by hand is checked against this evaluation's env.
+    from histories import ENV_KEYS
+
+    hist_env = env_cfg if cfg.data_path else run_cfg["env"]
+    hist = run_histories(run_cfg, hist_env, cfg.data_path) if (cfg.teacher_forced or cfg.source_curve) else None
     source = hist.meta if cfg.source_curve else {}
+    if differ := [f"{k}={hist.meta['env'].get(k)!r} (dataset) vs {env_cfg.get(k)!r}" for k in ENV_KEYS
+                  if source and hist.meta["env"].get(k) != env_cfg.get(k)]:
+        # the source learnt in another env: its curve would sit beside these returns as if comparable
+        print(f"note: no source curve: the dataset's env differs from this evaluation's ({', '.join(differ)})")
+        source = {}
 
     results = {}
     for split in (s for s in goals if s in cfg.splits):

@@ -140,3 +140,24 @@ def test_a_wrapped_models_state_dict_loads(finished, tmp_path, prefix):
     model, _, _ = evaluate.load_trained_model(run)
     assert model.state_dict().keys() == plain.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in plain.items())
+
+
+def test_a_longer_horizon_than_in_training_is_evaluated_without_the_source_curve(finished, tmp_path, capsys):
+    """config/evaluate.yaml's own example (env_from_run=false env.horizon=...) failed: the run's histories were
+    checked against the evaluation's env and the user was told to re-collect the training data. The histories
+    are the run's (its env); only the source's curve, learnt in another env, has no place beside these returns."""
+    import json
+
+    run = tmp_path / "run"
+    shutil.copytree(finished / "runs" / "done", run)
+    base = [f"run_dir={run}", "n_episodes=2", "seeds_per_goal=1", "n_train_goals=1", "progress=false"]
+    evaluate.main(conftest.compose("evaluate", [*base, "env_from_run=false", "env.horizon=30", "out_name=h30"]))
+    data = json.loads((run / "h30.json").read_text())
+    assert data["env"]["horizon"] == 30 and len(data["splits"]["test"]["per_goal"][0]["curve"]) == 2
+    assert "source" not in data["splits"]["test"] and "horizon=20 (dataset) vs 30" in capsys.readouterr().out
+    evaluate.main(conftest.compose("evaluate", [*base, "out_name=h20"]))  # the run's env: the source curve is there
+    same = json.loads((run / "h20.json").read_text())
+    assert "source" in same["splits"]["test"]
+    assert data["same_position"]["test"]["loss"] == pytest.approx(same["same_position"]["test"]["loss"])
+    # the rollouts ran 30 steps per episode: every goal's optimal return (H + 1 - distance) is 10 higher
+    assert np.subtract(data["splits"]["test"]["optimal"], same["splits"]["test"]["optimal"]).tolist() == [10.0] * 8
