@@ -102,13 +102,14 @@ def run_histories(run_cfg: dict, env_cfg: dict, data_path: str | None = None):
     run's own dataset must still be the data it trained on (its recorded fingerprint), else the figures would
     describe other histories than the run's."""
     from histories import load_histories
+    from rundir import FINGERPRINT_KEY
 
     path = data_path or run_cfg.get("data_path")
     if not path:
         raise EvalError("the run's config names no data_path: pass data_path=<its dataset>, or "
                         "teacher_forced=false source_curve=false")
     hist = load_histories(abspath(path), env_cfg)
-    was = run_cfg.get("data_fingerprint")
+    was = run_cfg.get(FINGERPRINT_KEY)
     if not data_path and was and hist.fingerprint != was:
         raise EvalError(f"{path} was re-collected since the run trained on it (data fingerprint {was} -> "
                         f"{hist.fingerprint}): pass data_path=<the data it trained on>, or "
@@ -286,13 +287,12 @@ def main(cfg: DictConfig) -> dict:
     goals = eval_goals(env_cfg, int(cfg.n_train_goals), int(cfg.seed), cfg.max_heldout_goals)
     # The run's own histories were collected in the run's env (a longer rollout horizon does not change them); a
     # dataset given by hand is checked against this evaluation's env.
-    from histories import ENV_KEYS
+    from histories import env_differences
 
     hist_env = env_cfg if cfg.data_path else run_cfg["env"]
     hist = run_histories(run_cfg, hist_env, cfg.data_path) if (cfg.teacher_forced or cfg.source_curve) else None
     source = hist.meta if cfg.source_curve else {}
-    if differ := [f"{k}={hist.meta['env'].get(k)!r} (dataset) vs {env_cfg.get(k)!r}" for k in ENV_KEYS
-                  if source and hist.meta["env"].get(k) != env_cfg.get(k)]:
+    if differ := env_differences(hist.meta["env"], env_cfg, "evaluation") if source else []:
         # the source learnt in another env: its curve would sit beside these returns as if comparable
         print(f"note: no source curve: the dataset's env differs from this evaluation's ({', '.join(differ)})")
         source = {}

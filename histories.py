@@ -45,6 +45,12 @@ ENV_KEYS = ("name", "grid_size", "horizon", "n_actions", "reward_mode", "train_f
             "max_train_tasks")
 
 
+def env_differences(dataset_env: dict, env_cfg, other: str) -> list[str]:
+    """'key=<dataset's> (dataset) vs <env_cfg's> (<other>)' for each ENV_KEYS key on which they differ."""
+    return [f"{k}={dataset_env.get(k)!r} (dataset) vs {env_cfg.get(k)!r} ({other})"
+            for k in ENV_KEYS if dataset_env.get(k) != env_cfg.get(k)]
+
+
 class DatasetError(UserError, ValueError):
     """A dataset is missing, malformed or incompatible. The message is one actionable line."""
 
@@ -279,8 +285,7 @@ def load_histories(path, env_cfg) -> Histories:
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
         raise DatasetError(f"{meta_file} is not valid JSON ({e}): re-collect with {hint}") from None
     _check_meta(meta, path, name)
-    diffs = [f"{k}={meta['env'].get(k)!r} (dataset) vs {env_cfg.get(k)!r} (run)"
-             for k in ENV_KEYS if meta["env"].get(k) != env_cfg.get(k)]
+    diffs = env_differences(meta["env"], env_cfg, "run")
     if diffs:
         raise DatasetError(f"dataset {path} was collected with a different env config: {', '.join(diffs)}: run "
                            f"with the dataset's env (env=...), point data_path at a matching dataset, or "

@@ -154,7 +154,7 @@ def test_a_longer_horizon_than_in_training_is_evaluated_without_the_source_curve
     evaluate.main(conftest.compose("evaluate", [*base, "env_from_run=false", "env.horizon=30", "out_name=h30"]))
     data = json.loads((run / "h30.json").read_text())
     assert data["env"]["horizon"] == 30 and len(data["splits"]["test"]["per_goal"][0]["curve"]) == 2
-    assert "source" not in data["splits"]["test"] and "horizon=20 (dataset) vs 30" in capsys.readouterr().out
+    assert "source" not in data["splits"]["test"] and "horizon=20 (dataset) vs 30 (evaluation)" in capsys.readouterr().out
     evaluate.main(conftest.compose("evaluate", [*base, "out_name=h20"]))  # the run's env: the source curve is there
     same = json.loads((run / "h20.json").read_text())
     assert "source" in same["splits"]["test"]
