@@ -29,7 +29,6 @@ from errors import UserError
 from evaluate import load_trained_model, resolve_device, run_histories
 from experiments import stats
 from experiments.stats import md_table
-from hydra_cli import abspath
 
 
 def score_runs(run_dirs: list[str], splits: list[str], data: str | None, device) -> list[dict]:
@@ -37,9 +36,8 @@ def score_runs(run_dirs: list[str], splits: list[str], data: str | None, device)
     for rd in run_dirs:
         model, cfg, step = load_trained_model(rd, device)
         hist = run_histories(cfg, cfg["env"], data)  # the run's own dataset only if it still holds its data
-        path = data or cfg["data_path"]
         rows.append({"run_dir": str(rd), "model": cfg["model"].get("name"), "global_step": step,
-                     "data_path": str(abspath(path)),
+                     "data_path": str(hist.path),
                      "reports": teacher_forced.heldout_reports(model, hist, splits, device, probe=True)})
     return rows
 
