@@ -35,12 +35,14 @@ def _fmt(v, fmt: str) -> str:
 
 
 def _header(rep: dict, title: str, *lines: str) -> list[str]:
-    st = rep.get("run_status") or {}
+    st, carried = rep.get("run_status") or {}, rep.get("carried") or []
     status = "complete" if rep["complete"] else "INCOMPLETE: " + ", ".join(
         f"{n} ({st[n]})" if n in st else n for n in rep["missing"])
     return [f"# {title} ({rep['experiment']})", "", f"- **Scale:** {rep['scale']}",
             f"- **Machine:** {rep.get('machine', '?')}", f"- **Date:** {rep['date']}",
-            f"- **Command:** `{rep['command']}`", *lines, f"- **Status:** {status}", ""]
+            f"- **Command:** `{rep['command']}`", *lines, f"- **Status:** {status}",
+            *[(f"- **Carried:** {len(carried)} runs reported from this file's previous per-seed numbers (their "
+               f"run dirs are gone): {', '.join(carried)}")][:bool(carried)], ""]
 
 
 # compare: does pretraining help? (table.md, table.json, curves.png)
@@ -418,9 +420,17 @@ REPORTS = {  # sweep name -> (its report, the record it writes, table.md's markd
     "memory": (memory, "summary.json", memory_markdown, plots.memory_plot, "curves.png")}
 
 
+# The reports whose per-seed records hold every number they read from a run dir: a finished run whose run dir
+# and kept record are gone (a sweep filled before records/ existed, on a machine since returned) is reported
+# from the previous record's per-seed numbers and listed as carried. The others also read stage-1 runs or
+# TensorBoard files, which their records do not hold: they refuse rather than report less than their record.
+CARRIES = {"memory"}
+
+
 def write(out: Path) -> dict:
-    """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (runs.report_jobs);
-    returns the report dict. A disk that cannot take the report files is a ReportError line."""
+    """Write the report of the sweep in `out` from its planned jobs, job records and run dirs (runs.report_jobs),
+    after keeping each finished run's record in <out>/records (runs.keep_record); returns the report dict. A
+    disk that cannot take the report files is a ReportError line."""
     out = Path(out)
     info = read_json(out / "sweep.json") or {}
     names = ({info.get("sweep")} | {r.get("sweep") for r in load_jobs(out) if r.get("kind") == "train"}) - {None}
@@ -432,7 +442,14 @@ def write(out: Path) -> dict:
         raise ReportError(f"{out}: no report for sweep {name!r} (known: {', '.join(REPORTS)})")
     report, record, markdown, plot, png = REPORTS[name]
     try:
-        jobs = runs.report_jobs(out, name, info)
+        for r in load_jobs(out):
+            runs.keep_record(out, Path(r.get("run_dir") or "").name)
+        jobs = runs.report_jobs(out, name, info, read_json(out / record))
+        gone = sorted(Path(r["run_dir"]).name for r in jobs if r.get("carried"))
+        if gone and name not in CARRIES:
+            raise ReportError(f"{out}: {len(gone)} finished runs have neither a run dir nor a kept record "
+                              f"({', '.join(gone[:3])}{', ...' if len(gone) > 3 else ''}); {out / record} holds "
+                              "their numbers and is left as it is: restore their run dirs (runs/<name>) to re-report")
         rep = report(runs.train_jobs(jobs), jobs, info)
         atomic_write_text(out / record, json.dumps(rep, indent=1, default=str))
         atomic_write_text(out / "table.md", markdown(rep))

@@ -2,6 +2,10 @@
 report covers (report_jobs: sweep.json's planned ones and the records <out>/jobs/*.json), the state of each
 run dir <out>/runs/<name> (run_status: the run dir decides, not the record), the numbers every report reads
 from it (run_record) and a report's provenance. Arms: arm_file (their files, docs/design.md §10.17).
+
+A finished run's RECORD_FILES are kept in <out>/records/<name> (keep_record), which is committed with the job
+records while runs/ (checkpoints, TensorBoard) is not: a sweep filled over several machines or sessions reports
+every finished run, from its run dir while it has one and from its kept record after.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from atomic_io import PathLock
+from atomic_io import PathLock, atomic_write_text
 from experiments import stats
 from rundir import read_json
 
@@ -26,6 +30,8 @@ SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP sca
 DONE = "done"
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
 WHOLE = ("config", "done", "eval", "eval_long")  # run_record's whole files (the reports keep numbers only)
+# Every file of a run dir a report reads (run_record; stage1 and step_cost_ratio for stage-1 runs): a few kB each
+RECORD_FILES = tuple(f"{w}.json" for w in WHOLE)
 
 
 def load_jobs(out: Path) -> list[dict]:
@@ -58,6 +64,50 @@ def arm_color(arm: str) -> str:
 # The jobs a report covers: the planned ones (sweep.json) and the recorded ones, each with its run dir in
 # this out dir and a status read from that run dir (the records are not trusted for it)
 # ---------------------------------------------------------------------------------------------------------
+def keep_record(out: Path, name: str) -> bool:
+    """Copy finished run <name>'s RECORD_FILES from <out>/runs/<name> to <out>/records/<name> (each written
+    atomically when it changed; a file the run dir no longer has is removed there too). A run dir without
+    done.json is not finished: nothing is kept. Returns whether the run dir was finished."""
+    src, dst = Path(out) / "runs" / name, Path(out) / "records" / name
+    if not (src / "done.json").is_file():
+        return False
+    for f in RECORD_FILES:
+        have, kept = src / f, dst / f
+        if have.is_file():
+            text = have.read_text()
+            if not kept.is_file() or kept.read_text() != text:
+                atomic_write_text(kept, text)
+        else:
+            kept.unlink(missing_ok=True)
+    return True
+
+
+def run_dir_of(out: Path, name: str) -> Path:
+    """Where a report reads run <name>: its run dir while there is one, else its kept record if there is one."""
+    rd, kept = Path(out) / "runs" / name, Path(out) / "records" / name
+    return kept if not rd.is_dir() and kept.is_dir() else rd
+
+
+def carried_runs(previous: dict) -> dict[str, dict]:
+    """{run name: its per-seed record} of every complete run in a report's previous record (any `per_seed`
+    mapping whose entries name their run dir), for runs whose run dir and kept record are both gone."""
+    found = {}
+
+    def walk(x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if k == "per_seed" and isinstance(v, dict):
+                    found.update({Path(p["run_dir"]).name: p for p in v.values()
+                                  if isinstance(p, dict) and p.get("run_dir") and p.get("complete")})
+                else:
+                    walk(v)
+        elif isinstance(x, list):
+            for v in x:
+                walk(v)
+    walk(previous)
+    return found
+
+
 def _held(path: Path) -> bool:
     """Whether a process holds the atomic_io.PathLock of `path` (a sweep job holds its record's while it runs);
     read-only: a report may read an out dir it cannot write."""
@@ -106,11 +156,14 @@ def run_status(out: Path, rec: dict, evals) -> str:
 SEPARATES = {"compare": (), "memory": ("env", "window"), "pretrain-budget": ("budget",)}
 
 
-def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
+def report_jobs(out: Path, name: str, info: dict, previous: dict | None = None) -> list[dict]:
     """The job records plus a record for every planned job that has none (sweep.json's `planned`), each
-    with its run dir in this out dir (<out>/runs/<name>: a moved or copied out dir reports its own runs) and
-    its `run_status`; train jobs of more than one run identity get their arm qualified (SEPARATES)."""
+    with its run dir in this out dir (run_dir_of: <out>/runs/<name> or its kept record; a moved or copied out
+    dir reports its own runs) and its `run_status`; train jobs of more than one run identity get their arm
+    qualified (SEPARATES). A job recorded done whose run dir and kept record are both gone, but whose
+    per-seed record the report's `previous` record holds, gets it as `carried` and the status done."""
     out = Path(out)
+    carried = carried_runs(previous or {})
     recs = [dict(r) for r in load_jobs(out)]
     have = {Path(r.get("run_dir", "")).name for r in recs}
     ident = (info.get("identity") or {}).get("hash")
@@ -123,11 +176,14 @@ def report_jobs(out: Path, name: str, info: dict) -> list[dict]:
     evals = info.get("evals") or ["eval"]
     aliases = (info.get("identity") or {}).get("aliases") or []  # one configuration recorded under a later hash
     for r in recs:
-        r["run_dir"] = str(out / "runs" / Path(r.get("run_dir") or "").name)
+        r["run_dir"] = str(run_dir_of(out, Path(r.get("run_dir") or "").name))
         if r.get("identity") in aliases:
             r["identity"] = ident
         if r.get("kind") == "train":
             r["run_status"] = run_status(out, r, evals)
+            rd = Path(r["run_dir"])
+            if r["run_status"] != DONE and r.get("status") == DONE and not rd.is_dir() and rd.name in carried:
+                r["carried"], r["run_status"] = carried[rd.name], DONE
     tj = [r for r in recs if r.get("kind") == "train"]
     dims = [d for d in ("env", "window", "budget", "identity")
             if d not in SEPARATES.get(name, ()) and len({r.get(d) for r in tj}) > 1]
@@ -174,6 +230,8 @@ def provenance(tj: list[dict], info: dict, df: pd.DataFrame, devices=None) -> di
             "experiment": experiment, "scale": scale, "machine": f"{platform.node()}, {os.cpu_count()} CPU cores, "
             f"{platform.machine()}, torch {torch.__version__}", "complete": not bad, "missing": bad,
             "run_status": {n: status[n] for n in bad},
+            # runs reported from the previous record's per-seed numbers (their run dirs and kept records gone)
+            "carried": sorted(Path(r["run_dir"]).name for r in tj if r.get("carried")),
             "failed_jobs": [Path(r["run_dir"]).name for r in tj if r.get("status") == "failed"]}
 
 
@@ -315,7 +373,7 @@ def run_table(tj: list[dict], project) -> pd.DataFrame:
     rows = []
     for r in tj:
         rec = run_record(Path(r["run_dir"]))
-        p = project(rec)
+        p = r.get("carried") or project(rec)  # a carried run: its per-seed record, as the previous report kept it
         rows.append({**p.get("metrics", p), "arm": r["arm"], "seed": str(r["seed"]), "budget": r.get("budget"),
                      "sweep_env": r.get("env") or "", "sweep_window": r.get("window") or 0, "job": r, "rec": rec,
                      "run": p})

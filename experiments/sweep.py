@@ -47,7 +47,7 @@ import rundir
 import two_stage
 from atomic_io import PathLock
 from errors import UserError
-from experiments import outdir
+from experiments import outdir, runs
 from experiments.outdir import SweepError, held, record
 from hydra_cli import abspath, compose_config, flatten, override_key, split_tag
 from rundir import read_json
@@ -225,6 +225,7 @@ def ensure_stage1(job: Job, routed: dict, data_path: Path, seed: int, fp: str | 
             record(job.out, name, **base, status="failed", error=str(e))
             raise
         record(job.out, name, **base, status="done", error=None, wall_s={"pretrain": dt})
+        runs.keep_record(job.out, name)
     return rd
 
 
@@ -262,6 +263,7 @@ def run_job(cfg) -> dict:
         claimed = True
         wall = train_and_evaluate(job, cfg, routed, plan, rd, name)
         record(out, name, status="done", wall_s=wall)
+        runs.keep_record(out, name)  # what the report reads, kept beside the record (runs/ is not committed)
         return {"run": name, "status": "done"}
     except (UserError, OSError) as e:
         err = outdir.disk_error(e, out) if isinstance(e, OSError) else e  # other OSErrors are bugs: traceback

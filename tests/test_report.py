@@ -126,6 +126,77 @@ def test_runs_of_another_budget_or_identity_never_share_a_cell(tmp_path):
     assert "b20-scratch-idother" in arms and "b20-scratch-idabc" in arms
 
 
+def test_a_finished_runs_record_is_kept_and_reported_once_its_run_dir_is_gone(killed):
+    """records/<run> keeps what the report reads of a finished run (runs/ is not committed): a sweep filled
+    over several sessions reports every run; an unfinished run is not kept; a kept file the run dir no longer
+    has goes too."""
+    first = report.write(killed)
+    kept = killed / "records" / "b4-scratch-seed0"
+    assert sorted(p.name for p in kept.iterdir()) == ["config.json", "done.json", "eval.json"]
+    (killed / "runs" / "b4-ad-seed0").mkdir()  # started, not finished: nothing to keep
+    (killed / "runs" / "b4-ad-seed0" / "config.json").write_text("{}")
+    _record(killed, "b4-ad-seed0", "ad", 0, 4, status="running")
+    assert report.write(killed)["rows"] == first["rows"] and not (killed / "records" / "b4-ad-seed0").exists()
+    shutil.rmtree(killed / "runs" / "b4-scratch-seed0")
+    rep = report.write(killed)
+    row = next(r for r in rep["rows"] if r["arm"] == "scratch")
+    assert row["seeds"] == [0, 1] and row["per_seed"]["0"]["run_dir"] == str(kept) and not rep["carried"]
+    assert row == next(r for r in first["rows"] if r["arm"] == "scratch") | {"per_seed": row["per_seed"]}
+    (killed / "runs" / "b4-scratch-seed1" / "eval.json").unlink()  # a re-evaluation under way
+    report.write(killed)
+    assert not (killed / "records" / "b4-scratch-seed1" / "eval.json").exists()
+
+
+def _memory_out(out: Path) -> None:
+    """A memory sweep (AD w vs AD 3w, seeds 0 1 2), every run finished."""
+    (out / "sweep.json").parent.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps({"sweep": "memory", "experiment": "quick", "command": "x",
+                                                "evals": ["eval"], "identity": {"hash": "abc"}}))
+    for arm, ret in (("ad", 3.0), ("ad_3w", 5.0)):
+        for s in (0, 1, 2):
+            name = f"darkroom-w20-{arm}-seed{s}"
+            _run(out, name, ret=ret + s / 4, loss=0.5 - s / 100)
+            _record(out, name, arm, s, None, sweep="memory", env="darkroom", window=20)
+
+
+def test_a_memory_run_with_neither_run_dir_nor_record_is_carried_from_the_summary(tmp_path):
+    """A sweep filled before records/ existed, on a machine since returned: its runs are reported from the
+    previous summary.json's per-seed numbers (named as carried), never dropped, and a new seed joins them."""
+    out = tmp_path / "O"
+    _memory_out(out)
+    first = report.write(out)
+    for s in (0, 1):
+        for arm in ("ad", "ad_3w"):
+            shutil.rmtree(out / "runs" / f"darkroom-w20-{arm}-seed{s}")
+            shutil.rmtree(out / "records" / f"darkroom-w20-{arm}-seed{s}")
+    rep = report.write(out)
+    assert rep["complete"] and rep["carried"] == sorted(f"darkroom-w20-{a}-seed{s}" for a in ("ad", "ad_3w")
+                                                        for s in (0, 1))
+    for new, old in zip(rep["rows"], first["rows"]):
+        assert new["stats"] == old["stats"] and new["paired"] == old["paired"], new["arm"]
+        assert new["paired_3w"] == old["paired_3w"] and new["seeds"] == [0, 1, 2]
+    assert "Carried:** 4 runs reported from this file's previous per-seed numbers" in (out / "table.md").read_text()
+    assert report.write(out)["rows"] == rep["rows"]  # carried again from the report that carried them
+    # a job recorded unfinished is not carried, whatever an older summary said of it
+    _record(out, "darkroom-w20-ad-seed0", "ad", 0, None, sweep="memory", env="darkroom", window=20,
+            status="running")
+    again = report.write(out)
+    assert not again["complete"] and again["missing"] == ["darkroom-w20-ad-seed0"]
+
+
+def test_a_budget_report_with_runs_gone_refuses_and_keeps_its_record(killed):
+    """The budget report also reads stage-1 runs its per-seed numbers do not hold: with a finished run's dir
+    and record gone it says so in one line and leaves its summary.json as it was."""
+    report.write(killed)
+    before = (killed / "summary.json").read_bytes()
+    shutil.rmtree(killed / "runs" / "b4-scratch-seed0")
+    shutil.rmtree(killed / "records" / "b4-scratch-seed0")
+    with pytest.raises(report.ReportError, match=r"1 finished runs have neither a run dir nor a kept record "
+                                                 r"\(b4-scratch-seed0\); .*summary.json holds their numbers"):
+        report.write(killed)
+    assert (killed / "summary.json").read_bytes() == before
+
+
 def test_disk_full_while_writing_the_report_is_one_line(killed, monkeypatch):
     import errno
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,16 @@ def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
               "What stage 1 keeps"):
         assert s in md, s
     assert (out / "budget.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # runs/ (checkpoints, TensorBoard) is not committed; records/ is: the same report from it alone
+    from experiments import report
+
+    shutil.rmtree(out / "runs")
+    again = report.write(out)
+    assert again["complete"] and not again["carried"]
+    for key in ("rows", "stage1_diagnostics", "stage1_cost_per_step_vs_stage2", "stage1"):
+        assert json.dumps(again[key]).replace("/records/", "/runs/") == json.dumps(rep[key]), key
+    assert sorted(p.name for p in (out / "records").iterdir()) == sorted(
+        ["pretrain-seed0"] + [f"b{n}-{a}-seed0" for a in ("scratch", "pretrained_ft") for n in (3, 6)])
 
 
 @pytest.mark.slow
