@@ -16,6 +16,7 @@ one with a stage name to target it alone: `train:lr=1e-4`, `pretrain:seed=3`, `c
 `evaluate:n_episodes=200`. `seed=1` is the training seed of stage 1 and stage 2 (collect's follows
 `data_seed=`, which picks the dataset for every stage; evaluate keeps its own) and `run_name` names stage 2
 only; target the others with a prefix (`collect:seed=3`, `evaluate:seed=2`, `pretrain:run_name=x`).
+`env.split_seed=1` (another goal split than the env's own) names the dataset and both run dirs `-split1`.
 A stage that already finished is reused only if its run dir holds the same config (identity), steps and
 data fingerprint and, for stage 2, was trained from the current encoder (rundir.run_state, as in
 experiments/sweep.py); a run dir holding another run is refused in one line. Pass --force to redo it.
@@ -124,6 +125,33 @@ def compose(stage: str, overrides: list[str]):
     return hydra_cli.compose_config(stage, rewrite_overrides(stage, overrides))
 
 
+def dataset_for_split(data_path: str, split_seed: int) -> str:
+    """The preset's dataset folder for another goal split: -split<s> before its -seed<d> (data/darkroom-quick-seed0
+    -> data/darkroom-quick-split1-seed0), or at its end; collect refuses a folder that holds another split."""
+    head, sep, tail = data_path.rpartition("-seed")
+    tag = hydra_cli.split_tag(split_seed)
+    return f"{head}{tag}{sep}{tail}" if sep and tail.isdigit() else f"{data_path}{tag}"
+
+
+def name_split(routed: dict[str, list[str]]) -> int | None:
+    """Another goal split than the env's own (env.split_seed=<s>, the rule of evidence's second split) gets the
+    dataset and run dirs of its own that experiments/sweep.py gives it (data/darkroom-quick-split1-seed0,
+    runs/<run_name>-split1), except where data_path or run_dir / run_name are given: the env's own split's
+    dataset and run dirs would be refused (another split's data, another run's dir). Returns the split, or
+    None for the env's own (nothing renamed)."""
+    split = compose("collect", routed["collect"]).env.split_seed
+    own = [o for o in routed["collect"] if override_key(o) != "env.split_seed"]
+    if split == compose("collect", own).env.split_seed:
+        return None
+    if not any(override_key(o) == "data_path" for o in routed["collect"]):
+        routed["collect"].append(f"data_path={dataset_for_split(compose('collect', own).data_path, split)}")
+    for stage in ("pretrain", "train"):
+        if not any(override_key(o) in ("run_dir", "run_name") for o in routed[stage]):
+            raw = OmegaConf.to_container(compose(stage, routed[stage]), resolve=False)["run_dir"]
+            routed[stage].append(f"run_dir={raw}{hydra_cli.split_tag(split)}")  # e.g. runs/${run_name}-split1
+    return split
+
+
 def command(stage: str, overrides: list[str], a, port: int | None = None) -> list[str]:
     """A stage's command line (port: accelerate's rendezvous port, for parallel sweep jobs on one node)."""
     script = str(REPO / SCRIPTS[stage])
@@ -205,6 +233,7 @@ def main(argv=None) -> dict:
 
     a = parse_args(argv)
     routed = split_overrides(a.overrides)
+    name_split(routed)
     out: dict = {}
     if a.pretrained_path and a.pretrain_only:
         raise PipelineError("--pretrained-path is for stage 2; it makes no sense with --pretrain-only")

@@ -49,7 +49,7 @@ from atomic_io import PathLock
 from errors import UserError
 from experiments import outdir, runs
 from experiments.outdir import SweepError, held, record
-from hydra_cli import abspath, compose_config, flatten, override_key, split_tag
+from hydra_cli import abspath, compose_config, flatten, override_key
 from rundir import read_json
 
 # Keys a job sets per run (for the training stages and evaluate); a free override of them would silently be
@@ -75,7 +75,7 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
           budget: int | None = None, split_seed: int | None = None) -> dict[str, list[str]]:
     """two_stage.split_overrides of the preset choice, the goal split, the sweep's stage defaults and the user's
     overrides (in that order: the user's win), after refusing the keys the job sets itself. A split_seed goes
-    to every stage as env.split_seed, and names the dataset (dataset_for_split) unless the user gave data_path."""
+    to every stage as env.split_seed, and names the dataset (two_stage.dataset_for_split) unless the user gave data_path."""
     for o in user:
         if "=" not in o:
             raise SweepError(f"override {o!r} is not key=value (stage:key=value targets one stage)")
@@ -90,18 +90,10 @@ def route(user: list[str], defaults: list[str], experiment: str, env: str | None
         routed = two_stage.split_overrides(groups + list(defaults) + list(user))
         if split_seed is None or any(override_key(o) == "data_path" for o in user):
             return routed
-        data = dataset_for_split(compose("collect", routed["collect"])["data_path"], split_seed)
+        data = two_stage.dataset_for_split(compose("collect", routed["collect"])["data_path"], split_seed)
         return two_stage.split_overrides(groups + [f"data_path={data}"] + list(defaults) + list(user))
     except two_stage.PipelineError as e:
         raise SweepError(str(e)) from None
-
-
-def dataset_for_split(data_path: str, split_seed: int) -> str:
-    """The preset's dataset folder for another goal split: -split<s> before its -seed<d> (data/darkroom-quick-seed0
-    -> data/darkroom-quick-split1-seed0), or at its end; collect refuses a folder that holds another split."""
-    head, sep, tail = data_path.rpartition("-seed")
-    tag = split_tag(split_seed)
-    return f"{head}{tag}{sep}{tail}" if sep and tail.isdigit() else f"{data_path}{tag}"
 
 
 def job_keys(arm, seed, budget, window, env) -> dict:
@@ -261,6 +253,10 @@ def run_job(cfg) -> dict:
         record(out, name, **base, status="running", error=None, overrides=routed, identity=ident,
                data_fingerprint=fp)
         claimed = True
+        if kept_run(out / "records" / name, plan, eval_overrides(cfg, routed)):
+            print(f"[kept] {name}: finished earlier (its run dir is gone; records/{name} holds it)", flush=True)
+            record(out, name, status="done")
+            return {"run": name, "status": "done"}
         wall = train_and_evaluate(job, cfg, routed, plan, rd, name)
         record(out, name, status="done", wall_s=wall)
         runs.keep_record(out, name)  # what the report reads, kept beside the record (runs/ is not committed)
@@ -322,10 +318,7 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
         print(f"[reuse] train:{name}", flush=True)
     else:
         wall["train"] = job.run(f"train:{name}", "train", plan.overrides, name, state, rd / "done.json")
-    for out_name, settings in cfg.sweep.evals.items():
-        ev_extra = [f"{k}={json.dumps(v)}" for k, v in OmegaConf.to_container(settings, resolve=True).items()]
-        keys = {override_key(o) for o in ev_extra}  # the eval's own settings replace the preset's (routed["evaluate"])
-        eov = [o for o in routed["evaluate"] if override_key(o) not in keys] + ev_extra
+    for out_name, eov in eval_overrides(cfg, routed).items():
         if state == "reuse" and eval_reusable(rd, out_name, compose("evaluate", eov + ["run_dir=x"])):
             print(f"[reuse] {out_name}:{name}", flush=True)
             continue
@@ -334,11 +327,42 @@ def train_and_evaluate(job: Job, cfg, routed: dict, plan: SimpleNamespace, rd: P
     return wall
 
 
-def eval_reusable(run_dir: Path, out_name: str, want: dict) -> bool:
+def eval_overrides(cfg, routed: dict) -> dict[str, list[str]]:
+    """{out_name: evaluate's overrides} of each evaluation the sweep asks for (sweep.evals): the eval's own
+    settings replace the preset's (routed["evaluate"])."""
+    evals = {}
+    for out_name, settings in cfg.sweep.evals.items():
+        ev_extra = [f"{k}={json.dumps(v)}" for k, v in OmegaConf.to_container(settings, resolve=True).items()]
+        keys = {override_key(o) for o in ev_extra}
+        evals[out_name] = [o for o in routed["evaluate"] if override_key(o) not in keys] + ev_extra
+    return evals
+
+
+def kept_run(kept: Path, plan: SimpleNamespace, evals: dict[str, list[str]]) -> bool:
+    """Whether a job with no run dir (plan.state fresh) finished earlier, in another session or on another
+    machine: its kept record (runs.keep_record) holds the same config, steps and dataset (rundir.run_state's
+    rule) and every evaluation asked for, with the same settings. Nothing of it is redone, stage 1 included; a
+    kept record of anything else is replaced when the job finishes anew."""
+    if plan.state != "fresh" or not (kept / "done.json").is_file():
+        return False
+    steps_key, what = two_stage.TRAINING["train"]
+    try:
+        if rundir.run_state(kept, plan.want, int(plan.want[steps_key]), what, False, FIX, plan.fp) != "reuse":
+            return False
+    except UserError:
+        return False
+    return all(eval_reusable(kept, o, compose("evaluate", eov + ["run_dir=x"]), kept=True) for o, eov in evals.items())
+
+
+def eval_reusable(run_dir: Path, out_name: str, want: dict, kept: bool = False) -> bool:
+    """Whether <run_dir>/<out_name>.json evaluated this run's final model with the settings `want`; a run dir's
+    eval must also be newer than its model.pt (a kept record has no model: its eval and done.json were kept
+    together)."""
     ev, done = read_json(run_dir / f"{out_name}.json"), read_json(run_dir / "done.json")
     model = run_dir / "model.pt"
-    if (ev is None or done is None or not model.is_file() or ev.get("global_step") != done.get("global_step")
-            or (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime):
+    if ev is None or done is None or ev.get("global_step") != done.get("global_step"):
+        return False
+    if not kept and (not model.is_file() or (run_dir / f"{out_name}.json").stat().st_mtime < model.stat().st_mtime):
         return False
     got, asked = flatten(ev.get("config") or {}), flatten(want)
     later = rundir.LATER_KEY_DEFAULTS  # a key added after the eval ran counts with its default

@@ -204,6 +204,14 @@ def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
         assert json.dumps(again[key]).replace("/records/", "/runs/") == json.dumps(rep[key]), key
     assert sorted(p.name for p in (out / "records").iterdir()) == sorted(
         ["pretrain-seed0"] + [f"b{n}-{a}-seed0" for a in ("scratch", "pretrained_ft") for n in (3, 6)])
+    # the same sweep in a later session (runs/ gone): its finished jobs are kept, nothing is redone, stage 1
+    # included; a job whose kept record misses an evaluation asked for is redone
+    (out / "records" / "b6-scratch-seed0" / "eval.json").unlink()
+    r3 = sweep(tmp_path, tiny.data_path, *args)
+    _ok(r3)
+    assert r3.stdout.count("[kept] ") == 3 and "[start] pretrain" not in r3.stdout, r3.stdout
+    assert "[start] train:b6-scratch-seed0 (fresh)" in r3.stdout and "[start] train:b3" not in r3.stdout
+    assert json.loads((out / "summary.json").read_text())["complete"]
 
 
 @pytest.mark.slow
@@ -346,9 +354,9 @@ def test_split_seed_routes_the_goal_split_to_every_stage_and_names_its_dataset_a
     from hydra_cli import compose_config
 
     sw = _sw()
-    assert sw.dataset_for_split("data/darkroom-quick-seed0", 1) == "data/darkroom-quick-split1-seed0"
-    assert sw.dataset_for_split("data/mine", 2) == "data/mine-split2"
-    assert sw.dataset_for_split("data/x-seedling", 0) == "data/x-seedling-split0"
+    assert sw.two_stage.dataset_for_split("data/darkroom-quick-seed0", 1) == "data/darkroom-quick-split1-seed0"
+    assert sw.two_stage.dataset_for_split("data/mine", 2) == "data/mine-split2"
+    assert sw.two_stage.dataset_for_split("data/x-seedling", 0) == "data/x-seedling-split0"
     routed = sw.route([], ["train:eval_every=0"], "mid", "darkroom", split_seed=1)
     c = {s: sw.compose(s, routed[s] + (["run_dir=x"] if s == "evaluate" else [])) for s in routed}
     assert all(c[s]["env"]["split_seed"] == 1 for s in c)

@@ -227,6 +227,33 @@ def test_seed_is_the_training_seed_and_data_seed_picks_one_dataset_for_every_sta
     assert (c["evaluate"].seed, c["evaluate"].data_path) == (0, None)
 
 
+def test_another_goal_split_gets_its_own_dataset_and_run_dirs():
+    """env.split_seed=1 (the rule of evidence's second split) went into split 0's data/darkroom-quick-seed0 and
+    runs/...-seed0, refused there as another split's data / another run; it gets the -split1 names a sweep
+    gives it. The env's own split renames nothing; a data_path / run_dir / run_name given is kept."""
+    def named(*overrides):
+        routed = two_stage.split_overrides(["experiment=quick", *overrides])
+        split = two_stage.name_split(routed)
+        c = {s: two_stage.compose(s, routed[s]) for s in ("collect", "pretrain", "train")}
+        return split, c["collect"].data_path, c["pretrain"].run_dir, c["train"].run_dir
+
+    assert named() == named("env.split_seed=0") == (None, "data/darkroom-quick-seed0",
+                                                     "runs/pretrain-encoder-darkroom-seed0",
+                                                     "runs/ad_compressed-darkroom-seed0")
+    assert named("env.split_seed=1", "seed=2") == (1, "data/darkroom-quick-split1-seed0",
+                                                   "runs/pretrain-encoder-darkroom-seed2-split1",
+                                                   "runs/ad_compressed-darkroom-seed2-split1")
+    assert named("env=dark_key_to_door", "env.split_seed=0")[1:3] == (  # that env's own split is 4
+        "data/dark_key_to_door-quick-split0-seed0", "runs/pretrain-encoder-dark_key_to_door-seed0-split0")
+    assert named("env.split_seed=1", "data_path=data/mine", "train:run_name=T", "pretrain:run_dir=runs/P") == (
+        1, "data/mine", "runs/P", "runs/T")
+    # the encoder tag of stage 2's run name still follows the encoder it is given
+    routed = two_stage.split_overrides(["experiment=quick", "env.split_seed=1"])
+    two_stage.name_split(routed)
+    tr = two_stage.compose("train", routed["train"] + ["model.pretrained_encoder_path=x.pt"])
+    assert tr.run_dir == "runs/ad_compressed-pretrained-darkroom-seed0-split1" and tr.env.split_seed == 1
+
+
 @pytest.mark.slow
 def test_seed_and_data_seed_reach_the_stage_commands(ws, capfd):
     """End to end (a dry run): the printed commands carry the routing above; the training stages read the
