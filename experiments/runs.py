@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import functools
+import json
 import logging
 import math
 import os
@@ -30,7 +31,7 @@ SCALES = {"quick": "small scale", "mid": "CPU research scale", "full": "DICP sca
 DONE = "done"
 TRAIN_FRACS = (0.25, 0.5, 1.0)  # compare: train/loss_action is read at these fractions of max_steps
 WHOLE = ("config", "done", "eval", "eval_long")  # run_record's whole files (the reports keep numbers only)
-# Every file of a run dir a report reads (run_record; stage1 and step_cost_ratio for stage-1 runs): a few kB each
+# Every file of a run dir a report reads (run_record; stage1 and step_cost_ratio for stage-1 runs)
 RECORD_FILES = tuple(f"{w}.json" for w in WHOLE)
 
 
@@ -65,20 +66,19 @@ def arm_color(arm: str) -> str:
 # this out dir and a status read from that run dir (the records are not trusted for it)
 # ---------------------------------------------------------------------------------------------------------
 def keep_record(out: Path, name: str) -> bool:
-    """Copy finished run <name>'s RECORD_FILES from <out>/runs/<name> to <out>/records/<name> (each written
-    atomically when it changed; a file the run dir no longer has is removed there too). A run dir without
-    done.json is not finished: nothing is kept. Returns whether the run dir was finished."""
+    """Copy finished run <name>'s RECORD_FILES from <out>/runs/<name> to <out>/records/<name>, without the
+    indentation (an eval.json is ~100 kB indented, ~45 kB not); each is written atomically when its content
+    changed, and a file the run dir no longer has is removed there too. A run dir without done.json is not
+    finished: nothing is kept. Returns whether the run dir was finished."""
     src, dst = Path(out) / "runs" / name, Path(out) / "records" / name
     if not (src / "done.json").is_file():
         return False
     for f in RECORD_FILES:
-        have, kept = src / f, dst / f
-        if have.is_file():
-            text = have.read_text()
-            if not kept.is_file() or kept.read_text() != text:
-                atomic_write_text(kept, text)
-        else:
-            kept.unlink(missing_ok=True)
+        data = read_json(src / f)
+        if data is None:
+            (dst / f).unlink(missing_ok=True)
+        elif read_json(dst / f) != data:
+            atomic_write_text(dst / f, json.dumps(data, separators=(",", ":")))
     return True
 
 
