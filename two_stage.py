@@ -140,11 +140,11 @@ def name_split(routed: dict[str, list[str]]) -> int | None:
     dataset and run dirs would be refused (another split's data, another run's dir). Returns the split, or
     None for the env's own (nothing renamed)."""
     split = compose("collect", routed["collect"]).env.split_seed
-    own = [o for o in routed["collect"] if override_key(o) != "env.split_seed"]
-    if split == compose("collect", own).env.split_seed:
+    own = compose("collect", [o for o in routed["collect"] if override_key(o) != "env.split_seed"])
+    if split == own.env.split_seed:
         return None
     if not any(override_key(o) == "data_path" for o in routed["collect"]):
-        routed["collect"].append(f"data_path={dataset_for_split(compose('collect', own).data_path, split)}")
+        routed["collect"].append(f"data_path={dataset_for_split(own.data_path, split)}")
     for stage in ("pretrain", "train"):
         if not any(override_key(o) in ("run_dir", "run_name") for o in routed[stage]):
             raw = OmegaConf.to_container(compose(stage, routed[stage]), resolve=False)["run_dir"]

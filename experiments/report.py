@@ -433,7 +433,8 @@ def write(out: Path) -> dict:
     disk that cannot take the report files is a ReportError line."""
     out = Path(out)
     info = read_json(out / "sweep.json") or {}
-    names = ({info.get("sweep")} | {r.get("sweep") for r in load_jobs(out) if r.get("kind") == "train"}) - {None}
+    recorded = load_jobs(out)
+    names = ({info.get("sweep")} | {r.get("sweep") for r in recorded if r.get("kind") == "train"}) - {None}
     if len(names) != 1:
         what = "runs of several sweeps: " + ", ".join(sorted(names)) if names else "no sweep runs (no jobs/*.json)"
         raise ReportError(f"{out}: {what}")
@@ -442,7 +443,7 @@ def write(out: Path) -> dict:
         raise ReportError(f"{out}: no report for sweep {name!r} (known: {', '.join(REPORTS)})")
     report, record, markdown, plot, png = REPORTS[name]
     try:
-        for r in load_jobs(out):
+        for r in recorded:
             runs.keep_record(out, Path(r.get("run_dir") or "").name)
         jobs = runs.report_jobs(out, name, info, read_json(out / record))
         gone = sorted(Path(r["run_dir"]).name for r in jobs if r.get("carried"))

@@ -65,21 +65,20 @@ def arm_color(arm: str) -> str:
 # The jobs a report covers: the planned ones (sweep.json) and the recorded ones, each with its run dir in
 # this out dir and a status read from that run dir (the records are not trusted for it)
 # ---------------------------------------------------------------------------------------------------------
-def keep_record(out: Path, name: str) -> bool:
+def keep_record(out: Path, name: str) -> None:
     """Copy finished run <name>'s RECORD_FILES from <out>/runs/<name> to <out>/records/<name>, without the
     indentation (an eval.json is ~100 kB indented, ~45 kB not); each is written atomically when its content
     changed, and a file the run dir no longer has is removed there too. A run dir without done.json is not
-    finished: nothing is kept. Returns whether the run dir was finished."""
+    finished: nothing is kept."""
     src, dst = Path(out) / "runs" / name, Path(out) / "records" / name
     if not (src / "done.json").is_file():
-        return False
+        return
     for f in RECORD_FILES:
         data = read_json(src / f)
         if data is None:
             (dst / f).unlink(missing_ok=True)
         elif read_json(dst / f) != data:
             atomic_write_text(dst / f, json.dumps(data, separators=(",", ":")))
-    return True
 
 
 def run_dir_of(out: Path, name: str) -> Path:
