@@ -609,6 +609,33 @@ def test_two_concurrent_sweeps_into_one_out(tmp_path, tiny):
     assert json.loads((tmp_path / "out" / "runs" / "scratch-seed0" / "config.json").read_text())["lr"] == float(won[0])
 
 
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_seed_share_its_jobs(tmp_path, tiny):
+    """The same sweep started twice shares its jobs: a job the other sweep holds (its lock taken here, as a
+    running sweep holds it) is refused in one line and left alone, the next job runs; the same command once
+    the holder is done runs the refused job and reuses the rest."""
+    from atomic_io import PathLock
+
+    out = tmp_path / "out"
+    held = PathLock(out / "jobs" / "scratch-seed0")
+    assert held.acquire() is None
+    try:
+        r = sweep(tmp_path, tiny.data_path, "arm=scratch", "seed=0,1", "max_steps=4")
+    finally:
+        held.release()
+    assert r.returncode == 1, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"scratch-seed0 is being run by another sweep into {out} (pid {os.getpid()} on " in r.stderr, r.stderr
+    assert "[start] train:scratch-seed1" in r.stdout and "train:scratch-seed0" not in r.stdout, r.stdout
+    assert not (out / "jobs" / "scratch-seed0.json").exists()  # the holder's record is its own to write
+    assert json.loads((out / "jobs" / "scratch-seed1.json").read_text())["status"] == "done"
+    assert "is being run by another sweep" in json.loads((out / "refused" / "scratch-seed0.json").read_text())["error"]
+
+    r2 = sweep(tmp_path, tiny.data_path, "arm=scratch", "seed=0,1", "max_steps=4")
+    _ok(r2)
+    assert "[start] train:scratch-seed0 (fresh)" in r2.stdout and "[reuse] train:scratch-seed1" in r2.stdout, r2.stdout
+    assert json.loads((out / "table.json").read_text())["complete"]
+
 def test_the_kept_budget_curve_trains_the_bptt1_arm_on_a_stage_1_that_folds_as_much():
     """sweep=pretrain_budget_kept: stage 2 is rollout_gated_kept_carry_bptt1 at w = 20 (the arm of
     results/memory-mid), stage 1 folds what it folds (seg_len - keep_recent) with the same gated latents, and
