@@ -609,7 +609,6 @@ def test_two_concurrent_sweeps_into_one_out(tmp_path, tiny):
     assert json.loads((tmp_path / "out" / "runs" / "scratch-seed0" / "config.json").read_text())["lr"] == float(won[0])
 
 
-
 @pytest.mark.slow
 def test_two_sweeps_of_one_seed_share_its_jobs(tmp_path, tiny):
     """The same sweep started twice shares its jobs: a job the other sweep holds (its lock taken here, as a
@@ -635,6 +634,7 @@ def test_two_sweeps_of_one_seed_share_its_jobs(tmp_path, tiny):
     _ok(r2)
     assert "[start] train:scratch-seed0 (fresh)" in r2.stdout and "[reuse] train:scratch-seed1" in r2.stdout, r2.stdout
     assert json.loads((out / "table.json").read_text())["complete"]
+
 
 def test_the_kept_budget_curve_trains_the_bptt1_arm_on_a_stage_1_that_folds_as_much():
     """sweep=pretrain_budget_kept: stage 2 is rollout_gated_kept_carry_bptt1 at w = 20 (the arm of
