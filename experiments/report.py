@@ -194,7 +194,7 @@ def pretrain_budget(tj: list[dict], jobs: list[dict], info: dict) -> dict:
     return {"format_version": 1, **runs.provenance(tj, info, df, devices),
             "arms": arms, "seeds": sorted({r["seed"] for r in tj}),
             "budgets": sorted({r["stage2_steps"] for r in rows}),
-            "dataset": str(tc.get("data_path")),
+            "dataset": runs.checkout_path(tc.get("data_path")),
             "stage1": (f"{pc['pretrain_steps']} steps x batch {pc['pretrain_batch_size']}, lr {pc['pretrain_lr']}, "
                        + ", ".join(f"{k} {pc[k]}" for k in runs.STAGE1_MODEL_KEYS if pc.get(k) is not None)
                        if pc else "none"),

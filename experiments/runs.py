@@ -245,12 +245,25 @@ def device_label(devices: set) -> str:
     return f"a {os.cpu_count()}-core CPU"
 
 
+def checkout_path(path: str | None) -> str:
+    """`path` as a reader of the committed report can follow it: relative to the git checkout (or worktree, whose
+    .git is a file) it lies in, e.g. data/darkroom-quick-seed0 for a sweep run from /work/<any checkout>; a path in
+    no checkout stays as it is. The report's fingerprint, not its path, identifies the data."""
+    if not path:
+        return str(path)
+    p = Path(path)
+    for parent in p.parents:
+        if (parent / ".git").exists():
+            return str(p.relative_to(parent))
+    return str(p)
+
+
 def dataset_info(data_path: str | None) -> dict:
     meta = (read_json(Path(data_path) / "meta.json") if data_path else None) or {}
     env = meta.get("env", {})
     ep_hist = meta["n_steps"] // env["horizon"] if meta.get("n_steps") and env.get("horizon") else None
     n_train = len(meta.get("split", {}).get("train_goals", []))
-    return {"path": str(data_path), "n_stream": meta.get("n_stream"), "n_steps": meta.get("n_steps"),
+    return {"path": checkout_path(data_path), "n_stream": meta.get("n_stream"), "n_steps": meta.get("n_steps"),
             "episodes_per_history": ep_hist, "env": env.get("name"), "source_curve_test": meta.get("return_curve_test"),
             "summary": f"{env.get('name')}, {n_train} train goals x {meta.get('n_stream')} streams x "
                        f"{meta.get('n_steps')} steps"}

@@ -73,3 +73,15 @@ def test_a_run_record_holds_the_first_episode_and_key_to_door_progress(tmp_path)
     assert (rec["key_found_last_k"], rec["door_found_last_k"]) == (0.35, 0.05)
     (tmp_path / "eval.json").write_text(json.dumps({"splits": {"test": {"summary": {"last_k_normalized": 0.5}}}}))
     assert runs.run_record(tmp_path)["key_found_last_k"] is None
+
+
+def test_a_report_names_its_dataset_relative_to_the_checkout_it_was_run_from(tmp_path):
+    # A sweep run from a second worktree (whose .git is a file) names data/<name>, not the worktree's absolute path.
+    worktree = tmp_path / "research6"
+    (worktree / "data" / "darkroom-quick-seed0").mkdir(parents=True)
+    (worktree / ".git").write_text("gitdir: /elsewhere/.git/worktrees/research6\n")
+    data = worktree / "data" / "darkroom-quick-seed0"
+    assert runs.checkout_path(str(data)) == "data/darkroom-quick-seed0"
+    assert runs.dataset_info(str(data))["path"] == "data/darkroom-quick-seed0"
+    outside = tmp_path / "elsewhere" / "d"
+    assert runs.checkout_path(str(outside)) == str(outside)  # in no checkout: as given
