@@ -28,6 +28,7 @@ from hydra.errors import CompactHydraException
 import rundir
 from atomic_io import DISK_ERRNOS, PathLock, atomic_write_text, os_error_reason
 from errors import UserError
+from experiments.runs import DONE
 from rundir import read_json
 
 
@@ -144,9 +145,11 @@ def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str 
             write_text(out / "sweep.json", json.dumps({**info, "datasets": datasets}, indent=1))
 
 
-def start(out: Path, command: str, planned: list[dict], **fields) -> None:
+def start(out: Path, command: str, planned: list[dict], **fields) -> float:
     """Record a sweep's start in <out>/sweep.json: `fields`, its command (`commands`: every sweep into this out
-    dir, oldest first), its planned jobs (an earlier sweep's stay planned), when and where it started."""
+    dir, oldest first), its planned jobs (an earlier sweep's stay planned), when and where it started. Returns
+    the start time, this sweep's own (sweep.json's is the last sweep's to start: two may run into one out dir)."""
+    now = time.time()
     with held(out / "sweep.json"):
         old = read_json(out / "sweep.json") or {}
         jobs = {j["run"]: j for j in (old.get("planned") or []) + planned}
@@ -154,7 +157,8 @@ def start(out: Path, command: str, planned: list[dict], **fields) -> None:
         write_text(out / "sweep.json", json.dumps({
             **old, **fields, "command": command, "commands": commands + ([] if command in commands else [command]),
             "cwd": str(Path.cwd()), "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "started_unix": time.time(), "planned": sorted(jobs.values(), key=lambda j: j["run"])}, indent=1))
+            "started_unix": now, "planned": sorted(jobs.values(), key=lambda j: j["run"])}, indent=1))
+    return now
 
 
 def record(out: Path, name: str, **fields) -> None:
@@ -182,11 +186,14 @@ def failed(out: Path, name: str, error: str, claimed: bool, status: str = "faile
         print(f"error: [{name}] {e}", file=sys.stderr, flush=True)
 
 
-def failures(out: Path, since: float) -> tuple[set[str], list[str]]:
-    """The runs whose stage-2 job failed, or that were refused, since `since` (unix time), and their errors."""
-    failed = [r for p in sorted((out / "jobs").glob("*.json")) if (r := read_json(p)) and r.get("kind") == "train"
+def failures(out: Path, since: float, planned: set[str]) -> tuple[set[str], list[str]]:
+    """The runs of `planned` (a sweep's run names) that did not finish: their stage-2 job failed or was refused
+    since `since` (unix time) and is not done now (another sweep into this out dir may have held it and finished
+    it since), with their errors."""
+    recs = {p.stem: r for p in sorted((out / "jobs").glob("*.json")) if (r := read_json(p))}
+    failed = [(n, r["error"]) for n, r in recs.items() if n in planned and r.get("kind") == "train"
               and r.get("status") == "failed" and r.get("updated_unix", 0.0) >= since]
     refused = [(p.stem, r["error"]) for p in sorted((out / "refused").glob("*.json"))
-               if (r := read_json(p)) and r.get("unix", 0.0) >= since]
-    return ({Path(r["run_dir"]).name for r in failed} | {n for n, _ in refused},
-            [r["error"] for r in failed] + [e for _, e in refused])
+               if p.stem in planned and (r := read_json(p)) and r.get("unix", 0.0) >= since
+               and (recs.get(p.stem) or {}).get("status") != DONE]
+    return {n for n, _ in failed + refused}, [e for _, e in failed + refused]

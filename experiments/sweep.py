@@ -64,7 +64,7 @@ FIX = "pass force=true to redo it, or choose another out="  # how a sweep's refu
 # The job keys that vary inside one out dir (they name the run); everything else a job's stages are given is
 # the out dir's identity (out_identity). env is one too: `env=darkroom,darkroom_hard` is one memory sweep.
 PER_RUN = ("arm", "seed", "budget", "window", "env")
-STATUS: dict = {}  # what the multirun's end left for _entry: {"error": one line} when runs did not finish
+STATUS: dict = {}  # this multirun's planned runs and start (for its end), and {"error": one line} for _entry
 
 
 def compose(stage: str, overrides: list[str]) -> dict:
@@ -393,16 +393,18 @@ class Report(Callback):
 
     def on_multirun_start(self, config, **kwargs) -> None:
         task = [o for o in config.hydra.overrides.task if override_key(o) != "overrides"]
-        outdir.start(Path(abspath(config.out)), shlex.join(["python", "experiments/sweep.py", "-m", *task,
-                                                            *config.overrides]),  # as typed
-                     planned_jobs(config), sweep=config.sweep.name, experiment=config.experiment,
-                     launcher=config.hydra.runtime.choices.get("hydra/launcher"), evals=list(config.sweep.evals))
+        planned = planned_jobs(config)
+        STATUS["planned"] = {j["run"] for j in planned}  # this sweep's runs and start: what its end accounts for
+        STATUS["started_unix"] = outdir.start(
+            Path(abspath(config.out)), shlex.join(["python", "experiments/sweep.py", "-m", *task, *config.overrides]),
+            planned, sweep=config.sweep.name, experiment=config.experiment,
+            launcher=config.hydra.runtime.choices.get("hydra/launcher"), evals=list(config.sweep.evals))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from experiments import report
 
         out = Path(abspath(config.out))
-        bad, errors = outdir.failures(out, (read_json(out / "sweep.json") or {}).get("started_unix", 0.0))
+        bad, errors = outdir.failures(out, STATUS.get("started_unix", 0.0), STATUS.get("planned", set()))
         rep_error = None
         if config.report:
             try:

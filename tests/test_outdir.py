@@ -123,4 +123,23 @@ def test_failures_are_this_sweeps_failed_and_refused_runs(tmp_path):
     od.record(out, "pretrain-seed0", kind="pretrain", status="failed", error="stage 1")  # its runs fail too
     od.failed(out, "b", "holds another run", claimed=False)  # refused: its record stays as it was
     assert not (out / "jobs" / "b.json").exists()
-    assert od.failures(out, since) == ({"a", "b"}, ["boom", "holds another run"])
+    planned = {"old", "a", "b", "c"}
+    assert od.failures(out, since, planned) == ({"a", "b"}, ["boom", "holds another run"])
+    # Two sweeps of one seed into one out dir (they share its jobs): "c" was refused here while the other sweep
+    # held it, and the other sweep finished it since: it finished. "d", refused by the other sweep, is not ours.
+    od.failed(out, "c", "is being run by another sweep", claimed=False)
+    od.record(out, "c", kind="train", run_dir=str(out / "runs" / "c"), status="done", error=None)
+    od.failed(out, "d", "is being run by another sweep", claimed=False)
+    assert od.failures(out, since, planned) == ({"a", "b"}, ["boom", "holds another run"])
+    assert od.failures(out, since, planned | {"d"})[0] == {"a", "b", "d"}
+
+
+def test_each_sweep_knows_its_own_start_when_two_run_into_one_out(tmp_path):
+    """sweep.json's start is the last sweep's to start; each sweep's end looks at failures since its own start,
+    which start() returns (a sweep that began earlier used to miss its own early refusals or take the other's)."""
+    out = tmp_path / "O"
+    job = {"arm": "ad", "seed": 0, "budget": None, "window": None, "env": None, "run": "ad-seed0"}
+    first = od.start(out, "python experiments/sweep.py -m a", [job], sweep="memory")
+    time.sleep(0.01)
+    second = od.start(out, "python experiments/sweep.py -m a", [job], sweep="memory")
+    assert first < second == json.loads((out / "sweep.json").read_text())["started_unix"]
