@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ LONG = ["sweep.evals.eval_long.n_episodes=4", "sweep.evals.eval_long.seeds_per_g
 def sweep(tmp_path: Path, data_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     # PYTHONPATH: the launchers' worker processes (joblib, submitit) import this checkout's modules
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    for k in ("CAD_TEST_KILL_AT", "HYDRA_FULL_ERROR"):
+    for k in ("CAD_TEST_KILL_AT", "HYDRA_FULL_ERROR", "CAD_SWEEP_STARTED_UNIX"):
         if k not in (env or {}):
             full_env.pop(k, None)
     cmd = [sys.executable, str(SWEEP), "-m", f"out={tmp_path / 'out'}", *TINY, f"data_path={data_path}", *args]
@@ -142,8 +143,12 @@ def test_budget_sweep_joblib_interrupted_runs_resume(tmp_path, tiny):
             "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     # Every training process SIGKILLs itself at step 5 (after the checkpoint of step 4), as a pre-empted
     # node would: stage 1 (6 steps) and the 6-step runs die, the 3-step scratch run finishes.
-    r = sweep(tmp_path, tiny.data_path, *args, env={"CAD_TEST_KILL_AT": "5"})
+    # a stale sweep start in the environment: the callback replaces it before loky starts its workers
+    r = sweep(tmp_path, tiny.data_path, *args, env={"CAD_TEST_KILL_AT": "5", "CAD_SWEEP_STARTED_UNIX": "1.0"})
     assert r.returncode == 1, r.stdout[-3000:] + r.stderr[-3000:]
+    started = json.loads((tmp_path / "out" / "sweep.json").read_text())["started_unix"]
+    for rec in (tmp_path / "out" / "jobs").glob("b*.json"):  # the workers knew this sweep's start
+        assert json.loads(rec.read_text())["sweep_started_unix"] == started, rec.name
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 3 run(s) did not finish") and "killed by signal 9" in last, last
     out = tmp_path / "out"
@@ -219,9 +224,11 @@ def test_memory_sweep_submitit_local(tmp_path, tiny, monkeypatch):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     r = sweep(tmp_path, tiny.data_path, "sweep=memory", "arm=ad,ad_3w,scratch", "seed=0", "window=20", "env=darkroom",
               "max_steps=4", "sweep.evals.eval.n_episodes=3", *LONG, "hydra/launcher=submitit_local",
-              "hydra.launcher.timeout_min=10")
+              "hydra.launcher.timeout_min=10", env={"CAD_SWEEP_STARTED_UNIX": "1.0"})
     _ok(r)
     out = tmp_path / "out"
+    started = json.loads((out / "sweep.json").read_text())["started_unix"]  # submitit's processes knew it
+    assert {json.loads(p.read_text())["sweep_started_unix"] for p in (out / "jobs").glob("*.json")} == {started}
     rep = json.loads((out / "summary.json").read_text())
     assert rep["complete"]
     rows = {row["arm"]: row for row in rep["rows"]}
@@ -393,6 +400,7 @@ def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, 
     from histories import DatasetError
 
     sw = _sw()
+    monkeypatch.delenv(sw.SWEEP_STARTED, raising=False)  # no multirun callback here: sweep.json's start counts
     cfg = OmegaConf.create({"accelerate": False, "accelerate_config": None, "num_processes": None, "omp_threads": None})
     collected = []
 
@@ -419,6 +427,27 @@ def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, 
     (tmp_path / "sweep.json").write_text(json.dumps({"started_unix": 0.0}))  # a multirun that started before it
     sw.ensure_dataset(job(num=1), again)
     assert collected == ["no dataset yet", "overwrite"]  # already re-collected in this sweep
+
+
+def test_a_job_takes_its_own_sweeps_start_when_another_sweep_starts_into_the_same_out(tmp_path, monkeypatch):
+    """Job.started decides whether collect:overwrite=true already re-collected, and whether stage 1 was redone or
+    failed, in this sweep. It is the start the sweep's callback handed on in the environment, not sweep.json's,
+    which another sweep into the same out dir rewrites when it starts (it used to be sweep.json's)."""
+    from omegaconf import OmegaConf
+
+    from experiments import outdir
+
+    sw = _sw()
+    cfg = OmegaConf.create({"accelerate": False, "accelerate_config": None, "num_processes": None, "omp_threads": None})
+    job = {"arm": "ad", "seed": 0, "budget": None, "window": None, "env": None, "run": "ad-seed0"}
+    mine = outdir.start(tmp_path, "python experiments/sweep.py -m a", [job], sweep="memory")
+    monkeypatch.setenv(sw.SWEEP_STARTED, repr(mine))  # what on_multirun_start sets before its jobs start
+    time.sleep(0.01)
+    later = outdir.start(tmp_path, "python experiments/sweep.py -m a", [job], sweep="memory")  # the other sweep
+    assert sw.Job(cfg, tmp_path, tmp_path, 0).started == mine < later
+    monkeypatch.delenv(sw.SWEEP_STARTED)  # a launcher that drops the environment: sweep.json's start
+    assert sw.Job(cfg, tmp_path, tmp_path, 0).started == later
+    assert time.time() - sw.Job(cfg, tmp_path, tmp_path, None).started < 5  # a single run is a sweep of its own
 
 
 def test_accelerate_launch_per_job(tmp_path):
