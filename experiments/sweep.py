@@ -64,8 +64,8 @@ FIX = "pass force=true to redo it, or choose another out="  # how a sweep's refu
 # The job keys that vary inside one out dir (they name the run); everything else a job's stages are given is
 # the out dir's identity (out_identity). env is one too: `env=darkroom,darkroom_hard` is one memory sweep.
 PER_RUN = ("arm", "seed", "budget", "window", "env")
-STATUS: dict = {}  # this multirun's planned runs and start (for its end), and {"error": one line} for _entry
-# This multirun's start, handed to its jobs through the environment: a launcher's worker processes (loky,
+STATUS: dict = {}  # this multirun's planned runs (for its end), and {"error": one line} for _entry
+# This multirun's start, kept in the environment for its end and its jobs: a launcher's worker processes (loky,
 # submitit) inherit it but not STATUS, and sweep.json's start is the last sweep's into the out dir.
 SWEEP_STARTED = "CAD_SWEEP_STARTED_UNIX"
 
@@ -404,18 +404,18 @@ class Report(Callback):
     def on_multirun_start(self, config, **kwargs) -> None:
         task = [o for o in config.hydra.overrides.task if override_key(o) != "overrides"]
         planned = planned_jobs(config)
-        STATUS["planned"] = {j["run"] for j in planned}  # this sweep's runs and start: what its end accounts for
-        STATUS["started_unix"] = outdir.start(
+        STATUS["planned"] = {j["run"] for j in planned}  # this sweep's runs: what its end accounts for
+        started = outdir.start(
             Path(abspath(config.out)), shlex.join(["python", "experiments/sweep.py", "-m", *task, *config.overrides]),
             planned, sweep=config.sweep.name, experiment=config.experiment,
             launcher=config.hydra.runtime.choices.get("hydra/launcher"), evals=list(config.sweep.evals))
-        os.environ[SWEEP_STARTED] = repr(STATUS["started_unix"])  # before the launcher starts its processes
+        os.environ[SWEEP_STARTED] = repr(started)  # before the launcher starts its processes
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from experiments import report
 
         out = Path(abspath(config.out))
-        bad, errors = outdir.failures(out, STATUS.get("started_unix", 0.0), STATUS.get("planned", set()))
+        bad, errors = outdir.failures(out, sweep_started(out), STATUS.get("planned", set()))
         rep_error = None
         if config.report:
             try:
