@@ -145,6 +145,11 @@ def check_dataset_identity(out: Path, env: str | None, data_path: Path, fp: str 
             write_text(out / "sweep.json", json.dumps({**info, "datasets": datasets}, indent=1))
 
 
+# A multirun's own start, which its callback (sweep.Report) puts in the environment for its end and its jobs (a
+# launcher's worker processes inherit the environment, not the callback's state); sweep.json's is the last sweep's.
+SWEEP_STARTED = "CAD_SWEEP_STARTED_UNIX"
+
+
 def start(out: Path, command: str, planned: list[dict], **fields) -> float:
     """Record a sweep's start in <out>/sweep.json: `fields`, its command (`commands`: every sweep into this out
     dir, oldest first), its planned jobs (an earlier sweep's stay planned), when and where it started. Returns
@@ -159,6 +164,14 @@ def start(out: Path, command: str, planned: list[dict], **fields) -> float:
             "cwd": str(Path.cwd()), "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "started_unix": now, "planned": sorted(jobs.values(), key=lambda j: j["run"])}, indent=1))
     return now
+
+
+def sweep_started(out: Path) -> float:
+    """When the multirun running this process started: its own start, from the environment its callback set
+    (sweep.json's is the last sweep's into `out`: another may have started since); sweep.json's only where a
+    launcher did not pass the environment on."""
+    own = os.environ.get(SWEEP_STARTED)
+    return float(own) if own else (read_json(out / "sweep.json") or {}).get("started_unix", 0.0)
 
 
 def record(out: Path, name: str, **fields) -> None:

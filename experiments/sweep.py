@@ -65,9 +65,6 @@ FIX = "pass force=true to redo it, or choose another out="  # how a sweep's refu
 # the out dir's identity (out_identity). env is one too: `env=darkroom,darkroom_hard` is one memory sweep.
 PER_RUN = ("arm", "seed", "budget", "window", "env")
 STATUS: dict = {}  # this multirun's planned runs (for its end), and {"error": one line} for _entry
-# This multirun's start, kept in the environment for its end and its jobs: a launcher's worker processes (loky,
-# submitit) inherit it but not STATUS, and sweep.json's start is the last sweep's into the out dir.
-SWEEP_STARTED = "CAD_SWEEP_STARTED_UNIX"
 
 
 def compose(stage: str, overrides: list[str]) -> dict:
@@ -133,14 +130,6 @@ def claim(cfg, out: Path) -> tuple[dict, str]:
     return routed, outdir.check_identity(out, ident, claim=True)
 
 
-def sweep_started(out: Path) -> float:
-    """When the multirun running this job started: its own start, from the environment its callback set
-    (sweep.json's start is the last sweep's into `out`: another may have started since); sweep.json's only where
-    a launcher did not pass the environment on."""
-    own = os.environ.get(SWEEP_STARTED)
-    return float(own) if own else (read_json(out / "sweep.json") or {}).get("started_unix", 0.0)
-
-
 class Job:
     """One sweep job's context: where it writes, how it launches its child processes."""
 
@@ -148,7 +137,7 @@ class Job:
         """num: the job's number in a multirun (None: a single run, `python experiments/sweep.py arm=...`)."""
         self.cfg, self.out, self.cwd, self.num = cfg, out, cwd, num or 0
         # when this sweep started (Report.on_multirun_start); a single run is a sweep of its own
-        self.started = sweep_started(out) if num is not None else time.time()
+        self.started = outdir.sweep_started(out) if num is not None else time.time()
         self.launch = SimpleNamespace(accelerate=bool(cfg.accelerate), num_processes=cfg.num_processes,
                                       accelerate_config=str(cfg.accelerate_config or ROOT / "accelerate_config.yaml"))
         self.env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -405,17 +394,16 @@ class Report(Callback):
         task = [o for o in config.hydra.overrides.task if override_key(o) != "overrides"]
         planned = planned_jobs(config)
         STATUS["planned"] = {j["run"] for j in planned}  # this sweep's runs: what its end accounts for
-        started = outdir.start(
+        os.environ[outdir.SWEEP_STARTED] = repr(outdir.start(  # before the launcher starts its processes
             Path(abspath(config.out)), shlex.join(["python", "experiments/sweep.py", "-m", *task, *config.overrides]),
             planned, sweep=config.sweep.name, experiment=config.experiment,
-            launcher=config.hydra.runtime.choices.get("hydra/launcher"), evals=list(config.sweep.evals))
-        os.environ[SWEEP_STARTED] = repr(started)  # before the launcher starts its processes
+            launcher=config.hydra.runtime.choices.get("hydra/launcher"), evals=list(config.sweep.evals)))
 
     def on_multirun_end(self, config, **kwargs) -> None:
         from experiments import report
 
         out = Path(abspath(config.out))
-        bad, errors = outdir.failures(out, sweep_started(out), STATUS.get("planned", set()))
+        bad, errors = outdir.failures(out, outdir.sweep_started(out), STATUS.get("planned", set()))
         rep_error = None
         if config.report:
             try:

@@ -441,11 +441,11 @@ def test_a_job_takes_its_own_sweeps_start_when_another_sweep_starts_into_the_sam
     cfg = OmegaConf.create({"accelerate": False, "accelerate_config": None, "num_processes": None, "omp_threads": None})
     job = {"arm": "ad", "seed": 0, "budget": None, "window": None, "env": None, "run": "ad-seed0"}
     mine = outdir.start(tmp_path, "python experiments/sweep.py -m a", [job], sweep="memory")
-    monkeypatch.setenv(sw.SWEEP_STARTED, repr(mine))  # what on_multirun_start sets before its jobs start
+    monkeypatch.setenv(outdir.SWEEP_STARTED, repr(mine))  # what on_multirun_start sets before its jobs start
     time.sleep(0.01)
     later = outdir.start(tmp_path, "python experiments/sweep.py -m a", [job], sweep="memory")  # the other sweep
     assert sw.Job(cfg, tmp_path, tmp_path, 0).started == mine < later
-    monkeypatch.delenv(sw.SWEEP_STARTED)  # a launcher that drops the environment: sweep.json's start
+    monkeypatch.delenv(outdir.SWEEP_STARTED)  # a launcher that drops the environment: sweep.json's start
     assert sw.Job(cfg, tmp_path, tmp_path, 0).started == later
     assert time.time() - sw.Job(cfg, tmp_path, tmp_path, None).started < 5  # a single run is a sweep of its own
 
