@@ -397,10 +397,11 @@ def test_a_job_collects_the_dataset_once_and_checks_it_like_two_stage(tmp_path, 
 
     from omegaconf import OmegaConf
 
+    from experiments import outdir
     from histories import DatasetError
 
     sw = _sw()
-    monkeypatch.delenv(sw.SWEEP_STARTED, raising=False)  # no multirun callback here: sweep.json's start counts
+    monkeypatch.delenv(outdir.SWEEP_STARTED, raising=False)  # no multirun callback here: sweep.json's start counts
     cfg = OmegaConf.create({"accelerate": False, "accelerate_config": None, "num_processes": None, "omp_threads": None})
     collected = []
 
